@@ -1,0 +1,92 @@
+"""The `lanner` command: generate, chat."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from lanner.config import EngineConfig, add_cli_args, add_dataclass_args, kwargs_from_args
+from lanner.engine.request import SamplingParams
+from lanner.errors import LannerError
+
+CLI_SAMPLING_DEFAULTS = {"max_tokens": 128}
+
+
+def _engine(args: argparse.Namespace):
+    from lanner.engine.engine import LLMEngine
+
+    return LLMEngine(EngineConfig.from_kwargs(**kwargs_from_args(args, EngineConfig)))
+
+
+def _params(args: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(**{**CLI_SAMPLING_DEFAULTS, **kwargs_from_args(args, SamplingParams)})
+
+
+def _stream(engine, request_id: str, prompt, params: SamplingParams) -> str:
+    """Run one request to the end, printing its text as it grows."""
+    engine.add_request(request_id, prompt, params)
+    shown = ""
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            text = out.outputs[0].text
+            print(text[len(shown):], end="", flush=True)
+            shown = text
+    print()
+    return shown
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    engine = _engine(args)
+    print(args.prompt, end="", flush=True)
+    _stream(engine, "cli", args.prompt, _params(args))
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    from lanner.engine.llm import LLM
+
+    engine = _engine(args)
+    llm = LLM.__new__(LLM)  # reuse render_chat over the engine we built
+    llm.engine = engine
+    params = _params(args)
+    history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
+    print("lanner chat: an empty line or Ctrl-D ends the conversation.")
+    for turn in range(1 << 62):
+        try:
+            line = input("> ")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        history.append({"role": "user", "content": line})
+        reply = _stream(engine, f"chat-{turn}", llm.render_chat(history), params)
+        history.append({"role": "assistant", "content": reply})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lanner", description="fast, compact LLM inference")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="complete a prompt, streaming to the terminal")
+    gen.add_argument("prompt")
+    gen.set_defaults(func=cmd_generate)
+    chat = sub.add_parser("chat", help="interactive multi-turn chat with the model's chat template")
+    chat.add_argument("--system", default=None, help="system message")
+    chat.set_defaults(func=cmd_chat)
+    for p in (gen, chat):
+        add_cli_args(p)
+        add_dataclass_args(p, SamplingParams, "sampling options", skip=("seed", "n", "prompt_logprobs", "logprobs"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except LannerError as e:
+        print(f"lanner: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

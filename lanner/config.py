@@ -1,0 +1,163 @@
+"""EngineConfig: the one definition of every engine option.
+
+Each leaf field is at once a keyword of `LLM(...)` and a CLI flag
+(`--max-num-seqs`); `add_cli_args` and `EngineConfig.from_kwargs` derive both
+from the dataclasses below, so an option is declared exactly once.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from lanner.errors import ConfigError
+
+
+def _opt(default: Any, help: str, **kw: Any) -> Any:
+    return field(default=default, metadata={"help": help, **kw})
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise ConfigError(message)
+
+
+@dataclass
+class ModelConfig:
+    model: str | None = _opt(None, "Hugging Face model folder or config.json; default: the embedded model")
+    tokenizer: str | None = _opt(None, "tokenizer folder (default: the model folder)")
+    load_format: Literal["auto", "dummy"] = _opt(
+        "auto", "'dummy' builds random weights of the right shapes without reading weight files")
+    max_model_len: int | None = _opt(None, "longest prompt + output in tokens (default: the model's limit)")
+
+    def __post_init__(self) -> None:
+        _check(self.max_model_len is None or self.max_model_len > 1, "max_model_len must be > 1")
+
+
+@dataclass
+class CacheConfig:
+    block_size: int = _opt(16, "tokens per KV-cache block")
+    enable_prefix_caching: bool = _opt(True, "reuse KV blocks of identical prompt prefixes")
+    num_kv_blocks: int | None = _opt(None, "fix the number of KV blocks instead of sizing from memory")
+    kv_cache_memory_gib: float = _opt(1.0, "KV cache size on the CPU, in GiB")
+    gpu_memory_utilization: float = _opt(0.9, "fraction of GPU memory lanner may use")
+
+    def __post_init__(self) -> None:
+        _check(self.block_size > 0 and self.block_size & (self.block_size - 1) == 0,
+               f"block_size must be a power of two, got {self.block_size}")
+        _check(self.num_kv_blocks is None or self.num_kv_blocks > 0, "num_kv_blocks must be positive")
+        _check(self.kv_cache_memory_gib > 0, "kv_cache_memory_gib must be positive")
+        _check(0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization must be in (0, 1]")
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_seqs: int = _opt(256, "most requests in one step")
+    max_num_batched_tokens: int = _opt(8192, "token budget of one step; longer prompts are prefilled in chunks")
+
+    def __post_init__(self) -> None:
+        _check(self.max_num_seqs > 0, "max_num_seqs must be positive")
+        _check(self.max_num_batched_tokens > 0, "max_num_batched_tokens must be positive")
+
+
+@dataclass
+class ParallelConfig:
+    tensor_parallel_size: int = _opt(1, "GPUs to shard the model over (only 1 is implemented so far)")
+
+    def __post_init__(self) -> None:
+        _check(self.tensor_parallel_size == 1, "tensor_parallel_size > 1 is not implemented yet")
+
+
+@dataclass
+class EngineConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    device: str = _opt("auto", "'cpu', 'cuda', 'cuda:N' or 'auto' (CUDA when available)")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = _opt(
+        "auto", "weight and activation dtype; 'auto' is float32 on CPU, the model's dtype on GPU")
+    seed: int = _opt(0, "seed for weights of dummy models and for requests without their own seed")
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> EngineConfig:
+        """Build from flat option names (`max_num_seqs=8`), as `LLM(...)` and the CLI pass them."""
+        sections: dict[str, dict[str, Any]] = {}
+        top: dict[str, Any] = {}
+        owners = {name: section for section, name, _ in _leaf_fields(cls)}
+        for key, value in kwargs.items():
+            if key not in owners:
+                raise ConfigError(f"unknown engine option {key!r}; known: {', '.join(sorted(owners))}")
+            section = owners[key]
+            (sections.setdefault(section, {}) if section else top)[key] = value
+        hints = typing.get_type_hints(cls)
+        parts = {name: hints[name](**values) for name, values in sections.items()}
+        return cls(**parts, **top)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _leaf_fields(cls: type) -> list[tuple[str | None, str, dataclasses.Field]]:
+    """(section, name, field) for every option; section None means EngineConfig itself."""
+    hints = typing.get_type_hints(cls)
+    leaves = []
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            leaves += [(f.name, f2.name, f2) for f2 in dataclasses.fields(hints[f.name])]
+        else:
+            leaves.append((None, f.name, f))
+    return leaves
+
+
+def _field_type(owner: type, name: str) -> Any:
+    tp = typing.get_type_hints(owner)[name]
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(args) == 1:
+        tp = args[0]  # Optional[X] -> X
+    return tp
+
+
+def _add_flag(group: Any, owner: type, f: dataclasses.Field, help: str) -> None:
+    tp = _field_type(owner, f.name)
+    kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help}
+    if typing.get_origin(tp) is Literal:
+        kw["choices"] = list(typing.get_args(tp))
+    elif tp is bool:
+        kw["action"] = argparse.BooleanOptionalAction
+    elif typing.get_origin(tp) is list or typing.get_origin(tp) in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(tp) if typing.get_origin(a) is list]
+        kw["nargs"], kw["type"] = "+", typing.get_args(inner[0] if inner else tp)[0]
+    else:
+        kw["type"] = tp
+    if f.default is not dataclasses.MISSING and f.default is not None:
+        kw["help"] += f" (default: {f.default})"
+    group.add_argument("--" + f.name.replace("_", "-"), **kw)
+
+
+def add_cli_args(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    """Add one `--flag` per engine option, typed and documented from the dataclasses."""
+    group = parser.add_argument_group("engine options")
+    hints = typing.get_type_hints(EngineConfig)
+    for section, name, f in _leaf_fields(EngineConfig):
+        if name not in skip:
+            _add_flag(group, EngineConfig if section is None else hints[section], f, f.metadata["help"])
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, title: str,
+                       skip: tuple[str, ...] = ()) -> None:
+    """One flag per field of a plain dataclass (SamplingParams), help taken from `cls.HELP`."""
+    group = parser.add_argument_group(title)
+    for f in dataclasses.fields(cls):
+        if f.name not in skip and not f.name.startswith("_"):
+            _add_flag(group, cls, f, cls.HELP.get(f.name, ""))
+
+
+def kwargs_from_args(args: argparse.Namespace, cls: type) -> dict[str, Any]:
+    """The fields of `cls` (EngineConfig: its options) given on the command line."""
+    names = ({name for _, name, _ in _leaf_fields(cls)} if cls is EngineConfig
+             else {f.name for f in dataclasses.fields(cls)})
+    return {k: v for k, v in vars(args).items() if k in names}

@@ -1,0 +1,64 @@
+"""Incremental detokenization and stop strings.
+
+Decoding a growing token list from scratch every step is quadratic; decoding
+only the new token is wrong for tokenizers whose pieces depend on their
+neighbours (leading spaces, multi-byte characters split over tokens). So each
+step decodes a short window: the tokens already shown plus the new ones, and
+emits the difference, holding back text that ends in an incomplete character.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from lanner.engine.request import Request
+
+_CONTEXT_TOKENS = 6  # prompt tokens decoded along with the first outputs, for spacing
+
+
+class Detokenizer:
+    def __init__(self, tokenizer: Any, prompt_token_ids: list[int], skip_special_tokens: bool):
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.tokens = list(prompt_token_ids[-_CONTEXT_TOKENS:])
+        self.prefix_offset = 0
+        self.read_offset = len(self.tokens)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+
+    def push(self, token_id: int) -> str:
+        """Add one token; return the text it completes (may be empty)."""
+        self.tokens.append(token_id)
+        shown = self.decode(self.tokens[self.prefix_offset:self.read_offset])
+        full = self.decode(self.tokens[self.prefix_offset:])
+        if len(full) <= len(shown) or full.endswith("\ufffd"):
+            return ""
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.tokens)
+        return full[len(shown):]
+
+
+def find_stop_string(req: Request, new_text_len: int) -> str | None:
+    """If the text that just grew by `new_text_len` characters now contains a stop
+    string, truncate the text there and return that string."""
+    text = req.output_text
+    longest = max(len(s) for s in req.params.stop)
+    search_from = max(0, len(text) - new_text_len - longest + 1)
+    best = None
+    for stop in req.params.stop:
+        idx = text.find(stop, search_from)
+        if idx != -1 and (best is None or idx < best[0]):
+            best = (idx, stop)
+    if best is None:
+        return None
+    idx, stop = best
+    req.output_text = text[:idx + len(stop)] if req.params.include_stop_str_in_output else text[:idx]
+    return stop
+
+
+def visible_text(req: Request) -> str:
+    """Text safe to show now: while running, the tail that may still become a stop
+    string is held back, so a streaming client never sees part of one."""
+    if req.finished or not req.params.stop:
+        return req.output_text
+    hold = max(len(s) for s in req.params.stop) - 1
+    return req.output_text[:len(req.output_text) - hold] if hold else req.output_text

@@ -1,0 +1,216 @@
+"""LLMEngine: the step loop. One step reads top to bottom:
+
+    schedule -> run the model and sample -> append tokens, check stops,
+    free finished requests -> return outputs
+"""
+from __future__ import annotations
+
+import logging
+import random
+import time
+from typing import Any
+
+import torch
+
+from lanner.config import EngineConfig
+from lanner.engine.detokenizer import Detokenizer, find_stop_string, visible_text
+from lanner.engine.kv_cache import KVCacheManager
+from lanner.engine.request import CompletionOutput, Request, RequestOutput, SamplingParams
+from lanner.engine.scheduler import Scheduler
+from lanner.errors import CapacityExceeded, InvalidRequest
+from lanner.executor.model_runner import ModelRunner
+from lanner.models.loader import load_model
+
+logger = logging.getLogger(__name__)
+
+PromptType = str | list[int] | dict
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device, hf_config: Any) -> torch.dtype:
+    if name != "auto":
+        return getattr(torch, name)
+    if device.type == "cpu":
+        return torch.float32
+    dtype = getattr(hf_config, "torch_dtype", None) or getattr(hf_config, "dtype", None)
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    return dtype if dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        from lanner.default_model import default_model_path
+        from lanner.models.loader import load_hf_config
+
+        self.config = config
+        mc = config.model
+        path = mc.model or default_model_path()
+        self.device = resolve_device(config.device)
+        hf_config = load_hf_config(path)
+        self.dtype = resolve_dtype(config.dtype, self.device, hf_config)
+        torch.manual_seed(config.seed)
+        loaded = load_model(path, mc.tokenizer, mc.load_format, self.dtype, self.device, config.seed)
+        self.hf_config = loaded.hf_config
+        self.tokenizer = loaded.tokenizer
+        self.eos_token_ids = loaded.eos_token_ids
+        self.vocab_size = loaded.model.spec.vocab_size
+        limit = getattr(self.hf_config, "max_position_embeddings", None) or 2048
+        self.max_model_len = min(mc.max_model_len or limit, limit)
+        self.runner = ModelRunner(config, loaded, self.device, self.dtype)
+        self.kv_cache = KVCacheManager(self.runner.num_blocks, config.cache.block_size,
+                                       config.cache.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler, self.kv_cache)
+        self.groups: dict[str, list[Request]] = {}  # request id -> its n samples
+        self.detokenizers: dict[Request, Detokenizer] = {}
+        self._seeds = random.Random(config.seed)
+        self.num_steps = 0
+
+    # ---- requests in and out -------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None) -> None:
+        """Queue a request; raises InvalidRequest or CapacityExceeded without touching engine state."""
+        params = params or SamplingParams()
+        if request_id in self.groups:
+            raise InvalidRequest(f"request id {request_id!r} is already in use")
+        text, token_ids = self._tokenize(prompt)
+        self._validate(token_ids, params)
+        seed = params.seed if params.seed is not None else self._seeds.getrandbits(63)
+        children = []
+        for i in range(params.n):
+            gen = torch.Generator(device="cpu").manual_seed((seed + i * 0x9E3779B97F4A7C15) % (1 << 63))
+            child_id = request_id if params.n == 1 else f"{request_id}-{i}"
+            children.append(Request(child_id, text, token_ids, params, self.eos_token_ids, gen,
+                                    index=i, parent_id=request_id))
+        self.groups[request_id] = children
+        for req in children:
+            if self.tokenizer is not None:
+                self.detokenizers[req] = Detokenizer(self.tokenizer, token_ids,
+                                                                params.skip_special_tokens)
+            self.scheduler.add(req)
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Stop a request and free its blocks; returns its final output, or None if unknown."""
+        if request_id not in self.groups:
+            return None
+        for req in self.groups[request_id]:
+            if not req.finished:
+                req.finish("abort")
+                self.scheduler.finish(req)
+        return self._finalize(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- the step ------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            return []
+        result = self.runner.execute(sched)
+        self.num_steps += 1
+        touched: set[str] = set()
+        for req, num_new in sched.scheduled:
+            req.num_computed_tokens += num_new
+            if req.request_id in result.prompt_logprobs:
+                req.prompt_logprobs.extend(self._decode_logprobs(result.prompt_logprobs[req.request_id]))
+                touched.add(req.parent_id)
+        for req, token, logprobs in result.sampled:
+            self._append(req, token, logprobs)
+            touched.add(req.parent_id)
+            if req.finished:
+                self.scheduler.finish(req)
+        return [self._finalize(pid) if all(r.finished for r in self.groups[pid]) else self._output(pid)
+                for pid in touched]
+
+    def _append(self, req: Request, token: int, logprobs: dict | None) -> None:
+        now = time.monotonic()
+        if req.metrics.first_token_time is None:
+            req.metrics.first_token_time = now
+        req.append_token(token)
+        if logprobs is not None:
+            req.logprobs.extend(self._decode_logprobs([logprobs]))
+            req.cumulative_logprob += logprobs[token].logprob
+        if token in req.stop_token_ids:
+            req.finish("stop", None if token in self.eos_token_ids else token)
+            return
+        detok = self.detokenizers.get(req)
+        if detok is not None:
+            new_text = detok.push(token)
+            req.output_text += new_text
+            if req.params.stop and new_text:
+                stop = find_stop_string(req, len(new_text))
+                if stop is not None:
+                    req.finish("stop", stop)
+                    return
+        max_tokens = req.params.max_tokens
+        if (max_tokens is not None and len(req.output_token_ids) >= max_tokens) or req.num_tokens >= self.max_model_len:
+            req.finish("length")
+
+    # ---- helpers -------------------------------------------------------------------
+
+    def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                prompt = prompt["prompt_token_ids"]
+            elif "prompt" in prompt:
+                prompt = prompt["prompt"]
+            else:
+                raise InvalidRequest("a prompt dict needs 'prompt' or 'prompt_token_ids'")
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise InvalidRequest("this model has no tokenizer: pass prompts as token ids")
+            return prompt, self.tokenizer(prompt)["input_ids"]
+        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            return None, list(prompt)
+        raise InvalidRequest(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+
+    def _validate(self, token_ids: list[int], params: SamplingParams) -> None:
+        if not token_ids:
+            raise InvalidRequest("the prompt is empty")
+        bad = [t for t in token_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise InvalidRequest(f"unknown token ids {bad[:5]} (vocabulary size {self.vocab_size})")
+        if len(token_ids) >= self.max_model_len:
+            raise InvalidRequest(f"the prompt has {len(token_ids)} tokens; the model's context is "
+                                 f"{self.max_model_len} tokens, including at least one output token")
+        longest = min(len(token_ids) + (params.max_tokens or self.max_model_len), self.max_model_len)
+        if self.kv_cache.blocks_needed(longest) > self.kv_cache.num_blocks:
+            raise CapacityExceeded(f"a request of up to {longest} tokens needs "
+                                   f"{self.kv_cache.blocks_needed(longest)} KV blocks; the cache has "
+                                   f"{self.kv_cache.num_blocks}")
+
+    def _decode_logprobs(self, entries: list[dict]) -> list[dict]:
+        if self.tokenizer is not None:
+            for entry in entries:
+                for tid, lp in entry.items():
+                    lp.decoded_token = self.tokenizer.decode([tid])
+        return entries
+
+    def _output(self, parent_id: str) -> RequestOutput:
+        reqs = self.groups[parent_id]
+        first = reqs[0]
+        return RequestOutput(
+            request_id=parent_id,
+            prompt=first.prompt,
+            prompt_token_ids=first.prompt_token_ids,
+            outputs=[CompletionOutput(
+                index=r.index, text=visible_text(r), token_ids=list(r.output_token_ids),
+                cumulative_logprob=r.cumulative_logprob if r.logprobs is not None else None,
+                logprobs=r.logprobs, finish_reason=r.finish_reason, stop_reason=r.stop_reason) for r in reqs],
+            finished=all(r.finished for r in reqs),
+            prompt_logprobs=first.prompt_logprobs,
+            num_cached_tokens=first.num_cached_tokens,
+            metrics=first.metrics,
+        )
+
+    def _finalize(self, parent_id: str) -> RequestOutput:
+        output = self._output(parent_id)
+        for req in self.groups.pop(parent_id):
+            self.detokenizers.pop(req, None)
+        return output

@@ -1,0 +1,159 @@
+"""Paged KV-cache bookkeeping: which block holds which tokens of which request.
+
+The tensors live in the model runner; this module only hands out block ids.
+A block is in exactly one of three states:
+  used    ref_count > 0, listed in some requests' `block_ids`;
+  cached  ref_count == 0 but its content hash is registered, so a later request
+          with the same prefix can take it back; it is also free and is
+          evicted (least recently freed first) when fresh blocks run out;
+  free    ref_count == 0 and no hash.
+Prefix caching keys each full block by a hash chain over the tokens up to its
+end, so a block matches only if every earlier token matches too.
+"""
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from lanner.engine.request import Request
+
+
+@dataclass
+class KVCacheStats:
+    num_blocks: int
+    used_blocks: int
+    free_blocks: int  # includes cached ones: they can be evicted at any time
+    cached_blocks: int  # free blocks whose content can still be hit
+    prefix_queries: int  # prompt tokens looked up
+    prefix_hits: int  # of those, tokens found in the cache
+
+    @property
+    def usage(self) -> float:
+        return self.used_blocks / self.num_blocks
+
+    @property
+    def hit_rate(self) -> float:
+        return self.prefix_hits / self.prefix_queries if self.prefix_queries else 0.0
+
+
+class KVCacheManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.ref_counts = [0] * num_blocks
+        self.block_hash: list[bytes | None] = [None] * num_blocks
+        self.cached: dict[bytes, int] = {}
+        self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self.prefix_queries = 0
+        self.prefix_hits = 0
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def find_cached_blocks(self, req: Request) -> list[int]:
+        """Blocks that already hold a prefix of `req`'s tokens. At least one
+        token is left to compute, since its logits are needed to sample."""
+        if not self.enable_prefix_caching or req.params.prompt_logprobs is not None:
+            return []
+        max_blocks = (req.num_tokens - 1) // self.block_size
+        self._hash_full_blocks(req, max_blocks)
+        hits = []
+        for block_hash in req.block_hashes[:max_blocks]:
+            block_id = self.cached.get(block_hash)
+            if block_id is None:
+                break
+            hits.append(block_id)
+        return hits
+
+    def allocate(self, req: Request, num_new_tokens: int, cached_blocks: list[int] | None = None) -> bool:
+        """Give `req` the blocks for `num_new_tokens` more tokens after its computed
+        ones. On admission, `cached_blocks` (from `find_cached_blocks`, possibly
+        empty) are adopted first. False, changing nothing, if blocks run short."""
+        adopted = cached_blocks or []
+        num_computed = req.num_computed_tokens + len(adopted) * self.block_size
+        total = self.blocks_needed(num_computed + num_new_tokens)
+        num_fresh = total - len(req.block_ids) - len(adopted)
+        num_revived = sum(1 for b in adopted if self.ref_counts[b] == 0)
+        if num_fresh + num_revived > len(self.free):
+            return False
+        if cached_blocks is not None:
+            self.prefix_queries += req.num_tokens
+            self.prefix_hits += num_computed
+        for block_id in adopted:
+            if self.ref_counts[block_id] == 0:
+                del self.free[block_id]
+            self.ref_counts[block_id] += 1
+        req.block_ids.extend(adopted)
+        req.num_computed_tokens = num_computed
+        for _ in range(max(num_fresh, 0)):
+            req.block_ids.append(self._take_free_block())
+        self._register_full_blocks(req, (num_computed + num_new_tokens) // self.block_size)
+        return True
+
+    def free_request(self, req: Request) -> None:
+        # Tail blocks are freed first so they are evicted before the shared prefix.
+        for block_id in reversed(req.block_ids):
+            self.ref_counts[block_id] -= 1
+            if self.ref_counts[block_id] == 0:
+                self.free[block_id] = None
+        req.block_ids = []
+        req.num_registered_blocks = 0
+
+    def slot(self, req: Request, position: int) -> int:
+        return req.block_ids[position // self.block_size] * self.block_size + position % self.block_size
+
+    def stats(self) -> KVCacheStats:
+        free = len(self.free)
+        cached = sum(1 for b in self.free if self.block_hash[b] is not None)
+        return KVCacheStats(self.num_blocks, self.num_blocks - free, free, cached,
+                            self.prefix_queries, self.prefix_hits)
+
+    def reset_prefix_cache(self) -> None:
+        for block_hash, block_id in list(self.cached.items()):
+            if self.ref_counts[block_id] == 0:
+                del self.cached[block_hash]
+                self.block_hash[block_id] = None
+
+    def check_invariants(self, live: list[Request]) -> None:
+        """Assert the bookkeeping is consistent with the live requests (for tests)."""
+        refs = [0] * self.num_blocks
+        for req in live:
+            for block_id in req.block_ids:
+                refs[block_id] += 1
+        assert refs == self.ref_counts, "ref counts differ from the live requests' block tables"
+        assert set(self.free) == {b for b in range(self.num_blocks) if refs[b] == 0}, "free list is wrong"
+        for block_hash, block_id in self.cached.items():
+            assert self.block_hash[block_id] == block_hash, "hash index points at a block with other content"
+
+    def _take_free_block(self) -> int:
+        block_id, _ = self.free.popitem(last=False)
+        old_hash = self.block_hash[block_id]
+        if old_hash is not None:  # evict its cached content
+            del self.cached[old_hash]
+            self.block_hash[block_id] = None
+        self.ref_counts[block_id] = 1
+        return block_id
+
+    def _hash_full_blocks(self, req: Request, num_full: int) -> None:
+        bs = self.block_size
+        for i in range(len(req.block_hashes), num_full):
+            parent = req.block_hashes[i - 1] if i else b""
+            tokens = req.all_token_ids[i * bs:(i + 1) * bs]
+            digest = hashlib.sha256(parent + b"".join(t.to_bytes(4, "little") for t in tokens))
+            req.block_hashes.append(digest.digest())
+
+    def _register_full_blocks(self, req: Request, num_full: int) -> None:
+        """Make the blocks that will be full after this step findable by later requests.
+        Their KV is written in this step's forward, before any later step reads it."""
+        if not self.enable_prefix_caching:
+            return
+        self._hash_full_blocks(req, num_full)
+        for i in range(req.num_registered_blocks, num_full):
+            block_id = req.block_ids[i]
+            block_hash = req.block_hashes[i]
+            if self.block_hash[block_id] is None and block_hash not in self.cached:
+                self.block_hash[block_id] = block_hash
+                self.cached[block_hash] = block_id
+        req.num_registered_blocks = max(req.num_registered_blocks, num_full)

@@ -1,0 +1,73 @@
+"""The offline API, with vLLM's names: LLM(model=...).generate(...) / .chat(...)."""
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from lanner.config import EngineConfig
+from lanner.engine.engine import LLMEngine, PromptType
+from lanner.engine.request import RequestOutput, SamplingParams
+from lanner.errors import InvalidRequest
+
+
+class LLM:
+    def __init__(self, model: str | None = None, **engine_args: Any):
+        self.engine = LLMEngine(EngineConfig.from_kwargs(model=model, **engine_args))
+        self._ids = itertools.count()
+
+    def get_tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    def generate(self, prompts: PromptType | list[PromptType],
+                 sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Generate for one prompt or many (strings or token id lists); outputs keep the input order.
+        All prompts are validated before any runs, so one bad prompt fails the call cleanly."""
+        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts
+                                                 and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = sampling_params if sampling_params is not None else SamplingParams()
+        params = params if isinstance(params, list) else [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise InvalidRequest(f"{len(prompts)} prompts but {len(params)} sampling params")
+        return self._run(list(zip(prompts, params)), use_tqdm)
+
+    def chat(self, messages: list[dict] | list[list[dict]],
+             sampling_params: SamplingParams | list[SamplingParams] | None = None,
+             use_tqdm: bool = True, add_generation_prompt: bool = True,
+             chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
+        """One conversation (a list of {"role", "content"} messages) or many, rendered
+        with the tokenizer's chat template."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [self.render_chat(c, add_generation_prompt, chat_template_kwargs) for c in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def render_chat(self, conversation: list[dict], add_generation_prompt: bool = True,
+                    chat_template_kwargs: dict | None = None) -> list[int]:
+        tokenizer = self.engine.tokenizer
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise InvalidRequest("this model's tokenizer has no chat template")
+        text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                             **(chat_template_kwargs or {}))
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _run(self, work: list[tuple[PromptType, SamplingParams]], use_tqdm: bool) -> list[RequestOutput]:
+        engine = self.engine
+        ids = [f"offline-{next(self._ids)}" for _ in work]
+        try:
+            for request_id, (prompt, params) in zip(ids, work):
+                engine.add_request(request_id, prompt, params)
+        except Exception:
+            for request_id in ids:
+                engine.abort_request(request_id)
+            raise
+        done: dict[str, RequestOutput] = {}
+        with tqdm(total=len(ids), desc="generate", disable=not use_tqdm or len(ids) < 2, unit="req") as bar:
+            while engine.has_unfinished_requests():
+                for out in engine.step():
+                    if out.finished:
+                        done[out.request_id] = out
+                        bar.update(1)
+        return [done[i] for i in ids]

@@ -1,0 +1,203 @@
+"""Requests, their sampling parameters and the outputs the engine returns.
+
+Names follow vLLM (`SamplingParams`, `RequestOutput`, `CompletionOutput`) so
+code written for it reads the same here.
+"""
+from __future__ import annotations
+
+import enum
+import time
+import typing
+from dataclasses import dataclass, field
+
+import torch
+
+from lanner.errors import InvalidRequest
+
+
+@dataclass
+class SamplingParams:
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1: no limit
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False
+    ignore_eos: bool = False
+    max_tokens: int | None = 16  # None: up to the context length
+    min_tokens: int = 0
+    logprobs: int | None = None  # top-n logprobs per output token (the sampled one is always included)
+    prompt_logprobs: int | None = None
+    skip_special_tokens: bool = True
+
+    HELP: typing.ClassVar[dict[str, str]] = {
+        "n": "samples per prompt",
+        "temperature": "0 is greedy",
+        "top_p": "keep the most likely tokens up to this probability mass",
+        "top_k": "keep this many most likely tokens (0: all)",
+        "min_p": "drop tokens less likely than min_p times the most likely one",
+        "presence_penalty": "subtracted from the logits of tokens already generated",
+        "frequency_penalty": "subtracted once per earlier occurrence in the output",
+        "repetition_penalty": "divides positive (multiplies negative) logits of tokens seen so far",
+        "seed": "per-request sampling seed",
+        "stop": "stop strings (not included in the output)",
+        "stop_token_ids": "token ids that end generation",
+        "include_stop_str_in_output": "keep the stop string in the text",
+        "ignore_eos": "keep generating past end-of-sequence tokens",
+        "max_tokens": "most tokens to generate",
+        "min_tokens": "fewest tokens to generate before a stop token may end it",
+        "logprobs": "top logprobs to return per output token",
+        "prompt_logprobs": "top logprobs to return per prompt token",
+        "skip_special_tokens": "leave special tokens out of the text",
+    }
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        if self.top_k == -1:
+            self.top_k = 0
+        self._validate()
+
+    def _validate(self) -> None:
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise InvalidRequest(msg)
+
+        need(isinstance(self.n, int) and 1 <= self.n <= 128, f"n must be in [1, 128], got {self.n}")
+        need(0.0 <= self.temperature <= 100.0, f"temperature must be in [0, 100], got {self.temperature}")
+        need(0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}")
+        need(isinstance(self.top_k, int) and self.top_k >= 0, f"top_k must be -1, 0 or positive, got {self.top_k}")
+        need(0.0 <= self.min_p <= 1.0, f"min_p must be in [0, 1], got {self.min_p}")
+        need(-2.0 <= self.presence_penalty <= 2.0, f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
+        need(-2.0 <= self.frequency_penalty <= 2.0,
+             f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
+        need(0.0 < self.repetition_penalty <= 10.0,
+             f"repetition_penalty must be in (0, 10], got {self.repetition_penalty}")
+        need(self.seed is None or isinstance(self.seed, int), "seed must be an integer")
+        need(all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings")
+        need(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids must be token ids")
+        need(self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
+             f"max_tokens must be >= 1, got {self.max_tokens}")
+        need(isinstance(self.min_tokens, int) and self.min_tokens >= 0, "min_tokens must be >= 0")
+        need(self.max_tokens is None or self.min_tokens <= self.max_tokens, "min_tokens must be <= max_tokens")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            need(value is None or (isinstance(value, int) and 0 <= value <= 20), f"{name} must be in [0, 20]")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Logprob:
+    logprob: float
+    rank: int  # 1 = most likely token
+    decoded_token: str | None = None
+
+
+@dataclass
+class RequestMetrics:
+    arrival_time: float
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    finished_time: float | None = None
+
+
+class Request:
+    """One sequence being generated. `num_computed_tokens` is the scheduler's
+    invariant: tokens before it have KV in the cache, the rest still need a
+    forward pass (prompt chunks, or the last sampled token)."""
+
+    def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
+                 params: SamplingParams, eos_token_ids: set[int], generator: torch.Generator,
+                 index: int = 0, parent_id: str | None = None):
+        self.request_id = request_id
+        self.parent_id = parent_id or request_id
+        self.index = index  # position among the parent's n samples
+        self.prompt = prompt
+        self.prompt_token_ids = prompt_token_ids
+        self.params = params
+        self.stop_token_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else eos_token_ids)
+        self.generator = generator
+        self.output_token_ids: list[int] = []
+        self.all_token_ids: list[int] = list(prompt_token_ids)
+        self.num_computed_tokens = 0
+        self.num_cached_tokens = 0  # prompt tokens served from the prefix cache on first admission
+        self.block_ids: list[int] = []
+        self.block_hashes: list[bytes] = []  # content hash of each full block, a chain
+        self.num_registered_blocks = 0  # leading blocks already offered to the prefix cache
+        self.status = RequestStatus.WAITING
+        self.num_preemptions = 0
+        self.finish_reason: str | None = None
+        self.stop_reason: str | int | None = None
+        self.output_text = ""
+        self.logprobs: list[dict[int, Logprob]] | None = [] if params.logprobs is not None else None
+        self.cumulative_logprob = 0.0
+        self.prompt_logprobs: list[dict[int, Logprob] | None] | None = (
+            [None] if params.prompt_logprobs is not None else None)
+        self.metrics = RequestMetrics(arrival_time=time.monotonic())
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.all_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def finished(self) -> bool:
+        return self.status == RequestStatus.FINISHED
+
+    def append_token(self, token_id: int) -> None:
+        self.output_token_ids.append(token_id)
+        self.all_token_ids.append(token_id)
+
+    def finish(self, reason: str, stop_reason: str | int | None = None) -> None:
+        self.status = RequestStatus.FINISHED
+        self.finish_reason = reason
+        self.stop_reason = stop_reason
+        self.metrics.finished_time = time.monotonic()
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    cumulative_logprob: float | None
+    logprobs: list[dict[int, Logprob]] | None
+    finish_reason: str | None = None  # "stop", "length", "abort"
+    stop_reason: str | int | None = None  # the stop string or stop token id that ended it
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+    num_cached_tokens: int = 0
+    metrics: RequestMetrics | None = None
+    extra: dict = field(default_factory=dict)

@@ -1,0 +1,102 @@
+"""Continuous batching with chunked prefill and preemption by recompute.
+
+One invariant drives every decision: a request needs
+`num_tokens - num_computed_tokens` more tokens through the model (a prompt, the
+rest of a prompt, or the one token sampled last step). Each step hands those
+out under a token budget, running requests first, then waiting ones in arrival
+order. When KV blocks run out, the newest running request is preempted: its
+blocks are freed and it is recomputed later from its prompt plus the tokens it
+already produced, so its output does not change.
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from lanner.config import SchedulerConfig
+from lanner.engine.kv_cache import KVCacheManager
+from lanner.engine.request import Request, RequestStatus
+
+
+@dataclass
+class SchedulerOutput:
+    # (request, tokens to compute this step), in batch order.
+    scheduled: list[tuple[Request, int]] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(n for _, n in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager):
+        self.config = config
+        self.kv_cache = kv_cache
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+
+    def add(self, req: Request) -> None:
+        self.waiting.append(req)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        idx = 0
+        while idx < len(self.running) and budget > 0:
+            req = self.running[idx]
+            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            if not self._allocate_or_preempt(req, num_new, out.preempted):
+                break  # it preempted itself: it was the last running request
+            out.scheduled.append((req, num_new))
+            budget -= num_new
+            idx += 1
+        if out.preempted:  # memory is short: admit nobody new this step
+            return out
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting[0]
+            cached = self.kv_cache.find_cached_blocks(req)
+            num_new = min(req.num_tokens - len(cached) * self.kv_cache.block_size, budget)
+            if not self.kv_cache.allocate(req, num_new, cached):
+                break
+            self.waiting.popleft()
+            self._start(req)
+            out.scheduled.append((req, num_new))
+            budget -= num_new
+        return out
+
+    def finish(self, req: Request) -> None:
+        """Release a request that the engine has finished (or aborted)."""
+        if req in self.running:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        self.kv_cache.free_request(req)
+
+    def _start(self, req: Request) -> None:
+        if req.metrics.first_scheduled_time is None:
+            req.metrics.first_scheduled_time = time.monotonic()
+            req.num_cached_tokens = req.num_computed_tokens
+        req.status = RequestStatus.RUNNING
+        self.running.append(req)
+
+    def _allocate_or_preempt(self, req: Request, num_new: int, preempted: list[Request]) -> bool:
+        while not self.kv_cache.allocate(req, num_new):
+            victim = self.running.pop()
+            self.kv_cache.free_request(victim)
+            victim.num_computed_tokens = 0
+            victim.num_preemptions += 1
+            victim.status = RequestStatus.WAITING
+            self.waiting.appendleft(victim)
+            preempted.append(victim)
+            if victim is req:
+                return False
+        return True

@@ -1,0 +1,29 @@
+"""Typed errors. Anything a client can cause is an `InvalidRequest` or a
+`CapacityExceeded`; the engine rejects such a request before it touches shared
+state, so other requests never see it."""
+
+
+class LannerError(Exception):
+    """Base class of every error lanner raises on purpose."""
+
+
+class InvalidRequest(LannerError, ValueError):
+    """The request itself is malformed: bad sampling parameters, an empty or
+    over-long prompt, token ids outside the vocabulary."""
+
+
+class CapacityExceeded(LannerError):
+    """The request is well formed but can never be served by this engine, for
+    example because it needs more KV-cache blocks than exist."""
+
+
+class UnsupportedModel(LannerError, ValueError):
+    """The model's architecture or one of its options is not implemented."""
+
+
+class EngineDead(LannerError, RuntimeError):
+    """The engine hit an unrecoverable error and accepts no more work."""
+
+
+class ConfigError(LannerError, ValueError):
+    """An engine option is invalid or inconsistent with the model."""

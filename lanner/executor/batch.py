@@ -1,0 +1,27 @@
+"""ForwardBatch: everything one model step needs, built from a SchedulerOutput."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class ForwardBatch:
+    input_ids: torch.Tensor  # [T] tokens of all sequences, concatenated
+    positions: torch.Tensor  # [T]
+    slot_mapping: torch.Tensor  # [T] flat KV-cache slot of each token; -1: write nothing
+    # Per sequence, on the host: the attention backend turns these into device metadata.
+    query_lens: list[int]  # tokens computed this step
+    seq_lens: list[int]  # tokens in the KV cache after this step (cached prefix + new)
+    block_tables: list[list[int]]
+    logits_indices: torch.Tensor  # [N] tokens whose logits are needed (sampling, prompt logprobs)
+    num_real_tokens: int  # tokens past this are padding
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.query_lens)
+
+    @property
+    def is_decode_only(self) -> bool:
+        return all(n == 1 for n in self.query_lens)

@@ -1,0 +1,61 @@
+"""The attention backend interface and the layer that calls it.
+
+A backend owns the paged KV cache tensors and the per-step metadata:
+`plan(batch)` runs once per step on the host and prepares whatever the kernels
+need; `forward(layer, q, k, v)` runs once per layer inside the model forward,
+writes this step's K/V into the cache and attends over the cached context.
+The model reaches the backend through `forward_context`, so layers need no
+extra arguments and a graph runner can swap in its own metadata.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from lanner.executor.batch import ForwardBatch
+
+_active: AttentionBackend | None = None
+
+
+class AttentionBackend(ABC):
+    def __init__(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], block_size: int):
+        self.kv_caches = kv_caches  # per layer: K and V, each [num_blocks, block_size, kv_heads, head_dim]
+        self.block_size = block_size
+
+    @abstractmethod
+    def plan(self, batch: ForwardBatch) -> None:
+        """Prepare the metadata of one step (host side, once per step)."""
+
+    @abstractmethod
+    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                scale: float) -> torch.Tensor:
+        """q: [T, heads, head_dim], k and v: [T, kv_heads, head_dim] -> [T, heads, head_dim].
+        Padding tokens (slot -1) write no KV and get an all-zero output."""
+
+
+@contextmanager
+def forward_context(backend: AttentionBackend) -> Iterator[None]:
+    global _active
+    if _active is not None:
+        raise RuntimeError("forward contexts do not nest")
+    _active = backend
+    try:
+        yield
+    finally:
+        _active = None
+
+
+class Attention(nn.Module):
+    def __init__(self, layer_idx: int, scale: float):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.scale = scale
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if _active is None:
+            raise RuntimeError("Attention called outside forward_context")
+        return _active.forward(self.layer_idx, q, k, v, self.scale)

@@ -1,0 +1,134 @@
+"""Load a model folder: config.json, safetensors weights (single or sharded),
+tokenizer, generation_config.json; or random weights with `load_format="dummy"`."""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from lanner.errors import ConfigError
+from lanner.models.registry import architecture_of, build_model
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    hf_config: Any
+    tokenizer: Any | None
+    eos_token_ids: set[int]
+
+
+def load_hf_config(path: str) -> Any:
+    from transformers import AutoConfig
+
+    if os.path.isfile(path):
+        with open(path) as f:
+            raw = json.load(f)
+        return AutoConfig.for_model(raw.pop("model_type"), **raw)
+    if os.path.isdir(path):
+        return AutoConfig.from_pretrained(path)
+    raise ConfigError(f"model {path!r} is not a local folder or config.json (lanner does not download models)")
+
+
+def load_tokenizer(path: str) -> Any | None:
+    """The folder's tokenizer, or None if it has none (then prompts must be token ids)."""
+    from transformers import AutoTokenizer
+
+    if not os.path.isdir(path) or not any(
+            os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
+        return None
+    return AutoTokenizer.from_pretrained(path)
+
+
+def eos_token_ids(path: str, hf_config: Any) -> set[int]:
+    eos = getattr(hf_config, "eos_token_id", None)
+    gen_path = os.path.join(path, "generation_config.json") if os.path.isdir(path) else ""
+    if os.path.isfile(gen_path):
+        with open(gen_path) as f:
+            eos = json.load(f).get("eos_token_id", eos)
+    if eos is None:
+        return set()
+    return {eos} if isinstance(eos, int) else set(eos)
+
+
+def load_model(path: str, tokenizer_path: str | None, load_format: str, dtype: torch.dtype,
+               device: torch.device, seed: int) -> LoadedModel:
+    hf_config = load_hf_config(path)
+    architecture_of(hf_config)  # fail early, before reading weights
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = build_model(hf_config)
+    finally:
+        torch.set_default_dtype(default_dtype)
+    if load_format == "dummy":
+        init_dummy_weights(model, seed)
+    else:
+        load_safetensors(model, path)
+    model.eval()
+    return LoadedModel(model, hf_config, load_tokenizer(tokenizer_path or path), eos_token_ids(path, hf_config))
+
+
+def init_dummy_weights(model: nn.Module, seed: int) -> None:
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.fill_(1.0)
+            else:
+                param.normal_(0.0, 0.02, generator=gen)
+
+
+def _weight_files(path: str) -> list[str]:
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            return [os.path.join(path, name) for name in sorted(set(json.load(f)["weight_map"].values()))]
+    single = os.path.join(path, "model.safetensors")
+    if os.path.isfile(single):
+        return [single]
+    raise ConfigError(f"no model.safetensors or model.safetensors.index.json in {path!r} "
+                      "(only safetensors are supported; use --load-format dummy for random weights)")
+
+
+def iter_checkpoint(path: str) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    for file in _weight_files(path):
+        with safe_open(file, framework="pt", device="cpu") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+
+
+def load_safetensors(model: nn.Module, path: str) -> None:
+    params = dict(model.named_parameters())
+    packed = getattr(model, "packed_modules", {})
+    loaded = set()
+    with torch.no_grad():
+        for name, tensor in iter_checkpoint(path):
+            if "rotary_emb.inv_freq" in name or (name == "lm_head.weight" and "lm_head.weight" not in params):
+                continue  # recomputed / tied to the embedding
+            target_name, shard = name, None
+            for ckpt_part, (ours, index) in packed.items():
+                if f".{ckpt_part}." in name:
+                    target_name, shard = name.replace(f".{ckpt_part}.", f".{ours}."), index
+                    break
+            if target_name not in params:
+                raise ConfigError(f"checkpoint tensor {name!r} matches no parameter of the model")
+            param = params[target_name]
+            target = param if shard is None else model.get_submodule(target_name.rsplit(".", 1)[0]).shard(
+                param, shard)
+            if target.shape != tensor.shape:
+                raise ConfigError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model {tuple(target.shape)}")
+            target.copy_(tensor)
+            loaded.add((target_name, shard))
+    missing = sorted({n for n in params} - {n for n, _ in loaded})
+    if missing:
+        raise ConfigError(f"checkpoint lacks weights for: {', '.join(missing[:10])}")
