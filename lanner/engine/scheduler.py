@@ -40,6 +40,7 @@ class Scheduler:
         self.kv_cache = kv_cache
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self.num_preemptions = 0
 
     def add(self, req: Request) -> None:
         self.waiting.append(req)
@@ -94,6 +95,7 @@ class Scheduler:
             self.kv_cache.free_request(victim)
             victim.num_computed_tokens = 0
             victim.num_preemptions += 1
+            self.num_preemptions += 1
             victim.status = RequestStatus.WAITING
             self.waiting.appendleft(victim)
             preempted.append(victim)

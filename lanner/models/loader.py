@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lanner.errors import ConfigError
+from lanner.errors import ConfigError, UnsupportedModel
 from lanner.models.registry import architecture_of, build_model
 
 
@@ -26,13 +26,18 @@ class LoadedModel:
 def load_hf_config(path: str) -> Any:
     from transformers import AutoConfig
 
-    if os.path.isfile(path):
-        with open(path) as f:
-            raw = json.load(f)
-        return AutoConfig.for_model(raw.pop("model_type"), **raw)
     if os.path.isdir(path):
-        return AutoConfig.from_pretrained(path)
-    raise ConfigError(f"model {path!r} is not a local folder or config.json (lanner does not download models)")
+        path = os.path.join(path, "config.json")
+        if not os.path.isfile(path):
+            raise ConfigError(f"{os.path.dirname(path)!r} has no config.json")
+    if not os.path.isfile(path):
+        raise ConfigError(f"model {path!r} is not a local folder or config.json (lanner does not download models)")
+    with open(path) as f:
+        raw = json.load(f)
+    try:
+        return AutoConfig.for_model(raw.pop("model_type"), **raw)
+    except (KeyError, ValueError) as e:
+        raise UnsupportedModel(f"{path}: transformers cannot read this config ({e})") from e
 
 
 def load_tokenizer(path: str) -> Any | None:

@@ -1,0 +1,86 @@
+"""Tiny random Hugging Face models, saved as real model folders with a BPE
+tokenizer, that every test compares lanner against."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lanner.models.tiny import save_model_folder, stdlib_texts, train_bpe_tokenizer
+
+torch.set_num_threads(2)
+
+COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.05)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return train_bpe_tokenizer(stdlib_texts(limit_files=40), vocab_size=512)
+
+
+def _save(tmp_path_factory, tokenizer, name: str, config) -> str:
+    config.architectures = [type(config).__name__.replace("Config", "ForCausalLM")]
+    config.eos_token_id = tokenizer.eos_token_id
+    folder = str(tmp_path_factory.mktemp(name))
+    save_model_folder(folder, config, tokenizer, seed=0)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def qwen3_path(tmp_path_factory, tokenizer):
+    from transformers import Qwen3Config
+
+    return _save(tmp_path_factory, tokenizer, "qwen3", Qwen3Config(
+        vocab_size=len(tokenizer), head_dim=32, tie_word_embeddings=False, **COMMON))
+
+
+@pytest.fixture(scope="session")
+def qwen3_tied_path(tmp_path_factory, tokenizer):
+    from transformers import Qwen3Config
+
+    return _save(tmp_path_factory, tokenizer, "qwen3tied", Qwen3Config(
+        vocab_size=len(tokenizer), head_dim=16, tie_word_embeddings=True, **COMMON))
+
+
+@pytest.fixture(scope="session")
+def llama_path(tmp_path_factory, tokenizer):
+    from transformers import LlamaConfig
+
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}
+    return _save(tmp_path_factory, tokenizer, "llama", LlamaConfig(
+        vocab_size=len(tokenizer), rope_scaling=scaling, rope_theta=10000.0, tie_word_embeddings=False, **COMMON))
+
+
+@pytest.fixture(params=["qwen3", "qwen3_tied", "llama"])
+def model_path(request):
+    return request.getfixturevalue(f"{request.param}_path")
+
+
+def make_llm(path: str, **kwargs):
+    from lanner import LLM
+
+    return LLM(model=path, device="cpu", dtype="float32", **{"num_kv_blocks": 256, **kwargs})
+
+
+def hf_model(path: str):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def hf_greedy(model, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    outs = []
+    with torch.no_grad():
+        for ids in prompts:
+            seq = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                 max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+                                 do_sample=False, pad_token_id=0)
+            outs.append(seq[0, len(ids):].tolist())
+    return outs
+
+
+def random_prompts(n: int, lo: int, hi: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(lo, hi + 1, (n,), generator=g).tolist()
+    return [torch.randint(3, vocab, (length,), generator=g).tolist() for length in lengths]

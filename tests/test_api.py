@@ -1,0 +1,114 @@
+"""The public surfaces: LLM.generate/chat outputs, loading formats, the CLI and its flags."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+from conftest import _save, hf_greedy, hf_model, make_llm, random_prompts
+from lanner import SamplingParams
+from lanner.cli import build_parser
+from lanner.config import EngineConfig, _leaf_fields
+
+
+def test_generate_outputs_are_complete(qwen3_path):
+    llm = make_llm(qwen3_path)
+    outs = llm.generate(["def add(a, b):", "import sys"], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))
+    tok = llm.get_tokenizer()
+    for prompt, out in zip(["def add(a, b):", "import sys"], outs):
+        o = out.outputs[0]
+        assert out.prompt == prompt and out.prompt_token_ids == tok(prompt)["input_ids"]
+        assert len(o.token_ids) == 5 and o.finish_reason == "length" and out.finished
+        assert o.text == tok.decode(o.token_ids)
+        m = out.metrics
+        assert m.arrival_time <= m.first_scheduled_time <= m.first_token_time <= m.finished_time
+
+
+def test_chat_uses_the_template(qwen3_path):
+    llm = make_llm(qwen3_path)
+    messages = [{"role": "user", "content": "hello"}]
+    out = llm.chat(messages, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))[0]
+    tok = llm.get_tokenizer()
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert text.endswith("<|im_start|>assistant\n")
+    assert out.prompt_token_ids == tok(text, add_special_tokens=False)["input_ids"]
+    two = llm.chat([messages, messages + [{"role": "assistant", "content": "hi"}, {"role": "user", "content": "x"}]],
+                   SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
+    assert two[0].outputs[0].token_ids == out.outputs[0].token_ids and len(two) == 2
+
+
+def test_sharded_checkpoint_loads_the_same(qwen3_path, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(qwen3_path)
+    model.save_pretrained(tmp_path, max_shard_size="100KB")
+    AutoTokenizer.from_pretrained(qwen3_path).save_pretrained(tmp_path)
+    assert os.path.exists(tmp_path / "model.safetensors.index.json")
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    a = make_llm(qwen3_path).generate([[4, 5, 6]], params)[0].outputs[0].token_ids
+    b = make_llm(str(tmp_path)).generate([[4, 5, 6]], params)[0].outputs[0].token_ids
+    assert a == b
+
+
+def test_dummy_weights_from_a_config_json(qwen3_path, tmp_path):
+    cfg = json.loads(open(os.path.join(qwen3_path, "config.json")).read())
+    path = tmp_path / "shape.json"
+    path.write_text(json.dumps(cfg))
+    llm = make_llm(str(path), load_format="dummy")
+    assert llm.get_tokenizer() is None
+    out = llm.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))[0]
+    assert len(out.outputs[0].token_ids) == 3 and out.outputs[0].text == ""
+    norm = llm.engine.runner.model.model.norm.weight
+    assert torch.all(norm == 1)
+
+
+def test_qwen2_greedy_matches(tmp_path_factory, tokenizer):
+    from transformers import Qwen2Config
+
+    from conftest import COMMON
+    path = _save(tmp_path_factory, tokenizer, "qwen2", Qwen2Config(vocab_size=len(tokenizer), **COMMON))
+    prompts = random_prompts(3, 4, 20, len(tokenizer))
+    outs = make_llm(path).generate(prompts, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    assert [o.outputs[0].token_ids for o in outs] == hf_greedy(hf_model(path), prompts, 8)
+
+
+def test_every_engine_option_is_a_flag():
+    parser = build_parser()
+    args = parser.parse_args(["generate", "x", "--max-num-seqs", "3", "--no-enable-prefix-caching",
+                              "--dtype", "float32", "--stop", "a", "b", "--max-tokens", "9"])
+    assert args.max_num_seqs == 3 and args.enable_prefix_caching is False and args.stop == ["a", "b"]
+    help_text = parser._subparsers._group_actions[0].choices["generate"].format_help()
+    for _, name, _ in _leaf_fields(EngineConfig):
+        assert "--" + name.replace("_", "-") in help_text
+    for f in dataclasses.fields(SamplingParams):
+        if f.name not in ("seed", "n", "logprobs", "prompt_logprobs"):
+            assert "--" + f.name.replace("_", "-") in help_text
+
+
+def _cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lanner.cli", *args], input=stdin, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_cli_generate_streams_the_completion(qwen3_path):
+    llm = make_llm(qwen3_path)
+    want = llm.generate(["def f(x):"], SamplingParams(temperature=0, max_tokens=8))[0].outputs[0].text
+    run = _cli("generate", "def f(x):", "--model", qwen3_path, "--temperature", "0", "--max-tokens", "8",
+               "--device", "cpu", "--num-kv-blocks", "64")
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == "def f(x):" + want + "\n"
+
+
+def test_cli_chat_multi_turn_and_errors(qwen3_path):
+    run = _cli("chat", "--model", qwen3_path, "--temperature", "0", "--max-tokens", "4", "--device", "cpu",
+               "--num-kv-blocks", "64", stdin="hello\nagain\n")
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.count("> ") == 3  # two turns, then the prompt that reads end of input
+    bad = _cli("generate", "x", "--model", qwen3_path, "--top-p", "0", "--device", "cpu")
+    assert bad.returncode == 2 and "top_p" in bad.stderr and "Traceback" not in bad.stderr
+    for sub in ("generate", "chat"):
+        assert "--max-num-batched-tokens" in _cli(sub, "--help").stdout

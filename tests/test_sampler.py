@@ -1,0 +1,130 @@
+"""Sampling: the distributions that temperature, top-k, top-p and min-p define,
+penalties, min_tokens, per-request seeds, stop strings."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import make_llm
+from lanner import SamplingParams
+from lanner.engine.request import Request
+from lanner.sampling.sampler import Sampler, apply_penalties
+
+LOGITS = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -2.0])
+
+
+def expected_probs(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0) -> torch.Tensor:
+    """An independent, one-row statement of the semantics (LOGITS is sorted)."""
+    p = torch.softmax(LOGITS / temperature, dim=0)
+    keep = torch.ones_like(p, dtype=torch.bool)
+    if top_k:
+        keep[top_k:] = False
+    p = torch.where(keep, p, 0) / torch.where(keep, p, 0).sum()
+    mass = 0.0
+    for i in range(len(p)):
+        if mass >= top_p:
+            keep[i] = False
+        mass += p[i].item()
+    keep &= p >= min_p * p.max()
+    p = torch.where(keep, p, 0)
+    return p / p.sum()
+
+
+def requests(n: int, params: SamplingParams, seed0: int = 0) -> list[Request]:
+    return [Request(f"r{i}", None, [1], params, {0}, torch.Generator().manual_seed(seed0 + i)) for i in range(n)]
+
+
+@pytest.mark.parametrize("kw", [
+    dict(temperature=1.0), dict(temperature=0.5), dict(temperature=2.0), dict(top_k=3), dict(top_p=0.6),
+    dict(min_p=0.2), dict(temperature=0.7, top_k=5, top_p=0.9, min_p=0.05)])
+def test_sampling_distribution(kw):
+    n = 20000
+    params = SamplingParams(**kw)
+    tokens, _ = Sampler()(LOGITS.repeat(n, 1), requests(n, params))
+    freq = torch.bincount(torch.tensor(tokens), minlength=len(LOGITS)).float() / n
+    want = expected_probs(**kw)
+    assert torch.all(freq[want == 0] == 0), (freq, want)
+    assert (freq - want).abs().max() < 0.015, (freq, want)
+
+
+def test_greedy_is_argmax_and_ignores_generator():
+    tokens, _ = Sampler()(torch.stack([LOGITS, LOGITS.flip(0)]), requests(2, SamplingParams(temperature=0)))
+    assert tokens == [0, len(LOGITS) - 1]
+
+
+def test_seeded_rows_do_not_depend_on_the_batch():
+    params = SamplingParams(temperature=1.0)
+    alone = [Sampler()(LOGITS[None], [r])[0][0] for r in requests(1, params, seed0=42) * 1]
+    batch = requests(5, params, seed0=40)  # row 2 has seed 42
+    together = Sampler()(LOGITS.repeat(5, 1), batch)[0][2]
+    assert alone[0] == together
+
+
+def test_penalties_follow_their_definitions():
+    params = SamplingParams(repetition_penalty=2.0, presence_penalty=0.5, frequency_penalty=0.25)
+    req = Request("r", None, [0, 4], params, set(), torch.Generator())
+    for t in (1, 1, 6):
+        req.append_token(t)
+    out = apply_penalties(LOGITS[None].clone(), [req])[0]
+    want = LOGITS.clone()
+    for t in {0, 4, 1, 6}:  # repetition: prompt and output, sign-aware
+        want[t] = want[t] / 2 if want[t] > 0 else want[t] * 2
+    want[1] -= 0.5 + 2 * 0.25
+    want[6] -= 0.5 + 0.25
+    torch.testing.assert_close(out, want)
+
+
+def test_min_tokens_masks_stop_tokens():
+    params = SamplingParams(temperature=0, min_tokens=2)
+    req = Request("r", None, [1], params, {0}, torch.Generator())  # token 0 (the argmax) is EOS
+    assert Sampler()(LOGITS[None].clone(), [req])[0] == [1]
+    req.append_token(1)
+    req.append_token(1)
+    assert Sampler()(LOGITS[None].clone(), [req])[0] == [0]
+
+
+def test_seed_reproducible_across_batch_compositions(qwen3_path):
+    llm = make_llm(qwen3_path)
+    seeded = SamplingParams(temperature=1.0, seed=1234, max_tokens=10, ignore_eos=True)
+    alone = llm.generate([[5, 6, 7, 8]], seeded)[0].outputs[0].token_ids
+    others = SamplingParams(temperature=0.9, max_tokens=14, ignore_eos=True)
+    mixed = llm.generate([[9] * 17, [5, 6, 7, 8], [3, 4]], [others, seeded, others])
+    assert mixed[1].outputs[0].token_ids == alone
+    chunked = make_llm(qwen3_path, max_num_batched_tokens=3)
+    assert chunked.generate([[9] * 17, [5, 6, 7, 8]], [others, seeded])[1].outputs[0].token_ids == alone
+
+
+def test_n_samples_differ_and_are_reproducible(qwen3_path):
+    llm = make_llm(qwen3_path)
+    params = SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=8, ignore_eos=True)
+    a = llm.generate([[5, 6, 7]], params)[0]
+    b = llm.generate([[5, 6, 7]], params)[0]
+    assert [o.index for o in a.outputs] == [0, 1, 2]
+    assert [o.token_ids for o in a.outputs] == [o.token_ids for o in b.outputs]
+    assert len({tuple(o.token_ids) for o in a.outputs}) > 1
+
+
+def test_stop_strings_end_and_are_cut(qwen3_path):
+    llm = make_llm(qwen3_path)
+    base = llm.generate(["def main():"], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))[0]
+    text = base.outputs[0].text
+    stop = text[len(text) // 2:len(text) // 2 + 3]
+    assert stop.strip(), f"need a visible stop string in {text!r}"
+    first = text.find(stop)
+    out = llm.generate(["def main():"], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True,
+                                                       stop=[stop, "never-appears"]))[0].outputs[0]
+    assert out.text == text[:first]
+    assert out.finish_reason == "stop" and out.stop_reason == stop
+    kept = llm.generate(["def main():"], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop=stop,
+                                                        include_stop_str_in_output=True))[0].outputs[0]
+    assert kept.text == text[:first + len(stop)]
+
+
+def test_stop_token_ids_and_eos(qwen3_path):
+    llm = make_llm(qwen3_path)
+    base = llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))[0]
+    target = base.outputs[0].token_ids[4]
+    out = llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=10, stop_token_ids=[target]))[0]
+    got = out.outputs[0]
+    assert got.token_ids == base.outputs[0].token_ids[:base.outputs[0].token_ids.index(target) + 1]
+    assert got.finish_reason == "stop" and got.stop_reason == target
