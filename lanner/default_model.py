@@ -24,7 +24,7 @@ def default_model_path() -> str:
 def _build_random_tiny(folder: str) -> None:
     from transformers import Qwen3Config
 
-    from lanner.models.tiny import IM_END, stdlib_texts, train_bpe_tokenizer, save_model_folder
+    from lanner.models.tiny import IM_END, random_model, save_model_folder, stdlib_texts, train_bpe_tokenizer
 
     tokenizer = train_bpe_tokenizer(stdlib_texts(limit_files=300), vocab_size=4096)
     config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=768, num_hidden_layers=4,
@@ -32,5 +32,5 @@ def _build_random_tiny(folder: str) -> None:
                          tie_word_embeddings=True, eos_token_id=tokenizer.convert_tokens_to_ids(IM_END))
     config.architectures = ["Qwen3ForCausalLM"]
     tmp = folder + f".tmp{os.getpid()}"
-    save_model_folder(tmp, config, tokenizer)
+    save_model_folder(tmp, random_model(config), tokenizer)
     os.replace(tmp, folder)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lanner.models.tiny import save_model_folder, stdlib_texts, train_bpe_tokenizer
+from lanner.models.tiny import random_model, save_model_folder, stdlib_texts, train_bpe_tokenizer
 
 torch.set_num_threads(2)
 
@@ -22,7 +22,7 @@ def _save(tmp_path_factory, tokenizer, name: str, config) -> str:
     config.architectures = [type(config).__name__.replace("Config", "ForCausalLM")]
     config.eos_token_id = tokenizer.eos_token_id
     folder = str(tmp_path_factory.mktemp(name))
-    save_model_folder(folder, config, tokenizer, seed=0)
+    save_model_folder(folder, random_model(config), tokenizer)
     return folder
 
 

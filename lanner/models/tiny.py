@@ -3,6 +3,7 @@ tokenizer trained with `tokenizers`, a chat template, and Qwen3/Llama weights.
 Used by the tests, by the on-the-fly default model, and by scripts/train_tiny.py."""
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterable
 from typing import Any
@@ -31,32 +32,47 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int) -> Any:
                                    chat_template=CHAT_TEMPLATE)
 
 
-def stdlib_texts(limit_files: int | None = None) -> list[str]:
-    """Source text of the running Python's standard library, in a fixed order."""
+def stdlib_files() -> tuple[str, list[str]]:
+    """(root, relative paths of every .py file) of the running Python's standard library, sorted."""
     import sysconfig
 
     root = sysconfig.get_paths()["stdlib"]
     files = []
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in ("site-packages", "__pycache__"))
-        files += [os.path.join(dirpath, f) for f in sorted(filenames) if f.endswith(".py")]
-    texts = []
-    for path in files[:limit_files]:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            texts.append(f.read())
-    return texts
+        dirnames[:] = sorted(d for d in dirnames if d not in ("site-packages", "dist-packages", "__pycache__"))
+        files += [os.path.relpath(os.path.join(dirpath, f), root) for f in filenames if f.endswith(".py")]
+    return root, sorted(files)
 
 
-def save_model_folder(folder: str, hf_config: Any, tokenizer: Any, state_dict: dict | None = None,
-                      seed: int = 0) -> None:
-    """Write config, weights (random if no state_dict), tokenizer and generation config."""
-    from transformers import AutoModelForCausalLM, GenerationConfig
+def is_heldout(relpath: str) -> bool:
+    """The deterministic 2% of files kept out of training, chosen by a hash of the path
+    so the choice is the same on every machine and Python version."""
+    return int(hashlib.sha256(relpath.encode()).hexdigest(), 16) % 50 == 0
+
+
+def read_text(root: str, relpath: str) -> str:
+    with open(os.path.join(root, relpath), encoding="utf-8", errors="replace") as f:
+        return f.read()
+
+
+def stdlib_texts(limit_files: int | None = None) -> list[str]:
+    root, files = stdlib_files()
+    return [read_text(root, f) for f in files[:limit_files]]
+
+
+def random_model(hf_config: Any, seed: int = 0) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(hf_config)
+
+
+def save_model_folder(folder: str, model: Any, tokenizer: Any) -> None:
+    """Write config, weights, tokenizer and a generation config whose EOS ids are
+    the end-of-turn and end-of-text tokens."""
+    from transformers import GenerationConfig
 
     os.makedirs(folder, exist_ok=True)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(hf_config)
-    if state_dict is not None:
-        model.load_state_dict(state_dict)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     eos = [tokenizer.convert_tokens_to_ids(t) for t in (IM_END, END_OF_TEXT)]
