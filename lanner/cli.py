@@ -17,8 +17,9 @@ def _engine(args: argparse.Namespace):
     return LLMEngine(EngineConfig.from_kwargs(**kwargs_from_args(args, EngineConfig)))
 
 
-def _params(args: argparse.Namespace) -> SamplingParams:
-    return SamplingParams(**{**CLI_SAMPLING_DEFAULTS, **kwargs_from_args(args, SamplingParams)})
+def _params(engine, args: argparse.Namespace) -> SamplingParams:
+    """Command-line options over the model's recommended settings over the CLI's defaults."""
+    return engine.default_sampling_params(**{**CLI_SAMPLING_DEFAULTS, **kwargs_from_args(args, SamplingParams)})
 
 
 def _stream(engine, request_id: str, prompt, params: SamplingParams) -> str:
@@ -37,7 +38,7 @@ def _stream(engine, request_id: str, prompt, params: SamplingParams) -> str:
 def cmd_generate(args: argparse.Namespace) -> None:
     engine = _engine(args)
     print(args.prompt, end="", flush=True)
-    _stream(engine, "cli", args.prompt, _params(args))
+    _stream(engine, "cli", args.prompt, _params(engine, args))
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
@@ -46,7 +47,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
     engine = _engine(args)
     llm = LLM.__new__(LLM)  # reuse render_chat over the engine we built
     llm.engine = engine
-    params = _params(args)
+    params = _params(engine, args)
     history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
     print("lanner chat: an empty line or Ctrl-D ends the conversation.")
     for turn in range(1 << 62):

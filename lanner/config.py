@@ -72,11 +72,25 @@ class ParallelConfig:
 
 
 @dataclass
+class GraphConfig:
+    enforce_eager: bool = _opt(False, "never use CUDA graphs")
+    cuda_graph_sizes: list[int] | None = _opt(
+        None, "decode batch sizes to capture (default: 1, 2, 4, 8, then every 8 up to 64 and every 16 up to "
+              "max_num_seqs)")
+    attention_backend: Literal["auto", "torch", "triton"] = _opt(
+        "auto", "'triton' on CUDA, 'torch' (the reference) on the CPU")
+
+    def __post_init__(self) -> None:
+        _check(not self.cuda_graph_sizes or min(self.cuda_graph_sizes) > 0, "cuda_graph_sizes must be positive")
+
+
+@dataclass
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    graphs: GraphConfig = field(default_factory=GraphConfig)
     device: str = _opt("auto", "'cpu', 'cuda', 'cuda:N' or 'auto' (CUDA when available)")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = _opt(
         "auto", "weight and activation dtype; 'auto' is float32 on CPU, the model's dtype on GPU")

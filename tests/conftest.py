@@ -2,8 +2,13 @@
 tokenizer, that every test compares lanner against."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+if not torch.cuda.is_available():  # Triton kernels run in its interpreter on the CPU
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from lanner.models.tiny import random_model, save_model_folder, stdlib_texts, train_bpe_tokenizer
 

@@ -112,3 +112,17 @@ def test_cli_chat_multi_turn_and_errors(qwen3_path):
     assert bad.returncode == 2 and "top_p" in bad.stderr and "Traceback" not in bad.stderr
     for sub in ("generate", "chat"):
         assert "--max-num-batched-tokens" in _cli(sub, "--help").stdout
+
+
+def test_generation_config_sets_default_sampling(qwen3_path, tmp_path):
+    import shutil
+
+    folder = tmp_path / "m"
+    shutil.copytree(qwen3_path, folder)
+    gen = json.loads((folder / "generation_config.json").read_text())
+    (folder / "generation_config.json").write_text(json.dumps({**gen, "temperature": 0.0}))
+    llm = make_llm(str(folder))
+    assert llm.engine.default_sampling_params().temperature == 0.0
+    implicit = [o.outputs[0].token_ids for o in llm.generate([[4, 5, 6], [7, 8]])]  # default: max_tokens 16
+    explicit = [o.outputs[0].token_ids for o in llm.generate([[4, 5, 6], [7, 8]], SamplingParams(temperature=0))]
+    assert implicit == explicit

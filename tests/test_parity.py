@@ -80,3 +80,14 @@ def test_prefix_caching_within_one_batch_and_with_chunks(qwen3_path):
     llm = make_llm(qwen3_path, block_size=4, max_num_batched_tokens=16)
     outs = llm.generate(prompts, greedy())
     assert [o.outputs[0].token_ids for o in outs] == hf_greedy(hf, prompts, NEW_TOKENS)
+
+
+@pytest.mark.parametrize("options", [{}, {"max_num_batched_tokens": 7, "block_size": 8}], ids=["plain", "chunked"])
+def test_triton_backend_matches_transformers(qwen3_path, options):
+    """The GPU attention backend (plan into device buffers, Triton kernels), here run by
+    Triton's interpreter on the CPU, gives transformers' greedy tokens."""
+    hf = hf_model(qwen3_path)
+    prompts = random_prompts(3, 3, 20, hf.config.vocab_size, seed=9)
+    llm = make_llm(qwen3_path, attention_backend="triton", **options)
+    outs = llm.generate(prompts, greedy(6))
+    assert [o.outputs[0].token_ids for o in outs] == hf_greedy(hf, prompts, 6)

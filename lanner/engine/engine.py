@@ -58,10 +58,11 @@ class LLMEngine:
         self.hf_config = loaded.hf_config
         self.tokenizer = loaded.tokenizer
         self.eos_token_ids = loaded.eos_token_ids
+        self.sampling_defaults = loaded.sampling_defaults
         self.vocab_size = loaded.model.spec.vocab_size
         limit = getattr(self.hf_config, "max_position_embeddings", None) or 2048
         self.max_model_len = min(mc.max_model_len or limit, limit)
-        self.runner = ModelRunner(config, loaded, self.device, self.dtype)
+        self.runner = ModelRunner(config, loaded, self.device, self.dtype, self.max_model_len)
         self.kv_cache = KVCacheManager(self.runner.num_blocks, config.cache.block_size,
                                        config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv_cache)
@@ -82,7 +83,7 @@ class LLMEngine:
         seed = params.seed if params.seed is not None else self._seeds.getrandbits(63)
         children = []
         for i in range(params.n):
-            gen = torch.Generator(device="cpu").manual_seed((seed + i * 0x9E3779B97F4A7C15) % (1 << 63))
+            gen = torch.Generator(device=self.device).manual_seed((seed + i * 0x9E3779B97F4A7C15) % (1 << 63))
             child_id = request_id if params.n == 1 else f"{request_id}-{i}"
             children.append(Request(child_id, text, token_ids, params, self.eos_token_ids, gen,
                                     index=i, parent_id=request_id))
@@ -92,6 +93,11 @@ class LLMEngine:
                 self.detokenizers[req] = Detokenizer(self.tokenizer, token_ids,
                                                                 params.skip_special_tokens)
             self.scheduler.add(req)
+
+    def default_sampling_params(self, **overrides: Any) -> SamplingParams:
+        """SamplingParams with the model's recommended settings (its generation_config.json),
+        as used when a caller gives none; `overrides` win."""
+        return SamplingParams(**{**self.sampling_defaults, **overrides})
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Stop a request and free its blocks; returns its final output, or None if unknown."""

@@ -1,6 +1,7 @@
-"""ModelRunner: owns the model, the KV-cache tensors, the attention backend and
-the sampler, and runs one scheduled step: build the batch, plan attention, run
-the model, compute the needed logits, sample."""
+"""ModelRunner: owns the model, the KV-cache tensors, the attention backend, the
+decode CUDA graphs and the sampler, and runs one scheduled step: stage the
+batch into static buffers, plan attention, run the model (graph or eager),
+compute the needed logits, sample."""
 from __future__ import annotations
 
 import logging
@@ -12,8 +13,8 @@ from lanner.config import EngineConfig
 from lanner.engine.request import Logprob, Request
 from lanner.engine.scheduler import SchedulerOutput
 from lanner.executor.batch import ForwardBatch
+from lanner.executor.graphs import DecodeGraphs, decode_graph_sizes
 from lanner.layers.attention import forward_context
-from lanner.layers.attention.torch_backend import TorchAttentionBackend
 from lanner.models.loader import LoadedModel
 from lanner.sampling.sampler import Sampler, top_logprobs
 
@@ -29,59 +30,138 @@ class RunnerOutput:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, loaded: LoadedModel, device: torch.device, dtype: torch.dtype):
+    def __init__(self, config: EngineConfig, loaded: LoadedModel, device: torch.device, dtype: torch.dtype,
+                 max_model_len: int):
         self.config = config
         self.device = device
         self.dtype = dtype
         self.model = loaded.model
-        spec = self.model.spec
+        self.max_model_len = max_model_len
         self.block_size = config.cache.block_size
-        self.num_blocks = self._num_kv_blocks(spec)
+        sched = config.scheduler
+        self.max_tokens = max(sched.max_num_batched_tokens, sched.max_num_seqs)
+        self.input_ids = torch.zeros(self.max_tokens, dtype=torch.long, device=device)
+        self.positions = torch.zeros(self.max_tokens, dtype=torch.long, device=device)
+        self.slot_mapping = torch.full((self.max_tokens,), -1, dtype=torch.long, device=device)
+        self.logits_indices = torch.zeros(self.max_tokens, dtype=torch.long, device=device)
+        # host rows: token ids, positions, slots, logits indices; pinned so copies are truly asynchronous
+        self._staging = torch.zeros(4, self.max_tokens, dtype=torch.long, pin_memory=device.type == "cuda")
+        self.sampler = Sampler()
+        self.num_blocks = self._num_kv_blocks()
+        spec = self.model.spec
         shape = (self.num_blocks, self.block_size, spec.num_kv_heads, spec.head_dim)
         self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=device),
                            torch.zeros(shape, dtype=dtype, device=device)) for _ in range(spec.num_layers)]
-        self.backend = TorchAttentionBackend(self.kv_caches, self.block_size)
-        self.sampler = Sampler()
+        self.backend = self._make_backend(self.kv_caches)
         logger.info("KV cache: %d blocks of %d tokens (%d tokens)", self.num_blocks, self.block_size,
                     self.num_blocks * self.block_size)
+        self.graphs: DecodeGraphs | None = None
+        if device.type == "cuda" and not config.graphs.enforce_eager:
+            self.graphs = DecodeGraphs(self, decode_graph_sizes(sched.max_num_seqs, config.graphs.cuda_graph_sizes))
+            self.graphs.capture()
 
-    def _num_kv_blocks(self, spec) -> int:
+    def _make_backend(self, kv_caches):
+        choice = self.config.graphs.attention_backend
+        if choice == "triton" or (choice == "auto" and self.device.type == "cuda"):
+            from lanner.layers.attention.triton_backend import TritonAttentionBackend
+
+            return TritonAttentionBackend(kv_caches, self.block_size, self.config.scheduler.max_num_seqs,
+                                          self.max_model_len, self.model.spec.num_heads)
+        from lanner.layers.attention.torch_backend import TorchAttentionBackend
+
+        return TorchAttentionBackend(kv_caches, self.block_size)
+
+    # ---- KV cache sizing ----------------------------------------------------------
+
+    def _block_bytes(self) -> int:
+        spec = self.model.spec
+        elem = torch.tensor([], dtype=self.dtype).element_size()
+        return 2 * spec.num_layers * self.block_size * spec.num_kv_heads * spec.head_dim * elem
+
+    def _num_kv_blocks(self) -> int:
         cache = self.config.cache
         if cache.num_kv_blocks is not None:
             return cache.num_kv_blocks
-        elem = torch.tensor([], dtype=self.dtype).element_size()
-        block_bytes = 2 * spec.num_layers * self.block_size * spec.num_kv_heads * spec.head_dim * elem
-        if self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            budget = free * cache.gpu_memory_utilization - (1 << 30)  # headroom for activations
-        else:
-            budget = cache.kv_cache_memory_gib * (1 << 30)
-        return max(int(budget // block_bytes), 1)
+        if self.device.type != "cuda":
+            return max(int(cache.kv_cache_memory_gib * (1 << 30) // self._block_bytes()), 1)
+        peak = self.profile_peak_memory()
+        free, total = torch.cuda.mem_get_info(self.device)
+        non_torch = (total - free) - torch.cuda.memory_reserved(self.device)
+        budget = total * cache.gpu_memory_utilization - peak - non_torch
+        blocks = int(budget // self._block_bytes())
+        logger.info("memory: total %.1f GiB, peak of a worst-case step %.2f GiB, other processes/CUDA %.2f GiB "
+                    "-> %.2f GiB for the KV cache", total / 2**30, peak / 2**30, non_torch / 2**30,
+                    blocks * self._block_bytes() / 2**30)
+        if blocks < 1:
+            from lanner.errors import ConfigError
+
+            raise ConfigError("no GPU memory left for the KV cache: lower max_num_batched_tokens or raise "
+                              "gpu_memory_utilization")
+        return blocks
+
+    @torch.inference_mode()
+    def profile_peak_memory(self) -> int:
+        """Peak memory (weights included) of the largest step: a full token budget of
+        prefill, then logits and sampling for max_num_seqs rows. The throwaway KV cache
+        it needs is left out of the figure."""
+        sched = self.config.scheduler
+        tokens = sched.max_num_batched_tokens
+        seqs = min(sched.max_num_seqs, tokens)
+        lens = [tokens // seqs + (i < tokens % seqs) for i in range(seqs)]
+        blocks_per_seq = -(-max(lens) // self.block_size)
+        spec = self.model.spec
+        shape = (seqs * blocks_per_seq, self.block_size, spec.num_kv_heads, spec.head_dim)
+        caches = [(torch.empty(shape, dtype=self.dtype, device=self.device),
+                   torch.empty(shape, dtype=self.dtype, device=self.device)) for _ in range(spec.num_layers)]
+        cache_bytes = 2 * spec.num_layers * caches[0][0].numel() * caches[0][0].element_size()
+        tables = [list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq)) for i in range(seqs)]
+        batch = ForwardBatch(self.input_ids[:tokens], self.positions[:tokens], self.slot_mapping[:tokens], lens,
+                             lens, tables, torch.arange(seqs, device=self.device), tokens)
+        backend = self._make_backend(caches)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        backend.plan(batch)
+        with forward_context(backend):
+            hidden = self.model(batch.input_ids, batch.positions)
+        self.model.compute_logits(hidden[:seqs]).float().sort(dim=-1)
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated(self.device) - cache_bytes
+        del caches, backend, hidden
+        torch.cuda.empty_cache()
+        return peak
+
+    # ---- one step -----------------------------------------------------------------
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
         batch, samplers, prompt_rows = self.prepare(sched)
-        self.backend.plan(batch)
-        with forward_context(self.backend):
-            hidden = self.model(batch.input_ids, batch.positions)
+        hidden = self.run_model(batch)
         logits = self.model.compute_logits(hidden[batch.logits_indices])
         out = RunnerOutput()
-        if samplers:
-            rows = torch.tensor([row for _, row in samplers], device=logits.device)
-            reqs = [req for req, _ in samplers]
-            tokens, logprobs = self.sampler(logits[rows], reqs)
-            out.sampled = list(zip(reqs, tokens, logprobs))
+        if samplers:  # their rows come first
+            tokens, logprobs = self.sampler(logits[:len(samplers)], samplers)
+            out.sampled = list(zip(samplers, tokens, logprobs))
         for req, first_row, targets in prompt_rows:
             lp = torch.log_softmax(logits[first_row:first_row + len(targets)].float(), dim=-1)
             out.prompt_logprobs[req.request_id] = [
                 top_logprobs(lp[j], t, req.params.prompt_logprobs) for j, t in enumerate(targets)]
         return out
 
+    def run_model(self, batch: ForwardBatch) -> torch.Tensor:
+        if self.graphs is not None and batch.is_decode_only:
+            size = self.graphs.padded_size(batch.num_seqs)
+            if size is not None:
+                return self.graphs.replay(batch, size)
+        self.backend.plan(batch)
+        with forward_context(self.backend):
+            return self.model(batch.input_ids, batch.positions)
+
     def prepare(self, sched: SchedulerOutput):
-        """The ForwardBatch of a step, plus which logits rows each request reads:
-        samplers: (request, row) for requests whose last token is computed now;
+        """Stage a step's tokens into the static buffers and return its ForwardBatch, plus
+        who reads which logits rows:
+        samplers: requests whose last token is computed now; row i is the i-th of them;
         prompt_rows: (request, first row, prompt tokens those rows predict)."""
-        input_ids, positions, slots, logits_indices = [], [], [], []
+        input_ids, positions, slots, sample_at, score_at = [], [], [], [], []
         samplers, prompt_rows = [], []
         bs = self.block_size
         start = 0
@@ -96,21 +176,37 @@ class ModelRunner:
                 first = max(begin, len(req.prompt_logprobs) - 1)
                 last = min(begin + n, req.num_prompt_tokens - 1)
                 if first < last:
-                    prompt_rows.append((req, len(logits_indices), req.prompt_token_ids[first + 1:last + 1]))
-                    logits_indices += range(start + first - begin, start + last - begin)
+                    prompt_rows.append((req, len(score_at), req.prompt_token_ids[first + 1:last + 1]))
+                    score_at += range(start + first - begin, start + last - begin)
             if begin + n == req.num_tokens:
-                samplers.append((req, len(logits_indices)))
-                logits_indices.append(start + n - 1)
+                samplers.append(req)
+                sample_at.append(start + n - 1)
             start += n
-        dev = self.device
-        batch = ForwardBatch(
-            input_ids=torch.tensor(input_ids, dtype=torch.long, device=dev),
-            positions=torch.tensor(positions, dtype=torch.long, device=dev),
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-            query_lens=[n for _, n in sched.scheduled],
-            seq_lens=[req.num_computed_tokens + n for req, n in sched.scheduled],
-            block_tables=[req.block_ids for req, _ in sched.scheduled],
-            logits_indices=torch.tensor(logits_indices, dtype=torch.long, device=dev),
-            num_real_tokens=start,
-        )
+        prompt_rows = [(req, row + len(sample_at), targets) for req, row, targets in prompt_rows]
+        batch = self._stage(input_ids, positions, slots, [n for _, n in sched.scheduled],
+                            [req.num_computed_tokens + n for req, n in sched.scheduled],
+                            [req.block_ids for req, _ in sched.scheduled], sample_at + score_at)
         return batch, samplers, prompt_rows
+
+    def _stage(self, input_ids, positions, slots, query_lens, seq_lens, block_tables, logits_indices) -> ForwardBatch:
+        T = len(input_ids)
+        padded = self.graphs.padded_size(T) if self.graphs is not None and all(n == 1 for n in query_lens) else None
+        rows = padded or T
+        host = self._staging
+        host[0, :T] = torch.tensor(input_ids)
+        host[1, :T] = torch.tensor(positions)
+        host[2, :T] = torch.tensor(slots)
+        host[:2, T:rows] = 0
+        host[2, T:rows] = -1  # padding rows write no KV
+        L = len(logits_indices)
+        host[3, :L] = torch.tensor(logits_indices, dtype=torch.long)
+        self.input_ids[:rows].copy_(host[0, :rows], non_blocking=True)
+        self.positions[:rows].copy_(host[1, :rows], non_blocking=True)
+        self.slot_mapping[:rows].copy_(host[2, :rows], non_blocking=True)
+        self.logits_indices[:L].copy_(host[3, :L], non_blocking=True)
+        return ForwardBatch(self.input_ids[:rows], self.positions[:rows], self.slot_mapping[:rows], query_lens,
+                            seq_lens, block_tables, self.logits_indices[:L], T)
+
+    def dummy_decode_batch(self, size: int) -> ForwardBatch:
+        """A decode batch of `size` empty rows, for graph capture."""
+        return self._stage([0] * size, [0] * size, [-1] * size, [1] * size, [0] * size, [[]] * size, [])

@@ -21,6 +21,7 @@ class LoadedModel:
     hf_config: Any
     tokenizer: Any | None
     eos_token_ids: set[int]
+    sampling_defaults: dict  # the model's recommended sampling settings (generation_config.json)
 
 
 def load_hf_config(path: str) -> Any:
@@ -50,12 +51,19 @@ def load_tokenizer(path: str) -> Any | None:
     return AutoTokenizer.from_pretrained(path)
 
 
-def eos_token_ids(path: str, hf_config: Any) -> set[int]:
-    eos = getattr(hf_config, "eos_token_id", None)
+SAMPLING_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+def generation_config(path: str) -> dict:
     gen_path = os.path.join(path, "generation_config.json") if os.path.isdir(path) else ""
-    if os.path.isfile(gen_path):
-        with open(gen_path) as f:
-            eos = json.load(f).get("eos_token_id", eos)
+    if not os.path.isfile(gen_path):
+        return {}
+    with open(gen_path) as f:
+        return json.load(f)
+
+
+def eos_token_ids(gen_config: dict, hf_config: Any) -> set[int]:
+    eos = gen_config.get("eos_token_id", getattr(hf_config, "eos_token_id", None))
     if eos is None:
         return set()
     return {eos} if isinstance(eos, int) else set(eos)
@@ -77,7 +85,10 @@ def load_model(path: str, tokenizer_path: str | None, load_format: str, dtype: t
     else:
         load_safetensors(model, path)
     model.eval()
-    return LoadedModel(model, hf_config, load_tokenizer(tokenizer_path or path), eos_token_ids(path, hf_config))
+    gen = generation_config(path)
+    defaults = {k: gen[k] for k in SAMPLING_DEFAULT_KEYS if gen.get(k) is not None}
+    return LoadedModel(model, hf_config, load_tokenizer(tokenizer_path or path), eos_token_ids(gen, hf_config),
+                       defaults)
 
 
 def init_dummy_weights(model: nn.Module, seed: int) -> None:

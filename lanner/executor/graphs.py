@@ -1,0 +1,85 @@
+"""Full CUDA graphs for decode-only steps.
+
+One graph per batch size in a ladder (1, 2, 4, 8, 16, 24, ...); a step of B
+sequences replays the smallest graph of size >= B, with the extra rows padded:
+token 0, position 0, KV slot -1 (writes nothing) and context length 0 (attention
+output zero). All graphs share one memory pool and are captured largest first,
+so smaller ones reuse the largest one's memory. Graphs read their inputs from
+the model runner's static buffers and the attention backend's metadata buffers,
+which every step rewrites in place.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from lanner.layers.attention import forward_context
+
+logger = logging.getLogger(__name__)
+
+
+def decode_graph_sizes(max_num_seqs: int, sizes: list[int] | None = None) -> list[int]:
+    if sizes:
+        return sorted({s for s in sizes if s <= max_num_seqs})
+    ladder = [1, 2, 4] + list(range(8, 65, 8)) + list(range(80, max_num_seqs + 1, 16))
+    return sorted({s for s in ladder if s <= max_num_seqs} | {max_num_seqs})
+
+
+@dataclass
+class CaptureReport:
+    sizes: list[int]
+    seconds: float
+    pool_bytes: int
+
+
+class DecodeGraphs:
+    def __init__(self, runner, sizes: list[int]):
+        self.runner = runner
+        self.sizes = sizes
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.report: CaptureReport | None = None
+
+    @property
+    def max_size(self) -> int:
+        return self.sizes[-1] if self.sizes else 0
+
+    def padded_size(self, num_seqs: int) -> int | None:
+        return next((s for s in self.sizes if s >= num_seqs), None)
+
+    @torch.inference_mode()
+    def capture(self) -> CaptureReport:
+        runner = self.runner
+        start = time.perf_counter()
+        before = torch.cuda.memory_allocated()
+        pool = None
+        for i, size in enumerate(reversed(self.sizes)):
+            batch = runner.dummy_decode_batch(size)
+            runner.backend.plan(batch, num_padded_seqs=size)
+            try:
+                if i == 0:  # one warm-up: compiles the kernels and initialises cuBLAS outside the capture
+                    with forward_context(runner.backend):
+                        runner.model(batch.input_ids, batch.positions)
+                    torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool), forward_context(runner.backend):
+                    hidden = runner.model(batch.input_ids, batch.positions)
+            except Exception as e:
+                raise RuntimeError(f"CUDA graph capture failed for decode batch size {size}: {e}") from e
+            pool = graph.pool() if pool is None else pool
+            self.graphs[size] = (graph, hidden)
+        torch.cuda.synchronize()
+        self.report = CaptureReport(self.sizes, time.perf_counter() - start,
+                                    torch.cuda.memory_allocated() - before)
+        logger.info("captured %d decode graphs (sizes %d..%d) in %.1f s, %.0f MiB", len(self.sizes),
+                    self.sizes[0], self.sizes[-1], self.report.seconds, self.report.pool_bytes / 2**20)
+        return self.report
+
+    def replay(self, batch, size: int) -> torch.Tensor:
+        """Run a decode batch (already staged in the runner's buffers) through the graph of `size`."""
+        self.runner.backend.plan(batch, num_padded_seqs=size)
+        graph, hidden = self.graphs[size]
+        graph.replay()
+        return hidden[:batch.num_real_tokens]

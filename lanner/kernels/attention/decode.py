@@ -1,0 +1,119 @@
+"""Paged decode attention (one query token per sequence) with split-K.
+
+Each program handles one (sequence, kv head, split): the query heads of that kv
+head's group are packed into one tile, so the K/V it streams from the cache
+serve the whole group. Long contexts are cut into `num_splits` pieces that run
+in parallel; a second kernel merges their partial results by log-sum-exp.
+A sequence of length 0 (a padding row of a CUDA graph) gets an all-zero output.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, part_out_ptr,
+                         part_lse_ptr, scale, stride_qt, stride_qh, stride_kb, stride_ks, stride_kh,
+                         stride_bt, NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+                         HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                         BLOCK_N: tl.constexpr):
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = split * split_len
+    end = tl.minimum(start + split_len, seq_len)
+
+    g = tl.arange(0, GROUP_PAD)
+    d = tl.arange(0, HEAD_DIM)
+    heads = kv_head * GROUP + g
+    head_ok = g < GROUP
+    q = tl.load(q_ptr + seq * stride_qt + heads[:, None] * stride_qh + d[None, :], mask=head_ok[:, None], other=0.0)
+
+    m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = n < end
+        page = tl.load(block_tables_ptr + seq * stride_bt + n // PAGE, mask=n_ok, other=0).to(tl.int64)
+        offset = page * stride_kb + (n % PAGE) * stride_ks + kv_head * stride_kh
+        k = tl.load(k_cache_ptr + offset[:, None] + d[None, :], mask=n_ok[:, None], other=0.0)
+        v = tl.load(v_cache_ptr + offset[:, None] + d[None, :], mask=n_ok[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k)) * scale
+        s = tl.where(n_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        p = tl.exp(s - m_new[:, None])
+        alpha = tl.exp(m - m_new)
+        l = l * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m = m_new
+
+    has_keys = start < end
+    out = acc / tl.where(has_keys, l, 1.0)[:, None]
+    lse = tl.where(has_keys, m + tl.log(tl.where(has_keys, l, 1.0)), float("-inf"))
+    row = (seq * NUM_HEADS + heads) * NUM_SPLITS + split
+    tl.store(part_out_ptr + row[:, None] * HEAD_DIM + d[None, :], out, mask=head_ok[:, None])
+    tl.store(part_lse_ptr + row, lse, mask=head_ok)
+
+
+@triton.jit
+def _decode_merge_kernel(part_out_ptr, part_lse_ptr, out_ptr, stride_ot, stride_oh,
+                         NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                         SPLITS_PAD: tl.constexpr):
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    sp = tl.arange(0, SPLITS_PAD)
+    d = tl.arange(0, HEAD_DIM)
+    row = (seq * NUM_HEADS + head) * NUM_SPLITS + sp
+    sp_ok = sp < NUM_SPLITS
+    lse = tl.load(part_lse_ptr + row, mask=sp_ok, other=float("-inf"))
+    top = tl.max(lse, 0)
+    top = tl.where(top == float("-inf"), 0.0, top)
+    w = tl.exp(lse - top)
+    parts = tl.load(part_out_ptr + row[:, None] * HEAD_DIM + d[None, :], mask=sp_ok[:, None], other=0.0)
+    total = tl.sum(w, 0)
+    out = tl.sum(parts * w[:, None], 0) / tl.where(total > 0, total, 1.0)
+    tl.store(out_ptr + seq * stride_ot + head * stride_oh + d, out.to(out_ptr.dtype.element_ty))
+
+
+def num_decode_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int = 132) -> int:
+    """Enough programs to fill the GPU twice over, but no split shorter than 256 keys."""
+    want = math.ceil(2 * num_sms / max(1, num_seqs * num_kv_heads))
+    return max(1, min(want, 16, math.ceil(max_seq_len / 256)))
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                     seq_lens: torch.Tensor, scale: float, num_splits: int, out: torch.Tensor | None = None,
+                     workspace: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """q: [B, heads, dim]; block_tables: [B, max_blocks] int32; seq_lens: [B] int32 (0: padding row).
+    `workspace` (partial outputs and LSEs) may be pre-allocated so CUDA graphs can capture the call."""
+    B, H, D = q.shape
+    _, page, kv_heads, _ = k_cache.shape
+    group = H // kv_heads
+    out = torch.empty_like(q) if out is None else out
+    if workspace is None:
+        workspace = (torch.empty(B * H * num_splits * D, dtype=torch.float32, device=q.device),
+                     torch.empty(B * H * num_splits, dtype=torch.float32, device=q.device))
+    part_out, part_lse = workspace
+    _decode_split_kernel[(B, kv_heads, num_splits)](
+        q, k_cache, v_cache, block_tables, seq_lens, part_out, part_lse, scale,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+        NUM_HEADS=H, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=D, PAGE=page,
+        NUM_SPLITS=num_splits, BLOCK_N=64 if D <= 128 else 32, num_warps=4)
+    _decode_merge_kernel[(B, H)](part_out, part_lse, out, out.stride(0), out.stride(1), NUM_HEADS=H,
+                                 HEAD_DIM=D, NUM_SPLITS=num_splits,
+                                 SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)))
+    return out
+
+
+def decode_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, scale) -> torch.Tensor:
+    from lanner.kernels.attention.prefill import paged_attention_ref
+
+    query_start = torch.arange(q.shape[0] + 1, dtype=torch.int32)
+    return paged_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, query_start, scale)

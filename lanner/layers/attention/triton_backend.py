@@ -1,0 +1,68 @@
+"""The GPU attention backend: Triton kernels over the paged cache.
+
+All per-step metadata lives in device buffers allocated once; `plan()` fills
+them in place (one pinned host staging copy each), so the model forward never
+syncs with the host and a CUDA graph captured over these buffers replays with
+whatever the latest `plan()` wrote.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from lanner.executor.batch import ForwardBatch
+from lanner.kernels.attention import decode_attention, num_decode_splits, prefill_attention, store_kv
+from lanner.layers.attention.backend import AttentionBackend
+
+
+class TritonAttentionBackend(AttentionBackend):
+    def __init__(self, kv_caches, block_size: int, max_num_seqs: int, max_model_len: int, num_heads: int):
+        super().__init__(kv_caches, block_size)
+        device = kv_caches[0][0].device
+        self.max_model_len = max_model_len
+        self.num_heads = num_heads
+        _, _, self.num_kv_heads, self.head_dim = kv_caches[0][0].shape
+        width = -(-max_model_len // block_size)
+        pin = device.type == "cuda"
+        self.block_tables = torch.zeros(max_num_seqs, width, dtype=torch.int32, device=device)
+        self.seq_lens = torch.zeros(max_num_seqs, dtype=torch.int32, device=device)
+        self.query_start = torch.zeros(max_num_seqs + 1, dtype=torch.int32, device=device)
+        self._host_tables = torch.zeros(max_num_seqs, width, dtype=torch.int32, pin_memory=pin)
+        self._host_lens = torch.zeros(2, max_num_seqs + 1, dtype=torch.int32, pin_memory=pin)
+        max_splits = num_decode_splits(1, self.num_kv_heads, max_model_len)
+        self.workspace = (
+            torch.empty(max_num_seqs * num_heads * max_splits * self.head_dim, dtype=torch.float32, device=device),
+            torch.empty(max_num_seqs * num_heads * max_splits, dtype=torch.float32, device=device))
+
+    def plan(self, batch: ForwardBatch, num_padded_seqs: int | None = None) -> None:
+        """`num_padded_seqs` > num_seqs adds empty sequences (length 0) for a CUDA graph's padding rows."""
+        n = batch.num_seqs
+        rows = num_padded_seqs or n
+        tables = self._host_tables.numpy()
+        width = max((len(b) for b in batch.block_tables), default=1)
+        for i, blocks in enumerate(batch.block_tables):
+            tables[i, :len(blocks)] = blocks
+        lens = self._host_lens.numpy()
+        lens[0, :n] = batch.seq_lens
+        lens[0, n:rows] = 0
+        lens[1, 0] = 0
+        np.cumsum(batch.query_lens, out=lens[1, 1:n + 1])
+        lens[1, n + 1:rows + 1] = lens[1, n]
+        self.block_tables[:n, :width].copy_(self._host_tables[:n, :width], non_blocking=True)
+        self.seq_lens[:rows].copy_(self._host_lens[0, :rows], non_blocking=True)
+        self.query_start[:rows + 1].copy_(self._host_lens[1, :rows + 1], non_blocking=True)
+        self.rows = rows
+        self.slot_mapping = batch.slot_mapping
+        self.decode_only = batch.is_decode_only
+        self.max_query_len = max(batch.query_lens, default=1)
+        self.num_splits = num_decode_splits(rows, self.num_kv_heads, self.max_model_len)
+
+    def forward(self, layer, q, k, v, scale):
+        k_cache, v_cache = self.kv_caches[layer]
+        store_kv(k, v, k_cache, v_cache, self.slot_mapping)
+        rows = self.rows
+        if self.decode_only:
+            return decode_attention(q, k_cache, v_cache, self.block_tables[:rows], self.seq_lens[:rows], scale,
+                                    self.num_splits, workspace=self.workspace)
+        return prefill_attention(q, k_cache, v_cache, self.block_tables[:rows], self.seq_lens[:rows],
+                                 self.query_start[:rows + 1], self.max_query_len, scale)

@@ -1,0 +1,25 @@
+"""Random paged-attention problems, shared by the CPU (interpreter) and GPU kernel tests."""
+from __future__ import annotations
+
+import torch
+
+
+def paged_problem(seq_lens: list[int], q_lens: list[int], heads: int, kv_heads: int, dim: int, page: int,
+                  dtype: torch.dtype, device: str, seed: int = 0):
+    """K/V for each sequence scattered over shuffled cache blocks, plus queries for the last q_len tokens."""
+    g = torch.Generator().manual_seed(seed)
+    blocks_per_seq = [-(-s // page) for s in seq_lens]
+    num_blocks = sum(blocks_per_seq) + 3
+    order = torch.randperm(num_blocks, generator=g).tolist()
+    k_cache = torch.randn(num_blocks, page, kv_heads, dim, generator=g).to(dtype).to(device)
+    v_cache = torch.randn(num_blocks, page, kv_heads, dim, generator=g).to(dtype).to(device)
+    width = max(blocks_per_seq + [1])
+    block_tables = torch.zeros(len(seq_lens), width, dtype=torch.int32)
+    used = 0
+    for i, n in enumerate(blocks_per_seq):
+        block_tables[i, :n] = torch.tensor(order[used:used + n], dtype=torch.int32)
+        used += n
+    query_start = torch.tensor([0] + q_lens, dtype=torch.int32).cumsum(0).to(torch.int32)
+    q = torch.randn(int(query_start[-1]), heads, dim, generator=g).to(dtype).to(device)
+    return (q, k_cache, v_cache, block_tables.to(device), torch.tensor(seq_lens, dtype=torch.int32, device=device),
+            query_start.to(device))
