@@ -32,6 +32,9 @@ SHAPES = {
     "lanner-tiny-draft": dict(hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=3,
                               num_key_value_heads=1, head_dim=64),
 }
+# Recommended sampling, written to generation_config.json: greedy decoding of so small a
+# model falls into repetition loops; this gives varied, plausible code.
+SAMPLING = {"temperature": 0.5, "top_p": 0.95, "repetition_penalty": 1.1}
 MAX_PARAMS = {"lanner-tiny": 25e6, "lanner-tiny-draft": 4e6}
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -175,8 +178,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="tiny-out")
     p.add_argument("--vocab-size", type=int, default=8192)
-    p.add_argument("--steps", type=int, default=800)
-    p.add_argument("--draft-steps", type=int, default=800)
+    p.add_argument("--steps", type=int, default=320)
+    p.add_argument("--draft-steps", type=int, default=600)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--lr", type=float, default=2e-3)
@@ -202,7 +205,7 @@ def main() -> None:
         run_args = argparse.Namespace(**{**vars(args), "steps": steps,
                                          "max_minutes": args.max_minutes * (1 if name == "lanner-tiny" else 0.5)})
         models[name] = train(name, make_config(tokenizer, SHAPES[name]), train_ids, eval_ids, run_args, log)
-        save_model_folder(os.path.join(args.out, name), models[name], tokenizer)
+        save_model_folder(os.path.join(args.out, name), models[name], tokenizer, SAMPLING)
     log["draft_agreement"] = round(draft_agreement(models["lanner-tiny"], models["lanner-tiny-draft"],
                                                    eval_ids, args.seq), 4)
     log["total_seconds"] = round(time.time() - t_all, 1)

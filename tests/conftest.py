@@ -80,7 +80,7 @@ def hf_greedy(model, prompts: list[list[int]], max_new_tokens: int) -> list[list
         for ids in prompts:
             seq = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                                  max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
-                                 do_sample=False, pad_token_id=0)
+                                 do_sample=False, pad_token_id=0, repetition_penalty=1.0)
             outs.append(seq[0, len(ids):].tolist())
     return outs
 

@@ -66,6 +66,8 @@ def build_model(hf_config: Any) -> nn.Module:
         tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
         **flags,
     )
+    if getattr(hf_config, "use_sliding_window", False):
+        raise UnsupportedModel("sliding-window attention is not supported")
     if getattr(hf_config, "hidden_act", "silu") != "silu":
         raise UnsupportedModel(f"activation {hf_config.hidden_act!r} is not supported (only silu)")
     return DecoderForCausalLM(spec)

@@ -67,13 +67,14 @@ def random_model(hf_config: Any, seed: int = 0) -> Any:
     return AutoModelForCausalLM.from_config(hf_config)
 
 
-def save_model_folder(folder: str, model: Any, tokenizer: Any) -> None:
+def save_model_folder(folder: str, model: Any, tokenizer: Any, sampling: dict | None = None) -> None:
     """Write config, weights, tokenizer and a generation config whose EOS ids are
-    the end-of-turn and end-of-text tokens."""
+    the end-of-turn and end-of-text tokens, with recommended `sampling` settings."""
     from transformers import GenerationConfig
 
     os.makedirs(folder, exist_ok=True)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     eos = [tokenizer.convert_tokens_to_ids(t) for t in (IM_END, END_OF_TEXT)]
-    GenerationConfig(eos_token_id=eos, bos_token_id=eos[1]).save_pretrained(folder)
+    extra = {"do_sample": True, **sampling} if sampling else {}
+    GenerationConfig(eos_token_id=eos, bos_token_id=eos[1], **extra).save_pretrained(folder)
