@@ -71,14 +71,25 @@ def build_parser() -> argparse.ArgumentParser:
     chat = sub.add_parser("chat", help="interactive multi-turn chat with the model's chat template")
     chat.add_argument("--system", default=None, help="system message")
     chat.set_defaults(func=cmd_chat)
+    from lanner.bench.runs import add_parser as add_bench_parser
+
+    add_bench_parser(sub)
     for p in (gen, chat):
         add_cli_args(p)
         add_dataclass_args(p, SamplingParams, "sampling options", skip=("seed", "n", "prompt_logprobs", "logprobs"))
     return parser
 
 
+def cmd_bench(args: argparse.Namespace) -> None:
+    from lanner.bench.runs import main as bench_main
+
+    bench_main(args, kwargs_from_args(args, EngineConfig))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "bench":
+        args.func = cmd_bench
     try:
         args.func(args)
     except LannerError as e:

@@ -1,0 +1,147 @@
+"""`lanner bench latency` and `lanner bench throughput`: run a fixed workload through
+the offline engine, optionally with transformers on the same workload first."""
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+
+from lanner.bench import common, hf_baseline
+from lanner.bench.common import Workload, timed
+from lanner.engine.request import SamplingParams
+
+
+def _greedy(n: int) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
+
+
+def _engine_facts(llm) -> dict:
+    runner = llm.engine.runner
+    facts = {"kv_blocks": runner.num_blocks, "kv_tokens": runner.num_blocks * runner.block_size,
+             "dtype": str(runner.dtype), "device": str(runner.device),
+             "attention_backend": type(runner.backend).__name__}
+    if runner.graphs is not None and runner.graphs.report is not None:
+        rep = runner.graphs.report
+        facts.update(graph_capture_s=round(rep.seconds, 2), graph_pool_mib=round(rep.pool_bytes / 2**20, 1),
+                     graph_sizes=rep.sizes)
+    if torch.cuda.is_available():
+        facts["gpu_memory_allocated_gib"] = round(torch.cuda.memory_allocated() / 2**30, 2)
+    return facts
+
+
+def latency(llm, input_len: int, output_len: int, batch_sizes: list[int]) -> list[dict]:
+    vocab = llm.engine.vocab_size
+    llm.generate([[1] * 16], _greedy(4), use_tqdm=False)  # warm-up
+    rows = []
+    for bs in batch_sizes:
+        prompts = [p for p, _ in Workload(bs, (input_len, input_len), (output_len, output_len), seed=bs)
+                   .requests(vocab)]
+        outs, secs = timed(lambda: llm.generate(prompts, _greedy(output_len), use_tqdm=False))
+        ttft = statistics.mean(o.metrics.first_token_time - o.metrics.arrival_time for o in outs)
+        decode = statistics.mean((o.metrics.finished_time - o.metrics.first_token_time) / (output_len - 1)
+                                 for o in outs)
+        rows.append({"batch_size": bs, "wall_s": round(secs, 3), "ttft_ms": round(ttft * 1e3, 2),
+                     "ms_per_token": round(decode * 1e3, 3), "tok_per_s_per_seq": round(1 / decode, 1),
+                     "output_tok_per_s": round(bs * output_len / secs, 1)})
+        print(rows[-1], flush=True)
+    return rows
+
+
+def throughput(llm, workload: Workload) -> dict:
+    reqs = workload.requests(llm.engine.vocab_size)
+    llm.generate([[1] * 16], _greedy(4), use_tqdm=False)  # warm-up
+    outs, secs = timed(lambda: llm.generate([p for p, _ in reqs], [_greedy(m) for _, m in reqs], use_tqdm=False))
+    out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    in_tokens = sum(len(p) for p, _ in reqs)
+    return {"wall_s": round(secs, 2), "output_tokens": out_tokens, "input_tokens": in_tokens,
+            "output_tok_per_s": round(out_tokens / secs, 1), "total_tok_per_s": round((out_tokens + in_tokens) / secs, 1),
+            "requests_per_s": round(len(reqs) / secs, 2), "preemptions": llm.engine.scheduler.num_preemptions}
+
+
+def plot_sweep(rows: list[dict], baseline: dict | None, path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+    bs = [r["batch_size"] for r in rows]
+    ax[0].plot(bs, [r["output_tok_per_s"] for r in rows], "o-", label="lanner")
+    ax[0].set(xscale="log", xlabel="batch size", ylabel="output tokens/s", title="throughput")
+    ax[1].plot(bs, [r["ms_per_token"] for r in rows], "o-", label="lanner")
+    ax[1].set(xscale="log", xlabel="batch size", ylabel="ms per decode step", title="decode step time")
+    if baseline:
+        ax[0].axhline(baseline["tok_per_s"], color="gray", ls="--", label="transformers, batch 1")
+    for a in ax:
+        a.grid(alpha=0.3)
+        a.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(args: argparse.Namespace, engine_kwargs: dict) -> None:
+    from lanner.engine.llm import LLM
+
+    if args.config:
+        engine_kwargs = {"model": args.config, "load_format": "dummy", **engine_kwargs}
+    path = engine_kwargs.get("model")
+    baseline = None
+    if args.compare_hf:  # first, so lanner can take the GPU memory afterwards
+        dtype = getattr(torch, engine_kwargs.get("dtype", "bfloat16").replace("auto", "bfloat16"))
+        hf = hf_baseline.load_hf(path, dtype, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        if args.kind == "latency":
+            prompt = Workload(1, (args.input_len, args.input_len), (1, 1)).requests(hf.config.vocab_size)[0][0]
+            baseline = hf_baseline.hf_latency(hf, prompt, args.output_len)
+        else:
+            baseline = hf_baseline.hf_throughput(hf, _workload(args).requests(hf.config.vocab_size))
+        print("transformers:", baseline, flush=True)
+        hf_baseline.release(hf)
+    llm = LLM(**engine_kwargs)
+    model = common.model_summary(llm.engine.hf_config)
+    if args.kind == "latency":
+        rows = latency(llm, args.input_len, args.output_len, args.batch_sizes)
+        results = {"sweep": rows, **_engine_facts(llm)}
+        workload = {"input_len": args.input_len, "output_len": args.output_len, "greedy": True, "ignore_eos": True}
+        if args.plot:
+            plot_sweep(rows, baseline, args.plot, f"lanner bench latency: {path}")
+    else:
+        w = _workload(args)
+        results = {**throughput(llm, w), **_engine_facts(llm)}
+        workload = {**common.workload_dict(w), "greedy": True, "ignore_eos": True}
+    engine_config = llm.engine.config.to_dict()
+    if baseline:
+        key = "tok_per_s" if args.kind == "latency" else "output_tok_per_s"
+        ours = rows[0]["tok_per_s_per_seq"] if args.kind == "latency" else results["output_tok_per_s"]
+        baseline["lanner_speedup"] = round(ours / baseline[key], 2)
+    common.emit(common.record(args.kind, model, workload, results, engine_config, baseline), args.output_json)
+
+
+def _workload(args: argparse.Namespace) -> Workload:
+    base = common.WORKLOADS[args.workload]
+    return Workload(args.num_prompts or base.num_prompts, tuple(args.input_range or base.input_len),
+                    tuple(args.output_range or base.output_len), base.seed)
+
+
+def add_parser(sub) -> None:
+    from lanner.config import add_cli_args
+
+    bench = sub.add_parser("bench", help="benchmarks that print JSON")
+    kinds = bench.add_subparsers(dest="kind", required=True)
+    lat = kinds.add_parser("latency", help="decode speed at batch 1 and a batch sweep")
+    lat.add_argument("--input-len", type=int, default=128)
+    lat.add_argument("--output-len", type=int, default=256)
+    lat.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 128])
+    lat.add_argument("--plot", default=None, help="write a PNG of the batch sweep here")
+    thr = kinds.add_parser("throughput", help="offline throughput of a fixed workload")
+    thr.add_argument("--workload", choices=sorted(common.WORKLOADS), default="W-8B")
+    thr.add_argument("--num-prompts", type=int, default=None)
+    thr.add_argument("--input-range", type=int, nargs=2, default=None, metavar=("LO", "HI"))
+    thr.add_argument("--output-range", type=int, nargs=2, default=None, metavar=("LO", "HI"))
+    for p in (lat, thr):
+        p.add_argument("--config", default=None, help="a config.json: random weights of that shape (dummy load)")
+        p.add_argument("--compare-hf", action="store_true", help="run transformers on the same workload first")
+        p.add_argument("--output-json", default=None)
+        p.set_defaults(func=lambda a: None)
+        add_cli_args(p)

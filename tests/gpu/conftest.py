@@ -1,0 +1,9 @@
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, __file__.rsplit("/gpu/", 1)[0])  # the CPU tests' helpers (kernel_cases, conftest)
+
+if not torch.cuda.is_available():
+    raise pytest.UsageError("tests/gpu needs a CUDA GPU; run it on the GPU machine")
