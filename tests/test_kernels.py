@@ -47,3 +47,36 @@ def test_prefill_matches_reference(heads, kv_heads, dim, page, seq_lens, q_lens)
     out = prefill_attention(q, kc, vc, bt, sl, qs, max(q_lens), 0.25)
     ref = prefill_attention_ref(q, kc, vc, bt, sl, qs, 0.25)
     torch.testing.assert_close(out, ref, atol=2e-3, rtol=2e-3)
+
+
+def test_fused_rms_norm_matches_reference():
+    from lanner.kernels.fused import rms_norm, rms_norm_ref
+
+    g = torch.Generator().manual_seed(1)
+    x, r, w = torch.randn(5, 48, generator=g), torch.randn(5, 48, generator=g), torch.randn(48, generator=g)
+    torch.testing.assert_close(rms_norm(x, w, 1e-6), rms_norm_ref(x, w, 1e-6))
+    r1 = r.clone()
+    out, new_res = rms_norm(x, w, 1e-6, r1)
+    want, want_res = rms_norm_ref(x, w, 1e-6, r.clone())
+    torch.testing.assert_close(out, want)
+    torch.testing.assert_close(r1, want_res)  # the residual is updated in place
+
+
+@pytest.mark.parametrize("with_norm", [True, False])
+def test_fused_norm_rope_matches_reference(with_norm):
+    from lanner.kernels.fused import norm_rope, norm_rope_ref
+    from lanner.layers.rotary import RotaryEmbedding
+
+    g = torch.Generator().manual_seed(2)
+    qkv = torch.randn(6, 3 * 4 * 16, generator=g)
+    q = qkv[:, :64].view(6, 4, 16)  # a strided view, as the fused projection gives
+    cos, sin = RotaryEmbedding(16, 10000.0, None).cos_sin(torch.arange(3, 9), torch.float32)
+    w = torch.randn(16, generator=g) if with_norm else None
+    torch.testing.assert_close(norm_rope(q, cos, sin, w, 1e-6), norm_rope_ref(q, cos, sin, w, 1e-6))
+
+
+def test_fused_silu_and_mul_matches_reference():
+    from lanner.kernels.fused import silu_and_mul, silu_and_mul_ref
+
+    x = torch.randn(4, 2 * 40, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(silu_and_mul(x), silu_and_mul_ref(x))

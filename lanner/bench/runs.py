@@ -59,6 +59,22 @@ def throughput(llm, workload: Workload) -> dict:
             "requests_per_s": round(len(reqs) / secs, 2), "preemptions": llm.engine.scheduler.num_preemptions}
 
 
+def profile_decode(llm, input_len: int, path: str, steps: int = 32) -> None:
+    """torch.profiler over a batch-1 generation: where each decode step's time goes (host and GPU)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    prompt = Workload(1, (input_len, input_len), (1, 1), seed=99).requests(llm.engine.vocab_size)[0][0]
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        llm.generate([prompt], _greedy(steps), use_tqdm=False)
+    with open(path, "w") as f:
+        f.write(f"torch.profiler, batch 1, {input_len} prompt tokens, {steps} greedy output tokens\n\n")
+        f.write(prof.key_averages().table(sort_by="cpu_time_total", row_limit=45))
+        if torch.cuda.is_available():
+            f.write("\n\n")
+            f.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30))
+
+
 def plot_sweep(rows: list[dict], baseline: dict | None, path: str, title: str) -> None:
     import matplotlib
 
@@ -106,6 +122,8 @@ def main(args: argparse.Namespace, engine_kwargs: dict) -> None:
         workload = {"input_len": args.input_len, "output_len": args.output_len, "greedy": True, "ignore_eos": True}
         if args.plot:
             plot_sweep(rows, baseline, args.plot, f"lanner bench latency: {path}")
+        if args.profile:
+            profile_decode(llm, args.input_len, args.profile)
     else:
         w = _workload(args)
         results = {**throughput(llm, w), **_engine_facts(llm)}
@@ -134,6 +152,7 @@ def add_parser(sub) -> None:
     lat.add_argument("--output-len", type=int, default=256)
     lat.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 128])
     lat.add_argument("--plot", default=None, help="write a PNG of the batch sweep here")
+    lat.add_argument("--profile", default=None, help="write a torch.profiler table of batch-1 decode here")
     thr = kinds.add_parser("throughput", help="offline throughput of a fixed workload")
     thr.add_argument("--workload", choices=sorted(common.WORKLOADS), default="W-8B")
     thr.add_argument("--num-prompts", type=int, default=None)

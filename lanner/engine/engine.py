@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 import torch
+from torch.profiler import record_function
 
 from lanner.config import EngineConfig
 from lanner.engine.detokenizer import Detokenizer, find_stop_string, visible_text
@@ -115,11 +116,16 @@ class LLMEngine:
     # ---- the step ------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        sched = self.scheduler.schedule()
+        with record_function("schedule"):
+            sched = self.scheduler.schedule()
         if sched.is_empty:
             return []
         result = self.runner.execute(sched)
         self.num_steps += 1
+        with record_function("postprocess"):
+            return self._postprocess(sched, result)
+
+    def _postprocess(self, sched, result) -> list[RequestOutput]:
         touched: set[str] = set()
         for req, num_new in sched.scheduled:
             req.num_computed_tokens += num_new

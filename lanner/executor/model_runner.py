@@ -8,6 +8,7 @@ import logging
 from dataclasses import dataclass, field
 
 import torch
+from torch.profiler import record_function
 
 from lanner.config import EngineConfig
 from lanner.engine.request import Logprob, Request
@@ -134,12 +135,15 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
-        batch, samplers, prompt_rows = self.prepare(sched)
-        hidden = self.run_model(batch)
-        logits = self.model.compute_logits(hidden[batch.logits_indices])
+        with record_function("prepare"):
+            batch, samplers, prompt_rows = self.prepare(sched)
+        with record_function("model"):
+            hidden = self.run_model(batch)
+            logits = self.model.compute_logits(hidden[batch.logits_indices])
         out = RunnerOutput()
         if samplers:  # their rows come first
-            tokens, logprobs = self.sampler(logits[:len(samplers)], samplers)
+            with record_function("sample"):
+                tokens, logprobs = self.sampler(logits[:len(samplers)], samplers)
             out.sampled = list(zip(samplers, tokens, logprobs))
         for req, first_row, targets in prompt_rows:
             lp = torch.log_softmax(logits[first_row:first_row + len(targets)].float(), dim=-1)

@@ -10,7 +10,11 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """With `residual`, adds it first and returns (normed, new residual), as
-        decoder layers chain them."""
+        decoder layers chain them (on CUDA the sum is written into `residual`)."""
+        if x.is_cuda and x.dim() == 2:
+            from lanner.kernels.fused import rms_norm
+
+            return rms_norm(x, self.weight, self.eps, residual)
         if residual is not None:
             x = x + residual
             residual = x

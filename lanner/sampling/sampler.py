@@ -17,6 +17,8 @@ from lanner.engine.request import Logprob, Request
 class Sampler:
     def __call__(self, logits: torch.Tensor, reqs: list[Request]) -> tuple[list[int], list[dict | None]]:
         """logits: [B, V] (one row per request, in order) -> sampled ids and per-row logprobs."""
+        if all(_plain_greedy(r) for r in reqs):  # the common fast path: one kernel, one copy
+            return logits.argmax(dim=-1).tolist(), [None] * len(reqs)
         logits = logits.float()
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(r.params.logprobs is not None for r in reqs) else None
         logits = apply_min_tokens(logits, reqs)
@@ -35,6 +37,12 @@ class Sampler:
                 if r.params.logprobs is not None:
                     logprobs[i] = top_logprobs(raw_logprobs[i], token_list[i], r.params.logprobs)
         return token_list, logprobs
+
+
+def _plain_greedy(r: Request) -> bool:
+    p = r.params
+    return (p.greedy and p.logprobs is None and p.repetition_penalty == 1.0 and not p.presence_penalty
+            and not p.frequency_penalty and len(r.output_token_ids) >= p.min_tokens)
 
 
 def apply_min_tokens(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:

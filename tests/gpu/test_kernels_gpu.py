@@ -61,3 +61,42 @@ def test_store_kv(dtype):
     store_kv(k, v, a[0], a[1], slots)
     store_kv_ref(k, v, a[2], a[3], slots)
     assert torch.equal(a[0], a[2]) and torch.equal(a[1], a[3])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("T,hidden", [(1, 1024), (257, 4096), (8192, 1024), (3, 7168)])
+def test_fused_rms_norm(T, hidden, dtype):
+    from lanner.kernels.fused import rms_norm, rms_norm_ref
+
+    x, r = torch.randn(T, hidden, dtype=dtype, device="cuda"), torch.randn(T, hidden, dtype=dtype, device="cuda")
+    w = torch.randn(hidden, dtype=dtype, device="cuda")
+    torch.testing.assert_close(rms_norm(x, w, 1e-6), rms_norm_ref(x, w, 1e-6), atol=2e-2, rtol=2e-2)
+    r1 = r.clone()
+    out, _ = rms_norm(x, w, 1e-6, r1)
+    want, want_res = rms_norm_ref(x, w, 1e-6, r.clone())
+    torch.testing.assert_close(out, want, atol=2e-2, rtol=2e-2)
+    assert torch.equal(r1, want_res)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("T,heads,dim,norm", [(1, 32, 128, True), (300, 8, 128, False), (64, 4, 64, True),
+                                              (5, 2, 256, True)])
+def test_fused_norm_rope(T, heads, dim, norm, dtype):
+    from lanner.kernels.fused import norm_rope, norm_rope_ref
+    from lanner.layers.rotary import RotaryEmbedding
+
+    qkv = torch.randn(T, 3 * heads * dim, dtype=dtype, device="cuda")
+    q = qkv[:, :heads * dim].view(T, heads, dim)
+    rope = RotaryEmbedding(dim, 1e6, None).cuda()
+    cos, sin = rope.cos_sin(torch.randint(0, 30000, (T,), device="cuda"), dtype)
+    w = torch.randn(dim, dtype=dtype, device="cuda") if norm else None
+    torch.testing.assert_close(norm_rope(q, cos, sin, w), norm_rope_ref(q, cos, sin, w), atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("T,inter", [(1, 3072), (513, 12288), (7, 100)])
+def test_fused_silu_and_mul(T, inter, dtype):
+    from lanner.kernels.fused import silu_and_mul, silu_and_mul_ref
+
+    x = torch.randn(T, 2 * inter, dtype=dtype, device="cuda")
+    torch.testing.assert_close(silu_and_mul(x), silu_and_mul_ref(x), atol=1e-2, rtol=1e-2)
