@@ -57,6 +57,8 @@ class CacheConfig:
 class SchedulerConfig:
     max_num_seqs: int = _opt(256, "most requests in one step")
     max_num_batched_tokens: int = _opt(8192, "token budget of one step; longer prompts are prefilled in chunks")
+    overlap_scheduling: bool = _opt(True, "prepare and launch the next step while the device runs this one "
+                                          "(results arrive one step later)")
 
     def __post_init__(self) -> None:
         _check(self.max_num_seqs > 0, "max_num_seqs must be positive")

@@ -42,7 +42,7 @@ def test_request_that_can_never_fit_is_rejected(qwen3_path):
     small = make_llm(qwen3_path, max_model_len=256, num_kv_blocks=4, block_size=16)
     with pytest.raises(CapacityExceeded):
         small.generate([[1] * 40], SamplingParams(max_tokens=100))
-    assert small.generate([[1] * 40], SamplingParams(max_tokens=10))[0].outputs[0].finish_reason == "length"
+    assert small.generate([[1] * 40], SamplingParams(max_tokens=10, ignore_eos=True))[0].outputs[0].finish_reason == "length"
 
 
 def test_bad_request_does_not_disturb_running_ones(llm):

@@ -13,7 +13,7 @@ from lanner.engine.scheduler import Scheduler
 
 
 def make_request(i: int, tokens: list[int], max_tokens: int = 8) -> Request:
-    return Request(f"r{i}", None, tokens, SamplingParams(max_tokens=max_tokens), set(), torch.Generator())
+    return Request(f"r{i}", None, tokens, SamplingParams(max_tokens=max_tokens), set())
 
 
 def test_allocate_free_and_prefix_hit():

@@ -31,7 +31,7 @@ def expected_probs(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0) -> torch.Tens
 
 
 def requests(n: int, params: SamplingParams, seed0: int = 0) -> list[Request]:
-    return [Request(f"r{i}", None, [1], params, {0}, torch.Generator().manual_seed(seed0 + i)) for i in range(n)]
+    return [Request(f"r{i}", None, [1], params, {0}, seed0 + i) for i in range(n)]
 
 
 @pytest.mark.parametrize("kw", [
@@ -40,7 +40,7 @@ def requests(n: int, params: SamplingParams, seed0: int = 0) -> list[Request]:
 def test_sampling_distribution(kw):
     n = 20000
     params = SamplingParams(**kw)
-    tokens, _ = Sampler()(LOGITS.repeat(n, 1), requests(n, params))
+    tokens = Sampler()(LOGITS.repeat(n, 1), requests(n, params)).tokens.tolist()
     freq = torch.bincount(torch.tensor(tokens), minlength=len(LOGITS)).float() / n
     want = expected_probs(**kw)
     assert torch.all(freq[want == 0] == 0), (freq, want)
@@ -48,21 +48,21 @@ def test_sampling_distribution(kw):
 
 
 def test_greedy_is_argmax_and_ignores_generator():
-    tokens, _ = Sampler()(torch.stack([LOGITS, LOGITS.flip(0)]), requests(2, SamplingParams(temperature=0)))
+    tokens = Sampler()(torch.stack([LOGITS, LOGITS.flip(0)]), requests(2, SamplingParams(temperature=0))).tokens.tolist()
     assert tokens == [0, len(LOGITS) - 1]
 
 
 def test_seeded_rows_do_not_depend_on_the_batch():
     params = SamplingParams(temperature=1.0)
-    alone = [Sampler()(LOGITS[None], [r])[0][0] for r in requests(1, params, seed0=42) * 1]
+    alone = [Sampler()(LOGITS[None], [r]).tokens.tolist()[0] for r in requests(1, params, seed0=42) * 1]
     batch = requests(5, params, seed0=40)  # row 2 has seed 42
-    together = Sampler()(LOGITS.repeat(5, 1), batch)[0][2]
+    together = Sampler()(LOGITS.repeat(5, 1), batch).tokens.tolist()[2]
     assert alone[0] == together
 
 
 def test_penalties_follow_their_definitions():
     params = SamplingParams(repetition_penalty=2.0, presence_penalty=0.5, frequency_penalty=0.25)
-    req = Request("r", None, [0, 4], params, set(), torch.Generator())
+    req = Request("r", None, [0, 4], params, set())
     for t in (1, 1, 6):
         req.append_token(t)
     out = apply_penalties(LOGITS[None].clone(), [req])[0]
@@ -76,11 +76,11 @@ def test_penalties_follow_their_definitions():
 
 def test_min_tokens_masks_stop_tokens():
     params = SamplingParams(temperature=0, min_tokens=2)
-    req = Request("r", None, [1], params, {0}, torch.Generator())  # token 0 (the argmax) is EOS
-    assert Sampler()(LOGITS[None].clone(), [req])[0] == [1]
+    req = Request("r", None, [1], params, {0})  # token 0 (the argmax) is EOS
+    assert Sampler()(LOGITS[None].clone(), [req]).tokens.tolist() == [1]
     req.append_token(1)
     req.append_token(1)
-    assert Sampler()(LOGITS[None].clone(), [req])[0] == [0]
+    assert Sampler()(LOGITS[None].clone(), [req]).tokens.tolist() == [0]
 
 
 def test_seed_reproducible_across_batch_compositions(qwen3_path):
@@ -128,3 +128,34 @@ def test_stop_token_ids_and_eos(qwen3_path):
     got = out.outputs[0]
     assert got.token_ids == base.outputs[0].token_ids[:base.outputs[0].token_ids.index(target) + 1]
     assert got.finish_reason == "stop" and got.stop_reason == target
+
+
+@pytest.mark.parametrize("kind", ["greedy", "seeded", "stops", "penalties"])
+def test_overlap_scheduling_changes_no_output(qwen3_path, kind):
+    """Overlap scheduling launches step N before reading back N-1; outputs, finish
+    reasons and freed blocks are the same as running steps in turn, with chunked
+    prefill, prefix hits, n > 1, stops at every step, and preemption (few blocks)."""
+    prompts = [[5, 6, 7, 8] * 5, [5, 6, 7, 8] * 5 + [9], [3] * 37, [11, 12]]
+    base = dict(max_tokens=12, ignore_eos=True)
+    params = {
+        "greedy": [SamplingParams(temperature=0, **base)] * 4,
+        "seeded": [SamplingParams(temperature=1.0, seed=i, n=1 + i % 2, **base) for i in range(4)],
+        "stops": [SamplingParams(temperature=0, max_tokens=12, min_tokens=i) for i in range(4)],
+        "penalties": [SamplingParams(temperature=0.8, seed=3, **base),
+                      SamplingParams(temperature=0, repetition_penalty=1.3, **base),
+                      SamplingParams(temperature=0, presence_penalty=0.5, frequency_penalty=0.5, **base),
+                      SamplingParams(temperature=0, **base)],
+    }[kind]
+    results = []
+    for overlap in (False, True):
+        llm = make_llm(qwen3_path, num_kv_blocks=16, block_size=4, max_num_batched_tokens=16,
+                       overlap_scheduling=overlap)
+        outs = llm.generate(prompts, params)
+        results.append([[(o.token_ids, o.finish_reason, o.text) for o in r.outputs] for r in outs])
+        assert llm.engine.kv_cache.stats().used_blocks == 0 and llm.engine.in_flight is None
+        overlapped = llm.engine.num_overlapped_steps
+        assert overlapped == 0 if not overlap else overlapped > 0 or kind == "penalties"
+        llm.engine.kv_cache.check_invariants([])
+        if kind == "greedy":
+            assert llm.engine.scheduler.num_preemptions > 0  # the case is meant to preempt
+    assert results[0] == results[1]

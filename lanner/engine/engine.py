@@ -1,7 +1,15 @@
 """LLMEngine: the step loop. One step reads top to bottom:
 
-    schedule -> run the model and sample -> append tokens, check stops,
-    free finished requests -> return outputs
+    schedule -> launch the model and sampling on the device -> read back the
+    previous step's tokens -> append them, check stops, free finished
+    requests -> return outputs
+
+With overlap scheduling (the default) the host prepares and launches step N
+while the device still runs step N-1, and handles N-1's tokens while the device
+runs N: step N reads N-1's tokens on the device. The price is one step of lag:
+a request that stopped at N-1 computes one more token at N, which is dropped.
+Requests whose sampling reads their token history (penalties) need N-1's token
+on the host before N is prepared, so while any is unfinished, steps run in turn.
 """
 from __future__ import annotations
 
@@ -17,9 +25,9 @@ from lanner.config import EngineConfig
 from lanner.engine.detokenizer import Detokenizer, find_stop_string, visible_text
 from lanner.engine.kv_cache import KVCacheManager
 from lanner.engine.request import CompletionOutput, Request, RequestOutput, SamplingParams
-from lanner.engine.scheduler import Scheduler
+from lanner.engine.scheduler import Scheduler, SchedulerOutput
 from lanner.errors import CapacityExceeded, InvalidRequest
-from lanner.executor.model_runner import ModelRunner
+from lanner.executor.model_runner import ModelRunner, StepHandle
 from lanner.models.loader import load_model
 
 logger = logging.getLogger(__name__)
@@ -71,6 +79,8 @@ class LLMEngine:
         self.detokenizers: dict[Request, Detokenizer] = {}
         self._seeds = random.Random(config.seed)
         self.num_steps = 0
+        self.num_overlapped_steps = 0  # launched before the previous step was read back
+        self.in_flight: tuple[SchedulerOutput, StepHandle] | None = None  # launched, not yet read back
 
     # ---- requests in and out -------------------------------------------------------
 
@@ -84,10 +94,10 @@ class LLMEngine:
         seed = params.seed if params.seed is not None else self._seeds.getrandbits(63)
         children = []
         for i in range(params.n):
-            gen = torch.Generator(device=self.device).manual_seed((seed + i * 0x9E3779B97F4A7C15) % (1 << 63))
             child_id = request_id if params.n == 1 else f"{request_id}-{i}"
-            children.append(Request(child_id, text, token_ids, params, self.eos_token_ids, gen,
-                                    index=i, parent_id=request_id))
+            children.append(Request(child_id, text, token_ids, params, self.eos_token_ids,
+                                    (seed + i * 0x9E3779B97F4A7C15) % (1 << 64), index=i, parent_id=request_id,
+                                    max_num_tokens=self.max_model_len))
         self.groups[request_id] = children
         for req in children:
             if self.tokenizer is not None:
@@ -111,34 +121,60 @@ class LLMEngine:
         return self._finalize(request_id)
 
     def has_unfinished_requests(self) -> bool:
+        # requests of an in-flight step stay in the scheduler until finished
         return self.scheduler.has_unfinished()
 
     # ---- the step ------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        outputs = []
+        if self.in_flight is not None and not self._can_overlap():
+            outputs += self._read_back()
         with record_function("schedule"):
             sched = self.scheduler.schedule()
         if sched.is_empty:
-            return []
-        result = self.runner.execute(sched)
+            return outputs + self._read_back()
+        handle = self.runner.launch(sched)
         self.num_steps += 1
-        with record_function("postprocess"):
-            return self._postprocess(sched, result)
-
-    def _postprocess(self, sched, result) -> list[RequestOutput]:
-        touched: set[str] = set()
         for req, num_new in sched.scheduled:
             req.num_computed_tokens += num_new
-            if req.request_id in result.prompt_logprobs:
-                req.prompt_logprobs.extend(self._decode_logprobs(result.prompt_logprobs[req.request_id]))
+        for req in handle.samplers:
+            req.num_pending += 1
+        previous, self.in_flight = self.in_flight, (sched, handle)
+        if previous is not None:
+            self.num_overlapped_steps += 1
+            outputs += self._postprocess(*previous)
+        if not self._can_overlap():
+            outputs += self._read_back()
+        return outputs
+
+    def _can_overlap(self) -> bool:
+        return self.config.scheduler.overlap_scheduling and not self.scheduler.num_needing_history
+
+    def _read_back(self) -> list[RequestOutput]:
+        if self.in_flight is None:
+            return []
+        previous, self.in_flight = self.in_flight, None
+        return self._postprocess(*previous)
+
+    def _postprocess(self, sched: SchedulerOutput, handle: StepHandle) -> list[RequestOutput]:
+        with record_function("read back"):
+            result = handle.result()
+        with record_function("postprocess"):
+            touched: set[str] = set()
+            for req, _ in sched.scheduled:
+                if req.request_id in result.prompt_logprobs and not req.finished:
+                    req.prompt_logprobs.extend(self._decode_logprobs(result.prompt_logprobs[req.request_id]))
+                    touched.add(req.parent_id)
+            for req, token, logprobs in result.sampled:
+                if req.finished:  # stopped (or aborted) after this step was launched: drop its extra token
+                    continue
+                self._append(req, token, logprobs)
                 touched.add(req.parent_id)
-        for req, token, logprobs in result.sampled:
-            self._append(req, token, logprobs)
-            touched.add(req.parent_id)
-            if req.finished:
-                self.scheduler.finish(req)
-        return [self._finalize(pid) if all(r.finished for r in self.groups[pid]) else self._output(pid)
-                for pid in touched]
+                if req.finished:
+                    self.scheduler.finish(req)
+            return [self._finalize(pid) if all(r.finished for r in self.groups[pid]) else self._output(pid)
+                    for pid in touched]
 
     def _append(self, req: Request, token: int, logprobs: dict | None) -> None:
         now = time.monotonic()

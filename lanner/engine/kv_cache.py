@@ -149,6 +149,7 @@ class KVCacheManager:
         Their KV is written in this step's forward, before any later step reads it."""
         if not self.enable_prefix_caching:
             return
+        num_full = min(num_full, len(req.all_token_ids) // self.block_size)  # a pending token's id is unknown
         self._hash_full_blocks(req, num_full)
         for i in range(req.num_registered_blocks, num_full):
             block_id = req.block_ids[i]

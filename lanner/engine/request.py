@@ -10,8 +10,6 @@ import time
 import typing
 from dataclasses import dataclass, field
 
-import torch
-
 from lanner.errors import InvalidRequest
 
 
@@ -124,8 +122,8 @@ class Request:
     forward pass (prompt chunks, or the last sampled token)."""
 
     def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
-                 params: SamplingParams, eos_token_ids: set[int], generator: torch.Generator,
-                 index: int = 0, parent_id: str | None = None):
+                 params: SamplingParams, eos_token_ids: set[int], seed: int = 0,
+                 index: int = 0, parent_id: str | None = None, max_num_tokens: int | None = None):
         self.request_id = request_id
         self.parent_id = parent_id or request_id
         self.index = index  # position among the parent's n samples
@@ -133,9 +131,18 @@ class Request:
         self.prompt_token_ids = prompt_token_ids
         self.params = params
         self.stop_token_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else eos_token_ids)
-        self.generator = generator
+        self.seed = seed  # with the output index, keys the sampler's random numbers
         self.output_token_ids: list[int] = []
-        self.all_token_ids: list[int] = list(prompt_token_ids)
+        self.all_token_ids: list[int] = list(prompt_token_ids)  # known on the host
+        # Sampled on the device, not yet read back (overlap scheduling): they count in
+        # num_tokens, and the next step reads the newest one from the device.
+        self.num_pending = 0
+        self.sample_row = 0  # this request's row in the sampler output of the last step it sampled in
+        limit = len(prompt_token_ids) + params.max_tokens if params.max_tokens is not None else None
+        self.max_num_tokens = min(x for x in (limit, max_num_tokens, 1 << 62) if x is not None)
+        # penalties read the token history, so the previous token must be on the host
+        self.needs_history = (params.repetition_penalty != 1.0 or bool(params.presence_penalty)
+                              or bool(params.frequency_penalty))
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0  # prompt tokens served from the prefix cache on first admission
         self.block_ids: list[int] = []
@@ -154,7 +161,16 @@ class Request:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.all_token_ids)
+        return len(self.all_token_ids) + self.num_pending
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids) + self.num_pending
+
+    @property
+    def awaiting_last_token(self) -> bool:
+        """Its final token is sampled but not read back yet: nothing more to compute."""
+        return self.num_pending > 0 and self.num_tokens >= self.max_num_tokens
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -165,6 +181,8 @@ class Request:
         return self.status == RequestStatus.FINISHED
 
     def append_token(self, token_id: int) -> None:
+        """A sampled token read back to the host (it was pending, if num_pending > 0)."""
+        self.num_pending = max(self.num_pending - 1, 0)
         self.output_token_ids.append(token_id)
         self.all_token_ids.append(token_id)
 

@@ -41,9 +41,11 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        self.num_needing_history = 0  # unfinished requests whose sampling reads their token history
 
     def add(self, req: Request) -> None:
         self.waiting.append(req)
+        self.num_needing_history += req.needs_history
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -54,6 +56,9 @@ class Scheduler:
         idx = 0
         while idx < len(self.running) and budget > 0:
             req = self.running[idx]
+            if req.awaiting_last_token:  # nothing to compute; the engine finishes it on read-back
+                idx += 1
+                continue
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
             if not self._allocate_or_preempt(req, num_new, out.preempted):
                 break  # it preempted itself: it was the last running request
@@ -80,6 +85,9 @@ class Scheduler:
             self.running.remove(req)
         elif req in self.waiting:
             self.waiting.remove(req)
+        else:
+            return
+        self.num_needing_history -= req.needs_history
         self.kv_cache.free_request(req)
 
     def _start(self, req: Request) -> None:

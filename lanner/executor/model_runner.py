@@ -17,9 +17,37 @@ from lanner.executor.batch import ForwardBatch
 from lanner.executor.graphs import DecodeGraphs, decode_graph_sizes
 from lanner.layers.attention import forward_context
 from lanner.models.loader import LoadedModel
-from lanner.sampling.sampler import Sampler, top_logprobs
+from lanner.sampling.sampler import Sampled, Sampler, sampled_logprobs, to_device, top_logprobs
 
 logger = logging.getLogger(__name__)
+
+
+class StepHandle:
+    """A launched step. `result()` waits for it and reads the tokens back."""
+
+    def __init__(self, samplers: list[Request], sampled: Sampled | None, prompt_rows: list, logits: torch.Tensor):
+        self.samplers = samplers
+        self.sampled = sampled
+        self.prompt_rows = prompt_rows
+        self.logits = logits if prompt_rows else None
+        self.tokens = sampled.tokens.to("cpu", non_blocking=True) if sampled is not None else None
+        self.done = torch.cuda.Event() if logits.is_cuda else None
+        if self.done is not None:
+            self.done.record()
+
+    @torch.inference_mode()
+    def result(self) -> RunnerOutput:
+        if self.done is not None:
+            self.done.synchronize()
+        out = RunnerOutput()
+        if self.sampled is not None:
+            tokens = self.tokens.tolist()
+            out.sampled = list(zip(self.samplers, tokens, sampled_logprobs(self.sampled, self.samplers, tokens)))
+        for req, first_row, targets in self.prompt_rows:
+            lp = torch.log_softmax(self.logits[first_row:first_row + len(targets)].float(), dim=-1)
+            out.prompt_logprobs[req.request_id] = [
+                top_logprobs(lp[j], t, req.params.prompt_logprobs) for j, t in enumerate(targets)]
+        return out
 
 
 @dataclass
@@ -45,8 +73,7 @@ class ModelRunner:
         self.positions = torch.zeros(self.max_tokens, dtype=torch.long, device=device)
         self.slot_mapping = torch.full((self.max_tokens,), -1, dtype=torch.long, device=device)
         self.logits_indices = torch.zeros(self.max_tokens, dtype=torch.long, device=device)
-        # host rows: token ids, positions, slots, logits indices; pinned so copies are truly asynchronous
-        self._staging = torch.zeros(4, self.max_tokens, dtype=torch.long, pin_memory=device.type == "cuda")
+        self.last_sampled = torch.zeros(sched.max_num_seqs, dtype=torch.long, device=device)
         self.sampler = Sampler()
         self.num_blocks = self._num_kv_blocks()
         spec = self.model.spec
@@ -134,22 +161,28 @@ class ModelRunner:
     # ---- one step -----------------------------------------------------------------
 
     @torch.inference_mode()
-    def execute(self, sched: SchedulerOutput) -> RunnerOutput:
+    def launch(self, sched: SchedulerOutput) -> StepHandle:
+        """Enqueue one step on the device (inputs, model, logits, sampling) without waiting
+        for it; the handle reads the results back. A request's pending token from the
+        previous launch is read on the device, so this may run before that step's results
+        are back (overlap scheduling)."""
         with record_function("prepare"):
             batch, samplers, prompt_rows = self.prepare(sched)
         with record_function("model"):
             hidden = self.run_model(batch)
             logits = self.model.compute_logits(hidden[batch.logits_indices])
-        out = RunnerOutput()
+        sampled = None
         if samplers:  # their rows come first
             with record_function("sample"):
-                tokens, logprobs = self.sampler(logits[:len(samplers)], samplers)
-            out.sampled = list(zip(samplers, tokens, logprobs))
-        for req, first_row, targets in prompt_rows:
-            lp = torch.log_softmax(logits[first_row:first_row + len(targets)].float(), dim=-1)
-            out.prompt_logprobs[req.request_id] = [
-                top_logprobs(lp[j], t, req.params.prompt_logprobs) for j, t in enumerate(targets)]
-        return out
+                sampled = self.sampler(logits[:len(samplers)], samplers)
+            for row, req in enumerate(samplers):
+                req.sample_row = row
+            self.last_sampled = sampled.tokens
+        return StepHandle(samplers, sampled, prompt_rows, logits)
+
+    def execute(self, sched: SchedulerOutput) -> RunnerOutput:
+        """One step, synchronously."""
+        return self.launch(sched).result()
 
     def run_model(self, batch: ForwardBatch) -> torch.Tensor:
         if self.graphs is not None and batch.is_decode_only:
@@ -166,12 +199,16 @@ class ModelRunner:
         samplers: requests whose last token is computed now; row i is the i-th of them;
         prompt_rows: (request, first row, prompt tokens those rows predict)."""
         input_ids, positions, slots, sample_at, score_at = [], [], [], [], []
-        samplers, prompt_rows = [], []
+        samplers, prompt_rows, pending = [], [], []
         bs = self.block_size
         start = 0
         for req, n in sched.scheduled:
             begin = req.num_computed_tokens
-            input_ids += req.all_token_ids[begin:begin + n]
+            known = req.all_token_ids[begin:begin + n]
+            if len(known) < n:  # the newest token is still on the device (sampled by the last launch)
+                pending.append((start + n - 1, req.sample_row))
+                known.append(0)
+            input_ids += known
             positions += range(begin, begin + n)
             slots += [req.block_ids[p // bs] * bs + p % bs for p in range(begin, begin + n)]
             if req.prompt_logprobs is not None:
@@ -190,24 +227,24 @@ class ModelRunner:
         batch = self._stage(input_ids, positions, slots, [n for _, n in sched.scheduled],
                             [req.num_computed_tokens + n for req, n in sched.scheduled],
                             [req.block_ids for req, _ in sched.scheduled], sample_at + score_at)
+        if pending:
+            dst, src = to_device(pending, torch.long, self.device).unbind(1)
+            self.input_ids[dst] = self.last_sampled[src]
         return batch, samplers, prompt_rows
 
     def _stage(self, input_ids, positions, slots, query_lens, seq_lens, block_tables, logits_indices) -> ForwardBatch:
         T = len(input_ids)
         padded = self.graphs.padded_size(T) if self.graphs is not None and all(n == 1 for n in query_lens) else None
         rows = padded or T
-        host = self._staging
-        host[0, :T] = torch.tensor(input_ids)
-        host[1, :T] = torch.tensor(positions)
-        host[2, :T] = torch.tensor(slots)
-        host[:2, T:rows] = 0
-        host[2, T:rows] = -1  # padding rows write no KV
+        pad = rows - T
         L = len(logits_indices)
-        host[3, :L] = torch.tensor(logits_indices, dtype=torch.long)
-        self.input_ids[:rows].copy_(host[0, :rows], non_blocking=True)
-        self.positions[:rows].copy_(host[1, :rows], non_blocking=True)
-        self.slot_mapping[:rows].copy_(host[2, :rows], non_blocking=True)
-        self.logits_indices[:L].copy_(host[3, :L], non_blocking=True)
+        # a fresh pinned buffer per step: the previous step's copies may still be queued
+        host = to_device(input_ids + [0] * pad + positions + [0] * pad + slots + [-1] * pad + logits_indices,
+                         torch.long, self.device)
+        self.input_ids[:rows].copy_(host[:rows])
+        self.positions[:rows].copy_(host[rows:2 * rows])
+        self.slot_mapping[:rows].copy_(host[2 * rows:3 * rows])  # padding rows write no KV
+        self.logits_indices[:L].copy_(host[3 * rows:])
         return ForwardBatch(self.input_ids[:rows], self.positions[:rows], self.slot_mapping[:rows], query_lens,
                             seq_lens, block_tables, self.logits_indices[:L], T)
 

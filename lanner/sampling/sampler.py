@@ -1,24 +1,46 @@
-"""Turn the logits of one step into tokens.
+"""Turn the logits of one step into tokens, on the device, without waiting for it.
 
 Per row: logprobs of the raw model output (what `logprobs` reports, as vLLM
 does by default), then min_tokens, repetition/presence/frequency penalties,
 then greedy argmax or: temperature, top-k, top-p (over the top-k survivors),
-min-p (relative to the most likely token), and an exponential-race draw from
-the request's own generator, so a seeded request samples the same tokens
-whatever else shares its batch.
+min-p (relative to the most likely token), and an exponential race with
+counter-based noise keyed by (request seed, output index), so a seeded request
+samples the same tokens whatever else shares its batch, however its prompt was
+chunked, and whether or not it was preempted.
+
+Every per-row parameter reaches the device in one pinned, asynchronous copy;
+the tokens stay on the device (the next step may read them there) until the
+caller reads them back.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from lanner.engine.request import Logprob, Request
+from lanner.kernels.sampling import race_sample, race_sample_ref, row_key
+
+
+@dataclass
+class Sampled:
+    tokens: torch.Tensor  # [B] on the device
+    raw_logprobs: torch.Tensor | None  # [B, V] when some row asked for logprobs
+
+
+def to_device(rows: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A host list as a device tensor without a synchronising pageable copy."""
+    host = torch.tensor(rows, dtype=dtype)
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host
 
 
 class Sampler:
-    def __call__(self, logits: torch.Tensor, reqs: list[Request]) -> tuple[list[int], list[dict | None]]:
-        """logits: [B, V] (one row per request, in order) -> sampled ids and per-row logprobs."""
-        if all(_plain_greedy(r) for r in reqs):  # the common fast path: one kernel, one copy
-            return logits.argmax(dim=-1).tolist(), [None] * len(reqs)
+    def __call__(self, logits: torch.Tensor, reqs: list[Request]) -> Sampled:
+        """logits: [B, V] (one row per request, in order)."""
+        if all(_plain_greedy(r) for r in reqs):  # the common fast path: one kernel
+            return Sampled(logits.argmax(dim=-1), None)
         logits = logits.float()
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(r.params.logprobs is not None for r in reqs) else None
         logits = apply_min_tokens(logits, reqs)
@@ -26,72 +48,91 @@ class Sampler:
         tokens = logits.argmax(dim=-1)
         random_rows = [i for i, r in enumerate(reqs) if not r.params.greedy]
         if random_rows:
-            rows = torch.tensor(random_rows, device=logits.device)
+            device = logits.device
+            rows = to_device(random_rows, torch.long, device)
             probs = processed_probs(logits[rows], [reqs[i].params for i in random_rows])
-            drawn = [race(probs[j], reqs[i].generator) for j, i in enumerate(random_rows)]
-            tokens[rows] = torch.stack(drawn)
-        token_list = tokens.tolist()
-        logprobs = [None] * len(reqs)
-        if raw_logprobs is not None:
-            for i, r in enumerate(reqs):
-                if r.params.logprobs is not None:
-                    logprobs[i] = top_logprobs(raw_logprobs[i], token_list[i], r.params.logprobs)
-        return token_list, logprobs
+            keys = to_device([row_key(reqs[i].seed, reqs[i].num_output_tokens) for i in random_rows],
+                             torch.long, device)
+            race = race_sample if probs.is_cuda else race_sample_ref
+            tokens[rows] = race(probs, keys)
+        return Sampled(tokens, raw_logprobs)
+
+
+def sampled_logprobs(sampled: Sampled, reqs: list[Request], tokens: list[int]) -> list[dict | None]:
+    """Host side, after the tokens are read back: the logprobs each request asked for."""
+    out: list[dict | None] = [None] * len(reqs)
+    if sampled.raw_logprobs is not None:
+        for i, r in enumerate(reqs):
+            if r.params.logprobs is not None:
+                out[i] = top_logprobs(sampled.raw_logprobs[i], tokens[i], r.params.logprobs)
+    return out
 
 
 def _plain_greedy(r: Request) -> bool:
     p = r.params
-    return (p.greedy and p.logprobs is None and p.repetition_penalty == 1.0 and not p.presence_penalty
-            and not p.frequency_penalty and len(r.output_token_ids) >= p.min_tokens)
+    return (p.greedy and p.logprobs is None and not r.needs_history and r.num_output_tokens >= p.min_tokens)
 
 
 def apply_min_tokens(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
-    for i, r in enumerate(reqs):
-        if len(r.output_token_ids) < r.params.min_tokens and r.stop_token_ids:
-            logits[i, [t for t in r.stop_token_ids if t < logits.shape[1]]] = float("-inf")
+    vocab = logits.shape[1]
+    cells = [(i, t) for i, r in enumerate(reqs) if r.num_output_tokens < r.params.min_tokens
+             for t in r.stop_token_ids if t < vocab]
+    if cells:
+        rows, cols = to_device(cells, torch.long, logits.device).unbind(1)
+        logits[rows, cols] = float("-inf")
     return logits
 
 
 def apply_penalties(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
+    """Batched: one padded history tensor per kind of penalty (the pad column is dropped)."""
     vocab = logits.shape[1]
-    for i, r in enumerate(reqs):
-        p = r.params
-        if p.repetition_penalty != 1.0:
-            seen = torch.tensor(sorted({t for t in r.all_token_ids if t < vocab}), dtype=torch.long,
-                                device=logits.device)
-            row = logits[i, seen]
-            logits[i, seen] = torch.where(row > 0, row / p.repetition_penalty, row * p.repetition_penalty)
-        if (p.presence_penalty or p.frequency_penalty) and r.output_token_ids:
-            counts = torch.bincount(torch.tensor(r.output_token_ids, device=logits.device), minlength=vocab)[:vocab]
-            logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
+    device = logits.device
+
+    def histories(rows: list[int], tokens_of) -> torch.Tensor:
+        lists = [[t if t < vocab else vocab for t in tokens_of(reqs[i])] for i in rows]
+        width = max(map(len, lists), default=0) or 1
+        return to_device([ts + [vocab] * (width - len(ts)) for ts in lists], torch.long, device)
+
+    rep = [i for i, r in enumerate(reqs) if r.params.repetition_penalty != 1.0]
+    if rep:
+        seen = torch.zeros(len(rep), vocab + 1, dtype=torch.bool, device=device)
+        seen.scatter_(1, histories(rep, lambda r: r.all_token_ids), True)
+        rows = to_device(rep, torch.long, device)
+        penalty = to_device([reqs[i].params.repetition_penalty for i in rep], torch.float32, device)[:, None]
+        sub = logits[rows]
+        penalized = torch.where(sub > 0, sub / penalty, sub * penalty)
+        logits[rows] = torch.where(seen[:, :vocab], penalized, sub)
+    additive = [i for i, r in enumerate(reqs) if (r.params.presence_penalty or r.params.frequency_penalty)]
+    if additive:
+        counts = torch.zeros(len(additive), vocab + 1, device=device)
+        hist = histories(additive, lambda r: r.output_token_ids)
+        counts.scatter_add_(1, hist, torch.ones_like(hist, dtype=counts.dtype))
+        counts = counts[:, :vocab]
+        rows = to_device(additive, torch.long, device)
+        coef = to_device([[reqs[i].params.frequency_penalty, reqs[i].params.presence_penalty] for i in additive],
+                         torch.float32, device)
+        logits[rows] -= coef[:, :1] * counts + coef[:, 1:] * (counts > 0).float()
     return logits
 
 
 def processed_probs(logits: torch.Tensor, params: list) -> torch.Tensor:
     """Temperature, top-k, top-p and min-p over rows of logits -> probabilities."""
     device = logits.device
-    temperature = torch.tensor([p.temperature for p in params], device=device)[:, None]
-    logits = logits / temperature
     vocab = logits.shape[1]
-    top_k = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in params], device=device)
-    top_p = torch.tensor([p.top_p for p in params], device=device)
-    min_p = torch.tensor([p.min_p for p in params], device=device)
+    table = to_device([[p.temperature, p.top_k if 0 < p.top_k < vocab else vocab, p.top_p, p.min_p] for p in params],
+                      torch.float32, device)
+    temperature, top_k, top_p, min_p = (table[:, j:j + 1] for j in range(4))
+    logits = logits / temperature
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     ranks = torch.arange(vocab, device=device)[None, :]
-    sorted_logits = sorted_logits.masked_fill(ranks >= top_k[:, None], float("-inf"))
+    sorted_logits = sorted_logits.masked_fill(ranks >= top_k, float("-inf"))
     sorted_probs = sorted_logits.softmax(dim=-1)
     before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass of strictly more likely tokens
-    drop = (before >= top_p[:, None]) & (ranks > 0)
-    drop |= sorted_probs < min_p[:, None] * sorted_probs[:, :1]
+    drop = (before >= top_p) & (ranks > 0)
+    drop |= sorted_probs < min_p * sorted_probs[:, :1]
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     out = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
     return out.softmax(dim=-1)
-
-
-def race(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Draw one index with probability `probs` (argmax of p / Exp(1) noise)."""
-    noise = torch.empty_like(probs).exponential_(generator=generator)
-    return (probs / noise).argmax()
 
 
 def top_logprobs(logprobs: torch.Tensor, token: int, n: int) -> dict[int, Logprob]:

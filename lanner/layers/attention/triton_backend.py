@@ -23,12 +23,9 @@ class TritonAttentionBackend(AttentionBackend):
         self.num_heads = num_heads
         _, _, self.num_kv_heads, self.head_dim = kv_caches[0][0].shape
         width = -(-max_model_len // block_size)
-        pin = device.type == "cuda"
         self.block_tables = torch.zeros(max_num_seqs, width, dtype=torch.int32, device=device)
         self.seq_lens = torch.zeros(max_num_seqs, dtype=torch.int32, device=device)
         self.query_start = torch.zeros(max_num_seqs + 1, dtype=torch.int32, device=device)
-        self._host_tables = torch.zeros(max_num_seqs, width, dtype=torch.int32, pin_memory=pin)
-        self._host_lens = torch.zeros(2, max_num_seqs + 1, dtype=torch.int32, pin_memory=pin)
         max_splits = num_decode_splits(1, self.num_kv_heads, max_model_len)
         self.workspace = (
             torch.empty(max_num_seqs * num_heads * max_splits * self.head_dim, dtype=torch.float32, device=device),
@@ -38,19 +35,20 @@ class TritonAttentionBackend(AttentionBackend):
         """`num_padded_seqs` > num_seqs adds empty sequences (length 0) for a CUDA graph's padding rows."""
         n = batch.num_seqs
         rows = num_padded_seqs or n
-        tables = self._host_tables.numpy()
-        width = max((len(b) for b in batch.block_tables), default=1)
+        width = max((len(b) for b in batch.block_tables), default=1) or 1
+        # fresh pinned host buffers each step: the previous step's copies may still be queued
+        pin = self.block_tables.is_cuda
+        tables = torch.zeros(n, width, dtype=torch.int32, pin_memory=pin)
+        lens = torch.zeros(2, rows + 1, dtype=torch.int32, pin_memory=pin)
+        table_view, lens_view = tables.numpy(), lens.numpy()
         for i, blocks in enumerate(batch.block_tables):
-            tables[i, :len(blocks)] = blocks
-        lens = self._host_lens.numpy()
-        lens[0, :n] = batch.seq_lens
-        lens[0, n:rows] = 0
-        lens[1, 0] = 0
-        np.cumsum(batch.query_lens, out=lens[1, 1:n + 1])
-        lens[1, n + 1:rows + 1] = lens[1, n]
-        self.block_tables[:n, :width].copy_(self._host_tables[:n, :width], non_blocking=True)
-        self.seq_lens[:rows].copy_(self._host_lens[0, :rows], non_blocking=True)
-        self.query_start[:rows + 1].copy_(self._host_lens[1, :rows + 1], non_blocking=True)
+            table_view[i, :len(blocks)] = blocks
+        lens_view[0, :n] = batch.seq_lens
+        np.cumsum(batch.query_lens, out=lens_view[1, 1:n + 1])
+        lens_view[1, n + 1:] = lens_view[1, n]
+        self.block_tables[:n, :width].copy_(tables, non_blocking=True)
+        self.seq_lens[:rows].copy_(lens[0, :rows], non_blocking=True)
+        self.query_start[:rows + 1].copy_(lens[1], non_blocking=True)
         self.rows = rows
         self.slot_mapping = batch.slot_mapping
         self.decode_only = batch.is_decode_only
