@@ -108,3 +108,18 @@ def test_race_noise_is_exponential_and_keyed():
     assert abs(noise.mean().item() - 1) < 0.01 and abs(noise.std().item() - 1) < 0.01
     again = race_noise_ref(torch.tensor([row_key(1, 5), row_key(2, 5)]), 4096)
     assert torch.equal(again[0], noise[5]) and not torch.equal(again[1], noise[5])
+
+
+def test_fused_q_and_k_norm_rope_in_one_launch():
+    """q heads use the first weight row, k heads (after them) the second."""
+    from lanner.kernels.fused import norm_rope, norm_rope_ref
+    from lanner.layers.rotary import RotaryEmbedding
+
+    g = torch.Generator().manual_seed(5)
+    qkv = torch.randn(5, (4 + 2 + 2) * 16, generator=g)
+    qk = qkv[:, :6 * 16].view(5, 6, 16)
+    cos, sin = RotaryEmbedding(16, 10000.0, None).cos_sin(torch.arange(5), torch.float32)
+    w = torch.randn(2, 16, generator=g)
+    got = norm_rope(qk, cos, sin, w, 1e-6, second_weight_from=4)
+    torch.testing.assert_close(got, norm_rope_ref(qk, cos, sin, w, 1e-6, second_weight_from=4))
+    torch.testing.assert_close(got[:, 4:], norm_rope_ref(qk[:, 4:], cos, sin, w[1], 1e-6))

@@ -52,8 +52,8 @@ def rms_norm_ref(x, weight, eps, residual=None):
 
 
 @triton.jit
-def _qk_norm_rope_kernel(src_ptr, out_ptr, w_ptr, cos_ptr, sin_ptr, stride_t, stride_h, num_heads, eps,
-                         HAS_NORM: tl.constexpr, HALF: tl.constexpr):
+def _qk_norm_rope_kernel(src_ptr, out_ptr, w_ptr, cos_ptr, sin_ptr, stride_t, stride_h, num_heads, second_weight_from,
+                         eps, HAS_NORM: tl.constexpr, HALF: tl.constexpr):
     token = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     d = tl.arange(0, HALF)
@@ -65,8 +65,9 @@ def _qk_norm_rope_kernel(src_ptr, out_ptr, w_ptr, cos_ptr, sin_ptr, stride_t, st
         a = x1.to(tl.float32)
         b = x2.to(tl.float32)
         inv = tl.rsqrt((tl.sum(a * a, 0) + tl.sum(b * b, 0)) / (2 * HALF) + eps)
-        x1 = ((a * inv).to(dtype).to(tl.float32) * tl.load(w_ptr + d).to(tl.float32)).to(dtype)
-        x2 = ((b * inv).to(dtype).to(tl.float32) * tl.load(w_ptr + HALF + d).to(tl.float32)).to(dtype)
+        w = w_ptr + (head >= second_weight_from).to(tl.int32) * 2 * HALF  # q heads, then k heads
+        x1 = ((a * inv).to(dtype).to(tl.float32) * tl.load(w + d).to(tl.float32)).to(dtype)
+        x2 = ((b * inv).to(dtype).to(tl.float32) * tl.load(w + HALF + d).to(tl.float32)).to(dtype)
     c1 = tl.load(cos_ptr + token * 2 * HALF + d).to(tl.float32)
     c2 = tl.load(cos_ptr + token * 2 * HALF + HALF + d).to(tl.float32)
     s1 = tl.load(sin_ptr + token * 2 * HALF + d).to(tl.float32)
@@ -82,22 +83,28 @@ def _qk_norm_rope_kernel(src_ptr, out_ptr, w_ptr, cos_ptr, sin_ptr, stride_t, st
 
 
 def norm_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, weight: torch.Tensor | None = None,
-              eps: float = 1e-6) -> torch.Tensor:
+              eps: float = 1e-6, second_weight_from: int | None = None) -> torch.Tensor:
     """Per-head RMSNorm (if `weight`) then rotary, on x [T, heads, dim] whose heads may be
-    strided views into a fused projection; returns a contiguous [T, heads, dim]."""
+    strided views into a fused projection; returns a contiguous [T, heads, dim]. With a
+    weight of shape [2, dim], heads from `second_weight_from` on use its second row: q and
+    k heads, adjacent in the fused projection, go through one launch."""
     T, H, D = x.shape
     assert x.stride(2) == 1 and cos.is_contiguous() and sin.is_contiguous()
     out = torch.empty(T, H, D, dtype=x.dtype, device=x.device)
+    split = H if second_weight_from is None else second_weight_from
     if T:
         _qk_norm_rope_kernel[(T, H)](x, out, weight if weight is not None else x, cos, sin, x.stride(0),
-                                     x.stride(1), H, eps, HAS_NORM=weight is not None, HALF=D // 2)
+                                     x.stride(1), H, split, eps, HAS_NORM=weight is not None, HALF=D // 2)
     return out
 
 
-def norm_rope_ref(x, cos, sin, weight=None, eps=1e-6):
+def norm_rope_ref(x, cos, sin, weight=None, eps=1e-6, second_weight_from=None):
     from lanner.layers.rotary import apply_rotary
 
-    if weight is not None:
+    if weight is not None and weight.dim() == 2:
+        h = second_weight_from
+        x = torch.cat([rms_norm_ref(x[:, :h], weight[0], eps), rms_norm_ref(x[:, h:], weight[1], eps)], dim=1)
+    elif weight is not None:
         x = rms_norm_ref(x, weight, eps)
     return apply_rotary(x, cos, sin)
 

@@ -48,23 +48,31 @@ class DecoderAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         T = x.shape[0]
-        q, k, v = self.qkv_proj(x).split(
-            [self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim,
-             self.num_kv_heads * self.head_dim], dim=-1)
-        q = q.view(T, self.num_heads, self.head_dim)
-        k = k.view(T, self.num_kv_heads, self.head_dim)
-        v = v.view(T, self.num_kv_heads, self.head_dim)
-        if x.is_cuda:  # one fused kernel each for q and k: norm (Qwen3) and rotary
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        qkv = self.qkv_proj(x)
+        v = qkv[:, q_size + kv_size:].view(T, self.num_kv_heads, self.head_dim)
+        if x.is_cuda:  # one fused kernel for the q and k heads (adjacent in qkv): norm (Qwen3) and rotary
             from lanner.kernels.fused import norm_rope
 
-            qw, kw = (self.q_norm.weight, self.k_norm.weight) if self.qk_norm else (None, None)
+            qk = qkv[:, :q_size + kv_size].view(T, self.num_heads + self.num_kv_heads, self.head_dim)
             eps = self.q_norm.eps if self.qk_norm else 0.0
-            q, k = norm_rope(q, cos, sin, qw, eps), norm_rope(k, cos, sin, kw, eps)
+            qk = norm_rope(qk, cos, sin, self._qk_norm_weight(), eps, second_weight_from=self.num_heads)
+            q, k = qk[:, :self.num_heads], qk[:, self.num_heads:]
         else:
+            q = qkv[:, :q_size].view(T, self.num_heads, self.head_dim)
+            k = qkv[:, q_size:q_size + kv_size].view(T, self.num_kv_heads, self.head_dim)
             if self.qk_norm:
                 q, k = self.q_norm(q), self.k_norm(k)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         return self.o_proj(self.attn(q, k, v).reshape(T, -1))
+
+    def _qk_norm_weight(self) -> torch.Tensor | None:
+        """q_norm and k_norm weights stacked [2, head_dim], made once after the weights are loaded."""
+        if not self.qk_norm:
+            return None
+        if getattr(self, "_qk_weight", None) is None:
+            self._qk_weight = torch.stack([self.q_norm.weight.detach(), self.k_norm.weight.detach()])
+        return self._qk_weight
 
 
 class DecoderMLP(nn.Module):

@@ -39,27 +39,51 @@ def test_graphs_on_and_off_give_identical_outputs(dtype):
     assert tokens(graphs) == want
 
 
-def test_no_host_sync_in_replay_or_eager_forward():
+def test_no_host_sync_when_launching_steps():
+    """Launching a step (staging, plan, eager prefill or graph replay, logits, sampling of
+    every kind) never waits for the GPU; only reading results back does. Overlap
+    scheduling depends on it."""
     llm = LLM(dtype="bfloat16", gpu_memory_utilization=0.3)
     engine, runner = llm.engine, llm.engine.runner
-    for i, p in enumerate(PROMPTS[:5]):
-        engine.add_request(f"r{i}", p, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
-    for step in range(3):  # step 0: prefill (eager); then decode steps (graph replay of size 8)
-        sched = engine.scheduler.schedule()
+    launch = runner.launch
+    launched = []
+
+    def strict_launch(sched):
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
-            batch, _, _ = runner.prepare(sched)
-            hidden = runner.run_model(batch)
+            handle = launch(sched)
         finally:
             torch.cuda.set_sync_debug_mode("default")
-        assert hidden.shape[0] == batch.num_real_tokens
-        for req, n in sched.scheduled:  # finish the step the normal way
-            req.num_computed_tokens += n
-            if req.num_computed_tokens == req.num_tokens:
-                req.append_token(1)
-    for i in range(5):
-        engine.abort_request(f"r{i}")
+        launched.append(sched.num_tokens)
+        return handle
+
+    runner.launch = strict_launch
+    kinds = [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
+             SamplingParams(temperature=0.8, top_p=0.9, top_k=20, min_p=0.05, seed=1, max_tokens=12),
+             SamplingParams(temperature=0, min_tokens=4, max_tokens=12),
+             SamplingParams(temperature=0.7, max_tokens=12, ignore_eos=True),
+             SamplingParams(temperature=0, repetition_penalty=1.2, presence_penalty=0.3, max_tokens=12)]
+    outs = llm.generate(PROMPTS[:5], kinds, use_tqdm=False)
+    assert len(launched) >= 12 and all(len(o.outputs[0].token_ids) > 0 for o in outs)
+    assert engine.num_overlapped_steps > 0 and engine.kv_cache.stats().used_blocks == 0
+
+
+def test_overlap_scheduling_on_and_off_identical_on_gpu():
+    params = [SamplingParams(temperature=0, max_tokens=40, ignore_eos=True),
+              SamplingParams(temperature=0.9, top_p=0.95, seed=5, max_tokens=40, ignore_eos=True, n=2),
+              SamplingParams(temperature=0, max_tokens=40, stop_token_ids=[13, 198])] * 4
+    results = []
+    for overlap in (False, True):
+        llm = LLM(dtype="bfloat16", gpu_memory_utilization=0.3, overlap_scheduling=overlap,
+                  max_num_batched_tokens=64)
+        outs = llm.generate(PROMPTS, params, use_tqdm=False)
+        results.append([[(c.token_ids, c.finish_reason) for c in o.outputs] for o in outs])
+        assert (llm.engine.num_overlapped_steps > 0) == overlap
+        del llm
+        gc.collect()
+        torch.cuda.empty_cache()
+    assert results[0] == results[1]
 
 
 def test_no_memory_growth_over_many_requests():

@@ -100,3 +100,39 @@ def test_fused_silu_and_mul(T, inter, dtype):
 
     x = torch.randn(T, 2 * inter, dtype=dtype, device="cuda")
     torch.testing.assert_close(silu_and_mul(x), silu_and_mul_ref(x), atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_q_and_k_norm_rope_one_launch(dtype):
+    from lanner.kernels.fused import norm_rope, norm_rope_ref
+    from lanner.layers.rotary import RotaryEmbedding
+
+    T, hq, hk, dim = 37, 32, 8, 128
+    qkv = torch.randn(T, (hq + 2 * hk) * dim, dtype=dtype, device="cuda")
+    qk = qkv[:, :(hq + hk) * dim].view(T, hq + hk, dim)
+    cos, sin = RotaryEmbedding(dim, 1e6, None).cuda().cos_sin(torch.randint(0, 30000, (T,), device="cuda"), dtype)
+    w = torch.randn(2, dim, dtype=dtype, device="cuda")
+    torch.testing.assert_close(norm_rope(qk, cos, sin, w, 1e-6, hq), norm_rope_ref(qk, cos, sin, w, 1e-6, hq),
+                               atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("B,V", [(1, 151936), (64, 151936), (7, 32000), (256, 1000)])
+def test_race_sample_matches_reference(B, V):
+    from lanner.kernels.sampling import race_noise_ref, race_sample, row_key
+
+    probs = torch.softmax(4 * torch.randn(B, V, device="cuda"), dim=-1)
+    keys = torch.tensor([row_key(1000 + i, i * 7) for i in range(B)], device="cuda")
+    got = race_sample(probs, keys)
+    scores = probs / race_noise_ref(keys, V)
+    chosen = scores.gather(1, got[:, None])[:, 0]
+    torch.testing.assert_close(chosen, scores.max(dim=1).values, rtol=1e-5, atol=0)
+
+
+def test_race_sample_distribution_on_gpu():
+    from lanner.kernels.sampling import race_sample, row_key
+
+    p = torch.tensor([0.5, 0.25, 0.125, 0.0625, 0.0625, 0.0], device="cuda")
+    n = 50000
+    keys = torch.tensor([row_key(11, i) for i in range(n)], device="cuda")
+    freq = torch.bincount(race_sample(p.repeat(n, 1), keys), minlength=6).float() / n
+    assert freq[5] == 0 and (freq - p).abs().max() < 0.01, freq

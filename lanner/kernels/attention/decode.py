@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lanner.kernels.attention.prefill import dot_precision
+from lanner.kernels.attention.prefill import dot_precision, load_kv_tile
 
 
 @triton.jit
@@ -43,10 +43,8 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_
     for n0 in range(start, end, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         n_ok = n < end
-        page = tl.load(block_tables_ptr + seq * stride_bt + n // PAGE, mask=n_ok, other=0).to(tl.int64)
-        offset = page * stride_kb + (n % PAGE) * stride_ks + kv_head * stride_kh
-        k = tl.load(k_cache_ptr + offset[:, None] + d[None, :], mask=n_ok[:, None], other=0.0)
-        v = tl.load(v_cache_ptr + offset[:, None] + d[None, :], mask=n_ok[:, None], other=0.0)
+        k, v = load_kv_tile(k_cache_ptr, v_cache_ptr, block_tables_ptr + seq * stride_bt, n, n_ok, kv_head, d,
+                            stride_kb, stride_ks, stride_kh, PAGE)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
         s = tl.where(n_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))

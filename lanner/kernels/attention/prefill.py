@@ -15,6 +15,17 @@ def dot_precision(q: torch.Tensor) -> str:
 
 
 @triton.jit
+def load_kv_tile(k_cache_ptr, v_cache_ptr, table_ptr, n, n_ok, kv_head, d, stride_kb, stride_ks, stride_kh,
+                 PAGE: tl.constexpr):
+    """K and V [len(n), head_dim] of key positions n of one kv head, through the sequence's block table."""
+    page = tl.load(table_ptr + n // PAGE, mask=n_ok, other=0).to(tl.int64)
+    offset = page * stride_kb + (n % PAGE) * stride_ks + kv_head * stride_kh
+    k = tl.load(k_cache_ptr + offset[:, None] + d[None, :], mask=n_ok[:, None], other=0.0)
+    v = tl.load(v_cache_ptr + offset[:, None] + d[None, :], mask=n_ok[:, None], other=0.0)
+    return k, v
+
+
+@triton.jit
 def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr, seq_lens_ptr, query_start_ptr,
                     scale, stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_ks, stride_kh, stride_bt,
                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -43,10 +54,8 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr, 
     for n0 in range(0, end, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         n_ok = n < end
-        page = tl.load(block_tables_ptr + seq * stride_bt + n // PAGE, mask=n_ok, other=0).to(tl.int64)
-        offset = page * stride_kb + (n % PAGE) * stride_ks + kv_head * stride_kh
-        k = tl.load(k_cache_ptr + offset[:, None] + d[None, :], mask=n_ok[:, None], other=0.0)
-        v = tl.load(v_cache_ptr + offset[:, None] + d[None, :], mask=n_ok[:, None], other=0.0)
+        k, v = load_kv_tile(k_cache_ptr, v_cache_ptr, block_tables_ptr + seq * stride_bt, n, n_ok, kv_head, d,
+                            stride_kb, stride_ks, stride_kh, PAGE)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
         s = tl.where(n_ok[None, :] & (n[None, :] <= query_pos[:, None]), s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
