@@ -17,6 +17,7 @@ class ForwardBatch:
     block_tables: list[list[int]]
     logits_indices: torch.Tensor  # [N] tokens whose logits are needed (sampling, prompt logprobs)
     num_real_tokens: int  # tokens past this are padding
+    sampling_rows_are_tokens: bool = False  # logits_indices is 0..num_real_tokens-1 (every token samples)
 
     @property
     def num_seqs(self) -> int:

@@ -6,7 +6,8 @@ token 0, position 0, KV slot -1 (writes nothing) and context length 0 (attention
 output zero). All graphs share one memory pool and are captured largest first,
 so smaller ones reuse the largest one's memory. Graphs read their inputs from
 the model runner's static buffers and the attention backend's metadata buffers,
-which every step rewrites in place.
+which every step rewrites in place. The graphs end with the logits of every row,
+so a decode step's host work is one graph launch.
 """
 from __future__ import annotations
 
@@ -61,15 +62,15 @@ class DecodeGraphs:
             try:
                 if i == 0:  # one warm-up: compiles the kernels and initialises cuBLAS outside the capture
                     with forward_context(runner.backend):
-                        runner.model(batch.input_ids, batch.positions)
+                        runner.model.compute_logits(runner.model(batch.input_ids, batch.positions))
                     torch.cuda.synchronize()
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool), forward_context(runner.backend):
-                    hidden = runner.model(batch.input_ids, batch.positions)
+                    logits = runner.model.compute_logits(runner.model(batch.input_ids, batch.positions))
             except Exception as e:
                 raise RuntimeError(f"CUDA graph capture failed for decode batch size {size}: {e}") from e
             pool = graph.pool() if pool is None else pool
-            self.graphs[size] = (graph, hidden)
+            self.graphs[size] = (graph, logits)
         torch.cuda.synchronize()
         self.report = CaptureReport(self.sizes, time.perf_counter() - start,
                                     torch.cuda.memory_allocated() - before)
@@ -78,8 +79,10 @@ class DecodeGraphs:
         return self.report
 
     def replay(self, batch, size: int) -> torch.Tensor:
-        """Run a decode batch (already staged in the runner's buffers) through the graph of `size`."""
+        """Run a decode batch (already staged in the runner's buffers) through the graph of `size`;
+        returns the logits of every row, padding included (the graph's output buffer: read it
+        before the next replay)."""
         self.runner.backend.plan(batch, num_padded_seqs=size)
-        graph, hidden = self.graphs[size]
+        graph, logits = self.graphs[size]
         graph.replay()
-        return hidden[:batch.num_real_tokens]
+        return logits

@@ -169,8 +169,7 @@ class ModelRunner:
         with record_function("prepare"):
             batch, samplers, prompt_rows = self.prepare(sched)
         with record_function("model"):
-            hidden = self.run_model(batch)
-            logits = self.model.compute_logits(hidden[batch.logits_indices])
+            logits = self.run_model(batch)
         sampled = None
         if samplers:  # their rows come first
             with record_function("sample"):
@@ -185,13 +184,18 @@ class ModelRunner:
         return self.launch(sched).result()
 
     def run_model(self, batch: ForwardBatch) -> torch.Tensor:
+        """The logits of the batch's logits_indices rows."""
         if self.graphs is not None and batch.is_decode_only:
             size = self.graphs.padded_size(batch.num_seqs)
             if size is not None:
-                return self.graphs.replay(batch, size)
+                logits = self.graphs.replay(batch, size)
+                if batch.sampling_rows_are_tokens:
+                    return logits[:batch.num_seqs]
+                return logits[batch.logits_indices]
         self.backend.plan(batch)
         with forward_context(self.backend):
-            return self.model(batch.input_ids, batch.positions)
+            hidden = self.model(batch.input_ids, batch.positions)
+        return self.model.compute_logits(hidden[batch.logits_indices])
 
     def prepare(self, sched: SchedulerOutput):
         """Stage a step's tokens into the static buffers and return its ForwardBatch, plus
@@ -227,6 +231,7 @@ class ModelRunner:
         batch = self._stage(input_ids, positions, slots, [n for _, n in sched.scheduled],
                             [req.num_computed_tokens + n for req, n in sched.scheduled],
                             [req.block_ids for req, _ in sched.scheduled], sample_at + score_at)
+        batch.sampling_rows_are_tokens = not score_at and len(samplers) == batch.num_real_tokens
         if pending:
             dst, src = to_device(pending, torch.long, self.device).unbind(1)
             self.input_ids[dst] = self.last_sampled[src]

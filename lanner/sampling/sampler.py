@@ -29,11 +29,14 @@ class Sampled:
 
 
 def to_device(rows: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A host list as a device tensor without a synchronising pageable copy."""
+    """A host list as a device tensor, through pinned memory: a pageable copy would wait
+    for the GPU. The pinned buffer returns to torch's host cache only once the copy is done."""
     host = torch.tensor(rows, dtype=dtype)
-    if device.type == "cuda":
-        return host.pin_memory().to(device, non_blocking=True)
-    return host
+    if device.type != "cuda":
+        return host
+    pinned = torch.empty(host.shape, dtype=dtype, pin_memory=True)
+    pinned.copy_(host)
+    return pinned.to(device, non_blocking=True)
 
 
 class Sampler:
@@ -79,7 +82,8 @@ def apply_min_tokens(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
              for t in r.stop_token_ids if t < vocab]
     if cells:
         rows, cols = to_device(cells, torch.long, logits.device).unbind(1)
-        logits[rows, cols] = float("-inf")
+        # a Python scalar value would be copied from pageable memory, which syncs
+        logits.index_put_((rows, cols), logits.new_full((len(cells),), float("-inf")))
     return logits
 
 
