@@ -34,7 +34,7 @@ def hf_latency(model, prompt: list[int], output_len: int) -> dict:
 
 
 @torch.inference_mode()
-def hf_throughput(model, requests: list[tuple[list[int], int]], batch: int = 64) -> dict:
+def hf_throughput(model, requests: list[tuple[list[int], int]], batch: int = 32) -> dict:
     """transformers' continuous batching (generate_batch) when it produces every token,
     else padded static batches. Throughput counts only tokens actually generated."""
     from transformers import GenerationConfig
@@ -55,6 +55,9 @@ def hf_throughput(model, requests: list[tuple[list[int], int]], batch: int = 64)
         note = f"generate_batch produced {got} of {want} tokens{f' ({sorted(errors)[0]})' if errors else ''}; "
     except Exception as e:  # older or different transformers
         note = f"generate_batch failed ({type(e).__name__}: {e}); "
+    print(f"transformers: {note}falling back to padded batches", flush=True)
+    gc.collect()
+    torch.cuda.empty_cache()
 
     def run() -> int:
         got = 0
