@@ -33,7 +33,7 @@ def hf_latency(model, prompt: list[int], output_len: int) -> dict:
     return {"method": "generate, batch 1, dynamic cache", "wall_s": secs, "tok_per_s": output_len / secs}
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: generate_batch's worker thread updates tensors made here in place
 def hf_throughput(model, requests: list[tuple[list[int], int]], batch: int = 32) -> dict:
     """transformers' continuous batching (generate_batch) when it produces every token,
     else padded static batches. Throughput counts only tokens actually generated."""

@@ -56,6 +56,10 @@ class DecodeGraphs:
         start = time.perf_counter()
         before = torch.cuda.memory_allocated()
         pool = None
+        # one logits buffer for every graph (a step reads it before the next replay); per-graph
+        # outputs would cost max_num_seqs x vocab for each of the sizes
+        vocab = runner.model.spec.vocab_size
+        self.logits = torch.empty(self.max_size, vocab, dtype=runner.dtype, device=runner.device)
         for i, size in enumerate(reversed(self.sizes)):
             batch = runner.dummy_decode_batch(size)
             runner.backend.plan(batch, num_padded_seqs=size)
@@ -66,7 +70,8 @@ class DecodeGraphs:
                     torch.cuda.synchronize()
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool), forward_context(runner.backend):
-                    logits = runner.model.compute_logits(runner.model(batch.input_ids, batch.positions))
+                    hidden = runner.model(batch.input_ids, batch.positions)
+                    logits = runner.model.compute_logits(hidden, out=self.logits[:size])
             except Exception as e:
                 raise RuntimeError(f"CUDA graph capture failed for decode batch size {size}: {e}") from e
             pool = graph.pool() if pool is None else pool

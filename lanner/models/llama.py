@@ -141,6 +141,8 @@ class DecoderForCausalLM(nn.Module):
         cos, sin = self.rotary.cos_sin(positions, self.model.embed_tokens.weight.dtype)
         return self.model(input_ids, cos, sin)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        if out is not None:
+            return torch.mm(hidden, weight.t(), out=out)
         return F.linear(hidden, weight)
