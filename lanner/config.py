@@ -81,9 +81,18 @@ class GraphConfig:
               "max_num_seqs)")
     attention_backend: Literal["auto", "torch", "triton"] = _opt(
         "auto", "'triton' on CUDA, 'torch' (the reference) on the CPU")
+    piecewise_graphs: bool | None = _opt(
+        None, "piecewise CUDA graphs for prefill and mixed steps (default: on with CUDA unless --enforce-eager; "
+              "on the CPU, turning it on runs the split, padded forward eagerly)")
+    piecewise_max_tokens: int = _opt(8192, "largest piecewise capture size, in tokens (also capped by "
+                                           "max_num_batched_tokens); larger steps run the pieces eagerly")
+    piecewise_sizes: list[int] | None = _opt(
+        None, "token counts to capture (default: every 16 to 256, then steps of 1/8 of the size)")
 
     def __post_init__(self) -> None:
         _check(not self.cuda_graph_sizes or min(self.cuda_graph_sizes) > 0, "cuda_graph_sizes must be positive")
+        _check(not self.piecewise_sizes or min(self.piecewise_sizes) > 0, "piecewise_sizes must be positive")
+        _check(self.piecewise_max_tokens > 0, "piecewise_max_tokens must be positive")
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""`lanner bench latency` and `lanner bench throughput`: run a fixed workload through
+"""`lanner bench latency`, `step` and `throughput`: run a fixed workload through
 the offline engine, optionally with transformers on the same workload first."""
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import torch
 
 from lanner.bench import common, hf_baseline
 from lanner.bench.common import Workload, timed
+from lanner.bench.steps import NUM_DECODES, step_times
 from lanner.engine.request import SamplingParams
 
 
@@ -21,6 +22,11 @@ def _engine_facts(llm) -> dict:
     facts = {"kv_blocks": runner.num_blocks, "kv_tokens": runner.num_blocks * runner.block_size,
              "dtype": str(runner.dtype), "device": str(runner.device),
              "attention_backend": type(runner.backend).__name__}
+    if runner.piecewise is not None and runner.piecewise.report is not None:
+        rep = runner.piecewise.report
+        facts.update(piecewise_sizes=rep.sizes, piecewise_pieces=rep.num_pieces,
+                     piecewise_warmup_s=round(rep.warmup_s, 2), piecewise_capture_s=round(rep.capture_s, 2),
+                     piecewise_pool_mib=round(rep.pool_bytes / 2**20, 1))
     if runner.graphs is not None and runner.graphs.report is not None:
         rep = runner.graphs.report
         facts.update(graph_capture_s=round(rep.seconds, 2), graph_pool_mib=round(rep.pool_bytes / 2**20, 1),
@@ -104,7 +110,7 @@ def main(args: argparse.Namespace, engine_kwargs: dict) -> None:
         engine_kwargs = {"model": args.config, "load_format": "dummy", **engine_kwargs}
     path = engine_kwargs.get("model")
     baseline = None
-    if args.compare_hf:  # first, so lanner can take the GPU memory afterwards
+    if getattr(args, "compare_hf", False):  # first, so lanner can take the GPU memory afterwards
         dtype = getattr(torch, engine_kwargs.get("dtype", "bfloat16").replace("auto", "bfloat16"))
         hf = hf_baseline.load_hf(path, dtype, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
         if args.kind == "latency":
@@ -116,7 +122,11 @@ def main(args: argparse.Namespace, engine_kwargs: dict) -> None:
         hf_baseline.release(hf)
     llm = LLM(**engine_kwargs)
     model = common.model_summary(llm.engine.hf_config)
-    if args.kind == "latency":
+    if args.kind == "step":
+        results = {"steps": step_times(llm, args.token_counts, args.repeats), **_engine_facts(llm)}
+        workload = {"token_counts": args.token_counts, "repeats": args.repeats,
+                    "mixed": f"{NUM_DECODES} decodes + one fresh prompt", "prefill": "one fresh prompt"}
+    elif args.kind == "latency":
         rows = latency(llm, args.input_len, args.output_len, args.batch_sizes)
         results = {"sweep": rows, **_engine_facts(llm)}
         workload = {"input_len": args.input_len, "output_len": args.output_len, "greedy": True, "ignore_eos": True}
@@ -153,14 +163,18 @@ def add_parser(sub) -> None:
     lat.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 128])
     lat.add_argument("--plot", default=None, help="write a PNG of the batch sweep here")
     lat.add_argument("--profile", default=None, help="write a torch.profiler table of batch-1 decode here")
+    step = kinds.add_parser("step", help="one prefill or mixed step of N tokens: piecewise graphs vs eager")
+    step.add_argument("--token-counts", type=int, nargs="+", default=[64, 256, 512, 2048, 8192])
+    step.add_argument("--repeats", type=int, default=5)
     thr = kinds.add_parser("throughput", help="offline throughput of a fixed workload")
     thr.add_argument("--workload", choices=sorted(common.WORKLOADS), default="W-8B")
     thr.add_argument("--num-prompts", type=int, default=None)
     thr.add_argument("--input-range", type=int, nargs=2, default=None, metavar=("LO", "HI"))
     thr.add_argument("--output-range", type=int, nargs=2, default=None, metavar=("LO", "HI"))
-    for p in (lat, thr):
+    for p in (lat, step, thr):
         p.add_argument("--config", default=None, help="a config.json: random weights of that shape (dummy load)")
-        p.add_argument("--compare-hf", action="store_true", help="run transformers on the same workload first")
+        if p is not step:
+            p.add_argument("--compare-hf", action="store_true", help="run transformers on the same workload first")
         p.add_argument("--output-json", default=None)
         p.set_defaults(func=lambda a: None)
         add_cli_args(p)

@@ -15,6 +15,7 @@ from lanner.engine.request import Logprob, Request
 from lanner.engine.scheduler import SchedulerOutput
 from lanner.executor.batch import ForwardBatch
 from lanner.executor.graphs import DecodeGraphs, decode_graph_sizes
+from lanner.executor.piecewise import PiecewiseGraphs, piecewise_sizes
 from lanner.layers.attention import forward_context
 from lanner.models.loader import LoadedModel
 from lanner.sampling.sampler import Sampled, Sampler, sampled_logprobs, to_device, top_logprobs
@@ -74,6 +75,7 @@ class ModelRunner:
         self.slot_mapping = torch.full((self.max_tokens,), -1, dtype=torch.long, device=device)
         self.logits_indices = torch.zeros(self.max_tokens, dtype=torch.long, device=device)
         self.last_sampled = torch.zeros(sched.max_num_seqs, dtype=torch.long, device=device)
+        self.num_real_tokens = torch.zeros(1, dtype=torch.long, device=device)
         self.sampler = Sampler()
         self.num_blocks = self._num_kv_blocks()
         spec = self.model.spec
@@ -84,8 +86,16 @@ class ModelRunner:
         logger.info("KV cache: %d blocks of %d tokens (%d tokens)", self.num_blocks, self.block_size,
                     self.num_blocks * self.block_size)
         self.graphs: DecodeGraphs | None = None
-        if device.type == "cuda" and not config.graphs.enforce_eager:
-            self.graphs = DecodeGraphs(self, decode_graph_sizes(sched.max_num_seqs, config.graphs.cuda_graph_sizes))
+        self.piecewise: PiecewiseGraphs | None = None
+        gc = config.graphs
+        cuda_graphs = device.type == "cuda" and not gc.enforce_eager
+        if gc.piecewise_graphs or (gc.piecewise_graphs is None and cuda_graphs):
+            sizes = piecewise_sizes(min(gc.piecewise_max_tokens, sched.max_num_batched_tokens), gc.piecewise_sizes)
+            self.piecewise = PiecewiseGraphs(self.model, sizes, dtype, device)
+            if cuda_graphs:
+                self.piecewise.capture(self.input_ids, self.positions)
+        if cuda_graphs:
+            self.graphs = DecodeGraphs(self, decode_graph_sizes(sched.max_num_seqs, gc.cuda_graph_sizes))
             self.graphs.capture()
 
     def _make_backend(self, kv_caches):
@@ -192,9 +202,12 @@ class ModelRunner:
                 if batch.sampling_rows_are_tokens:
                     return logits[:batch.num_seqs]
                 return logits[batch.logits_indices]
-        self.backend.plan(batch)
-        with forward_context(self.backend):
-            hidden = self.model(batch.input_ids, batch.positions)
+        if self.piecewise is not None:
+            hidden = self.piecewise.forward(batch, self.backend)
+        else:
+            self.backend.plan(batch)
+            with forward_context(self.backend):
+                hidden = self.model(batch.input_ids, batch.positions)
         return self.model.compute_logits(hidden[batch.logits_indices])
 
     def prepare(self, sched: SchedulerOutput):
@@ -239,19 +252,30 @@ class ModelRunner:
 
     def _stage(self, input_ids, positions, slots, query_lens, seq_lens, block_tables, logits_indices) -> ForwardBatch:
         T = len(input_ids)
-        padded = self.graphs.padded_size(T) if self.graphs is not None and all(n == 1 for n in query_lens) else None
-        rows = padded or T
+        rows = self._padded_rows(T, query_lens)
         pad = rows - T
         L = len(logits_indices)
         # a fresh pinned buffer per step: the previous step's copies may still be queued
-        host = to_device(input_ids + [0] * pad + positions + [0] * pad + slots + [-1] * pad + logits_indices,
+        host = to_device(input_ids + [0] * pad + positions + [0] * pad + slots + [-1] * pad + logits_indices + [T],
                          torch.long, self.device)
         self.input_ids[:rows].copy_(host[:rows])
         self.positions[:rows].copy_(host[rows:2 * rows])
         self.slot_mapping[:rows].copy_(host[2 * rows:3 * rows])  # padding rows write no KV
-        self.logits_indices[:L].copy_(host[3 * rows:])
+        self.logits_indices[:L].copy_(host[3 * rows:3 * rows + L])
+        self.num_real_tokens.copy_(host[-1:])
         return ForwardBatch(self.input_ids[:rows], self.positions[:rows], self.slot_mapping[:rows], query_lens,
-                            seq_lens, block_tables, self.logits_indices[:L], T)
+                            seq_lens, block_tables, self.logits_indices[:L], T,
+                            num_real_tokens_device=self.num_real_tokens)
+
+    def _padded_rows(self, num_tokens: int, query_lens: list[int]) -> int:
+        """Rows to stage: a decode graph's batch size, a piecewise capture size, or the tokens."""
+        if self.graphs is not None and all(n == 1 for n in query_lens):
+            size = self.graphs.padded_size(num_tokens)
+            if size is not None:
+                return size
+        if self.piecewise is not None:
+            return self.piecewise.padded_size(num_tokens) or num_tokens
+        return num_tokens
 
     def dummy_decode_batch(self, size: int) -> ForwardBatch:
         """A decode batch of `size` empty rows, for graph capture."""

@@ -83,14 +83,15 @@ def _qk_norm_rope_kernel(src_ptr, out_ptr, w_ptr, cos_ptr, sin_ptr, stride_t, st
 
 
 def norm_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, weight: torch.Tensor | None = None,
-              eps: float = 1e-6, second_weight_from: int | None = None) -> torch.Tensor:
+              eps: float = 1e-6, second_weight_from: int | None = None,
+              out: torch.Tensor | None = None) -> torch.Tensor:
     """Per-head RMSNorm (if `weight`) then rotary, on x [T, heads, dim] whose heads may be
     strided views into a fused projection; returns a contiguous [T, heads, dim]. With a
     weight of shape [2, dim], heads from `second_weight_from` on use its second row: q and
     k heads, adjacent in the fused projection, go through one launch."""
     T, H, D = x.shape
     assert x.stride(2) == 1 and cos.is_contiguous() and sin.is_contiguous()
-    out = torch.empty(T, H, D, dtype=x.dtype, device=x.device)
+    out = torch.empty(T, H, D, dtype=x.dtype, device=x.device) if out is None else out
     split = H if second_weight_from is None else second_weight_from
     if T:
         _qk_norm_rope_kernel[(T, H)](x, out, weight if weight is not None else x, cos, sin, x.stride(0),

@@ -14,8 +14,11 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+    def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        if out is None:
+            return F.linear(x, self.weight, self.bias)
+        torch.mm(x, self.weight.t(), out=out)  # into a static buffer (graph pieces)
+        return out if self.bias is None else out.add_(self.bias)
 
 
 class MergedLinear(Linear):

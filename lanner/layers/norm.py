@@ -9,15 +9,15 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        """With `residual`, adds it first and returns (normed, new residual), as
-        decoder layers chain them (on CUDA the sum is written into `residual`)."""
+        """With `residual`, adds x to it in place and returns (normed, residual), as
+        decoder layers chain them."""
         if x.is_cuda and x.dim() == 2:
             from lanner.kernels.fused import rms_norm
 
             return rms_norm(x, self.weight, self.eps, residual)
-        if residual is not None:
-            x = x + residual
-            residual = x
+        if residual is not None:  # in place, as the CUDA kernel does: graph pieces rely on it
+            residual.add_(x)
+            x = residual
         dtype = x.dtype
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)

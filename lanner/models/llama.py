@@ -33,6 +33,31 @@ class DecoderSpec:
     qk_norm: bool = False
 
 
+@dataclass
+class PieceBuffers:
+    """The tensors that cross the boundaries of the split forward (see run_piece), for N tokens:
+    allocated once at the largest capture size, and sliced to a graph's size with `rows`."""
+    cos: torch.Tensor  # [N, head_dim]
+    sin: torch.Tensor
+    residual: torch.Tensor  # [N, hidden]
+    qkv: torch.Tensor  # [N, (heads + 2 kv_heads) * head_dim]: the fused projection; v is read from it
+    qk: torch.Tensor  # [N, (heads + kv_heads) * head_dim]: q and k after norm and rotary
+    attn_out: torch.Tensor  # [N, heads * head_dim]; rows of padding tokens stay zero
+    hidden: torch.Tensor  # [N, hidden]: the final norm's output
+
+    @classmethod
+    def allocate(cls, spec: DecoderSpec, num_tokens: int, dtype: torch.dtype, device: torch.device) -> PieceBuffers:
+        def empty(width: int) -> torch.Tensor:
+            return torch.zeros(num_tokens, width, dtype=dtype, device=device)
+
+        d = spec.head_dim
+        return cls(empty(d), empty(d), empty(spec.hidden_size), empty((spec.num_heads + 2 * spec.num_kv_heads) * d),
+                   empty((spec.num_heads + spec.num_kv_heads) * d), empty(spec.num_heads * d), empty(spec.hidden_size))
+
+    def rows(self, n: int) -> PieceBuffers:
+        return PieceBuffers(*(t[:n] for t in vars(self).values()))
+
+
 class DecoderAttention(nn.Module):
     def __init__(self, spec: DecoderSpec, layer_idx: int):
         super().__init__()
@@ -46,25 +71,33 @@ class DecoderAttention(nn.Module):
         self.qk_norm = spec.qk_norm
         self.attn = Attention(layer_idx, scale=spec.head_dim ** -0.5)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                bufs: PieceBuffers | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k (normed for Qwen3, rotated) and v of the tokens in x; with `bufs`, written into
+        its static qkv and qk tensors (the outputs of a graph piece)."""
         T = x.shape[0]
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        qkv = self.qkv_proj(x)
+        heads = self.num_heads + self.num_kv_heads
+        qkv = self.qkv_proj(x, out=None if bufs is None else bufs.qkv)
         v = qkv[:, q_size + kv_size:].view(T, self.num_kv_heads, self.head_dim)
+        qk_out = None if bufs is None else bufs.qk.view(T, heads, self.head_dim)
         if x.is_cuda:  # one fused kernel for the q and k heads (adjacent in qkv): norm (Qwen3) and rotary
             from lanner.kernels.fused import norm_rope
 
-            qk = qkv[:, :q_size + kv_size].view(T, self.num_heads + self.num_kv_heads, self.head_dim)
             eps = self.q_norm.eps if self.qk_norm else 0.0
-            qk = norm_rope(qk, cos, sin, self._qk_norm_weight(), eps, second_weight_from=self.num_heads)
-            q, k = qk[:, :self.num_heads], qk[:, self.num_heads:]
-        else:
-            q = qkv[:, :q_size].view(T, self.num_heads, self.head_dim)
-            k = qkv[:, q_size:q_size + kv_size].view(T, self.num_kv_heads, self.head_dim)
-            if self.qk_norm:
-                q, k = self.q_norm(q), self.k_norm(k)
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        return self.o_proj(self.attn(q, k, v).reshape(T, -1))
+            qk = norm_rope(qkv[:, :q_size + kv_size].view(T, heads, self.head_dim), cos, sin,
+                           self._qk_norm_weight(), eps, second_weight_from=self.num_heads, out=qk_out)
+            return qk[:, :self.num_heads], qk[:, self.num_heads:], v
+        q = qkv[:, :q_size].view(T, self.num_heads, self.head_dim)
+        k = qkv[:, q_size:q_size + kv_size].view(T, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if qk_out is not None:
+            qk_out[:, :self.num_heads].copy_(q)
+            qk_out[:, self.num_heads:].copy_(k)
+            return qk_out[:, :self.num_heads], qk_out[:, self.num_heads:], v
+        return q, k, v
 
     def _qk_norm_weight(self) -> torch.Tensor | None:
         """q_norm and k_norm weights stacked [2, head_dim], made once after the weights are loaded."""
@@ -100,8 +133,16 @@ class DecoderLayer(nn.Module):
         self.mlp = DecoderMLP(spec)
 
     def forward(self, x, residual, cos, sin):
+        q, k, v, residual = self.pre_attention(x, residual, cos, sin)
+        return self.post_attention(self.self_attn.attn(q, k, v), residual)
+
+    def pre_attention(self, x, residual, cos, sin, bufs: PieceBuffers | None = None):
+        """Norm (adding x into the residual, in place) and q, k, v; the first layer's residual is x."""
         x, residual = (self.input_layernorm(x), x) if residual is None else self.input_layernorm(x, residual)
-        x = self.self_attn(x, cos, sin)
+        return *self.self_attn.project(x, cos, sin, bufs), residual
+
+    def post_attention(self, attn_out: torch.Tensor, residual: torch.Tensor):
+        x = self.self_attn.o_proj(attn_out.reshape(attn_out.shape[0], -1))
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
 
@@ -140,6 +181,53 @@ class DecoderForCausalLM(nn.Module):
         """Hidden states [T, hidden]; logits are a separate call so graphs can capture the trunk alone."""
         cos, sin = self.rotary.cos_sin(positions, self.model.embed_tokens.weight.dtype)
         return self.model(input_ids, cos, sin)
+
+    # ---- the forward split at attention, for piecewise CUDA graphs ----------------------
+
+    @property
+    def num_pieces(self) -> int:
+        return self.spec.num_layers + 1
+
+    def run_piece(self, j: int, input_ids: torch.Tensor, positions: torch.Tensor, bufs: PieceBuffers) -> None:
+        """Piece j of the forward, which reads and writes only static tensors (so a CUDA graph
+        can capture it): piece 0 embeds the tokens and projects layer 0's q, k, v; piece j in
+        1..L-1 finishes layer j-1 from its attention output and projects layer j's q, k, v;
+        piece L finishes the last layer and applies the final norm. Attention runs between."""
+        layers = self.model.layers
+        if j == 0:
+            cos, sin = self.rotary.cos_sin(positions, self.model.embed_tokens.weight.dtype)
+            bufs.cos.copy_(cos)
+            bufs.sin.copy_(sin)
+            torch.index_select(self.model.embed_tokens.weight, 0, input_ids, out=bufs.residual)
+            layers[0].pre_attention(bufs.residual, None, bufs.cos, bufs.sin, bufs)
+            return
+        x, residual = layers[j - 1].post_attention(bufs.attn_out, bufs.residual)
+        if j == len(layers):
+            bufs.hidden.copy_(self.model.norm(x, residual)[0])
+        else:
+            layers[j].pre_attention(x, residual, bufs.cos, bufs.sin, bufs)
+
+    def attend(self, j: int, bufs: PieceBuffers) -> None:
+        """Layer j's attention between pieces j and j+1 (inside forward_context), into bufs.attn_out."""
+        spec = self.spec
+        T = bufs.qk.shape[0]
+        qk = bufs.qk.view(T, spec.num_heads + spec.num_kv_heads, spec.head_dim)
+        v = bufs.qkv[:, (spec.num_heads + spec.num_kv_heads) * spec.head_dim:].view(T, spec.num_kv_heads, spec.head_dim)
+        self.model.layers[j].self_attn.attn(qk[:, :spec.num_heads], qk[:, spec.num_heads:], v,
+                                            out=bufs.attn_out.view(T, spec.num_heads, spec.head_dim))
+
+    def forward_pieces(self, input_ids: torch.Tensor, positions: torch.Tensor, bufs: PieceBuffers,
+                       run_piece=None) -> torch.Tensor:
+        """The forward as pieces and attention calls; `run_piece(j)` (a graph replay) replaces
+        the eager piece. Returns bufs.hidden."""
+        for j in range(self.num_pieces):
+            if run_piece is None:
+                self.run_piece(j, input_ids, positions, bufs)
+            else:
+                run_piece(j)
+            if j < self.spec.num_layers:
+                self.attend(j, bufs)
+        return bufs.hidden
 
     def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight

@@ -32,9 +32,10 @@ class AttentionBackend(ABC):
 
     @abstractmethod
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                scale: float) -> torch.Tensor:
-        """q: [T, heads, head_dim], k and v: [T, kv_heads, head_dim] -> [T, heads, head_dim].
-        Padding tokens (slot -1) write no KV and get an all-zero output."""
+                scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
+        """q: [T, heads, head_dim], k and v: [T, kv_heads, head_dim] -> [T, heads, head_dim],
+        written into `out` when given. Padding tokens (slot -1, past the planned sequences)
+        write no KV; their output rows are zero in a fresh output and untouched in `out`."""
 
 
 @contextmanager
@@ -55,7 +56,7 @@ class Attention(nn.Module):
         self.layer_idx = layer_idx
         self.scale = scale
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor | None = None):
         if _active is None:
             raise RuntimeError("Attention called outside forward_context")
-        return _active.forward(self.layer_idx, q, k, v, self.scale)
+        return _active.forward(self.layer_idx, q, k, v, self.scale, out)

@@ -21,14 +21,14 @@ class TorchAttentionBackend(AttentionBackend):
             self.seqs.append((start, q_len, slots.to(device)))
             start += q_len
 
-    def forward(self, layer, q, k, v, scale):
+    def forward(self, layer, q, k, v, scale, out=None):
         k_cache, v_cache = self.kv_caches[layer]
         k_flat = k_cache.view(-1, *k_cache.shape[2:])
         v_flat = v_cache.view(-1, *v_cache.shape[2:])
         keep = self.slot_mapping >= 0
         k_flat[self.slot_mapping[keep]] = k[keep]
         v_flat[self.slot_mapping[keep]] = v[keep]
-        out = torch.zeros_like(q)
+        out = torch.zeros_like(q) if out is None else out
         group = q.shape[1] // k.shape[1]
         for start, q_len, slots in self.seqs:
             out[start:start + q_len] = attend(q[start:start + q_len], k_flat[slots], v_flat[slots], scale, group)

@@ -55,12 +55,14 @@ class TritonAttentionBackend(AttentionBackend):
         self.max_query_len = max(batch.query_lens, default=1)
         self.num_splits = num_decode_splits(rows, self.num_kv_heads, self.max_model_len)
 
-    def forward(self, layer, q, k, v, scale):
+    def forward(self, layer, q, k, v, scale, out=None):
         k_cache, v_cache = self.kv_caches[layer]
         store_kv(k, v, k_cache, v_cache, self.slot_mapping)
         rows = self.rows
         if self.decode_only:
-            return decode_attention(q, k_cache, v_cache, self.block_tables[:rows], self.seq_lens[:rows], scale,
-                                    self.num_splits, workspace=self.workspace)
+            # one query row per planned sequence; rows past them (piecewise padding) stay untouched
+            return decode_attention(q[:rows], k_cache, v_cache, self.block_tables[:rows], self.seq_lens[:rows],
+                                    scale, self.num_splits, out=None if out is None else out[:rows],
+                                    workspace=self.workspace)
         return prefill_attention(q, k_cache, v_cache, self.block_tables[:rows], self.seq_lens[:rows],
-                                 self.query_start[:rows + 1], self.max_query_len, scale)
+                                 self.query_start[:rows + 1], self.max_query_len, scale, out=out)

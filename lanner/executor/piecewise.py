@@ -1,0 +1,139 @@
+"""Piecewise CUDA graphs for prefill, mixed and (later) verify steps.
+
+The model's forward is split at its attention calls into L + 1 pieces
+(`run_piece`): everything between two attentions (o_proj, norms, MLP, the next
+q/k/v projection and rotary) is a piece, and pieces only read and write static
+tensors (`PieceBuffers`). For each capture size (a token count) every piece is
+captured as one CUDA graph; a step of T tokens pads to the next size S and
+replays the pieces, running attention eagerly in between, because attention's
+metadata (sequence count, lengths, tile grid) changes every step.
+
+Padding: rows T..S get token 0, position 0 and KV slot -1 (no KV write); the
+attention output rows of padding are zeroed once per step and no attention
+kernel writes them, so they stay zero through every layer. The real token
+count is also on the device (`ForwardBatch.num_real_tokens_device`) for kernels
+inside graphs that must skip padding (MoE routing).
+
+Steps over the largest size run the same pieces eagerly, unpadded, with
+buffers of their own size (one warning). On the CPU there are no graphs: the
+pieces run eagerly with the same padding, which is how CI tests this logic.
+
+Each model that captures graphs owns one `PiecewiseGraphs` with its own sizes,
+buffers and memory pool (`role` tells target and draft models apart).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from lanner.layers.attention import forward_context
+from lanner.models.llama import PieceBuffers
+
+logger = logging.getLogger(__name__)
+
+
+def piecewise_sizes(max_tokens: int, sizes: list[int] | None = None) -> list[int]:
+    """The capture ladder: every 16 tokens to 256, then steps of 1/8 of the size (32 to 512,
+    64 to 1024, ..., 512 to 8192), so padding wastes at most 1/8 above 128 tokens."""
+    if sizes:
+        return sorted({s for s in sizes if 0 < s <= max_tokens})
+    ladder = list(range(16, 257, 16))
+    while ladder[-1] < max_tokens:
+        ladder.append(ladder[-1] + max(16, ladder[-1] // 8))
+    return sorted({s for s in ladder if s <= max_tokens} | {max_tokens})
+
+
+@dataclass
+class PiecewiseReport:
+    role: str
+    sizes: list[int]
+    num_pieces: int
+    warmup_s: float
+    capture_s: float
+    pool_bytes: int
+
+
+class PiecewiseGraphs:
+    def __init__(self, model, sizes: list[int], dtype: torch.dtype, device: torch.device, role: str = "target"):
+        self.model = model
+        self.sizes = sizes
+        self.role = role
+        self.device = device
+        self.dtype = dtype
+        self.bufs = PieceBuffers.allocate(model.spec, self.max_size, dtype, device)
+        self.graphs: dict[int, list[torch.cuda.CUDAGraph]] = {}
+        self.report: PiecewiseReport | None = None
+        self._warned_oversize = False
+        self.num_graph_steps = 0  # steps that replayed graphs
+        self.num_eager_steps = 0  # steps that ran the pieces eagerly (no graph of their size)
+
+    @property
+    def max_size(self) -> int:
+        return self.sizes[-1] if self.sizes else 0
+
+    def padded_size(self, num_tokens: int) -> int | None:
+        return next((s for s in self.sizes if s >= num_tokens), None)
+
+    @torch.inference_mode()
+    def capture(self, input_ids: torch.Tensor, positions: torch.Tensor) -> PiecewiseReport:
+        """Capture every piece at every size, largest first, into one pool. `input_ids` and
+        `positions` are the runner's static input buffers (at least max_size long)."""
+        model = self.model
+        start = time.perf_counter()
+        before = torch.cuda.memory_allocated(self.device)
+        largest = self.max_size
+        # one warm-up at the largest size compiles the Triton kernels and sets cuBLAS up
+        for j in range(model.num_pieces):
+            model.run_piece(j, input_ids[:largest], positions[:largest], self.bufs)
+        torch.cuda.synchronize(self.device)
+        warmup_s = time.perf_counter() - start
+        pool = None
+        for size in reversed(self.sizes):
+            bufs = self.bufs.rows(size)
+            graphs = []
+            for j in range(model.num_pieces):
+                graph = torch.cuda.CUDAGraph()
+                try:
+                    with torch.cuda.graph(graph, pool=pool):
+                        model.run_piece(j, input_ids[:size], positions[:size], bufs)
+                except Exception as e:
+                    raise RuntimeError(f"piecewise CUDA graph capture failed ({self.role} model, {size} tokens, "
+                                       f"piece {j} of {model.num_pieces}): {e}") from e
+                pool = graph.pool() if pool is None else pool
+                graphs.append(graph)
+            self.graphs[size] = graphs
+        torch.cuda.synchronize(self.device)
+        self.report = PiecewiseReport(self.role, self.sizes, model.num_pieces, warmup_s,
+                                      time.perf_counter() - start - warmup_s,
+                                      torch.cuda.memory_allocated(self.device) - before)
+        logger.info("captured %d x %d piecewise graphs (%s model, %d..%d tokens): warm-up %.1f s, capture %.1f s, "
+                    "%.0f MiB", len(self.sizes), model.num_pieces, self.role, self.sizes[0], largest, warmup_s,
+                    self.report.capture_s, self.report.pool_bytes / 2**20)
+        return self.report
+
+    def forward(self, batch, backend) -> torch.Tensor:
+        """Hidden states [T_padded, hidden] of a staged batch whose input rows were padded to
+        `padded_size(batch.num_real_tokens)` (or not padded at all if it is too large)."""
+        real = batch.num_real_tokens
+        size = batch.input_ids.shape[0]
+        if size > self.max_size:
+            if not self._warned_oversize:
+                logger.warning("a step of %d tokens is over the largest piecewise graph (%d): it runs the same "
+                               "pieces eagerly", real, self.max_size)
+                self._warned_oversize = True
+            bufs = PieceBuffers.allocate(self.model.spec, size, self.dtype, self.device)
+        else:
+            bufs = self.bufs.rows(size)
+        bufs.attn_out[real:].zero_()  # padding rows: no attention kernel writes them
+        graphs = self.graphs.get(size)
+        run_piece = None if graphs is None else (lambda j: graphs[j].replay())
+        if graphs is None:
+            self.num_eager_steps += 1
+        else:
+            self.num_graph_steps += 1
+        backend.plan(batch)
+        with forward_context(backend):
+            return self.model.forward_pieces(batch.input_ids, batch.positions, bufs, run_piece)

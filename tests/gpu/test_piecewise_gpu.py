@@ -1,0 +1,95 @@
+"""Piecewise CUDA graphs on the GPU: identical greedy outputs with and without them on
+mixed workloads, padding rows zeroed, the oversized-step fallback, no host syncs in a
+piecewise step, capture failures reported with size and piece."""
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+
+from lanner import LLM, SamplingParams
+
+
+def mixed_prompts(n: int = 24, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    shared = torch.randint(3, 3000, (48,), generator=g).tolist()
+    return [(shared if i % 3 == 0 else []) + torch.randint(3, 3000, (int(m),), generator=g).tolist()
+            for i, m in enumerate(torch.randint(1, 300, (n,), generator=g))]
+
+
+def run(llm, prompts):
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+
+
+def free(llm):
+    del llm
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_greedy_outputs_identical_with_and_without_piecewise(dtype):
+    prompts = mixed_prompts()
+    eager = LLM(dtype=dtype, gpu_memory_utilization=0.3, piecewise_graphs=False, max_num_batched_tokens=512)
+    assert eager.engine.runner.piecewise is None
+    want = run(eager, prompts[:4]) + run(eager, prompts[4:])  # the second call hits the prefix cache
+    free(eager)
+    llm = LLM(dtype=dtype, gpu_memory_utilization=0.3, max_num_batched_tokens=512)
+    pw = llm.engine.runner.piecewise
+    assert pw is not None and pw.report.sizes[-1] == 512 and pw.report.num_pieces == pw.model.num_pieces
+    got = run(llm, prompts[:4]) + run(llm, prompts[4:])
+    assert pw.num_graph_steps > 0 and pw.num_eager_steps == 0
+    assert llm.engine.kv_cache.stats().prefix_hits > 0
+    assert got == want
+
+
+def test_padding_rows_are_zero_and_oversized_steps_fall_back():
+    prompts = mixed_prompts(8, seed=1)
+    want_llm = LLM(dtype="float32", gpu_memory_utilization=0.3, piecewise_graphs=False, max_num_batched_tokens=256)
+    want = run(want_llm, prompts)
+    free(want_llm)
+    llm = LLM(dtype="float32", gpu_memory_utilization=0.3, max_num_batched_tokens=256, piecewise_max_tokens=100)
+    pw = llm.engine.runner.piecewise
+    assert pw.max_size == 100
+    assert run(llm, prompts) == want
+    assert pw.num_eager_steps > 0 and pw.num_graph_steps > 0
+    # one more step of 37 tokens: padded to 48 rows, whose attention rows stay zero
+    llm.engine.add_request("pad", list(range(3, 40)), SamplingParams(temperature=0, max_tokens=1))
+    llm.engine.step()
+    rows = pw.bufs.attn_out[37:48]
+    assert torch.equal(rows, torch.zeros_like(rows))
+
+
+def test_no_host_sync_in_a_piecewise_step():
+    llm = LLM(dtype="bfloat16", gpu_memory_utilization=0.3, max_num_batched_tokens=512)
+    engine, runner = llm.engine, llm.engine.runner
+    launch = runner.launch
+
+    def strict_launch(sched):
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return launch(sched)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    runner.launch = strict_launch
+    run(llm, mixed_prompts(6, seed=2))
+    assert runner.piecewise.num_graph_steps > 0
+
+
+def test_capture_failure_names_size_and_piece(monkeypatch):
+    from lanner.models.llama import DecoderForCausalLM
+
+    real = DecoderForCausalLM.run_piece
+
+    def failing(self, j, input_ids, positions, bufs):
+        if j == 2 and torch.cuda.is_current_stream_capturing() and input_ids.shape[0] == 32:
+            raise ValueError("boom")
+        return real(self, j, input_ids, positions, bufs)
+
+    monkeypatch.setattr(DecoderForCausalLM, "run_piece", failing)
+    with pytest.raises(RuntimeError, match=r"32 tokens, piece 2 of"):
+        LLM(dtype="bfloat16", gpu_memory_utilization=0.3, max_num_batched_tokens=64)
