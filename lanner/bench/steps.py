@@ -50,9 +50,11 @@ def step_times(llm, token_counts: list[int], repeats: int) -> list[dict]:
     for n in token_counts:
         for kind in ("prefill", "mixed"):
             row = {"tokens": n, "kind": kind}
-            for mode, graphs in modes.items():
+            for m, (mode, graphs) in enumerate(modes.items()):
                 runner.piecewise = graphs  # None: the unsplit forward, no padding
-                times = [_time_step(engine, n, kind, seed) for seed in range(repeats + 1)][1:]
+                # distinct prompts for every step: a prefix-cache hit would skip the work
+                seeds = [(n * 2 + (kind == "mixed")) * 1000 + m * 100 + r for r in range(repeats + 1)]
+                times = [_time_step(engine, n, kind, seed) for seed in seeds][1:]
                 row[f"{mode}_ms"] = round(statistics.median(times) * 1e3, 3)
             runner.piecewise = piecewise
             if "piecewise_ms" in row:

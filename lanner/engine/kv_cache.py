@@ -13,6 +13,7 @@ end, so a block matches only if every earlier token matches too.
 from __future__ import annotations
 
 import hashlib
+import struct
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -141,7 +142,7 @@ class KVCacheManager:
         for i in range(len(req.block_hashes), num_full):
             parent = req.block_hashes[i - 1] if i else b""
             tokens = req.all_token_ids[i * bs:(i + 1) * bs]
-            digest = hashlib.sha256(parent + b"".join(t.to_bytes(4, "little") for t in tokens))
+            digest = hashlib.sha256(parent + struct.pack(f"<{len(tokens)}I", *tokens))
             req.block_hashes.append(digest.digest())
 
     def _register_full_blocks(self, req: Request, num_full: int) -> None:

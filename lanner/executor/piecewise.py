@@ -83,7 +83,7 @@ class PiecewiseGraphs:
         `positions` are the runner's static input buffers (at least max_size long)."""
         model = self.model
         start = time.perf_counter()
-        before = torch.cuda.memory_allocated(self.device)
+        before = torch.cuda.memory_reserved(self.device)
         largest = self.max_size
         # one warm-up at the largest size compiles the Triton kernels and sets cuBLAS up
         for j in range(model.num_pieces):
@@ -108,7 +108,7 @@ class PiecewiseGraphs:
         torch.cuda.synchronize(self.device)
         self.report = PiecewiseReport(self.role, self.sizes, model.num_pieces, warmup_s,
                                       time.perf_counter() - start - warmup_s,
-                                      torch.cuda.memory_allocated(self.device) - before)
+                                      torch.cuda.memory_reserved(self.device) - before)
         logger.info("captured %d x %d piecewise graphs (%s model, %d..%d tokens): warm-up %.1f s, capture %.1f s, "
                     "%.0f MiB", len(self.sizes), model.num_pieces, self.role, self.sizes[0], largest, warmup_s,
                     self.report.capture_s, self.report.pool_bytes / 2**20)

@@ -23,8 +23,7 @@ def run(llm, prompts):
     return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
 
 
-def free(llm):
-    del llm
+def release_memory():
     gc.collect()
     torch.cuda.empty_cache()
 
@@ -35,7 +34,8 @@ def test_greedy_outputs_identical_with_and_without_piecewise(dtype):
     eager = LLM(dtype=dtype, gpu_memory_utilization=0.3, piecewise_graphs=False, max_num_batched_tokens=512)
     assert eager.engine.runner.piecewise is None
     want = run(eager, prompts[:4]) + run(eager, prompts[4:])  # the second call hits the prefix cache
-    free(eager)
+    del eager
+    release_memory()
     llm = LLM(dtype=dtype, gpu_memory_utilization=0.3, max_num_batched_tokens=512)
     pw = llm.engine.runner.piecewise
     assert pw is not None and pw.report.sizes[-1] == 512 and pw.report.num_pieces == pw.model.num_pieces
@@ -49,7 +49,8 @@ def test_padding_rows_are_zero_and_oversized_steps_fall_back():
     prompts = mixed_prompts(8, seed=1)
     want_llm = LLM(dtype="float32", gpu_memory_utilization=0.3, piecewise_graphs=False, max_num_batched_tokens=256)
     want = run(want_llm, prompts)
-    free(want_llm)
+    del want_llm
+    release_memory()
     llm = LLM(dtype="float32", gpu_memory_utilization=0.3, max_num_batched_tokens=256, piecewise_max_tokens=100)
     pw = llm.engine.runner.piecewise
     assert pw.max_size == 100
