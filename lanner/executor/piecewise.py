@@ -36,13 +36,14 @@ logger = logging.getLogger(__name__)
 
 
 def piecewise_sizes(max_tokens: int, sizes: list[int] | None = None) -> list[int]:
-    """The capture ladder: every 16 tokens to 256, then steps of 1/8 of the size (32 to 512,
-    64 to 1024, ..., 512 to 8192), so padding wastes at most 1/8 above 128 tokens."""
+    """The capture ladder: every 16 tokens to 256, then steps of 1/8 of the power of two below
+    (32 to 512, 64 to 1024, ..., 512 to 8192): padding wastes at most 1/8 above 128 tokens, and
+    round budgets (512, 2048, 8192) need none."""
     if sizes:
         return sorted({s for s in sizes if 0 < s <= max_tokens})
     ladder = list(range(16, 257, 16))
     while ladder[-1] < max_tokens:
-        ladder.append(ladder[-1] + max(16, ladder[-1] // 8))
+        ladder.append(ladder[-1] + (1 << (ladder[-1].bit_length() - 1)) // 8)
     return sorted({s for s in ladder if s <= max_tokens} | {max_tokens})
 
 
