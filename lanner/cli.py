@@ -1,8 +1,12 @@
-"""The `lanner` command: generate, chat."""
+"""The `lanner` command: generate, chat, serve, bench."""
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
+import signal
 import sys
+from pathlib import Path
 
 from lanner.config import EngineConfig, add_cli_args, add_dataclass_args, kwargs_from_args
 from lanner.engine.request import SamplingParams
@@ -42,11 +46,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
-    from lanner.engine.llm import LLM
-
     engine = _engine(args)
-    llm = LLM.__new__(LLM)  # reuse render_chat over the engine we built
-    llm.engine = engine
     params = _params(engine, args)
     history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
     print("lanner chat: an empty line or Ctrl-D ends the conversation.")
@@ -58,8 +58,39 @@ def cmd_chat(args: argparse.Namespace) -> None:
         if not line.strip():
             break
         history.append({"role": "user", "content": line})
-        reply = _stream(engine, f"chat-{turn}", llm.render_chat(history), params)
+        reply = _stream(engine, f"chat-{turn}", engine.render_chat(history), params)
         history.append({"role": "assistant", "content": reply})
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from lanner.default_model import default_model_path
+    from lanner.engine.async_engine import AsyncEngine
+    from lanner.server.app import ServerConfig, build_app
+    from lanner.server.metrics import ServerMetrics
+
+    config = ServerConfig(**kwargs_from_args(args, ServerConfig))
+    engine = _engine(args)
+    model = engine.config.model.model or default_model_path()
+    config.served_model_name = config.served_model_name or Path(model).name.removesuffix(".json")
+    metrics = ServerMetrics()
+    app = build_app(AsyncEngine(engine, config.max_waiting_requests, observer=metrics), config, metrics)
+    server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="info",
+                                           timeout_graceful_shutdown=30))
+
+    def stop(signum, frame) -> None:  # a second signal stops at once
+        server.force_exit = server.should_exit
+        server.should_exit = True
+
+    # SIGTERM/SIGINT: stop accepting, let open responses finish (up to 30 s), then the app's
+    # shutdown aborts what is left and stops the engine thread; the exit code is 0 (uvicorn's own
+    # handlers would re-raise the signal after shutting down)
+    server.capture_signals = contextlib.nullcontext
+    server.install_signal_handlers = lambda: None
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    asyncio.run(server.serve())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,6 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
     chat = sub.add_parser("chat", help="interactive multi-turn chat with the model's chat template")
     chat.add_argument("--system", default=None, help="system message")
     chat.set_defaults(func=cmd_chat)
+    serve = sub.add_parser("serve", help="the OpenAI-compatible HTTP server")
+    serve.set_defaults(func=cmd_serve)
+    from lanner.server.app import ServerConfig
+
+    add_dataclass_args(serve, ServerConfig, "server options")
+    add_cli_args(serve)
     from lanner.bench.runs import add_parser as add_bench_parser
 
     add_bench_parser(sub)

@@ -21,6 +21,10 @@ class UnsupportedModel(LannerError, ValueError):
     """The model's architecture or one of its options is not implemented."""
 
 
+class ServerOverloaded(LannerError):
+    """Too many requests are waiting; the client may retry later (HTTP 429)."""
+
+
 class EngineDead(LannerError, RuntimeError):
     """The engine hit an unrecoverable error and accepts no more work."""
 

@@ -81,6 +81,7 @@ class LLMEngine:
         self.num_steps = 0
         self.num_overlapped_steps = 0  # launched before the previous step was read back
         self.in_flight: tuple[SchedulerOutput, StepHandle] | None = None  # launched, not yet read back
+        self._stepping: SchedulerOutput | None = None  # the step being launched
 
     # ---- requests in and out -------------------------------------------------------
 
@@ -120,6 +121,34 @@ class LLMEngine:
                 self.scheduler.finish(req)
         return self._finalize(request_id)
 
+    def render_chat(self, conversation: list[dict], add_generation_prompt: bool = True,
+                    chat_template_kwargs: dict | None = None) -> list[int]:
+        """Token ids of a conversation ([{"role", "content"}, ...]) through the chat template."""
+        tokenizer = self.tokenizer
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise InvalidRequest("this model's tokenizer has no chat template")
+        try:
+            text = tokenizer.apply_chat_template(conversation, tokenize=False,
+                                                 add_generation_prompt=add_generation_prompt,
+                                                 **(chat_template_kwargs or {}))
+        except Exception as e:  # a template that rejects the conversation (roles, missing keys)
+            raise InvalidRequest(f"the chat template rejected these messages: {e}") from e
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def fail_step(self) -> list[str]:
+        """After an exception inside step(): abort the requests of the failed step (and of the
+        step in flight, whose results are lost) and return their ids; the engine can go on."""
+        affected = {req.parent_id for req, _ in self._stepping.scheduled} if self._stepping else None
+        if self.in_flight is not None:
+            affected = (affected or set()) | {req.parent_id for req, _ in self.in_flight[0].scheduled}
+            self.in_flight = None
+        if affected is None:  # it failed before scheduling anything: trust nobody that runs
+            affected = {req.parent_id for req in self.scheduler.running}
+        self._stepping = None
+        for request_id in affected:
+            self.abort_request(request_id)
+        return sorted(affected)
+
     def has_unfinished_requests(self) -> bool:
         # requests of an in-flight step stay in the scheduler until finished
         return self.scheduler.has_unfinished()
@@ -130,10 +159,12 @@ class LLMEngine:
         outputs = []
         if self.in_flight is not None and not self._can_overlap():
             outputs += self._read_back()
+        self._stepping = None
         with record_function("schedule"):
             sched = self.scheduler.schedule()
         if sched.is_empty:
             return outputs + self._read_back()
+        self._stepping = sched  # what fail_step aborts if the launch raises
         handle = self.runner.launch(sched)
         self.num_steps += 1
         for req, num_new in sched.scheduled:

@@ -47,12 +47,7 @@ class LLM:
 
     def render_chat(self, conversation: list[dict], add_generation_prompt: bool = True,
                     chat_template_kwargs: dict | None = None) -> list[int]:
-        tokenizer = self.engine.tokenizer
-        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-            raise InvalidRequest("this model's tokenizer has no chat template")
-        text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=add_generation_prompt,
-                                             **(chat_template_kwargs or {}))
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self.engine.render_chat(conversation, add_generation_prompt, chat_template_kwargs)
 
     def _run(self, work: list[tuple[PromptType, SamplingParams]], use_tqdm: bool) -> list[RequestOutput]:
         engine = self.engine

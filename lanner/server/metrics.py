@@ -1,0 +1,60 @@
+"""Prometheus metrics of one server (its own registry, so tests can run several)."""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from lanner.engine.request import RequestOutput
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28)
+
+
+class ServerMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.http_requests = Counter("lanner_http_requests", "HTTP requests by endpoint and status code",
+                                     ["endpoint", "status"], registry=r)
+        self.finished = Counter("lanner_requests_finished", "generation requests finished, by finish reason",
+                                ["reason"], registry=r)
+        self.ttft = Histogram("lanner_time_to_first_token_seconds", "arrival to first output token",
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.tpot = Histogram("lanner_time_per_output_token_seconds", "mean time between output tokens of a request",
+                              buckets=TOKEN_BUCKETS, registry=r)
+        self.e2e = Histogram("lanner_e2e_request_latency_seconds", "arrival to last token",
+                             buckets=LATENCY_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("lanner_prompt_tokens", "prompt tokens of finished requests", registry=r)
+        self.generation_tokens = Counter("lanner_generation_tokens", "output tokens of finished requests",
+                                         registry=r)
+        self.running = Gauge("lanner_num_requests_running", "sequences in the running batch", registry=r)
+        self.waiting = Gauge("lanner_num_requests_waiting", "sequences waiting to be scheduled", registry=r)
+        self.kv_usage = Gauge("lanner_kv_cache_usage", "fraction of KV-cache blocks in use", registry=r)
+        self.prefix_hit_rate = Gauge("lanner_prefix_cache_hit_rate", "prompt tokens served from the prefix cache",
+                                     registry=r)
+        self.preemptions = Gauge("lanner_num_preemptions", "preemptions since start", registry=r)
+
+    # called on the engine thread
+    def record_step(self, engine) -> None:
+        stats = engine.kv_cache.stats()
+        self.running.set(len(engine.scheduler.running))
+        self.waiting.set(len(engine.scheduler.waiting))
+        self.kv_usage.set(stats.usage)
+        self.prefix_hit_rate.set(stats.hit_rate)
+        self.preemptions.set(engine.scheduler.num_preemptions)
+
+    def record_finished(self, out: RequestOutput) -> None:
+        for choice in out.outputs:
+            self.finished.labels(choice.finish_reason or "unknown").inc()
+            self.generation_tokens.inc(len(choice.token_ids))
+        self.prompt_tokens.inc(len(out.prompt_token_ids))
+        m = out.metrics
+        if m is None or m.first_token_time is None or m.finished_time is None:
+            return
+        self.ttft.observe(m.first_token_time - m.arrival_time)
+        self.e2e.observe(m.finished_time - m.arrival_time)
+        tokens = max(len(c.token_ids) for c in out.outputs)
+        if tokens > 1:
+            self.tpot.observe((m.finished_time - m.first_token_time) / (tokens - 1))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

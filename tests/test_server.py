@@ -1,0 +1,297 @@
+"""The OpenAI-compatible server with the embedded model on 127.0.0.1: the real
+`openai` client, every error path, a fuzz pass, load, disconnects, engine
+failures and SIGTERM."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import uvicorn
+from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from lanner import LLM, SamplingParams
+from lanner.config import EngineConfig
+from lanner.engine.async_engine import AsyncEngine
+from lanner.engine.engine import LLMEngine
+from lanner.server.app import ServerConfig, build_app
+
+MODEL = "lanner-tiny"
+ENGINE_ARGS = dict(device="cpu", dtype="float32", num_kv_blocks=512, max_num_seqs=64)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_app(**server_kwargs):
+    engine = AsyncEngine(LLMEngine(EngineConfig.from_kwargs(**ENGINE_ARGS)),
+                         server_kwargs.get("max_waiting_requests"))
+    return build_app(engine, ServerConfig(served_model_name=MODEL, **server_kwargs)), engine
+
+
+def engine_state(engine: AsyncEngine) -> tuple[int, bool]:
+    return engine.call(lambda e: (e.kv_cache.stats().used_blocks, e.has_unfinished_requests())).result(10)
+
+
+def wait_idle(engine: AsyncEngine, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while engine_state(engine) != (0, False):
+        assert time.monotonic() < deadline, f"still busy: {engine_state(engine)}"
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def server():
+    app, engine = make_app()
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not srv.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}", engine
+    srv.should_exit = True
+    thread.join(30)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server[0] + "/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def offline():
+    return LLM(**ENGINE_ARGS)
+
+
+GREEDY = dict(temperature=0, max_tokens=12)
+
+
+def test_completions_match_offline_and_count_usage(client, offline):
+    out = client.completions.create(model=MODEL, prompt="def add(a, b):", **GREEDY)
+    want = offline.generate("def add(a, b):", SamplingParams(**GREEDY, repetition_penalty=1.1), use_tqdm=False)[0]
+    assert out.choices[0].text == want.outputs[0].text
+    assert out.usage.prompt_tokens == len(want.prompt_token_ids)
+    assert out.usage.completion_tokens == len(want.outputs[0].token_ids)
+    assert out.usage.total_tokens == out.usage.prompt_tokens + out.usage.completion_tokens
+    streamed = client.completions.create(model=MODEL, prompt="def add(a, b):", stream=True,
+                                         stream_options={"include_usage": True}, **GREEDY)
+    chunks = list(streamed)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == out.choices[0].text
+    assert chunks[-1].usage.completion_tokens == out.usage.completion_tokens and not chunks[-1].choices
+    assert [c for c in chunks if c.choices][-1].choices[0].finish_reason == "length"
+
+
+def test_chat_streaming_and_not(client, server):
+    messages = [{"role": "user", "content": "Write a loop."}]
+    whole = client.chat.completions.create(model=MODEL, messages=messages, **GREEDY)
+    assert whole.choices[0].message.role == "assistant" and whole.choices[0].finish_reason in ("length", "stop")
+    parts = list(client.chat.completions.create(model=MODEL, messages=messages, stream=True,
+                                                stream_options={"include_usage": True}, **GREEDY))
+    assert parts[0].choices[0].delta.role == "assistant"
+    assert "".join(p.choices[0].delta.content or "" for p in parts if p.choices) == whole.choices[0].message.content
+    assert parts[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_n_stop_logprobs_seed(client):
+    many = client.completions.create(model=MODEL, prompt="import os\n", n=3, temperature=1.0, seed=5, max_tokens=8)
+    assert sorted(c.index for c in many.choices) == [0, 1, 2]
+    again = client.completions.create(model=MODEL, prompt="import os\n", n=3, temperature=1.0, seed=5, max_tokens=8)
+    assert [c.text for c in many.choices] == [c.text for c in again.choices]  # seeds reproduce
+    assert many.usage.completion_tokens == sum(len(c.text) > 0 for c in many.choices) * 0 + many.usage.completion_tokens
+    base = client.completions.create(model=MODEL, prompt="def main():", **GREEDY).choices[0].text
+    stop = base[len(base) // 2:len(base) // 2 + 2]
+    if stop.strip():
+        cut = client.completions.create(model=MODEL, prompt="def main():", stop=[stop], **GREEDY).choices[0]
+        assert cut.text == base[:base.find(stop)] and cut.finish_reason == "stop"
+    lp = client.completions.create(model=MODEL, prompt="x = ", logprobs=2, **GREEDY).choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) > 0
+    assert all(len(top) == 2 and max(top.values()) >= value - 1e-6
+               for top, value in zip(lp.top_logprobs, lp.token_logprobs))
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], logprobs=True,
+                                          top_logprobs=3, **GREEDY).choices[0]
+    assert all(len(t.top_logprobs) == 3 for t in chat.logprobs.content) and chat.logprobs.content
+
+
+def test_models_health_version_metrics(server, client):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    base = server[0]
+    assert httpx.get(base + "/health").json() == {"status": "ok"}
+    assert "version" in httpx.get(base + "/version").json()
+    text = httpx.get(base + "/metrics").text
+    for name in ("lanner_time_to_first_token_seconds", "lanner_time_per_output_token_seconds",
+                 "lanner_e2e_request_latency_seconds", "lanner_num_requests_running", "lanner_num_requests_waiting",
+                 "lanner_kv_cache_usage", "lanner_prefix_cache_hit_rate", "lanner_http_requests_total"):
+        assert name in text
+    assert 'lanner_http_requests_total{endpoint="/v1/completions",status="200"}' in text
+
+
+@pytest.mark.parametrize("body,status,fragment", [
+    ({"model": MODEL, "prompt": "x", "temperature": -1}, 400, "temperature"),
+    ({"model": MODEL, "prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+    ({"model": MODEL, "prompt": "x", "n": 0}, 400, "n must be"),
+    ({"model": "gpt-9", "prompt": "x"}, 400, "does not exist"),
+    ({"model": MODEL, "prompt": "x " * 5000}, 400, "context"),
+    ({"model": MODEL, "prompt": [1, 2, 10 ** 9]}, 400, "unknown token ids"),
+    ({"model": MODEL}, 400, "prompt"),
+    ({"model": MODEL, "prompt": ""}, 400, "empty"),
+    ({"model": MODEL, "prompt": "x", "logprobs": 50}, 400, "logprobs"),
+])
+def test_invalid_requests_get_400(server, body, status, fragment):
+    r = httpx.post(server[0] + "/v1/completions", json=body, timeout=30)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert fragment in error["message"] and error["type"] == "invalid_request_error"
+
+
+def test_malformed_json_and_bad_chat(server):
+    r = httpx.post(server[0] + "/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "error" in r.json()
+    r = httpx.post(server[0] + "/v1/chat/completions", json={"model": MODEL, "messages": []})
+    assert r.status_code == 400
+    r = httpx.post(server[0] + "/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "robot"}]})
+    assert r.status_code == 400
+
+
+def test_api_key_and_full_queue():
+    app, _ = make_app(api_key="sekret", max_waiting_requests=0)
+    with TestClient(app) as c:
+        body = {"model": MODEL, "prompt": "x", "max_tokens": 2}
+        for headers in ({}, {"Authorization": "Bearer wrong"}):
+            r = c.post("/v1/completions", json=body, headers=headers)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        assert c.get("/health").status_code == 200  # health needs no key
+        r = c.post("/v1/completions", json=body, headers={"Authorization": "Bearer sekret"})
+        assert r.status_code == 429 and "waiting" in r.json()["error"]["message"]
+
+
+def test_step_failures_fail_their_requests_and_kill_after_repeats():
+    app, engine = make_app()
+    runner = engine.engine.runner
+    launch = runner.launch
+    failures = {"left": 1}
+
+    def flaky(sched):
+        if failures["left"]:
+            failures["left"] -= 1
+            raise RuntimeError("injected failure")
+        return launch(sched)
+
+    runner.launch = flaky
+    with TestClient(app) as c:
+        body = {"model": MODEL, "prompt": "def f():", "max_tokens": 4}
+        r = c.post("/v1/completions", json=body)
+        assert r.status_code == 500 and "injected failure" in r.json()["error"]["message"]
+        assert c.post("/v1/completions", json=body).status_code == 200  # the loop went on
+        wait_idle(engine)
+        failures["left"] = 10
+        for _ in range(3):
+            assert c.post("/v1/completions", json=body).status_code in (500, 503)
+        assert c.get("/health").status_code == 503
+        assert c.post("/v1/completions", json=body).status_code == 503
+
+
+json_values = st.recursive(st.none() | st.booleans() | st.integers(-10**12, 10**12) | st.floats(allow_nan=False, allow_infinity=False)
+                           | st.text(max_size=20), lambda inner: st.lists(inner, max_size=4)
+                           | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=8)
+FIELDS = ["model", "prompt", "messages", "max_tokens", "temperature", "top_p", "top_k", "min_p", "n", "stop", "seed",
+          "logprobs", "top_logprobs", "presence_penalty", "frequency_penalty", "stream", "ignore_eos", "stop_token_ids"]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(path=st.sampled_from(["/v1/completions", "/v1/chat/completions"]),
+       body=st.dictionaries(st.sampled_from(FIELDS), json_values, max_size=6),
+       good=st.booleans())
+def test_fuzzed_requests_never_get_500(server, path, body, good):
+    if good:  # mostly-valid bodies reach deeper
+        body = {"model": MODEL, "max_tokens": 3, **({"prompt": "a"} if "completions" == path[-11:] else
+                                                   {"messages": [{"role": "user", "content": "a"}]}), **body}
+    r = httpx.post(server[0] + path, json=body, timeout=60)
+    assert r.status_code in (200, 400), (r.status_code, r.text)
+    if r.status_code == 400:
+        assert r.json()["error"]["message"]
+
+
+def test_hundreds_of_concurrent_streams_match_offline(server, offline):
+    base, engine = server
+    prompts = [f"def f{i}(x):" for i in range(200)]
+    params = [dict(temperature=0.8 if i % 2 else 0, seed=i, max_tokens=6 + i % 5) for i in range(200)]
+
+    async def one(client: httpx.AsyncClient, prompt: str, p: dict) -> str:
+        text = ""
+        async with client.stream("POST", base + "/v1/completions",
+                                 json={"model": MODEL, "prompt": prompt, "stream": True, **p}) as r:
+            assert r.status_code == 200
+            async for line in r.aiter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    text += json.loads(line[6:])["choices"][0]["text"]
+        return text
+
+    async def run_all() -> list[str]:
+        async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=300)) as client:
+            return await asyncio.gather(*(one(client, pr, p) for pr, p in zip(prompts, params)))
+
+    got = asyncio.run(run_all())
+    want = offline.generate(prompts, [SamplingParams(**p, repetition_penalty=1.1, top_p=0.95) for p in params],
+                            use_tqdm=False)
+    assert got == [o.outputs[0].text for o in want]
+    wait_idle(engine)
+
+
+def test_disconnect_mid_stream_frees_blocks(server):
+    base, engine = server
+    with httpx.Client(timeout=60) as c:
+        with c.stream("POST", base + "/v1/completions", json={"model": MODEL, "prompt": "class A:", "stream": True,
+                                                              "max_tokens": 400, "ignore_eos": True}) as r:
+            lines = r.iter_lines()
+            assert next(line for line in lines if line.startswith("data: "))
+    wait_idle(engine)  # the request was aborted and its blocks freed
+
+
+def test_sigterm_shuts_down_cleanly(tmp_path):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "lanner.cli", "serve", "--port", str(port), "--device", "cpu",
+                             "--num-kv-blocks", "256"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read().decode()[-2000:]
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        done = {}
+
+        def stream():
+            with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/completions", timeout=60,
+                              json={"model": "lanner-tiny", "prompt": "x", "stream": True, "max_tokens": 64}) as r:
+                done["lines"] = [line for line in r.iter_lines() if line]
+
+        t = threading.Thread(target=stream)
+        t.start()
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+        t.join(10)
+        assert done["lines"][-1] == "data: [DONE]"  # the in-flight stream was finished, not cut
+    finally:
+        if proc.poll() is None:
+            proc.kill()
