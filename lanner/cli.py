@@ -125,8 +125,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "bench":
-        args.func = cmd_bench
+    if args.command == "bench" and not getattr(args, "serve_bench", False):
+        args.func = cmd_bench  # engine benchmarks; `bench serve` is a client and has its own
     try:
         args.func(args)
     except LannerError as e:

@@ -295,3 +295,21 @@ def test_sigterm_shuts_down_cleanly(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_bench_serve_measures_a_server(server, tmp_path):
+    from lanner.cli import main
+
+    out = tmp_path / "serve.json"
+    plot = tmp_path / "serve.png"
+    assert main(["bench", "serve", "--base-url", server[0], "--num-prompts", "12", "--input-len", "20",
+                 "--output-len", "6", "--request-rate", "50", "inf", "--max-concurrency", "8",
+                 "--output-json", str(out), "--plot", str(plot)]) == 0
+    rec = json.loads(out.read_text())
+    rows = rec["results"]["rates"]
+    assert [r["request_rate"] for r in rows] == [50.0, "inf"]
+    for r in rows:
+        assert r["completed"] == 12 and r["failed"] == 0 and r["output_tokens"] == 12 * 6
+        assert 0 < r["ttft_ms"]["p50"] <= r["ttft_ms"]["p99"] and r["tpot_ms"]["mean"] > 0 and r["itl_ms"]["p50"] > 0
+    assert rec["model_config"]["served_model"] == MODEL and plot.stat().st_size > 0
+    wait_idle(server[1])

@@ -171,6 +171,9 @@ def add_parser(sub) -> None:
     thr.add_argument("--num-prompts", type=int, default=None)
     thr.add_argument("--input-range", type=int, nargs=2, default=None, metavar=("LO", "HI"))
     thr.add_argument("--output-range", type=int, nargs=2, default=None, metavar=("LO", "HI"))
+    from lanner.bench import serve
+
+    serve.add_parser(kinds)
     for p in (lat, step, thr):
         p.add_argument("--config", default=None, help="a config.json: random weights of that shape (dummy load)")
         if p is not step:

@@ -1,0 +1,197 @@
+"""`lanner bench serve`: a load generator for any OpenAI-compatible completions endpoint.
+
+Requests arrive as a Poisson process at each `--request-rate` (inf: all at once,
+a burst), optionally capped at `--max-concurrency` in flight. Prompts are random
+token ids of `--input-len` (any server that accepts token-id prompts: lanner,
+vLLM, SGLang) or the lines of a JSONL dataset ({"prompt": ..., "output_len": ...}).
+Each request streams; time to first token (TTFT), inter-token latency (ITL,
+between content chunks), time per output token (TPOT, after the first) and
+end-to-end latency are measured on the client. Output tokens come from the
+final usage chunk.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import statistics
+import time
+from dataclasses import dataclass, field
+
+from lanner.bench import common
+
+
+@dataclass
+class Result:
+    ok: bool = False
+    error: str = ""
+    ttft: float = 0.0
+    e2e: float = 0.0
+    itl: list[float] = field(default_factory=list)
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+
+    @property
+    def tpot(self) -> float | None:
+        return (self.e2e - self.ttft) / (self.output_tokens - 1) if self.output_tokens > 1 else None
+
+
+def make_requests(args: argparse.Namespace) -> list[tuple[str | list[int], int]]:
+    rng = random.Random(args.seed)
+    if args.dataset:
+        with open(args.dataset) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        return [(r["prompt"], int(r.get("output_len", args.output_len))) for r in rows[:args.num_prompts]]
+    return [([rng.randrange(10, 1000) for _ in range(args.input_len)], args.output_len)
+            for _ in range(args.num_prompts)]
+
+
+async def one_request(client, url: str, body: dict, headers: dict) -> Result:
+    import httpx
+
+    res = Result()
+    start = time.perf_counter()
+    last = start
+    try:
+        async with client.stream("POST", url, json=body, headers=headers) as r:
+            if r.status_code != 200:
+                res.error = f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"
+                return res
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    res.error = chunk["error"].get("message", "error")
+                    return res
+                if chunk.get("usage"):
+                    res.prompt_tokens = chunk["usage"]["prompt_tokens"]
+                    res.output_tokens = chunk["usage"]["completion_tokens"]
+                if any(c.get("text") for c in chunk.get("choices", [])):
+                    now = time.perf_counter()
+                    if res.ttft == 0.0:
+                        res.ttft = now - start
+                    else:
+                        res.itl.append(now - last)
+                    last = now
+    except httpx.HTTPError as e:
+        res.error = f"{type(e).__name__}: {e}"
+        return res
+    res.e2e = time.perf_counter() - start
+    res.ok = True
+    return res
+
+
+async def run_rate(args: argparse.Namespace, model: str, rate: float,
+                   requests: list[tuple[str | list[int], int]]) -> dict:
+    import httpx
+
+    url = args.base_url.rstrip("/") + "/v1/completions"
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    rng = random.Random(args.seed + 1)
+    limit = asyncio.Semaphore(args.max_concurrency or len(requests))
+
+    async def limited(client, body):
+        async with limit:
+            return await one_request(client, url, body, headers)
+
+    async with httpx.AsyncClient(timeout=httpx.Timeout(args.timeout),
+                                 limits=httpx.Limits(max_connections=args.max_concurrency or 1000)) as client:
+        tasks = []
+        start = time.perf_counter()
+        for prompt, output_len in requests:
+            body = {"model": model, "prompt": prompt, "max_tokens": output_len, "temperature": 0, "stream": True,
+                    "ignore_eos": True, "stream_options": {"include_usage": True}}
+            tasks.append(asyncio.create_task(limited(client, body)))
+            if rate != float("inf"):
+                await asyncio.sleep(rng.expovariate(rate))
+        results = await asyncio.gather(*tasks)
+        duration = time.perf_counter() - start
+    return summarize(rate, results, duration, args.max_concurrency)
+
+
+def percentiles(values: list[float], scale: float = 1e3) -> dict:
+    if not values:
+        return {}
+    values = sorted(values)
+
+    def at(q: float) -> float:
+        return round(values[min(len(values) - 1, int(q * len(values)))] * scale, 2)
+
+    return {"mean": round(statistics.mean(values) * scale, 2), "p50": at(0.5), "p90": at(0.9), "p99": at(0.99)}
+
+
+def summarize(rate: float, results: list[Result], duration: float, max_concurrency: int | None) -> dict:
+    ok = [r for r in results if r.ok]
+    out_tokens = sum(r.output_tokens for r in ok)
+    in_tokens = sum(r.prompt_tokens for r in ok)
+    return {
+        "request_rate": "inf" if rate == float("inf") else rate, "max_concurrency": max_concurrency,
+        "completed": len(ok), "failed": len(results) - len(ok),
+        "errors": sorted({r.error for r in results if not r.ok})[:5], "duration_s": round(duration, 3),
+        "requests_per_s": round(len(ok) / duration, 3), "output_tok_per_s": round(out_tokens / duration, 1),
+        "total_tok_per_s": round((out_tokens + in_tokens) / duration, 1), "output_tokens": out_tokens,
+        "ttft_ms": percentiles([r.ttft for r in ok]), "tpot_ms": percentiles([r.tpot for r in ok if r.tpot]),
+        "itl_ms": percentiles([x for r in ok for x in r.itl]), "e2e_ms": percentiles([r.e2e for r in ok]),
+    }
+
+
+def plot(rows: list[dict], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [str(r["request_rate"]) for r in rows]
+    fig, ax = plt.subplots(1, 3, figsize=(14, 4))
+    ax[0].bar(labels, [r["output_tok_per_s"] for r in rows])
+    ax[0].set(title="output tokens/s", xlabel="request rate (req/s)")
+    for i, key in ((1, "ttft_ms"), (2, "tpot_ms")):
+        for q in ("p50", "p99"):
+            ax[i].plot(labels, [r[key].get(q, 0) for r in rows], "o-", label=q)
+        ax[i].set(title=key.replace("_ms", " (ms)").upper(), xlabel="request rate (req/s)")
+        ax[i].legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(args: argparse.Namespace) -> None:
+    import httpx
+
+    model = args.model
+    if model is None:
+        headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+        model = httpx.get(args.base_url.rstrip("/") + "/v1/models", headers=headers, timeout=30).json()["data"][0]["id"]
+    requests = make_requests(args)
+    rows = []
+    for rate in args.request_rate:
+        rows.append(asyncio.run(run_rate(args, model, rate, requests)))
+        print(json.dumps(rows[-1]), flush=True)
+    if args.plot:
+        plot(rows, args.plot, f"lanner bench serve: {model} at {args.base_url}")
+    workload = {"num_prompts": len(requests), "input_len": None if args.dataset else args.input_len,
+                "output_len": args.output_len, "dataset": args.dataset, "seed": args.seed, "greedy": True,
+                "ignore_eos": True}
+    common.emit(common.record("serve", {"served_model": model, "base_url": args.base_url}, workload, {"rates": rows}),
+                args.output_json)
+
+
+def add_parser(kinds) -> None:
+    p = kinds.add_parser("serve", help="load-test an OpenAI-compatible server (lanner serve, or any other)")
+    p.add_argument("--base-url", default="http://127.0.0.1:8000")
+    p.add_argument("--model", default=None, help="model name to request (default: the server's first model)")
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--num-prompts", type=int, default=200)
+    p.add_argument("--request-rate", type=float, nargs="+", default=[float("inf")],
+                   help="requests per second, Poisson arrivals; several values make a sweep; inf: a burst")
+    p.add_argument("--max-concurrency", type=int, default=None, help="cap on requests in flight")
+    p.add_argument("--input-len", type=int, default=256, help="random token-id prompts of this length")
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--dataset", default=None, help='JSONL of {"prompt": str or token ids, "output_len": int}')
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
+    p.add_argument("--plot", default=None, help="write a PNG of the sweep here")
+    p.add_argument("--output-json", default=None)
+    p.set_defaults(func=main, serve_bench=True)
