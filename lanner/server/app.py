@@ -139,7 +139,7 @@ def build_app(engine: AsyncEngine, config: ServerConfig, metrics: ServerMetrics 
             return error_of(InvalidRequest(str(e)))
         rid = f"cmpl-{uuid.uuid4().hex}"
         streams = [engine.generate(f"{rid}-{i}", p, params) for i, p in enumerate(prompts)]
-        shaper = CompletionShaper(rid, model_name, body, llm.tokenizer)
+        shaper = CompletionShaper(rid, model_name, body)
         return await respond(body.stream, streams, shaper)
 
     @app.post("/v1/chat/completions")
@@ -297,10 +297,6 @@ def top_entries(entry: dict, n: int) -> list:
 
 class CompletionShaper(_Shaper):
     chunk_object = "text_completion"
-
-    def __init__(self, rid, model, body, tokenizer) -> None:
-        super().__init__(rid, model, body)
-        self.tokenizer = tokenizer
 
     def logprobs(self, entries: list[dict], text_offset: int) -> dict | None:
         if self.body.logprobs is None:

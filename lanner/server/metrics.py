@@ -1,6 +1,8 @@
 """Prometheus metrics of one server (its own registry, so tests can run several)."""
 from __future__ import annotations
 
+import time
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from lanner.engine.request import RequestOutput
@@ -32,9 +34,17 @@ class ServerMetrics:
         self.prefix_hit_rate = Gauge("lanner_prefix_cache_hit_rate", "prompt tokens served from the prefix cache",
                                      registry=r)
         self.preemptions = Gauge("lanner_num_preemptions", "preemptions since start", registry=r)
+        self._last_step_sample = 0.0
 
-    # called on the engine thread
+    # called on the engine thread, after every step: the gauges are refreshed at most every
+    # STEP_SAMPLE_S, since KV stats walk the free list
+    STEP_SAMPLE_S = 0.25
+
     def record_step(self, engine) -> None:
+        now = time.monotonic()
+        if now - self._last_step_sample < self.STEP_SAMPLE_S:
+            return
+        self._last_step_sample = now
         stats = engine.kv_cache.stats()
         self.running.set(len(engine.scheduler.running))
         self.waiting.set(len(engine.scheduler.waiting))
