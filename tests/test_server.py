@@ -264,6 +264,14 @@ def test_disconnect_mid_stream_frees_blocks(server):
     wait_idle(engine)  # the request was aborted and its blocks freed
 
 
+def test_client_leaving_a_non_streaming_request_aborts_it(server):
+    base, engine = server
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(base + "/v1/completions", timeout=0.5,
+                   json={"model": MODEL, "prompt": "class B:", "max_tokens": 1500, "ignore_eos": True})
+    wait_idle(engine, timeout=10)  # far sooner than the 1,500 tokens would take
+
+
 def test_sigterm_shuts_down_cleanly(tmp_path):
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "lanner.cli", "serve", "--port", str(port), "--device", "cpu",

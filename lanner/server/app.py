@@ -83,21 +83,11 @@ def build_app(engine: AsyncEngine, config: ServerConfig, metrics: ServerMetrics 
     app.state.engine = engine
     app.state.metrics = metrics
 
-    @app.middleware("http")
-    async def auth_and_count(request: Request, call_next):
-        path = request.url.path
-        if config.api_key and path.startswith("/v1/") and \
-                request.headers.get("authorization") != f"Bearer {config.api_key}":
-            response = error_response(401, "a valid API key is required (Authorization: Bearer ...)",
-                                      "authentication_error", "invalid_api_key")
-        else:
-            try:
-                response = await call_next(request)
-            except Exception as e:  # nothing a client sends may take the server down
-                response = error_of(e)
-        endpoint = path if path in KNOWN_PATHS else "other"
-        metrics.http_requests.labels(endpoint, str(response.status_code)).inc()
-        return response
+    app.add_middleware(AuthAndCount, api_key=config.api_key, metrics=metrics)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception):  # nothing a client sends may take the server down
+        return error_of(exc)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, exc: RequestValidationError):
@@ -140,7 +130,7 @@ def build_app(engine: AsyncEngine, config: ServerConfig, metrics: ServerMetrics 
         rid = f"cmpl-{uuid.uuid4().hex}"
         streams = [engine.generate(f"{rid}-{i}", p, params) for i, p in enumerate(prompts)]
         shaper = CompletionShaper(rid, model_name, body)
-        return await respond(body.stream, streams, shaper)
+        return await respond(request, body.stream, streams, shaper)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request):
@@ -156,12 +146,43 @@ def build_app(engine: AsyncEngine, config: ServerConfig, metrics: ServerMetrics 
             return error_of(InvalidRequest(str(e)))
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         shaper = ChatShaper(rid, model_name, body)
-        return await respond(body.stream, [engine.generate(rid, prompt, params)], shaper)
+        return await respond(request, body.stream, [engine.generate(rid, prompt, params)], shaper)
 
     return app
 
 
 KNOWN_PATHS = {"/health", "/version", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions"}
+
+
+class AuthAndCount:
+    """ASGI middleware: the API key check on /v1/*, and request counts by endpoint and status.
+    (Plain ASGI rather than @app.middleware, which hides client disconnects from handlers.)"""
+
+    def __init__(self, app, api_key: str | None, metrics: ServerMetrics) -> None:
+        self.app, self.api_key, self.metrics = app, api_key, metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        status = {"code": 500}
+
+        async def send_counting(message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            headers = dict(scope.get("headers") or [])
+            if self.api_key and path.startswith("/v1/") and \
+                    headers.get(b"authorization") != f"Bearer {self.api_key}".encode():
+                response = error_response(401, "a valid API key is required (Authorization: Bearer ...)",
+                                          "authentication_error", "invalid_api_key")
+                await response(scope, receive, send_counting)
+            else:
+                await self.app(scope, receive, send_counting)
+        finally:
+            self.metrics.http_requests.labels(path if path in KNOWN_PATHS else "other", str(status["code"])).inc()
 
 
 async def engine_call(engine: AsyncEngine, fn):
@@ -170,7 +191,7 @@ async def engine_call(engine: AsyncEngine, fn):
     return await asyncio.wrap_future(engine.call(fn))
 
 
-async def respond(stream: bool, generators: list[AsyncIterator[RequestOutput]], shaper) -> Response:
+async def respond(request: Request, stream: bool, generators: list[AsyncIterator[RequestOutput]], shaper) -> Response:
     """Run the prompts' generators; as SSE if `stream`, else one JSON body. Errors raised
     before the first output become plain error responses."""
     import asyncio
@@ -213,12 +234,21 @@ async def respond(stream: bool, generators: list[AsyncIterator[RequestOutput]], 
         return error_of(e)
 
     if not stream:
+        async def abort_if_client_leaves() -> None:
+            while not await request.is_disconnected():
+                await asyncio.sleep(0.25)
+            for t in tasks:
+                t.cancel()  # their generators abort the requests and free the blocks
+
+        watcher = asyncio.create_task(abort_if_client_leaves())
         try:
             shaper.add(*first)
             async for index, out in it:
                 shaper.add(index, out)
         except Exception as e:
             return error_of(e)
+        finally:
+            watcher.cancel()
         return JSONResponse(shaper.final())
 
     async def sse() -> AsyncIterator[str]:
