@@ -105,3 +105,35 @@ def test_missing_model_and_bad_options(tmp_path):
     os.makedirs(tmp_path / "empty")
     with pytest.raises(ConfigError):
         make_llm(str(tmp_path / "empty"))
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_length_limit_is_the_context_with_and_without_overlap(qwen3_path, overlap):
+    llm = make_llm(qwen3_path, max_model_len=40, overlap_scheduling=overlap)
+    out = llm.generate([list(range(3, 13))], SamplingParams(temperature=0, max_tokens=None, ignore_eos=True))[0]
+    assert len(out.outputs[0].token_ids) == 30 and out.outputs[0].finish_reason == "length"
+
+
+def test_fail_step_releases_requests_of_a_step_whose_read_back_raised(qwen3_path):
+    from lanner.executor.model_runner import StepHandle
+
+    engine = make_llm(qwen3_path).engine
+    engine.add_request("A", [3, 4, 5], SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
+    engine.add_request("B", [6, 7, 8], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))
+    engine.step()  # launches the prefill of both (overlap: not read back yet)
+    real = StepHandle.result
+    StepHandle.result = lambda self: (_ for _ in ()).throw(RuntimeError("read-back failed"))
+    try:
+        with pytest.raises(RuntimeError):
+            engine.step()
+    finally:
+        StepHandle.result = real
+    assert sorted(engine.fail_step()) == ["A", "B"]
+    assert not engine.has_unfinished_requests() and engine.kv_cache.stats().used_blocks == 0
+
+
+def test_tiny_temperature_is_greedy(qwen3_path):
+    llm = make_llm(qwen3_path)
+    greedy = llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))[0]
+    tiny = llm.generate([[5, 6, 7]], SamplingParams(temperature=1e-50, max_tokens=8, ignore_eos=True))[0]
+    assert tiny.outputs[0].token_ids == greedy.outputs[0].token_ids

@@ -160,6 +160,30 @@ def test_invalid_requests_get_400(server, body, status, fragment):
     assert fragment in error["message"] and error["type"] == "invalid_request_error"
 
 
+@pytest.mark.parametrize("path,body", [
+    ("/v1/completions", {"model": MODEL, "prompt": "\ud800"}),
+    ("/v1/completions", {"model": MODEL, "prompt": ["ok", "\ud800"], "max_tokens": 2}),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "\ud800"}]}),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "a"}], "top_logprobs": 2}),
+])
+def test_untokenizable_text_and_inconsistent_options_get_400(server, path, body):
+    r = httpx.post(server[0] + path, content=json.dumps(body), headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+
+
+def test_a_failing_prompt_in_a_batch_never_stalls_the_engine(server):
+    """One bad prompt cancels its siblings while their adds may still be queued: none may be
+    left running unread, and the engine thread must survive."""
+    base, engine = server
+    for _ in range(15):
+        r = httpx.post(base + "/v1/completions", json={"model": MODEL, "prompt": [[10 ** 6]] + [[5, 6, 7]] * 6,
+                                                       "max_tokens": 3}, timeout=30)
+        assert r.status_code == 400
+    assert httpx.post(base + "/v1/completions", json={"model": MODEL, "prompt": "a", "max_tokens": 2},
+                      timeout=30).status_code == 200
+    wait_idle(engine)
+
+
 def test_malformed_json_and_bad_chat(server):
     r = httpx.post(server[0] + "/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 400 and "error" in r.json()

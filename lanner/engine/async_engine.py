@@ -37,7 +37,10 @@ class _Stream:
     queue: asyncio.Queue
 
     def put(self, item: RequestOutput | BaseException) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the caller's event loop is closed: nobody is listening
+            pass
 
 
 class AsyncEngine:
@@ -51,6 +54,8 @@ class AsyncEngine:
         self._streams: dict[str, _Stream] = {}
         self._thread = threading.Thread(target=self._loop, name="lanner-engine", daemon=True)
         self._stopping = False
+        self._closed = False  # set (under _lock) when the thread takes no more commands
+        self._lock = threading.Lock()
         self.dead: BaseException | None = None
 
     # ---- lifecycle -----------------------------------------------------------------
@@ -75,7 +80,11 @@ class AsyncEngine:
         request's error (InvalidRequest, ServerOverloaded, EngineDead, StepFailed). Leaving the
         iteration early (a client that went away) aborts the request."""
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
-        await asyncio.wrap_future(self._call(lambda: self._add(request_id, prompt, params, stream)))
+        try:
+            await asyncio.wrap_future(self._call(lambda: self._add(request_id, prompt, params, stream)))
+        except asyncio.CancelledError:  # the caller left while the add was queued: it may have run anyway
+            self.abort(request_id)
+            raise
         finished = False
         try:
             while True:
@@ -92,7 +101,7 @@ class AsyncEngine:
                 self.abort(request_id)
 
     def abort(self, request_id: str) -> None:
-        self._commands.put(lambda: self._abort(request_id))
+        self._post(lambda: self._abort(request_id))
 
     def call(self, fn: Callable[[LLMEngine], Any]) -> Future:
         """Run fn(engine) on the engine thread (to read its state safely)."""
@@ -104,6 +113,8 @@ class AsyncEngine:
         future: Future = Future()
 
         def run() -> None:
+            if not future.set_running_or_notify_cancel():  # the caller gave up waiting
+                return
             if self.dead is not None or self._stopping:
                 future.set_exception(EngineDead(f"the engine is not running: {self.dead or 'shutting down'}"))
                 return
@@ -112,10 +123,17 @@ class AsyncEngine:
             except BaseException as e:  # handed to the caller, never raised in the loop
                 future.set_exception(e)
 
-        self._commands.put(run)
-        if not self._thread.is_alive() and not future.done():  # the loop is gone: nobody will run it
-            run()
+        if not self._post(run):
+            future.set_exception(EngineDead(f"the engine is not running: {self.dead or 'shutting down'}"))
         return future
+
+    def _post(self, command: Callable[[], None]) -> bool:
+        """Queue a command for the engine thread; False once the thread has stopped taking them."""
+        with self._lock:
+            if self._closed:
+                return False
+            self._commands.put(command)
+            return True
 
     def _add(self, request_id: str, prompt: PromptType, params: SamplingParams, stream: _Stream) -> None:
         waiting = len(self.engine.scheduler.waiting)
@@ -130,6 +148,13 @@ class AsyncEngine:
         self.engine.abort_request(request_id)
 
     def _loop(self) -> None:
+        try:
+            self._run_steps()
+        except BaseException as e:  # a bug in the loop itself: fail everyone rather than hang them
+            logger.exception("the engine loop crashed")
+            self._die(e if isinstance(e, Exception) else RuntimeError(repr(e)))
+
+    def _run_steps(self) -> None:
         failures = 0
         while not self._stopping:
             busy = self.engine.has_unfinished_requests()
@@ -157,16 +182,21 @@ class AsyncEngine:
         self._die(None)
 
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
-        if self.observer is not None:
-            self.observer.record_step(self.engine)
+        self._observe("record_step", self.engine)
         for out in outputs:
             stream = self._streams.get(out.request_id)
             if out.finished:
                 self._streams.pop(out.request_id, None)
-                if self.observer is not None:
-                    self.observer.record_finished(out)
+                self._observe("record_finished", out)
             if stream is not None:
                 stream.put(out)
+
+    def _observe(self, method: str, arg: Any) -> None:
+        if self.observer is not None:
+            try:
+                getattr(self.observer, method)(arg)
+            except Exception:  # metrics must never stop serving
+                logger.exception("metrics observer failed")
 
     def _fail_step(self, error: Exception) -> None:
         for request_id in self.engine.fail_step():
@@ -179,6 +209,8 @@ class AsyncEngine:
         """Fail every request and accept no more (on an unrecoverable error, or at shutdown)."""
         if error is not None:
             self.dead = error
+        with self._lock:
+            self._closed = True  # from here on, _call fails at once instead of queueing
         reason = EngineDead(f"the engine stopped: {error}" if error else "the server is shutting down")
         for request_id, stream in list(self._streams.items()):
             stream.put(reason)
@@ -188,4 +220,7 @@ class AsyncEngine:
                 logger.exception("abort during shutdown failed")
         self._streams.clear()
         while not self._commands.empty():  # queued adds fail with EngineDead, aborts are harmless
-            self._commands.get_nowait()()
+            try:
+                self._commands.get_nowait()()
+            except Exception:
+                logger.exception("a command failed during shutdown")

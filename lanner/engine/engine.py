@@ -133,7 +133,13 @@ class LLMEngine:
                                                  **(chat_template_kwargs or {}))
         except Exception as e:  # a template that rejects the conversation (roles, missing keys)
             raise InvalidRequest(f"the chat template rejected these messages: {e}") from e
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self._encode(text, add_special_tokens=False)
+
+    def _encode(self, text: str, **kwargs: Any) -> list[int]:
+        try:
+            return self.tokenizer(text, **kwargs)["input_ids"]
+        except Exception as e:  # text the tokenizer cannot take (lone surrogates, ...)
+            raise InvalidRequest(f"the text cannot be tokenized: {type(e).__name__}: {e}") from e
 
     def fail_step(self) -> list[str]:
         """After an exception inside step(): abort the requests of the failed step (and of the
@@ -144,6 +150,9 @@ class LLMEngine:
             self.in_flight = None
         if affected is None:  # it failed before scheduling anything: trust nobody that runs
             affected = {req.parent_id for req in self.scheduler.running}
+        # and whoever still waits for a token that will never be read back (the step being read
+        # back may have raised)
+        affected |= {req.parent_id for req in (*self.scheduler.running, *self.scheduler.waiting) if req.num_pending}
         self._stepping = None
         for request_id in affected:
             self.abort_request(request_id)
@@ -228,7 +237,9 @@ class LLMEngine:
                     req.finish("stop", stop)
                     return
         max_tokens = req.params.max_tokens
-        if (max_tokens is not None and len(req.output_token_ids) >= max_tokens) or req.num_tokens >= self.max_model_len:
+        # known tokens only: with overlap scheduling, num_tokens also counts the next pending one
+        if (max_tokens is not None and len(req.output_token_ids) >= max_tokens) or \
+                len(req.all_token_ids) >= self.max_model_len:
             req.finish("length")
 
     # ---- helpers -------------------------------------------------------------------
@@ -244,7 +255,7 @@ class LLMEngine:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise InvalidRequest("this model has no tokenizer: pass prompts as token ids")
-            return prompt, self.tokenizer(prompt)["input_ids"]
+            return prompt, self._encode(prompt)
         if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             return None, list(prompt)
         raise InvalidRequest(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")

@@ -92,7 +92,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < 1e-5  # smaller temperatures overflow the logits / temperature division
 
 
 class RequestStatus(enum.Enum):

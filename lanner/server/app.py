@@ -136,6 +136,7 @@ def build_app(engine: AsyncEngine, config: ServerConfig, metrics: ServerMetrics 
     async def chat(body: ChatRequest, request: Request):
         try:
             check_model(body.model)
+            body.check()
             logprobs = (body.top_logprobs or 0) if body.logprobs else None
             params = body.sampling_params(llm.sampling_defaults, body.max_completion_tokens or body.max_tokens,
                                           logprobs)
@@ -226,21 +227,23 @@ async def respond(request: Request, stream: bool, generators: list[AsyncIterator
             for t in tasks:
                 t.cancel()  # a client that left, or an error: abort the others too
 
+    async def abort_if_client_leaves() -> None:
+        while not await request.is_disconnected():
+            await asyncio.sleep(0.25)
+        for t in tasks:
+            t.cancel()  # their generators abort the requests and free the blocks
+
+    # until a stream starts (then Starlette notices disconnects) or the whole body is ready
+    watcher = asyncio.create_task(abort_if_client_leaves())
     it = events()
     try:
         first = await it.__anext__()
     except BaseException as e:
+        watcher.cancel()
         await it.aclose()
         return error_of(e)
 
     if not stream:
-        async def abort_if_client_leaves() -> None:
-            while not await request.is_disconnected():
-                await asyncio.sleep(0.25)
-            for t in tasks:
-                t.cancel()  # their generators abort the requests and free the blocks
-
-        watcher = asyncio.create_task(abort_if_client_leaves())
         try:
             shaper.add(*first)
             async for index, out in it:
@@ -250,6 +253,7 @@ async def respond(request: Request, stream: bool, generators: list[AsyncIterator
         finally:
             watcher.cancel()
         return JSONResponse(shaper.final())
+    watcher.cancel()
 
     async def sse() -> AsyncIterator[str]:
         try:
@@ -336,7 +340,9 @@ class CompletionShaper(_Shaper):
             chosen = next(iter(entry.values()))  # the sampled token comes first
             out["tokens"].append(chosen.decoded_token)
             out["token_logprobs"].append(chosen.logprob)
-            out["top_logprobs"].append({lp.decoded_token: lp.logprob for lp in top_entries(entry, self.body.logprobs)})
+            top = {lp.decoded_token: lp.logprob for lp in top_entries(entry, self.body.logprobs)}
+            top.setdefault(chosen.decoded_token, chosen.logprob)  # the sampled token is always listed
+            out["top_logprobs"].append(top)
             out["text_offset"].append(text_offset)
             text_offset += len(chosen.decoded_token or "")
         return out
