@@ -6,10 +6,9 @@
 
 With overlap scheduling (the default) the host prepares and launches step N
 while the device still runs step N-1, and handles N-1's tokens while the device
-runs N: step N reads N-1's tokens on the device. The price is one step of lag:
-a request that stopped at N-1 computes one more token at N, which is dropped.
-Requests whose sampling reads their token history (penalties) need N-1's token
-on the host before N is prepared, so while any is unfinished, steps run in turn.
+runs N: step N reads N-1's tokens on the device (as inputs, and in penalty
+histories). The price is one step of lag: a request that stopped at N-1
+computes one more token at N, which is dropped.
 """
 from __future__ import annotations
 
@@ -166,8 +165,6 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         outputs = []
-        if self.in_flight is not None and not self._can_overlap():
-            outputs += self._read_back()
         self._stepping = None
         with record_function("schedule"):
             sched = self.scheduler.schedule()
@@ -184,12 +181,9 @@ class LLMEngine:
         if previous is not None:
             self.num_overlapped_steps += 1
             outputs += self._postprocess(*previous)
-        if not self._can_overlap():
+        if not self.config.scheduler.overlap_scheduling:
             outputs += self._read_back()
         return outputs
-
-    def _can_overlap(self) -> bool:
-        return self.config.scheduler.overlap_scheduling and not self.scheduler.num_needing_history
 
     def _read_back(self) -> list[RequestOutput]:
         if self.in_flight is None:

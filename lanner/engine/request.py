@@ -140,8 +140,7 @@ class Request:
         self.sample_row = 0  # this request's row in the sampler output of the last step it sampled in
         limit = len(prompt_token_ids) + params.max_tokens if params.max_tokens is not None else None
         self.max_num_tokens = min(x for x in (limit, max_num_tokens, 1 << 62) if x is not None)
-        # penalties read the token history, so the previous token must be on the host
-        self.needs_history = (params.repetition_penalty != 1.0 or bool(params.presence_penalty)
+        self.has_penalties = (params.repetition_penalty != 1.0 or bool(params.presence_penalty)
                               or bool(params.frequency_penalty))
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0  # prompt tokens served from the prefix cache on first admission

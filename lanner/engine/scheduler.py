@@ -41,11 +41,9 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
-        self.num_needing_history = 0  # unfinished requests whose sampling reads their token history
 
     def add(self, req: Request) -> None:
         self.waiting.append(req)
-        self.num_needing_history += req.needs_history
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -87,7 +85,6 @@ class Scheduler:
             self.waiting.remove(req)
         else:
             return
-        self.num_needing_history -= req.needs_history
         self.kv_cache.free_request(req)
 
     def _start(self, req: Request) -> None:

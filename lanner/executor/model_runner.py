@@ -183,7 +183,7 @@ class ModelRunner:
         sampled = None
         if samplers:  # their rows come first
             with record_function("sample"):
-                sampled = self.sampler(logits[:len(samplers)], samplers)
+                sampled = self.sampler(logits[:len(samplers)], samplers, self.last_sampled)
             for row, req in enumerate(samplers):
                 req.sample_row = row
             self.last_sampled = sampled.tokens

@@ -40,14 +40,15 @@ def to_device(rows: list, dtype: torch.dtype, device: torch.device) -> torch.Ten
 
 
 class Sampler:
-    def __call__(self, logits: torch.Tensor, reqs: list[Request]) -> Sampled:
-        """logits: [B, V] (one row per request, in order)."""
+    def __call__(self, logits: torch.Tensor, reqs: list[Request], last_sampled: torch.Tensor | None = None) -> Sampled:
+        """logits: [B, V] (one row per request, in order). `last_sampled`: the previous step's
+        tokens on the device, where a request's pending token (overlap scheduling) is read."""
         if all(_plain_greedy(r) for r in reqs):  # the common fast path: one kernel
             return Sampled(logits.argmax(dim=-1), None)
         logits = logits.float()
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(r.params.logprobs is not None for r in reqs) else None
         logits = apply_min_tokens(logits, reqs)
-        logits = apply_penalties(logits, reqs)
+        logits = apply_penalties(logits, reqs, last_sampled)
         tokens = logits.argmax(dim=-1)
         random_rows = [i for i, r in enumerate(reqs) if not r.params.greedy]
         if random_rows:
@@ -73,7 +74,7 @@ def sampled_logprobs(sampled: Sampled, reqs: list[Request], tokens: list[int]) -
 
 def _plain_greedy(r: Request) -> bool:
     p = r.params
-    return (p.greedy and p.logprobs is None and not r.needs_history and r.num_output_tokens >= p.min_tokens)
+    return p.greedy and p.logprobs is None and not r.has_penalties and r.num_output_tokens >= p.min_tokens
 
 
 def apply_min_tokens(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
@@ -87,15 +88,23 @@ def apply_min_tokens(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
     return logits
 
 
-def apply_penalties(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
-    """Batched: one padded history tensor per kind of penalty (the pad column is dropped)."""
+def apply_penalties(logits: torch.Tensor, reqs: list[Request], last_sampled: torch.Tensor | None = None):
+    """Batched: one padded history tensor per kind of penalty (the pad column is dropped). A
+    request's pending token (sampled last step, not read back yet) joins its history on the
+    device, from `last_sampled`, so penalties need no sync under overlap scheduling."""
     vocab = logits.shape[1]
     device = logits.device
 
     def histories(rows: list[int], tokens_of) -> torch.Tensor:
         lists = [[t if t < vocab else vocab for t in tokens_of(reqs[i])] for i in rows]
-        width = max(map(len, lists), default=0) or 1
-        return to_device([ts + [vocab] * (width - len(ts)) for ts in lists], torch.long, device)
+        pending = [(j, len(ts), reqs[i].sample_row) for j, (i, ts) in enumerate(zip(rows, lists))
+                   if reqs[i].num_pending]
+        width = max(len(ts) + 1 for ts in lists)
+        hist = to_device([ts + [vocab] * (width - len(ts)) for ts in lists], torch.long, device)
+        if pending:
+            row, col, src = to_device(pending, torch.long, device).unbind(1)
+            hist.index_put_((row, col), last_sampled[src].clamp(max=vocab))
+        return hist
 
     rep = [i for i, r in enumerate(reqs) if r.params.repetition_penalty != 1.0]
     if rep:
