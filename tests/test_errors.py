@@ -137,3 +137,25 @@ def test_tiny_temperature_is_greedy(qwen3_path):
     greedy = llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))[0]
     tiny = llm.generate([[5, 6, 7]], SamplingParams(temperature=1e-50, max_tokens=8, ignore_eos=True))[0]
     assert tiny.outputs[0].token_ids == greedy.outputs[0].token_ids
+
+
+def test_fail_step_releases_requests_finished_in_the_failed_read_back(qwen3_path):
+    """Overlap: A finishes while step N-1 is read back, then B's postprocessing raises; A's
+    group was never reported, so fail_step must release it too."""
+    engine = make_llm(qwen3_path).engine
+    engine.add_request("A", [5, 6, 7], SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
+    engine.add_request("B", [5, 6, 7], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
+    append = engine._append
+
+    def failing(req, token, logprobs):
+        if req.request_id == "B" and len(req.output_token_ids) == 1:
+            raise RuntimeError("postprocess failed")
+        append(req, token, logprobs)
+
+    engine._append = failing
+    with pytest.raises(RuntimeError):
+        for _ in range(10):
+            engine.step()
+    assert sorted(engine.fail_step()) == ["A", "B"]
+    assert not engine.groups and not engine.has_unfinished_requests()
+    assert engine.kv_cache.stats().used_blocks == 0

@@ -81,6 +81,7 @@ class LLMEngine:
         self.num_overlapped_steps = 0  # launched before the previous step was read back
         self.in_flight: tuple[SchedulerOutput, StepHandle] | None = None  # launched, not yet read back
         self._stepping: SchedulerOutput | None = None  # the step being launched
+        self._reading: SchedulerOutput | None = None  # the step being read back
 
     # ---- requests in and out -------------------------------------------------------
 
@@ -149,10 +150,12 @@ class LLMEngine:
             self.in_flight = None
         if affected is None:  # it failed before scheduling anything: trust nobody that runs
             affected = {req.parent_id for req in self.scheduler.running}
-        # and whoever still waits for a token that will never be read back (the step being read
-        # back may have raised)
+        # and the step being read back (some of its requests may have finished in the failed pass,
+        # unreported), and whoever still waits for a token that will never be read back
+        if self._reading is not None:
+            affected |= {req.parent_id for req, _ in self._reading.scheduled if req.parent_id in self.groups}
         affected |= {req.parent_id for req in (*self.scheduler.running, *self.scheduler.waiting) if req.num_pending}
-        self._stepping = None
+        self._stepping = self._reading = None
         for request_id in affected:
             self.abort_request(request_id)
         return sorted(affected)
@@ -192,6 +195,7 @@ class LLMEngine:
         return self._postprocess(*previous)
 
     def _postprocess(self, sched: SchedulerOutput, handle: StepHandle) -> list[RequestOutput]:
+        self._reading = sched  # what fail_step aborts if this raises
         with record_function("read back"):
             result = handle.result()
         with record_function("postprocess"):
@@ -207,8 +211,10 @@ class LLMEngine:
                 touched.add(req.parent_id)
                 if req.finished:
                     self.scheduler.finish(req)
-            return [self._finalize(pid) if all(r.finished for r in self.groups[pid]) else self._output(pid)
-                    for pid in touched]
+            outputs = [self._finalize(pid) if all(r.finished for r in self.groups[pid]) else self._output(pid)
+                       for pid in touched]
+        self._reading = None
+        return outputs
 
     def _append(self, req: Request, token: int, logprobs: dict | None) -> None:
         now = time.monotonic()

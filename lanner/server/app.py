@@ -9,6 +9,7 @@ Errors use OpenAI's body `{"error": {"message", "type", "param", "code"}}`:
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -152,6 +153,8 @@ def build_app(engine: AsyncEngine, config: ServerConfig, metrics: ServerMetrics 
     return app
 
 
+CLIENT_CLOSED = 499  # nginx's "client closed request": counted, not logged as an error
+
 KNOWN_PATHS = {"/health", "/version", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions"}
 
 
@@ -187,16 +190,12 @@ class AuthAndCount:
 
 
 async def engine_call(engine: AsyncEngine, fn):
-    import asyncio
-
     return await asyncio.wrap_future(engine.call(fn))
 
 
 async def respond(request: Request, stream: bool, generators: list[AsyncIterator[RequestOutput]], shaper) -> Response:
     """Run the prompts' generators; as SSE if `stream`, else one JSON body. Errors raised
     before the first output become plain error responses."""
-    import asyncio
-
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(index: int, gen: AsyncIterator[RequestOutput]) -> None:
@@ -238,6 +237,10 @@ async def respond(request: Request, stream: bool, generators: list[AsyncIterator
     it = events()
     try:
         first = await it.__anext__()
+    except asyncio.CancelledError:  # the client left before the first token; its requests are aborted
+        watcher.cancel()
+        await it.aclose()
+        return Response(status_code=CLIENT_CLOSED)
     except BaseException as e:
         watcher.cancel()
         await it.aclose()
@@ -248,6 +251,8 @@ async def respond(request: Request, stream: bool, generators: list[AsyncIterator
             shaper.add(*first)
             async for index, out in it:
                 shaper.add(index, out)
+        except asyncio.CancelledError:
+            return Response(status_code=CLIENT_CLOSED)
         except Exception as e:
             return error_of(e)
         finally:
