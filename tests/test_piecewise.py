@@ -111,3 +111,11 @@ def test_target_and_draft_graphs_keep_their_own_buffers(qwen3_path):
     assert target.max_size == 32 and draft.max_size == 8
     assert target.bufs.residual.data_ptr() != draft.bufs.residual.data_ptr()
     assert draft.padded_size(5) == 8 and draft.padded_size(9) is None and target.padded_size(17) == 32
+
+
+def test_decode_and_piecewise_ladders_pad_the_same_way():
+    from lanner.executor.graphs import DecodeGraphs, decode_graph_sizes
+
+    decode = DecodeGraphs(None, decode_graph_sizes(256))
+    assert [decode.padded_size(n) for n in (1, 3, 9, 65, 256, 257)] == [1, 4, 16, 80, 256, None]
+    assert decode.max_size == 256

@@ -11,6 +11,7 @@ so a decode step's host work is one graph launch.
 """
 from __future__ import annotations
 
+import bisect
 import logging
 import time
 from dataclasses import dataclass
@@ -36,19 +37,27 @@ class CaptureReport:
     pool_bytes: int
 
 
-class DecodeGraphs:
-    def __init__(self, runner, sizes: list[int]):
-        self.runner = runner
+class SizeLadder:
+    """Captured sizes (sorted); a batch pads up to the smallest size that holds it."""
+
+    def __init__(self, sizes: list[int]):
         self.sizes = sizes
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self.report: CaptureReport | None = None
 
     @property
     def max_size(self) -> int:
         return self.sizes[-1] if self.sizes else 0
 
-    def padded_size(self, num_seqs: int) -> int | None:
-        return next((s for s in self.sizes if s >= num_seqs), None)
+    def padded_size(self, n: int) -> int | None:
+        i = bisect.bisect_left(self.sizes, n)
+        return self.sizes[i] if i < len(self.sizes) else None
+
+
+class DecodeGraphs(SizeLadder):
+    def __init__(self, runner, sizes: list[int]):
+        super().__init__(sizes)
+        self.runner = runner
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.report: CaptureReport | None = None
 
     @torch.inference_mode()
     def capture(self) -> CaptureReport:

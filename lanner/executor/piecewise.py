@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lanner.executor.graphs import SizeLadder
 from lanner.layers.attention import forward_context
 from lanner.models.llama import PieceBuffers
 
@@ -57,10 +58,10 @@ class PiecewiseReport:
     pool_bytes: int
 
 
-class PiecewiseGraphs:
+class PiecewiseGraphs(SizeLadder):
     def __init__(self, model, sizes: list[int], dtype: torch.dtype, device: torch.device, role: str = "target"):
+        super().__init__(sizes)
         self.model = model
-        self.sizes = sizes
         self.role = role
         self.device = device
         self.dtype = dtype
@@ -70,13 +71,6 @@ class PiecewiseGraphs:
         self._warned_oversize = False
         self.num_graph_steps = 0  # steps that replayed graphs
         self.num_eager_steps = 0  # steps that ran the pieces eagerly (no graph of their size)
-
-    @property
-    def max_size(self) -> int:
-        return self.sizes[-1] if self.sizes else 0
-
-    def padded_size(self, num_tokens: int) -> int | None:
-        return next((s for s in self.sizes if s >= num_tokens), None)
 
     @torch.inference_mode()
     def capture(self, input_ids: torch.Tensor, positions: torch.Tensor) -> PiecewiseReport:
