@@ -345,3 +345,22 @@ def test_bench_serve_measures_a_server(server, tmp_path):
         assert 0 < r["ttft_ms"]["p50"] <= r["ttft_ms"]["p99"] and r["tpot_ms"]["mean"] > 0 and r["itl_ms"]["p50"] > 0
     assert rec["model_config"]["served_model"] == MODEL and plot.stat().st_size > 0
     wait_idle(server[1])
+
+
+def test_a_model_without_tokenizer_streams_a_chunk_per_token(qwen3_path, tmp_path):
+    # benchmark shapes (a config.json, dummy weights) have no tokenizer, so every text delta is
+    # empty; clients and `lanner bench serve` still need one chunk per token to time them
+    shape = tmp_path / "shape.json"
+    shape.write_text(open(os.path.join(qwen3_path, "config.json")).read())
+    engine = AsyncEngine(LLMEngine(EngineConfig.from_kwargs(
+        model=str(shape), load_format="dummy", device="cpu", dtype="float32", num_kv_blocks=64)))
+    app = build_app(engine, ServerConfig(served_model_name=MODEL))
+    body = {"model": MODEL, "prompt": [5, 6, 7], "max_tokens": 5, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}}
+    with TestClient(app) as http, http.stream("POST", "/v1/completions", json=body) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines()
+                  if line.startswith("data: ") and line != "data: [DONE]"]
+    token_chunks = [c for c in chunks if c["choices"]]
+    assert len(token_chunks) == 5 and all(c["choices"][0]["text"] == "" for c in token_chunks)
+    assert token_chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert chunks[-1]["usage"]["completion_tokens"] == 5

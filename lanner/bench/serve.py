@@ -68,7 +68,7 @@ async def one_request(client, url: str, body: dict, headers: dict) -> Result:
                 if chunk.get("usage"):
                     res.prompt_tokens = chunk["usage"]["prompt_tokens"]
                     res.output_tokens = chunk["usage"]["completion_tokens"]
-                if any(c.get("text") for c in chunk.get("choices", [])):
+                if chunk.get("choices"):  # one chunk per step with tokens (its text may be empty)
                     now = time.perf_counter()
                     if res.ttft == 0.0:
                         res.ttft = now - start

@@ -290,6 +290,7 @@ class _Shaper:
         self.created = int(time.time())
         self.sent_text: dict[int, int] = {}
         self.sent_logprobs: dict[int, int] = {}
+        self.sent_tokens: dict[int, int] = {}
         self.finals: dict[int, Any] = {}  # choice index -> CompletionOutput
         self.prompt_tokens: dict[int, int] = {}
 
@@ -316,9 +317,13 @@ class _Shaper:
             lp_start = self.sent_logprobs.get(index, 0)
             delta = c.text[start:]
             new_logprobs = (c.logprobs or [])[lp_start:]
-            if delta or new_logprobs or c.finish_reason:
+            # a chunk for every step that made tokens, even with no new text (text held back by a
+            # stop string or a partial UTF-8 character, or no tokenizer), so clients see each token
+            new_tokens = len(c.token_ids) > self.sent_tokens.get(index, 0)
+            if delta or new_logprobs or new_tokens or c.finish_reason:
                 self.sent_text[index] = len(c.text)
                 self.sent_logprobs[index] = len(c.logprobs or [])
+                self.sent_tokens[index] = len(c.token_ids)
                 chunks.append(self.chunk(index, delta, new_logprobs, c, start))
         return chunks
 
