@@ -8,9 +8,9 @@ import signal
 import sys
 from pathlib import Path
 
-from lanner.config import EngineConfig, add_cli_args, add_dataclass_args, kwargs_from_args
+from lanner.config import EngineConfig, ServerConfig, add_cli_args, add_dataclass_args, kwargs_from_args
 from lanner.engine.request import SamplingParams
-from lanner.errors import LannerError
+from lanner.errors import ConfigError, LannerError
 
 CLI_SAMPLING_DEFAULTS = {"max_tokens": 128}
 
@@ -63,11 +63,14 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    import uvicorn
+    try:
+        import uvicorn
 
+        from lanner.server.app import build_app
+    except ImportError as e:
+        raise ConfigError(f"`lanner serve` needs the server extra: pip install 'lanner[server]' ({e})") from e
     from lanner.default_model import default_model_path
     from lanner.engine.async_engine import AsyncEngine
-    from lanner.server.app import ServerConfig, build_app
     from lanner.server.metrics import ServerMetrics
 
     config = ServerConfig(**kwargs_from_args(args, ServerConfig))
@@ -104,8 +107,6 @@ def build_parser() -> argparse.ArgumentParser:
     chat.set_defaults(func=cmd_chat)
     serve = sub.add_parser("serve", help="the OpenAI-compatible HTTP server")
     serve.set_defaults(func=cmd_serve)
-    from lanner.server.app import ServerConfig
-
     add_dataclass_args(serve, ServerConfig, "server options")
     add_cli_args(serve)
     from lanner.bench.runs import add_parser as add_bench_parser

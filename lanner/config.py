@@ -186,3 +186,23 @@ def kwargs_from_args(args: argparse.Namespace, cls: type) -> dict[str, Any]:
     names = ({name for _, name, _ in _leaf_fields(cls)} if cls is EngineConfig
              else {f.name for f in dataclasses.fields(cls)})
     return {k: v for k, v in vars(args).items() if k in names}
+
+
+@dataclass
+class ServerConfig:
+    """Options of `lanner serve` (lives here, not beside the FastAPI app, so the CLI parser builds
+    without the server extra installed)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    served_model_name: str | None = None
+    api_key: str | None = None
+    max_waiting_requests: int | None = 1024
+
+    HELP = {
+        "host": "address to listen on",
+        "port": "port to listen on",
+        "served_model_name": "the model name clients use (default: the model folder's name)",
+        "api_key": "require 'Authorization: Bearer KEY' on /v1 endpoints",
+        "max_waiting_requests": "refuse new requests with 429 while this many are waiting",
+    }

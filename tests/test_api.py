@@ -126,3 +126,18 @@ def test_generation_config_sets_default_sampling(qwen3_path, tmp_path):
     implicit = [o.outputs[0].token_ids for o in llm.generate([[4, 5, 6], [7, 8]])]  # default: max_tokens 16
     explicit = [o.outputs[0].token_ids for o in llm.generate([[4, 5, 6], [7, 8]], SamplingParams(temperature=0))]
     assert implicit == explicit
+
+
+def test_cli_works_without_the_server_extra(qwen3_path):
+    # `pip install lanner` has no FastAPI/uvicorn: every command but `serve` must still run
+    block = "import sys; sys.modules.update(fastapi=None, uvicorn=None); from lanner.cli import main; "
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", block + f"sys.exit(main({list(args)!r}))"],
+                              capture_output=True, text=True, timeout=300)
+
+    gen = run("generate", "def f(x):", "--model", qwen3_path, "--max-tokens", "2", "--device", "cpu",
+              "--num-kv-blocks", "64")
+    assert gen.returncode == 0 and gen.stdout.startswith("def f(x):"), gen.stderr
+    serve = run("serve", "--model", qwen3_path, "--device", "cpu")
+    assert serve.returncode == 2 and "pip install 'lanner[server]'" in serve.stderr, serve.stderr

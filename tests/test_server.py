@@ -22,10 +22,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lanner import LLM, SamplingParams
-from lanner.config import EngineConfig
+from lanner.config import EngineConfig, ServerConfig
 from lanner.engine.async_engine import AsyncEngine
 from lanner.engine.engine import LLMEngine
-from lanner.server.app import ServerConfig, build_app
+from lanner.server.app import build_app
 
 MODEL = "lanner-tiny"
 ENGINE_ARGS = dict(device="cpu", dtype="float32", num_kv_blocks=512, max_num_seqs=64)
@@ -334,6 +334,7 @@ def test_bench_serve_measures_a_server(server, tmp_path):
 
     out = tmp_path / "serve.json"
     plot = tmp_path / "serve.png"
+    hits_before = server[1].call(lambda e: e.kv_cache.stats().prefix_hits).result(10)
     assert main(["bench", "serve", "--base-url", server[0], "--num-prompts", "12", "--input-len", "20",
                  "--output-len", "6", "--request-rate", "50", "inf", "--max-concurrency", "8",
                  "--output-json", str(out), "--plot", str(plot)]) == 0
@@ -345,6 +346,8 @@ def test_bench_serve_measures_a_server(server, tmp_path):
         assert 0 < r["ttft_ms"]["p50"] <= r["ttft_ms"]["p99"] and r["tpot_ms"]["mean"] > 0 and r["itl_ms"]["p50"] > 0
     assert rec["model_config"]["served_model"] == MODEL and plot.stat().st_size > 0
     wait_idle(server[1])
+    # each rate sends new prompts: the second is not served from the first one's cached blocks
+    assert server[1].call(lambda e: e.kv_cache.stats().prefix_hits).result(10) == hits_before
 
 
 def test_a_model_without_tokenizer_streams_a_chunk_per_token(qwen3_path, tmp_path):

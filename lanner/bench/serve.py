@@ -37,12 +37,14 @@ class Result:
         return (self.e2e - self.ttft) / (self.output_tokens - 1) if self.output_tokens > 1 else None
 
 
-def make_requests(args: argparse.Namespace) -> list[tuple[str | list[int], int]]:
-    rng = random.Random(args.seed)
+def make_requests(args: argparse.Namespace, sweep_index: int) -> list[tuple[str | list[int], int]]:
+    """The prompts of one rate of the sweep. Synthetic prompts are new at each rate, so a server's
+    prefix cache cannot serve later rates from the blocks of earlier ones; a dataset's are not."""
     if args.dataset:
         with open(args.dataset) as f:
             rows = [json.loads(line) for line in f if line.strip()]
         return [(r["prompt"], int(r.get("output_len", args.output_len))) for r in rows[:args.num_prompts]]
+    rng = random.Random(f"{args.seed}-{sweep_index}")
     return [([rng.randrange(10, 1000) for _ in range(args.input_len)], args.output_len)
             for _ in range(args.num_prompts)]
 
@@ -164,9 +166,9 @@ def main(args: argparse.Namespace) -> None:
     if model is None:
         headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
         model = httpx.get(args.base_url.rstrip("/") + "/v1/models", headers=headers, timeout=30).json()["data"][0]["id"]
-    requests = make_requests(args)
     rows = []
-    for rate in args.request_rate:
+    for sweep_index, rate in enumerate(args.request_rate):
+        requests = make_requests(args, sweep_index)
         rows.append(asyncio.run(run_rate(args, model, rate, requests)))
         print(json.dumps(rows[-1]), flush=True)
     if args.plot:

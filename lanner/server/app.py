@@ -16,7 +16,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -24,6 +23,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 import lanner
+from lanner.config import ServerConfig
 from lanner.engine.async_engine import AsyncEngine, StepFailed
 from lanner.engine.request import RequestOutput
 from lanner.errors import CapacityExceeded, EngineDead, InvalidRequest, ServerOverloaded
@@ -31,23 +31,6 @@ from lanner.server.metrics import ServerMetrics
 from lanner.server.protocol import ChatRequest, CompletionRequest
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class ServerConfig:
-    host: str = "127.0.0.1"
-    port: int = 8000
-    served_model_name: str | None = None
-    api_key: str | None = None
-    max_waiting_requests: int | None = 1024
-
-    HELP = {
-        "host": "address to listen on",
-        "port": "port to listen on",
-        "served_model_name": "the model name clients use (default: the model folder's name)",
-        "api_key": "require 'Authorization: Bearer KEY' on /v1 endpoints",
-        "max_waiting_requests": "refuse new requests with 429 while this many are waiting",
-    }
 
 
 STATUS = {InvalidRequest: (400, "invalid_request_error"), CapacityExceeded: (400, "invalid_request_error"),
