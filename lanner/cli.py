@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import signal
 import sys
@@ -93,7 +92,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     server.install_signal_handlers = lambda: None
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    asyncio.run(server.serve())
+    server.run()  # uvicorn's loop factory: uvloop when installed
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -28,7 +28,8 @@ from lanner.engine.engine import LLMEngine
 from lanner.server.app import build_app
 
 MODEL = "lanner-tiny"
-ENGINE_ARGS = dict(device="cpu", dtype="float32", num_kv_blocks=512, max_num_seqs=64)
+# a short context bounds what one fuzzed request (no max_tokens, ignore_eos) can cost on a CPU
+ENGINE_ARGS = dict(device="cpu", dtype="float32", num_kv_blocks=512, max_num_seqs=64, max_model_len=512)
 
 
 def free_port() -> int:

@@ -37,10 +37,20 @@ class _Stream:
     queue: asyncio.Queue
 
     def put(self, item: RequestOutput | BaseException) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
-        except RuntimeError:  # the caller's event loop is closed: nobody is listening
-            pass
+        _deliver(self.loop, [(self.queue, item)])
+
+
+def _deliver(loop: asyncio.AbstractEventLoop, items: list[tuple[asyncio.Queue, Any]]) -> None:
+    """Hand items to queues of one event loop in a single wake-up of that loop."""
+
+    def put_all() -> None:
+        for q, item in items:
+            q.put_nowait(item)
+
+    try:
+        loop.call_soon_threadsafe(put_all)
+    except RuntimeError:  # the caller's event loop is closed: nobody is listening
+        pass
 
 
 class AsyncEngine:
@@ -183,13 +193,18 @@ class AsyncEngine:
 
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
         self._observe("record_step", self.engine)
+        # one wake-up per event loop and step, not one per request: with hundreds of streams
+        # the per-item wake-ups cost the loop (and, through the GIL, this thread) real time
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
         for out in outputs:
             stream = self._streams.get(out.request_id)
             if out.finished:
                 self._streams.pop(out.request_id, None)
                 self._observe("record_finished", out)
             if stream is not None:
-                stream.put(out)
+                by_loop.setdefault(stream.loop, []).append((stream.queue, out))
+        for loop, items in by_loop.items():
+            _deliver(loop, items)
 
     def _observe(self, method: str, arg: Any) -> None:
         if self.observer is not None:
