@@ -99,7 +99,10 @@ async def run_rate(args: argparse.Namespace, model: str, rate: float,
             return await one_request(client, url, body, headers)
 
     async with httpx.AsyncClient(timeout=httpx.Timeout(args.timeout),
-                                 limits=httpx.Limits(max_connections=args.max_concurrency or 1000)) as client:
+                                 # idle connections are dropped before a server's keep-alive timeout
+                                 # (uvicorn: 5 s) can close one under a request being sent on it
+                                 limits=httpx.Limits(max_connections=args.max_concurrency or 1000,
+                                                     keepalive_expiry=2.0)) as client:
         tasks = []
         start = time.perf_counter()
         for prompt, output_len in requests:

@@ -86,7 +86,8 @@ class AsyncEngine:
     # ---- the caller's side -----------------------------------------------------------
 
     async def generate(self, request_id: str, prompt: PromptType, params: SamplingParams) -> AsyncIterator[RequestOutput]:
-        """Outputs of one request as it progresses, the last with `finished`; raises the
+        """Outputs of one request as it progresses (cumulative; those the caller was too slow to
+        take are skipped), the last with `finished`; raises the
         request's error (InvalidRequest, ServerOverloaded, EngineDead, StepFailed). Leaving the
         iteration early (a client that went away) aborts the request."""
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
@@ -99,6 +100,10 @@ class AsyncEngine:
         try:
             while True:
                 item = await stream.queue.get()
+                # outputs are cumulative, so a caller that fell behind skips to the latest: under
+                # load the server sends fewer, larger chunks instead of falling further behind
+                while isinstance(item, RequestOutput) and not item.finished and not stream.queue.empty():
+                    item = stream.queue.get_nowait()
                 if isinstance(item, BaseException):
                     finished = True
                     raise item

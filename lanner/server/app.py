@@ -199,12 +199,18 @@ async def respond(request: Request, stream: bool, generators: list[AsyncIterator
         nonlocal remaining
         try:
             while remaining:
-                index, item = await queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                if item.finished:
-                    remaining -= 1
-                yield index, item
+                items = [await queue.get()]
+                while not queue.empty():
+                    items.append(queue.get_nowait())
+                latest: dict[int, RequestOutput] = {}  # cumulative outputs: the last of each prompt will do
+                for index, item in items:
+                    if isinstance(item, BaseException):
+                        raise item
+                    latest[index] = item
+                for index, item in latest.items():
+                    if item.finished:
+                        remaining -= 1
+                    yield index, item
         finally:
             for t in tasks:
                 t.cancel()  # a client that left, or an error: abort the others too
