@@ -4,6 +4,7 @@ failures and SIGTERM."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -279,22 +280,43 @@ def test_hundreds_of_concurrent_streams_match_offline(server, offline):
     wait_idle(engine)
 
 
+@contextlib.contextmanager
+def recorded_aborts(engine: AsyncEngine):
+    """Finish reasons of the requests the engine aborts meanwhile ('abort' if cut short)."""
+    llm, reasons = engine.engine, []
+
+    def abort_request(request_id: str):
+        out = type(llm).abort_request(llm, request_id)
+        if out is not None:
+            reasons.append(out.outputs[0].finish_reason)
+        return out
+
+    llm.abort_request = abort_request
+    try:
+        yield reasons
+    finally:
+        del llm.abort_request
+
+
 def test_disconnect_mid_stream_frees_blocks(server):
     base, engine = server
-    with httpx.Client(timeout=60) as c:
+    with recorded_aborts(engine) as reasons, httpx.Client(timeout=60) as c:
         with c.stream("POST", base + "/v1/completions", json={"model": MODEL, "prompt": "class A:", "stream": True,
                                                               "max_tokens": 400, "ignore_eos": True}) as r:
             lines = r.iter_lines()
             assert next(line for line in lines if line.startswith("data: "))
-    wait_idle(engine)  # the request was aborted and its blocks freed
+        wait_idle(engine)
+    assert reasons == ["abort"]  # cut short, its blocks freed
 
 
 def test_client_leaving_a_non_streaming_request_aborts_it(server):
     base, engine = server
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(base + "/v1/completions", timeout=0.5,
-                   json={"model": MODEL, "prompt": "class B:", "max_tokens": 1500, "ignore_eos": True})
-    wait_idle(engine, timeout=10)  # far sooner than the 1,500 tokens would take
+    with recorded_aborts(engine) as reasons:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(base + "/v1/completions", timeout=0.5,
+                       json={"model": MODEL, "prompt": "class B:", "max_tokens": 500, "ignore_eos": True})
+        wait_idle(engine)
+    assert reasons == ["abort"]
 
 
 def test_sigterm_shuts_down_cleanly(tmp_path):

@@ -216,8 +216,10 @@ async def respond(request: Request, stream: bool, generators: list[AsyncIterator
                 t.cancel()  # a client that left, or an error: abort the others too
 
     async def abort_if_client_leaves() -> None:
-        while not await request.is_disconnected():
-            await asyncio.sleep(0.25)
+        # the body is read already, so the next message is the disconnect: waiting for it costs
+        # nothing, where polling is_disconnected() took a real share of the loop under load
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
         for t in tasks:
             t.cancel()  # their generators abort the requests and free the blocks
 
