@@ -152,10 +152,10 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     fig, ax = plt.subplots(1, 3, figsize=(14, 4))
     ax[0].bar(labels, [r["output_tok_per_s"] for r in rows])
     ax[0].set(title="output tokens/s", xlabel="request rate (req/s)")
-    for i, key in ((1, "ttft_ms"), (2, "tpot_ms")):
+    for i, key, name in ((1, "ttft_ms", "TTFT (ms)"), (2, "tpot_ms", "TPOT (ms)")):
         for q in ("p50", "p99"):
             ax[i].plot(labels, [r[key].get(q, 0) for r in rows], "o-", label=q)
-        ax[i].set(title=key.replace("_ms", " (ms)").upper(), xlabel="request rate (req/s)")
+        ax[i].set(title=name, xlabel="request rate (req/s)")
         ax[i].legend()
     fig.suptitle(title)
     fig.tight_layout()

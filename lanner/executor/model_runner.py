@@ -18,7 +18,8 @@ from lanner.executor.graphs import DecodeGraphs, decode_graph_sizes
 from lanner.executor.piecewise import PiecewiseGraphs, piecewise_sizes
 from lanner.layers.attention import forward_context
 from lanner.models.loader import LoadedModel
-from lanner.sampling.sampler import Sampled, Sampler, sampled_logprobs, to_device, top_logprobs
+from lanner.executor.transfer import to_device
+from lanner.sampling.sampler import Sampled, Sampler, sampled_logprobs, top_logprobs
 
 logger = logging.getLogger(__name__)
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from lanner.engine.request import Logprob, Request
+from lanner.executor.transfer import to_device
 from lanner.kernels.sampling import race_sample, race_sample_ref, row_key
 
 
@@ -26,17 +27,6 @@ from lanner.kernels.sampling import race_sample, race_sample_ref, row_key
 class Sampled:
     tokens: torch.Tensor  # [B] on the device
     raw_logprobs: torch.Tensor | None  # [B, V] when some row asked for logprobs
-
-
-def to_device(rows: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A host list as a device tensor, through pinned memory: a pageable copy would wait
-    for the GPU. The pinned buffer returns to torch's host cache only once the copy is done."""
-    host = torch.tensor(rows, dtype=dtype)
-    if device.type != "cuda":
-        return host
-    pinned = torch.empty(host.shape, dtype=dtype, pin_memory=True)
-    pinned.copy_(host)
-    return pinned.to(device, non_blocking=True)
 
 
 class Sampler:

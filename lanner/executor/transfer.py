@@ -1,0 +1,15 @@
+"""Host -> device copies of per-step metadata."""
+from __future__ import annotations
+
+import torch
+
+
+def to_device(rows: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A host list as a device tensor, through pinned memory: a pageable copy would wait
+    for the GPU. The pinned buffer returns to torch's host cache only once the copy is done."""
+    host = torch.tensor(rows, dtype=dtype)
+    if device.type != "cuda":
+        return host
+    pinned = torch.empty(host.shape, dtype=dtype, pin_memory=True)
+    pinned.copy_(host)
+    return pinned.to(device, non_blocking=True)
