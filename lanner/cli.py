@@ -73,11 +73,15 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from lanner.server.metrics import ServerMetrics
 
     config = ServerConfig(**kwargs_from_args(args, ServerConfig))
-    engine = _engine(args)
-    model = engine.config.model.model or default_model_path()
+    engine_config = EngineConfig.from_kwargs(**kwargs_from_args(args, EngineConfig))
+    model = engine_config.model.model or default_model_path()
     config.served_model_name = config.served_model_name or Path(model).name.removesuffix(".json")
     metrics = ServerMetrics()
-    app = build_app(AsyncEngine(engine, config.max_waiting_requests, observer=metrics), config, metrics)
+    if config.engine_process:
+        engine = AsyncEngine.spawn(engine_config, config.max_waiting_requests, observer=metrics)
+    else:
+        engine = AsyncEngine(_engine(args), config.max_waiting_requests, observer=metrics)
+    app = build_app(engine, config, metrics)
     server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="info",
                                            timeout_graceful_shutdown=30))
 

@@ -198,6 +198,7 @@ class ServerConfig:
     served_model_name: str | None = None
     api_key: str | None = None
     max_waiting_requests: int | None = 1024
+    engine_process: bool = True
 
     HELP = {
         "host": "address to listen on",
@@ -205,4 +206,6 @@ class ServerConfig:
         "served_model_name": "the model name clients use (default: the model folder's name)",
         "api_key": "require 'Authorization: Bearer KEY' on /v1 endpoints",
         "max_waiting_requests": "refuse new requests with 429 while this many are waiting",
+        "engine_process": "run the engine loop in its own process, so it never waits for the HTTP "
+                          "side's GIL (--no-engine-process: a thread of the server process)",
     }

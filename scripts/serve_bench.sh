@@ -2,13 +2,13 @@
 # The serving benchmark on the GPU machine: `lanner serve` (dummy weights of a config's shape) and
 # `lanner bench serve` against it, then SIGTERM, whose exit code must be 0.
 # Needs .wheels/ from scripts/server_wheels.sh (carry it).  Usage:
-#   bash scripts/serve_bench.sh OUT_DIR CONFIG [bench serve flags...]
+#   [SERVE_FLAGS="--no-engine-process"] [TAG=thread] bash scripts/serve_bench.sh OUT_DIR CONFIG [bench serve flags...]
 set -uo pipefail
 out=$1 config=$2; shift 2
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .wheels/*.whl || exit 1
 export PYTHONPATH=/tmp/site:.${PYTHONPATH:+:$PYTHONPATH}
-name=$(basename "$config" .json)
-python3 -m lanner.cli serve --model "$config" --load-format dummy --port 8000 > "$out/serve-$name.log" 2>&1 &
+name=$(basename "$config" .json)${TAG:+-$TAG}
+python3 -m lanner.cli serve --model "$config" --load-format dummy --port 8000 ${SERVE_FLAGS:-} > "$out/serve-$name.log" 2>&1 &
 pid=$!
 for _ in $(seq 300); do curl -sf localhost:8000/health > /dev/null && break; sleep 1; done
 curl -sf localhost:8000/health > /dev/null || { echo "server did not start"; tail -30 "$out/serve-$name.log"; exit 1; }

@@ -24,9 +24,11 @@ from hypothesis import strategies as st
 
 from lanner import LLM, SamplingParams
 from lanner.config import EngineConfig, ServerConfig
-from lanner.engine.async_engine import AsyncEngine
+from lanner.errors import LannerError
+from lanner.engine.async_engine import AsyncEngine, engine_stats
 from lanner.engine.engine import LLMEngine
 from lanner.server.app import build_app
+from lanner.server.metrics import ServerMetrics
 
 MODEL = "lanner-tiny"
 # a short context bounds what one fuzzed request (no max_tokens, ignore_eos) can cost on a CPU
@@ -46,7 +48,8 @@ def make_app(**server_kwargs):
 
 
 def engine_state(engine: AsyncEngine) -> tuple[int, bool]:
-    return engine.call(lambda e: (e.kv_cache.stats().used_blocks, e.has_unfinished_requests())).result(10)
+    stats = engine.call(engine_stats).result(10)  # a module-level function: it also reaches an engine process
+    return stats.used_blocks, stats.busy
 
 
 def wait_idle(engine: AsyncEngine, timeout: float = 20.0) -> None:
@@ -56,9 +59,8 @@ def wait_idle(engine: AsyncEngine, timeout: float = 20.0) -> None:
         time.sleep(0.05)
 
 
-@pytest.fixture(scope="module")
-def server():
-    app, engine = make_app()
+def serve_in_thread(app):
+    """uvicorn on a free port in a thread; yields the base URL."""
     port = free_port()
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
@@ -67,9 +69,16 @@ def server():
     while not srv.started:
         assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", engine
+    yield f"http://127.0.0.1:{port}"
     srv.should_exit = True
     thread.join(30)
+
+
+@pytest.fixture(scope="module")
+def server():
+    app, engine = make_app()
+    for base in serve_in_thread(app):
+        yield base, engine
 
 
 @pytest.fixture(scope="module")
@@ -209,7 +218,7 @@ def test_api_key_and_full_queue():
 
 def test_step_failures_fail_their_requests_and_kill_after_repeats():
     app, engine = make_app()
-    runner = engine.engine.runner
+    runner = engine.transport.engine.runner
     launch = runner.launch
     failures = {"left": 1}
 
@@ -283,7 +292,7 @@ def test_hundreds_of_concurrent_streams_match_offline(server, offline):
 @contextlib.contextmanager
 def recorded_aborts(engine: AsyncEngine):
     """Finish reasons of the requests the engine aborts meanwhile ('abort' if cut short)."""
-    llm, reasons = engine.engine, []
+    llm, reasons = engine.transport.engine, []
 
     def abort_request(request_id: str):
         out = type(llm).abort_request(llm, request_id)
@@ -414,3 +423,71 @@ def test_a_slow_reader_gets_the_latest_output_not_a_backlog(offline):
     want = offline.generate("def f():", params, use_tqdm=False)[0].outputs[0]
     assert [len(o.outputs[0].token_ids) for o in outputs] == [1, 8] and outputs[-1].finished
     assert outputs[-1].outputs[0].token_ids == want.token_ids and outputs[-1].outputs[0].text == want.text
+
+
+# ---- the engine loop in a child process (what `lanner serve` runs by default) ----------------
+
+@pytest.fixture(scope="module")
+def process_server():
+    metrics = ServerMetrics()
+    engine = AsyncEngine.spawn(EngineConfig.from_kwargs(**ENGINE_ARGS), observer=metrics)
+    app = build_app(engine, ServerConfig(served_model_name=MODEL), metrics)
+    for base in serve_in_thread(app):
+        yield base, engine, metrics
+
+
+def test_engine_process_serves_the_same_tokens(process_server, offline):
+    base, engine, metrics = process_server
+    client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)
+    prompts = ["def add(a, b):", "import os", "class Stack:"]
+    params = SamplingParams(**GREEDY, repetition_penalty=1.1)
+    want = [o.outputs[0].text for o in offline.generate(prompts, params, use_tqdm=False)]
+    got = [client.completions.create(model=MODEL, prompt=p, **GREEDY).choices[0].text for p in prompts]
+    streamed = ["".join(c.choices[0].text for c in client.completions.create(model=MODEL, prompt=p, stream=True,
+                                                                              **GREEDY) if c.choices)
+                for p in prompts]
+    assert got == want and streamed == want
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], **GREEDY)
+    assert chat.choices[0].message.content and chat.usage.completion_tokens == GREEDY["max_tokens"]
+    bad = httpx.post(base + "/v1/completions", json={"model": MODEL, "prompt": "x " * 5000}, timeout=30)
+    assert bad.status_code == 400 and "context" in bad.json()["error"]["message"]  # the child's typed error
+    with pytest.raises(Exception, match="pickle|lambda"):
+        engine.call(lambda e: 1).result(10)  # refused in the parent, not lost
+    wait_idle(engine)
+
+
+def test_engine_process_aborts_on_disconnect(process_server):
+    base, engine, metrics = process_server
+    finished = metrics.finished.labels("length")
+    before = finished._value.get()
+    with httpx.Client(timeout=60) as c:
+        with c.stream("POST", base + "/v1/completions", json={"model": MODEL, "prompt": "class A:", "stream": True,
+                                                              "max_tokens": 500, "ignore_eos": True}) as r:
+            assert next(line for line in r.iter_lines() if line.startswith("data: "))
+    wait_idle(engine)
+    assert finished._value.get() == before  # aborted (blocks free above), not run to its 500 tokens
+
+
+def test_a_dead_engine_process_is_reported():
+    engine = AsyncEngine.spawn(EngineConfig.from_kwargs(**ENGINE_ARGS))
+    app = build_app(engine, ServerConfig(served_model_name=MODEL))
+    body = {"model": MODEL, "prompt": "def f():", "max_tokens": 400, "ignore_eos": True}
+    with TestClient(app) as c:
+        assert c.post("/v1/completions", json={**body, "max_tokens": 2}).status_code == 200
+        with c.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+            lines = r.iter_lines()
+            assert next(line for line in lines if line.startswith("data: "))
+            engine.transport.process.kill()  # a crash, the OOM killer
+            rest = [line for line in lines if line]
+        assert any("error" in line for line in rest) and rest[-1] == "data: [DONE]"
+        deadline = time.monotonic() + 10
+        while c.get("/health").status_code != 503:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        r = c.post("/v1/completions", json=body)
+        assert r.status_code == 503 and "not running" in r.json()["error"]["message"]
+
+
+def test_an_engine_process_that_cannot_start_raises_its_error(tmp_path):
+    with pytest.raises(LannerError):
+        AsyncEngine.spawn(EngineConfig.from_kwargs(model=str(tmp_path / "missing"), device="cpu"))

@@ -1,13 +1,19 @@
-"""AsyncEngine: the step loop on a background thread, streams for asyncio callers.
+"""AsyncEngine: an LLMEngine's step loop behind per-request asyncio streams.
 
-The `LLMEngine` is not thread-safe, so only the engine thread touches it:
-callers post commands (add, abort) to a queue, and the thread runs them
-between steps. Outputs go back to each request's asyncio queue through its
-event loop. Nothing a caller sends can stop the loop: a bad request fails in
-`add_request` and raises in the caller; an exception inside a step fails the
-requests of that step (logged once) and the loop goes on; after
-`max_step_failures` failures in a row the engine is declared dead and every
-request gets `EngineDead`.
+Two halves. `EngineLoop` owns the `LLMEngine` (which is not thread-safe) and runs
+the steps; between steps it runs the commands callers posted (add, abort, call),
+and it reports through a sink: each step's outputs in one batch, the requests of
+a failed step, its own death. Nothing a caller sends can stop it: a bad request
+fails in `add` and the error goes back to that caller; an exception inside a step
+fails the requests of that step (logged once) and the loop goes on; after
+`max_step_failures` failures in a row the engine is dead and every request gets
+`EngineDead`.
+
+`AsyncEngine` is the callers' half: `generate()` streams, `abort()`, `call()`.
+The loop runs on a thread of this process (`AsyncEngine(engine)`) or in a child
+process (`AsyncEngine.spawn(config)`, lanner/engine/engine_process.py), which is
+what `lanner serve` uses: a server's event loop and a step loop in one process
+share the GIL and slow each other down under load.
 """
 from __future__ import annotations
 
@@ -15,10 +21,11 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from lanner.engine.engine import LLMEngine, PromptType
 from lanner.engine.request import RequestOutput, SamplingParams
@@ -32,137 +39,94 @@ class StepFailed(LannerError, RuntimeError):
 
 
 @dataclass
-class _Stream:
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue
-
-    def put(self, item: RequestOutput | BaseException) -> None:
-        _deliver(self.loop, [(self.queue, item)])
+class EngineInfo:
+    """What callers need to know about the engine without touching it."""
+    max_model_len: int
+    sampling_defaults: dict
 
 
-def _deliver(loop: asyncio.AbstractEventLoop, items: list[tuple[asyncio.Queue, Any]]) -> None:
-    """Hand items to queues of one event loop in a single wake-up of that loop."""
-
-    def put_all() -> None:
-        for q, item in items:
-            q.put_nowait(item)
-
-    try:
-        loop.call_soon_threadsafe(put_all)
-    except RuntimeError:  # the caller's event loop is closed: nobody is listening
-        pass
+@dataclass
+class EngineStats:
+    running: int
+    waiting: int
+    used_blocks: int
+    kv_usage: float
+    prefix_hit_rate: float
+    preemptions: int
+    busy: bool
 
 
-class AsyncEngine:
-    def __init__(self, engine: LLMEngine, max_waiting_requests: int | None = None, max_step_failures: int = 3,
-                 observer: Any = None):
-        self.engine = engine
+def engine_stats(engine: LLMEngine) -> EngineStats:
+    kv = engine.kv_cache.stats()
+    return EngineStats(len(engine.scheduler.running), len(engine.scheduler.waiting), kv.used_blocks, kv.usage,
+                       kv.hit_rate, engine.scheduler.num_preemptions, engine.has_unfinished_requests())
+
+
+class Sink(Protocol):
+    """Where an EngineLoop reports (called on the loop's thread)."""
+    def outputs(self, items: list[tuple[str, RequestOutput]], stats: EngineStats | None) -> None: ...
+    def failed(self, request_ids: list[str], message: str) -> None: ...
+    def died(self, message: str, error: str | None) -> None: ...
+
+
+class EngineLoop:
+    STATS_EVERY_S = 0.25  # stats walk the KV free list: sample them, not every step
+
+    def __init__(self, engine: LLMEngine, sink: Sink, max_waiting_requests: int | None = None,
+                 max_step_failures: int = 3):
+        self.engine, self.sink = engine, sink
         self.max_waiting_requests = max_waiting_requests
         self.max_step_failures = max_step_failures
-        self.observer = observer  # optional: record_step(engine), record_finished(output)
-        self._commands: queue.Queue[Callable[[], None]] = queue.Queue()
-        self._streams: dict[str, _Stream] = {}
-        self._thread = threading.Thread(target=self._loop, name="lanner-engine", daemon=True)
-        self._stopping = False
-        self._closed = False  # set (under _lock) when the thread takes no more commands
-        self._lock = threading.Lock()
+        self.live: set[str] = set()  # requests whose outputs someone waits for
+        self.stopping = False
         self.dead: BaseException | None = None
+        self._commands: queue.Queue[Callable[[], None]] = queue.Queue()
+        self._closed = False  # set (under _lock) when the loop takes no more commands
+        self._lock = threading.Lock()
+        self._last_stats = 0.0
 
-    # ---- lifecycle -----------------------------------------------------------------
+    def info(self) -> EngineInfo:
+        return EngineInfo(self.engine.max_model_len, dict(self.engine.sampling_defaults))
 
-    def start(self) -> None:
-        self._thread.start()
+    # ---- commands (run on the loop's thread, between steps) ----------------------------
 
-    def shutdown(self, timeout: float = 30.0) -> None:
-        """Abort what is left, stop the thread."""
-        self._stopping = True
-        self._commands.put(lambda: None)  # wake the loop
-        self._thread.join(timeout)
-
-    @property
-    def is_running(self) -> bool:
-        return self._thread.is_alive() and self.dead is None
-
-    # ---- the caller's side -----------------------------------------------------------
-
-    async def generate(self, request_id: str, prompt: PromptType, params: SamplingParams) -> AsyncIterator[RequestOutput]:
-        """Outputs of one request as it progresses (cumulative; those the caller was too slow to
-        take are skipped), the last with `finished`; raises the
-        request's error (InvalidRequest, ServerOverloaded, EngineDead, StepFailed). Leaving the
-        iteration early (a client that went away) aborts the request."""
-        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
-        try:
-            await asyncio.wrap_future(self._call(lambda: self._add(request_id, prompt, params, stream)))
-        except asyncio.CancelledError:  # the caller left while the add was queued: it may have run anyway
-            self.abort(request_id)
-            raise
-        finished = False
-        try:
-            while True:
-                item = await stream.queue.get()
-                # outputs are cumulative, so a caller that fell behind skips to the latest: under
-                # load the server sends fewer, larger chunks instead of falling further behind
-                while isinstance(item, RequestOutput) and not item.finished and not stream.queue.empty():
-                    item = stream.queue.get_nowait()
-                if isinstance(item, BaseException):
-                    finished = True
-                    raise item
-                finished = item.finished
-                yield item
-                if finished:
-                    return
-        finally:
-            if not finished:
-                self.abort(request_id)
-
-    def abort(self, request_id: str) -> None:
-        self._post(lambda: self._abort(request_id))
-
-    def call(self, fn: Callable[[LLMEngine], Any]) -> Future:
-        """Run fn(engine) on the engine thread (to read its state safely)."""
-        return self._call(lambda: fn(self.engine))
-
-    # ---- the engine thread -------------------------------------------------------------
-
-    def _call(self, fn: Callable[[], Any]) -> Future:
-        future: Future = Future()
-
-        def run() -> None:
-            if not future.set_running_or_notify_cancel():  # the caller gave up waiting
-                return
-            if self.dead is not None or self._stopping:
-                future.set_exception(EngineDead(f"the engine is not running: {self.dead or 'shutting down'}"))
-                return
-            try:
-                future.set_result(fn())
-            except BaseException as e:  # handed to the caller, never raised in the loop
-                future.set_exception(e)
-
-        if not self._post(run):
-            future.set_exception(EngineDead(f"the engine is not running: {self.dead or 'shutting down'}"))
-        return future
-
-    def _post(self, command: Callable[[], None]) -> bool:
-        """Queue a command for the engine thread; False once the thread has stopped taking them."""
+    def post(self, command: Callable[[], None]) -> bool:
+        """Queue a command; False once the loop has stopped taking them."""
         with self._lock:
             if self._closed:
                 return False
             self._commands.put(command)
             return True
 
-    def _add(self, request_id: str, prompt: PromptType, params: SamplingParams, stream: _Stream) -> None:
+    def stop(self) -> None:
+        self.stopping = True
+        self.post(lambda: None)  # wake the loop
+
+    def not_running(self) -> EngineDead:
+        return EngineDead(f"the engine is not running: {self.dead or 'shutting down'}")
+
+    def add(self, request_id: str, prompt: PromptType, params: SamplingParams) -> None:
+        if self.dead is not None or self.stopping:
+            raise self.not_running()
         waiting = len(self.engine.scheduler.waiting)
         if self.max_waiting_requests is not None and waiting >= self.max_waiting_requests:
             raise ServerOverloaded(f"{waiting} requests are already waiting (--max-waiting-requests "
                                    f"{self.max_waiting_requests}); retry later")
         self.engine.add_request(request_id, prompt, params)
-        self._streams[request_id] = stream
+        self.live.add(request_id)
 
-    def _abort(self, request_id: str) -> None:
-        self._streams.pop(request_id, None)
+    def abort(self, request_id: str) -> None:
+        self.live.discard(request_id)
         self.engine.abort_request(request_id)
 
-    def _loop(self) -> None:
+    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        if self.dead is not None or self.stopping:
+            raise self.not_running()
+        return fn(self.engine, *args)
+
+    # ---- the loop -------------------------------------------------------------------------
+
+    def run(self) -> None:
         try:
             self._run_steps()
         except BaseException as e:  # a bug in the loop itself: fail everyone rather than hang them
@@ -171,7 +135,7 @@ class AsyncEngine:
 
     def _run_steps(self) -> None:
         failures = 0
-        while not self._stopping:
+        while not self.stopping:
             busy = self.engine.has_unfinished_requests()
             try:
                 command = self._commands.get(block=not busy, timeout=None if busy else 0.1)
@@ -197,19 +161,190 @@ class AsyncEngine:
         self._die(None)
 
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
-        self._observe("record_step", self.engine)
-        # one wake-up per event loop and step, not one per request: with hundreds of streams
-        # the per-item wake-ups cost the loop (and, through the GIL, this thread) real time
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
+        items = []
         for out in outputs:
-            stream = self._streams.get(out.request_id)
+            if out.request_id in self.live:
+                items.append((out.request_id, out))
+                if out.finished:
+                    self.live.discard(out.request_id)
+        now = time.monotonic()
+        stats = None
+        if now - self._last_stats >= self.STATS_EVERY_S:
+            self._last_stats = now
+            stats = engine_stats(self.engine)
+        if items or stats is not None:
+            self.sink.outputs(items, stats)
+
+    def _fail_step(self, error: Exception) -> None:
+        failed = [rid for rid in self.engine.fail_step() if rid in self.live]
+        self.live.difference_update(failed)
+        if failed:
+            self.sink.failed(failed, f"the engine failed while running this request: {type(error).__name__}: {error}")
+
+    def _die(self, error: Exception | None) -> None:
+        """Fail every request and accept no more (on an unrecoverable error, or at shutdown)."""
+        if error is not None:
+            self.dead = error
+        with self._lock:
+            self._closed = True  # from here on, post() refuses
+        for request_id in list(self.live):
+            try:
+                self.engine.abort_request(request_id)
+            except Exception:  # a broken engine may fail here too; the request is failed either way
+                logger.exception("abort during shutdown failed")
+        self.live.clear()
+        self.sink.died(f"the engine stopped: {error}" if error else "the server is shutting down",
+                       None if error is None else repr(error))
+        while not self._commands.empty():  # queued adds fail with EngineDead, aborts are harmless
+            try:
+                self._commands.get_nowait()()
+            except Exception:
+                logger.exception("a command failed during shutdown")
+
+
+class Transport(Protocol):
+    """How an AsyncEngine reaches its EngineLoop."""
+    info: EngineInfo
+    def start(self) -> None: ...
+    def request(self, op: str, *args: Any) -> Future: ...
+    def alive(self) -> bool: ...
+    def shutdown(self, timeout: float) -> None: ...
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+
+
+def _deliver(loop: asyncio.AbstractEventLoop, items: list[tuple[asyncio.Queue, Any]]) -> None:
+    """Hand items to queues of one event loop in a single wake-up of that loop."""
+
+    def put_all() -> None:
+        for q, item in items:
+            q.put_nowait(item)
+
+    try:
+        loop.call_soon_threadsafe(put_all)
+    except RuntimeError:  # the caller's event loop is closed: nobody is listening
+        pass
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine | None = None, max_waiting_requests: int | None = None,
+                 max_step_failures: int = 3, observer: Any = None, transport: Transport | None = None):
+        """A loop on a thread over `engine`, or over any other transport (see `spawn`).
+        observer (optional): record_stats(EngineStats), record_finished(RequestOutput)."""
+        self.observer = observer
+        self._streams: dict[str, _Stream] = {}
+        self.dead: str | None = None
+        if transport is None:
+            assert engine is not None
+            transport = ThreadTransport(engine, self, max_waiting_requests, max_step_failures)
+        self.transport = transport
+        self.info = transport.info
+
+    @classmethod
+    def spawn(cls, config: Any, max_waiting_requests: int | None = None, max_step_failures: int = 3,
+              observer: Any = None) -> AsyncEngine:
+        """The engine loop in a child process, built there from `config` (an EngineConfig);
+        raises the child's error if the engine cannot be built."""
+        from lanner.engine.engine_process import ProcessTransport
+
+        engine = cls.__new__(cls)
+        transport = ProcessTransport(config, engine, max_waiting_requests, max_step_failures)
+        cls.__init__(engine, observer=observer, transport=transport)
+        return engine
+
+    # ---- lifecycle -----------------------------------------------------------------
+
+    def start(self) -> None:
+        self.transport.start()
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Abort what is left, stop the loop."""
+        self.transport.shutdown(timeout)
+
+    @property
+    def is_running(self) -> bool:
+        return self.transport.alive() and self.dead is None
+
+    # ---- the callers' side ---------------------------------------------------------------
+
+    async def generate(self, request_id: str, prompt: PromptType, params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        """Outputs of one request as it progresses (cumulative; those the caller was too slow to
+        take are skipped), the last with `finished`; raises the request's error (InvalidRequest,
+        ServerOverloaded, EngineDead, StepFailed). Leaving the iteration early (a client that went
+        away) aborts the request."""
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        self._streams[request_id] = stream  # before the add: the first output may come at once
+        try:
+            await asyncio.wrap_future(self.transport.request("add", request_id, prompt, params))
+        except asyncio.CancelledError:  # the caller left while the add was queued: it may have run anyway
+            self._streams.pop(request_id, None)
+            self.abort(request_id)
+            raise
+        except BaseException:
+            self._streams.pop(request_id, None)
+            raise
+        finished = False
+        try:
+            while True:
+                item = await stream.queue.get()
+                # outputs are cumulative, so a caller that fell behind skips to the latest: under
+                # load the server sends fewer, larger chunks instead of falling further behind
+                while isinstance(item, RequestOutput) and not item.finished and not stream.queue.empty():
+                    item = stream.queue.get_nowait()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        self.transport.request("abort", request_id)
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> Future:
+        """fn(engine, *args) on the engine loop (to read its state safely). With an engine
+        process, fn and args must pickle (a module-level function, not a lambda)."""
+        return self.transport.request("call", fn, *args)
+
+    async def stats(self) -> EngineStats:
+        return await asyncio.wrap_future(self.call(engine_stats))
+
+    # ---- the sink: called on the loop's thread (or the engine process's reader) ----------------
+
+    def outputs(self, items: list[tuple[str, RequestOutput]], stats: EngineStats | None) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
+        for request_id, out in items:
+            stream = self._streams.get(request_id)
             if out.finished:
-                self._streams.pop(out.request_id, None)
                 self._observe("record_finished", out)
             if stream is not None:
                 by_loop.setdefault(stream.loop, []).append((stream.queue, out))
-        for loop, items in by_loop.items():
-            _deliver(loop, items)
+        # one wake-up per event loop and step, not one per request
+        for loop, batch in by_loop.items():
+            _deliver(loop, batch)
+        if stats is not None:
+            self._observe("record_stats", stats)
+
+    def failed(self, request_ids: list[str], message: str) -> None:
+        for request_id in request_ids:
+            stream = self._streams.get(request_id)
+            if stream is not None:
+                _deliver(stream.loop, [(stream.queue, StepFailed(message))])
+
+    def died(self, message: str, error: str | None) -> None:
+        if error is not None:
+            self.dead = error
+        for stream in list(self._streams.values()):
+            _deliver(stream.loop, [(stream.queue, EngineDead(message))])
 
     def _observe(self, method: str, arg: Any) -> None:
         if self.observer is not None:
@@ -218,29 +353,40 @@ class AsyncEngine:
             except Exception:  # metrics must never stop serving
                 logger.exception("metrics observer failed")
 
-    def _fail_step(self, error: Exception) -> None:
-        for request_id in self.engine.fail_step():
-            stream = self._streams.pop(request_id, None)
-            if stream is not None:
-                stream.put(StepFailed(f"the engine failed while running this request: {type(error).__name__}: "
-                                      f"{error}"))
 
-    def _die(self, error: Exception | None) -> None:
-        """Fail every request and accept no more (on an unrecoverable error, or at shutdown)."""
-        if error is not None:
-            self.dead = error
-        with self._lock:
-            self._closed = True  # from here on, _call fails at once instead of queueing
-        reason = EngineDead(f"the engine stopped: {error}" if error else "the server is shutting down")
-        for request_id, stream in list(self._streams.items()):
-            stream.put(reason)
+
+class ThreadTransport:
+    """The EngineLoop on a daemon thread of this process."""
+
+    def __init__(self, engine: LLMEngine, sink: Sink, max_waiting_requests: int | None, max_step_failures: int):
+        self.loop = EngineLoop(engine, sink, max_waiting_requests, max_step_failures)
+        self.info = self.loop.info()
+        self.engine = engine  # for tests that reach inside
+        self._thread = threading.Thread(target=self.loop.run, name="lanner-engine", daemon=True)
+
+    def start(self) -> None:
+        if not self._thread.is_alive():
+            self._thread.start()
+
+    def request(self, op: str, *args: Any) -> Future:
+        future: Future = Future()
+        method = getattr(self.loop, op)
+
+        def run() -> None:
+            if not future.set_running_or_notify_cancel():  # the caller gave up waiting
+                return
             try:
-                self.engine.abort_request(request_id)
-            except Exception:  # a broken engine may fail here too; the request is failed either way
-                logger.exception("abort during shutdown failed")
-        self._streams.clear()
-        while not self._commands.empty():  # queued adds fail with EngineDead, aborts are harmless
-            try:
-                self._commands.get_nowait()()
-            except Exception:
-                logger.exception("a command failed during shutdown")
+                future.set_result(method(*args))
+            except BaseException as e:  # handed to the caller, never raised in the loop
+                future.set_exception(e)
+
+        if not self.loop.post(run):
+            future.set_exception(self.loop.not_running())
+        return future
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def shutdown(self, timeout: float) -> None:
+        self.loop.stop()
+        self._thread.join(timeout)

@@ -25,6 +25,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 import lanner
 from lanner.config import ServerConfig
 from lanner.engine.async_engine import AsyncEngine, StepFailed
+from lanner.engine.engine import LLMEngine
 from lanner.engine.request import RequestOutput
 from lanner.errors import CapacityExceeded, EngineDead, InvalidRequest, ServerOverloaded
 from lanner.server.metrics import ServerMetrics
@@ -54,12 +55,11 @@ def error_of(exc: BaseException) -> JSONResponse:
 def build_app(engine: AsyncEngine, config: ServerConfig, metrics: ServerMetrics | None = None) -> FastAPI:
     metrics = metrics or ServerMetrics()
     model_name = config.served_model_name or "lanner"
-    llm = engine.engine
+    info = engine.info
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        if not engine._thread.is_alive():
-            engine.start()
+        engine.start()
         yield
         engine.shutdown()
 
@@ -101,13 +101,13 @@ def build_app(engine: AsyncEngine, config: ServerConfig, metrics: ServerMetrics 
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": int(time.time()),
-                                            "owned_by": "lanner", "max_model_len": llm.max_model_len}]}
+                                            "owned_by": "lanner", "max_model_len": info.max_model_len}]}
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         try:
             check_model(body.model)
-            params = body.sampling_params(llm.sampling_defaults, body.max_tokens, body.logprobs)
+            params = body.sampling_params(info.sampling_defaults, body.max_tokens, body.logprobs)
             prompts = body.prompts()
         except (InvalidRequest, ValueError) as e:
             return error_of(InvalidRequest(str(e)))
@@ -122,11 +122,10 @@ def build_app(engine: AsyncEngine, config: ServerConfig, metrics: ServerMetrics 
             check_model(body.model)
             body.check()
             logprobs = (body.top_logprobs or 0) if body.logprobs else None
-            params = body.sampling_params(llm.sampling_defaults, body.max_completion_tokens or body.max_tokens,
+            params = body.sampling_params(info.sampling_defaults, body.max_completion_tokens or body.max_tokens,
                                           logprobs)
-            prompt = await engine_call(engine, lambda e: e.render_chat(body.conversation(),
-                                                                        body.add_generation_prompt,
-                                                                        body.chat_template_kwargs))
+            prompt = await asyncio.wrap_future(engine.call(LLMEngine.render_chat, body.conversation(),
+                                                           body.add_generation_prompt, body.chat_template_kwargs))
         except (InvalidRequest, ValueError) as e:
             return error_of(InvalidRequest(str(e)))
         rid = f"chatcmpl-{uuid.uuid4().hex}"
@@ -170,10 +169,6 @@ class AuthAndCount:
                 await self.app(scope, receive, send_counting)
         finally:
             self.metrics.http_requests.labels(path if path in KNOWN_PATHS else "other", str(status["code"])).inc()
-
-
-async def engine_call(engine: AsyncEngine, fn):
-    return await asyncio.wrap_future(engine.call(fn))
 
 
 async def respond(request: Request, stream: bool, generators: list[AsyncIterator[RequestOutput]], shaper) -> Response:

@@ -1,7 +1,6 @@
 """Prometheus metrics of one server (its own registry, so tests can run several)."""
 from __future__ import annotations
 
-import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -34,23 +33,14 @@ class ServerMetrics:
         self.prefix_hit_rate = Gauge("lanner_prefix_cache_hit_rate", "prompt tokens served from the prefix cache",
                                      registry=r)
         self.preemptions = Gauge("lanner_num_preemptions", "preemptions since start", registry=r)
-        self._last_step_sample = 0.0
 
-    # called on the engine thread, after every step: the gauges are refreshed at most every
-    # STEP_SAMPLE_S, since KV stats walk the free list
-    STEP_SAMPLE_S = 0.25
-
-    def record_step(self, engine) -> None:
-        now = time.monotonic()
-        if now - self._last_step_sample < self.STEP_SAMPLE_S:
-            return
-        self._last_step_sample = now
-        stats = engine.kv_cache.stats()
-        self.running.set(len(engine.scheduler.running))
-        self.waiting.set(len(engine.scheduler.waiting))
-        self.kv_usage.set(stats.usage)
-        self.prefix_hit_rate.set(stats.hit_rate)
-        self.preemptions.set(engine.scheduler.num_preemptions)
+    def record_stats(self, stats) -> None:
+        """An EngineStats sample (the engine loop sends one every 0.25 s or so while it steps)."""
+        self.running.set(stats.running)
+        self.waiting.set(stats.waiting)
+        self.kv_usage.set(stats.kv_usage)
+        self.prefix_hit_rate.set(stats.prefix_hit_rate)
+        self.preemptions.set(stats.preemptions)
 
     def record_finished(self, out: RequestOutput) -> None:
         for choice in out.outputs:

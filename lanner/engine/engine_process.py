@@ -1,0 +1,214 @@
+"""The engine loop in a child process, for `lanner serve`.
+
+The parent keeps the asyncio half (AsyncEngine's streams, the HTTP server); the
+child builds the LLMEngine from its EngineConfig and runs an EngineLoop on its main
+thread, so the step loop never waits for the server's event loop to release the GIL.
+One duplex pipe carries, parent -> child: (id, op, args) with op add/abort/call (id
+None when no reply is wanted), or None to stop; child -> parent: ("ready", EngineInfo)
+or ("start_failed", error) once, then ("reply", id, ok, value), ("outputs", items,
+stats) once per step, ("failed", request_ids, message) and ("died", message, error).
+
+A child that exits unexpectedly (a crash, the OOM killer) shows as the end of the
+pipe: the engine is dead and every request gets EngineDead. A parent that goes away
+closes the pipe, and the child stops. The child ignores SIGINT and SIGTERM: the
+parent decides when it stops, so a signal sent to the whole process group (Ctrl-C,
+a service manager) still lets the server drain.
+"""
+from __future__ import annotations
+
+import atexit
+import itertools
+import multiprocessing
+import pickle
+import signal
+import threading
+from concurrent.futures import Future
+from typing import Any
+
+from lanner.engine.async_engine import EngineLoop, Sink
+from lanner.errors import EngineDead
+
+
+def _picklable(error: BaseException) -> BaseException:
+    try:
+        pickle.dumps(error)
+        return error
+    except Exception:
+        return RuntimeError(f"{type(error).__name__}: {error}")
+
+
+class _PipeSink:
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+        self.lock = threading.Lock()
+
+    def send(self, message: tuple) -> None:
+        with self.lock:
+            try:
+                self.conn.send(message)
+            except (BrokenPipeError, EOFError, OSError):  # the parent is gone; the reader stops the loop
+                pass
+
+    def outputs(self, items, stats) -> None:
+        self.send(("outputs", items, stats))
+
+    def failed(self, request_ids, message) -> None:
+        self.send(("failed", request_ids, message))
+
+    def died(self, message, error) -> None:
+        self.send(("died", message, error))
+
+
+def _child_main(config: Any, conn: Any, max_waiting_requests: int | None, max_step_failures: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    from lanner.engine.engine import LLMEngine
+
+    sink = _PipeSink(conn)
+    try:
+        engine = LLMEngine(config)
+    except BaseException as e:
+        sink.send(("start_failed", _picklable(e)))
+        return
+    loop = EngineLoop(engine, sink, max_waiting_requests, max_step_failures)
+    sink.send(("ready", loop.info()))
+
+    def reply(request_id: int | None, ok: bool, value: Any) -> None:
+        if request_id is None:
+            return
+        try:
+            pickle.dumps(value)
+        except Exception as e:
+            ok, value = False, RuntimeError(f"the result cannot be sent to the server process: {e}")
+        sink.send(("reply", request_id, ok, value if ok else _picklable(value)))
+
+    def read_commands() -> None:
+        while True:
+            try:
+                message = conn.recv()
+            except (EOFError, OSError):
+                message = None
+            if message is None:
+                loop.stop()
+                return
+            request_id, op, args = message
+            method = getattr(loop, op)
+
+            def run(request_id=request_id, method=method, args=args) -> None:
+                try:
+                    value, ok = method(*args), True
+                except Exception as e:  # handed to the caller, never raised in the loop
+                    value, ok = e, False
+                reply(request_id, ok, value)
+
+            if not loop.post(run):
+                reply(request_id, False, loop.not_running())
+
+    threading.Thread(target=read_commands, name="lanner-commands", daemon=True).start()
+    loop.run()
+
+
+class ProcessTransport:
+    """Starts the child and waits until its engine is built (or raises what stopped it)."""
+
+    def __init__(self, config: Any, sink: Sink, max_waiting_requests: int | None, max_step_failures: int):
+        ctx = multiprocessing.get_context("spawn")  # never fork a process that may hold CUDA state
+        self.conn, child_conn = ctx.Pipe(duplex=True)
+        self.process = ctx.Process(target=_child_main, name="lanner-engine",
+                                   args=(config, child_conn, max_waiting_requests, max_step_failures))
+        self.process.start()
+        child_conn.close()
+        atexit.register(self._kill)  # runs before multiprocessing's own exit handler joins the child
+        try:
+            message = self.conn.recv()
+        except (EOFError, OSError):
+            self.process.join(5)
+            raise EngineDead(f"the engine process exited while starting (exit code {self.process.exitcode})")
+        if message[0] == "start_failed":
+            self.process.join(30)
+            raise message[1]
+        self.info = message[1]
+        self.sink = sink
+        self._futures: dict[int, Future] = {}
+        self._ids = itertools.count()
+        self._lock = threading.Lock()  # guards _closed and _futures, and serializes sends
+        self._closed = False
+        self._died = False
+        self._reader = threading.Thread(target=self._read, name="lanner-engine-reader", daemon=True)
+
+    def start(self) -> None:
+        if not self._reader.is_alive() and not self._closed:
+            self._reader.start()
+
+    def request(self, op: str, *args: Any) -> Future:
+        future: Future = Future()
+        with self._lock:
+            if self._closed:
+                future.set_exception(EngineDead("the engine process is not running"))
+                return future
+            request_id = None
+            if op == "abort":
+                future.set_result(None)
+            else:
+                request_id = next(self._ids)
+                self._futures[request_id] = future
+            try:
+                self.conn.send((request_id, op, args))
+            except (BrokenPipeError, EOFError, OSError):
+                self._futures.pop(request_id, None)
+                if not future.done():
+                    future.set_exception(EngineDead("the engine process is not running"))
+            except Exception as e:  # arguments that do not pickle (a lambda given to call())
+                self._futures.pop(request_id, None)
+                if not future.done():
+                    future.set_exception(e)
+        return future
+
+    def _read(self) -> None:
+        while True:
+            try:
+                message = self.conn.recv()
+            except (EOFError, OSError):
+                break
+            kind = message[0]
+            if kind == "outputs":
+                self.sink.outputs(message[1], message[2])
+            elif kind == "failed":
+                self.sink.failed(message[1], message[2])
+            elif kind == "died":
+                self._died = True
+                self.sink.died(message[1], message[2])
+            elif kind == "reply":
+                future = self._futures.pop(message[1], None)
+                if future is not None and future.set_running_or_notify_cancel():
+                    (future.set_result if message[2] else future.set_exception)(message[3])
+        with self._lock:
+            self._closed = True
+            pending, self._futures = list(self._futures.values()), {}
+        self.process.join(5)
+        if not self._died:  # it did not stop on its own terms
+            code = self.process.exitcode
+            self.sink.died(f"the engine process exited unexpectedly (exit code {code})", f"exit code {code}")
+        for future in pending:
+            if future.set_running_or_notify_cancel():
+                future.set_exception(EngineDead("the engine process is not running"))
+
+    def alive(self) -> bool:
+        return not self._closed and self.process.is_alive()
+
+    def shutdown(self, timeout: float) -> None:
+        with self._lock:
+            if not self._closed:
+                try:
+                    self.conn.send(None)
+                except (BrokenPipeError, EOFError, OSError):
+                    pass
+        self.process.join(timeout)
+        self._kill()
+        if self._reader.is_alive():
+            self._reader.join(5)
+
+    def _kill(self) -> None:
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join(5)
