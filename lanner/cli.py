@@ -61,6 +61,10 @@ def cmd_chat(args: argparse.Namespace) -> None:
         history.append({"role": "assistant", "content": reply})
 
 
+def _exit_on_signal(signum, frame) -> None:
+    raise SystemExit(128 + signum)
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     try:
         import uvicorn
@@ -77,6 +81,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     model = engine_config.model.model or default_model_path()
     config.served_model_name = config.served_model_name or Path(model).name.removesuffix(".json")
     metrics = ServerMetrics()
+    # a SIGTERM while the engine loads exits normally, so the engine process is stopped too
+    signal.signal(signal.SIGTERM, _exit_on_signal)
     if config.engine_process:
         engine = AsyncEngine.spawn(engine_config, config.max_waiting_requests, observer=metrics)
     else:

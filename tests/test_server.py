@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 from lanner import LLM, SamplingParams
 from lanner.config import EngineConfig, ServerConfig
-from lanner.errors import LannerError
+from lanner.errors import InvalidRequest, LannerError
 from lanner.engine.async_engine import AsyncEngine, engine_stats
 from lanner.engine.engine import LLMEngine
 from lanner.server.app import build_app
@@ -425,7 +425,37 @@ def test_a_slow_reader_gets_the_latest_output_not_a_backlog(offline):
     assert outputs[-1].outputs[0].token_ids == want.token_ids and outputs[-1].outputs[0].text == want.text
 
 
+def test_a_request_id_in_use_is_refused_without_harming_its_owner(offline):
+    engine = AsyncEngine(LLMEngine(EngineConfig.from_kwargs(**ENGINE_ARGS)))
+    engine.start()
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+
+    async def both():
+        first = engine.generate("same", "def f():", params)
+        out = await first.__anext__()
+        with pytest.raises(InvalidRequest, match="in use"):
+            await engine.generate("same", "import os", params).__anext__()
+        async for out in first:
+            pass
+        return out
+
+    try:
+        out = asyncio.run(asyncio.wait_for(both(), 60))
+    finally:
+        engine.shutdown()
+    assert out.finished and out.outputs[0].token_ids == offline.generate(
+        "def f():", params, use_tqdm=False)[0].outputs[0].token_ids
+
+
 # ---- the engine loop in a child process (what `lanner serve` runs by default) ----------------
+
+class TwoArgumentError(Exception):
+    def __init__(self, code, detail):  # pickles, but loading it calls __init__ with one argument
+        super().__init__(f"{code}: {detail}")
+
+
+def raise_unloadable_error(engine):
+    raise TwoArgumentError(1, "x")
 
 @pytest.fixture(scope="module")
 def process_server():
@@ -453,7 +483,11 @@ def test_engine_process_serves_the_same_tokens(process_server, offline):
     assert bad.status_code == 400 and "context" in bad.json()["error"]["message"]  # the child's typed error
     with pytest.raises(Exception, match="pickle|lambda"):
         engine.call(lambda e: 1).result(10)  # refused in the parent, not lost
+    with pytest.raises(RuntimeError, match="cannot be sent"):
+        engine.call(raise_unloadable_error).result(10)  # pickles, would not load in the parent
+    assert client.completions.create(model=MODEL, prompt=prompts[0], **GREEDY).choices[0].text == want[0]
     wait_idle(engine)
+    assert metrics.running._value.get() == 0  # the idle engine's stats reached the gauges
 
 
 def test_engine_process_aborts_on_disconnect(process_server):
@@ -486,6 +520,8 @@ def test_a_dead_engine_process_is_reported():
             time.sleep(0.05)
         r = c.post("/v1/completions", json=body)
         assert r.status_code == 503 and "not running" in r.json()["error"]["message"]
+        r = c.post("/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 503  # not a 500 from the chat template's engine call
 
 
 def test_an_engine_process_that_cannot_start_raises_its_error(tmp_path):

@@ -29,7 +29,7 @@ from typing import Any, Protocol
 
 from lanner.engine.engine import LLMEngine, PromptType
 from lanner.engine.request import RequestOutput, SamplingParams
-from lanner.errors import EngineDead, LannerError, ServerOverloaded
+from lanner.errors import EngineDead, InvalidRequest, LannerError, ServerOverloaded
 
 logger = logging.getLogger(__name__)
 
@@ -169,7 +169,8 @@ class EngineLoop:
                     self.live.discard(out.request_id)
         now = time.monotonic()
         stats = None
-        if now - self._last_stats >= self.STATS_EVERY_S:
+        # and after the step that leaves the engine idle, so the gauges do not keep a busy value
+        if now - self._last_stats >= self.STATS_EVERY_S or not self.engine.has_unfinished_requests():
             self._last_stats = now
             stats = engine_stats(self.engine)
         if items or stats is not None:
@@ -276,16 +277,18 @@ class AsyncEngine:
         take are skipped), the last with `finished`; raises the request's error (InvalidRequest,
         ServerOverloaded, EngineDead, StepFailed). Leaving the iteration early (a client that went
         away) aborts the request."""
+        if request_id in self._streams:
+            raise InvalidRequest(f"request id {request_id!r} is already in use")
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         self._streams[request_id] = stream  # before the add: the first output may come at once
         try:
             await asyncio.wrap_future(self.transport.request("add", request_id, prompt, params))
         except asyncio.CancelledError:  # the caller left while the add was queued: it may have run anyway
-            self._streams.pop(request_id, None)
+            self._drop_stream(request_id, stream)
             self.abort(request_id)
             raise
         except BaseException:
-            self._streams.pop(request_id, None)
+            self._drop_stream(request_id, stream)
             raise
         finished = False
         try:
@@ -303,9 +306,13 @@ class AsyncEngine:
                 if finished:
                     return
         finally:
-            self._streams.pop(request_id, None)
+            self._drop_stream(request_id, stream)
             if not finished:
                 self.abort(request_id)
+
+    def _drop_stream(self, request_id: str, stream: _Stream) -> None:
+        if self._streams.get(request_id) is stream:
+            del self._streams[request_id]
 
     def abort(self, request_id: str) -> None:
         self.transport.request("abort", request_id)

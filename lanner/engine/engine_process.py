@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import atexit
 import itertools
+import logging
 import multiprocessing
 import pickle
 import signal
@@ -28,13 +29,28 @@ from typing import Any
 from lanner.engine.async_engine import EngineLoop, Sink
 from lanner.errors import EngineDead
 
+logger = logging.getLogger(__name__)
 
-def _picklable(error: BaseException) -> BaseException:
+
+def _sendable(value: Any, ok: bool) -> tuple[bool, Any]:
+    """(ok, value) if value survives a pickle round trip (an exception whose __init__ takes two
+    arguments pickles but does not load), else a failure that does."""
     try:
-        pickle.dumps(error)
-        return error
-    except Exception:
-        return RuntimeError(f"{type(error).__name__}: {error}")
+        pickle.loads(pickle.dumps(value))
+        return ok, value
+    except Exception as e:
+        what = f"{type(value).__name__}: {value}" if isinstance(value, BaseException) else f"the result ({e})"
+        return False, RuntimeError(f"cannot be sent between the engine and server processes: {what}")
+
+
+def _die_with_parent() -> None:
+    """Linux: the kernel kills this process when the parent dies, even while the engine loads."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except Exception:  # other platforms: the closed pipe stops the loop once it runs
+        pass
 
 
 class _PipeSink:
@@ -62,47 +78,41 @@ class _PipeSink:
 def _child_main(config: Any, conn: Any, max_waiting_requests: int | None, max_step_failures: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _die_with_parent()
     from lanner.engine.engine import LLMEngine
 
     sink = _PipeSink(conn)
     try:
         engine = LLMEngine(config)
     except BaseException as e:
-        sink.send(("start_failed", _picklable(e)))
+        sink.send(("start_failed", _sendable(e, False)[1]))
         return
     loop = EngineLoop(engine, sink, max_waiting_requests, max_step_failures)
     sink.send(("ready", loop.info()))
 
     def reply(request_id: int | None, ok: bool, value: Any) -> None:
-        if request_id is None:
-            return
+        if request_id is not None:
+            sink.send(("reply", request_id, *_sendable(value, ok)))
+
+    def run_command(request_id: int | None, op: str, payload: bytes) -> None:
         try:
-            pickle.dumps(value)
-        except Exception as e:
-            ok, value = False, RuntimeError(f"the result cannot be sent to the server process: {e}")
-        sink.send(("reply", request_id, ok, value if ok else _picklable(value)))
+            args = pickle.loads(payload)  # here, not in recv(): a payload that fails to load fails its request only
+            value, ok = getattr(loop, op)(*args), True
+        except BaseException as e:  # handed to the caller, never raised in the loop
+            value, ok = e, False
+        reply(request_id, ok, value)
 
     def read_commands() -> None:
-        while True:
-            try:
-                message = conn.recv()
-            except (EOFError, OSError):
-                message = None
-            if message is None:
-                loop.stop()
-                return
-            request_id, op, args = message
-            method = getattr(loop, op)
-
-            def run(request_id=request_id, method=method, args=args) -> None:
-                try:
-                    value, ok = method(*args), True
-                except Exception as e:  # handed to the caller, never raised in the loop
-                    value, ok = e, False
-                reply(request_id, ok, value)
-
-            if not loop.post(run):
-                reply(request_id, False, loop.not_running())
+        try:
+            while (message := conn.recv()) is not None:
+                request_id, op, payload = message
+                if not loop.post(lambda r=request_id, o=op, p=payload: run_command(r, o, p)):
+                    reply(request_id, False, loop.not_running())
+        except (EOFError, OSError):  # the parent is gone
+            pass
+        except Exception:
+            logger.exception("the engine process cannot read the server's commands; stopping")
+        loop.stop()
 
     threading.Thread(target=read_commands, name="lanner-commands", daemon=True).start()
     loop.run()
@@ -153,7 +163,8 @@ class ProcessTransport:
                 request_id = next(self._ids)
                 self._futures[request_id] = future
             try:
-                self.conn.send((request_id, op, args))
+                payload = pickle.dumps(args)
+                self.conn.send((request_id, op, payload))
             except (BrokenPipeError, EOFError, OSError):
                 self._futures.pop(request_id, None)
                 if not future.done():
@@ -165,11 +176,18 @@ class ProcessTransport:
         return future
 
     def _read(self) -> None:
+        try:
+            self._read_messages()
+        except (EOFError, OSError):  # the child is gone
+            pass
+        except Exception:  # a broken stream of messages: nothing after it can be trusted
+            logger.exception("cannot read the engine process's messages; stopping it")
+            self._kill()
+        self._closed_by_child()
+
+    def _read_messages(self) -> None:
         while True:
-            try:
-                message = self.conn.recv()
-            except (EOFError, OSError):
-                break
+            message = self.conn.recv()
             kind = message[0]
             if kind == "outputs":
                 self.sink.outputs(message[1], message[2])
@@ -182,6 +200,8 @@ class ProcessTransport:
                 future = self._futures.pop(message[1], None)
                 if future is not None and future.set_running_or_notify_cancel():
                     (future.set_result if message[2] else future.set_exception)(message[3])
+
+    def _closed_by_child(self) -> None:
         with self._lock:
             self._closed = True
             pending, self._futures = list(self._futures.values()), {}
@@ -203,6 +223,7 @@ class ProcessTransport:
                     self.conn.send(None)
                 except (BrokenPipeError, EOFError, OSError):
                     pass
+            self._closed = True  # later requests fail at once; the reader still fails pending ones
         self.process.join(timeout)
         self._kill()
         if self._reader.is_alive():

@@ -27,7 +27,7 @@ from lanner.config import ServerConfig
 from lanner.engine.async_engine import AsyncEngine, StepFailed
 from lanner.engine.engine import LLMEngine
 from lanner.engine.request import RequestOutput
-from lanner.errors import CapacityExceeded, EngineDead, InvalidRequest, ServerOverloaded
+from lanner.errors import CapacityExceeded, EngineDead, InvalidRequest, LannerError, ServerOverloaded
 from lanner.server.metrics import ServerMetrics
 from lanner.server.protocol import ChatRequest, CompletionRequest
 
@@ -126,7 +126,9 @@ def build_app(engine: AsyncEngine, config: ServerConfig, metrics: ServerMetrics 
                                           logprobs)
             prompt = await asyncio.wrap_future(engine.call(LLMEngine.render_chat, body.conversation(),
                                                            body.add_generation_prompt, body.chat_template_kwargs))
-        except (InvalidRequest, ValueError) as e:
+        except LannerError as e:  # EngineDead, ServerOverloaded, InvalidRequest from the engine
+            return error_of(e)
+        except ValueError as e:
             return error_of(InvalidRequest(str(e)))
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         shaper = ChatShaper(rid, model_name, body)
