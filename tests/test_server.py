@@ -403,12 +403,20 @@ def test_a_model_without_tokenizer_streams_a_chunk_per_token(qwen3_path, tmp_pat
     assert chunks[-1]["usage"]["completion_tokens"] == 12
 
 
-def test_a_slow_reader_gets_the_latest_output_not_a_backlog(offline):
+def run_with_engine(body):
+    """asyncio.run(body(engine)) against a fresh AsyncEngine on a thread, shut down after."""
     engine = AsyncEngine(LLMEngine(EngineConfig.from_kwargs(**ENGINE_ARGS)))
     engine.start()
+    try:
+        return asyncio.run(asyncio.wait_for(body(engine), 60))
+    finally:
+        engine.shutdown()
+
+
+def test_a_slow_reader_gets_the_latest_output_not_a_backlog(offline):
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
 
-    async def read_slowly():
+    async def read_slowly(engine):
         gen = engine.generate("slow", "def f():", params)
         outputs = [await gen.__anext__()]
         while engine.call(lambda e: e.has_unfinished_requests()).result(10):
@@ -416,21 +424,16 @@ def test_a_slow_reader_gets_the_latest_output_not_a_backlog(offline):
         outputs += [out async for out in gen]
         return outputs
 
-    try:
-        outputs = asyncio.run(read_slowly())
-    finally:
-        engine.shutdown()
+    outputs = run_with_engine(read_slowly)
     want = offline.generate("def f():", params, use_tqdm=False)[0].outputs[0]
     assert [len(o.outputs[0].token_ids) for o in outputs] == [1, 8] and outputs[-1].finished
     assert outputs[-1].outputs[0].token_ids == want.token_ids and outputs[-1].outputs[0].text == want.text
 
 
 def test_a_request_id_in_use_is_refused_without_harming_its_owner(offline):
-    engine = AsyncEngine(LLMEngine(EngineConfig.from_kwargs(**ENGINE_ARGS)))
-    engine.start()
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
 
-    async def both():
+    async def both(engine):
         first = engine.generate("same", "def f():", params)
         out = await first.__anext__()
         with pytest.raises(InvalidRequest, match="in use"):
@@ -439,10 +442,7 @@ def test_a_request_id_in_use_is_refused_without_harming_its_owner(offline):
             pass
         return out
 
-    try:
-        out = asyncio.run(asyncio.wait_for(both(), 60))
-    finally:
-        engine.shutdown()
+    out = run_with_engine(both)
     assert out.finished and out.outputs[0].token_ids == offline.generate(
         "def f():", params, use_tqdm=False)[0].outputs[0].token_ids
 
