@@ -125,7 +125,9 @@ def test_n_stop_logprobs_seed(client):
     assert sorted(c.index for c in many.choices) == [0, 1, 2]
     again = client.completions.create(model=MODEL, prompt="import os\n", n=3, temperature=1.0, seed=5, max_tokens=8)
     assert [c.text for c in many.choices] == [c.text for c in again.choices]  # seeds reproduce
-    assert many.usage.completion_tokens == sum(len(c.text) > 0 for c in many.choices) * 0 + many.usage.completion_tokens
+    fixed = client.completions.create(model=MODEL, prompt="import os\n", n=3, temperature=1.0, seed=5, max_tokens=8,
+                                      extra_body={"ignore_eos": True})
+    assert fixed.usage.completion_tokens == 3 * 8  # usage counts every choice's tokens
     base = client.completions.create(model=MODEL, prompt="def main():", **GREEDY).choices[0].text
     stop = base[len(base) // 2:len(base) // 2 + 2]
     if stop.strip():
@@ -138,6 +140,8 @@ def test_n_stop_logprobs_seed(client):
     chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], logprobs=True,
                                           top_logprobs=3, **GREEDY).choices[0]
     assert all(len(t.top_logprobs) == 3 for t in chat.logprobs.content) and chat.logprobs.content
+    raw = b"".join(bytes(t.bytes) for t in chat.logprobs.content)  # raw token bytes join to the text
+    assert chat.finish_reason == "length" and raw.decode() == chat.message.content
 
 
 def test_models_health_version_metrics(server, client):

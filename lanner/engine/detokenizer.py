@@ -8,6 +8,7 @@ emits the difference, holding back text that ends in an incomplete character.
 """
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from lanner.engine.request import Request
@@ -62,3 +63,42 @@ def visible_text(req: Request) -> str:
         return req.output_text
     hold = max(len(s) for s in req.params.stop) - 1
     return req.output_text[:len(req.output_text) - hold] if hold else req.output_text
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """Byte-level BPE vocabularies (GPT-2, Llama 3, Qwen) spell each byte as one printable
+    character: printable Latin-1 bytes as themselves, the other 68 as chr(256 + i) in byte order."""
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    others = [b for b in range(256) if b not in printable]
+    table = {chr(b): b for b in printable}
+    table.update({chr(256 + i): b for i, b in enumerate(others)})
+    return table
+
+
+class TokenBytes:
+    """The raw bytes of one token (OpenAI logprobs' `bytes`): for a token that is part of a
+    multi-byte character, decoding gives U+FFFD, but its bytes are what a client must join."""
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+        self.kind = self._decoder_kind(tokenizer)
+        self.alphabet = _byte_level_alphabet() if self.kind == "ByteLevel" else {}
+
+    @staticmethod
+    def _decoder_kind(tokenizer: Any) -> str | None:
+        try:
+            decoder = json.loads(tokenizer.backend_tokenizer.to_str()).get("decoder") or {}
+        except Exception:  # a tokenizer without a `tokenizers` backend
+            return None
+        kinds = {d.get("type") for d in decoder.get("decoders", [])} | {decoder.get("type")}
+        return "ByteLevel" if "ByteLevel" in kinds else "ByteFallback" if "ByteFallback" in kinds else None
+
+    def __call__(self, token_id: int) -> bytes:
+        piece = self.tokenizer.convert_ids_to_tokens(token_id)
+        if self.kind == "ByteLevel" and piece and all(ch in self.alphabet for ch in piece):
+            return bytes(self.alphabet[ch] for ch in piece)
+        if self.kind == "ByteFallback" and piece:
+            if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+                return bytes([int(piece[3:5], 16)])
+            return piece.replace("\u2581", " ").encode()
+        return self.tokenizer.decode([token_id]).encode()  # added/special tokens, other tokenizers

@@ -21,7 +21,7 @@ import torch
 from torch.profiler import record_function
 
 from lanner.config import EngineConfig
-from lanner.engine.detokenizer import Detokenizer, find_stop_string, visible_text
+from lanner.engine.detokenizer import Detokenizer, TokenBytes, find_stop_string, visible_text
 from lanner.engine.kv_cache import KVCacheManager
 from lanner.engine.request import CompletionOutput, Request, RequestOutput, SamplingParams
 from lanner.engine.scheduler import Scheduler, SchedulerOutput
@@ -65,6 +65,7 @@ class LLMEngine:
         loaded = load_model(path, mc.tokenizer, mc.load_format, self.dtype, self.device, config.seed)
         self.hf_config = loaded.hf_config
         self.tokenizer = loaded.tokenizer
+        self.token_bytes = TokenBytes(self.tokenizer) if self.tokenizer is not None else None
         self.eos_token_ids = loaded.eos_token_ids
         self.sampling_defaults = loaded.sampling_defaults
         self.vocab_size = loaded.model.spec.vocab_size
@@ -280,6 +281,7 @@ class LLMEngine:
             for entry in entries:
                 for tid, lp in entry.items():
                     lp.decoded_token = self.tokenizer.decode([tid])
+                    lp.token_bytes = self.token_bytes(tid)
         return entries
 
     def _output(self, parent_id: str) -> RequestOutput:

@@ -106,6 +106,7 @@ class Logprob:
     logprob: float
     rank: int  # 1 = most likely token
     decoded_token: str | None = None
+    token_bytes: bytes | None = None  # raw bytes (a piece of a multi-byte character decodes to U+FFFD)
 
 
 @dataclass

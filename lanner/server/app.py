@@ -322,6 +322,10 @@ class _Shaper:
                  "choices": [], "usage": self.usage()}]
 
 
+def token_bytes(lp) -> list[int]:
+    return list(lp.token_bytes if lp.token_bytes is not None else (lp.decoded_token or "").encode())
+
+
 def top_entries(entry: dict, n: int) -> list:
     """The n most likely tokens of a logprobs entry, by rank (the sampled one is the entry's first)."""
     return sorted((lp for lp in entry.values() if lp.rank <= n), key=lambda lp: lp.rank)[:n]
@@ -367,10 +371,10 @@ class ChatShaper(_Shaper):
         content = []
         for entry in entries:
             chosen = next(iter(entry.values()))  # the sampled token comes first
-            top = [{"token": lp.decoded_token, "logprob": lp.logprob, "bytes": list((lp.decoded_token or "").encode())}
+            top = [{"token": lp.decoded_token, "logprob": lp.logprob, "bytes": token_bytes(lp)}
                    for lp in top_entries(entry, self.body.top_logprobs or 0)]
             content.append({"token": chosen.decoded_token, "logprob": chosen.logprob,
-                            "bytes": list((chosen.decoded_token or "").encode()), "top_logprobs": top})
+                            "bytes": token_bytes(chosen), "top_logprobs": top})
         return {"content": content}
 
     def chunk(self, index, delta, new_logprobs, c, text_offset) -> dict:
