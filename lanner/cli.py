@@ -86,7 +86,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if config.engine_process:
         engine = AsyncEngine.spawn(engine_config, config.max_waiting_requests, observer=metrics)
     else:
-        engine = AsyncEngine(_engine(args), config.max_waiting_requests, observer=metrics)
+        from lanner.engine.engine import LLMEngine
+
+        engine = AsyncEngine(LLMEngine(engine_config), config.max_waiting_requests, observer=metrics)
     app = build_app(engine, config, metrics)
     server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="info",
                                            timeout_graceful_shutdown=30))

@@ -218,7 +218,7 @@ class _Stream:
     queue: asyncio.Queue
 
 
-def _deliver(loop: asyncio.AbstractEventLoop, items: list[tuple[asyncio.Queue, Any]]) -> None:
+def _put_soon(loop: asyncio.AbstractEventLoop, items: list[tuple[asyncio.Queue, Any]]) -> None:
     """Hand items to queues of one event loop in a single wake-up of that loop."""
 
     def put_all() -> None:
@@ -233,17 +233,19 @@ def _deliver(loop: asyncio.AbstractEventLoop, items: list[tuple[asyncio.Queue, A
 
 class AsyncEngine:
     def __init__(self, engine: LLMEngine | None = None, max_waiting_requests: int | None = None,
-                 max_step_failures: int = 3, observer: Any = None, transport: Transport | None = None):
-        """A loop on a thread over `engine`, or over any other transport (see `spawn`).
-        observer (optional): record_stats(EngineStats), record_finished(RequestOutput)."""
+                 max_step_failures: int = 3, observer: Any = None,
+                 transport: Callable[[Sink], Transport] | None = None):
+        """A loop on a thread over `engine`, or over the transport that `transport(sink)` makes
+        (see `spawn`). observer (optional): record_stats(EngineStats), record_finished(RequestOutput)."""
         self.observer = observer
         self._streams: dict[str, _Stream] = {}
         self.dead: str | None = None
         if transport is None:
             assert engine is not None
-            transport = ThreadTransport(engine, self, max_waiting_requests, max_step_failures)
-        self.transport = transport
-        self.info = transport.info
+            self.transport: Transport = ThreadTransport(engine, self, max_waiting_requests, max_step_failures)
+        else:
+            self.transport = transport(self)
+        self.info = self.transport.info
 
     @classmethod
     def spawn(cls, config: Any, max_waiting_requests: int | None = None, max_step_failures: int = 3,
@@ -252,10 +254,8 @@ class AsyncEngine:
         raises the child's error if the engine cannot be built."""
         from lanner.engine.engine_process import ProcessTransport
 
-        engine = cls.__new__(cls)
-        transport = ProcessTransport(config, engine, max_waiting_requests, max_step_failures)
-        cls.__init__(engine, observer=observer, transport=transport)
-        return engine
+        return cls(observer=observer, transport=lambda sink: ProcessTransport(
+            config, sink, max_waiting_requests, max_step_failures))
 
     # ---- lifecycle -----------------------------------------------------------------
 
@@ -328,30 +328,30 @@ class AsyncEngine:
     # ---- the sink: called on the loop's thread (or the engine process's reader) ----------------
 
     def outputs(self, items: list[tuple[str, RequestOutput]], stats: EngineStats | None) -> None:
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
-        for request_id, out in items:
-            stream = self._streams.get(request_id)
+        for _, out in items:
             if out.finished:
                 self._observe("record_finished", out)
-            if stream is not None:
-                by_loop.setdefault(stream.loop, []).append((stream.queue, out))
-        # one wake-up per event loop and step, not one per request
-        for loop, batch in by_loop.items():
-            _deliver(loop, batch)
+        self._deliver(items)
         if stats is not None:
             self._observe("record_stats", stats)
 
     def failed(self, request_ids: list[str], message: str) -> None:
-        for request_id in request_ids:
-            stream = self._streams.get(request_id)
-            if stream is not None:
-                _deliver(stream.loop, [(stream.queue, StepFailed(message))])
+        self._deliver([(request_id, StepFailed(message)) for request_id in request_ids])
 
     def died(self, message: str, error: str | None) -> None:
         if error is not None:
             self.dead = error
-        for stream in list(self._streams.values()):
-            _deliver(stream.loop, [(stream.queue, EngineDead(message))])
+        self._deliver([(request_id, EngineDead(message)) for request_id in list(self._streams)])
+
+    def _deliver(self, items: list[tuple[str, RequestOutput | BaseException]]) -> None:
+        """To the streams of these requests, in one wake-up per event loop (not one per request)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Any]]] = {}
+        for request_id, item in items:
+            stream = self._streams.get(request_id)
+            if stream is not None:
+                by_loop.setdefault(stream.loop, []).append((stream.queue, item))
+        for loop, batch in by_loop.items():
+            _put_soon(loop, batch)
 
     def _observe(self, method: str, arg: Any) -> None:
         if self.observer is not None:
@@ -359,7 +359,6 @@ class AsyncEngine:
                 getattr(self.observer, method)(arg)
             except Exception:  # metrics must never stop serving
                 logger.exception("metrics observer failed")
-
 
 
 class ThreadTransport:

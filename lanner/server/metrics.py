@@ -1,7 +1,6 @@
 """Prometheus metrics of one server (its own registry, so tests can run several)."""
 from __future__ import annotations
 
-
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from lanner.engine.request import RequestOutput
