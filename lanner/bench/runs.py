@@ -110,7 +110,7 @@ def main(args: argparse.Namespace, engine_kwargs: dict) -> None:
         engine_kwargs = {"model": args.config, "load_format": "dummy", **engine_kwargs}
     path = engine_kwargs.get("model")
     baseline = None
-    if getattr(args, "compare_hf", False):  # first, so lanner can take the GPU memory afterwards
+    if args.compare_hf:  # first, so lanner can take the GPU memory afterwards
         dtype = getattr(torch, engine_kwargs.get("dtype", "bfloat16").replace("auto", "bfloat16"))
         hf = hf_baseline.load_hf(path, dtype, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
         if args.kind == "latency":
@@ -174,10 +174,11 @@ def add_parser(sub) -> None:
     from lanner.bench import serve
 
     serve.add_parser(kinds)
+    for p in (lat, thr):
+        p.add_argument("--compare-hf", action="store_true", help="run transformers on the same workload first")
+    step.set_defaults(compare_hf=False)  # a step is timed against lanner's own eager forward
     for p in (lat, step, thr):
         p.add_argument("--config", default=None, help="a config.json: random weights of that shape (dummy load)")
-        if p is not step:
-            p.add_argument("--compare-hf", action="store_true", help="run transformers on the same workload first")
         p.add_argument("--output-json", default=None)
         p.set_defaults(func=lambda a: None)
         add_cli_args(p)

@@ -37,16 +37,27 @@ class Result:
         return (self.e2e - self.ttft) / (self.output_tokens - 1) if self.output_tokens > 1 else None
 
 
-def make_requests(args: argparse.Namespace, sweep_index: int) -> list[tuple[str | list[int], int]]:
+def load_dataset(args: argparse.Namespace) -> list[tuple[str | list[int], int]] | None:
+    if not args.dataset:
+        return None
+    with open(args.dataset) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return [(r["prompt"], int(r.get("output_len", args.output_len))) for r in rows[:args.num_prompts]]
+
+
+def make_requests(args: argparse.Namespace, sweep_index: int,
+                  dataset: list[tuple[str | list[int], int]] | None) -> list[tuple[str | list[int], int]]:
     """The prompts of one rate of the sweep. Synthetic prompts are new at each rate, so a server's
     prefix cache cannot serve later rates from the blocks of earlier ones; a dataset's are not."""
-    if args.dataset:
-        with open(args.dataset) as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-        return [(r["prompt"], int(r.get("output_len", args.output_len))) for r in rows[:args.num_prompts]]
+    if dataset is not None:
+        return dataset
     rng = random.Random(f"{args.seed}-{sweep_index}")
     return [([rng.randrange(10, 1000) for _ in range(args.input_len)], args.output_len)
             for _ in range(args.num_prompts)]
+
+
+def auth_headers(args: argparse.Namespace) -> dict:
+    return {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
 
 
 async def one_request(client, url: str, body: dict, headers: dict) -> Result:
@@ -90,7 +101,7 @@ async def run_rate(args: argparse.Namespace, model: str, rate: float,
     import httpx
 
     url = args.base_url.rstrip("/") + "/v1/completions"
-    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    headers = auth_headers(args)
     rng = random.Random(args.seed + 1)
     limit = asyncio.Semaphore(args.max_concurrency or len(requests))
 
@@ -167,11 +178,12 @@ def main(args: argparse.Namespace) -> None:
 
     model = args.model
     if model is None:
-        headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-        model = httpx.get(args.base_url.rstrip("/") + "/v1/models", headers=headers, timeout=30).json()["data"][0]["id"]
+        model = httpx.get(args.base_url.rstrip("/") + "/v1/models", headers=auth_headers(args),
+                          timeout=30).json()["data"][0]["id"]
+    dataset = load_dataset(args)
     rows = []
     for sweep_index, rate in enumerate(args.request_rate):
-        requests = make_requests(args, sweep_index)
+        requests = make_requests(args, sweep_index, dataset)
         rows.append(asyncio.run(run_rate(args, model, rate, requests)))
         print(json.dumps(rows[-1]), flush=True)
     if args.plot:

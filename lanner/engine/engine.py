@@ -168,12 +168,11 @@ class LLMEngine:
     # ---- the step ------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        outputs = []
         self._stepping = None
         with record_function("schedule"):
             sched = self.scheduler.schedule()
         if sched.is_empty:
-            return outputs + self._read_back()
+            return self._read_back()
         self._stepping = sched  # what fail_step aborts if the launch raises
         handle = self.runner.launch(sched)
         self.num_steps += 1
@@ -181,6 +180,7 @@ class LLMEngine:
             req.num_computed_tokens += num_new
         for req in handle.samplers:
             req.num_pending += 1
+        outputs = []
         previous, self.in_flight = self.in_flight, (sched, handle)
         if previous is not None:
             self.num_overlapped_steps += 1
