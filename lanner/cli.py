@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from lanner.config import EngineConfig, ServerConfig, add_cli_args, add_dataclass_args, kwargs_from_args
-from lanner.engine.request import SamplingParams
+from lanner.core.request import SamplingParams
 from lanner.errors import ConfigError, LannerError
 
 CLI_SAMPLING_DEFAULTS = {"max_tokens": 128}
@@ -73,8 +73,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     except ImportError as e:
         raise ConfigError(f"`lanner serve` needs the server extra: pip install 'lanner[server]' ({e})") from e
     from lanner.default_model import default_model_path
-    from lanner.engine.async_engine import AsyncEngine
     from lanner.server.metrics import ServerMetrics
+    from lanner.serving.async_engine import AsyncEngine
 
     config = ServerConfig(**kwargs_from_args(args, ServerConfig))
     engine_config = EngineConfig.from_kwargs(**kwargs_from_args(args, EngineConfig))

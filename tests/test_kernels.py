@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from kernel_cases import paged_problem
-from lanner.kernels.attention import (decode_attention, decode_attention_ref, prefill_attention,
-                                      prefill_attention_ref, store_kv, store_kv_ref)
+from lanner.kernels.attention.decode import decode_attention
+from lanner.kernels.attention.prefill import prefill_attention
+from lanner.kernels.attention.reference import decode_attention_ref, prefill_attention_ref, store_kv_ref
+from lanner.kernels.attention.store_kv import store_kv
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -50,7 +52,8 @@ def test_prefill_matches_reference(heads, kv_heads, dim, page, seq_lens, q_lens)
 
 
 def test_fused_rms_norm_matches_reference():
-    from lanner.kernels.fused import rms_norm, rms_norm_ref
+    from lanner.kernels.fused import rms_norm
+    from lanner.kernels.fused_reference import rms_norm_ref
 
     g = torch.Generator().manual_seed(1)
     x, r, w = torch.randn(5, 48, generator=g), torch.randn(5, 48, generator=g), torch.randn(48, generator=g)
@@ -64,7 +67,8 @@ def test_fused_rms_norm_matches_reference():
 
 @pytest.mark.parametrize("with_norm", [True, False])
 def test_fused_norm_rope_matches_reference(with_norm):
-    from lanner.kernels.fused import norm_rope, norm_rope_ref
+    from lanner.kernels.fused import norm_rope
+    from lanner.kernels.fused_reference import norm_rope_ref
     from lanner.layers.rotary import RotaryEmbedding
 
     g = torch.Generator().manual_seed(2)
@@ -76,7 +80,8 @@ def test_fused_norm_rope_matches_reference(with_norm):
 
 
 def test_fused_silu_and_mul_matches_reference():
-    from lanner.kernels.fused import silu_and_mul, silu_and_mul_ref
+    from lanner.kernels.fused import silu_and_mul
+    from lanner.kernels.fused_reference import silu_and_mul_ref
 
     x = torch.randn(4, 2 * 40, generator=torch.Generator().manual_seed(3))
     torch.testing.assert_close(silu_and_mul(x), silu_and_mul_ref(x))
@@ -86,7 +91,8 @@ def test_fused_silu_and_mul_matches_reference():
 def test_race_sample_matches_reference(vocab):
     """The kernel and the reference draw the same noise from the same keys; tokens
     agree except where two scores tie to float rounding."""
-    from lanner.kernels.sampling import race_noise_ref, race_sample, race_sample_ref, row_key
+    from lanner.kernels.sampling import race_sample
+    from lanner.kernels.sampling_reference import race_noise_ref, race_sample_ref, row_key
 
     g = torch.Generator().manual_seed(4)
     probs = torch.softmax(3 * torch.randn(16, vocab, generator=g), dim=-1)
@@ -102,7 +108,7 @@ def test_race_sample_matches_reference(vocab):
 
 
 def test_race_noise_is_exponential_and_keyed():
-    from lanner.kernels.sampling import race_noise_ref, row_key
+    from lanner.kernels.sampling_reference import race_noise_ref, row_key
 
     noise = race_noise_ref(torch.tensor([row_key(1, i) for i in range(64)]), 4096)
     assert abs(noise.mean().item() - 1) < 0.01 and abs(noise.std().item() - 1) < 0.01
@@ -112,7 +118,8 @@ def test_race_noise_is_exponential_and_keyed():
 
 def test_fused_q_and_k_norm_rope_in_one_launch():
     """q heads use the first weight row, k heads (after them) the second."""
-    from lanner.kernels.fused import norm_rope, norm_rope_ref
+    from lanner.kernels.fused import norm_rope
+    from lanner.kernels.fused_reference import norm_rope_ref
     from lanner.layers.rotary import RotaryEmbedding
 
     g = torch.Generator().manual_seed(5)

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from lanner.config import SchedulerConfig
 from lanner.engine.kv_cache import KVCacheManager
-from lanner.engine.request import Request, SamplingParams
+from lanner.core.request import Request, SamplingParams
 from lanner.engine.scheduler import Scheduler
 
 

@@ -7,7 +7,7 @@ import torch
 
 from conftest import make_llm
 from lanner import SamplingParams
-from lanner.engine.request import Request
+from lanner.core.request import Request
 from lanner.sampling.sampler import Sampler, apply_penalties
 
 LOGITS = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -2.0])

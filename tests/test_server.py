@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from lanner import LLM, SamplingParams
 from lanner.config import EngineConfig, ServerConfig
 from lanner.errors import InvalidRequest, LannerError
-from lanner.engine.async_engine import AsyncEngine, engine_stats
+from lanner.serving.async_engine import AsyncEngine, engine_stats
 from lanner.engine.engine import LLMEngine
 from lanner.server.app import build_app
 from lanner.server.metrics import ServerMetrics

@@ -10,7 +10,7 @@ import torch
 from lanner.bench import common, hf_baseline
 from lanner.bench.common import Workload, timed
 from lanner.bench.steps import NUM_DECODES, step_times
-from lanner.engine.request import SamplingParams
+from lanner.core.request import SamplingParams
 
 
 def _greedy(n: int) -> SamplingParams:

@@ -8,7 +8,7 @@ import time
 import torch
 
 from lanner.bench.common import sync
-from lanner.engine.request import SamplingParams
+from lanner.core.request import SamplingParams
 
 NUM_DECODES = 16  # running requests that decode alongside the prefill chunk in a mixed step
 

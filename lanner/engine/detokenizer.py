@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from lanner.engine.request import Request
+from lanner.core.request import Request
 
 _CONTEXT_TOKENS = 6  # prompt tokens decoded along with the first outputs, for spacing
 

@@ -21,10 +21,11 @@ import torch
 from torch.profiler import record_function
 
 from lanner.config import EngineConfig
+from lanner.core.request import CompletionOutput, Request, RequestOutput, SamplingParams
+from lanner.core.schedule import SchedulerOutput
 from lanner.engine.detokenizer import Detokenizer, TokenBytes, find_stop_string, visible_text
 from lanner.engine.kv_cache import KVCacheManager
-from lanner.engine.request import CompletionOutput, Request, RequestOutput, SamplingParams
-from lanner.engine.scheduler import Scheduler, SchedulerOutput
+from lanner.engine.scheduler import Scheduler
 from lanner.errors import CapacityExceeded, InvalidRequest
 from lanner.executor.model_runner import ModelRunner, StepHandle
 from lanner.models.loader import load_model

@@ -17,7 +17,7 @@ import struct
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from lanner.engine.request import Request
+from lanner.core.request import Request
 
 
 @dataclass

@@ -7,8 +7,8 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from lanner.config import EngineConfig
+from lanner.core.request import RequestOutput, SamplingParams
 from lanner.engine.engine import LLMEngine, PromptType
-from lanner.engine.request import RequestOutput, SamplingParams
 from lanner.errors import InvalidRequest
 
 

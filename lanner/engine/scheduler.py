@@ -12,26 +12,11 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass, field
 
 from lanner.config import SchedulerConfig
+from lanner.core.request import Request, RequestStatus
+from lanner.core.schedule import SchedulerOutput
 from lanner.engine.kv_cache import KVCacheManager
-from lanner.engine.request import Request, RequestStatus
-
-
-@dataclass
-class SchedulerOutput:
-    # (request, tokens to compute this step), in batch order.
-    scheduled: list[tuple[Request, int]] = field(default_factory=list)
-    preempted: list[Request] = field(default_factory=list)
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(n for _, n in self.scheduled)
-
-    @property
-    def is_empty(self) -> bool:
-        return not self.scheduled
 
 
 class Scheduler:

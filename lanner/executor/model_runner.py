@@ -4,6 +4,7 @@ batch into static buffers, plan attention, run the model (graph or eager),
 compute the needed logits, sample."""
 from __future__ import annotations
 
+import importlib.util
 import logging
 from dataclasses import dataclass, field
 
@@ -11,14 +12,15 @@ import torch
 from torch.profiler import record_function
 
 from lanner.config import EngineConfig
-from lanner.engine.request import Logprob, Request
-from lanner.engine.scheduler import SchedulerOutput
-from lanner.executor.batch import ForwardBatch
+from lanner.core.batch import ForwardBatch
+from lanner.core.request import Logprob, Request
+from lanner.core.schedule import SchedulerOutput
+from lanner.core.transfer import to_device
+from lanner.errors import ConfigError
 from lanner.executor.graphs import DecodeGraphs, decode_graph_sizes
 from lanner.executor.piecewise import PiecewiseGraphs, piecewise_sizes
 from lanner.layers.attention import forward_context
 from lanner.models.loader import LoadedModel
-from lanner.executor.transfer import to_device
 from lanner.sampling.sampler import Sampled, Sampler, sampled_logprobs, top_logprobs
 
 logger = logging.getLogger(__name__)
@@ -60,9 +62,18 @@ class RunnerOutput:
     prompt_logprobs: dict[str, list[dict[int, Logprob]]] = field(default_factory=dict)
 
 
+def require_triton(what: str) -> None:
+    """Triton is a dependency of the GPU path only: the CPU path never imports it."""
+    if importlib.util.find_spec("triton") is None:
+        raise ConfigError(f"{what} needs the 'triton' package, which is not installed: pip install triton "
+                          "(or run on the CPU: --device cpu)")
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig, loaded: LoadedModel, device: torch.device, dtype: torch.dtype,
                  max_model_len: int):
+        if device.type == "cuda" or config.graphs.attention_backend == "triton":
+            require_triton(f"the GPU path (device {device}, attention backend {config.graphs.attention_backend})")
         self.config = config
         self.device = device
         self.dtype = dtype
@@ -132,8 +143,6 @@ class ModelRunner:
                     "-> %.2f GiB for the KV cache", total / 2**30, peak / 2**30, non_torch / 2**30,
                     blocks * self._block_bytes() / 2**30)
         if blocks < 1:
-            from lanner.errors import ConfigError
-
             raise ConfigError("no GPU memory left for the KV cache: lower max_num_batched_tokens or raise "
                               "gpu_memory_utilization")
         return blocks

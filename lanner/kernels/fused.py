@@ -42,15 +42,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     return out if residual is None else (out, residual)
 
 
-def rms_norm_ref(x, weight, eps, residual=None):
-    if residual is not None:
-        x = x + residual
-        residual = x
-    x32 = x.float()
-    out = weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-    return out if residual is None else (out, residual)
-
-
 @triton.jit
 def _qk_norm_rope_kernel(src_ptr, out_ptr, w_ptr, cos_ptr, sin_ptr, stride_t, stride_h, num_heads, second_weight_from,
                          eps, HAS_NORM: tl.constexpr, HALF: tl.constexpr):
@@ -99,17 +90,6 @@ def norm_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, weight: tor
     return out
 
 
-def norm_rope_ref(x, cos, sin, weight=None, eps=1e-6, second_weight_from=None):
-    from lanner.layers.rotary import apply_rotary
-
-    if weight is not None and weight.dim() == 2:
-        h = second_weight_from
-        x = torch.cat([rms_norm_ref(x[:, :h], weight[0], eps), rms_norm_ref(x[:, h:], weight[1], eps)], dim=1)
-    elif weight is not None:
-        x = rms_norm_ref(x, weight, eps)
-    return apply_rotary(x, cos, sin)
-
-
 @triton.jit
 def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, N, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -131,8 +111,3 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         block = min(1024, triton.next_power_of_2(N))
         _silu_and_mul_kernel[(T, triton.cdiv(N, block))](x, out, x.stride(0), out.stride(0), N, BLOCK=block)
     return out
-
-
-def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
-    gate, up = x.chunk(2, dim=-1)
-    return torch.nn.functional.silu(gate) * up

@@ -8,10 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lanner.kernels.fused_reference import apply_rotary
 from lanner.layers.attention import Attention
 from lanner.layers.linear import Linear, MergedLinear
 from lanner.layers.norm import RMSNorm
-from lanner.layers.rotary import RotaryEmbedding, apply_rotary
+from lanner.layers.rotary import RotaryEmbedding
 
 
 @dataclass(frozen=True)

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
-from lanner.engine.request import Logprob, Request
-from lanner.executor.transfer import to_device
-from lanner.kernels.sampling import race_sample, race_sample_ref, row_key
+from lanner.core.request import Logprob, Request
+from lanner.core.transfer import to_device
+from lanner.kernels.sampling_reference import race_sample_ref, row_key
 
 
 @dataclass
@@ -47,8 +47,12 @@ class Sampler:
             probs = processed_probs(logits[rows], [reqs[i].params for i in random_rows])
             keys = to_device([row_key(reqs[i].seed, reqs[i].num_output_tokens) for i in random_rows],
                              torch.long, device)
-            race = race_sample if probs.is_cuda else race_sample_ref
-            tokens[rows] = race(probs, keys)
+            if probs.is_cuda:
+                from lanner.kernels.sampling import race_sample  # Triton: the GPU path only
+
+                tokens[rows] = race_sample(probs, keys)
+            else:
+                tokens[rows] = race_sample_ref(probs, keys)
         return Sampled(tokens, raw_logprobs)
 
 

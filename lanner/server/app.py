@@ -24,12 +24,12 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 import lanner
 from lanner.config import ServerConfig
-from lanner.engine.async_engine import AsyncEngine, StepFailed
+from lanner.core.request import RequestOutput
 from lanner.engine.engine import LLMEngine
-from lanner.engine.request import RequestOutput
 from lanner.errors import CapacityExceeded, EngineDead, InvalidRequest, LannerError, ServerOverloaded
 from lanner.server.metrics import ServerMetrics
 from lanner.server.protocol import ChatRequest, CompletionRequest
+from lanner.serving.async_engine import AsyncEngine, StepFailed
 
 logger = logging.getLogger(__name__)
 

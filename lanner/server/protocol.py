@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from lanner.engine.request import SamplingParams
+from lanner.core.request import SamplingParams
 from lanner.errors import InvalidRequest
 
 

@@ -7,8 +7,10 @@ import pytest
 import torch
 
 from kernel_cases import paged_problem
-from lanner.kernels.attention import (decode_attention, decode_attention_ref, num_decode_splits,
-                                      prefill_attention, prefill_attention_ref, store_kv, store_kv_ref)
+from lanner.kernels.attention.decode import decode_attention, num_decode_splits
+from lanner.kernels.attention.prefill import prefill_attention
+from lanner.kernels.attention.reference import decode_attention_ref, prefill_attention_ref, store_kv_ref
+from lanner.kernels.attention.store_kv import store_kv
 
 DECODE_CASES = [  # heads, kv_heads, dim, page, seq_lens
     (32, 8, 128, 16, [1, 7, 129, 1000, 4097]),
@@ -66,7 +68,8 @@ def test_store_kv(dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("T,hidden", [(1, 1024), (257, 4096), (8192, 1024), (3, 7168)])
 def test_fused_rms_norm(T, hidden, dtype):
-    from lanner.kernels.fused import rms_norm, rms_norm_ref
+    from lanner.kernels.fused import rms_norm
+    from lanner.kernels.fused_reference import rms_norm_ref
 
     x, r = torch.randn(T, hidden, dtype=dtype, device="cuda"), torch.randn(T, hidden, dtype=dtype, device="cuda")
     w = torch.randn(hidden, dtype=dtype, device="cuda")
@@ -82,7 +85,8 @@ def test_fused_rms_norm(T, hidden, dtype):
 @pytest.mark.parametrize("T,heads,dim,norm", [(1, 32, 128, True), (300, 8, 128, False), (64, 4, 64, True),
                                               (5, 2, 256, True)])
 def test_fused_norm_rope(T, heads, dim, norm, dtype):
-    from lanner.kernels.fused import norm_rope, norm_rope_ref
+    from lanner.kernels.fused import norm_rope
+    from lanner.kernels.fused_reference import norm_rope_ref
     from lanner.layers.rotary import RotaryEmbedding
 
     qkv = torch.randn(T, 3 * heads * dim, dtype=dtype, device="cuda")
@@ -96,7 +100,8 @@ def test_fused_norm_rope(T, heads, dim, norm, dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("T,inter", [(1, 3072), (513, 12288), (7, 100)])
 def test_fused_silu_and_mul(T, inter, dtype):
-    from lanner.kernels.fused import silu_and_mul, silu_and_mul_ref
+    from lanner.kernels.fused import silu_and_mul
+    from lanner.kernels.fused_reference import silu_and_mul_ref
 
     x = torch.randn(T, 2 * inter, dtype=dtype, device="cuda")
     torch.testing.assert_close(silu_and_mul(x), silu_and_mul_ref(x), atol=1e-2, rtol=1e-2)
@@ -104,7 +109,8 @@ def test_fused_silu_and_mul(T, inter, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_fused_q_and_k_norm_rope_one_launch(dtype):
-    from lanner.kernels.fused import norm_rope, norm_rope_ref
+    from lanner.kernels.fused import norm_rope
+    from lanner.kernels.fused_reference import norm_rope_ref
     from lanner.layers.rotary import RotaryEmbedding
 
     T, hq, hk, dim = 37, 32, 8, 128
@@ -118,7 +124,8 @@ def test_fused_q_and_k_norm_rope_one_launch(dtype):
 
 @pytest.mark.parametrize("B,V", [(1, 151936), (64, 151936), (7, 32000), (256, 1000)])
 def test_race_sample_matches_reference(B, V):
-    from lanner.kernels.sampling import race_noise_ref, race_sample, row_key
+    from lanner.kernels.sampling import race_sample
+    from lanner.kernels.sampling_reference import race_noise_ref, row_key
 
     probs = torch.softmax(4 * torch.randn(B, V, device="cuda"), dim=-1)
     keys = torch.tensor([row_key(1000 + i, i * 7) for i in range(B)], device="cuda")
@@ -129,7 +136,8 @@ def test_race_sample_matches_reference(B, V):
 
 
 def test_race_sample_distribution_on_gpu():
-    from lanner.kernels.sampling import race_sample, row_key
+    from lanner.kernels.sampling import race_sample
+    from lanner.kernels.sampling_reference import row_key
 
     p = torch.tensor([0.5, 0.25, 0.125, 0.0625, 0.0625, 0.0], device="cuda")
     n = 50000

@@ -110,10 +110,3 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                                  HEAD_DIM=D, NUM_SPLITS=num_splits,
                                  SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)))
     return out
-
-
-def decode_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, scale) -> torch.Tensor:
-    from lanner.kernels.attention.prefill import paged_attention_ref
-
-    query_start = torch.arange(q.shape[0] + 1, dtype=torch.int32)
-    return paged_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, query_start, scale)

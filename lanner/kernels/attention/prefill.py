@@ -87,26 +87,3 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
                           HEAD_DIM=D, PAGE=page, BLOCK_M=block_m, BLOCK_N=32 if D > 128 else 64,
                           PRECISION=dot_precision(q), num_warps=4, num_stages=2)
     return out
-
-
-def paged_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, query_start, scale) -> torch.Tensor:
-    """Plain torch, one sequence at a time; rows of no sequence (and empty sequences) are zero."""
-    from lanner.layers.attention.torch_backend import attend
-
-    page = k_cache.shape[1]
-    k_flat = k_cache.reshape(-1, *k_cache.shape[2:])
-    v_flat = v_cache.reshape(-1, *v_cache.shape[2:])
-    out = torch.zeros_like(q)
-    group = q.shape[1] // k_cache.shape[2]
-    for i, seq_len in enumerate(seq_lens.tolist()):
-        start, stop = int(query_start[i]), int(query_start[i + 1])
-        if seq_len == 0 or stop == start:
-            continue
-        pos = torch.arange(seq_len, device=q.device)
-        slots = block_tables[i, pos // page].long() * page + pos % page
-        out[start:stop] = attend(q[start:stop].float(), k_flat[slots].float(), v_flat[slots].float(), scale,
-                                 group).to(q.dtype)
-    return out
-
-
-prefill_attention_ref = paged_attention_ref

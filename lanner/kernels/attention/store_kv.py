@@ -26,9 +26,3 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     if T:
         _store_kv_kernel[(T,)](k, v, k_cache, v_cache, slot_mapping, k.stride(0), v.stride(0),
                                ROW=row, ROW_PAD=triton.next_power_of_2(row))
-
-
-def store_kv_ref(k, v, k_cache, v_cache, slot_mapping) -> None:
-    keep = slot_mapping >= 0
-    k_cache.view(-1, *k_cache.shape[2:])[slot_mapping[keep]] = k[keep]
-    v_cache.view(-1, *v_cache.shape[2:])[slot_mapping[keep]] = v[keep]

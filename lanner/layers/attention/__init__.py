@@ -1,3 +1,3 @@
-from lanner.layers.attention.backend import AttentionBackend, Attention, forward_context
+from lanner.layers.attention.backend import Attention, AttentionBackend, forward_context
 
 __all__ = ["Attention", "AttentionBackend", "forward_context"]

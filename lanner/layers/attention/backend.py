@@ -16,7 +16,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from lanner.executor.batch import ForwardBatch
+from lanner.core.batch import ForwardBatch
 
 _active: AttentionBackend | None = None
 

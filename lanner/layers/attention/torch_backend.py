@@ -3,9 +3,9 @@ truth that the Triton kernels are tested against. One sequence at a time."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from lanner.executor.batch import ForwardBatch
+from lanner.core.batch import ForwardBatch
+from lanner.kernels.attention.reference import attend
 from lanner.layers.attention.backend import AttentionBackend
 
 
@@ -33,16 +33,3 @@ class TorchAttentionBackend(AttentionBackend):
         for start, q_len, slots in self.seqs:
             out[start:start + q_len] = attend(q[start:start + q_len], k_flat[slots], v_flat[slots], scale, group)
         return out
-
-
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, group: int) -> torch.Tensor:
-    """Causal attention of the last q_len positions of a context over all of it.
-    q: [q_len, heads, d]; k, v: [ctx_len, kv_heads, d]."""
-    q_len, ctx_len = q.shape[0], k.shape[0]
-    query_pos = torch.arange(ctx_len - q_len, ctx_len, device=q.device)
-    mask = torch.arange(ctx_len, device=q.device)[None, :] <= query_pos[:, None]
-    k = k.repeat_interleave(group, dim=1)
-    v = v.repeat_interleave(group, dim=1)
-    out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-                                         attn_mask=mask, scale=scale)
-    return out.transpose(0, 1)

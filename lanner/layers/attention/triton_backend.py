@@ -10,8 +10,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from lanner.executor.batch import ForwardBatch
-from lanner.kernels.attention import decode_attention, num_decode_splits, prefill_attention, store_kv
+from lanner.core.batch import ForwardBatch
+from lanner.kernels.attention.decode import decode_attention, num_decode_splits
+from lanner.kernels.attention.prefill import prefill_attention
+from lanner.kernels.attention.store_kv import store_kv
 from lanner.layers.attention.backend import AttentionBackend
 
 

@@ -26,8 +26,8 @@ import threading
 from concurrent.futures import Future
 from typing import Any
 
-from lanner.engine.async_engine import EngineLoop, Sink
 from lanner.errors import EngineDead
+from lanner.serving.async_engine import EngineLoop, Sink
 
 logger = logging.getLogger(__name__)
 

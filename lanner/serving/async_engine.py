@@ -11,7 +11,7 @@ fails the requests of that step (logged once) and the loop goes on; after
 
 `AsyncEngine` is the callers' half: `generate()` streams, `abort()`, `call()`.
 The loop runs on a thread of this process (`AsyncEngine(engine)`) or in a child
-process (`AsyncEngine.spawn(config)`, lanner/engine/engine_process.py), which is
+process (`AsyncEngine.spawn(config)`, lanner/serving/engine_process.py), which is
 what `lanner serve` uses: a server's event loop and a step loop in one process
 share the GIL and slow each other down under load.
 """
@@ -27,8 +27,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from lanner.core.request import RequestOutput, SamplingParams
 from lanner.engine.engine import LLMEngine, PromptType
-from lanner.engine.request import RequestOutput, SamplingParams
 from lanner.errors import EngineDead, InvalidRequest, LannerError, ServerOverloaded
 
 logger = logging.getLogger(__name__)
@@ -252,7 +252,7 @@ class AsyncEngine:
               observer: Any = None) -> AsyncEngine:
         """The engine loop in a child process, built there from `config` (an EngineConfig);
         raises the child's error if the engine cannot be built."""
-        from lanner.engine.engine_process import ProcessTransport
+        from lanner.serving.engine_process import ProcessTransport
 
         return cls(observer=observer, transport=lambda sink: ProcessTransport(
             config, sink, max_waiting_requests, max_step_failures))
