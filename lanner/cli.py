@@ -79,7 +79,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     config = ServerConfig(**kwargs_from_args(args, ServerConfig))
     engine_config = EngineConfig.from_kwargs(**kwargs_from_args(args, EngineConfig))
     model = engine_config.model.model or default_model_path()
-    config.served_model_name = config.served_model_name or Path(model).name.removesuffix(".json")
+    config.served_model_name = config.served_model_name or [Path(model).name.removesuffix(".json")]
     metrics = ServerMetrics()
     # a SIGTERM while the engine loads exits normally, so the engine process is stopped too
     signal.signal(signal.SIGTERM, _exit_on_signal)

@@ -195,17 +195,24 @@ class ServerConfig:
 
     host: str = "127.0.0.1"
     port: int = 8000
-    served_model_name: str | None = None
+    served_model_name: list[str] | None = None
     api_key: str | None = None
     max_waiting_requests: int | None = 1024
     engine_process: bool = True
+    chat_template: str | None = None
+    trust_request_chat_template: bool = False
+    root_path: str | None = None
 
     HELP = {
         "host": "address to listen on",
         "port": "port to listen on",
-        "served_model_name": "the model name clients use (default: the model folder's name)",
-        "api_key": "require 'Authorization: Bearer KEY' on /v1 endpoints",
+        "served_model_name": "the model names clients may use; the first is reported in responses (default: the "
+                             "model folder's name)",
+        "api_key": "require 'Authorization: Bearer KEY' on /v1 endpoints, /tokenize and /detokenize",
         "max_waiting_requests": "refuse new requests with 429 while this many are waiting",
         "engine_process": "run the engine loop in its own process, so it never waits for the HTTP "
                           "side's GIL (--no-engine-process: a thread of the server process)",
+        "chat_template": "a chat template (its text, or a file) used instead of the tokenizer's",
+        "trust_request_chat_template": "let requests bring their own chat template (it is code the server runs)",
+        "root_path": "the path prefix under which a proxy serves this app (ASGI root_path)",
     }

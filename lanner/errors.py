@@ -12,6 +12,10 @@ class InvalidRequest(LannerError, ValueError):
     over-long prompt, token ids outside the vocabulary."""
 
 
+class ModelNotFound(InvalidRequest):
+    """The request names a model this server does not serve (HTTP 404)."""
+
+
 class CapacityExceeded(LannerError):
     """The request is well formed but can never be served by this engine, for
     example because it needs more KV-cache blocks than exist."""

@@ -141,3 +141,43 @@ def test_cli_works_without_the_server_extra(qwen3_path):
     assert gen.returncode == 0 and gen.stdout.startswith("def f(x):"), gen.stderr
     serve = run("serve", "--model", qwen3_path, "--device", "cpu")
     assert serve.returncode == 2 and "pip install 'lanner[server]'" in serve.stderr, serve.stderr
+
+
+def test_chat_options_as_vllm_takes_them(qwen3_path):
+    llm = make_llm(qwen3_path)
+    tok = llm.get_tokenizer()
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    parts = [{"role": "user", "content": [{"type": "text", "text": "hel"}, {"type": "text", "text": "lo"}]}]
+    joined = llm.chat(parts, params, use_tqdm=False)[0]
+    plain = llm.chat([{"role": "user", "content": "hel\nlo"}], params, use_tqdm=False)[0]
+    assert joined.prompt_token_ids == plain.prompt_token_ids and joined.prompt.endswith("<|im_start|>assistant\n")
+    history = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "def f"}]
+    cont = llm.chat(history, params, add_generation_prompt=False, continue_final_message=True, use_tqdm=False)[0]
+    assert cont.prompt.endswith("assistant\ndef f")
+    custom = llm.chat(history[:1], params, chat_template="<{{ messages[0].content }}>", use_tqdm=False)[0]
+    assert custom.prompt == "<hi>"
+    tools = [{"type": "function", "function": {"name": "lookup"}}]
+    shown = llm.chat(history[:1], params, tools=tools, use_tqdm=False,
+                     chat_template="{{ tools[0].function.name }}:{{ messages[0].content }}")[0]
+    assert shown.prompt == "lookup:hi"
+    assert tok.decode(shown.prompt_token_ids) == "lookup:hi"
+
+
+def test_default_params_and_prefix_cache_reset(qwen3_path):
+    llm = make_llm(qwen3_path)
+    defaults = llm.get_default_sampling_params()
+    assert isinstance(defaults, SamplingParams) and defaults == llm.engine.default_sampling_params()
+    prompt = list(range(3, 3 + 40))
+    params = SamplingParams(temperature=0, max_tokens=2)
+    llm.generate([prompt], params, use_tqdm=False)
+    again = llm.generate([prompt], params, use_tqdm=False)[0]
+    assert again.num_cached_tokens > 0
+    assert llm.reset_prefix_cache() is True
+    assert llm.engine.kv_cache.stats().cached_blocks == 0
+    fresh = llm.generate([prompt], params, use_tqdm=False)[0]
+    assert fresh.num_cached_tokens == 0 and fresh.outputs[0].token_ids == again.outputs[0].token_ids
+    llm.engine.add_request("busy", prompt, params)
+    llm.engine.step()
+    assert llm.reset_prefix_cache() is False  # a request holds blocks
+    llm.engine.abort_request("busy")
+    assert llm.reset_prefix_cache() is True

@@ -44,7 +44,7 @@ def free_port() -> int:
 def make_app(**server_kwargs):
     engine = AsyncEngine(LLMEngine(EngineConfig.from_kwargs(**ENGINE_ARGS)),
                          server_kwargs.get("max_waiting_requests"))
-    return build_app(engine, ServerConfig(served_model_name=MODEL, **server_kwargs)), engine
+    return build_app(engine, ServerConfig(**{"served_model_name": [MODEL], **server_kwargs})), engine
 
 
 def engine_state(engine: AsyncEngine) -> tuple[int, bool]:
@@ -161,7 +161,7 @@ def test_models_health_version_metrics(server, client):
     ({"model": MODEL, "prompt": "x", "temperature": -1}, 400, "temperature"),
     ({"model": MODEL, "prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
     ({"model": MODEL, "prompt": "x", "n": 0}, 400, "n must be"),
-    ({"model": "gpt-9", "prompt": "x"}, 400, "does not exist"),
+    ({"model": "gpt-9", "prompt": "x"}, 404, "does not exist"),
     ({"model": MODEL, "prompt": "x " * 5000}, 400, "context"),
     ({"model": MODEL, "prompt": [1, 2, 10 ** 9]}, 400, "unknown token ids"),
     ({"model": MODEL}, 400, "prompt"),
@@ -393,7 +393,7 @@ def test_a_model_without_tokenizer_streams_a_chunk_per_token(qwen3_path, tmp_pat
     shape.write_text(open(os.path.join(qwen3_path, "config.json")).read())
     engine = AsyncEngine(LLMEngine(EngineConfig.from_kwargs(
         model=str(shape), load_format="dummy", device="cpu", dtype="float32", num_kv_blocks=64)))
-    app = build_app(engine, ServerConfig(served_model_name=MODEL))
+    app = build_app(engine, ServerConfig(served_model_name=[MODEL]))
     body = {"model": MODEL, "prompt": [5, 6, 7], "max_tokens": 12, "ignore_eos": True, "stream": True,
             "stream_options": {"include_usage": True}}
     with TestClient(app) as http, http.stream("POST", "/v1/completions", json=body) as r:
@@ -465,7 +465,7 @@ def raise_unloadable_error(engine):
 def process_server():
     metrics = ServerMetrics()
     engine = AsyncEngine.spawn(EngineConfig.from_kwargs(**ENGINE_ARGS), observer=metrics)
-    app = build_app(engine, ServerConfig(served_model_name=MODEL), metrics)
+    app = build_app(engine, ServerConfig(served_model_name=[MODEL]), metrics)
     for base in serve_in_thread(app):
         yield base, engine, metrics
 
@@ -508,7 +508,7 @@ def test_engine_process_aborts_on_disconnect(process_server):
 
 def test_a_dead_engine_process_is_reported():
     engine = AsyncEngine.spawn(EngineConfig.from_kwargs(**ENGINE_ARGS))
-    app = build_app(engine, ServerConfig(served_model_name=MODEL))
+    app = build_app(engine, ServerConfig(served_model_name=[MODEL]))
     body = {"model": MODEL, "prompt": "def f():", "max_tokens": 400, "ignore_eos": True}
     with TestClient(app) as c:
         assert c.post("/v1/completions", json={**body, "max_tokens": 2}).status_code == 200

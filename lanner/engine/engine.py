@@ -25,6 +25,7 @@ from lanner.core.request import CompletionOutput, Request, RequestOutput, Sampli
 from lanner.core.schedule import SchedulerOutput
 from lanner.engine.detokenizer import Detokenizer, TokenBytes, find_stop_string, visible_text
 from lanner.engine.kv_cache import KVCacheManager
+from lanner.engine.prompts import Prompts
 from lanner.engine.scheduler import Scheduler
 from lanner.errors import CapacityExceeded, InvalidRequest
 from lanner.executor.model_runner import ModelRunner, StepHandle
@@ -66,7 +67,9 @@ class LLMEngine:
         loaded = load_model(path, mc.tokenizer, mc.load_format, self.dtype, self.device, config.seed)
         self.hf_config = loaded.hf_config
         self.tokenizer = loaded.tokenizer
+        self.tokenizer_path = (mc.tokenizer or path) if self.tokenizer is not None else None
         self.token_bytes = TokenBytes(self.tokenizer) if self.tokenizer is not None else None
+        self.prompts = Prompts(self.tokenizer) if self.tokenizer is not None else None
         self.eos_token_ids = loaded.eos_token_ids
         self.sampling_defaults = loaded.sampling_defaults
         self.vocab_size = loaded.model.spec.vocab_size
@@ -123,25 +126,13 @@ class LLMEngine:
                 self.scheduler.finish(req)
         return self._finalize(request_id)
 
-    def render_chat(self, conversation: list[dict], add_generation_prompt: bool = True,
-                    chat_template_kwargs: dict | None = None) -> list[int]:
-        """Token ids of a conversation ([{"role", "content"}, ...]) through the chat template."""
-        tokenizer = self.tokenizer
-        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-            raise InvalidRequest("this model's tokenizer has no chat template")
-        try:
-            text = tokenizer.apply_chat_template(conversation, tokenize=False,
-                                                 add_generation_prompt=add_generation_prompt,
-                                                 **(chat_template_kwargs or {}))
-        except Exception as e:  # a template that rejects the conversation (roles, missing keys)
-            raise InvalidRequest(f"the chat template rejected these messages: {e}") from e
-        return self._encode(text, add_special_tokens=False)
-
-    def _encode(self, text: str, **kwargs: Any) -> list[int]:
-        try:
-            return self.tokenizer(text, **kwargs)["input_ids"]
-        except Exception as e:  # text the tokenizer cannot take (lone surrogates, ...)
-            raise InvalidRequest(f"the text cannot be tokenized: {type(e).__name__}: {e}") from e
+    def render_chat(self, conversation: list[dict], **options: Any) -> list[int]:
+        """Token ids of a conversation ([{"role", "content"}, ...]) through the chat template;
+        options: add_generation_prompt, continue_final_message, chat_template, tools,
+        chat_template_kwargs (see Prompts.render_chat)."""
+        if self.prompts is None:
+            raise InvalidRequest("this model has no tokenizer, so it has no chat template")
+        return self.prompts.chat_token_ids(conversation, **options)
 
     def fail_step(self) -> list[str]:
         """After an exception inside step(): abort the requests of the failed step (and of the
@@ -247,19 +238,22 @@ class LLMEngine:
     # ---- helpers -------------------------------------------------------------------
 
     def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        """(text, token ids) of a prompt: a string, token ids, or a dict with "prompt_token_ids"
+        (and optionally its "prompt" text, kept for the output) or "prompt"."""
+        text = None
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
-                prompt = prompt["prompt_token_ids"]
+                text, prompt = prompt.get("prompt"), prompt["prompt_token_ids"]
             elif "prompt" in prompt:
                 prompt = prompt["prompt"]
             else:
                 raise InvalidRequest("a prompt dict needs 'prompt' or 'prompt_token_ids'")
         if isinstance(prompt, str):
-            if self.tokenizer is None:
+            if self.prompts is None:
                 raise InvalidRequest("this model has no tokenizer: pass prompts as token ids")
-            return prompt, self._encode(prompt)
+            return prompt, self.prompts.encode(prompt)
         if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            return None, list(prompt)
+            return (text if isinstance(text, str) else None), list(prompt)
         raise InvalidRequest(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
 
     def _validate(self, token_ids: list[int], params: SamplingParams) -> None:

@@ -111,11 +111,16 @@ class KVCacheManager:
         return KVCacheStats(self.num_blocks, self.num_blocks - free, free, cached,
                             self.prefix_queries, self.prefix_hits)
 
-    def reset_prefix_cache(self) -> None:
-        for block_hash, block_id in list(self.cached.items()):
-            if self.ref_counts[block_id] == 0:
-                del self.cached[block_hash]
-                self.block_hash[block_id] = None
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix (after the weights change, say) and the hit counts.
+        Refused (False, nothing changed) while requests hold blocks, whose content would
+        otherwise stay findable; vLLM refuses likewise."""
+        if len(self.free) < self.num_blocks:
+            return False
+        self.cached.clear()
+        self.block_hash = [None] * self.num_blocks
+        self.prefix_queries = self.prefix_hits = 0
+        return True
 
     def check_invariants(self, live: list[Request]) -> None:
         """Assert the bookkeeping is consistent with the live requests (for tests)."""

@@ -20,6 +20,15 @@ class LLM:
     def get_tokenizer(self) -> Any:
         return self.engine.tokenizer
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """The model's recommended settings (its generation_config.json), as used when
+        generate() gets no sampling_params."""
+        return self.engine.default_sampling_params()
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget the cached prefixes; False while requests still hold KV blocks."""
+        return self.engine.kv_cache.reset_prefix_cache()
+
     def generate(self, prompts: PromptType | list[PromptType],
                  sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
@@ -37,17 +46,22 @@ class LLM:
 
     def chat(self, messages: list[dict] | list[list[dict]],
              sampling_params: SamplingParams | list[SamplingParams] | None = None,
-             use_tqdm: bool = True, add_generation_prompt: bool = True,
+             use_tqdm: bool = True, chat_template: str | None = None, add_generation_prompt: bool = True,
+             continue_final_message: bool = False, tools: list[dict] | None = None,
              chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
-        """One conversation (a list of {"role", "content"} messages) or many, rendered
-        with the tokenizer's chat template."""
+        """One conversation (a list of OpenAI-style messages: role, content as a string or
+        text parts, tool_calls, tool_call_id) or many, rendered with the chat template
+        (`chat_template` overrides the tokenizer's). `continue_final_message` continues the
+        last (assistant) message instead of starting a new one; `tools` are shown to the
+        template, as in vLLM (tool calls in the output are not parsed)."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = [self.render_chat(c, add_generation_prompt, chat_template_kwargs) for c in conversations]
+        options = dict(add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message,
+                       chat_template=chat_template, tools=tools, chat_template_kwargs=chat_template_kwargs)
+        prompts = []
+        for conversation in conversations:
+            ids = self.engine.render_chat(conversation, **options)
+            prompts.append({"prompt_token_ids": ids, "prompt": self.engine.prompts.decode(ids)})
         return self.generate(prompts, sampling_params, use_tqdm)
-
-    def render_chat(self, conversation: list[dict], add_generation_prompt: bool = True,
-                    chat_template_kwargs: dict | None = None) -> list[int]:
-        return self.engine.render_chat(conversation, add_generation_prompt, chat_template_kwargs)
 
     def _run(self, work: list[tuple[PromptType, SamplingParams]], use_tqdm: bool) -> list[RequestOutput]:
         engine = self.engine

@@ -1,11 +1,14 @@
 """The OpenAI-compatible HTTP server: FastAPI over an AsyncEngine.
 
 Endpoints: /v1/completions, /v1/chat/completions (streamed as server-sent
-events ending in `data: [DONE]`), /v1/models, /health, /version, /metrics.
-Errors use OpenAI's body `{"error": {"message", "type", "param", "code"}}`:
-400 for anything wrong with the request, 401 for a missing or wrong API key,
-429 when the waiting queue is full, 503 when the engine is dead or stopping,
-500 only for real internal errors (the engine keeps serving everyone else).
+events ending in `data: [DONE]`), /v1/models, /tokenize, /detokenize, /health,
+/ping, /version, /metrics. Prompts are tokenized and chat templates rendered here,
+in worker threads of the server process, never on the engine loop; the engine
+gets token ids. Errors use OpenAI's body `{"error": {"message", "type", "param",
+"code"}}`: 400 for anything wrong with the request, 401 for a missing or wrong API
+key, 404 for an unknown model, 429 when the waiting queue is full, 503 when the
+engine is dead or stopping, 500 only for real internal errors (the engine keeps
+serving everyone else).
 """
 from __future__ import annotations
 
@@ -16,7 +19,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -25,21 +27,24 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 import lanner
 from lanner.config import ServerConfig
 from lanner.core.request import RequestOutput
-from lanner.engine.engine import LLMEngine
-from lanner.errors import CapacityExceeded, EngineDead, InvalidRequest, LannerError, ServerOverloaded
+from lanner.engine.prompts import Prompts, message_for_template
+from lanner.errors import CapacityExceeded, EngineDead, InvalidRequest, ModelNotFound, ServerOverloaded
+from lanner.models.loader import load_tokenizer
 from lanner.server.metrics import ServerMetrics
-from lanner.server.protocol import ChatRequest, CompletionRequest
+from lanner.server.protocol import (ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
+                                    conversation_of, refuse)
+from lanner.server.responses import ChatShaper, CompletionShaper, PromptInfo
 from lanner.serving.async_engine import AsyncEngine, StepFailed
 
 logger = logging.getLogger(__name__)
 
 
-STATUS = {InvalidRequest: (400, "invalid_request_error"), CapacityExceeded: (400, "invalid_request_error"),
-          ServerOverloaded: (429, "rate_limit_error"), EngineDead: (503, "service_unavailable"),
-          StepFailed: (500, "internal_error")}
+STATUS = {ModelNotFound: (404, "invalid_request_error"), InvalidRequest: (400, "invalid_request_error"),
+          CapacityExceeded: (400, "invalid_request_error"), ServerOverloaded: (429, "rate_limit_error"),
+          EngineDead: (503, "service_unavailable"), StepFailed: (500, "internal_error")}
 
 
-def error_response(status: int, message: str, kind: str, code: str | None = None, param: str | None = None):
+def error_response(status: int, message: str, kind: str, code: str | int | None = None, param: str | None = None):
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code or status}},
                         status_code=status)
 
@@ -47,15 +52,17 @@ def error_response(status: int, message: str, kind: str, code: str | None = None
 def error_of(exc: BaseException) -> JSONResponse:
     for cls, (status, kind) in STATUS.items():
         if isinstance(exc, cls):
-            return error_response(status, str(exc), kind)
+            return error_response(status, str(exc), kind, param=getattr(exc, "param", None))
     logger.error("internal error", exc_info=exc)
     return error_response(500, f"internal error: {type(exc).__name__}", "internal_error")
 
 
 def build_app(engine: AsyncEngine, config: ServerConfig, metrics: ServerMetrics | None = None) -> FastAPI:
     metrics = metrics or ServerMetrics()
-    model_name = config.served_model_name or "lanner"
+    names = config.served_model_name or ["lanner"]
     info = engine.info
+    tokenizer = load_tokenizer(info.tokenizer_path) if info.tokenizer_path else None
+    prompts = Prompts(tokenizer, config.chat_template) if tokenizer is not None else None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -63,7 +70,7 @@ def build_app(engine: AsyncEngine, config: ServerConfig, metrics: ServerMetrics 
         yield
         engine.shutdown()
 
-    app = FastAPI(title="lanner", version=lanner.__version__, lifespan=lifespan)
+    app = FastAPI(title="lanner", version=lanner.__version__, lifespan=lifespan, root_path=config.root_path or "")
     app.state.engine = engine
     app.state.metrics = metrics
 
@@ -77,18 +84,67 @@ def build_app(engine: AsyncEngine, config: ServerConfig, metrics: ServerMetrics 
     async def invalid_body(request: Request, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
-        return error_response(400, f"{where or 'body'}: {first.get('msg', 'invalid request')}",
-                              "invalid_request_error", param=where or None)
+        message = first.get("msg", "invalid request")
+        if first.get("type") == "extra_forbidden":
+            message = "unknown field: lanner refuses fields it would not apply"
+        return error_response(400, f"{where or 'body'}: {message}", "invalid_request_error", param=where or None)
 
     def check_model(name: str | None) -> None:
-        if name is not None and name != model_name:
-            raise InvalidRequest(f"the model {name!r} does not exist; this server serves {model_name!r}")
+        if name is not None and name not in names:
+            error = ModelNotFound(f"the model {name!r} does not exist; this server serves {', '.join(names)}")
+            error.param = "model"
+            raise error
+
+    def need_prompts() -> Prompts:
+        if prompts is None:
+            raise InvalidRequest("this model has no tokenizer: pass prompts as token ids")
+        return prompts
+
+    def token_text(token_id: int) -> str:
+        return prompts.decode([token_id]) if prompts is not None else f"token_id:{token_id}"
+
+    def check_context(num_prompt_tokens: int, max_tokens: int | None) -> None:
+        """vLLM answers 400 when the prompt plus the requested output does not fit the context."""
+        limit = info.max_model_len
+        if num_prompt_tokens >= limit:
+            raise refuse("prompt", f"the prompt has {num_prompt_tokens} tokens; the model's context is {limit} "
+                                   "tokens, including at least one output token")
+        if max_tokens is not None and num_prompt_tokens + max_tokens > limit:
+            raise refuse("max_tokens", f"the prompt ({num_prompt_tokens} tokens) plus max_tokens ({max_tokens}) "
+                                       f"is {num_prompt_tokens + max_tokens} tokens, over the model's context of "
+                                       f"{limit} tokens")
+
+    async def completion_prompt(prompt: str | list[int], body: CompletionRequest, max_tokens: int | None) -> PromptInfo:
+        if isinstance(prompt, str):
+            token_ids = await asyncio.to_thread(need_prompts().encode, prompt)
+            text = prompt
+        else:
+            token_ids, text = list(prompt), None
+        if body.truncate_prompt_tokens is not None and len(token_ids) > body.truncate_prompt_tokens:
+            token_ids, text = token_ids[-body.truncate_prompt_tokens:], None
+        check_context(len(token_ids), max_tokens)
+        if body.echo and text is None:
+            text = await asyncio.to_thread(need_prompts().decode, token_ids)
+        return PromptInfo(token_ids, text if body.echo else "")
+
+    def chat_options(body: ChatRequest | TokenizeRequest) -> dict:
+        if (body.chat_template or (body.chat_template_kwargs or {}).get("chat_template")) and \
+                not config.trust_request_chat_template:
+            raise refuse("chat_template", "a chat template from the request is code the server would run; it is "
+                                          "refused unless the server runs with --trust-request-chat-template")
+        return dict(add_generation_prompt=body.add_generation_prompt,
+                    continue_final_message=body.continue_final_message, chat_template=body.chat_template,
+                    chat_template_kwargs=body.chat_template_kwargs)
 
     @app.get("/health")
     async def health():
         if not engine.is_running:
             return error_response(503, f"the engine is not running: {engine.dead}", "service_unavailable")
         return {"status": "ok"}
+
+    @app.api_route("/ping", methods=["GET", "POST"])
+    async def ping():
+        return await health()
 
     @app.get("/version")
     async def version():
@@ -100,20 +156,51 @@ def build_app(engine: AsyncEngine, config: ServerConfig, metrics: ServerMetrics 
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": int(time.time()),
-                                            "owned_by": "lanner", "max_model_len": info.max_model_len}]}
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": int(time.time()),
+                                            "owned_by": "lanner", "root": names[0],
+                                            "max_model_len": info.max_model_len} for name in names]}
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest):
+        try:
+            check_model(body.model)
+            body.check()
+            p = need_prompts()
+            if body.messages is not None:
+                text = await asyncio.to_thread(p.render_chat, conversation_of(body.messages), **chat_options(body))
+                token_ids = await asyncio.to_thread(p.encode, text, bool(body.add_special_tokens))
+            else:
+                add_special = body.add_special_tokens is not False
+                token_ids = await asyncio.to_thread(p.encode, body.prompt, add_special)
+        except InvalidRequest as e:
+            return error_of(e)
+        token_strs = p.tokenizer.convert_ids_to_tokens(token_ids) if body.return_token_strs else None
+        return {"count": len(token_ids), "max_model_len": info.max_model_len, "tokens": token_ids,
+                "token_strs": token_strs}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest):
+        try:
+            check_model(body.model)
+            p = need_prompts()
+            if any(not 0 <= t < len(p.tokenizer) for t in body.tokens):
+                raise refuse("tokens", f"token ids must be in [0, {len(p.tokenizer)})")
+        except InvalidRequest as e:
+            return error_of(e)
+        return {"prompt": await asyncio.to_thread(p.decode, body.tokens)}
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         try:
             check_model(body.model)
-            params = body.sampling_params(info.sampling_defaults, body.max_tokens, body.logprobs)
-            prompts = body.prompts()
-        except (InvalidRequest, ValueError) as e:
-            return error_of(InvalidRequest(str(e)))
+            body.check()
+            params = body.params(info.sampling_defaults)
+            inputs = [await completion_prompt(p, body, params.max_tokens) for p in body.prompts()]
+        except InvalidRequest as e:
+            return error_of(e)
         rid = f"cmpl-{uuid.uuid4().hex}"
-        streams = [engine.generate(f"{rid}-{i}", p, params) for i, p in enumerate(prompts)]
-        shaper = CompletionShaper(rid, model_name, body)
+        streams = [engine.generate(f"{rid}-{i}", p.token_ids, params) for i, p in enumerate(inputs)]
+        shaper = CompletionShaper(rid, names[0], body, inputs, token_text)
         return await respond(request, body.stream, streams, shaper)
 
     @app.post("/v1/chat/completions")
@@ -121,25 +208,28 @@ def build_app(engine: AsyncEngine, config: ServerConfig, metrics: ServerMetrics 
         try:
             check_model(body.model)
             body.check()
-            logprobs = (body.top_logprobs or 0) if body.logprobs else None
-            params = body.sampling_params(info.sampling_defaults, body.max_completion_tokens or body.max_tokens,
-                                          logprobs)
-            prompt = await asyncio.wrap_future(engine.call(LLMEngine.render_chat, body.conversation(),
-                                                           body.add_generation_prompt, body.chat_template_kwargs))
-        except LannerError as e:  # EngineDead, ServerOverloaded, InvalidRequest from the engine
+            params = body.params(info.sampling_defaults)
+            conversation = body.conversation()
+            token_ids = await asyncio.to_thread(need_prompts().chat_token_ids, conversation, **chat_options(body))
+            if body.truncate_prompt_tokens is not None:
+                token_ids = token_ids[-body.truncate_prompt_tokens:]
+            check_context(len(token_ids), params.max_tokens)
+        except InvalidRequest as e:
             return error_of(e)
-        except ValueError as e:
-            return error_of(InvalidRequest(str(e)))
+        last = conversation[-1]
+        echo = (message_for_template(last).get("content") or "") if body.echo and last["role"] == "assistant" else ""
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        shaper = ChatShaper(rid, model_name, body)
-        return await respond(request, body.stream, [engine.generate(rid, prompt, params)], shaper)
+        shaper = ChatShaper(rid, names[0], body, [PromptInfo(token_ids, echo)], token_text)
+        return await respond(request, body.stream, [engine.generate(rid, token_ids, params)], shaper)
 
     return app
 
 
 CLIENT_CLOSED = 499  # nginx's "client closed request": counted, not logged as an error
 
-KNOWN_PATHS = {"/health", "/version", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions"}
+KNOWN_PATHS = {"/health", "/ping", "/version", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions",
+               "/tokenize", "/detokenize"}
+PROTECTED = ("/v1/", "/tokenize", "/detokenize")  # what needs the API key: all that costs compute
 
 
 class AuthAndCount:
@@ -162,7 +252,7 @@ class AuthAndCount:
 
         try:
             headers = dict(scope.get("headers") or [])
-            if self.api_key and path.startswith("/v1/") and \
+            if self.api_key and path.startswith(PROTECTED) and \
                     headers.get(b"authorization") != f"Bearer {self.api_key}".encode():
                 response = error_response(401, "a valid API key is required (Authorization: Bearer ...)",
                                           "authentication_error", "invalid_api_key")
@@ -265,127 +355,3 @@ async def respond(request: Request, stream: bool, generators: list[AsyncIterator
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(sse(), media_type="text/event-stream")
-
-
-class _Shaper:
-    """Turns engine outputs into OpenAI response bodies and stream chunks; tracks, per
-    choice, the text and logprobs already sent."""
-
-    chunk_object = ""
-
-    def __init__(self, rid: str, model: str, body) -> None:
-        self.rid, self.model, self.body = rid, model, body
-        self.created = int(time.time())
-        self.sent_text: dict[int, int] = {}
-        self.sent_logprobs: dict[int, int] = {}
-        self.sent_tokens: dict[int, int] = {}
-        self.finals: dict[int, Any] = {}  # choice index -> CompletionOutput
-        self.prompt_tokens: dict[int, int] = {}
-
-    def _choice_index(self, prompt_index: int, sample_index: int) -> int:
-        return prompt_index * self.body.n + sample_index
-
-    def add(self, prompt_index: int, out: RequestOutput) -> None:
-        self.prompt_tokens[prompt_index] = len(out.prompt_token_ids)
-        if out.finished:
-            for c in out.outputs:
-                self.finals[self._choice_index(prompt_index, c.index)] = c
-
-    def usage(self) -> dict:
-        prompt = sum(self.prompt_tokens.values())
-        completion = sum(len(c.token_ids) for c in self.finals.values())
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-    def chunks(self, prompt_index: int, out: RequestOutput) -> list[dict]:
-        self.add(prompt_index, out)
-        chunks = []
-        for c in out.outputs:
-            index = self._choice_index(prompt_index, c.index)
-            start = self.sent_text.get(index, 0)
-            lp_start = self.sent_logprobs.get(index, 0)
-            delta = c.text[start:]
-            new_logprobs = (c.logprobs or [])[lp_start:]
-            # a chunk for every step that made tokens, even with no new text (text held back by a
-            # stop string or a partial UTF-8 character, or no tokenizer), so clients see each token
-            new_tokens = len(c.token_ids) > self.sent_tokens.get(index, 0)
-            if delta or new_logprobs or new_tokens or c.finish_reason:
-                self.sent_text[index] = len(c.text)
-                self.sent_logprobs[index] = len(c.logprobs or [])
-                self.sent_tokens[index] = len(c.token_ids)
-                chunks.append(self.chunk(index, delta, new_logprobs, c, start))
-        return chunks
-
-    def closing_chunks(self) -> list[dict]:
-        if not self.body.include_usage:
-            return []
-        return [{"id": self.rid, "object": self.chunk_object, "created": self.created, "model": self.model,
-                 "choices": [], "usage": self.usage()}]
-
-
-def token_bytes(lp) -> list[int]:
-    return list(lp.token_bytes if lp.token_bytes is not None else (lp.decoded_token or "").encode())
-
-
-def top_entries(entry: dict, n: int) -> list:
-    """The n most likely tokens of a logprobs entry, by rank (the sampled one is the entry's first)."""
-    return sorted((lp for lp in entry.values() if lp.rank <= n), key=lambda lp: lp.rank)[:n]
-
-
-class CompletionShaper(_Shaper):
-    chunk_object = "text_completion"
-
-    def logprobs(self, entries: list[dict], text_offset: int) -> dict | None:
-        if self.body.logprobs is None:
-            return None
-        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-        for entry in entries:
-            chosen = next(iter(entry.values()))  # the sampled token comes first
-            out["tokens"].append(chosen.decoded_token)
-            out["token_logprobs"].append(chosen.logprob)
-            top = {lp.decoded_token: lp.logprob for lp in top_entries(entry, self.body.logprobs)}
-            top.setdefault(chosen.decoded_token, chosen.logprob)  # the sampled token is always listed
-            out["top_logprobs"].append(top)
-            out["text_offset"].append(text_offset)
-            text_offset += len(chosen.decoded_token or "")
-        return out
-
-    def chunk(self, index, delta, new_logprobs, c, text_offset) -> dict:
-        return {"id": self.rid, "object": "text_completion", "created": self.created, "model": self.model,
-                "choices": [{"index": index, "text": delta, "logprobs": self.logprobs(new_logprobs, text_offset),
-                             "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}]}
-
-    def final(self) -> dict:
-        choices = [{"index": i, "text": c.text, "logprobs": self.logprobs(c.logprobs or [], 0),
-                    "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
-                   for i, c in sorted(self.finals.items())]
-        return {"id": self.rid, "object": "text_completion", "created": self.created, "model": self.model,
-                "choices": choices, "usage": self.usage()}
-
-
-class ChatShaper(_Shaper):
-    chunk_object = "chat.completion.chunk"
-
-    def logprobs(self, entries: list[dict]) -> dict | None:
-        if not self.body.logprobs:
-            return None
-        content = []
-        for entry in entries:
-            chosen = next(iter(entry.values()))  # the sampled token comes first
-            top = [{"token": lp.decoded_token, "logprob": lp.logprob, "bytes": token_bytes(lp)}
-                   for lp in top_entries(entry, self.body.top_logprobs or 0)]
-            content.append({"token": chosen.decoded_token, "logprob": chosen.logprob,
-                            "bytes": token_bytes(chosen), "top_logprobs": top})
-        return {"content": content}
-
-    def chunk(self, index, delta, new_logprobs, c, text_offset) -> dict:
-        message = {"role": "assistant", "content": delta} if text_offset == 0 else {"content": delta}
-        return {"id": self.rid, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
-                "choices": [{"index": index, "delta": message, "logprobs": self.logprobs(new_logprobs),
-                             "finish_reason": c.finish_reason}]}
-
-    def final(self) -> dict:
-        choices = [{"index": i, "message": {"role": "assistant", "content": c.text},
-                    "logprobs": self.logprobs(c.logprobs or []), "finish_reason": c.finish_reason,
-                    "stop_reason": c.stop_reason} for i, c in sorted(self.finals.items())]
-        return {"id": self.rid, "object": "chat.completion", "created": self.created, "model": self.model,
-                "choices": choices, "usage": self.usage()}

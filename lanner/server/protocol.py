@@ -1,7 +1,9 @@
 """The OpenAI request schema that lanner serves (pydantic), and its translation to
-SamplingParams. Unknown fields are ignored, as OpenAI clients send some (`user`);
-`top_k`, `min_p`, `repetition_penalty`, `min_tokens`, `ignore_eos` and
-`stop_token_ids` are extensions, as in vLLM."""
+SamplingParams. Every field is applied or refused: an unknown field is a 400 that names
+it, and fields lanner knows but does not implement yet (structured outputs, tools) are
+refused by name. Extensions follow vLLM's names: `top_k`, `min_p`, `repetition_penalty`,
+`min_tokens`, `ignore_eos`, `stop_token_ids`, `allowed_token_ids`, `bad_words`,
+`prompt_logprobs`, `truncate_prompt_tokens`, `return_tokens_as_token_ids`, ..."""
 from __future__ import annotations
 
 from typing import Any, Literal
@@ -11,92 +13,228 @@ from pydantic import BaseModel, ConfigDict, Field
 from lanner.core.request import SamplingParams
 from lanner.errors import InvalidRequest
 
+NOT_SUPPORTED_YET = {  # field -> the feature it belongs to
+    "response_format": "structured outputs", "guided_json": "structured outputs",
+    "guided_regex": "structured outputs", "guided_choice": "structured outputs",
+    "guided_grammar": "structured outputs", "guided_decoding_backend": "structured outputs",
+    "guided_whitespace_pattern": "structured outputs", "structured_outputs": "structured outputs",
+    "tools": "tool calling", "tool_choice": "tool calling", "functions": "tool calling",
+    "function_call": "tool calling", "parallel_tool_calls": "tool calling",
+}
+
+
+def refuse(field: str, why: str) -> InvalidRequest:
+    error = InvalidRequest(f"{field}: {why}")
+    error.param = field
+    return error
+
 
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # usage (so far) in every chunk
 
 
 class SamplingFields(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
     model: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None
     min_p: float | None = None
     n: int = 1
+    best_of: int | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False
     seed: int | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None
     min_tokens: int | None = None
     ignore_eos: bool = False
+    logit_bias: dict[str, float] | None = None
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    skip_special_tokens: bool = True
+    prompt_logprobs: int | None = None
+    truncate_prompt_tokens: int | None = Field(None, ge=1)
+    return_tokens_as_token_ids: bool = False
+    use_beam_search: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None
+    user: str | None = None  # OpenAI's end-user id, for the caller's own tracking: nothing to apply
+    # refused by check(): see NOT_SUPPORTED_YET
+    response_format: Any = None
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+    guided_decoding_backend: Any = None
+    guided_whitespace_pattern: Any = None
+    structured_outputs: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    parallel_tool_calls: Any = None
 
-    def sampling_params(self, defaults: dict[str, Any], max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    def check(self) -> None:
+        for name, feature in NOT_SUPPORTED_YET.items():
+            value = getattr(self, name)
+            if value is None or (name == "response_format" and value == {"type": "text"}):
+                continue
+            raise refuse(name, f"{feature} are not supported yet")
+        if self.best_of is not None and self.best_of != self.n:
+            raise refuse("best_of", "only best_of == n is supported (lanner returns every sample)")
+        if self.use_beam_search:
+            raise refuse("use_beam_search", "beam search is not supported")
+        if self.stream_options is not None and not self.stream:
+            raise refuse("stream_options", "only allowed with stream: true")
+
+    def sampling_params(self, defaults: dict[str, Any], max_tokens: int | None, logprobs: int | None,
+                        prompt_logprobs: int | None) -> SamplingParams:
         """The request's options over the model's generation_config defaults."""
         given = {name: getattr(self, name) for name in (
             "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
-            "repetition_penalty", "min_tokens", "seed", "stop_token_ids") if getattr(self, name) is not None}
+            "repetition_penalty", "min_tokens", "seed", "stop_token_ids", "allowed_token_ids",
+            "bad_words") if getattr(self, name) is not None}
         if given.get("top_k") == -1:
             given["top_k"] = 0
+        if self.logit_bias:
+            given["logit_bias"] = logit_bias(self.logit_bias)
         return SamplingParams(**{**defaults, **given, "n": self.n, "stop": self.stop, "max_tokens": max_tokens,
-                                 "ignore_eos": self.ignore_eos, "logprobs": logprobs})
+                                 "ignore_eos": self.ignore_eos, "logprobs": logprobs,
+                                 "prompt_logprobs": prompt_logprobs,
+                                 "include_stop_str_in_output": self.include_stop_str_in_output,
+                                 "skip_special_tokens": self.skip_special_tokens})
 
     @property
     def include_usage(self) -> bool:
-        return bool(self.stream_options and self.stream_options.include_usage)
+        return bool(self.stream_options and (self.stream_options.include_usage
+                                             or self.stream_options.continuous_usage_stats))
+
+    @property
+    def continuous_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.continuous_usage_stats)
+
+
+def logit_bias(bias: dict[str, float]) -> dict[int, float]:
+    """OpenAI's {"token id": bias} with biases in [-100, 100]."""
+    out = {}
+    for key, value in bias.items():
+        if not key.strip().isdigit():
+            raise refuse("logit_bias", f"keys must be token ids, got {key!r}")
+        if not -100 <= value <= 100:
+            raise refuse("logit_bias", f"biases must be in [-100, 100], got {value}")
+        out[int(key)] = float(value)
+    return out
 
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
-    logprobs: int | None = Field(None, ge=0, le=20)
+    max_tokens: int | None = Field(16, ge=0)  # OpenAI's default; 0 only with echo (scoring a prompt)
+    logprobs: int | None = Field(None, ge=0)
     echo: bool = False
     suffix: str | None = None
 
+    def check(self) -> None:
+        super().check()
+        if self.suffix:
+            raise refuse("suffix", "insertion (suffix) is not supported")
+        if self.max_tokens == 0 and not self.echo:
+            raise refuse("max_tokens", "must be >= 1 (0 is allowed only with echo, to score the prompt)")
+
     def prompts(self) -> list[str | list[int]]:
-        if self.echo or self.suffix:
-            raise InvalidRequest("echo and suffix are not supported")
         p = self.prompt
         if isinstance(p, str) or (p and all(isinstance(t, int) for t in p)):
             return [p]
         if not p:
-            raise InvalidRequest("the prompt is empty")
+            raise refuse("prompt", "the prompt is empty")
         return list(p)
 
-
-class TextPart(BaseModel):
-    type: Literal["text"]
-    text: str
+    def params(self, defaults: dict[str, Any]) -> SamplingParams:
+        # echo + logprobs also scores the prompt; max_tokens 0 generates one token that is not shown
+        prompt_logprobs = self.prompt_logprobs
+        if self.echo and self.logprobs is not None:
+            prompt_logprobs = max(prompt_logprobs or 0, self.logprobs)
+        return self.sampling_params(defaults, max(self.max_tokens, 1) if self.max_tokens is not None else None,
+                                    self.logprobs, prompt_logprobs)
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")  # passed to the chat template as they are
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str | list[TextPart] | None = None
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
 
-    def text(self) -> str:
-        if isinstance(self.content, list):
-            return "".join(part.text for part in self.content)
-        return self.content or ""
+
+def conversation_of(messages: list[ChatMessage]) -> list[dict]:
+    out = []
+    for m in messages:
+        message = m.model_dump(exclude_none=True)
+        if message["role"] == "developer":
+            message["role"] = "system"
+        out.append(message)
+    return out
 
 
 class ChatRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_logprobs: int | None = Field(None, ge=0)
+    echo: bool = False  # start the reply with the last message's content when it is the assistant's
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
 
     def check(self) -> None:
+        super().check()
         if self.top_logprobs is not None and not self.logprobs:
-            raise InvalidRequest("top_logprobs needs logprobs: true")
+            raise refuse("top_logprobs", "needs logprobs: true")
 
     def conversation(self) -> list[dict]:
-        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+        return conversation_of(self.messages)
+
+    def client_template(self) -> str | None:
+        """The chat template the client sent, if any: code the server would run."""
+        return self.chat_template or (self.chat_template_kwargs or {}).get("chat_template")
+
+    def params(self, defaults: dict[str, Any]) -> SamplingParams:
+        logprobs = (self.top_logprobs or 0) if self.logprobs else None
+        return self.sampling_params(defaults, self.max_completion_tokens or self.max_tokens, logprobs,
+                                    self.prompt_logprobs)
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's /tokenize: a prompt, or chat messages rendered with the template."""
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool | None = None  # default: True for a prompt, False for messages
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    return_token_strs: bool = False
+
+    def check(self) -> None:
+        if (self.prompt is None) == (self.messages is None):
+            raise refuse("prompt", "give either prompt or messages")
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    tokens: list[int]

@@ -43,6 +43,7 @@ class EngineInfo:
     """What callers need to know about the engine without touching it."""
     max_model_len: int
     sampling_defaults: dict
+    tokenizer_path: str | None  # the folder the engine loaded its tokenizer from (None: it has none)
 
 
 @dataclass
@@ -86,7 +87,8 @@ class EngineLoop:
         self._last_stats = 0.0
 
     def info(self) -> EngineInfo:
-        return EngineInfo(self.engine.max_model_len, dict(self.engine.sampling_defaults))
+        e = self.engine
+        return EngineInfo(e.max_model_len, dict(e.sampling_defaults), e.tokenizer_path)
 
     # ---- commands (run on the loop's thread, between steps) ----------------------------
 
