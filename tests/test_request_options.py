@@ -271,3 +271,18 @@ def test_server_chat_template_and_tool_messages_reach_it():
         r = httpx.post(base + "/tokenize", json={"messages": [{"role": "user", "content": "hi"}],
                                                  "chat_template": "ZZ{{ messages[0].content }}"}).json()
         assert httpx.post(base + "/detokenize", json={"tokens": r["tokens"]}).json()["prompt"] == "ZZhi"
+
+
+def test_echo_logprobs_of_a_chunked_prompt_arrive_whole_in_the_stream(offline):
+    """A prompt longer than the step's token budget is scored over several steps; the stream's
+    first chunk must still carry every prompt token's logprob."""
+    app, engine = make_app(max_waiting_requests=None)
+    engine.transport.engine.scheduler.config.max_num_batched_tokens = 16
+    prompt = list(range(20, 70))
+    for base in serve_in_thread(app):
+        c = openai.OpenAI(base_url=base + "/v1", api_key="x", max_retries=0)
+        whole = c.completions.create(model=MODEL, prompt=prompt, echo=True, logprobs=1, **GREEDY).choices[0]
+        chunks = list(c.completions.create(model=MODEL, prompt=prompt, echo=True, logprobs=1, stream=True, **GREEDY))
+        streamed = [t for ch in chunks for t in ch.choices[0].logprobs.token_logprobs]
+        assert streamed == pytest.approx(whole.logprobs.token_logprobs, nan_ok=True)
+        assert len(chunks[0].choices[0].logprobs.tokens) >= len(prompt)

@@ -85,6 +85,15 @@ class _Shaper:
             for c in out.outputs:
                 self.finals[self._choice_index(prompt_index, c.index)] = c
 
+    def _prompt_scored(self, prompt_index: int) -> bool:
+        """All the prompt logprobs the first chunk must carry have arrived."""
+        have = len(self.prompt_logprobs.get(prompt_index) or [])
+        return not self.shows_prompt_logprobs or have >= len(self.prompts[prompt_index].token_ids)
+
+    @property
+    def shows_prompt_logprobs(self) -> bool:
+        return self.body.prompt_logprobs is not None
+
     def usage(self, completion_tokens: int | None = None) -> dict:
         prompt = sum(len(p.token_ids) for p in self.prompts)
         if completion_tokens is None:
@@ -98,6 +107,8 @@ class _Shaper:
         for c in out.outputs:
             index = self._choice_index(prompt_index, c.index)
             sent = self.sent.setdefault(index, _Sent())
+            if not sent.started and not self._prompt_scored(prompt_index):
+                continue  # a chunked prompt's logprobs arrive over several steps: send them whole
             text, token_ids, logprobs = self.visible(c)
             delta, new_logprobs = text[sent.text:], logprobs[sent.logprobs:]
             # a chunk for every step that made tokens, even with no new text (text held back by a
@@ -120,6 +131,10 @@ class _Shaper:
 
 class CompletionShaper(_Shaper):
     chunk_object = "text_completion"
+
+    @property
+    def shows_prompt_logprobs(self) -> bool:
+        return self.body.prompt_logprobs is not None or (self.body.echo and self.body.logprobs is not None)
 
     def logprobs(self, entries: list[dict | None], token_ids: list[int], text_offset: int) -> dict | None:
         """OpenAI's completion logprobs over entries (None: a token with no logprob, the
