@@ -12,6 +12,8 @@ from lanner.core.request import SamplingParams
 from lanner.errors import ConfigError, LannerError
 
 CLI_SAMPLING_DEFAULTS = {"max_tokens": 128}
+# one completion on a terminal: no samples or logprobs to show, no mappings or callables to type
+NO_SAMPLING_FLAG = ("seed", "n", "prompt_logprobs", "logprobs", "logit_bias", "logits_processors")
 
 
 def _engine(args: argparse.Namespace):
@@ -125,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_parser(sub)
     for p in (gen, chat):
         add_cli_args(p)
-        add_dataclass_args(p, SamplingParams, "sampling options", skip=("seed", "n", "prompt_logprobs", "logprobs"))
+        add_dataclass_args(p, SamplingParams, "sampling options", skip=NO_SAMPLING_FLAG)
     return parser
 
 

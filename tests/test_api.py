@@ -11,7 +11,7 @@ import torch
 
 from conftest import _save, hf_greedy, hf_model, make_llm, random_prompts
 from lanner import SamplingParams
-from lanner.cli import build_parser
+from lanner.cli import NO_SAMPLING_FLAG, build_parser
 from lanner.config import EngineConfig, _leaf_fields
 
 
@@ -85,7 +85,7 @@ def test_every_engine_option_is_a_flag():
     for _, name, _ in _leaf_fields(EngineConfig):
         assert "--" + name.replace("_", "-") in help_text
     for f in dataclasses.fields(SamplingParams):
-        if f.name not in ("seed", "n", "logprobs", "prompt_logprobs"):
+        if f.name not in NO_SAMPLING_FLAG:
             assert "--" + f.name.replace("_", "-") in help_text
 
 

@@ -286,3 +286,23 @@ def test_echo_logprobs_of_a_chunked_prompt_arrive_whole_in_the_stream(offline):
         streamed = [t for ch in chunks for t in ch.choices[0].logprobs.token_logprobs]
         assert streamed == pytest.approx(whole.logprobs.token_logprobs, nan_ok=True)
         assert len(chunks[0].choices[0].logprobs.tokens) >= len(prompt)
+
+
+def test_logit_bias_allowed_tokens_and_bad_words_through_the_server(client, offline):
+    base = client.completions.create(model=MODEL, prompt="def f(x):", **GREEDY, extra_body={"ignore_eos": True})
+    biased = client.completions.create(model=MODEL, prompt="def f(x):", logit_bias={"77": 100}, **GREEDY,
+                                       extra_body={"ignore_eos": True})
+    tok = offline.get_tokenizer()
+    assert tok(biased.choices[0].text, add_special_tokens=False)["input_ids"][:3] == [77, 77, 77]
+    allowed = [10, 11, 12]
+    out = client.completions.create(model=MODEL, prompt="def f(x):", logprobs=0, **GREEDY,
+                                    extra_body={"allowed_token_ids": allowed, "ignore_eos": True,
+                                                "return_tokens_as_token_ids": True})
+    assert {int(t.split(":")[1]) for t in out.choices[0].logprobs.tokens} <= set(allowed)
+    word = next(w for w in base.choices[0].text.split() if w.isidentifier() and len(w) > 2)
+    banned = client.completions.create(model=MODEL, prompt="def f(x):", **GREEDY,
+                                       extra_body={"bad_words": [word], "ignore_eos": True})
+    assert word not in banned.choices[0].text.split() and word in base.choices[0].text.split()
+    want = offline.generate("def f(x):", SamplingParams(**GREEDY, repetition_penalty=1.1, ignore_eos=True,
+                                                        bad_words=[word]), use_tqdm=False)[0]
+    assert banned.choices[0].text == want.outputs[0].text

@@ -5,9 +5,11 @@ code written for it reads the same here.
 """
 from __future__ import annotations
 
+import copy
 import enum
 import time
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from lanner.errors import InvalidRequest
@@ -33,6 +35,12 @@ class SamplingParams:
     logprobs: int | None = None  # top-n logprobs per output token (the sampled one is always included)
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    logit_bias: dict[int, float] | None = None
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    truncate_prompt_tokens: int | None = None
+    # fn(output_token_ids, logits_row) or fn(prompt_token_ids, output_token_ids, logits_row) -> logits_row
+    logits_processors: list[Callable] | None = None
 
     HELP: typing.ClassVar[dict[str, str]] = {
         "n": "samples per prompt",
@@ -53,6 +61,11 @@ class SamplingParams:
         "logprobs": "top logprobs to return per output token",
         "prompt_logprobs": "top logprobs to return per prompt token",
         "skip_special_tokens": "leave special tokens out of the text",
+        "logit_bias": "token id -> value added to its logit before sampling",
+        "allowed_token_ids": "sample only among these token ids",
+        "bad_words": "words that must not be generated",
+        "truncate_prompt_tokens": "keep only the last k prompt tokens (-1: as many as the context allows)",
+        "logits_processors": "callables applied to each output position's logits (offline API only)",
     }
 
     def __post_init__(self) -> None:
@@ -86,6 +99,22 @@ class SamplingParams:
              f"max_tokens must be >= 1, got {self.max_tokens}")
         need(isinstance(self.min_tokens, int) and self.min_tokens >= 0, "min_tokens must be >= 0")
         need(self.max_tokens is None or self.min_tokens <= self.max_tokens, "min_tokens must be <= max_tokens")
+        need(self.logit_bias is None or (isinstance(self.logit_bias, dict) and all(
+            isinstance(t, int) and not isinstance(t, bool) and t >= 0 and isinstance(b, (int, float))
+            and not isinstance(b, bool) and -100 <= b <= 100 for t, b in self.logit_bias.items())),
+            "logit_bias must map token ids to values in [-100, 100]")
+        need(self.allowed_token_ids is None or (isinstance(self.allowed_token_ids, list) and self.allowed_token_ids
+                                                and all(_is_token_id(t) for t in self.allowed_token_ids)),
+             "allowed_token_ids must be a non-empty list of token ids")
+        need(self.bad_words is None or (isinstance(self.bad_words, list)
+                                        and all(isinstance(w, str) and w.strip() for w in self.bad_words)),
+             "bad_words must be a list of non-empty strings")
+        need(self.truncate_prompt_tokens is None or (isinstance(self.truncate_prompt_tokens, int) and (
+            self.truncate_prompt_tokens >= 1 or self.truncate_prompt_tokens == -1)),
+            "truncate_prompt_tokens must be >= 1 or -1")
+        need(self.logits_processors is None or (isinstance(self.logits_processors, list)
+                                                and all(callable(f) for f in self.logits_processors)),
+             "logits_processors must be a list of callables")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             need(value is None or (isinstance(value, int) and 0 <= value <= 20), f"{name} must be in [0, 20]")
@@ -93,6 +122,15 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature < 1e-5  # smaller temperatures overflow the logits / temperature division
+
+    def clone(self) -> SamplingParams:
+        """A deep copy that shares the logits processors (they may hold models or state), as vLLM's."""
+        shared = {id(f): f for f in self.logits_processors or []}
+        return copy.deepcopy(self, memo=shared)
+
+
+def _is_token_id(t: object) -> bool:
+    return isinstance(t, int) and not isinstance(t, bool) and t >= 0
 
 
 class RequestStatus(enum.Enum):
@@ -143,6 +181,7 @@ class Request:
         self.max_num_tokens = min(x for x in (limit, max_num_tokens, 1 << 62) if x is not None)
         self.has_penalties = (params.repetition_penalty != 1.0 or bool(params.presence_penalty)
                               or bool(params.frequency_penalty))
+        self.bad_word_ids: list[list[int]] = []  # token sequences of params.bad_words (set by the engine)
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0  # prompt tokens served from the prefix cache on first admission
         self.block_ids: list[int] = []
@@ -171,6 +210,17 @@ class Request:
     def awaiting_last_token(self) -> bool:
         """Its final token is sampled but not read back yet: nothing more to compute."""
         return self.num_pending > 0 and self.num_tokens >= self.max_num_tokens
+
+    @property
+    def needs_host_history(self) -> bool:
+        """Its sampling reads its output tokens on the host (logits processors, multi-token bad
+        words), so none of them may still be pending on the device when it samples."""
+        return bool(self.params.logits_processors) or any(len(ids) > 1 for ids in self.bad_word_ids)
+
+    @property
+    def has_logit_constraints(self) -> bool:
+        p = self.params
+        return bool(p.logit_bias or p.allowed_token_ids or self.bad_word_ids or p.logits_processors)
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -203,7 +253,6 @@ class CompletionOutput:
     finish_reason: str | None = None  # "stop", "length", "abort"
     stop_reason: str | int | None = None  # the stop string or stop token id that ended it
 
-    @property
     def finished(self) -> bool:
         return self.finish_reason is not None
 

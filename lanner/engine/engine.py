@@ -96,7 +96,11 @@ class LLMEngine:
         if request_id in self.groups:
             raise InvalidRequest(f"request id {request_id!r} is already in use")
         text, token_ids = self._tokenize(prompt)
+        keep = params.truncate_prompt_tokens
+        if keep is not None and len(token_ids) > (keep if keep > 0 else self.max_model_len - 1):
+            text, token_ids = None, token_ids[-(keep if keep > 0 else self.max_model_len - 1):]
         self._validate(token_ids, params)
+        bad_word_ids = self._bad_word_ids(params.bad_words) if params.bad_words else []
         seed = params.seed if params.seed is not None else self._seeds.getrandbits(63)
         children = []
         for i in range(params.n):
@@ -104,6 +108,7 @@ class LLMEngine:
             children.append(Request(child_id, text, token_ids, params, self.eos_token_ids,
                                     (seed + i * 0x9E3779B97F4A7C15) % (1 << 64), index=i, parent_id=request_id,
                                     max_num_tokens=self.max_model_len))
+            children[-1].bad_word_ids = bad_word_ids
         self.groups[request_id] = children
         for req in children:
             if self.tokenizer is not None:
@@ -161,10 +166,13 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         self._stepping = None
+        outputs = []
+        if self.in_flight is not None and any(r.needs_host_history for r in self.in_flight[1].samplers):
+            outputs += self._read_back()  # they sample next from their tokens on the host: no overlap
         with record_function("schedule"):
             sched = self.scheduler.schedule()
         if sched.is_empty:
-            return self._read_back()
+            return outputs + self._read_back()
         self._stepping = sched  # what fail_step aborts if the launch raises
         handle = self.runner.launch(sched)
         self.num_steps += 1
@@ -172,7 +180,6 @@ class LLMEngine:
             req.num_computed_tokens += num_new
         for req in handle.samplers:
             req.num_pending += 1
-        outputs = []
         previous, self.in_flight = self.in_flight, (sched, handle)
         if previous is not None:
             self.num_overlapped_steps += 1
@@ -262,6 +269,10 @@ class LLMEngine:
         bad = [t for t in token_ids if not 0 <= t < self.vocab_size]
         if bad:
             raise InvalidRequest(f"unknown token ids {bad[:5]} (vocabulary size {self.vocab_size})")
+        for name, ids in (("logit_bias", params.logit_bias or {}), ("allowed_token_ids", params.allowed_token_ids or [])):
+            bad = [t for t in ids if t >= self.vocab_size]
+            if bad:
+                raise InvalidRequest(f"{name}: unknown token ids {bad[:5]} (vocabulary size {self.vocab_size})")
         if len(token_ids) >= self.max_model_len:
             raise InvalidRequest(f"the prompt has {len(token_ids)} tokens; the model's context is "
                                  f"{self.max_model_len} tokens, including at least one output token")
@@ -270,6 +281,19 @@ class LLMEngine:
             raise CapacityExceeded(f"a request of up to {longest} tokens needs "
                                    f"{self.kv_cache.blocks_needed(longest)} KV blocks; the cache has "
                                    f"{self.kv_cache.num_blocks}")
+
+    def _bad_word_ids(self, words: list[str]) -> list[list[int]]:
+        """Each word's tokens, alone and after a space (a word inside text is usually spelled
+        with its leading space), as vLLM tokenizes bad words."""
+        if self.prompts is None:
+            raise InvalidRequest("bad_words needs a tokenizer, and this model has none")
+        out: list[list[int]] = []
+        for word in words:
+            for spelling in (word.lstrip(), " " + word.lstrip()):
+                ids = self.prompts.encode(spelling, add_special_tokens=False)
+                if ids and ids not in out:
+                    out.append(ids)
+        return out
 
     def _decode_logprobs(self, entries: list[dict]) -> list[dict]:
         if self.tokenizer is not None:

@@ -14,6 +14,7 @@ caller reads them back.
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +39,8 @@ class Sampler:
         logits = logits.float()
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(r.params.logprobs is not None for r in reqs) else None
         logits = apply_min_tokens(logits, reqs)
+        if any(r.has_logit_constraints for r in reqs):
+            logits = apply_constraints(logits, reqs)
         logits = apply_penalties(logits, reqs, last_sampled)
         tokens = logits.argmax(dim=-1)
         random_rows = [i for i, r in enumerate(reqs) if not r.params.greedy]
@@ -68,7 +71,8 @@ def sampled_logprobs(sampled: Sampled, reqs: list[Request], tokens: list[int]) -
 
 def _plain_greedy(r: Request) -> bool:
     p = r.params
-    return p.greedy and p.logprobs is None and not r.has_penalties and r.num_output_tokens >= p.min_tokens
+    return (p.greedy and p.logprobs is None and not r.has_penalties and r.num_output_tokens >= p.min_tokens
+            and not r.has_logit_constraints)
 
 
 def apply_min_tokens(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
@@ -80,6 +84,44 @@ def apply_min_tokens(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
         # a Python scalar value would be copied from pageable memory, which syncs
         logits.index_put_((rows, cols), logits.new_full((len(cells),), float("-inf")))
     return logits
+
+
+def apply_constraints(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
+    """allowed_token_ids, bad words, logit_bias, then logits processors (before penalties, in
+    vLLM's order). The first three are batched through pinned copies (no sync); bad words
+    and processors read output tokens on the host, which the engine guarantees are all there
+    (`Request.needs_host_history`)."""
+    vocab, device = logits.shape[1], logits.device
+    whitelisted = [i for i, r in enumerate(reqs) if r.params.allowed_token_ids]
+    if whitelisted:
+        cells = [(j, t) for j, i in enumerate(whitelisted) for t in reqs[i].params.allowed_token_ids if t < vocab]
+        keep = torch.zeros(len(whitelisted), vocab, dtype=torch.bool, device=device)
+        row, col = to_device(cells, torch.long, device).unbind(1)
+        keep.index_put_((row, col), keep.new_ones(len(cells)))  # a Python scalar would sync
+        rows = to_device(whitelisted, torch.long, device)
+        logits[rows] = logits[rows].masked_fill(~keep, float("-inf"))
+    banned = [(i, t) for i, r in enumerate(reqs) for t in banned_words(r) if t < vocab]
+    if banned:
+        row, col = to_device(banned, torch.long, device).unbind(1)
+        logits.index_put_((row, col), logits.new_full((len(banned),), float("-inf")))
+    bias = [(i, t, b) for i, r in enumerate(reqs) for t, b in (r.params.logit_bias or {}).items() if t < vocab]
+    if bias:
+        row, col = to_device([(i, t) for i, t, _ in bias], torch.long, device).unbind(1)
+        logits.index_put_((row, col), to_device([b for _, _, b in bias], torch.float32, device), accumulate=True)
+    for i, r in enumerate(reqs):
+        for fn in r.params.logits_processors or []:
+            args = (r.output_token_ids, logits[i])
+            if len(inspect.signature(fn).parameters) == 3:  # vLLM's (prompt ids, output ids, logits) form
+                args = (r.prompt_token_ids, *args)
+            logits[i] = fn(*args)
+    return logits
+
+
+def banned_words(r: Request) -> list[int]:
+    """The last token of each bad word whose other tokens end the output (vLLM's rule)."""
+    out = r.output_token_ids
+    return [ids[-1] for ids in r.bad_word_ids
+            if len(ids) == 1 or (len(out) >= len(ids) - 1 and out[len(out) - len(ids) + 1:] == ids[:-1])]
 
 
 def apply_penalties(logits: torch.Tensor, reqs: list[Request], last_sampled: torch.Tensor | None = None):

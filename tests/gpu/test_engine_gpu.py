@@ -63,9 +63,12 @@ def test_no_host_sync_when_launching_steps():
              SamplingParams(temperature=0.8, top_p=0.9, top_k=20, min_p=0.05, seed=1, max_tokens=12),
              SamplingParams(temperature=0, min_tokens=4, max_tokens=12),
              SamplingParams(temperature=0.7, max_tokens=12, ignore_eos=True),
-             SamplingParams(temperature=0, repetition_penalty=1.2, presence_penalty=0.3, max_tokens=3)]
-    outs = llm.generate(PROMPTS[:5], kinds, use_tqdm=False)
+             SamplingParams(temperature=0, repetition_penalty=1.2, presence_penalty=0.3, max_tokens=3),
+             SamplingParams(temperature=0, logit_bias={77: 5.0, 12: -3.0}, max_tokens=12),
+             SamplingParams(temperature=0.9, seed=4, allowed_token_ids=[10, 11, 12, 300], max_tokens=12)]
+    outs = llm.generate(PROMPTS[:7], kinds, use_tqdm=False)
     assert len(launched) >= 12 and all(len(o.outputs[0].token_ids) > 0 for o in outs)
+    assert set(outs[6].outputs[0].token_ids) <= {10, 11, 12, 300}
     assert engine.num_overlapped_steps > 0 and engine.kv_cache.stats().used_blocks == 0
 
 
@@ -106,3 +109,15 @@ def test_kv_cache_is_sized_from_memory():
     assert runner.num_blocks > 1000
     assert torch.cuda.memory_allocated() <= 0.5 * total
     assert kv_bytes > 0.3 * total  # a tiny model leaves nearly all of the budget to the cache
+
+
+def test_logit_constraints_match_the_cpu_path():
+    """logit_bias, allowed_token_ids and bad words give the same greedy tokens on the GPU
+    (batched device ops, overlap) as on the CPU reference path."""
+    kinds = [SamplingParams(temperature=0, logit_bias={77: 3.0}, max_tokens=16, ignore_eos=True),
+             SamplingParams(temperature=0, allowed_token_ids=list(range(10, 400)), max_tokens=16, ignore_eos=True),
+             SamplingParams(temperature=0, bad_words=["self", "return"], max_tokens=16, ignore_eos=True)]
+    cpu = LLM(device="cpu", dtype="float32", num_kv_blocks=512).generate(PROMPTS[:3], kinds, use_tqdm=False)
+    gpu = LLM(device="cuda", dtype="float32", gpu_memory_utilization=0.3).generate(PROMPTS[:3], kinds,
+                                                                                  use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in gpu] == [o.outputs[0].token_ids for o in cpu]
