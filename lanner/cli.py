@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import signal
 import sys
 from pathlib import Path
@@ -67,6 +68,41 @@ def _exit_on_signal(signum, frame) -> None:
     raise SystemExit(128 + signum)
 
 
+API_KEY_VARIABLES = ("LANNER_API_KEY", "VLLM_API_KEY")
+
+
+def serve_configs(args: argparse.Namespace) -> tuple[ServerConfig, EngineConfig]:
+    """The server's and the engine's options from `lanner serve`'s arguments, with vLLM's
+    conveniences: the model as a positional argument, the API key from the environment,
+    a chat template given as a file, the model's name as the default served name."""
+    from lanner.default_model import default_model_path
+
+    engine_kwargs = kwargs_from_args(args, EngineConfig)
+    if args.model_tag is not None:
+        if engine_kwargs.get("model") not in (None, args.model_tag):
+            raise ConfigError(f"two models given: {args.model_tag!r} and --model {engine_kwargs['model']!r}")
+        engine_kwargs["model"] = args.model_tag
+    engine_config = EngineConfig.from_kwargs(**engine_kwargs)
+    config = ServerConfig(**kwargs_from_args(args, ServerConfig))
+    if config.api_key is None:
+        config.api_key = next((os.environ[v] for v in API_KEY_VARIABLES if os.environ.get(v) is not None), None)
+    if config.api_key is not None and not config.api_key.strip():
+        raise ConfigError("the API key is empty (--api-key or $LANNER_API_KEY/$VLLM_API_KEY): an empty key would "
+                          "serve everyone; unset it to run without one")
+    if config.chat_template and os.path.isfile(config.chat_template):
+        config.chat_template = Path(config.chat_template).read_text()
+    model = engine_config.model.model or default_model_path()
+    # a folder or config.json by its name; a Hub repo id whole, as vLLM names it
+    default_name = Path(model).name.removesuffix(".json") if os.path.exists(model) else model
+    config.served_model_name = config.served_model_name or [default_name]
+    return config, engine_config
+
+
+def uvicorn_options(config: ServerConfig) -> dict:
+    return {"host": config.host, "port": config.port, "log_level": "info", "timeout_graceful_shutdown": 30,
+            "ssl_keyfile": config.ssl_keyfile, "ssl_certfile": config.ssl_certfile}
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     try:
         import uvicorn
@@ -74,14 +110,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
         from lanner.server.app import build_app
     except ImportError as e:
         raise ConfigError(f"`lanner serve` needs the server extra: pip install 'lanner[server]' ({e})") from e
-    from lanner.default_model import default_model_path
     from lanner.server.metrics import ServerMetrics
     from lanner.serving.async_engine import AsyncEngine
 
-    config = ServerConfig(**kwargs_from_args(args, ServerConfig))
-    engine_config = EngineConfig.from_kwargs(**kwargs_from_args(args, EngineConfig))
-    model = engine_config.model.model or default_model_path()
-    config.served_model_name = config.served_model_name or [Path(model).name.removesuffix(".json")]
+    config, engine_config = serve_configs(args)
     metrics = ServerMetrics()
     # a SIGTERM while the engine loads exits normally, so the engine process is stopped too
     signal.signal(signal.SIGTERM, _exit_on_signal)
@@ -92,8 +124,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
         engine = AsyncEngine(LLMEngine(engine_config), config.max_waiting_requests, observer=metrics)
     app = build_app(engine, config, metrics)
-    server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="info",
-                                           timeout_graceful_shutdown=30))
+    server = uvicorn.Server(uvicorn.Config(app, **uvicorn_options(config)))
 
     def stop(signum, frame) -> None:  # a second signal stops at once
         server.force_exit = server.should_exit
@@ -119,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", default=None, help="system message")
     chat.set_defaults(func=cmd_chat)
     serve = sub.add_parser("serve", help="the OpenAI-compatible HTTP server")
+    serve.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
+                       help="the model, as --model (a Hub repo id, a folder or a config.json)")
     serve.set_defaults(func=cmd_serve)
     add_dataclass_args(serve, ServerConfig, "server options")
     add_cli_args(serve)

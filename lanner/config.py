@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -27,14 +28,39 @@ def _check(cond: bool, message: str) -> None:
 
 @dataclass
 class ModelConfig:
-    model: str | None = _opt(None, "Hugging Face model folder or config.json; default: the embedded model")
-    tokenizer: str | None = _opt(None, "tokenizer folder (default: the model folder)")
-    load_format: Literal["auto", "dummy"] = _opt(
-        "auto", "'dummy' builds random weights of the right shapes without reading weight files")
+    model: str | None = _opt(None, "a Hugging Face repo id (Qwen/Qwen3-0.6B: the local cache first, then a "
+                                   "download unless HF_HUB_OFFLINE=1), a model folder, or a config.json; default: "
+                                   "the embedded model")
+    tokenizer: str | None = _opt(None, "tokenizer repo id or folder (default: the model's)")
+    revision: str | None = _opt(None, "branch, tag or commit of a Hub model")
+    tokenizer_revision: str | None = _opt(None, "branch, tag or commit of a Hub tokenizer")
+    download_dir: str | None = _opt(None, "Hugging Face cache folder to look in and download to "
+                                          "(default: the hub's own, HF_HUB_CACHE)")
+    load_format: Literal["auto", "safetensors", "dummy"] = _opt(
+        "auto", "'dummy' builds random weights of the right shapes without reading weight files; 'auto' and "
+                "'safetensors' read safetensors")
     max_model_len: int | None = _opt(None, "longest prompt + output in tokens (default: the model's limit)")
+    trust_remote_code: bool = _opt(False, "accepted for compatibility: lanner implements each architecture "
+                                          "itself and never runs code from a model repo")
+    tokenizer_mode: Literal["auto", "hf", "slow", "mistral", "custom"] = _opt(
+        "auto", "'auto' and 'hf': the Hugging Face (fast) tokenizer; the others are refused")
+    generation_config: str = _opt("auto", "sampling defaults: 'auto' from the model's generation_config.json, "
+                                          "'vllm' none (SamplingParams' own), or a folder to read it from")
+    hf_overrides: dict | None = _opt(None, "fields merged into the model's config.json before the model is built "
+                                           "(JSON on the command line)")
+    max_logprobs: int = _opt(20, "most logprobs or prompt_logprobs a request may ask for (-1: the vocabulary)")
+    quantization: str | None = _opt(None, "weight quantization; none is supported yet")
 
     def __post_init__(self) -> None:
         _check(self.max_model_len is None or self.max_model_len > 1, "max_model_len must be > 1")
+        _check(self.tokenizer_mode in ("auto", "hf"),
+               f"tokenizer_mode {self.tokenizer_mode!r} is not supported: lanner uses the Hugging Face tokenizer "
+               "(transformers 5 has no slow tokenizers); use 'auto'")
+        _check(self.quantization in (None, "none"),
+               f"quantization {self.quantization!r} is not supported yet: lanner runs the checkpoint's "
+               "bf16/fp16/fp32 weights")
+        _check(self.max_logprobs >= -1, "max_logprobs must be >= 0, or -1 for the whole vocabulary")
+        _check(self.hf_overrides is None or isinstance(self.hf_overrides, dict), "hf_overrides must be a dict")
 
 
 @dataclass
@@ -44,6 +70,8 @@ class CacheConfig:
     num_kv_blocks: int | None = _opt(None, "fix the number of KV blocks instead of sizing from memory")
     kv_cache_memory_gib: float = _opt(1.0, "KV cache size on the CPU, in GiB")
     gpu_memory_utilization: float = _opt(0.9, "fraction of GPU memory lanner may use")
+    kv_cache_dtype: str = _opt("auto", "KV cache element type: 'auto' (the model's dtype); no other is "
+                                       "supported yet")
 
     def __post_init__(self) -> None:
         _check(self.block_size > 0 and self.block_size & (self.block_size - 1) == 0,
@@ -51,6 +79,8 @@ class CacheConfig:
         _check(self.num_kv_blocks is None or self.num_kv_blocks > 0, "num_kv_blocks must be positive")
         _check(self.kv_cache_memory_gib > 0, "kv_cache_memory_gib must be positive")
         _check(0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization must be in (0, 1]")
+        _check(self.kv_cache_dtype == "auto", f"kv_cache_dtype {self.kv_cache_dtype!r} is not supported yet: the KV "
+                                              "cache uses the model's dtype ('auto')")
 
 
 @dataclass
@@ -59,6 +89,9 @@ class SchedulerConfig:
     max_num_batched_tokens: int = _opt(8192, "token budget of one step; longer prompts are prefilled in chunks")
     overlap_scheduling: bool = _opt(True, "prepare and launch the next step while the device runs this one "
                                           "(results arrive one step later)")
+    enable_chunked_prefill: bool = _opt(True, "prefill prompts longer than the step's token budget in chunks; "
+                                              "off: each prompt in one step (needs max_num_batched_tokens >= "
+                                              "max_model_len)")
 
     def __post_init__(self) -> None:
         _check(self.max_num_seqs > 0, "max_num_seqs must be positive")
@@ -67,7 +100,8 @@ class SchedulerConfig:
 
 @dataclass
 class ParallelConfig:
-    tensor_parallel_size: int = _opt(1, "GPUs to shard the model over (only 1 is implemented so far)")
+    tensor_parallel_size: int = _opt(1, "GPUs to shard the model over (only 1 is implemented so far)",
+                                     aliases=("-tp",))
 
     def __post_init__(self) -> None:
         _check(self.tensor_parallel_size == 1, "tensor_parallel_size > 1 is not implemented yet")
@@ -103,9 +137,12 @@ class EngineConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     graphs: GraphConfig = field(default_factory=GraphConfig)
     device: str = _opt("auto", "'cpu', 'cuda', 'cuda:N' or 'auto' (CUDA when available)")
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = _opt(
-        "auto", "weight and activation dtype; 'auto' is float32 on CPU, the model's dtype on GPU")
+    dtype: Literal["auto", "float32", "float", "float16", "half", "bfloat16"] = _opt(
+        "auto", "weight and activation dtype ('half' = float16, 'float' = float32); 'auto' is float32 on CPU, "
+                "the model's dtype on GPU")
     seed: int = _opt(0, "seed for weights of dummy models and for requests without their own seed")
+    disable_log_stats: bool = _opt(False, "do not log the engine's throughput and queues every 10 s "
+                                          "(lanner serve)")
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> EngineConfig:
@@ -149,7 +186,9 @@ def _field_type(owner: type, name: str) -> Any:
 def _add_flag(group: Any, owner: type, f: dataclasses.Field, help: str) -> None:
     tp = _field_type(owner, f.name)
     kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help}
-    if typing.get_origin(tp) is Literal:
+    if tp is dict or typing.get_origin(tp) is dict:
+        kw["type"] = _json_object
+    elif typing.get_origin(tp) is Literal:
         kw["choices"] = list(typing.get_args(tp))
     elif tp is bool:
         kw["action"] = argparse.BooleanOptionalAction
@@ -160,7 +199,17 @@ def _add_flag(group: Any, owner: type, f: dataclasses.Field, help: str) -> None:
         kw["type"] = tp
     if f.default is not dataclasses.MISSING and f.default is not None:
         kw["help"] += f" (default: {f.default})"
-    group.add_argument("--" + f.name.replace("_", "-"), **kw)
+    group.add_argument("--" + f.name.replace("_", "-"), *f.metadata.get("aliases", ()), **kw)
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {e}") from e
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value
 
 
 def add_cli_args(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
@@ -202,17 +251,32 @@ class ServerConfig:
     chat_template: str | None = None
     trust_request_chat_template: bool = False
     root_path: str | None = None
+    ssl_keyfile: str | None = None
+    ssl_certfile: str | None = None
+    enable_log_requests: bool = False
+    disable_log_requests: bool = False
 
     HELP = {
         "host": "address to listen on",
         "port": "port to listen on",
         "served_model_name": "the model names clients may use; the first is reported in responses (default: the "
                              "model folder's name)",
-        "api_key": "require 'Authorization: Bearer KEY' on /v1 endpoints, /tokenize and /detokenize",
+        "api_key": "require 'Authorization: Bearer KEY' on /v1 endpoints, /tokenize and /detokenize (default: "
+                   "$LANNER_API_KEY, else $VLLM_API_KEY)",
         "max_waiting_requests": "refuse new requests with 429 while this many are waiting",
         "engine_process": "run the engine loop in its own process, so it never waits for the HTTP "
                           "side's GIL (--no-engine-process: a thread of the server process)",
         "chat_template": "a chat template (its text, or a file) used instead of the tokenizer's",
         "trust_request_chat_template": "let requests bring their own chat template (it is code the server runs)",
         "root_path": "the path prefix under which a proxy serves this app (ASGI root_path)",
+        "ssl_keyfile": "serve HTTPS with this private key file (with --ssl-certfile)",
+        "ssl_certfile": "serve HTTPS with this certificate file (with --ssl-keyfile)",
+        "enable_log_requests": "log one line per generation request (id, prompt tokens, sampling options)",
+        "disable_log_requests": "do not log requests (the default; vLLM's older flag)",
     }
+
+    def __post_init__(self) -> None:
+        if self.enable_log_requests and self.disable_log_requests:
+            raise ConfigError("--enable-log-requests and --disable-log-requests contradict each other")
+        if (self.ssl_keyfile is None) != (self.ssl_certfile is None):
+            raise ConfigError("HTTPS needs both --ssl-keyfile and --ssl-certfile")

@@ -16,7 +16,7 @@ from lanner.errors import CapacityExceeded, ConfigError, InvalidRequest, Unsuppo
 @pytest.mark.parametrize("kw", [
     dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-2), dict(min_p=2), dict(n=0),
     dict(max_tokens=0), dict(min_tokens=5, max_tokens=2), dict(presence_penalty=3), dict(frequency_penalty=-3),
-    dict(repetition_penalty=0), dict(logprobs=-1), dict(logprobs=100), dict(stop=[""]),
+    dict(repetition_penalty=0), dict(logprobs=-1), dict(logprobs=True), dict(stop=[""]),
     dict(stop_token_ids=[-1]), dict(seed="x")])
 def test_bad_sampling_params(kw):
     with pytest.raises(InvalidRequest):

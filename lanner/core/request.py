@@ -117,7 +117,8 @@ class SamplingParams:
              "logits_processors must be a list of callables")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
-            need(value is None or (isinstance(value, int) and 0 <= value <= 20), f"{name} must be in [0, 20]")
+            need(value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 0),
+                 f"{name} must be a count >= 0 (at most the engine's max_logprobs)")
 
     @property
     def greedy(self) -> bool:

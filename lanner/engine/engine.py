@@ -27,7 +27,7 @@ from lanner.engine.detokenizer import Detokenizer, TokenBytes, find_stop_string,
 from lanner.engine.kv_cache import KVCacheManager
 from lanner.engine.prompts import Prompts
 from lanner.engine.scheduler import Scheduler
-from lanner.errors import CapacityExceeded, InvalidRequest
+from lanner.errors import CapacityExceeded, ConfigError, InvalidRequest
 from lanner.executor.model_runner import ModelRunner, StepHandle
 from lanner.models.loader import load_model
 
@@ -42,9 +42,12 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+DTYPE_ALIASES = {"half": "float16", "float": "float32"}  # vLLM's names
+
+
 def resolve_dtype(name: str, device: torch.device, hf_config: Any) -> torch.dtype:
     if name != "auto":
-        return getattr(torch, name)
+        return getattr(torch, DTYPE_ALIASES.get(name, name))
     if device.type == "cpu":
         return torch.float32
     dtype = getattr(hf_config, "torch_dtype", None) or getattr(hf_config, "dtype", None)
@@ -55,19 +58,23 @@ def resolve_dtype(name: str, device: torch.device, hf_config: Any) -> torch.dtyp
 class LLMEngine:
     def __init__(self, config: EngineConfig):
         from lanner.default_model import default_model_path
+        from lanner.models.hub import resolve_model_path
         from lanner.models.loader import load_hf_config
 
         self.config = config
         mc = config.model
-        path = mc.model or default_model_path()
+        path = resolve_model_path(mc.model or default_model_path(), mc.revision, mc.download_dir)
+        tokenizer_path = resolve_model_path(mc.tokenizer, mc.tokenizer_revision, mc.download_dir) \
+            if mc.tokenizer else path
         self.device = resolve_device(config.device)
-        hf_config = load_hf_config(path)
+        hf_config = load_hf_config(path, mc.hf_overrides)
         self.dtype = resolve_dtype(config.dtype, self.device, hf_config)
         torch.manual_seed(config.seed)
-        loaded = load_model(path, mc.tokenizer, mc.load_format, self.dtype, self.device, config.seed)
+        loaded = load_model(path, tokenizer_path, mc.load_format, self.dtype, self.device, config.seed,
+                            mc.hf_overrides, mc.generation_config)
         self.hf_config = loaded.hf_config
         self.tokenizer = loaded.tokenizer
-        self.tokenizer_path = (mc.tokenizer or path) if self.tokenizer is not None else None
+        self.tokenizer_path = tokenizer_path if self.tokenizer is not None else None
         self.token_bytes = TokenBytes(self.tokenizer) if self.tokenizer is not None else None
         self.prompts = Prompts(self.tokenizer) if self.tokenizer is not None else None
         self.eos_token_ids = loaded.eos_token_ids
@@ -75,6 +82,11 @@ class LLMEngine:
         self.vocab_size = loaded.model.spec.vocab_size
         limit = getattr(self.hf_config, "max_position_embeddings", None) or 2048
         self.max_model_len = min(mc.max_model_len or limit, limit)
+        sc = config.scheduler
+        if not sc.enable_chunked_prefill and sc.max_num_batched_tokens < self.max_model_len:
+            raise ConfigError(f"without chunked prefill a whole prompt must fit one step: max_num_batched_tokens "
+                              f"({sc.max_num_batched_tokens}) must be >= max_model_len ({self.max_model_len})")
+        self.max_logprobs = self.vocab_size if mc.max_logprobs == -1 else mc.max_logprobs
         self.runner = ModelRunner(config, loaded, self.device, self.dtype, self.max_model_len)
         self.kv_cache = KVCacheManager(self.runner.num_blocks, config.cache.block_size,
                                        config.cache.enable_prefix_caching)
@@ -83,6 +95,8 @@ class LLMEngine:
         self.detokenizers: dict[Request, Detokenizer] = {}
         self._seeds = random.Random(config.seed)
         self.num_steps = 0
+        self.num_tokens_computed = 0  # through the model, prompt and output (throughput logs)
+        self.num_tokens_generated = 0
         self.num_overlapped_steps = 0  # launched before the previous step was read back
         self.in_flight: tuple[SchedulerOutput, StepHandle] | None = None  # launched, not yet read back
         self._stepping: SchedulerOutput | None = None  # the step being launched
@@ -176,6 +190,7 @@ class LLMEngine:
         self._stepping = sched  # what fail_step aborts if the launch raises
         handle = self.runner.launch(sched)
         self.num_steps += 1
+        self.num_tokens_computed += sched.num_tokens
         for req, num_new in sched.scheduled:
             req.num_computed_tokens += num_new
         for req in handle.samplers:
@@ -221,6 +236,7 @@ class LLMEngine:
         if req.metrics.first_token_time is None:
             req.metrics.first_token_time = now
         req.append_token(token)
+        self.num_tokens_generated += 1
         if logprobs is not None:
             req.logprobs.extend(self._decode_logprobs([logprobs]))
             req.cumulative_logprob += logprobs[token].logprob
@@ -269,6 +285,11 @@ class LLMEngine:
         bad = [t for t in token_ids if not 0 <= t < self.vocab_size]
         if bad:
             raise InvalidRequest(f"unknown token ids {bad[:5]} (vocabulary size {self.vocab_size})")
+        for name in ("logprobs", "prompt_logprobs"):
+            asked = getattr(params, name)
+            if asked is not None and asked > self.max_logprobs:
+                raise InvalidRequest(f"{name}: {asked} requested, but this engine returns at most {self.max_logprobs} "
+                                     "(max_logprobs)")
         for name, ids in (("logit_bias", params.logit_bias or {}), ("allowed_token_ids", params.allowed_token_ids or [])):
             bad = [t for t in ids if t >= self.vocab_size]
             if bad:

@@ -54,6 +54,9 @@ class Scheduler:
             req = self.waiting[0]
             cached = self.kv_cache.find_cached_blocks(req)
             num_new = min(req.num_tokens - len(cached) * self.kv_cache.block_size, budget)
+            if num_new < req.num_tokens - len(cached) * self.kv_cache.block_size and \
+                    not self.config.enable_chunked_prefill:
+                break  # the whole prompt in a later step
             if not self.kv_cache.allocate(req, num_new, cached):
                 break
             self.waiting.popleft()

@@ -24,7 +24,8 @@ class LoadedModel:
     sampling_defaults: dict  # the model's recommended sampling settings (generation_config.json)
 
 
-def load_hf_config(path: str) -> Any:
+def load_hf_config(path: str, overrides: dict | None = None) -> Any:
+    """The model's config; `overrides` (vLLM's hf_overrides) are merged into config.json first."""
     from transformers import AutoConfig
 
     if os.path.isdir(path):
@@ -34,7 +35,7 @@ def load_hf_config(path: str) -> Any:
     if not os.path.isfile(path):
         raise ConfigError(f"model {path!r} is not a local folder or config.json (lanner does not download models)")
     with open(path) as f:
-        raw = json.load(f)
+        raw = {**json.load(f), **(overrides or {})}
     try:
         return AutoConfig.for_model(raw.pop("model_type"), **raw)
     except (KeyError, ValueError) as e:
@@ -54,8 +55,14 @@ def load_tokenizer(path: str) -> Any | None:
 SAMPLING_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
 
-def generation_config(path: str) -> dict:
-    gen_path = os.path.join(path, "generation_config.json") if os.path.isdir(path) else ""
+def generation_config(path: str, source: str = "auto") -> dict:
+    """generation_config.json of the model folder ('auto'), of another folder, or none ('vllm')."""
+    if source == "vllm":
+        return {}
+    folder = path if source == "auto" else source
+    if source != "auto" and not os.path.isfile(os.path.join(folder, "generation_config.json")):
+        raise ConfigError(f"generation_config: {folder!r} has no generation_config.json")
+    gen_path = os.path.join(folder, "generation_config.json") if os.path.isdir(folder) else ""
     if not os.path.isfile(gen_path):
         return {}
     with open(gen_path) as f:
@@ -70,8 +77,9 @@ def eos_token_ids(gen_config: dict, hf_config: Any) -> set[int]:
 
 
 def load_model(path: str, tokenizer_path: str | None, load_format: str, dtype: torch.dtype,
-               device: torch.device, seed: int) -> LoadedModel:
-    hf_config = load_hf_config(path)
+               device: torch.device, seed: int, hf_overrides: dict | None = None,
+               generation_source: str = "auto") -> LoadedModel:
+    hf_config = load_hf_config(path, hf_overrides)
     architecture_of(hf_config)  # fail early, before reading weights
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -85,10 +93,11 @@ def load_model(path: str, tokenizer_path: str | None, load_format: str, dtype: t
     else:
         load_safetensors(model, path)
     model.eval()
-    gen = generation_config(path)
+    gen = generation_config(path, generation_source)
     defaults = {k: gen[k] for k in SAMPLING_DEFAULT_KEYS if gen.get(k) is not None}
-    return LoadedModel(model, hf_config, load_tokenizer(tokenizer_path or path), eos_token_ids(gen, hf_config),
-                       defaults)
+    # the model's eos tokens stay even without its sampling defaults ('vllm'): stopping is not sampling
+    eos = eos_token_ids(gen if generation_source != "vllm" else generation_config(path), hf_config)
+    return LoadedModel(model, hf_config, load_tokenizer(tokenizer_path or path), eos, defaults)
 
 
 def init_dummy_weights(model: nn.Module, seed: int) -> None:

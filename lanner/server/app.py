@@ -127,6 +127,10 @@ def build_app(engine: AsyncEngine, config: ServerConfig, metrics: ServerMetrics 
             text = await asyncio.to_thread(need_prompts().decode, token_ids)
         return PromptInfo(token_ids, text if body.echo else "")
 
+    def log_request(rid: str, prompt_lengths: list[int], params) -> None:
+        if config.enable_log_requests:  # lengths and options, never the prompt's text
+            logger.info("request %s: prompt tokens %s, %s", rid, prompt_lengths, params)
+
     def chat_options(body: ChatRequest | TokenizeRequest) -> dict:
         if (body.chat_template or (body.chat_template_kwargs or {}).get("chat_template")) and \
                 not config.trust_request_chat_template:
@@ -199,6 +203,7 @@ def build_app(engine: AsyncEngine, config: ServerConfig, metrics: ServerMetrics 
         except InvalidRequest as e:
             return error_of(e)
         rid = f"cmpl-{uuid.uuid4().hex}"
+        log_request(rid, [len(p.token_ids) for p in inputs], params)
         streams = [engine.generate(f"{rid}-{i}", p.token_ids, params) for i, p in enumerate(inputs)]
         shaper = CompletionShaper(rid, names[0], body, inputs, token_text)
         return await respond(request, body.stream, streams, shaper)
@@ -219,6 +224,7 @@ def build_app(engine: AsyncEngine, config: ServerConfig, metrics: ServerMetrics 
         last = conversation[-1]
         echo = (message_for_template(last).get("content") or "") if body.echo and last["role"] == "assistant" else ""
         rid = f"chatcmpl-{uuid.uuid4().hex}"
+        log_request(rid, [len(token_ids)], params)
         shaper = ChatShaper(rid, names[0], body, [PromptInfo(token_ids, echo)], token_text)
         return await respond(request, body.stream, [engine.generate(rid, token_ids, params)], shaper)
 

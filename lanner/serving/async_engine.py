@@ -72,6 +72,7 @@ class Sink(Protocol):
 
 class EngineLoop:
     STATS_EVERY_S = 0.25  # stats walk the KV free list: sample them, not every step
+    LOG_EVERY_S = 10.0
 
     def __init__(self, engine: LLMEngine, sink: Sink, max_waiting_requests: int | None = None,
                  max_step_failures: int = 3):
@@ -85,6 +86,7 @@ class EngineLoop:
         self._closed = False  # set (under _lock) when the loop takes no more commands
         self._lock = threading.Lock()
         self._last_stats = 0.0
+        self._last_log = (time.monotonic(), 0, 0)  # time, tokens computed, tokens generated
 
     def info(self) -> EngineInfo:
         e = self.engine
@@ -160,7 +162,22 @@ class EngineLoop:
                     return
                 continue
             self._dispatch(outputs)
+            self._log_stats()
         self._die(None)
+
+    def _log_stats(self) -> None:
+        """Throughput and queues every LOG_EVERY_S while busy, as vLLM logs them (--disable-log-stats)."""
+        e = self.engine
+        now = time.monotonic()
+        then, computed, generated = self._last_log
+        if e.config.disable_log_stats or now - then < self.LOG_EVERY_S:
+            return
+        self._last_log = (now, e.num_tokens_computed, e.num_tokens_generated)
+        stats = engine_stats(e)
+        logger.info("engine: %.1f tokens/s through the model, %.1f generated tokens/s; %d running, %d waiting; "
+                    "KV cache %.1f%% used, prefix cache hit rate %.1f%%", (e.num_tokens_computed - computed) / (now - then),
+                    (e.num_tokens_generated - generated) / (now - then), stats.running, stats.waiting,
+                    100 * stats.kv_usage, 100 * stats.prefix_hit_rate)
 
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
         items = []
