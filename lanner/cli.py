@@ -100,7 +100,7 @@ def serve_configs(args: argparse.Namespace) -> tuple[ServerConfig, EngineConfig]
 
 def uvicorn_options(config: ServerConfig) -> dict:
     return {"host": config.host, "port": config.port, "log_level": "info", "timeout_graceful_shutdown": 30,
-            "ssl_keyfile": config.ssl_keyfile, "ssl_certfile": config.ssl_certfile}
+            "ssl_keyfile": config.ssl_keyfile, "ssl_certfile": config.ssl_certfile, "root_path": config.root_path or ""}
 
 
 def cmd_serve(args: argparse.Namespace) -> None:

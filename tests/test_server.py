@@ -59,10 +59,11 @@ def wait_idle(engine: AsyncEngine, timeout: float = 20.0) -> None:
         time.sleep(0.05)
 
 
-def serve_in_thread(app):
+def serve_in_thread(app, **uvicorn_options):
     """uvicorn on a free port in a thread; yields the base URL."""
     port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    srv = uvicorn.Server(uvicorn.Config(app, **{**uvicorn_options, "host": "127.0.0.1", "port": port,
+                                                "log_level": "warning"}))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 60

@@ -38,8 +38,11 @@ def load_hf_config(path: str, overrides: dict | None = None) -> Any:
         raw = {**json.load(f), **(overrides or {})}
     try:
         return AutoConfig.for_model(raw.pop("model_type"), **raw)
-    except (KeyError, ValueError) as e:
-        raise UnsupportedModel(f"{path}: transformers cannot read this config ({e})") from e
+    except KeyError as e:
+        raise UnsupportedModel(f"{path}: the config has no model_type") from e
+    except Exception as e:  # transformers' validators raise several kinds (ValueError, StrictDataclassError, ...)
+        where = f" with hf_overrides {overrides}" if overrides else ""
+        raise UnsupportedModel(f"{path}{where}: transformers cannot read this config ({e})") from e
 
 
 def load_tokenizer(path: str) -> Any | None:

@@ -70,9 +70,10 @@ def build_app(engine: AsyncEngine, config: ServerConfig, metrics: ServerMetrics 
         yield
         engine.shutdown()
 
-    app = FastAPI(title="lanner", version=lanner.__version__, lifespan=lifespan, root_path=config.root_path or "")
+    app = FastAPI(title="lanner", version=lanner.__version__, lifespan=lifespan)
     app.state.engine = engine
     app.state.metrics = metrics
+    app.state.config = config
 
     app.add_middleware(AuthAndCount, api_key=config.api_key, metrics=metrics)
 
@@ -146,7 +147,8 @@ def build_app(engine: AsyncEngine, config: ServerConfig, metrics: ServerMetrics 
             return error_response(503, f"the engine is not running: {engine.dead}", "service_unavailable")
         return {"status": "ok"}
 
-    @app.api_route("/ping", methods=["GET", "POST"])
+    @app.get("/ping")
+    @app.post("/ping")
     async def ping():
         return await health()
 
@@ -248,7 +250,9 @@ class AuthAndCount:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        path = scope["path"]
+        path, root = scope["path"], scope.get("root_path", "")
+        if root and path.startswith(root):  # behind --root-path the path includes the prefix
+            path = path[len(root):]
         status = {"code": 500}
 
         async def send_counting(message) -> None:
