@@ -14,7 +14,8 @@ from lanner.engine.engine import LLMEngine  # noqa: E402
 from lanner.server.app import build_app  # noqa: E402
 from lanner.serving.async_engine import AsyncEngine  # noqa: E402
 
-ARGS = {"dtype": "float32", "gpu_memory_utilization": 0.3}
+# a fixed KV cache: two engines live at once here, and each would size its cache to the same budget
+ARGS = {"dtype": "float32", "num_kv_blocks": 2048}
 
 
 def serve_in_thread(app):
