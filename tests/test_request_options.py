@@ -9,7 +9,7 @@ import openai
 import pytest
 
 from lanner import SamplingParams
-from test_server import ENGINE_ARGS, MODEL, make_app, serve_in_thread, wait_idle
+from test_server import ENGINE_ARGS, MODEL, client, make_app, offline, serve_in_thread, server, wait_idle  # noqa: F401 (fixtures)
 
 TOOL_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}{% if m.tool_call_id %} [{{ m.tool_call_id }}]{% endif %}\n"
@@ -18,25 +18,6 @@ TOOL_TEMPLATE = (
     "{% if tools %}TOOLS {{ tools | map(attribute='function.name') | join(',') }}\n{% endif %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 GREEDY = {"temperature": 0, "max_tokens": 10}
-
-
-@pytest.fixture(scope="module")
-def server():
-    app, engine = make_app()
-    for base in serve_in_thread(app):
-        yield base, engine
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server[0] + "/v1", api_key="unused", max_retries=0)
-
-
-@pytest.fixture(scope="module")
-def offline():
-    from lanner import LLM
-
-    return LLM(**ENGINE_ARGS)
 
 
 def post(server, path: str, body: dict) -> httpx.Response:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from lanner.core.request import SamplingParams
 from lanner.errors import InvalidRequest
@@ -36,7 +36,11 @@ class StreamOptions(BaseModel):
     continuous_usage_stats: bool = False  # usage (so far) in every chunk
 
 
-class SamplingFields(BaseModel):
+# declared, so that check() can refuse them by name rather than as unknown fields
+UnsupportedFields = create_model("UnsupportedFields", **{name: (Any, None) for name in NOT_SUPPORTED_YET})
+
+
+class SamplingFields(UnsupportedFields):
     model_config = ConfigDict(extra="forbid")
 
     model: str | None = None
@@ -66,20 +70,6 @@ class SamplingFields(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None  # OpenAI's end-user id, for the caller's own tracking: nothing to apply
-    # refused by check(): see NOT_SUPPORTED_YET
-    response_format: Any = None
-    guided_json: Any = None
-    guided_regex: Any = None
-    guided_choice: Any = None
-    guided_grammar: Any = None
-    guided_decoding_backend: Any = None
-    guided_whitespace_pattern: Any = None
-    structured_outputs: Any = None
-    tools: Any = None
-    tool_choice: Any = None
-    functions: Any = None
-    function_call: Any = None
-    parallel_tool_calls: Any = None
 
     def check(self) -> None:
         for name, feature in NOT_SUPPORTED_YET.items():
