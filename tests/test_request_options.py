@@ -1,5 +1,6 @@
 """Every request option the server accepts is applied or refused with a 400 that names it
 (as a vLLM user would send them, through the real `openai` client where it can send them)."""
+# ruff: noqa: F811 (pytest fixtures imported from test_server are parameters here)
 from __future__ import annotations
 
 import json
