@@ -70,6 +70,8 @@ class CacheConfig:
     num_kv_blocks: int | None = _opt(None, "fix the number of KV blocks instead of sizing from memory")
     kv_cache_memory_gib: float = _opt(1.0, "KV cache size on the CPU, in GiB")
     gpu_memory_utilization: float = _opt(0.9, "fraction of GPU memory lanner may use")
+    swap_space: float = _opt(0, "GiB of CPU swap for preempted requests: lanner preempts by recompute and never "
+                                "swaps, so only 0 is accepted")
     kv_cache_dtype: str = _opt("auto", "KV cache element type: 'auto' (the model's dtype); no other is "
                                        "supported yet")
 
@@ -79,6 +81,8 @@ class CacheConfig:
         _check(self.num_kv_blocks is None or self.num_kv_blocks > 0, "num_kv_blocks must be positive")
         _check(self.kv_cache_memory_gib > 0, "kv_cache_memory_gib must be positive")
         _check(0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization must be in (0, 1]")
+        _check(self.swap_space == 0, f"swap_space {self.swap_space} is not supported: lanner preempts by recompute "
+                                     "and never swaps KV blocks to the CPU; leave swap_space out (or 0)")
         _check(self.kv_cache_dtype == "auto", f"kv_cache_dtype {self.kv_cache_dtype!r} is not supported yet: the KV "
                                               "cache uses the model's dtype ('auto')")
 
