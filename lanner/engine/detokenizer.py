@@ -62,7 +62,7 @@ def visible_text(req: Request) -> str:
     if req.finished or not req.params.stop:
         return req.output_text
     hold = max(len(s) for s in req.params.stop) - 1
-    return req.output_text[:len(req.output_text) - hold] if hold else req.output_text
+    return req.output_text[:max(len(req.output_text) - hold, 0)]
 
 
 def _byte_level_alphabet() -> dict[str, int]:
