@@ -259,6 +259,7 @@ class ServerConfig:
     ssl_certfile: str | None = None
     enable_log_requests: bool = False
     disable_log_requests: bool = False
+    max_request_body_mb: float = 32.0
 
     HELP = {
         "host": "address to listen on",
@@ -277,6 +278,7 @@ class ServerConfig:
         "ssl_certfile": "serve HTTPS with this certificate file (with --ssl-keyfile)",
         "enable_log_requests": "log one line per generation request (id, prompt tokens, sampling options)",
         "disable_log_requests": "do not log requests (the default; vLLM's older flag)",
+        "max_request_body_mb": "larger request bodies are refused with 413 before they are parsed",
     }
 
     def __post_init__(self) -> None:

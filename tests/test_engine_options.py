@@ -224,7 +224,8 @@ def test_root_path_and_request_logs(caplog):
         # the proxy strips /proxy; the app knows it is mounted there, and the API key still applies
         assert httpx.get(base + "/v1/models").status_code == 401
         assert httpx.get(base + "/v1/models", headers=key).status_code == 200
-        assert httpx.get(base + "/openapi.json").json()["servers"] == [{"url": "/proxy"}]
+        assert httpx.get(base + "/openapi.json", headers=key).json()["servers"] == [{"url": "/proxy"}]
+        assert httpx.get(base + "/docs").status_code == 401  # the API description follows the key
         with caplog.at_level(logging.INFO, logger="lanner.server.app"):
             r = httpx.post(base + "/v1/completions", json={"prompt": "secret words", "max_tokens": 2}, headers=key)
         assert r.status_code == 200

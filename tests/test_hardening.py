@@ -29,3 +29,77 @@ def test_streamed_text_equals_the_whole_text_for_any_stop_strings(client, path):
             parts = [c.choices[0].delta.content or "" for c in chunks]
             assert [c.choices[0].delta.role for c in chunks].count("assistant") == 1
         assert "".join(parts) == whole, (stop, parts)
+
+
+def deep(levels: int) -> dict:
+    value: dict = {"a": 1}
+    for _ in range(levels):
+        value = {"a": value}
+    return value
+
+
+@pytest.mark.parametrize("path,body,param", [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "chat_template_kwargs": deep(500)},
+     "chat_template_kwargs"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x", "extra": deep(40)}]}, "messages"),
+    ("/tokenize", {"messages": [{"role": "user", "content": "x"}], "chat_template_kwargs": deep(40)},
+     "chat_template_kwargs"),
+    ("/v1/completions", {"prompt": [True, False]}, "prompt"),
+    ("/v1/completions", {"prompt": "x", "temperature": True}, "temperature"),
+    ("/v1/completions", {"prompt": "x", "temperature": "0.5"}, "temperature"),
+    ("/v1/completions", {"prompt": "x", "n": 1.5}, "n"),
+    ("/v1/completions", {"prompt": "x", "stream_options": {"include_usage": 1}, "stream": True}, "stream_options"),
+])
+def test_nested_and_mistyped_fields_are_400s_naming_them(server, path, body, param):
+    r = httpx.post(server[0] + path, json={"model": MODEL, "max_tokens": 2, **body} if path != "/tokenize"
+                   else body, timeout=30)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param and r.json()["error"]["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("method,path,content,status", [
+    ("POST", "/v1/completions", b'{"prompt": "\xff\xfe"}', 400),  # not UTF-8
+    ("POST", "/v1/completions", b"[" * 100_000 + b"]" * 100_000, 400),  # deeper than the JSON parser goes
+    ("POST", "/v1/completions", b'{"prompt": "x", "max_tokens": 1' + b"0" * 5000 + b"}", 400),  # a huge int
+    ("POST", "/v1/completions", b"{not json", 400),
+    ("GET", "/nowhere", None, 404),
+    ("GET", "/v1/completions", None, 405),
+])
+def test_every_error_body_has_openais_shape(server, method, path, content, status):
+    r = httpx.request(method, server[0] + path, content=content, headers={"content-type": "application/json"})
+    assert r.status_code == status
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["param"] is None
+    assert "detail" not in r.json()
+
+
+def test_bodies_over_the_limit_are_413_before_parsing():
+    from test_server import make_app, serve_in_thread
+
+    app, engine = make_app(max_request_body_mb=0.01)
+    for base in serve_in_thread(app):
+        big = {"model": MODEL, "prompt": "x" * 20_000, "max_tokens": 2}
+        r = httpx.post(base + "/v1/completions", json=big)
+        assert r.status_code == 413 and "max-request-body-mb" in r.json()["error"]["message"]
+
+        def chunks():  # no content-length: the limit still holds
+            yield b'{"model": "lanner-tiny", "prompt": "'
+            for _ in range(100):
+                yield b"x" * 1000
+            yield b'"}'
+
+        r = httpx.post(base + "/v1/completions", content=chunks(), headers={"content-type": "application/json"})
+        assert r.status_code == 413
+        ok = httpx.post(base + "/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2})
+        assert ok.status_code == 200
+
+
+def test_the_api_description_follows_the_api_key():
+    from test_server import make_app, serve_in_thread
+
+    app, _ = make_app(api_key="k")
+    for base in serve_in_thread(app):
+        for path in ("/docs", "/redoc", "/openapi.json"):
+            assert httpx.get(base + path).status_code == 401
+            assert httpx.get(base + path, headers={"Authorization": "Bearer k"}).status_code == 200
+        assert httpx.get(base + "/health").status_code == 200

@@ -23,6 +23,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import lanner
 from lanner.config import ServerConfig
@@ -75,20 +76,31 @@ def build_app(engine: AsyncEngine, config: ServerConfig, metrics: ServerMetrics 
     app.state.metrics = metrics
     app.state.config = config
 
-    app.add_middleware(AuthAndCount, api_key=config.api_key, metrics=metrics)
+    app.add_middleware(AuthAndCount, api_key=config.api_key, metrics=metrics,
+                       max_body_bytes=int(config.max_request_body_mb * (1 << 20)))
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception):  # nothing a client sends may take the server down
         return error_of(exc)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):  # 404, 405, bodies that do not parse
+        message = {400: "the body is not valid JSON (or not UTF-8, or nested too deeply)"}.get(exc.status_code,
+                                                                                               str(exc.detail))
+        return error_response(exc.status_code, message, "invalid_request_error")
+
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {}
-        where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
+        if first.get("type") == "json_invalid":
+            return error_response(400, f"the body is not valid JSON: {first.get('ctx', {}).get('error', '')}",
+                                  "invalid_request_error")
+        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
         message = first.get("msg", "invalid request")
         if first.get("type") == "extra_forbidden":
             message = "unknown field: lanner refuses fields it would not apply"
-        return error_response(400, f"{where or 'body'}: {message}", "invalid_request_error", param=where or None)
+        return error_response(400, f"{'.'.join(loc) or 'body'}: {message}", "invalid_request_error",
+                              param=loc[0] if loc else None)  # the request's field, not a union branch
 
     def check_model(name: str | None) -> None:
         if name is not None and name not in names:
@@ -237,15 +249,17 @@ CLIENT_CLOSED = 499  # nginx's "client closed request": counted, not logged as a
 
 KNOWN_PATHS = {"/health", "/ping", "/version", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions",
                "/tokenize", "/detokenize"}
-PROTECTED = ("/v1/", "/tokenize", "/detokenize")  # what needs the API key: all that costs compute
+# what needs the API key: all that costs compute, and the API's description
+PROTECTED = ("/v1/", "/tokenize", "/detokenize", "/docs", "/redoc", "/openapi.json")
 
 
 class AuthAndCount:
-    """ASGI middleware: the API key check on /v1/*, and request counts by endpoint and status.
-    (Plain ASGI rather than @app.middleware, which hides client disconnects from handlers.)"""
+    """ASGI middleware: the API key check, the request body's size limit (read here, before any
+    handler, so an oversized body costs at most the limit), and request counts by endpoint and
+    status. (Plain ASGI rather than @app.middleware, which hides client disconnects from handlers.)"""
 
-    def __init__(self, app, api_key: str | None, metrics: ServerMetrics) -> None:
-        self.app, self.api_key, self.metrics = app, api_key, metrics
+    def __init__(self, app, api_key: str | None, metrics: ServerMetrics, max_body_bytes: int) -> None:
+        self.app, self.api_key, self.metrics, self.max_body_bytes = app, api_key, metrics, max_body_bytes
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -266,11 +280,47 @@ class AuthAndCount:
                     headers.get(b"authorization") != f"Bearer {self.api_key}".encode():
                 response = error_response(401, "a valid API key is required (Authorization: Bearer ...)",
                                           "authentication_error", "invalid_api_key")
-                await response(scope, receive, send_counting)
-            else:
-                await self.app(scope, receive, send_counting)
+                return await response(scope, receive, send_counting)
+            if scope["method"] in ("POST", "PUT", "PATCH"):
+                body = await self._read_body(receive)
+                if body is None:  # the client left while sending
+                    status["code"] = CLIENT_CLOSED
+                    return
+                if len(body) > self.max_body_bytes:
+                    response = error_response(413, f"the request body is over {self.max_body_bytes} bytes "
+                                                   "(--max-request-body-mb)", "invalid_request_error")
+                    return await response(scope, receive, send_counting)
+                receive = _replay(body, receive)
+            await self.app(scope, receive, send_counting)
         finally:
             self.metrics.http_requests.labels(path if path in KNOWN_PATHS else "other", str(status["code"])).inc()
+
+    async def _read_body(self, receive) -> bytes | None:
+        """The whole body, or the first bytes past the limit (then the rest is never read)."""
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > self.max_body_bytes or not message.get("more_body"):
+                return b"".join(chunks)
+
+
+def _replay(body: bytes, receive):
+    """A receive() that hands the body read already to the app, then waits on the client."""
+    sent = False
+
+    async def replay():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()  # the disconnect, which handlers wait for
+
+    return replay
 
 
 async def respond(request: Request, stream: bool, generators: list[AsyncIterator[RequestOutput]], shaper) -> Response:

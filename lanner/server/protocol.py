@@ -29,8 +29,26 @@ def refuse(field: str, why: str) -> InvalidRequest:
     return error
 
 
+MAX_NESTING = 16  # of free-form fields (chat_template_kwargs, message extras): deeper is a 400, not a crash
+
+
+def check_nesting(field: str, value: Any, depth: int = 0) -> None:
+    if depth > MAX_NESTING:
+        raise refuse(field, f"nested more than {MAX_NESTING} levels deep")
+    if isinstance(value, dict):
+        for item in value.values():
+            check_nesting(field, item, depth + 1)
+    elif isinstance(value, list):
+        for item in value:
+            check_nesting(field, item, depth + 1)
+
+
+# strict: JSON true is not the number 1, "0.5" is not a float, [true] is not a list of token ids
+STRICT = ConfigDict(extra="forbid", strict=True)
+
+
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
     include_usage: bool = False
     continuous_usage_stats: bool = False  # usage (so far) in every chunk
@@ -41,7 +59,7 @@ UnsupportedFields = create_model("UnsupportedFields", **{name: (Any, None) for n
 
 
 class SamplingFields(UnsupportedFields):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
     model: str | None = None
     temperature: float | None = None
@@ -155,7 +173,7 @@ class CompletionRequest(SamplingFields):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")  # passed to the chat template as they are
+    model_config = ConfigDict(extra="allow", strict=True)  # extra fields reach the chat template as they are
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[dict[str, Any]] | None = None
@@ -190,6 +208,8 @@ class ChatRequest(SamplingFields):
         super().check()
         if self.top_logprobs is not None and not self.logprobs:
             raise refuse("top_logprobs", "needs logprobs: true")
+        check_nesting("chat_template_kwargs", self.chat_template_kwargs)
+        check_nesting("messages", self.conversation())
 
     def conversation(self) -> list[dict]:
         return conversation_of(self.messages)
@@ -206,7 +226,7 @@ class ChatRequest(SamplingFields):
 
 class TokenizeRequest(BaseModel):
     """vLLM's /tokenize: a prompt, or chat messages rendered with the template."""
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
     model: str | None = None
     prompt: str | None = None
@@ -221,10 +241,12 @@ class TokenizeRequest(BaseModel):
     def check(self) -> None:
         if (self.prompt is None) == (self.messages is None):
             raise refuse("prompt", "give either prompt or messages")
+        check_nesting("chat_template_kwargs", self.chat_template_kwargs)
+        check_nesting("messages", conversation_of(self.messages or []))
 
 
 class DetokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
     model: str | None = None
     tokens: list[int]
