@@ -103,3 +103,51 @@ def test_the_api_description_follows_the_api_key():
             assert httpx.get(base + path).status_code == 401
             assert httpx.get(base + path, headers={"Authorization": "Bearer k"}).status_code == 200
         assert httpx.get(base + "/health").status_code == 200
+
+
+# ---- the offline API ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"temperature": "0.5"}, {"stop": 5}, {"max_tokens": "3"}, {"top_k": 2.0}, {"seed": True}, {"n": True},
+    {"stop_token_ids": 5}, {"ignore_eos": "yes"}, {"top_p": None}])
+def test_wrong_types_are_invalid_requests(kwargs):
+    from lanner import SamplingParams
+    from lanner.errors import InvalidRequest
+
+    with pytest.raises(InvalidRequest, match=next(iter(kwargs))):
+        SamplingParams(**kwargs)
+
+
+def test_generate_refuses_what_it_cannot_run(offline):
+    from lanner.errors import InvalidRequest
+
+    with pytest.raises(InvalidRequest, match="prompts must be"):
+        offline.generate(None)
+    with pytest.raises(InvalidRequest, match="SamplingParams"):
+        offline.generate("x", {"temperature": 0})
+    assert not offline.engine.has_unfinished_requests()
+
+
+def test_an_interrupted_generate_leaves_nothing_running(offline):
+    from lanner import SamplingParams
+
+    engine = offline.engine
+    step, calls = engine.step, []
+
+    def interrupted():
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return step()
+
+    engine.step = interrupted
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            offline.generate(["a", "b", "c"], SamplingParams(max_tokens=50, ignore_eos=True), use_tqdm=False)
+    finally:
+        engine.step = step
+    assert not engine.has_unfinished_requests() and not engine.groups
+    assert engine.kv_cache.stats().used_blocks == 0
+    out = offline.generate(["d"], SamplingParams(max_tokens=3, ignore_eos=True), use_tqdm=False)
+    assert len(out) == 1 and len(out[0].outputs[0].token_ids) == 3

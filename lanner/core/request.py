@@ -69,6 +69,7 @@ class SamplingParams:
     }
 
     def __post_init__(self) -> None:
+        self._check_types()
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
@@ -76,6 +77,28 @@ class SamplingParams:
         if self.top_k == -1:
             self.top_k = 0
         self._validate()
+
+    def _check_types(self) -> None:
+        """Wrong types are InvalidRequest naming the field, not a TypeError from deep inside
+        (True is not a number here, "0.5" is not a float)."""
+        def number(v, whole: bool) -> bool:
+            return not isinstance(v, bool) and isinstance(v, int if whole else (int, float))
+
+        for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
+            if not number(getattr(self, name), whole=False):
+                raise InvalidRequest(f"{name} must be a number, got {getattr(self, name)!r}")
+        for name in ("n", "top_k", "min_tokens", "seed", "max_tokens", "logprobs", "prompt_logprobs",
+                     "truncate_prompt_tokens"):
+            value = getattr(self, name)
+            if not (number(value, whole=True) or (value is None and name not in ("n", "top_k", "min_tokens"))):
+                raise InvalidRequest(f"{name} must be an integer, got {value!r}")
+        for name in ("include_stop_str_in_output", "ignore_eos", "skip_special_tokens"):
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidRequest(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if not (self.stop is None or isinstance(self.stop, str) or isinstance(self.stop, (list, tuple))):
+            raise InvalidRequest(f"stop must be a string or a list of strings, got {self.stop!r}")
+        if not (self.stop_token_ids is None or isinstance(self.stop_token_ids, (list, tuple))):
+            raise InvalidRequest(f"stop_token_ids must be a list of token ids, got {self.stop_token_ids!r}")
 
     def _validate(self) -> None:
         def need(cond: bool, msg: str) -> None:

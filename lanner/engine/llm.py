@@ -38,10 +38,15 @@ class LLM:
         if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts
                                                  and isinstance(prompts[0], int)):
             prompts = [prompts]
+        if not isinstance(prompts, (list, tuple)):
+            raise InvalidRequest(f"prompts must be a string, token ids, a prompt dict or a list of them, "
+                                 f"got {type(prompts).__name__}")
         params = sampling_params if sampling_params is not None else self.engine.default_sampling_params()
         params = params if isinstance(params, list) else [params] * len(prompts)
         if len(params) != len(prompts):
             raise InvalidRequest(f"{len(prompts)} prompts but {len(params)} sampling params")
+        if not all(isinstance(p, SamplingParams) for p in params):
+            raise InvalidRequest("sampling_params must be SamplingParams (from a dict: SamplingParams(**d))")
         return self._run(list(zip(prompts, params)), use_tqdm)
 
     def chat(self, messages: list[dict] | list[list[dict]],
@@ -74,10 +79,16 @@ class LLM:
                 engine.abort_request(request_id)
             raise
         done: dict[str, RequestOutput] = {}
-        with tqdm(total=len(ids), desc="generate", disable=not use_tqdm or len(ids) < 2, unit="req") as bar:
-            while engine.has_unfinished_requests():
-                for out in engine.step():
-                    if out.finished:
-                        done[out.request_id] = out
-                        bar.update(1)
+        try:
+            with tqdm(total=len(ids), desc="generate", disable=not use_tqdm or len(ids) < 2, unit="req") as bar:
+                while engine.has_unfinished_requests():
+                    for out in engine.step():
+                        if out.finished:
+                            done[out.request_id] = out
+                            bar.update(1)
+        except BaseException:  # Ctrl-C, or an error in a step: this call's requests must not run on in the next
+            engine.fail_step()
+            for request_id in ids:
+                engine.abort_request(request_id)
+            raise
         return [done[i] for i in ids]
