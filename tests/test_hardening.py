@@ -151,3 +151,75 @@ def test_an_interrupted_generate_leaves_nothing_running(offline):
     assert engine.kv_cache.stats().used_blocks == 0
     out = offline.generate(["d"], SamplingParams(max_tokens=3, ignore_eos=True), use_tqdm=False)
     assert len(out) == 1 and len(out[0].outputs[0].token_ids) == 3
+
+
+# ---- metrics and queue limits ------------------------------------------------------------------
+
+
+def observed_app(**server_kwargs):
+    from lanner.config import EngineConfig, ServerConfig
+    from lanner.engine.engine import LLMEngine
+    from lanner.server.app import build_app
+    from lanner.server.metrics import ServerMetrics
+    from lanner.serving.async_engine import AsyncEngine
+    from test_server import ENGINE_ARGS
+
+    metrics = ServerMetrics()
+    engine = AsyncEngine(LLMEngine(EngineConfig.from_kwargs(**ENGINE_ARGS)),
+                         server_kwargs.get("max_waiting_requests"), observer=metrics)
+    return build_app(engine, ServerConfig(served_model_name=[MODEL], **server_kwargs), metrics), engine
+
+
+def metric(base: str, name: str) -> float:
+    text = httpx.get(base + "/metrics").text
+    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + " ")
+              or line.startswith(name + "{")]
+    return sum(values) if values else 0.0
+
+
+def wait_for(condition, timeout: float = 20.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_gauges_and_abort_counts_after_a_disconnect_and_after_death():
+    from test_server import serve_in_thread
+
+    import time
+
+    app, engine = observed_app()
+    runner = engine.transport.engine.runner
+    launch = runner.launch
+    runner.launch = lambda sched: (time.sleep(0.02), launch(sched))[1]  # slow enough to disconnect mid-way
+    for base in serve_in_thread(app):
+        with httpx.Client(timeout=60) as c:
+            with c.stream("POST", base + "/v1/completions", json={"model": MODEL, "prompt": "class A:",
+                                                                  "stream": True, "max_tokens": 400,
+                                                                  "ignore_eos": True}) as r:
+                next(line for line in r.iter_lines() if line.startswith("data: "))
+                wait_for(lambda: metric(base, "lanner_num_requests_running") == 1)
+        # the only stream left: nothing runs, no block is used, and the abort is counted
+        wait_for(lambda: metric(base, "lanner_num_requests_running") == 0)
+        assert metric(base, "lanner_kv_cache_usage") == 0
+        assert metric(base, 'lanner_requests_finished_total{reason="abort"}') == 1
+        runner = engine.transport.engine.runner
+        runner.launch = lambda sched: (_ for _ in ()).throw(RuntimeError("injected"))
+        for _ in range(3):
+            httpx.post(base + "/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2}, timeout=30)
+        wait_for(lambda: httpx.get(base + "/health").status_code == 503)
+        assert metric(base, "lanner_num_requests_running") == 0 and metric(base, "lanner_kv_cache_usage") == 0
+
+
+def test_max_waiting_requests_counts_sequences_not_requests():
+    from fastapi.testclient import TestClient
+
+    app, _ = observed_app(max_waiting_requests=4)
+    with TestClient(app) as c:
+        r = c.post("/v1/completions", json={"model": MODEL, "prompt": "x", "n": 5, "max_tokens": 2})
+        assert r.status_code == 400 and "--max-waiting-requests" in r.json()["error"]["message"]
+        assert c.post("/v1/completions", json={"model": MODEL, "prompt": "x", "n": 4, "max_tokens": 2}).status_code \
+            == 200

@@ -41,6 +41,12 @@ class ServerMetrics:
         self.prefix_hit_rate.set(stats.prefix_hit_rate)
         self.preemptions.set(stats.preemptions)
 
+    def record_dead(self, message: str) -> None:
+        """The engine stopped: every request was failed, no blocks are in use."""
+        self.running.set(0)
+        self.waiting.set(0)
+        self.kv_usage.set(0)
+
     def record_finished(self, out: RequestOutput) -> None:
         for choice in out.outputs:
             self.finished.labels(choice.finish_reason or "unknown").inc()

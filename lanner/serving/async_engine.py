@@ -86,6 +86,7 @@ class EngineLoop:
         self._closed = False  # set (under _lock) when the loop takes no more commands
         self._lock = threading.Lock()
         self._last_stats = 0.0
+        self._aborted: list[tuple[str, RequestOutput]] = []
         self._last_log = (time.monotonic(), 0, 0)  # time, tokens computed, tokens generated
 
     def info(self) -> EngineInfo:
@@ -112,16 +113,21 @@ class EngineLoop:
     def add(self, request_id: str, prompt: PromptType, params: SamplingParams) -> None:
         if self.dead is not None or self.stopping:
             raise self.not_running()
-        waiting = len(self.engine.scheduler.waiting)
-        if self.max_waiting_requests is not None and waiting >= self.max_waiting_requests:
-            raise ServerOverloaded(f"{waiting} requests are already waiting (--max-waiting-requests "
-                                   f"{self.max_waiting_requests}); retry later")
+        waiting, limit = len(self.engine.scheduler.waiting), self.max_waiting_requests
+        if limit is not None and params.n > limit:  # sequences count, not requests: n samples are n of them
+            raise InvalidRequest(f"n={params.n} is more sequences than may wait at once (--max-waiting-requests "
+                                 f"{limit})")
+        if limit is not None and waiting + params.n > limit:
+            raise ServerOverloaded(f"{waiting} sequences are already waiting (--max-waiting-requests {limit}); "
+                                   "retry later")
         self.engine.add_request(request_id, prompt, params)
         self.live.add(request_id)
 
     def abort(self, request_id: str) -> None:
         self.live.discard(request_id)
-        self.engine.abort_request(request_id)
+        out = self.engine.abort_request(request_id)
+        if out is not None:  # reported after the commands (metrics count it; nobody reads its stream)
+            self._aborted.append((request_id, out))
 
     def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         if self.dead is not None or self.stopping:
@@ -148,6 +154,9 @@ class EngineLoop:
             while command is not None:
                 command()
                 command = self._commands.get_nowait() if not self._commands.empty() else None
+            if self._aborted:  # with fresh stats: an abort may leave the engine idle, with no step to report it
+                aborted, self._aborted = self._aborted, []
+                self.sink.outputs(aborted, engine_stats(self.engine))
             if not self.engine.has_unfinished_requests():
                 continue
             try:
@@ -360,6 +369,7 @@ class AsyncEngine:
     def died(self, message: str, error: str | None) -> None:
         if error is not None:
             self.dead = error
+        self._observe("record_dead", message)  # nothing runs or waits any more
         self._deliver([(request_id, EngineDead(message)) for request_id in list(self._streams)])
 
     def _deliver(self, items: list[tuple[str, RequestOutput | BaseException]]) -> None:
