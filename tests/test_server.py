@@ -210,15 +210,30 @@ def test_malformed_json_and_bad_chat(server):
 
 
 def test_api_key_and_full_queue():
-    app, _ = make_app(api_key="sekret", max_waiting_requests=0)
+    app, _ = make_app(api_key="sekret")
     with TestClient(app) as c:
         body = {"model": MODEL, "prompt": "x", "max_tokens": 2}
         for headers in ({}, {"Authorization": "Bearer wrong"}):
             r = c.post("/v1/completions", json=body, headers=headers)
             assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
         assert c.get("/health").status_code == 200  # health needs no key
-        r = c.post("/v1/completions", json=body, headers={"Authorization": "Bearer sekret"})
+    engine = AsyncEngine(LLMEngine(EngineConfig.from_kwargs(**{**ENGINE_ARGS, "max_num_seqs": 1})),
+                         max_waiting_requests=1)
+    runner = engine.transport.engine.runner
+    launch = runner.launch
+    runner.launch = lambda sched: (time.sleep(0.01), launch(sched))[1]
+    app = build_app(engine, ServerConfig(served_model_name=[MODEL]))
+    for base in serve_in_thread(app):
+        long = {"model": MODEL, "prompt": "x", "max_tokens": 200, "ignore_eos": True}
+        threads = [threading.Thread(target=httpx.post, args=(base + "/v1/completions",),
+                                    kwargs={"json": long, "timeout": 60}) for _ in range(2)]
+        for t in threads:  # one runs (max_num_seqs 1), one waits
+            t.start()
+            time.sleep(0.3)
+        r = httpx.post(base + "/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2})
         assert r.status_code == 429 and "waiting" in r.json()["error"]["message"]
+        for t in threads:
+            t.join()
 
 
 def test_step_failures_fail_their_requests_and_kill_after_repeats():
