@@ -260,6 +260,7 @@ class ServerConfig:
     enable_log_requests: bool = False
     disable_log_requests: bool = False
     max_request_body_mb: float = 32.0
+    stream_stall_timeout_s: float = 60.0
 
     HELP = {
         "host": "address to listen on",
@@ -279,6 +280,7 @@ class ServerConfig:
         "enable_log_requests": "log one line per generation request (id, prompt tokens, sampling options)",
         "disable_log_requests": "do not log requests (the default; vLLM's older flag)",
         "max_request_body_mb": "larger request bodies are refused with 413 before they are parsed",
+        "stream_stall_timeout_s": "abort a stream whose client reads nothing for this long while output waits",
     }
 
     def __post_init__(self) -> None:

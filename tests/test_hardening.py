@@ -200,7 +200,8 @@ def test_gauges_and_abort_counts_after_a_disconnect_and_after_death():
             with c.stream("POST", base + "/v1/completions", json={"model": MODEL, "prompt": "class A:",
                                                                   "stream": True, "max_tokens": 400,
                                                                   "ignore_eos": True}) as r:
-                next(line for line in r.iter_lines() if line.startswith("data: "))
+                lines = r.iter_lines()  # kept: a closed iterator would close the stream
+                next(line for line in lines if line.startswith("data: "))
                 wait_for(lambda: metric(base, "lanner_num_requests_running") == 1)
         # the only stream left: nothing runs, no block is used, and the abort is counted
         wait_for(lambda: metric(base, "lanner_num_requests_running") == 0)
@@ -223,3 +224,42 @@ def test_max_waiting_requests_counts_sequences_not_requests():
         assert r.status_code == 400 and "--max-waiting-requests" in r.json()["error"]["message"]
         assert c.post("/v1/completions", json={"model": MODEL, "prompt": "x", "n": 4, "max_tokens": 2}).status_code \
             == 200
+
+
+def test_a_client_that_never_reads_is_aborted_and_costs_no_backlog():
+    """A streaming request from a socket that never reads: the outputs waiting for it stay one
+    per prompt (a Mailbox, latest wins), and once it has read nothing for the stall timeout its
+    requests are aborted and their blocks freed, long before they would have finished."""
+    import json
+    import socket
+    import time
+
+    from lanner.serving.async_engine import Mailbox
+    from test_server import serve_in_thread
+
+    app, engine = observed_app(stream_stall_timeout_s=1.0)
+    runner = engine.transport.engine.runner
+    launch = runner.launch
+    runner.launch = lambda sched: (time.sleep(0.02), launch(sched))[1]  # 400 steps: 8 s or more
+    puts = []
+    put = Mailbox.put
+    Mailbox.put = lambda self, key, item: (puts.append(len(self.items)), put(self, key, item))[1]
+    try:
+        for base in serve_in_thread(app):
+            host, port = base.removeprefix("http://").split(":")
+            body = json.dumps({"model": MODEL, "prompt": "class A:", "stream": True, "n": 16, "logprobs": 20,
+                               "max_tokens": 400, "ignore_eos": True}).encode()
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting: a small window
+            sock.connect((host, int(port)))
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n" % len(body) + body)
+            wait_for(lambda: metric(base, 'lanner_requests_finished_total{reason="abort"}') == 16, timeout=60)
+            assert metric(base, 'lanner_requests_finished_total{reason="length"}') == 0  # aborted, not finished
+            wait_for(lambda: metric(base, "lanner_kv_cache_usage") == 0)
+            sock.close()
+            assert max(puts) <= 1  # never more than one waiting output per prompt
+            assert httpx.post(base + "/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2},
+                              timeout=30).status_code == 200
+    finally:
+        Mailbox.put = put

@@ -29,13 +29,13 @@ import lanner
 from lanner.config import ServerConfig
 from lanner.core.request import RequestOutput
 from lanner.engine.prompts import Prompts, message_for_template
-from lanner.errors import CapacityExceeded, EngineDead, InvalidRequest, ModelNotFound, ServerOverloaded
+from lanner.errors import CapacityExceeded, EngineDead, InvalidRequest, LannerError, ModelNotFound, ServerOverloaded
 from lanner.models.loader import load_tokenizer
 from lanner.server.metrics import ServerMetrics
 from lanner.server.protocol import (ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
                                     conversation_of, refuse)
 from lanner.server.responses import ChatShaper, CompletionShaper, PromptInfo
-from lanner.serving.async_engine import AsyncEngine, StepFailed
+from lanner.serving.async_engine import AsyncEngine, Mailbox, StepFailed
 
 logger = logging.getLogger(__name__)
 
@@ -220,7 +220,7 @@ def build_app(engine: AsyncEngine, config: ServerConfig, metrics: ServerMetrics 
         log_request(rid, [len(p.token_ids) for p in inputs], params)
         streams = [engine.generate(f"{rid}-{i}", p.token_ids, params) for i, p in enumerate(inputs)]
         shaper = CompletionShaper(rid, names[0], body, inputs, token_text)
-        return await respond(request, body.stream, streams, shaper)
+        return await respond(request, body.stream, streams, shaper, config.stream_stall_timeout_s)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request):
@@ -240,7 +240,8 @@ def build_app(engine: AsyncEngine, config: ServerConfig, metrics: ServerMetrics 
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         log_request(rid, [len(token_ids)], params)
         shaper = ChatShaper(rid, names[0], body, [PromptInfo(token_ids, echo)], token_text)
-        return await respond(request, body.stream, [engine.generate(rid, token_ids, params)], shaper)
+        return await respond(request, body.stream, [engine.generate(rid, token_ids, params)], shaper,
+                             config.stream_stall_timeout_s)
 
     return app
 
@@ -323,17 +324,31 @@ def _replay(body: bytes, receive):
     return replay
 
 
-async def respond(request: Request, stream: bool, generators: list[AsyncIterator[RequestOutput]], shaper) -> Response:
+class ReaderStalled(LannerError):
+    """A streaming client read nothing for too long; its requests are aborted."""
+
+
+async def respond(request: Request, stream: bool, generators: list[AsyncIterator[RequestOutput]], shaper,
+                  stall_timeout: float = 60.0) -> Response:
     """Run the prompts' generators; as SSE if `stream`, else one JSON body. Errors raised
-    before the first output become plain error responses."""
-    queue: asyncio.Queue = asyncio.Queue()
+    before the first output become plain error responses. Outputs wait in a Mailbox (one per
+    prompt, latest wins), so a client that reads slowly costs no memory; one that reads nothing
+    for `stall_timeout` seconds while outputs wait has its requests aborted."""
+    mailbox = Mailbox()
 
     async def pump(index: int, gen: AsyncIterator[RequestOutput]) -> None:
         try:
             async for out in gen:
-                await queue.put((index, out))
+                mailbox.put(index, out)
+                if mailbox.stalled_for() > stall_timeout:
+                    raise ReaderStalled(f"the client read nothing for {stall_timeout:.0f} s (--stream-stall-timeout)")
         except BaseException as e:
-            await queue.put((index, e))
+            mailbox.put(index, e)
+            if isinstance(e, ReaderStalled):
+                logger.warning("aborting a request whose client stopped reading: %s", e)
+                for t in tasks:
+                    if t is not asyncio.current_task():
+                        t.cancel()
             if isinstance(e, asyncio.CancelledError):
                 raise
         finally:
@@ -346,14 +361,10 @@ async def respond(request: Request, stream: bool, generators: list[AsyncIterator
         nonlocal remaining
         try:
             while remaining:
-                items = [await queue.get()]
-                while not queue.empty():
-                    items.append(queue.get_nowait())
-                latest: dict[int, RequestOutput] = {}  # cumulative outputs: the last of each prompt will do
-                for index, item in items:
+                latest = await mailbox.take()  # cumulative outputs: the last of each prompt will do
+                for index, item in latest.items():
                     if isinstance(item, BaseException):
                         raise item
-                    latest[index] = item
                 for index, item in latest.items():
                     if item.finished:
                         remaining -= 1

@@ -240,18 +240,48 @@ class Transport(Protocol):
     def shutdown(self, timeout: float) -> None: ...
 
 
+class Mailbox:
+    """The hand-off of cumulative outputs to a reader, bounded whatever the reader's speed: per
+    key one slot, where a newer output replaces one not taken yet (nothing is lost, since each
+    output holds everything before it); an error or a finished output is never replaced. A
+    reader that falls behind gets the latest state in one piece instead of a backlog."""
+
+    def __init__(self) -> None:
+        self.items: dict[Any, Any] = {}
+        self.ready = asyncio.Event()
+        self.waiting_since: float | None = None  # when the oldest item not taken arrived
+
+    def put(self, key: Any, item: Any) -> None:
+        held = self.items.get(key)
+        if isinstance(held, BaseException) or getattr(held, "finished", False):
+            return
+        if not self.items:
+            self.waiting_since = time.monotonic()
+        self.items[key] = item
+        self.ready.set()
+
+    async def take(self) -> dict[Any, Any]:
+        await self.ready.wait()
+        self.ready.clear()
+        items, self.items, self.waiting_since = self.items, {}, None
+        return items
+
+    def stalled_for(self) -> float:
+        return time.monotonic() - self.waiting_since if self.waiting_since is not None else 0.0
+
+
 @dataclass
 class _Stream:
     loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue
+    mailbox: Mailbox
 
 
-def _put_soon(loop: asyncio.AbstractEventLoop, items: list[tuple[asyncio.Queue, Any]]) -> None:
-    """Hand items to queues of one event loop in a single wake-up of that loop."""
+def _put_soon(loop: asyncio.AbstractEventLoop, items: list[tuple[Mailbox, Any]]) -> None:
+    """Hand items to mailboxes of one event loop in a single wake-up of that loop."""
 
     def put_all() -> None:
-        for q, item in items:
-            q.put_nowait(item)
+        for mailbox, item in items:
+            mailbox.put(None, item)
 
     try:
         loop.call_soon_threadsafe(put_all)
@@ -307,7 +337,7 @@ class AsyncEngine:
         away) aborts the request."""
         if request_id in self._streams:
             raise InvalidRequest(f"request id {request_id!r} is already in use")
-        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        stream = _Stream(asyncio.get_running_loop(), Mailbox())
         self._streams[request_id] = stream  # before the add: the first output may come at once
         try:
             await asyncio.wrap_future(self.transport.request("add", request_id, prompt, params))
@@ -321,11 +351,7 @@ class AsyncEngine:
         finished = False
         try:
             while True:
-                item = await stream.queue.get()
-                # outputs are cumulative, so a caller that fell behind skips to the latest: under
-                # load the server sends fewer, larger chunks instead of falling further behind
-                while isinstance(item, RequestOutput) and not item.finished and not stream.queue.empty():
-                    item = stream.queue.get_nowait()
+                item = (await stream.mailbox.take())[None]
                 if isinstance(item, BaseException):
                     finished = True
                     raise item
@@ -374,11 +400,11 @@ class AsyncEngine:
 
     def _deliver(self, items: list[tuple[str, RequestOutput | BaseException]]) -> None:
         """To the streams of these requests, in one wake-up per event loop (not one per request)."""
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Any]]] = {}
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Mailbox, Any]]] = {}
         for request_id, item in items:
             stream = self._streams.get(request_id)
             if stream is not None:
-                by_loop.setdefault(stream.loop, []).append((stream.queue, item))
+                by_loop.setdefault(stream.loop, []).append((stream.mailbox, item))
         for loop, batch in by_loop.items():
             _put_soon(loop, batch)
 
