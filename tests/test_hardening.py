@@ -263,3 +263,18 @@ def test_a_client_that_never_reads_is_aborted_and_costs_no_backlog():
                               timeout=30).status_code == 200
     finally:
         Mailbox.put = put
+
+
+@pytest.mark.parametrize("path,body,param,flag", [
+    ("/v1/completions", {"prompt": "x" * (32 * 512 + 1)}, "prompt", "--max-prompt-chars"),
+    ("/v1/completions", {"prompt": ["ok", "y" * (32 * 512)]}, "prompt", "--max-prompt-chars"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "z" * (32 * 512 + 1)}]}, "messages",
+     "--max-prompt-chars"),
+    ("/v1/completions", {"prompt": "x", "stop": [f"s{i}" for i in range(65)]}, "stop", "--max-stop-strings"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "stop": "s" * 1025}, "stop",
+     "--max-stop-string-chars"),
+])
+def test_limits_before_any_work(server, path, body, param, flag):
+    r = httpx.post(server[0] + path, json={"model": MODEL, "max_tokens": 2, **body}, timeout=30)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param and flag in r.json()["error"]["message"]

@@ -116,6 +116,23 @@ def build_app(engine: AsyncEngine, config: ServerConfig, metrics: ServerMetrics 
     def token_text(token_id: int) -> str:
         return prompts.decode([token_id]) if prompts is not None else f"token_id:{token_id}"
 
+    max_prompt_chars = config.max_prompt_chars or 32 * info.max_model_len
+
+    def check_limits(body: CompletionRequest | ChatRequest, texts: list[str]) -> None:
+        """Limits checked before any work: tokenizing a huge prompt or matching thousands of stop
+        strings would cost the server (and everyone on it) for nothing."""
+        chars = sum(len(t) for t in texts)
+        if chars > max_prompt_chars:
+            raise refuse("prompt" if isinstance(body, CompletionRequest) else "messages",
+                         f"{chars} characters, over the limit of {max_prompt_chars} (--max-prompt-chars)")
+        stops = [body.stop] if isinstance(body.stop, str) else body.stop or []
+        if len(stops) > config.max_stop_strings:
+            raise refuse("stop", f"{len(stops)} stop strings, over the limit of {config.max_stop_strings} "
+                                 "(--max-stop-strings)")
+        if any(len(s) > config.max_stop_string_chars for s in stops):
+            raise refuse("stop", f"a stop string over {config.max_stop_string_chars} characters "
+                                 "(--max-stop-string-chars)")
+
     def check_context(num_prompt_tokens: int, max_tokens: int | None) -> None:
         """vLLM answers 400 when the prompt plus the requested output does not fit the context."""
         limit = info.max_model_len
@@ -212,6 +229,7 @@ def build_app(engine: AsyncEngine, config: ServerConfig, metrics: ServerMetrics 
         try:
             check_model(body.model)
             body.check()
+            check_limits(body, [p for p in body.prompts() if isinstance(p, str)])
             params = body.params(info.sampling_defaults)
             inputs = [await completion_prompt(p, body, params.max_tokens) for p in body.prompts()]
         except InvalidRequest as e:
@@ -227,8 +245,9 @@ def build_app(engine: AsyncEngine, config: ServerConfig, metrics: ServerMetrics 
         try:
             check_model(body.model)
             body.check()
-            params = body.params(info.sampling_defaults)
             conversation = body.conversation()
+            check_limits(body, [str(m.get("content") or "") for m in conversation])
+            params = body.params(info.sampling_defaults)
             token_ids = await asyncio.to_thread(need_prompts().chat_token_ids, conversation, **chat_options(body))
             if body.truncate_prompt_tokens is not None:
                 token_ids = token_ids[-body.truncate_prompt_tokens:]
