@@ -6,6 +6,7 @@ import contextlib
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
 
 from lanner.config import EngineConfig, ServerConfig, add_cli_args, add_dataclass_args, kwargs_from_args
@@ -99,7 +100,8 @@ def serve_configs(args: argparse.Namespace) -> tuple[ServerConfig, EngineConfig]
 
 
 def uvicorn_options(config: ServerConfig) -> dict:
-    return {"host": config.host, "port": config.port, "log_level": "info", "timeout_graceful_shutdown": 30,
+    return {"host": config.host, "port": config.port, "log_level": "info",
+            "timeout_graceful_shutdown": int(config.drain_timeout_s) + 5,  # our drain ends every response first
             "ssl_keyfile": config.ssl_keyfile, "ssl_certfile": config.ssl_certfile, "root_path": config.root_path or ""}
 
 
@@ -127,6 +129,11 @@ def cmd_serve(args: argparse.Namespace) -> None:
     server = uvicorn.Server(uvicorn.Config(app, **uvicorn_options(config)))
 
     def stop(signum, frame) -> None:  # a second signal stops at once
+        if not server.should_exit:
+            drain = threading.Timer(config.drain_timeout_s, engine.fail_open_requests,
+                                    args=("the server is shutting down",))
+            drain.daemon = True
+            drain.start()
         server.force_exit = server.should_exit
         server.should_exit = True
 

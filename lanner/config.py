@@ -261,6 +261,7 @@ class ServerConfig:
     disable_log_requests: bool = False
     max_request_body_mb: float = 32.0
     stream_stall_timeout_s: float = 60.0
+    drain_timeout_s: float = 30.0
     max_prompt_chars: int | None = None
     max_stop_strings: int = 64
     max_stop_string_chars: int = 1024
@@ -284,6 +285,8 @@ class ServerConfig:
         "disable_log_requests": "do not log requests (the default; vLLM's older flag)",
         "max_request_body_mb": "larger request bodies are refused with 413 before they are parsed",
         "stream_stall_timeout_s": "abort a stream whose client reads nothing for this long while output waits",
+        "drain_timeout_s": "on SIGTERM, open responses get this long to finish; then each ends with an error "
+                           "(a 503 body, or an error event and [DONE])",
         "max_prompt_chars": "longer prompts (or chat messages, together) are refused before tokenizing "
                             "(default: 32 characters per token of the context)",
         "max_stop_strings": "most stop strings a request may give",

@@ -278,3 +278,56 @@ def test_limits_before_any_work(server, path, body, param, flag):
     r = httpx.post(server[0] + path, json={"model": MODEL, "max_tokens": 2, **body}, timeout=30)
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param and flag in r.json()["error"]["message"]
+
+
+def test_sigterm_drain_deadline_ends_every_response_properly():
+    """Requests still running when the drain time runs out: a non-streaming client gets a 503
+    body, a stream gets an error event and [DONE], the log says so once, the exit code is 0."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    from test_server import free_port
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "lanner.cli", "serve", "--port", str(port), "--device", "cpu",
+                             "--num-kv-blocks", "1024", "--drain-timeout-s", "1", "--no-engine-process"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: proc.poll() is None and _up(base), timeout=120)
+        long = {"model": "lanner-tiny", "prompt": "x", "n": 16, "max_tokens": 1000, "ignore_eos": True}
+        got = {}
+
+        def whole():
+            got["whole"] = httpx.post(base + "/v1/completions", json=long, timeout=60)
+
+        def stream():
+            with httpx.stream("POST", base + "/v1/completions", json={**long, "stream": True}, timeout=60) as r:
+                got["lines"] = [line for line in r.iter_lines() if line]
+
+        threads = [threading.Thread(target=whole), threading.Thread(target=stream)]
+        for t in threads:
+            t.start()
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+        for t in threads:
+            t.join(10)
+        log = proc.stdout.read().decode()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert got["whole"].status_code == 503 and "shutting down" in got["whole"].json()["error"]["message"]
+    assert got["lines"][-1] == "data: [DONE]" and '"error"' in got["lines"][-2]
+    assert log.count("ending 2 open requests") == 1 and "CancelledError" not in log
+
+
+def _up(base: str) -> bool:
+    try:
+        return httpx.get(base + "/health", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
