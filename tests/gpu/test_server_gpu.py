@@ -6,7 +6,11 @@ from __future__ import annotations
 import httpx
 import pytest
 
-pytest.importorskip("fastapi", reason="install the server wheels (scripts/server_wheels.sh) to run this")
+try:
+    import fastapi  # noqa: F401
+except ImportError as e:  # fail, not skip: the GPU run must install them
+    raise ImportError("tests/gpu/test_server_gpu.py needs the server extra: on the GPU machine, install the "
+                      "wheels of scripts/server_wheels.sh (carry .wheels)") from e
 
 from lanner import LLM, SamplingParams  # noqa: E402
 from lanner.config import EngineConfig, ServerConfig  # noqa: E402
