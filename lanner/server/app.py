@@ -33,7 +33,7 @@ from lanner.errors import CapacityExceeded, EngineDead, InvalidRequest, LannerEr
 from lanner.models.loader import load_tokenizer
 from lanner.server.metrics import ServerMetrics
 from lanner.server.protocol import (ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
-                                    conversation_of, refuse)
+                                    client_template, conversation_of, refuse)
 from lanner.server.responses import ChatShaper, CompletionShaper, PromptInfo
 from lanner.serving.async_engine import AsyncEngine, Mailbox, StepFailed
 
@@ -162,8 +162,7 @@ def build_app(engine: AsyncEngine, config: ServerConfig, metrics: ServerMetrics 
             logger.info("request %s: prompt tokens %s, %s", rid, prompt_lengths, params)
 
     def chat_options(body: ChatRequest | TokenizeRequest) -> dict:
-        if (body.chat_template or (body.chat_template_kwargs or {}).get("chat_template")) and \
-                not config.trust_request_chat_template:
+        if client_template(body) and not config.trust_request_chat_template:
             raise refuse("chat_template", "a chat template from the request is code the server would run; it is "
                                           "refused unless the server runs with --trust-request-chat-template")
         return dict(add_generation_prompt=body.add_generation_prompt,

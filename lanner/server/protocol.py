@@ -192,6 +192,11 @@ def conversation_of(messages: list[ChatMessage]) -> list[dict]:
     return out
 
 
+def client_template(body: Any) -> str | None:
+    """The chat template a chat or tokenize request sent, if any: code the server would run."""
+    return body.chat_template or (body.chat_template_kwargs or {}).get("chat_template")
+
+
 class ChatRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
@@ -213,10 +218,6 @@ class ChatRequest(SamplingFields):
 
     def conversation(self) -> list[dict]:
         return conversation_of(self.messages)
-
-    def client_template(self) -> str | None:
-        """The chat template the client sent, if any: code the server would run."""
-        return self.chat_template or (self.chat_template_kwargs or {}).get("chat_template")
 
     def params(self, defaults: dict[str, Any]) -> SamplingParams:
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
