@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 import signal
 import sys
@@ -10,12 +11,13 @@ import threading
 from pathlib import Path
 
 from lanner.config import EngineConfig, ServerConfig, add_cli_args, add_dataclass_args, kwargs_from_args
-from lanner.core.request import SamplingParams
+from lanner.core.request import RequestOutputKind, SamplingParams
 from lanner.errors import ConfigError, LannerError
 
 CLI_SAMPLING_DEFAULTS = {"max_tokens": 128}
 # one completion on a terminal: no samples or logprobs to show, no mappings or callables to type
-NO_SAMPLING_FLAG = ("seed", "n", "prompt_logprobs", "logprobs", "logit_bias", "logits_processors")
+NO_SAMPLING_FLAG = ("seed", "n", "prompt_logprobs", "logprobs", "logit_bias", "logits_processors",
+                    "output_kind")
 
 
 def _engine(args: argparse.Namespace):
@@ -31,15 +33,14 @@ def _params(engine, args: argparse.Namespace) -> SamplingParams:
 
 def _stream(engine, request_id: str, prompt, params: SamplingParams) -> str:
     """Run one request to the end, printing its text as it grows."""
-    engine.add_request(request_id, prompt, params)
-    shown = ""
+    engine.add_request(request_id, prompt, dataclasses.replace(params, output_kind=RequestOutputKind.DELTA))
+    pieces = []
     while engine.has_unfinished_requests():
         for out in engine.step():
-            text = out.outputs[0].text
-            print(text[len(shown):], end="", flush=True)
-            shown = text
+            pieces.append(out.outputs[0].text)
+            print(pieces[-1], end="", flush=True)
     print()
-    return shown
+    return "".join(pieces)
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -100,7 +101,10 @@ def serve_configs(args: argparse.Namespace) -> tuple[ServerConfig, EngineConfig]
 
 
 def uvicorn_options(config: ServerConfig) -> dict:
+    from lanner.server.connections import header_deadline_protocol  # needs the server extra
+
     return {"host": config.host, "port": config.port, "log_level": "info",
+            "http": header_deadline_protocol(config.header_timeout_s),
             "timeout_graceful_shutdown": int(config.drain_timeout_s) + 5,  # our drain ends every response first
             "ssl_keyfile": config.ssl_keyfile, "ssl_certfile": config.ssl_certfile, "root_path": config.root_path or ""}
 

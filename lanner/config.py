@@ -265,6 +265,10 @@ class ServerConfig:
     max_prompt_chars: int | None = None
     max_stop_strings: int = 64
     max_stop_string_chars: int = 1024
+    chat_template_timeout_s: float = 5.0
+    health_timeout_s: float = 10.0
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 60.0
 
     HELP = {
         "host": "address to listen on",
@@ -291,6 +295,13 @@ class ServerConfig:
                             "(default: 32 characters per token of the context)",
         "max_stop_strings": "most stop strings a request may give",
         "max_stop_string_chars": "longest stop string a request may give, in characters",
+        "chat_template_timeout_s": "longest a chat template may take to render one request (the server's own or, "
+                                   "with --trust-request-chat-template, the request's)",
+        "health_timeout_s": "/health answers 503 when the engine loop has not answered between two steps for "
+                            "this long (a stuck step, a stopped engine process)",
+        "header_timeout_s": "close a connection whose request headers have not all arrived this long after it "
+                            "opened (or after its previous response)",
+        "body_timeout_s": "answer 408 to a request whose body has not all arrived this long after its headers",
     }
 
     def __post_init__(self) -> None:
@@ -298,3 +309,10 @@ class ServerConfig:
             raise ConfigError("--enable-log-requests and --disable-log-requests contradict each other")
         if (self.ssl_keyfile is None) != (self.ssl_certfile is None):
             raise ConfigError("HTTPS needs both --ssl-keyfile and --ssl-certfile")
+        for name in ("max_waiting_requests", "max_request_body_mb", "stream_stall_timeout_s", "drain_timeout_s",
+                     "max_prompt_chars", "max_stop_strings", "max_stop_string_chars", "chat_template_timeout_s",
+                     "health_timeout_s", "header_timeout_s", "body_timeout_s"):
+            value, least = getattr(self, name), 0 if name in ("drain_timeout_s", "max_stop_strings") else 1e-9
+            if value is not None and value < least:
+                raise ConfigError(f"--{name.replace('_', '-')} must be {'>= 0' if least == 0 else 'positive'}, "
+                                  f"got {value}")

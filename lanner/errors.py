@@ -35,3 +35,11 @@ class EngineDead(LannerError, RuntimeError):
 
 class ConfigError(LannerError, ValueError):
     """An engine option is invalid or inconsistent with the model."""
+
+
+def without_frames(error: BaseException) -> BaseException:
+    """`error` with its traceback dropped, for an error handed to another thread or kept for a
+    reader. Its frames hold the request (a prompt may be megabytes) and, through the future or
+    mailbox that keeps the error, form a reference cycle that only a full garbage collection
+    frees: rejected requests would pile up."""
+    return error.with_traceback(None)

@@ -3,6 +3,8 @@ has a test here that failed before its fix."""
 # ruff: noqa: F811 (pytest fixtures imported from test_server are parameters here)
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 
@@ -13,7 +15,7 @@ LONG_STOP = "this stop string is longer than anything generated so far"
 
 @pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
 def test_streamed_text_equals_the_whole_text_for_any_stop_strings(client, path):
-    """visible_text() once computed text[:len - hold] with len < hold, a negative index."""
+    """visible_length() once computed text[:len - hold] with len < hold, a negative index."""
     base = client.completions.create(model=MODEL, prompt="def main():", temperature=0, max_tokens=40).choices[0].text
     late = base[30:34]  # matched late: everything before it streams, nothing of it
     for stop in ([LONG_STOP], [LONG_STOP, late], ["x" * 3, late]):
@@ -331,3 +333,242 @@ def _up(base: str) -> bool:
         return httpx.get(base + "/health", timeout=1).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+# ---- the cost of long outputs -------------------------------------------------------------------
+
+
+def test_long_streams_carry_only_what_is_new_each_step():
+    """Each step once sent every request's whole output, logprobs included, from the engine to
+    the server (a 600-token stream took 3.6x as long with logprobs 20). Now a stream's outputs
+    carry each step's new tokens only, and a whole body is sent once, when it is done."""
+    import pickle
+
+    from fastapi.testclient import TestClient
+
+    app, engine = observed_app()
+    sizes: list[int] = []  # what each output would cost on the engine process's pipe
+    outputs = engine.outputs
+    engine.outputs = lambda items, stats: (sizes.extend(len(pickle.dumps(o)) for _, o in items),
+                                           outputs(items, stats))[1]
+    body = {"model": MODEL, "prompt": "class A:", "max_tokens": 200, "ignore_eos": True, "logprobs": 5,
+            "temperature": 0}
+    with TestClient(app) as c:
+        whole = c.post("/v1/completions", json=body).json()["choices"][0]
+        assert len(sizes) == 1  # one output for a body, not one per step
+        sizes.clear()
+        with c.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+            events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    choices = [e["choices"][0] for e in events]
+    assert "".join(ch["text"] for ch in choices) == whole["text"]
+    assert sum((ch["logprobs"]["tokens"] for ch in choices), []) == whole["logprobs"]["tokens"]
+    assert sum((ch["logprobs"]["token_logprobs"] for ch in choices), []) == whole["logprobs"]["token_logprobs"]
+    assert len(sizes) >= 100 and max(sizes[10:]) < 3 * sorted(sizes)[len(sizes) // 2]  # flat, not growing
+
+
+def test_a_slow_reader_gets_the_deltas_it_missed_merged():
+    """Deltas a reader was too slow to take wait in its mailbox and arrive as one, complete."""
+    import asyncio
+
+    from lanner.config import EngineConfig
+    from lanner.core.request import RequestOutputKind, SamplingParams
+    from lanner.engine.engine import LLMEngine
+    from lanner.serving.async_engine import AsyncEngine
+    from test_server import ENGINE_ARGS
+
+    params = SamplingParams(n=2, temperature=0.8, seed=3, max_tokens=60, ignore_eos=True, logprobs=2,
+                            prompt_logprobs=1, stop=["never matched, but held back"])
+    engine = LLMEngine(EngineConfig.from_kwargs(**ENGINE_ARGS))
+    want = engine  # the same engine, the same seed: the same samples
+    want.add_request("whole", "def f(x):", params.clone())
+    whole = None
+    while want.has_unfinished_requests():
+        whole = next((o for o in want.step() if o.finished), whole)
+    async_engine = AsyncEngine(engine)
+    async_engine.start()
+
+    async def read_slowly() -> list:
+        got = []
+        async for out in async_engine.generate("slow", "def f(x):", SamplingParams(
+                **{**vars(params), "output_kind": RequestOutputKind.DELTA})):
+            got.append(out)
+            await asyncio.sleep(0.05)
+        return got
+
+    try:
+        got = asyncio.run(read_slowly())
+    finally:
+        async_engine.shutdown()
+    assert 1 < len(got) < 60  # some deltas were merged
+    assert got[0].prompt_token_ids == whole.prompt_token_ids and all(not o.prompt_token_ids for o in got[1:])
+    assert sum((o.prompt_logprobs or [] for o in got), []) == whole.prompt_logprobs
+    for sample in whole.outputs:
+        parts = [c for o in got for c in o.outputs if c.index == sample.index]
+        assert "".join(c.text for c in parts) == sample.text
+        assert sum((c.token_ids for c in parts), []) == sample.token_ids
+        assert sum((c.logprobs for c in parts), []) == sample.logprobs
+        assert parts[-1].finish_reason == "length"
+
+
+# ---- rejected requests -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["thread", "process"])
+def test_rejected_prompts_leave_nothing_behind(where):
+    """A rejected request's error kept its frames, and with them the prompt, in a reference cycle
+    that only a full collection frees: 80 rejected 5 MB prompts grew the engine by 1.4 GB. Here
+    the collector is off, so anything left in such a cycle is counted."""
+    import gc_probe
+    from fastapi.testclient import TestClient
+
+    from lanner.config import EngineConfig, ServerConfig
+    from lanner.server.app import build_app
+    from lanner.serving.async_engine import AsyncEngine
+    from test_server import ENGINE_ARGS
+
+    if where == "thread":
+        app, engine = observed_app(max_waiting_requests=1)
+        probe = lambda fn, *args: fn(None, *args)  # noqa: E731 (the engine runs in this process)
+    else:
+        engine = AsyncEngine.spawn(EngineConfig.from_kwargs(**ENGINE_ARGS), max_waiting_requests=1)
+        app = build_app(engine, ServerConfig(served_model_name=[MODEL]))
+        probe = lambda fn, *args: engine.call(fn, *args).result(timeout=30)  # noqa: E731
+    length, token = 393, 7
+    prompt = json.dumps([token] * length)  # built into each body, so the test itself holds no such list
+    bodies = ['"max_tokens": 400',  # over the context: the server refuses
+              '"max_tokens": 2, "n": 2',  # more sequences than may wait: the engine loop refuses
+              '"max_tokens": 2, "logprobs": 99',  # over max_logprobs: the engine refuses
+              '"max_tokens": 2, "logprobs": 99, "stream": true']
+    with TestClient(app) as c:
+        probe(gc_probe.hold_garbage)
+        for options in bodies * 3:
+            r = c.post("/v1/completions", content=f'{{"model": "{MODEL}", "prompt": {prompt}, {options}}}',
+                       headers={"content-type": "application/json"})
+            assert r.status_code == 400, r.text
+        assert probe(gc_probe.token_lists, length, token) == 0
+
+
+def test_a_heavy_trusted_template_is_stopped_at_the_time_limit():
+    """A trusted request template with nested loops rendered for as long as it liked (12 s of a
+    frozen server once); now it stops at --chat-template-timeout-s with a 400, on both routes."""
+    import time
+
+    from fastapi.testclient import TestClient
+
+    from test_server import make_app
+
+    heavy = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+    app, _ = make_app(trust_request_chat_template=True, chat_template_timeout_s=0.5)
+    messages = [{"role": "user", "content": "hi"}]
+    with TestClient(app) as c:
+        for path, extra in (("/v1/chat/completions", {"max_tokens": 2}), ("/tokenize", {})):
+            start = time.monotonic()
+            r = c.post(path, json={"model": MODEL, "messages": messages, "chat_template": heavy, **extra})
+            assert r.status_code == 400 and "--chat-template-timeout-s" in r.json()["error"]["message"], r.text
+            assert time.monotonic() - start < 5
+        light = "{% for m in messages %}{{ m.content }}{% endfor %}"  # the limit leaves others alone
+        r = c.post("/tokenize", json={"model": MODEL, "messages": messages, "chat_template": light})
+        assert r.status_code == 200 and r.json()["count"] >= 1, r.text
+
+
+# ---- health --------------------------------------------------------------------------------------
+
+
+def test_health_reports_a_stuck_step():
+    """/health said 200 while the engine loop was stuck in a step; now the loop must answer."""
+    import threading
+    import time
+
+    from fastapi.testclient import TestClient
+
+    app, engine = observed_app(health_timeout_s=0.5)
+    runner = engine.transport.engine.runner
+    launch, release = runner.launch, threading.Event()
+    runner.launch = lambda sched: (release.wait(30), launch(sched))[1]  # every step waits for the test
+    with TestClient(app) as c:
+        assert c.get("/health").status_code == 200
+        done = []
+        threading.Thread(target=lambda: done.append(c.post("/v1/completions", json={
+            "model": MODEL, "prompt": "x", "max_tokens": 3})), daemon=True).start()
+        time.sleep(0.3)  # the request is in its first step now
+        start = time.monotonic()
+        r = c.get("/health")
+        assert r.status_code == 503 and "has not answered" in r.json()["error"]["message"]
+        assert time.monotonic() - start < 3
+        runner.launch = launch
+        release.set()
+        wait_for(lambda: bool(done))
+        assert done[0].status_code == 200 and c.get("/health").status_code == 200
+
+
+def test_health_reports_a_stopped_engine_process():
+    import os
+    import signal
+
+    from fastapi.testclient import TestClient
+
+    from lanner.config import EngineConfig, ServerConfig
+    from lanner.server.app import build_app
+    from lanner.serving.async_engine import AsyncEngine
+    from test_server import ENGINE_ARGS
+
+    engine = AsyncEngine.spawn(EngineConfig.from_kwargs(**ENGINE_ARGS))
+    app = build_app(engine, ServerConfig(served_model_name=[MODEL], health_timeout_s=0.5))
+    pid = engine.transport.process.pid
+    with TestClient(app) as c:
+        assert c.get("/health").status_code == 200
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            assert c.get("/health").status_code == 503
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        wait_for(lambda: c.get("/health").status_code == 200)
+
+
+# ---- slow senders ----------------------------------------------------------------------------------
+
+
+def test_slow_headers_and_bodies_do_not_hold_connections():
+    """2,000 connections sending a request a byte at a time were all held open, forever. Now
+    headers must arrive within --header-timeout-s (the connection is closed) and a body within
+    --body-timeout-s (408), while normal clients are served."""
+    import socket
+    import time
+
+    from lanner.cli import uvicorn_options
+    from test_server import serve_in_thread
+
+    app, _ = observed_app(header_timeout_s=0.5, body_timeout_s=0.5)
+    for base in serve_in_thread(app, http=uvicorn_options(app.state.config)["http"]):
+        host, port = base.removeprefix("http://").split(":")
+        silent = [socket.create_connection((host, int(port))) for _ in range(20)]
+        trickling = [socket.create_connection((host, int(port))) for _ in range(20)]
+        for s in trickling:
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")
+        body = json.dumps({"model": MODEL, "prompt": "x", "max_tokens": 2}).encode()
+        partial = socket.create_connection((host, int(port)))
+        partial.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                        b"Content-Length: %d\r\n\r\n" % len(body) + body[:10])
+        for _ in range(4):  # a header line every 0.25 s: each arrives in time, the whole never does
+            time.sleep(0.25)
+            for s in trickling:
+                try:
+                    s.sendall(b"X-Slow: 1\r\n")
+                except OSError:  # closed by the server already
+                    pass
+        with httpx.Client(timeout=10) as c:  # a keep-alive client is served across the deadline
+            assert c.post(base + "/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2}).status_code \
+                == 200
+            time.sleep(0.3)
+            assert c.post(base + "/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2}).status_code \
+                == 200
+        for s in silent + trickling:
+            s.settimeout(5)
+            try:
+                assert s.recv(1024) == b""  # closed by the server
+            except ConnectionResetError:  # closed with data unread
+                pass
+            s.close()
+        partial.settimeout(5)
+        assert b" 408 " in partial.recv(4096).split(b"\r\n")[0]
+        partial.close()

@@ -56,13 +56,13 @@ def find_stop_string(req: Request, new_text_len: int) -> str | None:
     return stop
 
 
-def visible_text(req: Request) -> str:
-    """Text safe to show now: while running, the tail that may still become a stop
-    string is held back, so a streaming client never sees part of one."""
+def visible_length(req: Request) -> int:
+    """How much of the text is safe to show now: while running, the tail that may still become
+    a stop string is held back, so a streaming client never sees part of one."""
     if req.finished or not req.params.stop:
-        return req.output_text
+        return len(req.output_text)
     hold = max(len(s) for s in req.params.stop) - 1
-    return req.output_text[:max(len(req.output_text) - hold, 0)]
+    return max(len(req.output_text) - hold, 0)
 
 
 def _byte_level_alphabet() -> dict[str, int]:

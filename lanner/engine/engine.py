@@ -21,9 +21,9 @@ import torch
 from torch.profiler import record_function
 
 from lanner.config import EngineConfig
-from lanner.core.request import CompletionOutput, Request, RequestOutput, SamplingParams
+from lanner.core.request import CompletionOutput, Request, RequestOutput, RequestOutputKind, SamplingParams
 from lanner.core.schedule import SchedulerOutput
-from lanner.engine.detokenizer import Detokenizer, TokenBytes, find_stop_string, visible_text
+from lanner.engine.detokenizer import Detokenizer, TokenBytes, find_stop_string, visible_length
 from lanner.engine.kv_cache import KVCacheManager
 from lanner.engine.prompts import Prompts
 from lanner.engine.scheduler import Scheduler
@@ -228,6 +228,7 @@ class LLMEngine:
                     self.scheduler.finish(req)
             outputs = [self._finalize(pid) if all(r.finished for r in self.groups[pid]) else self._output(pid)
                        for pid in touched]
+            outputs = [out for out in outputs if out is not None]
         self._reading = None
         return outputs
 
@@ -324,24 +325,49 @@ class LLMEngine:
                     lp.token_bytes = self.token_bytes(tid)
         return entries
 
-    def _output(self, parent_id: str) -> RequestOutput:
+    def _output(self, parent_id: str) -> RequestOutput | None:
+        """The request's output of its params' output_kind (None: FINAL_ONLY, not finished)."""
         reqs = self.groups[parent_id]
         first = reqs[0]
-        return RequestOutput(
-            request_id=parent_id,
-            prompt=first.prompt,
-            prompt_token_ids=first.prompt_token_ids,
-            outputs=[CompletionOutput(
-                index=r.index, text=visible_text(r), token_ids=list(r.output_token_ids),
-                cumulative_logprob=r.cumulative_logprob if r.logprobs is not None else None,
-                logprobs=r.logprobs, finish_reason=r.finish_reason, stop_reason=r.stop_reason) for r in reqs],
-            finished=all(r.finished for r in reqs),
-            prompt_logprobs=first.prompt_logprobs,
-            num_cached_tokens=first.num_cached_tokens,
-            metrics=first.metrics,
-        )
+        finished = all(r.finished for r in reqs)
+        kind = first.params.output_kind
+        if kind is RequestOutputKind.FINAL_ONLY and not finished:
+            return None
+        delta = kind is RequestOutputKind.DELTA
+        prompt, prompt_ids, prompt_logprobs = first.prompt, first.prompt_token_ids, first.prompt_logprobs
+        if delta:
+            sent = first.sent
+            if sent.outputs:
+                prompt, prompt_ids = None, []
+            if prompt_logprobs is not None:
+                prompt_logprobs, sent.prompt_logprobs = prompt_logprobs[sent.prompt_logprobs:], len(prompt_logprobs)
+            sent.outputs += 1
+        elif prompt_logprobs is not None:
+            prompt_logprobs = list(prompt_logprobs)
+        return RequestOutput(request_id=parent_id, prompt=prompt, prompt_token_ids=prompt_ids,
+                             outputs=[self._completion(r, delta) for r in reqs], finished=finished,
+                             prompt_logprobs=prompt_logprobs, num_cached_tokens=first.num_cached_tokens,
+                             metrics=first.metrics)
+
+    @staticmethod
+    def _completion(r: Request, delta: bool) -> CompletionOutput:
+        """A sample's visible state: all of it, or (delta) what earlier outputs did not carry."""
+        end = visible_length(r)
+        text, tokens, logprobs = r.output_text[:end], list(r.output_token_ids), r.logprobs
+        if delta:
+            sent = r.sent
+            text, tokens = r.output_text[sent.text:end], r.output_token_ids[sent.tokens:]
+            logprobs = None if logprobs is None else logprobs[sent.logprobs:]
+            sent.text, sent.tokens, sent.logprobs = end, len(r.output_token_ids), len(r.logprobs or ())
+        elif logprobs is not None:
+            logprobs = list(logprobs)
+        return CompletionOutput(index=r.index, text=text, token_ids=tokens,
+                                cumulative_logprob=r.cumulative_logprob if r.logprobs is not None else None,
+                                logprobs=logprobs, finish_reason=r.finish_reason, stop_reason=r.stop_reason)
 
     def _finalize(self, parent_id: str) -> RequestOutput:
+        reqs = self.groups[parent_id]
+        reqs[0].metrics.output_lengths = [len(r.output_token_ids) for r in reqs]
         output = self._output(parent_id)
         for req in self.groups.pop(parent_id):
             self.detokenizers.pop(req, None)

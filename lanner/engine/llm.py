@@ -1,13 +1,14 @@
 """The offline API, with vLLM's names: LLM(model=...).generate(...) / .chat(...)."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from typing import Any
 
 from tqdm.auto import tqdm
 
 from lanner.config import EngineConfig
-from lanner.core.request import RequestOutput, SamplingParams
+from lanner.core.request import RequestOutput, RequestOutputKind, SamplingParams
 from lanner.engine.engine import LLMEngine, PromptType
 from lanner.errors import InvalidRequest
 
@@ -47,7 +48,9 @@ class LLM:
             raise InvalidRequest(f"{len(prompts)} prompts but {len(params)} sampling params")
         if not all(isinstance(p, SamplingParams) for p in params):
             raise InvalidRequest("sampling_params must be SamplingParams (from a dict: SamplingParams(**d))")
-        return self._run(list(zip(prompts, params)), use_tqdm)
+        # only the finished outputs are returned: the engine builds nothing else (as vLLM's LLM)
+        final_only = {id(p): dataclasses.replace(p, output_kind=RequestOutputKind.FINAL_ONLY) for p in params}
+        return self._run([(prompt, final_only[id(p)]) for prompt, p in zip(prompts, params)], use_tqdm)
 
     def chat(self, messages: list[dict] | list[list[dict]],
              sampling_params: SamplingParams | list[SamplingParams] | None = None,

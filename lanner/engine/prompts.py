@@ -5,6 +5,9 @@ engine loop."""
 from __future__ import annotations
 
 import json
+import sys
+import time
+from contextlib import contextmanager
 from typing import Any
 
 from lanner.errors import InvalidRequest
@@ -45,10 +48,34 @@ def _parsed_arguments(call: Any) -> Any:
     return call
 
 
+@contextmanager
+def time_limit(seconds: float | None, what: str):
+    """Raise InvalidRequest inside the block's Python code (this thread's) once it has run for
+    `seconds`. Checked at each call and at each line of Jinja's compiled templates, so a loop
+    in a template stops; one long C-level operation is not interrupted."""
+    if seconds is None:
+        yield
+        return
+    deadline = time.monotonic() + seconds
+
+    def check(frame, event, arg):
+        if time.monotonic() > deadline:
+            raise InvalidRequest(f"{what} took over {seconds:g} s")
+        return check if frame.f_code.co_filename == "<template>" else None  # lines of templates only
+
+    previous = sys.gettrace()
+    sys.settrace(check)
+    try:
+        yield
+    finally:
+        sys.settrace(previous)
+
+
 class Prompts:
-    def __init__(self, tokenizer: Any, chat_template: str | None = None):
+    def __init__(self, tokenizer: Any, chat_template: str | None = None, render_time_limit_s: float | None = None):
         self.tokenizer = tokenizer
         self.chat_template = chat_template  # overrides the tokenizer's own (`--chat-template`)
+        self.render_time_limit_s = render_time_limit_s
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         try:
@@ -81,10 +108,11 @@ class Prompts:
         if continue_final_message and messages[-1]["role"] != "assistant":
             raise InvalidRequest("continue_final_message needs the last message to be the assistant's")
         try:
-            return self.tokenizer.apply_chat_template(
-                messages, tokenize=False, chat_template=template, tools=tools,
-                add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message,
-                **kwargs)
+            with time_limit(self.render_time_limit_s, "rendering the chat template (--chat-template-timeout-s)"):
+                return self.tokenizer.apply_chat_template(
+                    messages, tokenize=False, chat_template=template, tools=tools,
+                    add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message,
+                    **kwargs)
         except InvalidRequest:
             raise
         except Exception as e:  # a template that rejects the conversation (roles, missing keys)

@@ -29,7 +29,7 @@ import lanner
 from lanner.config import ServerConfig
 from lanner.core.request import RequestOutput
 from lanner.engine.prompts import Prompts, message_for_template
-from lanner.errors import CapacityExceeded, EngineDead, InvalidRequest, LannerError, ModelNotFound, ServerOverloaded
+from lanner.errors import CapacityExceeded, EngineDead, InvalidRequest, LannerError, ModelNotFound, ServerOverloaded, without_frames
 from lanner.models.loader import load_tokenizer
 from lanner.server.metrics import ServerMetrics
 from lanner.server.protocol import (ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
@@ -51,11 +51,15 @@ def error_response(status: int, message: str, kind: str, code: str | int | None 
 
 
 def error_of(exc: BaseException) -> JSONResponse:
-    for cls, (status, kind) in STATUS.items():
-        if isinstance(exc, cls):
-            return error_response(status, str(exc), kind, param=getattr(exc, "param", None))
-    logger.error("internal error", exc_info=exc)
-    return error_response(500, f"internal error: {type(exc).__name__}", "internal_error")
+    """The error's response; once answered, the error lets go of its frames (without_frames)."""
+    try:
+        for cls, (status, kind) in STATUS.items():
+            if isinstance(exc, cls):
+                return error_response(status, str(exc), kind, param=getattr(exc, "param", None))
+        logger.error("internal error", exc_info=exc)
+        return error_response(500, f"internal error: {type(exc).__name__}", "internal_error")
+    finally:
+        without_frames(exc)
 
 
 def build_app(engine: AsyncEngine, config: ServerConfig, metrics: ServerMetrics | None = None) -> FastAPI:
@@ -63,7 +67,7 @@ def build_app(engine: AsyncEngine, config: ServerConfig, metrics: ServerMetrics 
     names = config.served_model_name or ["lanner"]
     info = engine.info
     tokenizer = load_tokenizer(info.tokenizer_path) if info.tokenizer_path else None
-    prompts = Prompts(tokenizer, config.chat_template) if tokenizer is not None else None
+    prompts = Prompts(tokenizer, config.chat_template, config.chat_template_timeout_s) if tokenizer is not None else None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -77,7 +81,7 @@ def build_app(engine: AsyncEngine, config: ServerConfig, metrics: ServerMetrics 
     app.state.config = config
 
     app.add_middleware(AuthAndCount, api_key=config.api_key, metrics=metrics,
-                       max_body_bytes=int(config.max_request_body_mb * (1 << 20)))
+                       max_body_bytes=int(config.max_request_body_mb * (1 << 20)), body_timeout_s=config.body_timeout_s)
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception):  # nothing a client sends may take the server down
@@ -171,8 +175,12 @@ def build_app(engine: AsyncEngine, config: ServerConfig, metrics: ServerMetrics 
 
     @app.get("/health")
     async def health():
+        """200 while the engine loop makes progress: it must answer between two steps in time."""
         if not engine.is_running:
             return error_response(503, f"the engine is not running: {engine.dead}", "service_unavailable")
+        if not await engine.responsive(config.health_timeout_s):
+            return error_response(503, f"the engine loop has not answered for {config.health_timeout_s:g} s (a "
+                                       "stuck step, or a stopped engine process)", "service_unavailable")
         return {"status": "ok"}
 
     @app.get("/ping")
@@ -277,8 +285,10 @@ class AuthAndCount:
     handler, so an oversized body costs at most the limit), and request counts by endpoint and
     status. (Plain ASGI rather than @app.middleware, which hides client disconnects from handlers.)"""
 
-    def __init__(self, app, api_key: str | None, metrics: ServerMetrics, max_body_bytes: int) -> None:
+    def __init__(self, app, api_key: str | None, metrics: ServerMetrics, max_body_bytes: int,
+                 body_timeout_s: float) -> None:
         self.app, self.api_key, self.metrics, self.max_body_bytes = app, api_key, metrics, max_body_bytes
+        self.body_timeout_s = body_timeout_s
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -301,7 +311,12 @@ class AuthAndCount:
                                           "authentication_error", "invalid_api_key")
                 return await response(scope, receive, send_counting)
             if scope["method"] in ("POST", "PUT", "PATCH"):
-                body = await self._read_body(receive)
+                try:
+                    body = await asyncio.wait_for(self._read_body(receive), self.body_timeout_s)
+                except asyncio.TimeoutError:  # a body sent a byte at a time must not hold its connection forever
+                    response = error_response(408, f"the request body did not arrive within {self.body_timeout_s:g} s "
+                                                   "(--body-timeout-s)", "invalid_request_error")
+                    return await response(scope, receive, send_counting)
                 if body is None:  # the client left while sending
                     status["code"] = CLIENT_CLOSED
                     return
@@ -349,10 +364,11 @@ class ReaderStalled(LannerError):
 async def respond(request: Request, stream: bool, generators: list[AsyncIterator[RequestOutput]], shaper,
                   stall_timeout: float = 60.0) -> Response:
     """Run the prompts' generators; as SSE if `stream`, else one JSON body. Errors raised
-    before the first output become plain error responses. Outputs wait in a Mailbox (one per
-    prompt, latest wins), so a client that reads slowly costs no memory; one that reads nothing
-    for `stall_timeout` seconds while outputs wait has its requests aborted."""
-    mailbox = Mailbox()
+    before the first output become plain error responses. Outputs wait in a Mailbox (one slot
+    per prompt: a stream's deltas merge there), so a client that reads slowly costs at most its
+    output once; one that reads nothing for `stall_timeout` seconds while outputs wait has its
+    requests aborted."""
+    mailbox = Mailbox(deltas=stream)
 
     async def pump(index: int, gen: AsyncIterator[RequestOutput]) -> None:
         try:
@@ -361,7 +377,7 @@ async def respond(request: Request, stream: bool, generators: list[AsyncIterator
                 if mailbox.stalled_for() > stall_timeout:
                     raise ReaderStalled(f"the client read nothing for {stall_timeout:.0f} s (--stream-stall-timeout)")
         except BaseException as e:
-            mailbox.put(index, e)
+            mailbox.put(index, without_frames(e))
             if isinstance(e, ReaderStalled):
                 logger.warning("aborting a request whose client stopped reading: %s", e)
                 for t in tasks:
@@ -379,7 +395,7 @@ async def respond(request: Request, stream: bool, generators: list[AsyncIterator
         nonlocal remaining
         try:
             while remaining:
-                latest = await mailbox.take()  # cumulative outputs: the last of each prompt will do
+                latest = await mailbox.take()
                 for index, item in latest.items():
                     if isinstance(item, BaseException):
                         raise item

@@ -48,18 +48,22 @@ class ServerMetrics:
         self.kv_usage.set(0)
 
     def record_finished(self, out: RequestOutput) -> None:
+        """A finished output of any output_kind (counts come from its metrics, not its lists,
+        which a DELTA output holds only the end of)."""
+        m = out.metrics
         for choice in out.outputs:
             self.finished.labels(choice.finish_reason or "unknown").inc()
-            self.generation_tokens.inc(len(choice.token_ids))
-        self.prompt_tokens.inc(len(out.prompt_token_ids))
-        m = out.metrics
-        if m is None or m.first_token_time is None or m.finished_time is None:
+        if m is None:
+            return
+        lengths = m.output_lengths or [0]
+        self.generation_tokens.inc(sum(lengths))
+        self.prompt_tokens.inc(m.num_prompt_tokens)
+        if m.first_token_time is None or m.finished_time is None:
             return
         self.ttft.observe(m.first_token_time - m.arrival_time)
         self.e2e.observe(m.finished_time - m.arrival_time)
-        tokens = max(len(c.token_ids) for c in out.outputs)
-        if tokens > 1:
-            self.tpot.observe((m.finished_time - m.first_token_time) / (tokens - 1))
+        if max(lengths) > 1:
+            self.tpot.observe((m.finished_time - m.first_token_time) / (max(lengths) - 1))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from lanner.core.request import SamplingParams
+from lanner.core.request import RequestOutputKind, SamplingParams
 from lanner.errors import InvalidRequest
 
 NOT_SUPPORTED_YET = {  # field -> the feature it belongs to
@@ -117,7 +117,9 @@ class SamplingFields(UnsupportedFields):
                                  "ignore_eos": self.ignore_eos, "logprobs": logprobs,
                                  "prompt_logprobs": prompt_logprobs,
                                  "include_stop_str_in_output": self.include_stop_str_in_output,
-                                 "skip_special_tokens": self.skip_special_tokens})
+                                 "skip_special_tokens": self.skip_special_tokens,
+                                 # a stream takes what is new each step; a body is built once, at the end
+                                 "output_kind": RequestOutputKind.DELTA if self.stream else RequestOutputKind.FINAL_ONLY})
 
     @property
     def include_usage(self) -> bool:

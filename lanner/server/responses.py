@@ -1,15 +1,16 @@
 """Engine outputs -> OpenAI response bodies and stream chunks, for completions and chat.
 
-A shaper tracks, per choice, what it has sent (text, logprobs, tokens), so each
-stream chunk carries only what is new; `final()` builds the whole body at once.
+A stream gets DELTA outputs: each chunk carries what its output brought, and the
+shaper counts what it has sent (for text offsets and usage). A whole body comes from
+FINAL_ONLY outputs: `add()` keeps them and `final()` builds the body at once.
 """
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from lanner.core.request import CompletionOutput, Logprob, RequestOutput
+from lanner.core.request import CompletionOutput, Logprob, RequestOutput, merge_completions
 
 
 @dataclass
@@ -22,9 +23,9 @@ class PromptInfo:
 @dataclass
 class _Sent:
     text: int = 0
-    logprobs: int = 0
     tokens: int = 0
     started: bool = False
+    held: list[CompletionOutput] = field(default_factory=list)  # deltas that came before it could start
 
 
 def token_bytes(lp: Logprob) -> list[int]:
@@ -79,6 +80,7 @@ class _Shaper:
         return c.text, c.token_ids, c.logprobs or []
 
     def add(self, prompt_index: int, out: RequestOutput) -> None:
+        """A whole (FINAL_ONLY) output, for final()."""
         if out.prompt_logprobs is not None:
             self.prompt_logprobs[prompt_index] = out.prompt_logprobs
         if out.finished:
@@ -102,31 +104,37 @@ class _Shaper:
                 "total_tokens": prompt + completion_tokens}
 
     def chunks(self, prompt_index: int, out: RequestOutput) -> list[dict]:
-        self.add(prompt_index, out)
+        """Stream chunks for a DELTA output."""
+        if out.prompt_logprobs is not None:
+            self.prompt_logprobs.setdefault(prompt_index, []).extend(out.prompt_logprobs)
         chunks = []
         for c in out.outputs:
             index = self._choice_index(prompt_index, c.index)
             sent = self.sent.setdefault(index, _Sent())
             if not sent.started and not self._prompt_scored(prompt_index):
-                continue  # a chunked prompt's logprobs arrive over several steps: send them whole
+                sent.held.append(c)  # a chunked prompt's logprobs arrive over several steps: send them whole
+                continue
+            if sent.held:
+                c, sent.held = merge_completions([*sent.held, c]), []
             text, token_ids, logprobs = self.visible(c)
-            delta, new_logprobs = text[sent.text:], logprobs[sent.logprobs:]
             # a chunk for every step that made tokens, even with no new text (text held back by a
             # stop string or a partial UTF-8 character, or no tokenizer), so clients see each token
-            new_tokens = len(token_ids) > sent.tokens
-            if delta or new_logprobs or new_tokens or c.finish_reason or not sent.started:
-                chunk = self.chunk(prompt_index, index, delta, new_logprobs, c, sent)
-                sent.text, sent.logprobs, sent.tokens, sent.started = len(text), len(logprobs), len(token_ids), True
+            if text or logprobs or token_ids or c.finish_reason or not sent.started:
+                chunk = self.chunk(prompt_index, index, text, logprobs, c, sent)
+                sent.text, sent.tokens, sent.started = sent.text + len(text), sent.tokens + len(token_ids), True
                 if self.body.continuous_usage:
-                    chunk["usage"] = self.usage(sum(s.tokens for s in self.sent.values()))
+                    chunk["usage"] = self.usage(self.tokens_sent())
                 chunks.append(chunk)
         return chunks
+
+    def tokens_sent(self) -> int:
+        return sum(s.tokens for s in self.sent.values())
 
     def closing_chunks(self) -> list[dict]:
         if not self.body.include_usage:
             return []
         return [{"id": self.rid, "object": self.chunk_object, "created": self.created, "model": self.model,
-                 "choices": [], "usage": self.usage()}]
+                 "choices": [], "usage": self.usage(self.tokens_sent())}]
 
 
 class CompletionShaper(_Shaper):

@@ -27,9 +27,9 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from lanner.core.request import RequestOutput, SamplingParams
+from lanner.core.request import RequestOutput, RequestOutputKind, SamplingParams, merge_deltas
 from lanner.engine.engine import LLMEngine, PromptType
-from lanner.errors import EngineDead, InvalidRequest, LannerError, ServerOverloaded
+from lanner.errors import EngineDead, InvalidRequest, LannerError, ServerOverloaded, without_frames
 
 logger = logging.getLogger(__name__)
 
@@ -231,6 +231,10 @@ class EngineLoop:
                 logger.exception("a command failed during shutdown")
 
 
+def _no_op(engine: LLMEngine) -> None:
+    """What a liveness probe runs on the engine loop (module-level: it crosses to an engine process)."""
+
+
 class Transport(Protocol):
     """How an AsyncEngine reaches its EngineLoop."""
     info: EngineInfo
@@ -241,30 +245,39 @@ class Transport(Protocol):
 
 
 class Mailbox:
-    """The hand-off of cumulative outputs to a reader, bounded whatever the reader's speed: per
-    key one slot, where a newer output replaces one not taken yet (nothing is lost, since each
-    output holds everything before it); an error or a finished output is never replaced. A
-    reader that falls behind gets the latest state in one piece instead of a backlog."""
+    """The hand-off of outputs to a reader, bounded whatever the reader's speed. Per key one
+    slot: a newer cumulative output replaces one not taken yet (it holds everything before it);
+    DELTA outputs not taken yet are merged when taken, so the reader gets everything it missed
+    in one piece, never more than the request's whole output. An error or a finished output is
+    never replaced (an error replaces deltas not taken: the request is over)."""
 
-    def __init__(self) -> None:
-        self.items: dict[Any, Any] = {}
+    def __init__(self, deltas: bool = False) -> None:
+        self.deltas = deltas
+        self.items: dict[Any, Any] = {}  # key -> an output or error (deltas: a list of outputs)
         self.ready = asyncio.Event()
         self.waiting_since: float | None = None  # when the oldest item not taken arrived
 
     def put(self, key: Any, item: Any) -> None:
         held = self.items.get(key)
-        if isinstance(held, BaseException) or getattr(held, "finished", False):
+        last = held[-1] if isinstance(held, list) else held
+        if isinstance(last, BaseException) or getattr(last, "finished", False):
             return
         if not self.items:
             self.waiting_since = time.monotonic()
-        self.items[key] = item
+        if self.deltas and isinstance(item, RequestOutput):
+            if isinstance(held, list):
+                held.append(item)
+            else:
+                self.items[key] = [item]
+        else:
+            self.items[key] = item
         self.ready.set()
 
     async def take(self) -> dict[Any, Any]:
         await self.ready.wait()
         self.ready.clear()
         items, self.items, self.waiting_since = self.items, {}, None
-        return items
+        return {key: merge_deltas(item) if isinstance(item, list) else item for key, item in items.items()}
 
     def stalled_for(self) -> float:
         return time.monotonic() - self.waiting_since if self.waiting_since is not None else 0.0
@@ -298,6 +311,7 @@ class AsyncEngine:
         self.observer = observer
         self._streams: dict[str, _Stream] = {}
         self.dead: str | None = None
+        self._probe: Future | None = None  # the liveness probe in flight (responsive())
         if transport is None:
             assert engine is not None
             self.transport: Transport = ThreadTransport(engine, self, max_waiting_requests, max_step_failures)
@@ -331,13 +345,14 @@ class AsyncEngine:
     # ---- the callers' side ---------------------------------------------------------------
 
     async def generate(self, request_id: str, prompt: PromptType, params: SamplingParams) -> AsyncIterator[RequestOutput]:
-        """Outputs of one request as it progresses (cumulative; those the caller was too slow to
-        take are skipped), the last with `finished`; raises the request's error (InvalidRequest,
+        """Outputs of one request as it progresses, of `params.output_kind` (cumulative ones the
+        caller was too slow to take are skipped, deltas it was too slow to take are merged), the
+        last with `finished`; raises the request's error (InvalidRequest,
         ServerOverloaded, EngineDead, StepFailed). Leaving the iteration early (a client that went
         away) aborts the request."""
         if request_id in self._streams:
             raise InvalidRequest(f"request id {request_id!r} is already in use")
-        stream = _Stream(asyncio.get_running_loop(), Mailbox())
+        stream = _Stream(asyncio.get_running_loop(), Mailbox(params.output_kind is RequestOutputKind.DELTA))
         self._streams[request_id] = stream  # before the add: the first output may come at once
         try:
             await asyncio.wrap_future(self.transport.request("add", request_id, prompt, params))
@@ -375,6 +390,20 @@ class AsyncEngine:
         """fn(engine, *args) on the engine loop (to read its state safely). With an engine
         process, fn and args must pickle (a module-level function, not a lambda)."""
         return self.transport.request("call", fn, *args)
+
+    async def responsive(self, timeout: float) -> bool:
+        """The engine loop ran a no-op within `timeout` seconds: it is neither stuck in a step nor
+        stopped (a paused engine process). Callers share the probe in flight, so asking often
+        queues at most one command."""
+        if not self.is_running:
+            return False
+        if self._probe is None or self._probe.done():
+            self._probe = self.call(_no_op)
+        try:
+            await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(self._probe)), timeout)
+            return True
+        except Exception:  # timed out, or the engine went away
+            return False
 
     async def stats(self) -> EngineStats:
         return await asyncio.wrap_future(self.call(engine_stats))
@@ -446,7 +475,7 @@ class ThreadTransport:
             try:
                 future.set_result(method(*args))
             except BaseException as e:  # handed to the caller, never raised in the loop
-                future.set_exception(e)
+                future.set_exception(without_frames(e))
 
         if not self.loop.post(run):
             future.set_exception(self.loop.not_running())

@@ -26,7 +26,7 @@ import threading
 from concurrent.futures import Future
 from typing import Any
 
-from lanner.errors import EngineDead
+from lanner.errors import EngineDead, without_frames
 from lanner.serving.async_engine import EngineLoop, Sink
 
 logger = logging.getLogger(__name__)
@@ -99,7 +99,7 @@ def _child_main(config: Any, conn: Any, max_waiting_requests: int | None, max_st
             args = pickle.loads(payload)  # here, not in recv(): a payload that fails to load fails its request only
             value, ok = getattr(loop, op)(*args), True
         except BaseException as e:  # handed to the caller, never raised in the loop
-            value, ok = e, False
+            value, ok = without_frames(e), False
         reply(request_id, ok, value)
 
     def read_commands() -> None:
@@ -172,7 +172,7 @@ class ProcessTransport:
             except Exception as e:  # arguments that do not pickle (a lambda given to call())
                 self._futures.pop(request_id, None)
                 if not future.done():
-                    future.set_exception(e)
+                    future.set_exception(without_frames(e))
         return future
 
     def _read(self) -> None:
