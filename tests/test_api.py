@@ -10,7 +10,7 @@ import sys
 import torch
 
 from conftest import _save, hf_greedy, hf_model, make_llm, random_prompts
-from lanner import SamplingParams
+from lanner import RequestOutputKind, SamplingParams
 from lanner.cli import NO_SAMPLING_FLAG, build_parser
 from lanner.config import EngineConfig, _leaf_fields
 
@@ -181,3 +181,36 @@ def test_default_params_and_prefix_cache_reset(qwen3_path):
     assert llm.reset_prefix_cache() is False  # a request holds blocks
     llm.engine.abort_request("busy")
     assert llm.reset_prefix_cache() is True
+
+
+def test_output_kinds_carry_the_same_request(qwen3_path):
+    """CUMULATIVE outputs hold everything so far, DELTA outputs join to the same (the prompt in
+    the first only), FINAL_ONLY sends one output; the same seed samples the same tokens."""
+    engine = make_llm(qwen3_path).engine
+    for kind in RequestOutputKind:
+        engine.add_request(kind.name, "def add(a, b):", SamplingParams(
+            n=2, temperature=0.9, seed=1, max_tokens=8, ignore_eos=True, logprobs=1, output_kind=kind))
+    seen: dict[str, list] = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            seen.setdefault(out.request_id, []).append(out)
+    cumulative, delta, final = seen["CUMULATIVE"], seen["DELTA"], seen["FINAL_ONLY"]
+    assert len(final) == 1 and final[0].finished and len(cumulative) == len(delta) == 8
+    assert delta[0].prompt_token_ids == cumulative[0].prompt_token_ids != []
+    assert all(o.prompt_token_ids == [] and o.prompt is None for o in delta[1:])
+    for i in range(2):
+        whole = cumulative[-1].outputs[i]
+        assert len(cumulative[3].outputs[i].token_ids) == 4
+        got = final[0].outputs[i]  # another request of the batch: the same tokens, logprobs up to float noise
+        assert (got.text, got.token_ids) == (whole.text, whole.token_ids)
+        assert_close_logprobs(got.logprobs, whole.logprobs)
+        parts = [o.outputs[i] for o in delta]
+        assert "".join(p.text for p in parts) == whole.text and whole.text
+        assert sum((p.token_ids for p in parts), []) == whole.token_ids
+        assert_close_logprobs(sum((p.logprobs for p in parts), []), whole.logprobs)
+
+
+def assert_close_logprobs(got: list[dict], want: list[dict]) -> None:
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        assert a.keys() == b.keys() and all(abs(a[t].logprob - b[t].logprob) < 1e-3 for t in a)
