@@ -352,15 +352,12 @@ class LLMEngine:
     @staticmethod
     def _completion(r: Request, delta: bool) -> CompletionOutput:
         """A sample's visible state: all of it, or (delta) what earlier outputs did not carry."""
-        end = visible_length(r)
-        text, tokens, logprobs = r.output_text[:end], list(r.output_token_ids), r.logprobs
+        end, sent = visible_length(r), r.sent
+        start = (sent.text, sent.tokens, sent.logprobs) if delta else (0, 0, 0)
+        text, tokens = r.output_text[start[0]:end], r.output_token_ids[start[1]:]
+        logprobs = None if r.logprobs is None else r.logprobs[start[2]:]
         if delta:
-            sent = r.sent
-            text, tokens = r.output_text[sent.text:end], r.output_token_ids[sent.tokens:]
-            logprobs = None if logprobs is None else logprobs[sent.logprobs:]
             sent.text, sent.tokens, sent.logprobs = end, len(r.output_token_ids), len(r.logprobs or ())
-        elif logprobs is not None:
-            logprobs = list(logprobs)
         return CompletionOutput(index=r.index, text=text, token_ids=tokens,
                                 cumulative_logprob=r.cumulative_logprob if r.logprobs is not None else None,
                                 logprobs=logprobs, finish_reason=r.finish_reason, stop_reason=r.stop_reason)
