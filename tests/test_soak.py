@@ -120,14 +120,15 @@ class Attackers:
 
     def huge_body(self) -> None:
         r = self.http.post(self.base + "/v1/completions", content=b'{"prompt": "' + b"x" * (2 << 20) + b'"}',
-                       headers={"content-type": "application/json"})
+                           headers={"content-type": "application/json"})
         assert r.status_code == 413, r.status_code
 
     def nested_body(self) -> None:
         r = self.http.post(self.base + "/v1/chat/completions", json={
             "model": MODEL, "messages": [{"role": "user", "content": "x"}], "chat_template_kwargs": deep(500)})
         assert r.status_code == 400, r.status_code
-        r = self.http.post(self.base + "/v1/completions", content=b"[" * 50_000 + b"]" * 50_000, headers={"content-type": "application/json"})
+        r = self.http.post(self.base + "/v1/completions", content=b"[" * 50_000 + b"]" * 50_000,
+                           headers={"content-type": "application/json"})
         assert r.status_code == 400, r.status_code
 
     def heavy_stops(self) -> None:

@@ -1,0 +1,1 @@
+"""Proposers of speculative drafts, one method per file (n-gram lookup so far)."""

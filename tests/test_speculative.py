@@ -1,0 +1,148 @@
+"""Speculative decoding's building blocks: exact verification of drafts, and the n-gram proposer."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from lanner.core.request import SamplingParams
+from lanner.kernels.sampling_reference import race_sample_ref, row_key
+from lanner.sampling.rejection import verify_greedy_drafts, verify_sampled_drafts
+from lanner.sampling.sampler import processed_probs
+from lanner.sampling.speculative.ngram import NgramProposer
+
+# ---- verification ---------------------------------------------------------------------------------
+
+
+def test_greedy_drafts_keep_the_target_samples_up_to_the_first_difference():
+    drafts = torch.tensor([[5, 6, 7], [5, 6, 7], [5, 6, 7], [1, 2, 3]])
+    target = torch.tensor([[5, 6, 7, 8], [5, 9, 7, 8], [4, 6, 7, 8], [1, 2, 3, 4]])
+    out = verify_greedy_drafts(drafts, target)
+    assert out.num_accepted.tolist() == [3, 1, 0, 3]
+    emitted = [row[:n + 1] for row, n in zip(out.tokens.tolist(), out.num_accepted.tolist())]
+    assert emitted == [[5, 6, 7, 8], [5, 9], [4], [1, 2, 3, 4]]
+
+
+SETTINGS = [dict(temperature=1.0), dict(temperature=0.7, top_k=4), dict(temperature=1.3, top_p=0.8),
+            dict(temperature=0.9, min_p=0.1, top_k=5)]
+V, K, N = 6, 2, 20_000
+CHI2_LIMIT = 30.0  # df <= 5: a chance of about 1e-5 for an exact sampler; the seeds are fixed anyway
+
+
+def chi_square(tokens: torch.Tensor, probs: torch.Tensor) -> float:
+    """Pearson's statistic of `tokens` against `probs`; a token of probability 0 must never appear."""
+    counts = torch.bincount(tokens, minlength=V).double()
+    assert counts[probs == 0].sum() == 0, "a token the target rules out was emitted"
+    expected = probs.double() * len(tokens)
+    keep = probs > 0
+    return float(((counts[keep] - expected[keep]) ** 2 / expected[keep]).sum())
+
+
+def keyed(seeds: range, offset: int, salt: int = 0) -> torch.Tensor:
+    return torch.tensor([[row_key(s ^ salt, offset + i) for i in range(K + 1)] for s in seeds], dtype=torch.long)
+
+
+def distributions() -> tuple[torch.Tensor, torch.Tensor]:
+    """Target logits for k+1 positions, and a draft that resembles the target without being it."""
+    gen = torch.Generator().manual_seed(7)
+    target_logits = torch.randn(K + 1, V, generator=gen) * 1.5
+    noise = torch.softmax(torch.randn(K, V, generator=gen) * 1.5, dim=-1)
+    return target_logits, 0.6 * torch.softmax(target_logits[:K], dim=-1) + 0.4 * noise
+
+
+def run_verification(settings: dict, verify) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """N requests that share the target and draft distributions but not their seeds: the emitted
+    tokens, the number accepted, and the target's probabilities per position."""
+    target_logits, draft_probs = distributions()
+    params = SamplingParams(**settings)
+    p = processed_probs(target_logits, [params] * (K + 1))
+    seeds = range(N)
+    draft_keys = keyed(seeds, 0, salt=0x5EED)  # the draft's own noise
+    drafts = race_sample_ref(draft_probs.repeat(N, 1), draft_keys[:, :K].reshape(N * K, 2)).reshape(N, K)
+    out = verify(drafts, draft_probs.expand(N, K, V), p.expand(N, K + 1, V),
+                 keyed(seeds, 0, salt=0xACCE)[:, :K], keyed(seeds, 0))
+    return out.tokens, out.num_accepted, p
+
+
+@pytest.mark.parametrize("settings", SETTINGS)
+def test_rejection_sampling_emits_the_target_distribution(settings):
+    """At every position a token is emitted at, it follows the target's processed distribution
+    (temperature, top-k, top-p, min-p), whatever the draft proposed."""
+    tokens, accepted, p = run_verification(settings, verify_sampled_drafts)
+    for position in range(K + 1):
+        reached = accepted >= position  # rows that emit a token at this position
+        assert reached.sum() > 1000
+        assert chi_square(tokens[reached, position], p[position]) < CHI2_LIMIT, position
+    # and the draft helps: more than the first token per verification on average
+    assert accepted.float().mean() > 0.3
+
+
+def resample_from_target(drafts, draft_probs, target_probs, accept_keys, sample_keys):
+    """An inexact rule that looks plausible: on a rejection, draw from p instead of the residual
+    (the rejected mass goes back to tokens the draft already favoured)."""
+    out = verify_sampled_drafts(drafts, draft_probs, target_probs, accept_keys, sample_keys)
+    B = drafts.shape[0]
+    redraw = race_sample_ref(target_probs[:, 0], sample_keys[:, 0])
+    first = torch.where(out.num_accepted > 0, out.tokens[:, 0], redraw)
+    out.tokens = torch.cat([first[:, None], out.tokens[:, 1:]], dim=1)
+    assert out.tokens.shape[0] == B
+    return out
+
+
+def test_the_statistical_test_catches_an_inexact_rule():
+    tokens, accepted, p = run_verification(SETTINGS[0], resample_from_target)
+    assert chi_square(tokens[:, 0], p[0]) > 5 * CHI2_LIMIT
+
+
+def test_sampled_verification_is_batch_independent():
+    """A request's outcome depends on its own keys only: the same rows in another batch agree."""
+    tokens, accepted, _ = run_verification(SETTINGS[1], verify_sampled_drafts)
+    target_logits, draft_probs = distributions()
+    p = processed_probs(target_logits, [SamplingParams(**SETTINGS[1])] * (K + 1))
+    rows = range(100, 110)
+    draft_keys = keyed(rows, 0, salt=0x5EED)
+    drafts = race_sample_ref(draft_probs.repeat(10, 1), draft_keys[:, :K].reshape(10 * K, 2)).reshape(10, K)
+    alone = verify_sampled_drafts(drafts, draft_probs.expand(10, K, V), p.expand(10, K + 1, V),
+                                  keyed(rows, 0, salt=0xACCE)[:, :K], keyed(rows, 0))
+    assert torch.equal(alone.num_accepted, accepted[100:110])
+    for i, n in enumerate(alone.num_accepted.tolist()):
+        assert alone.tokens[i, :n + 1].tolist() == tokens[100 + i, :n + 1].tolist()
+
+
+# ---- the n-gram proposer ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("history,k,want", [
+    ([1, 2, 3, 1, 2, 3, 1, 2], 3, [3, 1, 2]),  # a repeating stretch continues
+    ([7, 1, 2, 9, 5, 1, 2, 8, 7, 1, 2], 3, [9, 5, 1]),  # the longest recurring ending wins
+    ([1, 2, 8, 1, 2, 9, 1, 2], 3, [9, 1, 2]),  # among equals, the most recent occurrence
+    ([5, 5, 5], 4, [5]),  # an occurrence overlapping the ending; fewer than k tokens follow it
+    ([4, 5, 6, 7], 3, []),  # nothing recurs
+])
+def test_ngram_proposals(history, k, want):
+    assert NgramProposer(k, prompt_lookup_min=1, prompt_lookup_max=3).propose(history) == want
+
+
+def test_ngram_respects_the_shortest_ending():
+    assert NgramProposer(2, prompt_lookup_min=2, prompt_lookup_max=4).propose([1, 9, 1]) == []
+    assert NgramProposer(2, prompt_lookup_min=2, prompt_lookup_max=4).propose([1, 9, 3, 1, 9]) == [3, 1]
+    with pytest.raises(ValueError):
+        NgramProposer(2, prompt_lookup_min=3, prompt_lookup_max=2)
+
+
+def reference_ngram(history: list[int], k: int, lo: int, hi: int) -> list[int]:
+    for n in range(min(hi, len(history) - 1), lo - 1, -1):
+        ending = history[-n:]
+        for start in range(len(history) - n - 1, -1, -1):
+            if history[start:start + n] == ending:
+                return history[start + n:start + n + k]
+    return []
+
+
+def test_ngram_matches_a_plain_reference_on_random_histories():
+    rng = random.Random(0)
+    proposer = NgramProposer(4, prompt_lookup_min=2, prompt_lookup_max=5)
+    for _ in range(500):
+        history = [rng.randrange(4) for _ in range(rng.randrange(2, 60))]
+        assert proposer.propose(history) == reference_ngram(history, 4, 2, 5), history
