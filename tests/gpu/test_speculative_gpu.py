@@ -1,0 +1,39 @@
+"""Speculative verification on the GPU: the same accepted tokens as the CPU reference (the race
+kernel's noise is bit-identical), and no host sync."""
+from __future__ import annotations
+
+import torch
+
+from lanner.core.request import SamplingParams
+from lanner.kernels.sampling_reference import race_sample_ref
+from lanner.sampling.rejection import verify_greedy_drafts, verify_sampled_drafts
+from lanner.sampling.sampler import processed_probs
+from test_speculative import K, N, SETTINGS, V, distributions, keyed
+
+
+def inputs(device: str):
+    target_logits, draft_probs = distributions()
+    p = processed_probs(target_logits, [SamplingParams(**SETTINGS[2])] * (K + 1))
+    seeds = range(N)
+    draft_keys = keyed(seeds, 0, salt=0x5EED)
+    drafts = race_sample_ref(draft_probs.repeat(N, 1), draft_keys[:, :K].reshape(N * K, 2)).reshape(N, K)
+    args = (drafts, draft_probs.expand(N, K, V).contiguous(), p.expand(N, K + 1, V).contiguous(),
+            keyed(seeds, 0, salt=0xACCE)[:, :K].contiguous(), keyed(seeds, 0))
+    return [a.to(device) for a in args]
+
+
+def test_verification_on_the_gpu_matches_the_cpu_without_a_sync():
+    want = verify_sampled_drafts(*inputs("cpu"))
+    args = inputs("cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = verify_sampled_drafts(*args)
+        greedy = verify_greedy_drafts(args[0], got.tokens)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(got.num_accepted.cpu(), want.num_accepted)
+    keep = torch.arange(K + 1)[None, :] <= want.num_accepted[:, None]
+    assert torch.equal(got.tokens.cpu()[keep], want.tokens[keep])
+    # a rejected draft is never emitted in its place (the residual excludes it)
+    assert torch.equal(greedy.num_accepted.cpu(), want.num_accepted)
