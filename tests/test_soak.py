@@ -66,7 +66,7 @@ def p99(values: list[float]) -> float:
 class Attackers:
     """Each kind of bad client in a loop on its own thread (paced: at most PACE_S apart) until
     stopped; counts what it did."""
-    PACE_S = 0.2
+    PACE_S = 0.5
 
     def __init__(self, base: str, kinds: tuple[str, ...]) -> None:
         self.base, self.host, port = base, *base.removeprefix("http://").split(":")
@@ -106,7 +106,7 @@ class Attackers:
 
     def slow_reader(self) -> None:
         """A stream of many long samples with logprobs from a socket that never reads: it is aborted."""
-        body = json.dumps({"model": MODEL, "prompt": "class A:", "stream": True, "n": 2, "logprobs": 5,
+        body = json.dumps({"model": MODEL, "prompt": "class A:", "stream": True, "logprobs": 5,
                            "max_tokens": 300, "ignore_eos": True}).encode()
         with self._socket(rcvbuf=4096) as s:
             s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -134,7 +134,7 @@ class Attackers:
     def heavy_stops(self) -> None:
         stops = [f"{i}" + "never" * 200 for i in range(64)]  # as many and as long as the limits allow
         r = self.http.post(self.base + "/v1/completions", json={
-            "model": MODEL, "prompt": "import os", "max_tokens": 16, "stop": stops})
+            "model": MODEL, "prompt": "import os", "max_tokens": 4, "stop": stops})
         assert r.status_code == 200, r.text
         r = self.http.post(self.base + "/v1/completions", json={
             "model": MODEL, "prompt": "import os", "n": 16, "stop": [f"s{i}" for i in range(20_000)]})
