@@ -134,6 +134,43 @@ class GraphConfig:
 
 
 @dataclass
+class SpeculativeConfig:
+    """vLLM's `speculative_config`: which proposer drafts tokens and how many per step."""
+    method: str
+    num_speculative_tokens: int
+    prompt_lookup_min: int = 1  # ngram: the shortest and longest text ending looked up
+    prompt_lookup_max: int = 5
+    model: str | None = None  # draft_model, eagle3: the draft's folder or repo id
+
+    METHODS: typing.ClassVar[tuple[str, ...]] = ("ngram", "draft_model", "eagle3", "mtp")
+    BUILT: typing.ClassVar[tuple[str, ...]] = ("ngram",)
+
+    def __post_init__(self) -> None:
+        _check(self.method in self.METHODS, f"speculative method {self.method!r}: one of {', '.join(self.METHODS)}")
+        _check(self.method in self.BUILT, f"speculative method {self.method!r} is not built yet (built: "
+                                          f"{', '.join(self.BUILT)})")
+        k = self.num_speculative_tokens
+        _check(isinstance(k, int) and not isinstance(k, bool) and 1 <= k <= 16,
+               f"num_speculative_tokens must be an integer in [1, 16], got {k!r}")
+        lo, hi = self.prompt_lookup_min, self.prompt_lookup_max
+        _check(all(isinstance(x, int) and not isinstance(x, bool) for x in (lo, hi)) and 1 <= lo <= hi,
+               f"need integers 1 <= prompt_lookup_min ({lo!r}) <= prompt_lookup_max ({hi!r})")
+
+    @classmethod
+    def of(cls, value: dict | None) -> SpeculativeConfig | None:
+        """From the JSON object of `--speculative-config` (None: no speculation)."""
+        if value is None:
+            return None
+        _check(isinstance(value, dict), "speculative_config must be a JSON object")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(value) - known)
+        _check(not unknown, f"speculative_config: unknown keys {unknown}; known: {', '.join(sorted(known))}")
+        missing = [name for name in ("method", "num_speculative_tokens") if name not in value]
+        _check(not missing, f"speculative_config needs {' and '.join(missing)}")
+        return cls(**value)
+
+
+@dataclass
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -147,6 +184,12 @@ class EngineConfig:
     seed: int = _opt(0, "seed for weights of dummy models and for requests without their own seed")
     disable_log_stats: bool = _opt(False, "do not log the engine's throughput and queues every 10 s "
                                           "(lanner serve)")
+    speculative_config: dict | None = _opt(
+        None, "speculative decoding, vLLM's JSON: {\"method\": \"ngram\", \"num_speculative_tokens\": 4, "
+              "\"prompt_lookup_min\": 1, \"prompt_lookup_max\": 5} (draft_model, eagle3, mtp: not built yet)")
+
+    def __post_init__(self) -> None:
+        SpeculativeConfig.of(self.speculative_config)  # refused at once, not at the first request
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> EngineConfig:

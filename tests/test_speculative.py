@@ -1,7 +1,9 @@
 """Speculative decoding's building blocks: exact verification of drafts, and the n-gram proposer."""
 from __future__ import annotations
 
+import json
 import random
+import re
 
 import pytest
 import torch
@@ -146,3 +148,132 @@ def test_ngram_matches_a_plain_reference_on_random_histories():
     for _ in range(500):
         history = [rng.randrange(4) for _ in range(rng.randrange(2, 60))]
         assert proposer.propose(history) == reference_ngram(history, 4, 2, 5), history
+
+
+# ---- the engine with n-gram speculation -------------------------------------------------------------
+
+SPEC = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3}
+CODE = ["def add(a, b):\n    return a + b\n\ndef sub(a, b):\n    return a - b\n\ndef mul(a, b):",
+        "import os\nimport sys\nimport os\nimport sys\n", "class A:\n    pass\n\n\nclass B:\n    pass\n\n\nclass"]
+
+
+def llm(**kwargs):
+    from lanner import LLM
+
+    return LLM(device="cpu", dtype="float32", **kwargs)
+
+
+@pytest.fixture(scope="module")
+def plain():
+    return llm()
+
+
+@pytest.mark.parametrize("engine_args", [
+    {},
+    {"max_num_batched_tokens": 24, "max_num_seqs": 4},  # chunked prompts, drafts cut by the token budget
+    {"num_kv_blocks": 12, "block_size": 16},  # preemption: drafts of a preempted request are dropped
+])
+def test_ngram_speculation_changes_no_output(plain, engine_args):
+    """Greedy and seeded sampling (n=2), with a penalised and a min_tokens request in the same
+    batch (decoded without drafts, and with them): the same tokens as without speculation."""
+    kinds = [SamplingParams(temperature=0, max_tokens=40, ignore_eos=True),
+             SamplingParams(temperature=0.8, seed=3, n=2, max_tokens=40, ignore_eos=True, logprobs=2),
+             SamplingParams(temperature=0, repetition_penalty=1.3, max_tokens=20),
+             SamplingParams(temperature=0.7, seed=5, min_tokens=12, max_tokens=30)]
+    work = [(p, k) for p in CODE for k in kinds]
+    want = plain.generate([p for p, _ in work], [k for _, k in work], use_tqdm=False)
+    spec = llm(speculative_config=SPEC, **engine_args)
+    got = spec.generate([p for p, _ in work], [k for _, k in work], use_tqdm=False)
+    for w, g in zip(want, got):
+        for cw, cg in zip(w.outputs, g.outputs):
+            assert cg.token_ids == cw.token_ids and cg.text == cw.text
+            if cw.logprobs is not None:  # the target's logprobs, from the verifying rows
+                assert [list(e) for e in cg.logprobs] == [list(e) for e in cw.logprobs]
+    stats = spec.engine.speculator.stats
+    assert stats.accepted > 20 and stats.drafts > stats.accepted  # it speculated, and was sometimes wrong
+    spec.engine.kv_cache.check_invariants([])
+    assert spec.engine.kv_cache.stats().used_blocks == 0
+    if engine_args.get("num_kv_blocks"):
+        assert spec.engine.scheduler.num_preemptions > 0
+
+
+def test_blocks_written_by_drafts_serve_prefix_hits_correctly(plain):
+    """Rejected drafts leave no KV behind: prompts that extend earlier outputs hit blocks the
+    speculating run filled, and still give the outputs of an engine that never speculated."""
+    spec = llm(speculative_config=SPEC)
+    greedy = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
+    first = spec.generate(CODE, greedy, use_tqdm=False)
+    longer = [p + o.outputs[0].text for p, o in zip(CODE, first)]
+    hits_before = spec.engine.kv_cache.prefix_hits
+    got = [o.outputs[0].token_ids for o in spec.generate(longer, greedy, use_tqdm=False)]
+    assert spec.engine.kv_cache.prefix_hits - hits_before >= 3 * 16  # the cached blocks were used
+    assert got == [o.outputs[0].token_ids for o in plain.generate(longer, greedy, use_tqdm=False)]
+
+
+def test_speculation_metrics_equal_independent_counts():
+    spec = llm(speculative_config=SPEC)
+    engine = spec.engine
+    proposed, events = [], []
+    propose, append = engine.speculator.proposer.propose, engine._append_sampled
+    engine.speculator.proposer.propose = lambda ids, k=None: proposed.append(propose(ids, k)) or proposed[-1]
+    engine._append_sampled = lambda req, rows: (events.append(len(rows)), append(req, rows))[1]
+    outs = spec.generate(CODE, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True), use_tqdm=False)
+    stats = engine.speculator.stats
+    emitted = sum(len(o.outputs[0].token_ids) for o in outs)
+    # no stop can cut a verification short here (ignore_eos, drafts never pass max_tokens), so each
+    # sampling event emits its accepted drafts and one token of the target's
+    assert stats.drafts == sum(len(d) for d in proposed)
+    assert stats.accepted == emitted - len(events) and stats.accepted > 0
+    assert stats.verifications == sum(1 for rows in events if rows > 1)
+    assert sum(stats.accepted_at) == stats.accepted and stats.accepted_at == sorted(stats.accepted_at, reverse=True)
+
+
+@pytest.mark.parametrize("value,message", [
+    ({"method": "eagle3", "num_speculative_tokens": 3}, "not built yet"),
+    ({"method": "medusa", "num_speculative_tokens": 3}, "one of"),
+    ({"method": "ngram"}, "needs num_speculative_tokens"),
+    ({"method": "ngram", "num_speculative_tokens": 0}, "[1, 16]"),
+    ({"method": "ngram", "num_speculative_tokens": 2, "lookahead": 1}, "unknown keys"),
+    ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 4, "prompt_lookup_max": 2}, "<="),
+])
+def test_speculative_config_is_applied_or_refused(value, message):
+    from lanner.config import EngineConfig
+    from lanner.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        EngineConfig.from_kwargs(speculative_config=value)
+
+
+def test_speculative_config_flag():
+    from lanner.cli import build_parser
+    from lanner.config import EngineConfig, kwargs_from_args
+
+    args = build_parser().parse_args(["generate", "x", "--speculative-config", json.dumps(SPEC)])
+    assert EngineConfig.from_kwargs(**kwargs_from_args(args, EngineConfig)).speculative_config == SPEC
+    serve = build_parser().parse_args(["serve", "--speculative-config", json.dumps(SPEC)])
+    assert serve.speculative_config == SPEC
+
+
+def test_the_server_speculates_with_the_same_output(plain):
+    from fastapi.testclient import TestClient
+
+    from lanner.config import EngineConfig, ServerConfig
+    from lanner.engine.engine import LLMEngine
+    from lanner.server.app import build_app
+    from lanner.serving.async_engine import AsyncEngine
+
+    engine = LLMEngine(EngineConfig.from_kwargs(device="cpu", dtype="float32", speculative_config=SPEC))
+    app = build_app(AsyncEngine(engine), ServerConfig(served_model_name=["m"]))
+    want = [o.outputs[0].text for o in plain.generate(CODE, SamplingParams(temperature=0, max_tokens=32,
+                                                                           ignore_eos=True), use_tqdm=False)]
+    with TestClient(app) as c:
+        for prompt, text in zip(CODE, want):
+            # the model's generation_config asks for a repetition penalty, which is decoded without drafts
+            body = {"model": "m", "prompt": prompt, "temperature": 0, "max_tokens": 32, "ignore_eos": True,
+                    "repetition_penalty": 1.0}
+            assert c.post("/v1/completions", json=body).json()["choices"][0]["text"] == text
+            with c.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+                parts = [json.loads(line[6:])["choices"][0]["text"] for line in r.iter_lines()
+                         if line.startswith("data: {")]
+            assert "".join(parts) == text
+    assert engine.speculator.stats.accepted > 0

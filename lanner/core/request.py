@@ -230,6 +230,8 @@ class Request:
                               or bool(params.frequency_penalty))
         self.bad_word_ids: list[list[int]] = []  # token sequences of params.bad_words (set by the engine)
         self.num_computed_tokens = 0
+        self.speculative = False  # the engine proposes drafts for it (when it decodes)
+        self.draft_token_ids: list[int] = []  # this step's drafts, computed after its last token
         self.num_cached_tokens = 0  # prompt tokens served from the prefix cache on first admission
         self.block_ids: list[int] = []
         self.block_hashes: list[bytes] = []  # content hash of each full block, a chain
@@ -263,7 +265,15 @@ class Request:
     def needs_host_history(self) -> bool:
         """Its sampling reads its output tokens on the host (logits processors, multi-token bad
         words), so none of them may still be pending on the device when it samples."""
-        return bool(self.params.logits_processors) or any(len(ids) > 1 for ids in self.bad_word_ids)
+        return (self.speculative or bool(self.params.logits_processors)
+                or any(len(ids) > 1 for ids in self.bad_word_ids))
+
+    @property
+    def can_speculate(self) -> bool:
+        """Verification samples k+1 positions at once from the same history: options that read
+        the output so far at each position (penalties, bad words, logits processors) are
+        decoded without drafts instead."""
+        return not (self.has_penalties or self.bad_word_ids or self.params.logits_processors)
 
     @property
     def has_logit_constraints(self) -> bool:

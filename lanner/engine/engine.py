@@ -12,6 +12,7 @@ computes one more token at N, which is dropped.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 import time
@@ -20,13 +21,14 @@ from typing import Any
 import torch
 from torch.profiler import record_function
 
-from lanner.config import EngineConfig
+from lanner.config import EngineConfig, SpeculativeConfig
 from lanner.core.request import CompletionOutput, Request, RequestOutput, RequestOutputKind, SamplingParams
 from lanner.core.schedule import SchedulerOutput
 from lanner.engine.detokenizer import Detokenizer, TokenBytes, find_stop_string, visible_length
 from lanner.engine.kv_cache import KVCacheManager
 from lanner.engine.prompts import Prompts
 from lanner.engine.scheduler import Scheduler
+from lanner.engine.speculation import Speculator
 from lanner.errors import CapacityExceeded, ConfigError, InvalidRequest
 from lanner.executor.model_runner import ModelRunner, StepHandle
 from lanner.models.loader import load_model
@@ -91,6 +93,8 @@ class LLMEngine:
         self.kv_cache = KVCacheManager(self.runner.num_blocks, config.cache.block_size,
                                        config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv_cache)
+        speculative = SpeculativeConfig.of(config.speculative_config)
+        self.speculator = Speculator(speculative) if speculative is not None else None
         self.groups: dict[str, list[Request]] = {}  # request id -> its n samples
         self.detokenizers: dict[Request, Detokenizer] = {}
         self._seeds = random.Random(config.seed)
@@ -123,6 +127,7 @@ class LLMEngine:
                                     (seed + i * 0x9E3779B97F4A7C15) % (1 << 64), index=i, parent_id=request_id,
                                     max_num_tokens=self.max_model_len))
             children[-1].bad_word_ids = bad_word_ids
+            children[-1].speculative = self.speculator is not None and children[-1].can_speculate
         self.groups[request_id] = children
         for req in children:
             if self.tokenizer is not None:
@@ -183,6 +188,8 @@ class LLMEngine:
         outputs = []
         if self.in_flight is not None and any(r.needs_host_history for r in self.in_flight[1].samplers):
             outputs += self._read_back()  # they sample next from their tokens on the host: no overlap
+        if self.speculator is not None:
+            self.speculator.propose(self.scheduler.running)
         with record_function("schedule"):
             sched = self.scheduler.schedule()
         if sched.is_empty:
@@ -193,7 +200,7 @@ class LLMEngine:
         self.num_tokens_computed += sched.num_tokens
         for req, num_new in sched.scheduled:
             req.num_computed_tokens += num_new
-        for req in handle.samplers:
+        for req in dict.fromkeys(handle.samplers):  # one pending token each, however many rows it samples
             req.num_pending += 1
         previous, self.in_flight = self.in_flight, (sched, handle)
         if previous is not None:
@@ -219,10 +226,10 @@ class LLMEngine:
                 if req.request_id in result.prompt_logprobs and not req.finished:
                     req.prompt_logprobs.extend(self._decode_logprobs(result.prompt_logprobs[req.request_id]))
                     touched.add(req.parent_id)
-            for req, token, logprobs in result.sampled:
+            for req, rows in itertools.groupby(result.sampled, key=lambda row: row[0]):
                 if req.finished:  # stopped (or aborted) after this step was launched: drop its extra token
                     continue
-                self._append(req, token, logprobs)
+                self._append_sampled(req, [(token, logprobs) for _, token, logprobs in rows])
                 touched.add(req.parent_id)
                 if req.finished:
                     self.scheduler.finish(req)
@@ -231,6 +238,18 @@ class LLMEngine:
             outputs = [out for out in outputs if out is not None]
         self._reading = None
         return outputs
+
+    def _append_sampled(self, req: Request, rows: list[tuple[int, dict | None]]) -> None:
+        """A request's sampled rows: one token, or with drafts the target's sample after each
+        draft (emitted up to the first that differs from its draft; see engine/speculation.py)."""
+        drafts, req.draft_token_ids = req.draft_token_ids, []
+        for j, (token, logprobs) in enumerate(rows):
+            self._append(req, token, logprobs)
+            if req.finished or j == len(drafts) or token != drafts[j]:
+                break
+        if drafts:
+            accepted = self.speculator.record(drafts, [token for token, _ in rows])
+            req.num_computed_tokens -= len(drafts) - accepted  # the rejected drafts' KV is rewritten next
 
     def _append(self, req: Request, token: int, logprobs: dict | None) -> None:
         now = time.monotonic()

@@ -2,7 +2,8 @@
 
 One invariant drives every decision: a request needs
 `num_tokens - num_computed_tokens` more tokens through the model (a prompt, the
-rest of a prompt, or the one token sampled last step). Each step hands those
+rest of a prompt, or the one token sampled last step), plus its speculative
+drafts if it has any (engine/speculation.py). Each step hands those
 out under a token budget, running requests first, then waiting ones in arrival
 order. When KV blocks run out, the newest running request is preempted: its
 blocks are freed and it is recomputed later from its prompt plus the tokens it
@@ -42,7 +43,9 @@ class Scheduler:
             if req.awaiting_last_token:  # nothing to compute; the engine finishes it on read-back
                 idx += 1
                 continue
-            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            needed = req.num_tokens - req.num_computed_tokens
+            num_new = min(needed + len(req.draft_token_ids), budget)
+            del req.draft_token_ids[max(num_new - needed, 0):]  # drafts past the budget are dropped
             if not self._allocate_or_preempt(req, num_new, out.preempted):
                 break  # it preempted itself: it was the last running request
             out.scheduled.append((req, num_new))
@@ -87,6 +90,7 @@ class Scheduler:
             victim = self.running.pop()
             self.kv_cache.free_request(victim)
             victim.num_computed_tokens = 0
+            victim.draft_token_ids = []
             victim.num_preemptions += 1
             self.num_preemptions += 1
             victim.status = RequestStatus.WAITING

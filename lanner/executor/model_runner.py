@@ -187,13 +187,13 @@ class ModelRunner:
         previous launch is read on the device, so this may run before that step's results
         are back (overlap scheduling)."""
         with record_function("prepare"):
-            batch, samplers, prompt_rows = self.prepare(sched)
+            batch, samplers, offsets, prompt_rows = self.prepare(sched)
         with record_function("model"):
             logits = self.run_model(batch)
         sampled = None
         if samplers:  # their rows come first
             with record_function("sample"):
-                sampled = self.sampler(logits[:len(samplers)], samplers, self.last_sampled)
+                sampled = self.sampler(logits[:len(samplers)], samplers, self.last_sampled, offsets)
             for row, req in enumerate(samplers):
                 req.sample_row = row
             self.last_sampled = sampled.tokens
@@ -223,15 +223,20 @@ class ModelRunner:
     def prepare(self, sched: SchedulerOutput):
         """Stage a step's tokens into the static buffers and return its ForwardBatch, plus
         who reads which logits rows:
-        samplers: requests whose last token is computed now; row i is the i-th of them;
+        samplers: requests whose last token is computed now; row i is the i-th of them (a request
+        with drafts has a row per draft and one after: offsets says which);
         prompt_rows: (request, first row, prompt tokens those rows predict)."""
         input_ids, positions, slots, sample_at, score_at = [], [], [], [], []
         samplers, prompt_rows, pending = [], [], []
         bs = self.block_size
         start = 0
+        offsets = []  # per sampling row: which token after the request's last one it samples
         for req, n in sched.scheduled:
             begin = req.num_computed_tokens
+            drafts = req.draft_token_ids
             known = req.all_token_ids[begin:begin + n]
+            if drafts:  # the last token, then the drafts after it (never pending: read back first)
+                known += drafts[:n - len(known)]
             if len(known) < n:  # the newest token is still on the device (sampled by the last launch)
                 pending.append((start + n - 1, req.sample_row))
                 known.append(0)
@@ -246,9 +251,10 @@ class ModelRunner:
                 if first < last:
                     prompt_rows.append((req, len(score_at), req.prompt_token_ids[first + 1:last + 1]))
                     score_at += range(start + first - begin, start + last - begin)
-            if begin + n == req.num_tokens:
-                samplers.append(req)
-                sample_at.append(start + n - 1)
+            if begin + n == req.num_tokens + len(drafts):  # one row per draft verified, and one after
+                samplers += [req] * (len(drafts) + 1)
+                offsets += range(len(drafts) + 1)
+                sample_at += range(start + n - 1 - len(drafts), start + n)
             start += n
         prompt_rows = [(req, row + len(sample_at), targets) for req, row, targets in prompt_rows]
         batch = self._stage(input_ids, positions, slots, [n for _, n in sched.scheduled],
@@ -258,7 +264,7 @@ class ModelRunner:
         if pending:
             dst, src = to_device(pending, torch.long, self.device).unbind(1)
             self.input_ids[dst] = self.last_sampled[src]
-        return batch, samplers, prompt_rows
+        return batch, samplers, offsets, prompt_rows
 
     def _stage(self, input_ids, positions, slots, query_lens, seq_lens, block_tables, logits_indices) -> ForwardBatch:
         T = len(input_ids)

@@ -31,14 +31,18 @@ class Sampled:
 
 
 class Sampler:
-    def __call__(self, logits: torch.Tensor, reqs: list[Request], last_sampled: torch.Tensor | None = None) -> Sampled:
+    def __call__(self, logits: torch.Tensor, reqs: list[Request], last_sampled: torch.Tensor | None = None,
+                 offsets: list[int] | None = None) -> Sampled:
         """logits: [B, V] (one row per request, in order). `last_sampled`: the previous step's
-        tokens on the device, where a request's pending token (overlap scheduling) is read."""
-        if all(_plain_greedy(r) for r in reqs):  # the common fast path: one kernel
+        tokens on the device, where a request's pending token (overlap scheduling) is read.
+        `offsets`: per row, how many tokens past the request's output so far it samples (the
+        rows that verify drafts); the draw is keyed by that output index."""
+        index = [r.num_output_tokens + (offsets[i] if offsets else 0) for i, r in enumerate(reqs)]
+        if all(_plain_greedy(r, n) for r, n in zip(reqs, index)):  # the common fast path: one kernel
             return Sampled(logits.argmax(dim=-1), None)
         logits = logits.float()
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(r.params.logprobs is not None for r in reqs) else None
-        logits = apply_min_tokens(logits, reqs)
+        logits = apply_min_tokens(logits, reqs, index)
         if any(r.has_logit_constraints for r in reqs):
             logits = apply_constraints(logits, reqs)
         logits = apply_penalties(logits, reqs, last_sampled)
@@ -48,7 +52,7 @@ class Sampler:
             device = logits.device
             rows = to_device(random_rows, torch.long, device)
             probs = processed_probs(logits[rows], [reqs[i].params for i in random_rows])
-            keys = to_device([row_key(reqs[i].seed, reqs[i].num_output_tokens) for i in random_rows],
+            keys = to_device([row_key(reqs[i].seed, index[i]) for i in random_rows],
                              torch.long, device)
             if probs.is_cuda:
                 from lanner.kernels.sampling import race_sample  # Triton: the GPU path only
@@ -69,15 +73,17 @@ def sampled_logprobs(sampled: Sampled, reqs: list[Request], tokens: list[int]) -
     return out
 
 
-def _plain_greedy(r: Request) -> bool:
+def _plain_greedy(r: Request, index: int) -> bool:
     p = r.params
-    return (p.greedy and p.logprobs is None and not r.has_penalties and r.num_output_tokens >= p.min_tokens
+    return (p.greedy and p.logprobs is None and not r.has_penalties and index >= p.min_tokens
             and not r.has_logit_constraints)
 
 
-def apply_min_tokens(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
+def apply_min_tokens(logits: torch.Tensor, reqs: list[Request], index: list[int] | None = None) -> torch.Tensor:
+    """Stop tokens masked in rows whose output index (default: the request's next) is below min_tokens."""
     vocab = logits.shape[1]
-    cells = [(i, t) for i, r in enumerate(reqs) if r.num_output_tokens < r.params.min_tokens
+    index = index or [r.num_output_tokens for r in reqs]
+    cells = [(i, t) for i, r in enumerate(reqs) if index[i] < r.params.min_tokens
              for t in r.stop_token_ids if t < vocab]
     if cells:
         rows, cols = to_device(cells, torch.long, logits.device).unbind(1)

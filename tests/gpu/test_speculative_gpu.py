@@ -37,3 +37,26 @@ def test_verification_on_the_gpu_matches_the_cpu_without_a_sync():
     assert torch.equal(got.tokens.cpu()[keep], want.tokens[keep])
     # a rejected draft is never emitted in its place (the residual excludes it)
     assert torch.equal(greedy.num_accepted.cpu(), want.num_accepted)
+
+
+def test_ngram_speculation_in_bf16_with_graphs_changes_no_output():
+    """Verify steps (k+1 tokens per request) run in the piecewise graphs, decode steps in the full
+    graphs: greedy and seeded outputs are those of the same engine without speculation."""
+    import gc
+
+    from lanner import LLM
+    from test_speculative import CODE, SPEC
+
+    kinds = [SamplingParams(temperature=0, max_tokens=64, ignore_eos=True),
+             SamplingParams(temperature=0.8, seed=3, n=2, max_tokens=64, ignore_eos=True)]
+    outputs = []
+    for speculative_config in (None, SPEC):
+        llm = LLM(dtype="bfloat16", gpu_memory_utilization=0.3, speculative_config=speculative_config)
+        outs = llm.generate([p for p in CODE for _ in kinds], kinds * len(CODE), use_tqdm=False)
+        outputs.append([c.token_ids for o in outs for c in o.outputs])
+        stats = llm.engine.speculator.stats if speculative_config else None
+        del llm
+        gc.collect()
+        torch.cuda.empty_cache()
+    assert outputs[1] == outputs[0]
+    assert stats.accepted > 0

@@ -1,0 +1,58 @@
+"""Speculative decoding on the engine's side: drafts before scheduling, acceptance after the step.
+
+Before each schedule the proposer drafts up to k tokens for every decoding request that may
+speculate (`Request.can_speculate`). The scheduler gives such a request 1 + len(drafts) tokens
+(its last token, then the drafts), the runner samples a row after each of them, keyed by that
+token's output index, and the drafts are accepted while they equal the target's own samples
+(lanner/sampling/rejection.py): the request emits the samples up to the first that differs, which
+is what decoding without speculation would emit, greedy or seeded. The KV of rejected drafts is
+given back: `num_computed_tokens` moves back so the next step rewrites their slots, and the prefix
+cache only hashes tokens in `all_token_ids`, which drafts join only once accepted.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from lanner.config import SpeculativeConfig
+from lanner.core.request import Request
+from lanner.sampling.speculative.ngram import NgramProposer
+
+
+@dataclass
+class SpeculationStats:
+    drafts: int = 0  # draft tokens verified
+    accepted: int = 0  # of them, accepted
+    verifications: int = 0  # request-steps that verified drafts
+    accepted_at: list[int] = field(default_factory=list)  # per draft position: accepted there
+
+    @property
+    def mean_acceptance_length(self) -> float:
+        """Tokens emitted per verification (the accepted drafts and the target's own token)."""
+        return 1 + self.accepted / self.verifications if self.verifications else 0.0
+
+
+class Speculator:
+    def __init__(self, config: SpeculativeConfig):
+        self.k = config.num_speculative_tokens
+        self.proposer = NgramProposer(self.k, config.prompt_lookup_min, config.prompt_lookup_max)
+        self.stats = SpeculationStats(accepted_at=[0] * self.k)
+
+    def propose(self, running: list[Request]) -> None:
+        """Drafts for this step of each running request that decodes; none for the others."""
+        for req in running:
+            req.draft_token_ids = []
+            if req.speculative and not req.num_pending and req.num_tokens - req.num_computed_tokens == 1:
+                k = min(self.k, req.max_num_tokens - req.num_tokens - 1)  # room for them and one more
+                if k > 0:
+                    req.draft_token_ids = self.proposer.propose(req.all_token_ids, k)
+
+    def record(self, drafts: list[int], samples: list[int]) -> int:
+        """How many leading drafts the target's samples accept (counted in the stats)."""
+        accepted = 0
+        while accepted < len(drafts) and samples[accepted] == drafts[accepted]:
+            self.stats.accepted_at[accepted] += 1
+            accepted += 1
+        self.stats.drafts += len(drafts)
+        self.stats.accepted += accepted
+        self.stats.verifications += 1
+        return accepted
