@@ -39,24 +39,27 @@ def test_verification_on_the_gpu_matches_the_cpu_without_a_sync():
     assert torch.equal(greedy.num_accepted.cpu(), want.num_accepted)
 
 
-def test_ngram_speculation_in_bf16_with_graphs_changes_no_output():
+def test_ngram_speculation_in_bf16_with_graphs_keeps_greedy_output():
     """Verify steps (k+1 tokens per request) run in the piecewise graphs, decode steps in the full
-    graphs: greedy and seeded outputs are those of the same engine without speculation."""
+    graphs: greedy outputs are those of the same engine without speculation. (Seeded sampling is
+    exact in distribution, but in bf16 the verify and decode kernels round differently, so a
+    close draw can differ from the run without speculation: not asserted token for token here.)"""
     import gc
 
     from lanner import LLM
     from test_speculative import CODE, SPEC
 
-    kinds = [SamplingParams(temperature=0, max_tokens=64, ignore_eos=True),
-             SamplingParams(temperature=0.8, seed=3, n=2, max_tokens=64, ignore_eos=True)]
+    greedy = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
+    prompts = CODE + ["for i in range(10):\n    print(i)\nfor i in range(10):\n", "x = [1, 2, 3]\ny = [1, 2, 3]\nz = ["]
     outputs = []
     for speculative_config in (None, SPEC):
         llm = LLM(dtype="bfloat16", gpu_memory_utilization=0.3, speculative_config=speculative_config)
-        outs = llm.generate([p for p in CODE for _ in kinds], kinds * len(CODE), use_tqdm=False)
-        outputs.append([c.token_ids for o in outs for c in o.outputs])
+        outputs.append([o.outputs[0].token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)])
         stats = llm.engine.speculator.stats if speculative_config else None
         del llm
         gc.collect()
         torch.cuda.empty_cache()
     assert outputs[1] == outputs[0]
     assert stats.accepted > 0
+    print(f"bf16 greedy: {stats.accepted} of {stats.drafts} drafts accepted, mean acceptance length "
+          f"{stats.mean_acceptance_length:.2f}")
