@@ -262,8 +262,12 @@ def test_the_server_speculates_with_the_same_output(plain):
     from lanner.server.app import build_app
     from lanner.serving.async_engine import AsyncEngine
 
+    from lanner.server.metrics import ServerMetrics
+    from test_hardening import wait_for
+
     engine = LLMEngine(EngineConfig.from_kwargs(device="cpu", dtype="float32", speculative_config=SPEC))
-    app = build_app(AsyncEngine(engine), ServerConfig(served_model_name=["m"]))
+    metrics = ServerMetrics()
+    app = build_app(AsyncEngine(engine, observer=metrics), ServerConfig(served_model_name=["m"]), metrics)
     want = [o.outputs[0].text for o in plain.generate(CODE, SamplingParams(temperature=0, max_tokens=32,
                                                                            ignore_eos=True), use_tqdm=False)]
     with TestClient(app) as c:
@@ -276,4 +280,28 @@ def test_the_server_speculates_with_the_same_output(plain):
                 parts = [json.loads(line[6:])["choices"][0]["text"] for line in r.iter_lines()
                          if line.startswith("data: {")]
             assert "".join(parts) == text
-    assert engine.speculator.stats.accepted > 0
+        stats = engine.speculator.stats
+
+        def metric(name: str) -> float:
+            lines = c.get("/metrics").text.splitlines()
+            return sum(float(line.rsplit(" ", 1)[1]) for line in lines
+                       if line.startswith(name + " ") or line.startswith(name + "{"))
+
+        # /metrics reports the engine's counts (sampled after the step that left it idle)
+        wait_for(lambda: metric("lanner_spec_decode_draft_tokens_total") == stats.drafts)
+        assert metric("lanner_spec_decode_accepted_tokens_total") == stats.accepted > 0
+        assert metric("lanner_spec_decode_verifications_total") == stats.verifications
+        assert metric("lanner_spec_decode_accepted_tokens_per_pos_total") == stats.accepted
+        assert metric('lanner_spec_decode_accepted_tokens_per_pos_total{position="0"}') == stats.accepted_at[0]
+
+
+def test_get_metrics_and_bench_facts_report_speculation():
+    from lanner.bench.runs import _engine_facts
+
+    spec = llm(speculative_config=SPEC)
+    spec.generate(CODE, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True), use_tqdm=False)
+    stats, got = spec.engine.speculator.stats, spec.get_metrics()
+    assert got["spec_draft_tokens"] == stats.drafts > 0 and got["spec_accepted_tokens"] == stats.accepted
+    assert got["spec_accepted_per_position"] == stats.accepted_at
+    assert got["num_tokens_generated"] == 3 * 24
+    assert _engine_facts(spec)["spec_mean_acceptance_length"] == round(stats.mean_acceptance_length, 3) > 1

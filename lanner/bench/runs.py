@@ -31,6 +31,8 @@ def _engine_facts(llm) -> dict:
         rep = runner.graphs.report
         facts.update(graph_capture_s=round(rep.seconds, 2), graph_pool_mib=round(rep.pool_bytes / 2**20, 1),
                      graph_sizes=rep.sizes)
+    if llm.engine.speculator is not None:  # totals over the whole run, warm-up included
+        facts.update(llm.engine.speculator.stats.as_dict())
     if torch.cuda.is_available():
         facts["gpu_memory_allocated_gib"] = round(torch.cuda.memory_allocated() / 2**30, 2)
     return facts

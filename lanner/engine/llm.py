@@ -26,6 +26,18 @@ class LLM:
         generate() gets no sampling_params."""
         return self.engine.default_sampling_params()
 
+    def get_metrics(self) -> dict[str, Any]:
+        """Counters since the engine started: steps, tokens through the model and generated,
+        preemptions, prefix-cache hits, and with speculative decoding its drafts and acceptance."""
+        e = self.engine
+        kv = e.kv_cache.stats()
+        out = {"num_steps": e.num_steps, "num_tokens_computed": e.num_tokens_computed,
+               "num_tokens_generated": e.num_tokens_generated, "num_preemptions": e.scheduler.num_preemptions,
+               "prefix_cache_queries": kv.prefix_queries, "prefix_cache_hits": kv.prefix_hits}
+        if e.speculator is not None:
+            out.update(e.speculator.stats.as_dict())
+        return out
+
     def reset_prefix_cache(self) -> bool:
         """Forget the cached prefixes; False while requests still hold KV blocks."""
         return self.engine.kv_cache.reset_prefix_cache()

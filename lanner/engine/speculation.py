@@ -30,6 +30,12 @@ class SpeculationStats:
         """Tokens emitted per verification (the accepted drafts and the target's own token)."""
         return 1 + self.accepted / self.verifications if self.verifications else 0.0
 
+    def as_dict(self) -> dict:
+        """What the bench JSON, LLM.get_metrics() and the server's /metrics report."""
+        return {"spec_draft_tokens": self.drafts, "spec_accepted_tokens": self.accepted,
+                "spec_verifications": self.verifications, "spec_accepted_per_position": list(self.accepted_at),
+                "spec_mean_acceptance_length": round(self.mean_acceptance_length, 3)}
+
 
 class Speculator:
     def __init__(self, config: SpeculativeConfig):

@@ -32,6 +32,14 @@ class ServerMetrics:
         self.prefix_hit_rate = Gauge("lanner_prefix_cache_hit_rate", "prompt tokens served from the prefix cache",
                                      registry=r)
         self.preemptions = Gauge("lanner_num_preemptions", "preemptions since start", registry=r)
+        self.spec_drafts = Counter("lanner_spec_decode_draft_tokens", "draft tokens verified", registry=r)
+        self.spec_accepted = Counter("lanner_spec_decode_accepted_tokens", "draft tokens accepted", registry=r)
+        self.spec_verifications = Counter("lanner_spec_decode_verifications",
+                                          "request-steps that verified drafts", registry=r)
+        self.spec_accepted_at = Counter("lanner_spec_decode_accepted_tokens_per_pos",
+                                        "draft tokens accepted, by draft position (0: the first)", ["position"],
+                                        registry=r)
+        self._spec_seen: dict = {}  # the engine's totals last recorded: counters grow by the difference
 
     def record_stats(self, stats) -> None:
         """An EngineStats sample (the engine loop sends one every 0.25 s or so while it steps)."""
@@ -40,6 +48,18 @@ class ServerMetrics:
         self.kv_usage.set(stats.kv_usage)
         self.prefix_hit_rate.set(stats.prefix_hit_rate)
         self.preemptions.set(stats.preemptions)
+        if stats.speculation is not None:
+            self._record_speculation(stats.speculation)
+
+    def _record_speculation(self, totals: dict) -> None:
+        seen = self._spec_seen
+        for counter, key in ((self.spec_drafts, "spec_draft_tokens"), (self.spec_accepted, "spec_accepted_tokens"),
+                             (self.spec_verifications, "spec_verifications")):
+            counter.inc(totals[key] - seen.get(key, 0))
+        for position, count in enumerate(totals["spec_accepted_per_position"]):
+            self.spec_accepted_at.labels(str(position)).inc(count - seen.get(("at", position), 0))
+            seen["at", position] = count
+        seen.update({k: v for k, v in totals.items() if isinstance(v, int)})
 
     def record_dead(self, message: str) -> None:
         """The engine stopped: every request was failed, no blocks are in use."""

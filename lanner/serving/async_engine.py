@@ -55,12 +55,14 @@ class EngineStats:
     prefix_hit_rate: float
     preemptions: int
     busy: bool
+    speculation: dict | None = None  # SpeculationStats.as_dict(): totals since start
 
 
 def engine_stats(engine: LLMEngine) -> EngineStats:
     kv = engine.kv_cache.stats()
+    speculation = engine.speculator.stats.as_dict() if engine.speculator is not None else None
     return EngineStats(len(engine.scheduler.running), len(engine.scheduler.waiting), kv.used_blocks, kv.usage,
-                       kv.hit_rate, engine.scheduler.num_preemptions, engine.has_unfinished_requests())
+                       kv.hit_rate, engine.scheduler.num_preemptions, engine.has_unfinished_requests(), speculation)
 
 
 class Sink(Protocol):
