@@ -197,6 +197,21 @@ def test_ngram_speculation_changes_no_output(plain, engine_args):
         assert spec.engine.scheduler.num_preemptions > 0
 
 
+def test_penalised_requests_speculate_with_the_same_output(plain):
+    """Penalties count the drafts before each verified position, so these requests take drafts
+    too (the model's own generation_config asks for a repetition penalty)."""
+    kinds = [SamplingParams(temperature=0, repetition_penalty=1.2, max_tokens=40, ignore_eos=True),
+             SamplingParams(temperature=0.8, seed=9, presence_penalty=0.5, frequency_penalty=0.3, max_tokens=40,
+                            ignore_eos=True),
+             plain.engine.default_sampling_params(seed=11, max_tokens=40)]  # the model's own, seeded
+    work = [(p, k) for p in CODE for k in kinds]
+    want = plain.generate([p for p, _ in work], [k for _, k in work], use_tqdm=False)
+    spec = llm(speculative_config=SPEC)
+    got = spec.generate([p for p, _ in work], [k for _, k in work], use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
+    assert spec.engine.speculator.stats.accepted > 10
+
+
 def test_blocks_written_by_drafts_serve_prefix_hits_correctly(plain):
     """Rejected drafts leave no KV behind: prompts that extend earlier outputs hit blocks the
     speculating run filled, and still give the outputs of an engine that never speculated."""
@@ -272,7 +287,7 @@ def test_the_server_speculates_with_the_same_output(plain):
                                                                            ignore_eos=True), use_tqdm=False)]
     with TestClient(app) as c:
         for prompt, text in zip(CODE, want):
-            # the model's generation_config asks for a repetition penalty, which is decoded without drafts
+            # the model's generation_config asks for a repetition penalty: the offline run above has none
             body = {"model": "m", "prompt": prompt, "temperature": 0, "max_tokens": 32, "ignore_eos": True,
                     "repetition_penalty": 1.0}
             assert c.post("/v1/completions", json=body).json()["choices"][0]["text"] == text

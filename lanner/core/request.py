@@ -270,10 +270,10 @@ class Request:
 
     @property
     def can_speculate(self) -> bool:
-        """Verification samples k+1 positions at once from the same history: options that read
-        the output so far at each position (penalties, bad words, logits processors) are
-        decoded without drafts instead."""
-        return not (self.has_penalties or self.bad_word_ids or self.params.logits_processors)
+        """Verification samples k+1 positions at once; penalties count the drafts before each
+        position, but bad words and logits processors read the output on the host, so those
+        requests are decoded without drafts instead."""
+        return not (self.bad_word_ids or self.params.logits_processors)
 
     @property
     def has_logit_constraints(self) -> bool:

@@ -45,7 +45,7 @@ class Sampler:
         logits = apply_min_tokens(logits, reqs, index)
         if any(r.has_logit_constraints for r in reqs):
             logits = apply_constraints(logits, reqs)
-        logits = apply_penalties(logits, reqs, last_sampled)
+        logits = apply_penalties(logits, reqs, last_sampled, offsets)
         tokens = logits.argmax(dim=-1)
         random_rows = [i for i, r in enumerate(reqs) if not r.params.greedy]
         if random_rows:
@@ -130,15 +130,19 @@ def banned_words(r: Request) -> list[int]:
             if len(ids) == 1 or (len(out) >= len(ids) - 1 and out[len(out) - len(ids) + 1:] == ids[:-1])]
 
 
-def apply_penalties(logits: torch.Tensor, reqs: list[Request], last_sampled: torch.Tensor | None = None):
+def apply_penalties(logits: torch.Tensor, reqs: list[Request], last_sampled: torch.Tensor | None = None,
+                    offsets: list[int] | None = None):
     """Batched: one padded history tensor per kind of penalty (the pad column is dropped). A
     request's pending token (sampled last step, not read back yet) joins its history on the
-    device, from `last_sampled`, so penalties need no sync under overlap scheduling."""
+    device, from `last_sampled`, so penalties need no sync under overlap scheduling. A row that
+    verifies a draft (offset j > 0) also counts the j drafts before it: if they are accepted,
+    they are the history that decoding without drafts would have seen."""
     vocab = logits.shape[1]
     device = logits.device
 
     def histories(rows: list[int], tokens_of) -> torch.Tensor:
-        lists = [[t if t < vocab else vocab for t in tokens_of(reqs[i])] for i in rows]
+        lists = [[t if t < vocab else vocab for t in tokens_of(reqs[i])
+                  + (reqs[i].draft_token_ids[:offsets[i]] if offsets and offsets[i] else [])] for i in rows]
         pending = [(j, len(ts), reqs[i].sample_row) for j, (i, ts) in enumerate(zip(rows, lists))
                    if reqs[i].num_pending]
         width = max(len(ts) + 1 for ts in lists)
