@@ -41,7 +41,8 @@ def test_verification_on_the_gpu_matches_the_cpu_without_a_sync():
 
 def test_ngram_speculation_in_bf16_with_graphs_keeps_greedy_output():
     """Verify steps (k+1 tokens per request) run in the piecewise graphs, decode steps in the full
-    graphs: greedy outputs are those of the same engine without speculation. (Seeded sampling is
+    graphs: greedy outputs, with and without a repetition penalty, are those of the same engine
+    without speculation. (Seeded sampling is
     exact in distribution, but in bf16 the verify and decode kernels round differently, so a
     close draw can differ from the run without speculation: not asserted token for token here.)"""
     import gc
@@ -49,12 +50,15 @@ def test_ngram_speculation_in_bf16_with_graphs_keeps_greedy_output():
     from lanner import LLM
     from test_speculative import CODE, SPEC
 
-    greedy = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
     prompts = CODE + ["for i in range(10):\n    print(i)\nfor i in range(10):\n", "x = [1, 2, 3]\ny = [1, 2, 3]\nz = ["]
+    kinds = [SamplingParams(temperature=0, max_tokens=64, ignore_eos=True),
+             SamplingParams(temperature=0, repetition_penalty=1.2, max_tokens=64, ignore_eos=True)]
+    work = [(p, k) for p in prompts for k in kinds]
     outputs = []
     for speculative_config in (None, SPEC):
         llm = LLM(dtype="bfloat16", gpu_memory_utilization=0.3, speculative_config=speculative_config)
-        outputs.append([o.outputs[0].token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)])
+        outs = llm.generate([p for p, _ in work], [k for _, k in work], use_tqdm=False)
+        outputs.append([o.outputs[0].token_ids for o in outs])
         stats = llm.engine.speculator.stats if speculative_config else None
         del llm
         gc.collect()
