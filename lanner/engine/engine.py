@@ -243,13 +243,12 @@ class LLMEngine:
         """A request's sampled rows: one token, or with drafts the target's sample after each
         draft (emitted up to the first that differs from its draft; see engine/speculation.py)."""
         drafts, req.draft_token_ids = req.draft_token_ids, []
-        for j, (token, logprobs) in enumerate(rows):
+        accepted = self.speculator.record(drafts, [token for token, _ in rows]) if drafts else 0
+        for token, logprobs in rows[:accepted + 1]:
             self._append(req, token, logprobs)
-            if req.finished or j == len(drafts) or token != drafts[j]:
+            if req.finished:
                 break
-        if drafts:
-            accepted = self.speculator.record(drafts, [token for token, _ in rows])
-            req.num_computed_tokens -= len(drafts) - accepted  # the rejected drafts' KV is rewritten next
+        req.num_computed_tokens -= len(drafts) - accepted  # the rejected drafts' KV is rewritten next
 
     def _append(self, req: Request, token: int, logprobs: dict | None) -> None:
         now = time.monotonic()

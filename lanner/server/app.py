@@ -362,7 +362,7 @@ class ReaderStalled(LannerError):
 
 
 async def respond(request: Request, stream: bool, generators: list[AsyncIterator[RequestOutput]], shaper,
-                  stall_timeout: float = 60.0) -> Response:
+                  stall_timeout: float) -> Response:
     """Run the prompts' generators; as SSE if `stream`, else one JSON body. Errors raised
     before the first output become plain error responses. Outputs wait in a Mailbox (one slot
     per prompt: a stream's deltas merge there), so a client that reads slowly costs at most its

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 
 from lanner.core.request import RequestOutput
 
@@ -32,14 +33,8 @@ class ServerMetrics:
         self.prefix_hit_rate = Gauge("lanner_prefix_cache_hit_rate", "prompt tokens served from the prefix cache",
                                      registry=r)
         self.preemptions = Gauge("lanner_num_preemptions", "preemptions since start", registry=r)
-        self.spec_drafts = Counter("lanner_spec_decode_draft_tokens", "draft tokens verified", registry=r)
-        self.spec_accepted = Counter("lanner_spec_decode_accepted_tokens", "draft tokens accepted", registry=r)
-        self.spec_verifications = Counter("lanner_spec_decode_verifications",
-                                          "request-steps that verified drafts", registry=r)
-        self.spec_accepted_at = Counter("lanner_spec_decode_accepted_tokens_per_pos",
-                                        "draft tokens accepted, by draft position (0: the first)", ["position"],
-                                        registry=r)
-        self._spec_seen: dict = {}  # the engine's totals last recorded: counters grow by the difference
+        self.speculation = _SpeculationTotals()  # the engine's totals, exported as they are
+        r.register(self.speculation)
 
     def record_stats(self, stats) -> None:
         """An EngineStats sample (the engine loop sends one every 0.25 s or so while it steps)."""
@@ -49,17 +44,7 @@ class ServerMetrics:
         self.prefix_hit_rate.set(stats.prefix_hit_rate)
         self.preemptions.set(stats.preemptions)
         if stats.speculation is not None:
-            self._record_speculation(stats.speculation)
-
-    def _record_speculation(self, totals: dict) -> None:
-        seen = self._spec_seen
-        for counter, key in ((self.spec_drafts, "spec_draft_tokens"), (self.spec_accepted, "spec_accepted_tokens"),
-                             (self.spec_verifications, "spec_verifications")):
-            counter.inc(totals[key] - seen.get(key, 0))
-        for position, count in enumerate(totals["spec_accepted_per_position"]):
-            self.spec_accepted_at.labels(str(position)).inc(count - seen.get(("at", position), 0))
-            seen["at", position] = count
-        seen.update({k: v for k, v in totals.items() if isinstance(v, int)})
+            self.speculation.totals = stats.speculation
 
     def record_dead(self, message: str) -> None:
         """The engine stopped: every request was failed, no blocks are in use."""
@@ -87,3 +72,26 @@ class ServerMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _SpeculationTotals:
+    """Speculative decoding's counters: the engine keeps the totals (SpeculationStats.as_dict()),
+    so they are exported as the latest sample says, with no counting of our own."""
+
+    def __init__(self) -> None:
+        self.totals: dict | None = None  # none until an engine that speculates reports
+
+    def collect(self):
+        t = self.totals
+        if t is None:
+            return
+        for name, key, doc in (("draft_tokens", "spec_draft_tokens", "draft tokens verified"),
+                               ("accepted_tokens", "spec_accepted_tokens", "draft tokens accepted"),
+                               ("verifications", "spec_verifications", "request-steps that verified drafts")):
+            yield CounterMetricFamily(f"lanner_spec_decode_{name}", doc, value=t[key])
+        per_position = CounterMetricFamily("lanner_spec_decode_accepted_tokens_per_pos",
+                                           "draft tokens accepted, by draft position (0: the first)",
+                                           labels=["position"])
+        for position, count in enumerate(t["spec_accepted_per_position"]):
+            per_position.add_metric([str(position)], count)
+        yield per_position

@@ -427,13 +427,16 @@ class AsyncEngine:
         if error is not None:
             self.dead = error
         self._observe("record_dead", message)  # nothing runs or waits any more
-        self._deliver([(request_id, EngineDead(message)) for request_id in list(self._streams)])
+        self._fail_streams(message)
 
     def fail_open_requests(self, message: str) -> None:
         """End every open stream with EngineDead (a drain deadline): each response ends properly
         (a 503 body, or an error event and [DONE]) instead of being cut. Any thread may call it."""
         if self._streams:
             logger.warning("%s: ending %d open requests", message, len(self._streams))
+        self._fail_streams(message)
+
+    def _fail_streams(self, message: str) -> None:
         self._deliver([(request_id, EngineDead(message)) for request_id in list(self._streams)])
 
     def _deliver(self, items: list[tuple[str, RequestOutput | BaseException]]) -> None:
