@@ -140,15 +140,12 @@ class SpeculativeConfig:
     num_speculative_tokens: int
     prompt_lookup_min: int = 1  # ngram: the shortest and longest text ending looked up
     prompt_lookup_max: int = 5
-    model: str | None = None  # draft_model, eagle3: the draft's folder or repo id
+    model: str | None = None  # draft_model, eagle3, mtp: the draft's folder or repo id (or a config.json)
 
     METHODS: typing.ClassVar[tuple[str, ...]] = ("ngram", "draft_model", "eagle3", "mtp")
-    BUILT: typing.ClassVar[tuple[str, ...]] = ("ngram",)
 
     def __post_init__(self) -> None:
         _check(self.method in self.METHODS, f"speculative method {self.method!r}: one of {', '.join(self.METHODS)}")
-        _check(self.method in self.BUILT, f"speculative method {self.method!r} is not built yet (built: "
-                                          f"{', '.join(self.BUILT)})")
         k = self.num_speculative_tokens
         _check(isinstance(k, int) and not isinstance(k, bool) and 1 <= k <= 16,
                f"num_speculative_tokens must be an integer in [1, 16], got {k!r}")
@@ -186,7 +183,8 @@ class EngineConfig:
                                           "(lanner serve)")
     speculative_config: dict | None = _opt(
         None, "speculative decoding, vLLM's JSON: {\"method\": \"ngram\", \"num_speculative_tokens\": 4, "
-              "\"prompt_lookup_min\": 1, \"prompt_lookup_max\": 5} (draft_model, eagle3, mtp: not built yet)")
+              "\"prompt_lookup_min\": 1, \"prompt_lookup_max\": 5}; methods ngram, draft_model, eagle3, mtp (with \"model\": "
+              "the draft's folder; lanner-tiny has its own)")
 
     def __post_init__(self) -> None:
         SpeculativeConfig.of(self.speculative_config)  # refused at once, not at the first request

@@ -10,6 +10,9 @@ from lanner.errors import ConfigError
 ASSETS = os.path.join(os.path.dirname(__file__), "assets")
 DEFAULT_MODEL = os.path.join(ASSETS, "lanner-tiny")
 DRAFT_MODEL = os.path.join(ASSETS, "lanner-tiny-draft")
+# the speculative proposers trained for lanner-tiny, by method (scripts/train_tiny.py)
+SHIPPED_PROPOSERS = {"draft_model": DRAFT_MODEL, "eagle3": os.path.join(ASSETS, "lanner-tiny-eagle3"),
+                     "mtp": os.path.join(ASSETS, "lanner-tiny-mtp")}
 
 
 def default_model_path() -> str:

@@ -12,7 +12,13 @@ from lanner.core.request import SamplingParams
 from lanner.kernels.sampling_reference import race_sample_ref, row_key
 from lanner.sampling.rejection import verify_greedy_drafts, verify_sampled_drafts
 from lanner.sampling.sampler import processed_probs
+from lanner.config import SpeculativeConfig
+from lanner.errors import ConfigError
 from lanner.sampling.speculative.ngram import NgramProposer
+
+
+def ngram(k: int, lo: int, hi: int) -> NgramProposer:
+    return NgramProposer(SpeculativeConfig("ngram", k, prompt_lookup_min=lo, prompt_lookup_max=hi))
 
 # ---- verification ---------------------------------------------------------------------------------
 
@@ -123,14 +129,14 @@ def test_sampled_verification_is_batch_independent():
     ([4, 5, 6, 7], 3, []),  # nothing recurs
 ])
 def test_ngram_proposals(history, k, want):
-    assert NgramProposer(k, prompt_lookup_min=1, prompt_lookup_max=3).propose(history) == want
+    assert ngram(k, 1, 3).propose(history) == want
 
 
 def test_ngram_respects_the_shortest_ending():
-    assert NgramProposer(2, prompt_lookup_min=2, prompt_lookup_max=4).propose([1, 9, 1]) == []
-    assert NgramProposer(2, prompt_lookup_min=2, prompt_lookup_max=4).propose([1, 9, 3, 1, 9]) == [3, 1]
-    with pytest.raises(ValueError):
-        NgramProposer(2, prompt_lookup_min=3, prompt_lookup_max=2)
+    assert ngram(2, 2, 4).propose([1, 9, 1]) == []
+    assert ngram(2, 2, 4).propose([1, 9, 3, 1, 9]) == [3, 1]
+    with pytest.raises(ConfigError):
+        ngram(2, 3, 2)
 
 
 def reference_ngram(history: list[int], k: int, lo: int, hi: int) -> list[int]:
@@ -144,7 +150,7 @@ def reference_ngram(history: list[int], k: int, lo: int, hi: int) -> list[int]:
 
 def test_ngram_matches_a_plain_reference_on_random_histories():
     rng = random.Random(0)
-    proposer = NgramProposer(4, prompt_lookup_min=2, prompt_lookup_max=5)
+    proposer = ngram(4, 2, 5)
     for _ in range(500):
         history = [rng.randrange(4) for _ in range(rng.randrange(2, 60))]
         assert proposer.propose(history) == reference_ngram(history, 4, 2, 5), history
@@ -244,7 +250,6 @@ def test_speculation_metrics_equal_independent_counts():
 
 
 @pytest.mark.parametrize("value,message", [
-    ({"method": "eagle3", "num_speculative_tokens": 3}, "not built yet"),
     ({"method": "medusa", "num_speculative_tokens": 3}, "one of"),
     ({"method": "ngram"}, "needs num_speculative_tokens"),
     ({"method": "ngram", "num_speculative_tokens": 0}, "[1, 16]"),

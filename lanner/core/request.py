@@ -232,6 +232,7 @@ class Request:
         self.num_computed_tokens = 0
         self.speculative = False  # the engine proposes drafts for it (when it decodes)
         self.draft_token_ids: list[int] = []  # this step's drafts, computed after its last token
+        self.proposed_token_ids: list[int] = []  # a model proposer's drafts, read back with the last token
         self.num_cached_tokens = 0  # prompt tokens served from the prefix cache on first admission
         self.block_ids: list[int] = []
         self.block_hashes: list[bytes] = []  # content hash of each full block, a chain

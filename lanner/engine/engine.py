@@ -32,6 +32,7 @@ from lanner.engine.speculation import Speculator
 from lanner.errors import CapacityExceeded, ConfigError, InvalidRequest
 from lanner.executor.model_runner import ModelRunner, StepHandle
 from lanner.models.loader import load_model
+from lanner.sampling.speculative import DraftContext, ModelProposer
 
 logger = logging.getLogger(__name__)
 
@@ -89,12 +90,18 @@ class LLMEngine:
             raise ConfigError(f"without chunked prefill a whole prompt must fit one step: max_num_batched_tokens "
                               f"({sc.max_num_batched_tokens}) must be >= max_model_len ({self.max_model_len})")
         self.max_logprobs = self.vocab_size if mc.max_logprobs == -1 else mc.max_logprobs
-        self.runner = ModelRunner(config, loaded, self.device, self.dtype, self.max_model_len)
+        speculative = SpeculativeConfig.of(config.speculative_config)
+        self.speculator = Speculator(speculative) if speculative is not None else None
+        proposer = self.speculator.proposer if self.speculator is not None else None
+        draft = (proposer, DraftContext(loaded.model, path, self.tokenizer, mc.load_format, self.dtype, self.device,
+                                        config.seed)) if isinstance(proposer, ModelProposer) else None
+        self.runner = ModelRunner(config, loaded, self.device, self.dtype, self.max_model_len, draft)
         self.kv_cache = KVCacheManager(self.runner.num_blocks, config.cache.block_size,
                                        config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv_cache)
-        speculative = SpeculativeConfig.of(config.speculative_config)
-        self.speculator = Speculator(speculative) if speculative is not None else None
+        if draft is not None:
+            self.scheduler.lookahead = self.speculator.lookahead
+            self.kv_cache.hit_blocks_recomputed = 1 if proposer.target_hidden else 0
         self.groups: dict[str, list[Request]] = {}  # request id -> its n samples
         self.detokenizers: dict[Request, Detokenizer] = {}
         self._seeds = random.Random(config.seed)
@@ -230,6 +237,7 @@ class LLMEngine:
                 if req.finished:  # stopped (or aborted) after this step was launched: drop its extra token
                     continue
                 self._append_sampled(req, [(token, logprobs) for _, token, logprobs in rows])
+                req.proposed_token_ids = result.proposed.get(req, [])
                 touched.add(req.parent_id)
                 if req.finished:
                     self.scheduler.finish(req)

@@ -40,6 +40,10 @@ class KVCacheStats:
 
 class KVCacheManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        # 1 with an EAGLE or MTP head: the draft's KV at a block's last position depends on the
+        # token after the block, which a later request may not share; recomputing the last hit
+        # block rewrites it (the block before is covered by the hash chain)
+        self.hit_blocks_recomputed = 0
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
@@ -66,15 +70,18 @@ class KVCacheManager:
             if block_id is None:
                 break
             hits.append(block_id)
-        return hits
+        return hits[:max(len(hits) - self.hit_blocks_recomputed, 0)]
 
-    def allocate(self, req: Request, num_new_tokens: int, cached_blocks: list[int] | None = None) -> bool:
+    def allocate(self, req: Request, num_new_tokens: int, cached_blocks: list[int] | None = None,
+                 lookahead: int = 0) -> bool:
         """Give `req` the blocks for `num_new_tokens` more tokens after its computed
-        ones. On admission, `cached_blocks` (from `find_cached_blocks`, possibly
-        empty) are adopted first. False, changing nothing, if blocks run short."""
+        ones, and `lookahead` positions after those (a drafter writes them; they are never
+        offered to the prefix cache). On admission, `cached_blocks` (from
+        `find_cached_blocks`, possibly empty) are adopted first. False, changing nothing,
+        if blocks run short."""
         adopted = cached_blocks or []
         num_computed = req.num_computed_tokens + len(adopted) * self.block_size
-        total = self.blocks_needed(num_computed + num_new_tokens)
+        total = self.blocks_needed(num_computed + num_new_tokens + lookahead)
         num_fresh = total - len(req.block_ids) - len(adopted)
         num_revived = sum(1 for b in adopted if self.ref_counts[b] == 0)
         if num_fresh + num_revived > len(self.free):

@@ -27,6 +27,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        self.lookahead = 0  # KV positions a model proposer writes past each step's tokens
 
     def add(self, req: Request) -> None:
         self.waiting.append(req)
@@ -60,7 +61,7 @@ class Scheduler:
             if num_new < req.num_tokens - len(cached) * self.kv_cache.block_size and \
                     not self.config.enable_chunked_prefill:
                 break  # the whole prompt in a later step
-            if not self.kv_cache.allocate(req, num_new, cached):
+            if not self.kv_cache.allocate(req, num_new, cached, self._lookahead(req, num_new, len(cached))):
                 break
             self.waiting.popleft()
             self._start(req)
@@ -85,12 +86,17 @@ class Scheduler:
         req.status = RequestStatus.RUNNING
         self.running.append(req)
 
+    def _lookahead(self, req: Request, num_new: int, num_cached_blocks: int = 0) -> int:
+        """Positions past the step's tokens to allocate, up to the request's last possible one."""
+        end = req.num_computed_tokens + num_cached_blocks * self.kv_cache.block_size + num_new
+        return max(min(self.lookahead, req.max_num_tokens - end), 0)
+
     def _allocate_or_preempt(self, req: Request, num_new: int, preempted: list[Request]) -> bool:
-        while not self.kv_cache.allocate(req, num_new):
+        while not self.kv_cache.allocate(req, num_new, lookahead=self._lookahead(req, num_new)):
             victim = self.running.pop()
             self.kv_cache.free_request(victim)
             victim.num_computed_tokens = 0
-            victim.draft_token_ids = []
+            victim.draft_token_ids = victim.proposed_token_ids = []
             victim.num_preemptions += 1
             self.num_preemptions += 1
             victim.status = RequestStatus.WAITING

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from lanner.config import SpeculativeConfig
 from lanner.core.request import Request
-from lanner.sampling.speculative.ngram import NgramProposer
+from lanner.sampling.speculative import ModelProposer, make_proposer
 
 
 @dataclass
@@ -40,8 +40,16 @@ class SpeculationStats:
 class Speculator:
     def __init__(self, config: SpeculativeConfig):
         self.k = config.num_speculative_tokens
-        self.proposer = NgramProposer(self.k, config.prompt_lookup_min, config.prompt_lookup_max)
+        self.proposer = make_proposer(config)
         self.stats = SpeculationStats(accepted_at=[0] * self.k)
+
+    @property
+    def lookahead(self) -> int:
+        """KV positions past a step's tokens that the proposer writes (a model proposer's own
+        steps): the scheduler allocates them with the step's blocks."""
+        if isinstance(self.proposer, ModelProposer):
+            return self.k - 1 + self.proposer.shift
+        return 0
 
     def propose(self, running: list[Request]) -> None:
         """Drafts for this step of each running request that decodes; none for the others."""
@@ -50,7 +58,7 @@ class Speculator:
             if req.speculative and not req.num_pending and req.num_tokens - req.num_computed_tokens == 1:
                 k = min(self.k, req.max_num_tokens - req.num_tokens - 1)  # room for them and one more
                 if k > 0:
-                    req.draft_token_ids = self.proposer.propose(req.all_token_ids, k)
+                    req.draft_token_ids = self.proposer.drafts(req, k)
 
     def record(self, drafts: list[int], samples: list[int]) -> int:
         """How many leading drafts the target's samples accept (counted in the stats)."""

@@ -56,7 +56,7 @@ class DecodeGraphs(SizeLadder):
     def __init__(self, runner, sizes: list[int]):
         super().__init__(sizes)
         self.runner = runner
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         self.report: CaptureReport | None = None
 
     @torch.inference_mode()
@@ -84,7 +84,7 @@ class DecodeGraphs(SizeLadder):
             except Exception as e:
                 raise RuntimeError(f"CUDA graph capture failed for decode batch size {size}: {e}") from e
             pool = graph.pool() if pool is None else pool
-            self.graphs[size] = (graph, logits)
+            self.graphs[size] = (graph, logits, hidden)
         torch.cuda.synchronize()
         self.report = CaptureReport(self.sizes, time.perf_counter() - start,
                                     torch.cuda.memory_allocated() - before)
@@ -92,11 +92,11 @@ class DecodeGraphs(SizeLadder):
                     self.sizes[0], self.sizes[-1], self.report.seconds, self.report.pool_bytes / 2**20)
         return self.report
 
-    def replay(self, batch, size: int) -> torch.Tensor:
+    def replay(self, batch, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Run a decode batch (already staged in the runner's buffers) through the graph of `size`;
-        returns the logits of every row, padding included (the graph's output buffer: read it
-        before the next replay)."""
+        returns the logits and hidden states of every row, padding included (the graph's output
+        buffers: read them before the next replay)."""
         self.runner.backend.plan(batch, num_padded_seqs=size)
-        graph, logits = self.graphs[size]
+        graph, logits, hidden = self.graphs[size]
         graph.replay()
-        return logits
+        return logits, hidden

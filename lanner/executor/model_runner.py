@@ -17,11 +17,13 @@ from lanner.core.request import Logprob, Request
 from lanner.core.schedule import SchedulerOutput
 from lanner.core.transfer import to_device
 from lanner.errors import ConfigError
+from lanner.executor.drafter import Drafter
 from lanner.executor.graphs import DecodeGraphs, decode_graph_sizes
 from lanner.executor.piecewise import PiecewiseGraphs, piecewise_sizes
 from lanner.layers.attention import forward_context
 from lanner.models.loader import LoadedModel
 from lanner.sampling.sampler import Sampled, Sampler, sampled_logprobs, top_logprobs
+from lanner.sampling.speculative import DraftContext, ModelProposer
 
 logger = logging.getLogger(__name__)
 
@@ -29,12 +31,14 @@ logger = logging.getLogger(__name__)
 class StepHandle:
     """A launched step. `result()` waits for it and reads the tokens back."""
 
-    def __init__(self, samplers: list[Request], sampled: Sampled | None, prompt_rows: list, logits: torch.Tensor):
+    def __init__(self, samplers: list[Request], sampled: Sampled | None, prompt_rows: list, logits: torch.Tensor,
+                 proposed: torch.Tensor | None = None):
         self.samplers = samplers
         self.sampled = sampled
         self.prompt_rows = prompt_rows
         self.logits = logits if prompt_rows else None
         self.tokens = sampled.tokens.to("cpu", non_blocking=True) if sampled is not None else None
+        self.proposed = proposed.to("cpu", non_blocking=True) if proposed is not None else None
         self.done = torch.cuda.Event() if logits.is_cuda else None
         if self.done is not None:
             self.done.record()
@@ -47,6 +51,8 @@ class StepHandle:
         if self.sampled is not None:
             tokens = self.tokens.tolist()
             out.sampled = list(zip(self.samplers, tokens, sampled_logprobs(self.sampled, self.samplers, tokens)))
+        if self.proposed is not None:
+            out.proposed = dict(zip(dict.fromkeys(self.samplers), self.proposed.tolist()))
         for req, first_row, targets in self.prompt_rows:
             lp = torch.log_softmax(self.logits[first_row:first_row + len(targets)].float(), dim=-1)
             out.prompt_logprobs[req.request_id] = [
@@ -60,6 +66,8 @@ class RunnerOutput:
     sampled: list[tuple[Request, int, dict[int, Logprob] | None]] = field(default_factory=list)
     # request id -> logprobs of the prompt tokens this step's chunk predicted
     prompt_logprobs: dict[str, list[dict[int, Logprob]]] = field(default_factory=dict)
+    # a model proposer's k drafts for each sampling request's next step
+    proposed: dict[Request, list[int]] = field(default_factory=dict)
 
 
 def require_triton(what: str) -> None:
@@ -71,7 +79,7 @@ def require_triton(what: str) -> None:
 
 class ModelRunner:
     def __init__(self, config: EngineConfig, loaded: LoadedModel, device: torch.device, dtype: torch.dtype,
-                 max_model_len: int):
+                 max_model_len: int, draft: tuple[ModelProposer, DraftContext] | None = None):
         if device.type == "cuda" or config.graphs.attention_backend == "triton":
             require_triton(f"the GPU path (device {device}, attention backend {config.graphs.attention_backend})")
         self.config = config
@@ -89,12 +97,15 @@ class ModelRunner:
         self.last_sampled = torch.zeros(sched.max_num_seqs, dtype=torch.long, device=device)
         self.num_real_tokens = torch.zeros(1, dtype=torch.long, device=device)
         self.sampler = Sampler()
+        self.drafter = self._make_drafter(*draft) if draft is not None else None
         self.num_blocks = self._num_kv_blocks()
         spec = self.model.spec
         shape = (self.num_blocks, self.block_size, spec.num_kv_heads, spec.head_dim)
         self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=device),
                            torch.zeros(shape, dtype=dtype, device=device)) for _ in range(spec.num_layers)]
         self.backend = self._make_backend(self.kv_caches)
+        if self.drafter is not None:
+            self.drafter.allocate(self.num_blocks, self._make_backend)
         logger.info("KV cache: %d blocks of %d tokens (%d tokens)", self.num_blocks, self.block_size,
                     self.num_blocks * self.block_size)
         self.graphs: DecodeGraphs | None = None
@@ -110,23 +121,36 @@ class ModelRunner:
             self.graphs = DecodeGraphs(self, decode_graph_sizes(sched.max_num_seqs, gc.cuda_graph_sizes))
             self.graphs.capture()
 
-    def _make_backend(self, kv_caches):
+    def _make_backend(self, kv_caches, num_heads: int | None = None):
         choice = self.config.graphs.attention_backend
         if choice == "triton" or (choice == "auto" and self.device.type == "cuda"):
             from lanner.layers.attention.triton_backend import TritonAttentionBackend
 
             return TritonAttentionBackend(kv_caches, self.block_size, self.config.scheduler.max_num_seqs,
-                                          self.max_model_len, self.model.spec.num_heads)
+                                          self.max_model_len, num_heads or self.model.spec.num_heads)
         from lanner.layers.attention.torch_backend import TorchAttentionBackend
 
         return TorchAttentionBackend(kv_caches, self.block_size)
 
+    def _make_drafter(self, proposer: ModelProposer, ctx: DraftContext) -> Drafter:
+        """The model proposer's network; an EAGLE-3 head also gets the hidden states entering three
+        target layers, copied inside the target's forward (graphs included) into one buffer."""
+        net = proposer.load(ctx)
+        if proposer.target_hidden == "aux":
+            hidden = self.model.spec.hidden_size
+            self.aux_hidden = torch.zeros(self.max_tokens, 3 * hidden, dtype=self.dtype, device=self.device)
+            for i, layer in enumerate(proposer.aux_layers):
+                self.model.model.layers[layer].aux_out = self.aux_hidden[:, i * hidden:(i + 1) * hidden]
+        return Drafter(proposer, net, self.block_size, self.device, self.dtype)
+
     # ---- KV cache sizing ----------------------------------------------------------
 
     def _block_bytes(self) -> int:
+        """Bytes of one KV block, the draft's share included."""
         spec = self.model.spec
         elem = torch.tensor([], dtype=self.dtype).element_size()
-        return 2 * spec.num_layers * self.block_size * spec.num_kv_heads * spec.head_dim * elem
+        draft = self.drafter.block_bytes() if self.drafter is not None else 0
+        return 2 * spec.num_layers * self.block_size * spec.num_kv_heads * spec.head_dim * elem + draft
 
     def _num_kv_blocks(self) -> int:
         cache = self.config.cache
@@ -187,9 +211,10 @@ class ModelRunner:
         previous launch is read on the device, so this may run before that step's results
         are back (overlap scheduling)."""
         with record_function("prepare"):
-            batch, samplers, offsets, prompt_rows = self.prepare(sched)
+            batch, samplers, offsets, prompt_rows, layout = self.prepare(sched)
+            staged = self.drafter.stage(layout, batch.num_real_tokens, len(samplers)) if self.drafter else None
         with record_function("model"):
-            logits = self.run_model(batch)
+            logits, hidden = self.run_model(batch)
         sampled = None
         if samplers:  # their rows come first
             with record_function("sample"):
@@ -197,40 +222,49 @@ class ModelRunner:
             for row, req in enumerate(samplers):
                 req.sample_row = row
             self.last_sampled = sampled.tokens
-        return StepHandle(samplers, sampled, prompt_rows, logits)
+        proposed = None
+        if staged is not None:
+            with record_function("draft"):
+                target_hidden = {"final": hidden, "aux": getattr(self, "aux_hidden", None)}.get(
+                    self.drafter.proposer.target_hidden)
+                samples = sampled.tokens if sampled is not None else self.input_ids[:0]
+                proposed = self.drafter.propose(staged, self.input_ids, samples, target_hidden)
+        return StepHandle(samplers, sampled, prompt_rows, logits, proposed if samplers else None)
 
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
         """One step, synchronously."""
         return self.launch(sched).result()
 
-    def run_model(self, batch: ForwardBatch) -> torch.Tensor:
-        """The logits of the batch's logits_indices rows."""
+    def run_model(self, batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The logits of the batch's logits_indices rows, and the hidden states of every row."""
         if self.graphs is not None and batch.is_decode_only:
             size = self.graphs.padded_size(batch.num_seqs)
             if size is not None:
-                logits = self.graphs.replay(batch, size)
+                logits, hidden = self.graphs.replay(batch, size)
                 if batch.sampling_rows_are_tokens:
-                    return logits[:batch.num_seqs]
-                return logits[batch.logits_indices]
+                    return logits[:batch.num_seqs], hidden
+                return logits[batch.logits_indices], hidden
         if self.piecewise is not None:
             hidden = self.piecewise.forward(batch, self.backend)
         else:
             self.backend.plan(batch)
             with forward_context(self.backend):
                 hidden = self.model(batch.input_ids, batch.positions)
-        return self.model.compute_logits(hidden[batch.logits_indices])
+        return self.model.compute_logits(hidden[batch.logits_indices]), hidden
 
     def prepare(self, sched: SchedulerOutput):
         """Stage a step's tokens into the static buffers and return its ForwardBatch, plus
         who reads which logits rows:
         samplers: requests whose last token is computed now; row i is the i-th of them (a request
         with drafts has a row per draft and one after: offsets says which);
-        prompt_rows: (request, first row, prompt tokens those rows predict)."""
+        prompt_rows: (request, first row, prompt tokens those rows predict);
+        layout: per request (request, first row, tokens, drafts, first sampling row or None), for a drafter."""
         input_ids, positions, slots, sample_at, score_at = [], [], [], [], []
         samplers, prompt_rows, pending = [], [], []
         bs = self.block_size
         start = 0
         offsets = []  # per sampling row: which token after the request's last one it samples
+        layout = []
         for req, n in sched.scheduled:
             begin = req.num_computed_tokens
             drafts = req.draft_token_ids
@@ -251,10 +285,13 @@ class ModelRunner:
                 if first < last:
                     prompt_rows.append((req, len(score_at), req.prompt_token_ids[first + 1:last + 1]))
                     score_at += range(start + first - begin, start + last - begin)
+            first_sample = None
             if begin + n == req.num_tokens + len(drafts):  # one row per draft verified, and one after
+                first_sample = len(samplers)
                 samplers += [req] * (len(drafts) + 1)
                 offsets += range(len(drafts) + 1)
                 sample_at += range(start + n - 1 - len(drafts), start + n)
+            layout.append((req, start, n, len(drafts), first_sample))
             start += n
         prompt_rows = [(req, row + len(sample_at), targets) for req, row, targets in prompt_rows]
         batch = self._stage(input_ids, positions, slots, [n for _, n in sched.scheduled],
@@ -264,7 +301,7 @@ class ModelRunner:
         if pending:
             dst, src = to_device(pending, torch.long, self.device).unbind(1)
             self.input_ids[dst] = self.last_sampled[src]
-        return batch, samplers, offsets, prompt_rows
+        return batch, samplers, offsets, prompt_rows, layout
 
     def _stage(self, input_ids, positions, slots, query_lens, seq_lens, block_tables, logits_indices) -> ForwardBatch:
         T = len(input_ids)

@@ -60,11 +60,12 @@ class PieceBuffers:
 
 
 class DecoderAttention(nn.Module):
-    def __init__(self, spec: DecoderSpec, layer_idx: int):
+    def __init__(self, spec: DecoderSpec, layer_idx: int, input_size: int | None = None):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
         q_size, kv_size = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
-        self.qkv_proj = MergedLinear(spec.hidden_size, [q_size, kv_size, kv_size], bias=spec.qkv_bias)
+        # input_size: EAGLE-3's layer attends over the embedding and a hidden state side by side
+        self.qkv_proj = MergedLinear(input_size or spec.hidden_size, [q_size, kv_size, kv_size], bias=spec.qkv_bias)
         self.o_proj = Linear(q_size, spec.hidden_size, bias=spec.o_bias)
         if spec.qk_norm:
             self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps)
@@ -132,6 +133,9 @@ class DecoderLayer(nn.Module):
         self.self_attn = DecoderAttention(spec, layer_idx)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.mlp = DecoderMLP(spec)
+        # a static [tokens, hidden] buffer (set by an EAGLE-3 drafter) that receives the hidden
+        # state entering this layer, inside graphs too
+        self.aux_out: torch.Tensor | None = None
 
     def forward(self, x, residual, cos, sin):
         q, k, v, residual = self.pre_attention(x, residual, cos, sin)
@@ -140,6 +144,8 @@ class DecoderLayer(nn.Module):
     def pre_attention(self, x, residual, cos, sin, bufs: PieceBuffers | None = None):
         """Norm (adding x into the residual, in place) and q, k, v; the first layer's residual is x."""
         x, residual = (self.input_layernorm(x), x) if residual is None else self.input_layernorm(x, residual)
+        if self.aux_out is not None:
+            self.aux_out[:residual.shape[0]].copy_(residual)
         return *self.self_attn.project(x, cos, sin, bufs), residual
 
     def post_attention(self, attn_out: torch.Tensor, residual: torch.Tensor):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -136,11 +136,20 @@ def iter_checkpoint(path: str) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def load_safetensors(model: nn.Module, path: str) -> None:
+    load_weights(model, iter_checkpoint(path))
+
+
+def load_weights(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]], optional: tuple[str, ...] = ()) \
+        -> set[str]:
+    """Copy checkpoint tensors into the model's parameters (and the buffers it lists in
+    `checkpoint_buffers`); every parameter but the `optional` ones must be given. Returns the
+    names loaded."""
     params = dict(model.named_parameters())
+    params.update((n, b) for n, b in model.named_buffers() if n in getattr(model, "checkpoint_buffers", ()))
     packed = getattr(model, "packed_modules", {})
     loaded = set()
     with torch.no_grad():
-        for name, tensor in iter_checkpoint(path):
+        for name, tensor in tensors:
             if "rotary_emb.inv_freq" in name or (name == "lm_head.weight" and "lm_head.weight" not in params):
                 continue  # recomputed / tied to the embedding
             target_name, shard = name, None
@@ -157,6 +166,8 @@ def load_safetensors(model: nn.Module, path: str) -> None:
                 raise ConfigError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model {tuple(target.shape)}")
             target.copy_(tensor)
             loaded.add((target_name, shard))
-    missing = sorted({n for n in params} - {n for n, _ in loaded})
+    names = {n for n, _ in loaded}
+    missing = sorted(set(params) - names - set(optional))
     if missing:
         raise ConfigError(f"checkpoint lacks weights for: {', '.join(missing[:10])}")
+    return names

@@ -9,7 +9,7 @@ from lanner.errors import UnsupportedModel
 from lanner.models.llama import DecoderForCausalLM, DecoderSpec
 
 
-def _llama_flags(cfg: Any) -> dict:
+def llama_flags(cfg: Any) -> dict:
     bias = getattr(cfg, "attention_bias", False)
     return dict(qkv_bias=bias, o_bias=bias, mlp_bias=getattr(cfg, "mlp_bias", False))
 
@@ -24,7 +24,7 @@ def _qwen3_flags(cfg: Any) -> dict:
 
 
 ARCHITECTURES = {
-    "LlamaForCausalLM": _llama_flags,
+    "LlamaForCausalLM": llama_flags,
     "Qwen2ForCausalLM": _qwen2_flags,
     "Qwen3ForCausalLM": _qwen3_flags,
 }
@@ -49,7 +49,11 @@ def architecture_of(hf_config: Any) -> str:
 
 def build_model(hf_config: Any) -> nn.Module:
     """An uninitialised model for `hf_config`, on the current default device and dtype."""
-    flags = ARCHITECTURES[architecture_of(hf_config)](hf_config)
+    return DecoderForCausalLM(decoder_spec(hf_config, ARCHITECTURES[architecture_of(hf_config)](hf_config)))
+
+
+def decoder_spec(hf_config: Any, flags: dict) -> DecoderSpec:
+    """The decoder shape of a Llama-family config (a target, a draft model or a draft head)."""
     theta, scaling = _rope(hf_config)
     heads = hf_config.num_attention_heads
     spec = DecoderSpec(
@@ -70,4 +74,4 @@ def build_model(hf_config: Any) -> nn.Module:
         raise UnsupportedModel("sliding-window attention is not supported")
     if getattr(hf_config, "hidden_act", "silu") != "silu":
         raise UnsupportedModel(f"activation {hf_config.hidden_act!r} is not supported (only silu)")
-    return DecoderForCausalLM(spec)
+    return spec

@@ -31,6 +31,11 @@ class AttentionBackend(ABC):
         """Prepare the metadata of one step (host side, once per step)."""
 
     @abstractmethod
+    def plan_decode(self, block_tables: list[list[int]], seq_lens: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        """Prepare a decode step (one query per sequence) whose lengths and slots are already on
+        the device (a drafter's steps: they depend on how many drafts the target accepted)."""
+
+    @abstractmethod
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
         """q: [T, heads, head_dim], k and v: [T, kv_heads, head_dim] -> [T, heads, head_dim],

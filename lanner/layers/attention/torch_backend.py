@@ -21,6 +21,11 @@ class TorchAttentionBackend(AttentionBackend):
             self.seqs.append((start, q_len, slots.to(device)))
             start += q_len
 
+    def plan_decode(self, block_tables, seq_lens, slot_mapping):
+        lens = seq_lens.tolist()  # the CPU path: nothing to overlap with
+        self.plan(ForwardBatch(slot_mapping, slot_mapping, slot_mapping, [1] * len(lens), lens, block_tables,
+                               slot_mapping[:0], len(lens)))
+
     def forward(self, layer, q, k, v, scale, out=None):
         k_cache, v_cache = self.kv_caches[layer]
         k_flat = k_cache.view(-1, *k_cache.shape[2:])

@@ -37,18 +37,13 @@ class TritonAttentionBackend(AttentionBackend):
         """`num_padded_seqs` > num_seqs adds empty sequences (length 0) for a CUDA graph's padding rows."""
         n = batch.num_seqs
         rows = num_padded_seqs or n
-        width = max((len(b) for b in batch.block_tables), default=1) or 1
-        # fresh pinned host buffers each step: the previous step's copies may still be queued
-        pin = self.block_tables.is_cuda
-        tables = torch.zeros(n, width, dtype=torch.int32, pin_memory=pin)
-        lens = torch.zeros(2, rows + 1, dtype=torch.int32, pin_memory=pin)
-        table_view, lens_view = tables.numpy(), lens.numpy()
-        for i, blocks in enumerate(batch.block_tables):
-            table_view[i, :len(blocks)] = blocks
+        self._copy_block_tables(batch.block_tables)
+        # a fresh pinned host buffer each step: the previous step's copies may still be queued
+        lens = torch.zeros(2, rows + 1, dtype=torch.int32, pin_memory=self.block_tables.is_cuda)
+        lens_view = lens.numpy()
         lens_view[0, :n] = batch.seq_lens
         np.cumsum(batch.query_lens, out=lens_view[1, 1:n + 1])
         lens_view[1, n + 1:] = lens_view[1, n]
-        self.block_tables[:n, :width].copy_(tables, non_blocking=True)
         self.seq_lens[:rows].copy_(lens[0, :rows], non_blocking=True)
         self.query_start[:rows + 1].copy_(lens[1], non_blocking=True)
         self.rows = rows
@@ -56,6 +51,25 @@ class TritonAttentionBackend(AttentionBackend):
         self.decode_only = batch.is_decode_only
         self.max_query_len = max(batch.query_lens, default=1)
         self.num_splits = num_decode_splits(rows, self.num_kv_heads, self.max_model_len)
+
+    def plan_decode(self, block_tables, seq_lens, slot_mapping):
+        n = len(block_tables)
+        self._copy_block_tables(block_tables)
+        self.seq_lens[:n].copy_(seq_lens)
+        self.rows = n
+        self.slot_mapping = slot_mapping
+        self.decode_only = True
+        self.max_query_len = 1
+        self.num_splits = num_decode_splits(n, self.num_kv_heads, self.max_model_len)
+
+    def _copy_block_tables(self, block_tables: list[list[int]]) -> None:
+        n = len(block_tables)
+        width = max((len(b) for b in block_tables), default=1) or 1
+        tables = torch.zeros(n, width, dtype=torch.int32, pin_memory=self.block_tables.is_cuda)
+        view = tables.numpy()
+        for i, blocks in enumerate(block_tables):
+            view[i, :len(blocks)] = blocks
+        self.block_tables[:n, :width].copy_(tables, non_blocking=True)
 
     def forward(self, layer, q, k, v, scale, out=None):
         k_cache, v_cache = self.kv_caches[layer]

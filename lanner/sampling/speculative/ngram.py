@@ -9,24 +9,23 @@ probabilities), so verification compares them with the target's own samples
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
+from lanner.core.request import Request
+from lanner.sampling.speculative import Proposer
 
-@dataclass
-class NgramProposer:
-    num_speculative_tokens: int
-    prompt_lookup_min: int = 1
-    prompt_lookup_max: int = 5
-    window: int = 8192  # only the last `window` tokens are searched: a bounded cost per step
 
-    def __post_init__(self) -> None:
-        if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
-            raise ValueError(f"need 1 <= prompt_lookup_min ({self.prompt_lookup_min}) <= prompt_lookup_max "
-                             f"({self.prompt_lookup_max})")
-        if self.num_speculative_tokens < 1:
-            raise ValueError(f"num_speculative_tokens must be >= 1, got {self.num_speculative_tokens}")
+class NgramProposer(Proposer):
+    method = "ngram"
+    window = 8192  # only the last `window` tokens are searched: a bounded cost per step
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.num_speculative_tokens = config.num_speculative_tokens
+        self.prompt_lookup_min, self.prompt_lookup_max = config.prompt_lookup_min, config.prompt_lookup_max
+
+    def drafts(self, req: Request, k: int) -> list[int]:
+        return self.propose(req.all_token_ids, k)
 
     def propose(self, token_ids: list[int], k: int | None = None) -> list[int]:
         """Up to k (default num_speculative_tokens) draft tokens to follow `token_ids`; [] when

@@ -1,0 +1,158 @@
+"""Drafter: runs a model proposer (draft model, EAGLE-3 head, MTP layer) on the device right
+after each target step, and returns k drafts per sampling request without a host sync.
+
+The draft keeps its own KV cache over the target's block tables (the same slots; the scheduler
+allocates k-1 more positions ahead, one more for a draft LM). Per step:
+
+1. First pass, over the same tokens as the target step, so the draft's KV follows the target's
+   through prompts, chunks, prefix hits and rejected drafts. A head (shift 0) reads at position p
+   the token p+1 beside the target's hidden state at p; a draft LM (shift 1) reads token p at p,
+   and first re-reads the target's first token of the step. The tokens after the step's last
+   known one are the target's samples: for a request that verified m drafts, its m+1 samples.
+   Rows after the first rejected draft carry wrong tokens; their KV is rewritten by the next step
+   (the target recomputes those positions, and the draft with it).
+2. Acceptance on the device: a = how many leading drafts equal the target's samples (the engine
+   counts the same on the host). The first draft comes from the first-pass row of sample a.
+3. k-1 decode steps, one token per request, each at the next position, feeding a head its own
+   pre-norm output (EAGLE-3, MTP).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lanner.core.batch import ForwardBatch
+from lanner.core.transfer import to_device
+from lanner.layers.attention import forward_context
+from lanner.sampling.rejection import accepted_prefix
+from lanner.sampling.speculative import ModelProposer
+
+
+@dataclass
+class StagedDraft:
+    """The host-built part of a step's draft work, already copied to the device."""
+    sources: torch.Tensor  # [R] per first-pass row: index into cat(target input ids, samples, known tokens)
+    known: torch.Tensor  # next prompt tokens of requests that do not sample this step
+    positions: torch.Tensor  # [R]
+    slots: torch.Tensor  # [R]
+    query_lens: list[int]
+    seq_lens: list[int]
+    block_tables: list[list[int]]
+    num_target_tokens: int
+    # per sampling request, in sampler order
+    first_rows: torch.Tensor  # [B] first-pass row that carries the request's first sample
+    verify_targets: torch.Tensor  # [B, k] target input row of each verified draft; -1 past them
+    verify_samples: torch.Tensor  # [B, k] sampler row of the sample compared with it
+    tables: torch.Tensor  # [B, W] block ids for the decode steps' slots; -1 past the allocated ones
+    capacity: torch.Tensor  # [B] positions the allocated blocks hold
+    decode_tables: list[list[int]]
+
+
+class Drafter:
+    def __init__(self, proposer: ModelProposer, net, block_size: int, device: torch.device, dtype: torch.dtype):
+        self.proposer = proposer
+        self.net = net
+        self.k = proposer.k
+        self.shift = proposer.shift
+        self.block_size = block_size
+        self.device = device
+        self.dtype = dtype
+        self.backend = None
+
+    def block_bytes(self) -> int:
+        spec = self.net.spec
+        elem = torch.tensor([], dtype=self.dtype).element_size()
+        return 2 * spec.num_layers * self.block_size * spec.num_kv_heads * spec.head_dim * elem
+
+    def allocate(self, num_blocks: int, make_backend) -> None:
+        spec = self.net.spec
+        shape = (num_blocks, self.block_size, spec.num_kv_heads, spec.head_dim)
+        self.kv_caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
+                           torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in range(spec.num_layers)]
+        self.backend = make_backend(self.kv_caches, spec.num_heads)
+
+    # ---- host: what the device work of a step reads ------------------------------------
+
+    def stage(self, layout: list[tuple], num_target_tokens: int, num_samples: int) -> StagedDraft:
+        """`layout`: per scheduled request (request, first target row, tokens, drafts verified,
+        first sampler row or None), in batch order."""
+        bs, k, shift = self.block_size, self.k, self.shift
+        sources, positions, slots, known = [], [], [], []
+        query_lens, seq_lens, tables = [], [], []
+        first_rows, verify_targets, verify_samples, dec_tables, capacity = [], [], [], [], []
+        known_base = num_target_tokens + num_samples
+        for req, start, n, m, first_sample in layout:
+            begin = req.num_computed_tokens
+            row0 = len(sources)
+            if shift:  # a draft LM re-reads the step's first token at its own position
+                sources.append(start)
+            for i in range(n):
+                j = i - (n - 1 - m)  # which of the request's samples this row carries, if >= 0
+                if first_sample is not None and j >= 0:
+                    sources.append(num_target_tokens + first_sample + j)
+                elif i < n - 1:
+                    sources.append(start + i + 1)
+                else:  # a chunk that does not reach the end: the next prompt token is known
+                    nxt = begin + n
+                    known.append(req.all_token_ids[nxt] if nxt < len(req.all_token_ids) else 0)
+                    sources.append(known_base + len(known) - 1)
+            positions += range(begin, begin + n + shift)
+            slots += [req.block_ids[p // bs] * bs + p % bs if p // bs < len(req.block_ids) else -1
+                      for p in range(begin, begin + n + shift)]
+            query_lens.append(n + shift)
+            seq_lens.append(begin + n + shift)
+            tables.append(req.block_ids)
+            if first_sample is not None:
+                first_rows.append(row0 + shift + n - 1 - m)
+                verify_targets.append([start + 1 + j for j in range(m)] + [-1] * (k - m))
+                verify_samples.append([first_sample + min(j, m) for j in range(k)])
+                dec_tables.append(req.block_ids)
+                capacity.append(len(req.block_ids) * bs)
+        width = max((len(t) for t in dec_tables), default=1) or 1
+        dev = self.device
+        return StagedDraft(
+            to_device(sources, torch.long, dev), to_device(known or [0], torch.long, dev),
+            to_device(positions, torch.long, dev), to_device(slots, torch.long, dev), query_lens, seq_lens, tables,
+            num_target_tokens, to_device(first_rows, torch.long, dev),
+            to_device(verify_targets, torch.long, dev).view(-1, k), to_device(verify_samples, torch.long, dev).view(-1, k),
+            to_device([t + [-1] * (width - len(t)) for t in dec_tables], torch.long, dev).view(-1, width),
+            to_device(capacity, torch.long, dev), dec_tables)
+
+    # ---- device: the draft's forwards -------------------------------------------------
+
+    @torch.inference_mode()
+    def propose(self, staged: StagedDraft, target_ids: torch.Tensor, samples: torch.Tensor,
+                target_hidden: torch.Tensor | None) -> torch.Tensor | None:
+        """[B, k] drafts (target vocabulary ids) for the step after this one, per sampling request."""
+        T = staged.num_target_tokens
+        ids = torch.cat([target_ids[:T], samples, staged.known])[staged.sources]
+        batch = ForwardBatch(ids, staged.positions, staged.slots, staged.query_lens, staged.seq_lens,
+                             staged.block_tables, staged.positions[:0], ids.shape[0])
+        self.backend.plan(batch)
+        hidden = None if target_hidden is None else target_hidden[:T]
+        with forward_context(self.backend):
+            normed, carry = self.net(ids, staged.positions, hidden)
+        if not staged.decode_tables:  # nobody samples this step: the pass only filled the draft's KV
+            return None
+        drafted = target_ids[staged.verify_targets.clamp(min=0)]
+        accepted = accepted_prefix((samples[staged.verify_samples] == drafted) & (staged.verify_targets >= 0))
+        rows = staged.first_rows + accepted
+        tokens = self._argmax(normed[rows])
+        drafts = [tokens]
+        positions = staged.positions[rows]
+        carry = None if carry is None else carry[rows]
+        for _ in range(self.k - 1):
+            positions = positions + 1
+            inside = positions < staged.capacity
+            block = staged.tables.gather(1, (positions // self.block_size).clamp(max=staged.tables.shape[1] - 1)[:, None])[:, 0]
+            slots = torch.where(inside & (block >= 0), block * self.block_size + positions % self.block_size, -1)
+            self.backend.plan_decode(staged.decode_tables, torch.minimum(positions + 1, staged.capacity), slots)
+            with forward_context(self.backend):
+                normed, carry = self.net(tokens, positions, carry)
+            tokens = self._argmax(normed)
+            drafts.append(tokens)
+        return torch.stack(drafts, dim=1)
+
+    def _argmax(self, normed: torch.Tensor) -> torch.Tensor:
+        return self.net.to_target_ids(self.net.compute_logits(normed).argmax(dim=-1))
