@@ -26,7 +26,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from lanner.models.tiny import (END_OF_TEXT, IM_END, eagle3_config, is_heldout, mtp_config, pruned_vocab,
+from lanner.models.tiny import (END_OF_TEXT, IM_END, corpus_name, eagle3_config, is_heldout, mtp_config, pruned_vocab,
                                 python_files, read_text, save_head, save_model_folder, train_bpe_tokenizer,
                                 unrolled_head)
 
@@ -47,7 +47,7 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 def build_corpus(tokenizer_path: str | None, vocab_size: int, max_files: int | None = None):
     files = python_files()[:max_files]
-    names = [f"{'stdlib' if 'packages' not in root else 'site'}/{rel}" for root, rel in files]
+    names = [corpus_name(root, rel) for root, rel in files]
     train_files = [i for i, n in enumerate(names) if not is_heldout(n)]
     eval_files = [i for i, n in enumerate(names) if is_heldout(n)]
     texts = [read_text(root, rel) for root, rel in files]

@@ -9,7 +9,6 @@ import os
 
 import pytest
 import torch
-from conftest import hf_greedy, hf_model
 from safetensors.torch import load_file
 
 from lanner.core.request import SamplingParams
@@ -93,6 +92,8 @@ class Reference:
     """What each proposer should draft after a context, recomputed from scratch."""
 
     def __init__(self, heads: dict):
+        from conftest import hf_model
+
         self.target = hf_model(DEFAULT_MODEL)
         self.draft = hf_model(DRAFT_MODEL)
         self.heads = {m: (load_file(os.path.join(heads[m], "model.safetensors")),
@@ -101,6 +102,8 @@ class Reference:
     @torch.no_grad()
     def drafts(self, method: str, context: list[int], k: int) -> list[int]:
         if method == "draft_model":
+            from conftest import hf_greedy
+
             return hf_greedy(self.draft, [context], k)[0]
         params, cfg = self.heads[method]
         params = {n: t.float() for n, t in params.items()}

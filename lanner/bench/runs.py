@@ -108,6 +108,10 @@ def plot_sweep(rows: list[dict], baseline: dict | None, path: str, title: str) -
 def main(args: argparse.Namespace, engine_kwargs: dict) -> None:
     from lanner.engine.llm import LLM
 
+    if args.kind == "speculative":
+        from lanner.bench import speculative
+
+        return speculative.main(args, {k: v for k, v in engine_kwargs.items() if k != "speculative_config"})
     if args.config:
         engine_kwargs = {"model": args.config, "load_format": "dummy", **engine_kwargs}
     path = engine_kwargs.get("model")
@@ -173,14 +177,16 @@ def add_parser(sub) -> None:
     thr.add_argument("--num-prompts", type=int, default=None)
     thr.add_argument("--input-range", type=int, nargs=2, default=None, metavar=("LO", "HI"))
     thr.add_argument("--output-range", type=int, nargs=2, default=None, metavar=("LO", "HI"))
-    from lanner.bench import serve
+    from lanner.bench import serve, speculative
 
     serve.add_parser(kinds)
+    speculative.add_parser(kinds)
     for p in (lat, thr):
         p.add_argument("--compare-hf", action="store_true", help="run transformers on the same workload first")
     step.set_defaults(compare_hf=False)  # a step is timed against lanner's own eager forward
     for p in (lat, step, thr):
         p.add_argument("--config", default=None, help="a config.json: random weights of that shape (dummy load)")
         p.add_argument("--output-json", default=None)
+    for p in (lat, step, thr, kinds.choices["speculative"]):
         p.set_defaults(func=lambda a: None)
         add_cli_args(p)

@@ -18,15 +18,20 @@ allocates k-1 more positions ahead, one more for a draft LM). Per step:
 """
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
 
 import torch
 
 from lanner.core.batch import ForwardBatch
 from lanner.core.transfer import to_device
+from lanner.executor.graphs import CaptureReport, SizeLadder
 from lanner.layers.attention import forward_context
 from lanner.sampling.rejection import accepted_prefix
 from lanner.sampling.speculative import ModelProposer
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -59,6 +64,7 @@ class Drafter:
         self.device = device
         self.dtype = dtype
         self.backend = None
+        self.graphs: DraftGraphs | None = None
 
     def block_bytes(self) -> int:
         spec = self.net.spec
@@ -71,6 +77,10 @@ class Drafter:
         self.kv_caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
                            torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in range(spec.num_layers)]
         self.backend = make_backend(self.kv_caches, spec.num_heads)
+
+    def capture(self, sizes: list[int], max_model_len: int) -> None:
+        self.graphs = DraftGraphs(self, sizes, -(-max_model_len // self.block_size))
+        self.graphs.capture()
 
     # ---- host: what the device work of a step reads ------------------------------------
 
@@ -139,20 +149,92 @@ class Drafter:
         accepted = accepted_prefix((samples[staged.verify_samples] == drafted) & (staged.verify_targets >= 0))
         rows = staged.first_rows + accepted
         tokens = self._argmax(normed[rows])
-        drafts = [tokens]
-        positions = staged.positions[rows]
-        carry = None if carry is None else carry[rows]
+        if self.k == 1:
+            return tokens[:, None]
+        positions, carry = staged.positions[rows], None if carry is None else carry[rows]
+        num = len(staged.decode_tables)
+        size = self.graphs.padded_size(num) if self.graphs is not None else None
+        if size is None:
+            self.backend.plan_decode(staged.decode_tables)
+            later = self._decode_steps(tokens, positions, carry, staged.capacity, staged.tables)
+            return torch.stack([tokens, *later], dim=1)
+        return torch.cat([tokens[:, None], self.graphs.replay(staged, num, size, tokens, positions, carry)], dim=1)
+
+    def _decode_steps(self, tokens, positions, carry, capacity, tables) -> list[torch.Tensor]:
+        """The k-1 draft steps after the first draft (eager, or inside a graph's capture). The
+        backend's block tables are already planned; each step sets the lengths and slots."""
+        drafts = []
         for _ in range(self.k - 1):
             positions = positions + 1
-            inside = positions < staged.capacity
-            block = staged.tables.gather(1, (positions // self.block_size).clamp(max=staged.tables.shape[1] - 1)[:, None])[:, 0]
+            inside = positions < capacity
+            column = (positions // self.block_size).clamp(max=tables.shape[1] - 1)
+            block = tables.gather(1, column[:, None])[:, 0]
             slots = torch.where(inside & (block >= 0), block * self.block_size + positions % self.block_size, -1)
-            self.backend.plan_decode(staged.decode_tables, torch.minimum(positions + 1, staged.capacity), slots)
+            self.backend.set_decode_lens(torch.minimum(positions + 1, capacity), slots)
             with forward_context(self.backend):
                 normed, carry = self.net(tokens, positions, carry)
             tokens = self._argmax(normed)
             drafts.append(tokens)
-        return torch.stack(drafts, dim=1)
+        return drafts
 
     def _argmax(self, normed: torch.Tensor) -> torch.Tensor:
         return self.net.to_target_ids(self.net.compute_logits(normed).argmax(dim=-1))
+
+
+class DraftGraphs(SizeLadder):
+    """CUDA graphs of the k-1 draft steps, one per batch size of a ladder (the draft's own
+    graphs, in their own memory pool). Inputs are copied into static buffers before a replay;
+    padding rows have no allocated positions, so they write no KV and attend to nothing."""
+
+    def __init__(self, drafter: Drafter, sizes: list[int], width: int):
+        super().__init__(sizes)
+        self.drafter = drafter
+        d, n = drafter.device, self.max_size
+        self.tokens = torch.zeros(n, dtype=torch.long, device=d)
+        self.positions = torch.zeros(n, dtype=torch.long, device=d)
+        self.capacity = torch.zeros(n, dtype=torch.long, device=d)
+        self.tables = torch.full((n, width), -1, dtype=torch.long, device=d)
+        carries = drafter.proposer.target_hidden is not None
+        self.carry = torch.zeros(n, drafter.net.spec.hidden_size, dtype=drafter.dtype, device=d) if carries else None
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.report: CaptureReport | None = None
+
+    @torch.inference_mode()
+    def capture(self) -> CaptureReport:
+        drafter, start, pool = self.drafter, time.perf_counter(), None
+        before = torch.cuda.memory_allocated()
+        for i, size in enumerate(reversed(self.sizes)):
+            drafter.backend.plan_decode([[]] * size)
+            args = (self.tokens[:size], self.positions[:size], None if self.carry is None else self.carry[:size],
+                    self.capacity[:size], self.tables[:size])
+            try:
+                if i == 0:  # compile the kernels outside the capture
+                    drafter._decode_steps(*args)
+                    torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    out = torch.stack(drafter._decode_steps(*args), dim=1)
+            except Exception as e:
+                raise RuntimeError(f"CUDA graph capture failed for draft decode batch size {size}: {e}") from e
+            pool = graph.pool() if pool is None else pool
+            self.graphs[size] = (graph, out)
+        torch.cuda.synchronize()
+        self.report = CaptureReport(self.sizes, time.perf_counter() - start, torch.cuda.memory_allocated() - before)
+        logger.info("captured %d draft decode graphs (sizes %d..%d) in %.1f s", len(self.sizes), self.sizes[0],
+                    self.sizes[-1], self.report.seconds)
+        return self.report
+
+    def replay(self, staged: StagedDraft, num: int, size: int, tokens, positions, carry) -> torch.Tensor:
+        """[num, k-1] drafts after the first ones."""
+        self.drafter.backend.plan_decode(staged.decode_tables + [[]] * (size - num))
+        self.tokens[:num].copy_(tokens)
+        self.positions[:num].copy_(positions)
+        self.capacity[:num].copy_(staged.capacity)
+        self.capacity[num:size].zero_()
+        self.tables[:num].fill_(-1)
+        self.tables[:num, :staged.tables.shape[1]].copy_(staged.tables)
+        if carry is not None:
+            self.carry[:num].copy_(carry)
+        graph, out = self.graphs[size]
+        graph.replay()
+        return out[:num]

@@ -118,8 +118,11 @@ class ModelRunner:
             if cuda_graphs:
                 self.piecewise.capture(self.input_ids, self.positions)
         if cuda_graphs:
-            self.graphs = DecodeGraphs(self, decode_graph_sizes(sched.max_num_seqs, gc.cuda_graph_sizes))
+            sizes = decode_graph_sizes(sched.max_num_seqs, gc.cuda_graph_sizes)
+            self.graphs = DecodeGraphs(self, sizes)
             self.graphs.capture()
+            if self.drafter is not None and self.drafter.k > 1:
+                self.drafter.capture(sizes, max_model_len)
 
     def _make_backend(self, kv_caches, num_heads: int | None = None):
         choice = self.config.graphs.attention_backend

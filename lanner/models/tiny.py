@@ -69,6 +69,25 @@ def python_files() -> list[tuple[str, str]]:
     return sorted(out)
 
 
+def corpus_name(root: str, relpath: str) -> str:
+    """A file's name in the corpus, the same on every machine: which kind of root, then the path."""
+    return f"{'site' if 'packages' in root else 'stdlib'}/{relpath}"
+
+
+def heldout_code(num: int, min_chars: int = 2000) -> list[str]:
+    """The text of `num` held-out files of this Python installation (in name order), for
+    measuring the shipped models and proposers on code they were not trained on."""
+    picked = []
+    for root, rel in python_files():
+        if is_heldout(corpus_name(root, rel)):
+            text = read_text(root, rel)
+            if len(text) >= min_chars:
+                picked.append(text)
+                if len(picked) == num:
+                    break
+    return picked
+
+
 def is_heldout(relpath: str) -> bool:
     """The deterministic 2% of files kept out of training, chosen by a hash of the path
     so the choice is the same on every machine and Python version."""

@@ -67,3 +67,79 @@ def test_ngram_speculation_in_bf16_with_graphs_keeps_greedy_output():
     assert stats.accepted > 0
     print(f"bf16 greedy: {stats.accepted} of {stats.drafts} drafts accepted, mean acceptance length "
           f"{stats.mean_acceptance_length:.2f}")
+
+
+def test_model_proposers_in_bf16_with_graphs_keep_greedy_output():
+    """The shipped proposers of lanner-tiny (draft model, EAGLE-3 head, MTP layer), with decode
+    graphs and piecewise graphs on, chunked prompts (so the draft's first pass is chunked too) and
+    prefix hits: greedy outputs equal the engine's without speculation, and drafts are accepted."""
+    import gc
+
+    from lanner import LLM
+    from test_speculative_models import CODE
+
+    prompts = CODE + [c + "\n    # again\n" + c for c in CODE]
+    greedy = SamplingParams(temperature=0, max_tokens=96, ignore_eos=True)
+    outputs, accepted = {}, {}
+    for method in (None, "draft_model", "eagle3", "mtp"):
+        config = {"method": method, "num_speculative_tokens": 4} if method else None
+        llm = LLM(dtype="bfloat16", gpu_memory_utilization=0.3, max_num_batched_tokens=64, speculative_config=config)
+        outputs[method] = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)]
+        if method:
+            stats = llm.engine.speculator.stats
+            accepted[method] = stats.mean_acceptance_length
+            assert llm.engine.runner.drafter.graphs.report is not None  # the draft's own decode graphs
+            assert llm.engine.kv_cache.stats().used_blocks == 0
+        del llm
+        gc.collect()
+        torch.cuda.empty_cache()
+    for method in accepted:
+        assert outputs[method] == outputs[None], method
+        assert accepted[method] > 1.3, (method, accepted[method])
+    print("bf16 mean acceptance lengths at k=4:", {m: round(a, 2) for m, a in accepted.items()})
+
+
+def test_no_host_sync_in_a_step_that_verifies_and_drafts():
+    """Verification, the draft's first pass, acceptance and the k-1 draft steps are all enqueued
+    without waiting for the GPU: the only sync is the read-back of the step's tokens."""
+    from lanner import LLM
+
+    llm = LLM(dtype="bfloat16", gpu_memory_utilization=0.3,
+              speculative_config={"method": "eagle3", "num_speculative_tokens": 3})
+    runner = llm.engine.runner
+    launch = runner.launch
+    launched = []
+
+    def strict_launch(sched):
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            handle = launch(sched)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        launched.append(any(req.draft_token_ids for req, _ in sched.scheduled))
+        return handle
+
+    runner.launch = strict_launch
+    llm.generate(["def add(a, b):\n    return a + b\n", "class A:\n    pass\n"],
+                 SamplingParams(temperature=0, max_tokens=24, ignore_eos=True), use_tqdm=False)
+    assert sum(launched) >= 4  # steps that verified drafts ran under the check
+
+
+def test_a_draft_graph_capture_failure_names_the_mode_and_size(monkeypatch):
+    import pytest
+
+    from lanner import LLM
+    from lanner.executor.drafter import Drafter
+
+    steps = Drafter._decode_steps
+
+    def syncing(self, *args):
+        out = steps(self, *args)
+        out[0].sum().item()  # a host sync: illegal while capturing
+        return out
+
+    monkeypatch.setattr(Drafter, "_decode_steps", syncing)
+    with pytest.raises(RuntimeError, match="draft decode batch size 4"):
+        LLM(dtype="bfloat16", gpu_memory_utilization=0.3, max_num_seqs=4,
+            speculative_config={"method": "mtp", "num_speculative_tokens": 3})

@@ -31,9 +31,14 @@ class AttentionBackend(ABC):
         """Prepare the metadata of one step (host side, once per step)."""
 
     @abstractmethod
-    def plan_decode(self, block_tables: list[list[int]], seq_lens: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-        """Prepare a decode step (one query per sequence) whose lengths and slots are already on
-        the device (a drafter's steps: they depend on how many drafts the target accepted)."""
+    def plan_decode(self, block_tables: list[list[int]]) -> None:
+        """Prepare decode steps (one query per sequence) over these block tables whose lengths
+        and slots are on the device (a drafter's steps: they depend on how many drafts the
+        target accepted); `set_decode_lens` gives them, step by step."""
+
+    @abstractmethod
+    def set_decode_lens(self, seq_lens: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        """The context lengths and KV slots of the next decode step (device tensors)."""
 
     @abstractmethod
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -21,9 +21,12 @@ class TorchAttentionBackend(AttentionBackend):
             self.seqs.append((start, q_len, slots.to(device)))
             start += q_len
 
-    def plan_decode(self, block_tables, seq_lens, slot_mapping):
+    def plan_decode(self, block_tables):
+        self.decode_tables = block_tables
+
+    def set_decode_lens(self, seq_lens, slot_mapping):
         lens = seq_lens.tolist()  # the CPU path: nothing to overlap with
-        self.plan(ForwardBatch(slot_mapping, slot_mapping, slot_mapping, [1] * len(lens), lens, block_tables,
+        self.plan(ForwardBatch(slot_mapping, slot_mapping, slot_mapping, [1] * len(lens), lens, self.decode_tables,
                                slot_mapping[:0], len(lens)))
 
     def forward(self, layer, q, k, v, scale, out=None):

@@ -52,15 +52,17 @@ class TritonAttentionBackend(AttentionBackend):
         self.max_query_len = max(batch.query_lens, default=1)
         self.num_splits = num_decode_splits(rows, self.num_kv_heads, self.max_model_len)
 
-    def plan_decode(self, block_tables, seq_lens, slot_mapping):
+    def plan_decode(self, block_tables):
         n = len(block_tables)
         self._copy_block_tables(block_tables)
-        self.seq_lens[:n].copy_(seq_lens)
         self.rows = n
-        self.slot_mapping = slot_mapping
         self.decode_only = True
         self.max_query_len = 1
         self.num_splits = num_decode_splits(n, self.num_kv_heads, self.max_model_len)
+
+    def set_decode_lens(self, seq_lens, slot_mapping):
+        self.seq_lens[:self.rows].copy_(seq_lens)  # device to device: inside a draft graph too
+        self.slot_mapping = slot_mapping
 
     def _copy_block_tables(self, block_tables: list[list[int]]) -> None:
         n = len(block_tables)

@@ -1,0 +1,104 @@
+"""`lanner bench speculative`: real acceptance and speed of each proposer (issue [8], 7a).
+
+Prompts are windows of held-out source files of this Python installation (files the shipped
+models never saw in training), decoded greedily at batch 1 (one request at a time) and at a
+larger batch, first without speculation (the same-run baseline), then with each proposer at
+each k. Each row reports output tok/s, the speedup over the baseline at the same batch, the mean
+acceptance length, the acceptance rate per draft position, and whether every output equals the
+baseline's.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import time
+
+import torch
+
+from lanner.bench import common
+
+
+def prompts_from_heldout_code(tokenizer, num: int, input_len: int) -> list[list[int]]:
+    from lanner.models.tiny import heldout_code
+
+    out = []
+    for text in heldout_code(num * 2):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) > input_len:
+            start = (len(ids) - input_len) // 2  # from the middle: past license headers and imports
+            out.append(ids[start:start + input_len])
+        if len(out) == num:
+            break
+    return out
+
+
+def run_batches(llm, prompts: list[list[int]], output_len: int, batches: list[int]) -> dict:
+    from lanner.core.request import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
+    llm.generate([{"prompt_token_ids": prompts[0][:16]}], SamplingParams(temperature=0, max_tokens=8),
+                 use_tqdm=False)  # warm-up
+    spec = llm.engine.speculator
+    rows = {}
+    for batch in batches:
+        if spec is not None:
+            spec.stats.__init__(accepted_at=[0] * spec.k)
+        outputs = []
+        common.sync()
+        start = time.perf_counter()
+        for i in range(0, len(prompts), batch):
+            outputs += llm.generate([{"prompt_token_ids": p} for p in prompts[i:i + batch]], params, use_tqdm=False)
+        common.sync()
+        seconds = time.perf_counter() - start
+        tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+        row = {"batch": batch, "output_tokens": tokens, "seconds": round(seconds, 3),
+               "tok_per_s": round(tokens / seconds, 1), "outputs": [o.outputs[0].token_ids for o in outputs]}
+        if spec is not None:
+            s = spec.stats
+            row.update(mean_acceptance_length=round(s.mean_acceptance_length, 3), verifications=s.verifications,
+                       acceptance_rate_per_position=[round(a / max(s.verifications, 1), 3) for a in s.accepted_at])
+        rows[batch] = row
+    return rows
+
+
+def main(args: argparse.Namespace, engine_kwargs: dict) -> None:
+    from lanner.engine.llm import LLM
+
+    def release(llm):
+        del llm.engine
+        gc.collect()
+        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+
+    llm = LLM(**engine_kwargs)
+    prompts = prompts_from_heldout_code(llm.engine.tokenizer, args.num_prompts, args.input_len)
+    model = common.model_summary(llm.engine.hf_config)
+    base = run_batches(llm, prompts, args.output_len, args.batch_sizes)
+    release(llm)
+    results = []
+    for method in args.methods:
+        for k in args.k:
+            config = {"method": method, "num_speculative_tokens": k, **({"prompt_lookup_max": 3} if method == "ngram" else {})}
+            llm = LLM(**engine_kwargs, speculative_config=config)
+            for batch, row in run_batches(llm, prompts, args.output_len, args.batch_sizes).items():
+                same = sum(a == b for a, b in zip(row.pop("outputs"), base[batch]["outputs"]))
+                results.append({"method": method, "k": k, **row, "speedup": round(row["tok_per_s"] / base[batch]["tok_per_s"], 3),
+                                "outputs_identical": f"{same}/{len(prompts)}"})
+                print({k_: v for k_, v in results[-1].items()}, flush=True)
+            release(llm)
+    baseline = {str(b): {k: v for k, v in r.items() if k != "outputs"} for b, r in base.items()}
+    workload = {"prompts": f"{len(prompts)} windows of held-out source files of this Python installation",
+                "input_len": args.input_len, "output_len": args.output_len, "greedy": True, "ignore_eos": True,
+                "batch_sizes": args.batch_sizes}
+    common.emit(common.record("speculative", model, workload, {"runs": results}, None,
+                              {"no_speculation": baseline}), args.output_json)
+
+
+def add_parser(kinds) -> None:
+    p = kinds.add_parser("speculative", help="acceptance and speed of each proposer on held-out code")
+    p.add_argument("--methods", nargs="+", default=["ngram", "draft_model", "eagle3", "mtp"])
+    p.add_argument("--k", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6])
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
+    p.add_argument("--num-prompts", type=int, default=16)
+    p.add_argument("--input-len", type=int, default=256)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--output-json", default=None)
