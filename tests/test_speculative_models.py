@@ -219,3 +219,24 @@ def test_a_draft_model_must_share_the_tokenizer(qwen3_path):
                                                   "model": DRAFT_MODEL})
     with pytest.raises(ConfigError, match="needs \"model\""):
         llm(model=qwen3_path, speculative_config={"method": "eagle3", "num_speculative_tokens": 2})
+
+
+def test_bench_replay_mode_sets_the_acceptance_length(tmp_path):
+    """`lanner bench speculative --replay`: the head runs, its drafts are the recorded greedy
+    continuation kept with probability p: p=1 accepts every draft, p=0 none, and the outputs equal
+    the run without speculation."""
+    from lanner.cli import main
+    from lanner.models.tiny import eagle3_config
+
+    with open(os.path.join(DEFAULT_MODEL, "config.json")) as f:
+        head = tmp_path / "head.json"
+        head.write_text(json.dumps(eagle3_config(json.load(f), 1024, 128)))
+    out = tmp_path / "replay.json"
+    assert main(["bench", "speculative", "--replay", "1.0", "0.0", "--k", "3", "2", "--batch-sizes", "1", "3",
+                 "--output-len", "13", "--input-len", "16", "--config", os.path.join(DEFAULT_MODEL, "config.json"),
+                 "--head-config", str(head), "--output-json", str(out)]) == 0
+    runs = json.loads(out.read_text())["results"]["runs"]
+    assert [(r["k"], r["batch"]) for r in runs] == [(3, 1), (3, 3), (2, 1), (2, 3)]
+    assert all(r["outputs_identical"] == f"{r['batch']}/{r['batch']}" for r in runs)
+    assert [r["mean_acceptance_length"] for r in runs if r["p"] == 1.0] == [4.0, 4.0]  # 13 = 1 + 3 x 4 tokens
+    assert [r["mean_acceptance_length"] for r in runs if r["p"] == 0.0] == [1.0, 1.0]

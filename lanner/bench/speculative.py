@@ -61,13 +61,18 @@ def run_batches(llm, prompts: list[list[int]], output_len: int, batches: list[in
     return rows
 
 
+def release(llm) -> None:
+    del llm.engine
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def main(args: argparse.Namespace, engine_kwargs: dict) -> None:
     from lanner.engine.llm import LLM
 
-    def release(llm):
-        del llm.engine
-        gc.collect()
-        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    if args.replay:
+        return replay(args, engine_kwargs)
 
     llm = LLM(**engine_kwargs)
     prompts = prompts_from_heldout_code(llm.engine.tokenizer, args.num_prompts, args.input_len)
@@ -93,6 +98,95 @@ def main(args: argparse.Namespace, engine_kwargs: dict) -> None:
                               {"no_speculation": baseline}), args.output_json)
 
 
+def replay_drafts(llm, continuations: dict[tuple, list[int]], keep: dict[tuple, list[bool]]) -> None:
+    """Benchmark-only `replay` mode: the proposer's network still runs (its cost is real), but the
+    drafts it returns are replaced by the target's own greedy continuation, recorded in a run
+    without speculation, each position kept with a seeded probability (else a wrong token)."""
+    proposer, vocab = llm.engine.speculator.proposer, llm.engine.vocab_size
+    drafts = type(proposer).drafts.__get__(proposer)  # the network's own (it consumes them)
+
+    def replayed(req, k):
+        drafts(req, k)
+        key = tuple(req.prompt_token_ids)
+        pos = len(req.output_token_ids)
+        cont, kept = continuations[key][pos:pos + k], keep[key][pos:pos + k]
+        return [t if ok else (t + 1) % vocab for t, ok in zip(cont, kept)]
+
+    proposer.drafts = replayed
+
+
+def replay(args: argparse.Namespace, engine_kwargs: dict) -> None:
+    """Issue [8] 7b: a model shape with dummy weights and an EAGLE-3 head of dummy weights whose
+    drafts are replayed (`replay_drafts`) at acceptance probabilities --replay, per --k."""
+    import random
+
+    from lanner.bench.common import Workload
+    from lanner.core.request import SamplingParams
+    from lanner.engine.llm import LLM
+    from lanner.executor.model_runner import StepTimes
+
+    engine_kwargs = {"model": args.config, "load_format": "dummy", **engine_kwargs}
+    params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
+
+    def measure(llm, batch: int, prompts) -> dict:
+        llm.engine.runner.step_times = times = StepTimes()
+        if llm.engine.speculator is not None:
+            llm.engine.speculator.stats.__init__(accepted_at=[0] * llm.engine.speculator.k)
+        common.sync()
+        start = time.perf_counter()
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts[:batch]], params, use_tqdm=False)
+        common.sync()
+        seconds = time.perf_counter() - start
+        tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+        row = {"batch": batch, "output_tokens": tokens, "seconds": round(seconds, 3),
+               "tok_per_s": round(tokens / seconds, 1), "steps": times.steps,
+               "gpu_ms_per_step": {"target": round(times.target_ms / max(times.steps, 1), 3),
+                                   "draft": round(times.draft_ms / max(times.steps, 1), 3)},
+               "outputs": [o.outputs[0].token_ids for o in outs]}
+        spec = llm.engine.speculator
+        if spec is not None:
+            row["mean_acceptance_length"] = round(spec.stats.mean_acceptance_length, 3)
+        return row
+
+    llm = LLM(**engine_kwargs)
+    prompts = [p for p, _ in Workload(max(args.batch_sizes), (args.input_len, args.input_len), (1, 1)).requests(
+        llm.engine.vocab_size)]
+    model = common.model_summary(llm.engine.hf_config)
+    measure(llm, 1, prompts[:1])  # warm-up
+    base = {b: measure(llm, b, prompts) for b in args.batch_sizes}
+    release(llm)
+    results = []
+    for k, p in zip(args.k, args.replay):
+        config = {"method": "eagle3", "num_speculative_tokens": k, "model": args.head_config}
+        llm = LLM(**engine_kwargs, speculative_config=config)
+        for b in args.batch_sizes:
+            continuations = {tuple(pr): out for pr, out in zip(prompts, base[b]["outputs"])}
+            rng = random.Random(b * 1000 + k)
+            keep = {key: [rng.random() < p for _ in range(args.output_len + k)] for key in continuations}
+            replay_drafts(llm, continuations, keep)
+            if b == args.batch_sizes[0]:
+                measure(llm, 1, prompts[:1])  # warm-up
+            row = measure(llm, b, prompts)
+            same = sum(a == c for a, c in zip(row.pop("outputs"), base[b]["outputs"]))
+            decode_ms = base[b]["gpu_ms_per_step"]["target"]
+            spec_ms = row["gpu_ms_per_step"]["target"] + row["gpu_ms_per_step"]["draft"]
+            ideal = row["mean_acceptance_length"] * decode_ms / spec_ms if spec_ms else None  # GPU times only
+            speedup = row["tok_per_s"] / base[b]["tok_per_s"]
+            results.append({"k": k, "p": p, **row, "speedup": round(speedup, 3),
+                            "ideal_speedup": round(ideal, 3) if ideal else None,
+                            "fraction_of_ideal": round(speedup / ideal, 3) if ideal else None,
+                            "outputs_identical": f"{same}/{b}"})
+            print(results[-1], flush=True)
+        release(llm)
+    baseline = {str(b): {k: v for k, v in r.items() if k != "outputs"} for b, r in base.items()}
+    workload = {"prompts": "random token ids", "input_len": args.input_len, "output_len": args.output_len,
+                "greedy": True, "ignore_eos": True, "batch_sizes": args.batch_sizes, "head": args.head_config,
+                "mode": "replay: the head runs, its drafts are the recorded greedy continuation, each position "
+                        "kept with probability p"}
+    common.emit(common.record("speculative-replay", model, workload, {"runs": results}, None,
+                              {"no_speculation": baseline}), args.output_json)
+
+
 def add_parser(kinds) -> None:
     p = kinds.add_parser("speculative", help="acceptance and speed of each proposer on held-out code")
     p.add_argument("--methods", nargs="+", default=["ngram", "draft_model", "eagle3", "mtp"])
@@ -102,3 +196,9 @@ def add_parser(kinds) -> None:
     p.add_argument("--input-len", type=int, default=256)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--output-json", default=None)
+    p.add_argument("--replay", type=float, nargs="+", default=None, metavar="P",
+                   help="replay mode (dummy weights): per --k value, the probability that each draft position "
+                        "is the target's own token")
+    p.add_argument("--config", default="benchmarks/configs/qwen3-8b.json", help="replay mode: the target's shape")
+    p.add_argument("--head-config", default="benchmarks/configs/qwen3-8b-eagle3.json",
+                   help="replay mode: the EAGLE-3 head's shape")

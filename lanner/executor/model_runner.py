@@ -28,17 +28,32 @@ from lanner.sampling.speculative import DraftContext, ModelProposer
 logger = logging.getLogger(__name__)
 
 
+@dataclass
+class StepTimes:
+    """GPU time of launched steps (CUDA events, read at read-back), for benchmarks: the target's
+    forward and sampling, and a drafter's work, in milliseconds."""
+    steps: int = 0
+    target_ms: float = 0.0
+    draft_ms: float = 0.0
+
+    def add(self, events: list) -> None:
+        self.steps += 1
+        self.target_ms += events[0].elapsed_time(events[1])
+        self.draft_ms += events[1].elapsed_time(events[2])
+
+
 class StepHandle:
     """A launched step. `result()` waits for it and reads the tokens back."""
 
     def __init__(self, samplers: list[Request], sampled: Sampled | None, prompt_rows: list, logits: torch.Tensor,
-                 proposed: torch.Tensor | None = None):
+                 proposed: torch.Tensor | None = None, timed: tuple[StepTimes, list] | None = None):
         self.samplers = samplers
         self.sampled = sampled
         self.prompt_rows = prompt_rows
         self.logits = logits if prompt_rows else None
         self.tokens = sampled.tokens.to("cpu", non_blocking=True) if sampled is not None else None
         self.proposed = proposed.to("cpu", non_blocking=True) if proposed is not None else None
+        self.timed = timed
         self.done = torch.cuda.Event() if logits.is_cuda else None
         if self.done is not None:
             self.done.record()
@@ -47,6 +62,8 @@ class StepHandle:
     def result(self) -> RunnerOutput:
         if self.done is not None:
             self.done.synchronize()
+        if self.timed is not None:
+            self.timed[0].add(self.timed[1])
         out = RunnerOutput()
         if self.sampled is not None:
             tokens = self.tokens.tolist()
@@ -110,6 +127,7 @@ class ModelRunner:
                     self.num_blocks * self.block_size)
         self.graphs: DecodeGraphs | None = None
         self.piecewise: PiecewiseGraphs | None = None
+        self.step_times: StepTimes | None = None  # set to a StepTimes to time steps on the GPU
         gc = config.graphs
         cuda_graphs = device.type == "cuda" and not gc.enforce_eager
         if gc.piecewise_graphs or (gc.piecewise_graphs is None and cuda_graphs):
@@ -216,6 +234,10 @@ class ModelRunner:
         with record_function("prepare"):
             batch, samplers, offsets, prompt_rows, layout = self.prepare(sched)
             staged = self.drafter.stage(layout, batch.num_real_tokens, len(samplers)) if self.drafter else None
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(3)] \
+            if self.step_times is not None and self.device.type == "cuda" else None
+        if events:
+            events[0].record()
         with record_function("model"):
             logits, hidden = self.run_model(batch)
         sampled = None
@@ -226,13 +248,18 @@ class ModelRunner:
                 req.sample_row = row
             self.last_sampled = sampled.tokens
         proposed = None
+        if events:
+            events[1].record()
         if staged is not None:
             with record_function("draft"):
                 target_hidden = {"final": hidden, "aux": getattr(self, "aux_hidden", None)}.get(
                     self.drafter.proposer.target_hidden)
                 samples = sampled.tokens if sampled is not None else self.input_ids[:0]
                 proposed = self.drafter.propose(staged, self.input_ids, samples, target_hidden)
-        return StepHandle(samplers, sampled, prompt_rows, logits, proposed if samplers else None)
+        if events:
+            events[2].record()
+        return StepHandle(samplers, sampled, prompt_rows, logits, proposed if samplers else None,
+                          (self.step_times, events) if events else None)
 
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
         """One step, synchronously."""
