@@ -39,14 +39,33 @@ def test_verification_on_the_gpu_matches_the_cpu_without_a_sync():
     assert torch.equal(greedy.num_accepted.cpu(), want.num_accepted)
 
 
+def assert_identical_up_to_bf16_ties(plain, prompts, kinds, want, got, bound: float = 0.25) -> int:
+    """Greedy outputs with speculation equal those without, except where bf16 rounding can decide:
+    the verify rows (prefill attention kernel, k+1 rows) and the decode rows (decode kernel) round
+    differently, so where the target's two best tokens are within a bf16 rounding of each other the
+    argmax may flip. At each output's first difference, both tokens must be among the target's top
+    logprobs there and within `bound` nats of each other. Returns how many outputs differ."""
+    differ = 0
+    for prompt, kind, w, g in zip(prompts, kinds, want, got):
+        if w == g:
+            continue
+        differ += 1
+        i = next(j for j, (a, b) in enumerate(zip(w, g)) if a != b)
+        ids = plain.get_tokenizer()(prompt, add_special_tokens=False)["input_ids"] + w[:i]
+        probe = SamplingParams(temperature=0, max_tokens=1, logprobs=5, repetition_penalty=kind.repetition_penalty)
+        top = plain.generate([{"prompt_token_ids": ids}], probe, use_tqdm=False)[0].outputs[0].logprobs[0]
+        assert {w[i], g[i]} <= set(top), (i, w[i], g[i], top)
+        assert abs(top[w[i]].logprob - top[g[i]].logprob) < bound * (1 if kind.repetition_penalty == 1 else 4), \
+            (i, top[w[i]].logprob, top[g[i]].logprob)
+    assert differ <= len(want) // 4, f"{differ} of {len(want)} outputs differ"
+    return differ
+
+
 def test_ngram_speculation_in_bf16_with_graphs_keeps_greedy_output():
     """Verify steps (k+1 tokens per request) run in the piecewise graphs, decode steps in the full
     graphs: greedy outputs, with and without a repetition penalty, are those of the same engine
-    without speculation. (Seeded sampling is
-    exact in distribution, but in bf16 the verify and decode kernels round differently, so a
-    close draw can differ from the run without speculation: not asserted token for token here.)"""
-    import gc
-
+    without speculation, up to bf16 ties (assert_identical_up_to_bf16_ties). (Seeded sampling is
+    exact in distribution, but a close draw can differ likewise: not asserted token for token here.)"""
     from lanner import LLM
     from test_speculative import CODE, SPEC
 
@@ -54,25 +73,22 @@ def test_ngram_speculation_in_bf16_with_graphs_keeps_greedy_output():
     kinds = [SamplingParams(temperature=0, max_tokens=64, ignore_eos=True),
              SamplingParams(temperature=0, repetition_penalty=1.2, max_tokens=64, ignore_eos=True)]
     work = [(p, k) for p in prompts for k in kinds]
-    outputs = []
-    for speculative_config in (None, SPEC):
-        llm = LLM(dtype="bfloat16", gpu_memory_utilization=0.3, speculative_config=speculative_config)
-        outs = llm.generate([p for p, _ in work], [k for _, k in work], use_tqdm=False)
-        outputs.append([o.outputs[0].token_ids for o in outs])
-        stats = llm.engine.speculator.stats if speculative_config else None
-        del llm
-        gc.collect()
-        torch.cuda.empty_cache()
-    assert outputs[1] == outputs[0]
+    plain = LLM(dtype="bfloat16", gpu_memory_utilization=0.25)
+    spec = LLM(dtype="bfloat16", gpu_memory_utilization=0.25, speculative_config=SPEC)
+    want, got = ([o.outputs[0].token_ids for o in llm.generate([p for p, _ in work], [k for _, k in work],
+                                                                use_tqdm=False)] for llm in (plain, spec))
+    differ = assert_identical_up_to_bf16_ties(plain, [p for p, _ in work], [k for _, k in work], want, got)
+    stats = spec.engine.speculator.stats
     assert stats.accepted > 0
-    print(f"bf16 greedy: {stats.accepted} of {stats.drafts} drafts accepted, mean acceptance length "
-          f"{stats.mean_acceptance_length:.2f}")
+    print(f"bf16 greedy: {differ} of {len(work)} outputs differ at a bf16 tie; {stats.accepted} of {stats.drafts} "
+          f"drafts accepted, mean acceptance length {stats.mean_acceptance_length:.2f}")
 
 
 def test_model_proposers_in_bf16_with_graphs_keep_greedy_output():
     """The shipped proposers of lanner-tiny (draft model, EAGLE-3 head, MTP layer), with decode
     graphs and piecewise graphs on, chunked prompts (so the draft's first pass is chunked too) and
-    prefix hits: greedy outputs equal the engine's without speculation, and drafts are accepted."""
+    prefix hits: greedy outputs equal the engine's without speculation (up to bf16 ties), and drafts
+    are accepted; the draft's decode graphs were captured."""
     import gc
 
     from lanner import LLM
@@ -80,22 +96,21 @@ def test_model_proposers_in_bf16_with_graphs_keep_greedy_output():
 
     prompts = CODE + [c + "\n    # again\n" + c for c in CODE]
     greedy = SamplingParams(temperature=0, max_tokens=96, ignore_eos=True)
-    outputs, accepted = {}, {}
-    for method in (None, "draft_model", "eagle3", "mtp"):
-        config = {"method": method, "num_speculative_tokens": 4} if method else None
-        llm = LLM(dtype="bfloat16", gpu_memory_utilization=0.3, max_num_batched_tokens=64, speculative_config=config)
-        outputs[method] = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)]
-        if method:
-            stats = llm.engine.speculator.stats
-            accepted[method] = stats.mean_acceptance_length
-            assert llm.engine.runner.drafter.graphs.report is not None  # the draft's own decode graphs
-            assert llm.engine.kv_cache.stats().used_blocks == 0
+    plain = LLM(dtype="bfloat16", gpu_memory_utilization=0.2, max_num_batched_tokens=64)
+    want = [o.outputs[0].token_ids for o in plain.generate(prompts, greedy, use_tqdm=False)]
+    accepted = {}
+    for method in ("draft_model", "eagle3", "mtp"):
+        llm = LLM(dtype="bfloat16", gpu_memory_utilization=0.2, max_num_batched_tokens=64,
+                  speculative_config={"method": method, "num_speculative_tokens": 4})
+        got = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)]
+        assert_identical_up_to_bf16_ties(plain, prompts, [greedy] * len(prompts), want, got)
+        accepted[method] = llm.engine.speculator.stats.mean_acceptance_length
+        assert accepted[method] > 1.3, (method, accepted[method])
+        assert llm.engine.kv_cache.stats().used_blocks == 0
+        assert llm.engine.runner.drafter.graphs.report is not None  # the draft's own decode graphs
         del llm
         gc.collect()
         torch.cuda.empty_cache()
-    for method in accepted:
-        assert outputs[method] == outputs[None], method
-        assert accepted[method] > 1.3, (method, accepted[method])
     print("bf16 mean acceptance lengths at k=4:", {m: round(a, 2) for m, a in accepted.items()})
 
 
