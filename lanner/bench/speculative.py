@@ -32,15 +32,15 @@ def prompts_from_heldout_code(tokenizer, num: int, input_len: int) -> list[list[
     return out
 
 
-def run_batches(llm, prompts: list[list[int]], output_len: int, batches: list[int]) -> dict:
+def run_batches(llm, prompts: list[list[int]], output_len: int, batches: list[int], repeats: int = 2) -> dict:
+    """Per batch size, the last of `repeats` passes (the first compiles the kernels' variants that
+    this engine's shapes need: Triton compiles on first use)."""
     from lanner.core.request import SamplingParams
 
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
-    llm.generate([{"prompt_token_ids": prompts[0][:16]}], SamplingParams(temperature=0, max_tokens=8),
-                 use_tqdm=False)  # warm-up
     spec = llm.engine.speculator
     rows = {}
-    for batch in batches:
+    for batch in [b for b in batches for _ in range(repeats)]:
         if spec is not None:
             spec.stats.__init__(accepted_at=[0] * spec.k)
         outputs = []
@@ -77,14 +77,14 @@ def main(args: argparse.Namespace, engine_kwargs: dict) -> None:
     llm = LLM(**engine_kwargs)
     prompts = prompts_from_heldout_code(llm.engine.tokenizer, args.num_prompts, args.input_len)
     model = common.model_summary(llm.engine.hf_config)
-    base = run_batches(llm, prompts, args.output_len, args.batch_sizes)
+    base = run_batches(llm, prompts, args.output_len, args.batch_sizes, args.repeats)
     release(llm)
     results = []
     for method in args.methods:
         for k in args.k:
             config = {"method": method, "num_speculative_tokens": k, **({"prompt_lookup_max": 3} if method == "ngram" else {})}
             llm = LLM(**engine_kwargs, speculative_config=config)
-            for batch, row in run_batches(llm, prompts, args.output_len, args.batch_sizes).items():
+            for batch, row in run_batches(llm, prompts, args.output_len, args.batch_sizes, args.repeats).items():
                 same = sum(a == b for a, b in zip(row.pop("outputs"), base[batch]["outputs"]))
                 results.append({"method": method, "k": k, **row, "speedup": round(row["tok_per_s"] / base[batch]["tok_per_s"], 3),
                                 "outputs_identical": f"{same}/{len(prompts)}"})
@@ -152,8 +152,7 @@ def replay(args: argparse.Namespace, engine_kwargs: dict) -> None:
     prompts = [p for p, _ in Workload(max(args.batch_sizes), (args.input_len, args.input_len), (1, 1)).requests(
         llm.engine.vocab_size)]
     model = common.model_summary(llm.engine.hf_config)
-    measure(llm, 1, prompts[:1])  # warm-up
-    base = {b: measure(llm, b, prompts) for b in args.batch_sizes}
+    base = {b: [measure(llm, b, prompts) for _ in range(args.repeats)][-1] for b in args.batch_sizes}
     release(llm)
     results = []
     for k, p in zip(args.k, args.replay):
@@ -164,9 +163,7 @@ def replay(args: argparse.Namespace, engine_kwargs: dict) -> None:
             rng = random.Random(b * 1000 + k)
             keep = {key: [rng.random() < p for _ in range(args.output_len + k)] for key in continuations}
             replay_drafts(llm, continuations, keep)
-            if b == args.batch_sizes[0]:
-                measure(llm, 1, prompts[:1])  # warm-up
-            row = measure(llm, b, prompts)
+            row = [measure(llm, b, prompts) for _ in range(args.repeats)][-1]
             same = sum(a == c for a, c in zip(row.pop("outputs"), base[b]["outputs"]))
             decode_ms = base[b]["gpu_ms_per_step"]["target"]
             spec_ms = row["gpu_ms_per_step"]["target"] + row["gpu_ms_per_step"]["draft"]
@@ -196,6 +193,7 @@ def add_parser(kinds) -> None:
     p.add_argument("--input-len", type=int, default=256)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--output-json", default=None)
+    p.add_argument("--repeats", type=int, default=2, help="passes per batch size; the last is reported")
     p.add_argument("--replay", type=float, nargs="+", default=None, metavar="P",
                    help="replay mode (dummy weights): per --k value, the probability that each draft position "
                         "is the target's own token")
