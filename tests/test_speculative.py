@@ -274,7 +274,9 @@ def test_speculative_config_flag():
     assert serve.speculative_config == SPEC
 
 
-def test_the_server_speculates_with_the_same_output(plain):
+@pytest.mark.parametrize("config", [SPEC, {"method": "eagle3", "num_speculative_tokens": 3}],
+                         ids=["ngram", "eagle3"])
+def test_the_server_speculates_with_the_same_output(plain, config):
     from fastapi.testclient import TestClient
 
     from lanner.config import EngineConfig, ServerConfig
@@ -285,7 +287,7 @@ def test_the_server_speculates_with_the_same_output(plain):
     from lanner.server.metrics import ServerMetrics
     from test_hardening import wait_for
 
-    engine = LLMEngine(EngineConfig.from_kwargs(device="cpu", dtype="float32", speculative_config=SPEC))
+    engine = LLMEngine(EngineConfig.from_kwargs(device="cpu", dtype="float32", speculative_config=config))
     metrics = ServerMetrics()
     app = build_app(AsyncEngine(engine, observer=metrics), ServerConfig(served_model_name=["m"]), metrics)
     want = [o.outputs[0].text for o in plain.generate(CODE, SamplingParams(temperature=0, max_tokens=32,

@@ -203,6 +203,24 @@ def test_a_failing_drafter_fails_its_step_and_the_engine_goes_on(plain, heads):
     engine.kv_cache.check_invariants([])
 
 
+def test_aborting_a_speculating_request_frees_its_blocks_and_spares_the_others(plain, heads):
+    spec = llm(speculative_config=spec_config("mtp", heads))
+    engine = spec.engine
+    greedy = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    engine.add_request("a", CODE[0], greedy)
+    engine.add_request("b", CODE[1], greedy)
+    for _ in range(4):
+        engine.step()
+    assert engine.abort_request("a").finished
+    outs = []
+    while engine.has_unfinished_requests():
+        outs += [o for o in engine.step() if o.finished]
+    assert [o.request_id for o in outs] == ["b"]
+    assert outs[0].outputs[0].token_ids == plain.generate(CODE[1], greedy, use_tqdm=False)[0].outputs[0].token_ids
+    engine.kv_cache.check_invariants([])
+    assert engine.kv_cache.stats().used_blocks == 0
+
+
 @pytest.mark.parametrize("value,message", [
     ({"method": "eagle3", "num_speculative_tokens": 2, "model": "/nonexistent/head"}, "neither a local folder"),
     ({"method": "mtp", "num_speculative_tokens": 2, "model": DRAFT_MODEL}, "no MTP layer"),

@@ -120,14 +120,16 @@ class Drafter:
                 dec_tables.append(req.block_ids)
                 capacity.append(len(req.block_ids) * bs)
         width = max((len(t) for t in dec_tables), default=1) or 1
-        dev = self.device
-        return StagedDraft(
-            to_device(sources, torch.long, dev), to_device(known or [0], torch.long, dev),
-            to_device(positions, torch.long, dev), to_device(slots, torch.long, dev), query_lens, seq_lens, tables,
-            num_target_tokens, to_device(first_rows, torch.long, dev),
-            to_device(verify_targets, torch.long, dev).view(-1, k), to_device(verify_samples, torch.long, dev).view(-1, k),
-            to_device([t + [-1] * (width - len(t)) for t in dec_tables], torch.long, dev).view(-1, width),
-            to_device(capacity, torch.long, dev), dec_tables)
+        parts = [sources, known or [0], positions, slots, first_rows, sum(verify_targets, []),
+                 sum(verify_samples, []), [b for t in dec_tables for b in t + [-1] * (width - len(t))], capacity]
+        flat = to_device([x for part in parts for x in part], torch.long, self.device)  # one copy
+        views, start = [], 0
+        for part in parts:
+            views.append(flat[start:start + len(part)])
+            start += len(part)
+        return StagedDraft(views[0], views[1], views[2], views[3], query_lens, seq_lens, tables, num_target_tokens,
+                           views[4], views[5].view(-1, k), views[6].view(-1, k), views[7].view(-1, width), views[8],
+                           dec_tables)
 
     # ---- device: the draft's forwards -------------------------------------------------
 
