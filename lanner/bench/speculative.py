@@ -128,6 +128,16 @@ def replay(args: argparse.Namespace, engine_kwargs: dict) -> None:
     engine_kwargs = {"model": args.config, "load_format": "dummy", **engine_kwargs}
     params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
 
+    def build(**kwargs):
+        """With dummy weights the logits of a 36-layer random network are nearly flat, so bf16
+        rounding differences between the verify and the decode kernels flip the greedy token at
+        almost every position, and no replayed continuation survives. Scaling the embedding makes
+        each token's own embedding dominate the last hidden state: large margins, a stable greedy
+        continuation, and the same cost per step."""
+        llm = LLM(**engine_kwargs, **kwargs)
+        llm.engine.runner.model.model.embed_tokens.weight.mul_(args.replay_embedding_scale)
+        return llm
+
     def measure(llm, batch: int, prompts) -> dict:
         llm.engine.runner.step_times = times = StepTimes()
         if llm.engine.speculator is not None:
@@ -148,7 +158,7 @@ def replay(args: argparse.Namespace, engine_kwargs: dict) -> None:
             row["mean_acceptance_length"] = round(spec.stats.mean_acceptance_length, 3)
         return row
 
-    llm = LLM(**engine_kwargs)
+    llm = build()
     prompts = [p for p, _ in Workload(max(args.batch_sizes), (args.input_len, args.input_len), (1, 1)).requests(
         llm.engine.vocab_size)]
     model = common.model_summary(llm.engine.hf_config)
@@ -157,7 +167,7 @@ def replay(args: argparse.Namespace, engine_kwargs: dict) -> None:
     results = []
     for k, p in zip(args.k, args.replay):
         config = {"method": "eagle3", "num_speculative_tokens": k, "model": args.head_config}
-        llm = LLM(**engine_kwargs, speculative_config=config)
+        llm = build(speculative_config=config)
         for b in args.batch_sizes:
             continuations = {tuple(pr): out for pr, out in zip(prompts, base[b]["outputs"])}
             rng = random.Random(b * 1000 + k)
@@ -177,6 +187,7 @@ def replay(args: argparse.Namespace, engine_kwargs: dict) -> None:
         release(llm)
     baseline = {str(b): {k: v for k, v in r.items() if k != "outputs"} for b, r in base.items()}
     workload = {"prompts": "random token ids", "input_len": args.input_len, "output_len": args.output_len,
+                "embedding_scale": args.replay_embedding_scale,
                 "greedy": True, "ignore_eos": True, "batch_sizes": args.batch_sizes, "head": args.head_config,
                 "mode": "replay: the head runs, its drafts are the recorded greedy continuation, each position "
                         "kept with probability p"}
@@ -197,6 +208,8 @@ def add_parser(kinds) -> None:
     p.add_argument("--replay", type=float, nargs="+", default=None, metavar="P",
                    help="replay mode (dummy weights): per --k value, the probability that each draft position "
                         "is the target's own token")
+    p.add_argument("--replay-embedding-scale", type=float, default=50.0,
+                   help="replay mode: multiply the dummy embedding by this (stable greedy continuations)")
     p.add_argument("--config", default="benchmarks/configs/qwen3-8b.json", help="replay mode: the target's shape")
     p.add_argument("--head-config", default="benchmarks/configs/qwen3-8b-eagle3.json",
                    help="replay mode: the EAGLE-3 head's shape")

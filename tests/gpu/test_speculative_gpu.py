@@ -73,8 +73,9 @@ def test_ngram_speculation_in_bf16_with_graphs_keeps_greedy_output():
     kinds = [SamplingParams(temperature=0, max_tokens=64, ignore_eos=True),
              SamplingParams(temperature=0, repetition_penalty=1.2, max_tokens=64, ignore_eos=True)]
     work = [(p, k) for p in prompts for k in kinds]
-    plain = LLM(dtype="bfloat16", gpu_memory_utilization=0.25)
-    spec = LLM(dtype="bfloat16", gpu_memory_utilization=0.25, speculative_config=SPEC)
+    # a fixed KV size: the memory profile of a second engine in one process counts the first's cache
+    plain = LLM(dtype="bfloat16", num_kv_blocks=1024)
+    spec = LLM(dtype="bfloat16", num_kv_blocks=1024, speculative_config=SPEC)
     want, got = ([o.outputs[0].token_ids for o in llm.generate([p for p, _ in work], [k for _, k in work],
                                                                 use_tqdm=False)] for llm in (plain, spec))
     differ = assert_identical_up_to_bf16_ties(plain, [p for p, _ in work], [k for _, k in work], want, got)
@@ -96,11 +97,11 @@ def test_model_proposers_in_bf16_with_graphs_keep_greedy_output():
 
     prompts = CODE + [c + "\n    # again\n" + c for c in CODE]
     greedy = SamplingParams(temperature=0, max_tokens=96, ignore_eos=True)
-    plain = LLM(dtype="bfloat16", gpu_memory_utilization=0.2, max_num_batched_tokens=64)
+    plain = LLM(dtype="bfloat16", num_kv_blocks=1024, max_num_batched_tokens=64)
     want = [o.outputs[0].token_ids for o in plain.generate(prompts, greedy, use_tqdm=False)]
     accepted = {}
     for method in ("draft_model", "eagle3", "mtp"):
-        llm = LLM(dtype="bfloat16", gpu_memory_utilization=0.2, max_num_batched_tokens=64,
+        llm = LLM(dtype="bfloat16", num_kv_blocks=1024, max_num_batched_tokens=64,
                   speculative_config={"method": method, "num_speculative_tokens": 4})
         got = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)]
         assert_identical_up_to_bf16_ties(plain, prompts, [greedy] * len(prompts), want, got)
