@@ -15,6 +15,7 @@ from lanner.core.request import SamplingParams
 from lanner.default_model import DEFAULT_MODEL, DRAFT_MODEL
 from lanner.errors import ConfigError
 from lanner.models import tiny
+from lanner.models.eagle3 import read_config
 
 K = 3
 CODE = ["def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n    return a - b\n\n\ndef mul(a, b):\n    \"\"\"Multiply.\"\"\"\n"
@@ -96,8 +97,8 @@ class Reference:
 
         self.target = hf_model(DEFAULT_MODEL)
         self.draft = hf_model(DRAFT_MODEL)
-        self.heads = {m: (load_file(os.path.join(heads[m], "model.safetensors")),
-                          json.load(open(os.path.join(heads[m], "config.json")))) for m in ("eagle3", "mtp")}
+        self.heads = {m: (load_file(os.path.join(heads[m], "model.safetensors")), read_config(heads[m]))
+                      for m in ("eagle3", "mtp")}
 
     @torch.no_grad()
     def drafts(self, method: str, context: list[int], k: int) -> list[int]:
@@ -195,12 +196,19 @@ def test_a_failing_drafter_fails_its_step_and_the_engine_goes_on(plain, heads):
         engine.step()
     assert engine.fail_step() == ["a"]
     engine.add_request("b", CODE[1], greedy)
+    finish_alone(engine, "b", plain, greedy)
+
+
+def finish_alone(engine, request_id: str, plain, params: SamplingParams) -> None:
+    """Step the engine to the end: only `request_id` (prompt CODE[1]) finishes, with the output of
+    an engine that never speculated, and no block stays used."""
     outs = []
     while engine.has_unfinished_requests():
         outs += [o for o in engine.step() if o.finished]
-    assert [o.request_id for o in outs] == ["b"]
-    assert outs[0].outputs[0].token_ids == plain.generate(CODE[1], greedy, use_tqdm=False)[0].outputs[0].token_ids
+    assert [o.request_id for o in outs] == [request_id]
+    assert outs[0].outputs[0].token_ids == plain.generate(CODE[1], params, use_tqdm=False)[0].outputs[0].token_ids
     engine.kv_cache.check_invariants([])
+    assert engine.kv_cache.stats().used_blocks == 0
 
 
 def test_aborting_a_speculating_request_frees_its_blocks_and_spares_the_others(plain, heads):
@@ -212,13 +220,7 @@ def test_aborting_a_speculating_request_frees_its_blocks_and_spares_the_others(p
     for _ in range(4):
         engine.step()
     assert engine.abort_request("a").finished
-    outs = []
-    while engine.has_unfinished_requests():
-        outs += [o for o in engine.step() if o.finished]
-    assert [o.request_id for o in outs] == ["b"]
-    assert outs[0].outputs[0].token_ids == plain.generate(CODE[1], greedy, use_tqdm=False)[0].outputs[0].token_ids
-    engine.kv_cache.check_invariants([])
-    assert engine.kv_cache.stats().used_blocks == 0
+    finish_alone(engine, "b", plain, greedy)
 
 
 @pytest.mark.parametrize("value,message", [

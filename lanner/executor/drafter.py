@@ -115,13 +115,13 @@ class Drafter:
             tables.append(req.block_ids)
             if first_sample is not None:
                 first_rows.append(row0 + shift + n - 1 - m)
-                verify_targets.append([start + 1 + j for j in range(m)] + [-1] * (k - m))
-                verify_samples.append([first_sample + min(j, m) for j in range(k)])
+                verify_targets += [start + 1 + j for j in range(m)] + [-1] * (k - m)
+                verify_samples += [first_sample + min(j, m) for j in range(k)]
                 dec_tables.append(req.block_ids)
                 capacity.append(len(req.block_ids) * bs)
         width = max((len(t) for t in dec_tables), default=1) or 1
-        parts = [sources, known or [0], positions, slots, first_rows, sum(verify_targets, []),
-                 sum(verify_samples, []), [b for t in dec_tables for b in t + [-1] * (width - len(t))], capacity]
+        parts = [sources, known or [0], positions, slots, first_rows, verify_targets, verify_samples,
+                 [b for t in dec_tables for b in t + [-1] * (width - len(t))], capacity]
         flat = to_device([x for part in parts for x in part], torch.long, self.device)  # one copy
         views, start = [], 0
         for part in parts:
