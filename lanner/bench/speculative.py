@@ -174,7 +174,10 @@ def replay(args: argparse.Namespace, engine_kwargs: dict) -> None:
             keep = {key: [rng.random() < p for _ in range(args.output_len + k)] for key in continuations}
             replay_drafts(llm, continuations, keep)
             row = [measure(llm, b, prompts) for _ in range(args.repeats)][-1]
-            same = sum(a == c for a, c in zip(row.pop("outputs"), base[b]["outputs"]))
+            outputs = row.pop("outputs")
+            same = sum(a == c for a, c in zip(outputs, base[b]["outputs"]))
+            row["first_difference_mean"] = round(sum(next((i for i, (x, y) in enumerate(zip(a, c)) if x != y), len(a))
+                                                     for a, c in zip(outputs, base[b]["outputs"])) / b, 1)
             decode_ms = base[b]["gpu_ms_per_step"]["target"]
             spec_ms = row["gpu_ms_per_step"]["target"] + row["gpu_ms_per_step"]["draft"]
             ideal = row["mean_acceptance_length"] * decode_ms / spec_ms if spec_ms else None  # GPU times only
@@ -208,7 +211,7 @@ def add_parser(kinds) -> None:
     p.add_argument("--replay", type=float, nargs="+", default=None, metavar="P",
                    help="replay mode (dummy weights): per --k value, the probability that each draft position "
                         "is the target's own token")
-    p.add_argument("--replay-embedding-scale", type=float, default=50.0,
+    p.add_argument("--replay-embedding-scale", type=float, default=10000.0,
                    help="replay mode: multiply the dummy embedding by this (stable greedy continuations)")
     p.add_argument("--config", default="benchmarks/configs/qwen3-8b.json", help="replay mode: the target's shape")
     p.add_argument("--head-config", default="benchmarks/configs/qwen3-8b-eagle3.json",
