@@ -260,3 +260,23 @@ def test_bench_replay_mode_sets_the_acceptance_length(tmp_path):
     assert all(r["outputs_identical"] == f"{r['batch']}/{r['batch']}" for r in runs)
     assert [r["mean_acceptance_length"] for r in runs if r["p"] == 1.0] == [4.0, 4.0]  # 13 = 1 + 3 x 4 tokens
     assert [r["mean_acceptance_length"] for r in runs if r["p"] == 0.0] == [1.0, 1.0]
+
+
+@pytest.mark.parametrize("method", ["draft_model", "eagle3"])
+def test_speculation_up_to_the_context_end(heads, method):
+    """Requests that run into max_model_len: drafts are cut to the room left, the drafter's
+    positions past the last allocated block write nothing, and the outputs (and their length) are
+    those of the engine without speculation."""
+    import random
+
+    rng = random.Random(7)
+    prompts = [{"prompt_token_ids": [rng.randrange(3, 8000) for _ in range(n)]} for n in (20, 41, 47, 50, 62)]
+    greedy = SamplingParams(temperature=0, max_tokens=None, ignore_eos=True)
+    want = llm(max_model_len=64, block_size=16).generate(prompts, greedy, use_tqdm=False)
+    spec = llm(max_model_len=64, block_size=16, num_kv_blocks=12, speculative_config=spec_config(method, heads, k=5))
+    got = spec.generate(prompts, greedy, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
+    assert all(len(o.prompt_token_ids) + len(o.outputs[0].token_ids) == 64 for o in got)
+    assert all(o.outputs[0].finish_reason == "length" for o in got)
+    spec.engine.kv_cache.check_invariants([])
+    assert spec.engine.kv_cache.stats().used_blocks == 0
