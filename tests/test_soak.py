@@ -22,7 +22,9 @@ ALL_KINDS = "slow_reader,leaver,huge_body,nested_body,heavy_stops,slowloris"
 ATTACK_KINDS = tuple(os.environ.get("LANNER_SOAK_KINDS", ALL_KINDS).split(","))  # a subset finds which one hurts
 PROMPTS = ["def add(a, b):", "import os", "class Stack:", "for i in range(10):", "# a comment", "x = [",
            "while True:", "return None"]
-NORMAL = {"model": MODEL, "temperature": 0, "max_tokens": 12}
+# ignore_eos: every normal request costs the same tokens, whatever the shipped model's habits with
+# EOS; 24 of them keep the unloaded latency well above the scheduling noise of a 2-core machine
+NORMAL = {"model": MODEL, "temperature": 0, "max_tokens": 24, "ignore_eos": True}
 
 
 def rss_mb(pid: int) -> float:
