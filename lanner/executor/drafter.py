@@ -18,8 +18,6 @@ allocates k-1 more positions ahead, one more for a draft LM). Per step:
 """
 from __future__ import annotations
 
-import logging
-import time
 from dataclasses import dataclass
 
 import torch
@@ -27,11 +25,10 @@ import torch
 from lanner.core.batch import ForwardBatch
 from lanner.core.transfer import to_device
 from lanner.executor.graphs import CaptureReport, SizeLadder
+from lanner.executor.kv_tensors import allocate_kv_caches, kv_block_bytes
 from lanner.layers.attention import forward_context
 from lanner.sampling.rejection import accepted_prefix
 from lanner.sampling.speculative import ModelProposer
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -55,7 +52,8 @@ class StagedDraft:
 
 
 class Drafter:
-    def __init__(self, proposer: ModelProposer, net, block_size: int, device: torch.device, dtype: torch.dtype):
+    def __init__(self, proposer: ModelProposer, net, target, max_tokens: int, block_size: int,
+                 device: torch.device, dtype: torch.dtype):
         self.proposer = proposer
         self.net = net
         self.k = proposer.k
@@ -65,18 +63,21 @@ class Drafter:
         self.dtype = dtype
         self.backend = None
         self.graphs: DraftGraphs | None = None
+        # EAGLE-3 reads the hidden states entering three target layers: the target's forward
+        # (eager, piecewise or graphs) copies them into this one static buffer
+        self.aux_hidden = None
+        if proposer.target_hidden == "aux":
+            hidden = target.spec.hidden_size
+            self.aux_hidden = torch.zeros(max_tokens, 3 * hidden, dtype=dtype, device=device)
+            for i, layer in enumerate(proposer.aux_layers):
+                target.model.layers[layer].aux_out = self.aux_hidden[:, i * hidden:(i + 1) * hidden]
 
     def block_bytes(self) -> int:
-        spec = self.net.spec
-        elem = torch.tensor([], dtype=self.dtype).element_size()
-        return 2 * spec.num_layers * self.block_size * spec.num_kv_heads * spec.head_dim * elem
+        return kv_block_bytes(self.net.spec, self.block_size, self.dtype)
 
     def allocate(self, num_blocks: int, make_backend) -> None:
-        spec = self.net.spec
-        shape = (num_blocks, self.block_size, spec.num_kv_heads, spec.head_dim)
-        self.kv_caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
-                           torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in range(spec.num_layers)]
-        self.backend = make_backend(self.kv_caches, spec.num_heads)
+        self.kv_caches = allocate_kv_caches(self.net.spec, num_blocks, self.block_size, self.dtype, self.device)
+        self.backend = make_backend(self.kv_caches, self.net.spec.num_heads)
 
     def capture(self, sizes: list[int], max_model_len: int) -> None:
         self.graphs = DraftGraphs(self, sizes, -(-max_model_len // self.block_size))
@@ -135,14 +136,16 @@ class Drafter:
 
     @torch.inference_mode()
     def propose(self, staged: StagedDraft, target_ids: torch.Tensor, samples: torch.Tensor,
-                target_hidden: torch.Tensor | None) -> torch.Tensor | None:
-        """[B, k] drafts (target vocabulary ids) for the step after this one, per sampling request."""
+                target_hidden: torch.Tensor) -> torch.Tensor | None:
+        """[B, k] drafts (target vocabulary ids) for the step after this one, per sampling request
+        (None when nobody samples). `target_hidden`: the target's final hidden states of the step."""
         T = staged.num_target_tokens
         ids = torch.cat([target_ids[:T], samples, staged.known])[staged.sources]
         batch = ForwardBatch(ids, staged.positions, staged.slots, staged.query_lens, staged.seq_lens,
                              staged.block_tables, staged.positions[:0], ids.shape[0])
         self.backend.plan(batch)
-        hidden = None if target_hidden is None else target_hidden[:T]
+        source = {"final": target_hidden, "aux": self.aux_hidden, None: None}[self.proposer.target_hidden]
+        hidden = None if source is None else source[:T]
         with forward_context(self.backend):
             normed, carry = self.net(ids, staged.positions, hidden)
         if not staged.decode_tables:  # nobody samples this step: the pass only filled the draft's KV
@@ -203,27 +206,16 @@ class DraftGraphs(SizeLadder):
 
     @torch.inference_mode()
     def capture(self) -> CaptureReport:
-        drafter, start, pool = self.drafter, time.perf_counter(), None
-        before = torch.cuda.memory_allocated()
-        for i, size in enumerate(reversed(self.sizes)):
-            drafter.backend.plan_decode([[]] * size)
-            args = (self.tokens[:size], self.positions[:size], None if self.carry is None else self.carry[:size],
-                    self.capacity[:size], self.tables[:size])
-            try:
-                if i == 0:  # compile the kernels outside the capture
-                    drafter._decode_steps(*args)
-                    torch.cuda.synchronize()
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    out = torch.stack(drafter._decode_steps(*args), dim=1)
-            except Exception as e:
-                raise RuntimeError(f"CUDA graph capture failed for draft decode batch size {size}: {e}") from e
-            pool = graph.pool() if pool is None else pool
-            self.graphs[size] = (graph, out)
-        torch.cuda.synchronize()
-        self.report = CaptureReport(self.sizes, time.perf_counter() - start, torch.cuda.memory_allocated() - before)
-        logger.info("captured %d draft decode graphs (sizes %d..%d) in %.1f s", len(self.sizes), self.sizes[0],
-                    self.sizes[-1], self.report.seconds)
+        drafter = self.drafter
+
+        def run(size: int) -> torch.Tensor:
+            carry = None if self.carry is None else self.carry[:size]
+            steps = drafter._decode_steps(self.tokens[:size], self.positions[:size], carry, self.capacity[:size],
+                                          self.tables[:size])
+            return torch.stack(steps, dim=1)
+
+        self.graphs, self.report = self.capture_ladder(lambda size: drafter.backend.plan_decode([[]] * size), run,
+                                                       "draft decode batch size")
         return self.report
 
     def replay(self, staged: StagedDraft, num: int, size: int, tokens, positions, carry) -> torch.Tensor:

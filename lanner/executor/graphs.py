@@ -51,45 +51,56 @@ class SizeLadder:
         i = bisect.bisect_left(self.sizes, n)
         return self.sizes[i] if i < len(self.sizes) else None
 
+    def capture_ladder(self, setup, run, what: str) -> tuple[dict, CaptureReport]:
+        """A CUDA graph of `run(size)` at every size, largest first, into one memory pool, after one
+        eager warm-up at the largest (it compiles the kernels outside any capture). `setup(size)`
+        runs before each, outside the capture (host-side planning). Returns {size: (graph, what
+        run returned)} and the report; a failure names `what` and the size."""
+        start, before, pool, graphs = time.perf_counter(), torch.cuda.memory_allocated(), None, {}
+        for i, size in enumerate(reversed(self.sizes)):
+            setup(size)
+            try:
+                if i == 0:
+                    run(size)
+                    torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    out = run(size)
+            except Exception as e:
+                raise RuntimeError(f"CUDA graph capture failed for {what} {size}: {e}") from e
+            pool = graph.pool() if pool is None else pool
+            graphs[size] = (graph, out)
+        torch.cuda.synchronize()
+        report = CaptureReport(self.sizes, time.perf_counter() - start, torch.cuda.memory_allocated() - before)
+        logger.info("captured %d graphs of %s %d..%d in %.1f s, %.0f MiB", len(self.sizes), what, self.sizes[0],
+                    self.sizes[-1], report.seconds, report.pool_bytes / 2**20)
+        return graphs, report
+
 
 class DecodeGraphs(SizeLadder):
     def __init__(self, runner, sizes: list[int]):
         super().__init__(sizes)
         self.runner = runner
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, torch.Tensor]]] = {}
         self.report: CaptureReport | None = None
 
     @torch.inference_mode()
     def capture(self) -> CaptureReport:
         runner = self.runner
-        start = time.perf_counter()
-        before = torch.cuda.memory_allocated()
-        pool = None
         # one logits buffer for every graph (a step reads it before the next replay); per-graph
         # outputs would cost max_num_seqs x vocab for each of the sizes
         vocab = runner.model.spec.vocab_size
         self.logits = torch.empty(self.max_size, vocab, dtype=runner.dtype, device=runner.device)
-        for i, size in enumerate(reversed(self.sizes)):
-            batch = runner.dummy_decode_batch(size)
-            runner.backend.plan(batch, num_padded_seqs=size)
-            try:
-                if i == 0:  # one warm-up: compiles the kernels and initialises cuBLAS outside the capture
-                    with forward_context(runner.backend):
-                        runner.model.compute_logits(runner.model(batch.input_ids, batch.positions))
-                    torch.cuda.synchronize()
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool), forward_context(runner.backend):
-                    hidden = runner.model(batch.input_ids, batch.positions)
-                    logits = runner.model.compute_logits(hidden, out=self.logits[:size])
-            except Exception as e:
-                raise RuntimeError(f"CUDA graph capture failed for decode batch size {size}: {e}") from e
-            pool = graph.pool() if pool is None else pool
-            self.graphs[size] = (graph, logits, hidden)
-        torch.cuda.synchronize()
-        self.report = CaptureReport(self.sizes, time.perf_counter() - start,
-                                    torch.cuda.memory_allocated() - before)
-        logger.info("captured %d decode graphs (sizes %d..%d) in %.1f s, %.0f MiB", len(self.sizes),
-                    self.sizes[0], self.sizes[-1], self.report.seconds, self.report.pool_bytes / 2**20)
+
+        def setup(size: int) -> None:
+            runner.backend.plan(runner.dummy_decode_batch(size), num_padded_seqs=size)
+
+        def run(size: int) -> tuple[torch.Tensor, torch.Tensor]:
+            with forward_context(runner.backend):
+                hidden = runner.model(runner.input_ids[:size], runner.positions[:size])
+                return runner.model.compute_logits(hidden, out=self.logits[:size]), hidden
+
+        self.graphs, self.report = self.capture_ladder(setup, run, "decode batch size")
         return self.report
 
     def replay(self, batch, size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,6 +108,6 @@ class DecodeGraphs(SizeLadder):
         returns the logits and hidden states of every row, padding included (the graph's output
         buffers: read them before the next replay)."""
         self.runner.backend.plan(batch, num_padded_seqs=size)
-        graph, logits, hidden = self.graphs[size]
+        graph, (logits, hidden) = self.graphs[size]
         graph.replay()
         return logits, hidden

@@ -19,6 +19,7 @@ from lanner.core.transfer import to_device
 from lanner.errors import ConfigError
 from lanner.executor.drafter import Drafter
 from lanner.executor.graphs import DecodeGraphs, decode_graph_sizes
+from lanner.executor.kv_tensors import allocate_kv_caches, kv_block_bytes
 from lanner.executor.piecewise import PiecewiseGraphs, piecewise_sizes
 from lanner.layers.attention import forward_context
 from lanner.models.loader import LoadedModel
@@ -116,10 +117,7 @@ class ModelRunner:
         self.sampler = Sampler()
         self.drafter = self._make_drafter(*draft) if draft is not None else None
         self.num_blocks = self._num_kv_blocks()
-        spec = self.model.spec
-        shape = (self.num_blocks, self.block_size, spec.num_kv_heads, spec.head_dim)
-        self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=device),
-                           torch.zeros(shape, dtype=dtype, device=device)) for _ in range(spec.num_layers)]
+        self.kv_caches = allocate_kv_caches(self.model.spec, self.num_blocks, self.block_size, dtype, device)
         self.backend = self._make_backend(self.kv_caches)
         if self.drafter is not None:
             self.drafter.allocate(self.num_blocks, self._make_backend)
@@ -154,24 +152,15 @@ class ModelRunner:
         return TorchAttentionBackend(kv_caches, self.block_size)
 
     def _make_drafter(self, proposer: ModelProposer, ctx: DraftContext) -> Drafter:
-        """The model proposer's network; an EAGLE-3 head also gets the hidden states entering three
-        target layers, copied inside the target's forward (graphs included) into one buffer."""
-        net = proposer.load(ctx)
-        if proposer.target_hidden == "aux":
-            hidden = self.model.spec.hidden_size
-            self.aux_hidden = torch.zeros(self.max_tokens, 3 * hidden, dtype=self.dtype, device=self.device)
-            for i, layer in enumerate(proposer.aux_layers):
-                self.model.model.layers[layer].aux_out = self.aux_hidden[:, i * hidden:(i + 1) * hidden]
-        return Drafter(proposer, net, self.block_size, self.device, self.dtype)
+        return Drafter(proposer, proposer.load(ctx), self.model, self.max_tokens, self.block_size, self.device,
+                       self.dtype)
 
     # ---- KV cache sizing ----------------------------------------------------------
 
     def _block_bytes(self) -> int:
         """Bytes of one KV block, the draft's share included."""
-        spec = self.model.spec
-        elem = torch.tensor([], dtype=self.dtype).element_size()
         draft = self.drafter.block_bytes() if self.drafter is not None else 0
-        return 2 * spec.num_layers * self.block_size * spec.num_kv_heads * spec.head_dim * elem + draft
+        return kv_block_bytes(self.model.spec, self.block_size, self.dtype) + draft
 
     def _num_kv_blocks(self) -> int:
         cache = self.config.cache
@@ -252,13 +241,11 @@ class ModelRunner:
             events[1].record()
         if staged is not None:
             with record_function("draft"):
-                target_hidden = {"final": hidden, "aux": getattr(self, "aux_hidden", None)}.get(
-                    self.drafter.proposer.target_hidden)
                 samples = sampled.tokens if sampled is not None else self.input_ids[:0]
-                proposed = self.drafter.propose(staged, self.input_ids, samples, target_hidden)
+                proposed = self.drafter.propose(staged, self.input_ids, samples, hidden)
         if events:
             events[2].record()
-        return StepHandle(samplers, sampled, prompt_rows, logits, proposed if samplers else None,
+        return StepHandle(samplers, sampled, prompt_rows, logits, proposed,
                           (self.step_times, events) if events else None)
 
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:

@@ -39,14 +39,10 @@ def test_graphs_on_and_off_give_identical_outputs(dtype):
     assert tokens(graphs) == want
 
 
-def test_no_host_sync_when_launching_steps():
-    """Launching a step (staging, plan, eager prefill or graph replay, logits, sampling of
-    every kind) never waits for the GPU; only reading results back does. Overlap
-    scheduling depends on it."""
-    llm = LLM(dtype="bfloat16", gpu_memory_utilization=0.3)
-    engine, runner = llm.engine, llm.engine.runner
-    launch = runner.launch
-    launched = []
+def strict_launches(runner, record=lambda sched: sched.num_tokens) -> list:
+    """Make every launch of `runner` fail on a host sync (sync debug mode); returns a list that
+    gets `record(sched)` of each step as it launches."""
+    launch, launched = runner.launch, []
 
     def strict_launch(sched):
         torch.cuda.synchronize()
@@ -55,10 +51,20 @@ def test_no_host_sync_when_launching_steps():
             handle = launch(sched)
         finally:
             torch.cuda.set_sync_debug_mode("default")
-        launched.append(sched.num_tokens)
+        launched.append(record(sched))
         return handle
 
     runner.launch = strict_launch
+    return launched
+
+
+def test_no_host_sync_when_launching_steps():
+    """Launching a step (staging, plan, eager prefill or graph replay, logits, sampling of
+    every kind) never waits for the GPU; only reading results back does. Overlap
+    scheduling depends on it."""
+    llm = LLM(dtype="bfloat16", gpu_memory_utilization=0.3)
+    engine = llm.engine
+    launched = strict_launches(engine.runner)
     kinds = [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
              SamplingParams(temperature=0.8, top_p=0.9, top_k=20, min_p=0.05, seed=1, max_tokens=12),
              SamplingParams(temperature=0, min_tokens=4, max_tokens=12),

@@ -119,24 +119,11 @@ def test_no_host_sync_in_a_step_that_verifies_and_drafts():
     """Verification, the draft's first pass, acceptance and the k-1 draft steps are all enqueued
     without waiting for the GPU: the only sync is the read-back of the step's tokens."""
     from lanner import LLM
+    from test_engine_gpu import strict_launches
 
     llm = LLM(dtype="bfloat16", gpu_memory_utilization=0.3,
               speculative_config={"method": "eagle3", "num_speculative_tokens": 3})
-    runner = llm.engine.runner
-    launch = runner.launch
-    launched = []
-
-    def strict_launch(sched):
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            handle = launch(sched)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-        launched.append(any(req.draft_token_ids for req, _ in sched.scheduled))
-        return handle
-
-    runner.launch = strict_launch
+    launched = strict_launches(llm.engine.runner, lambda sched: any(req.draft_token_ids for req, _ in sched.scheduled))
     llm.generate(["def add(a, b):\n    return a + b\n", "class A:\n    pass\n"],
                  SamplingParams(temperature=0, max_tokens=24, ignore_eos=True), use_tqdm=False)
     assert sum(launched) >= 4  # steps that verified drafts ran under the check
