@@ -141,6 +141,9 @@ class SpeculativeConfig:
     prompt_lookup_min: int = 1  # ngram: the shortest and longest text ending looked up
     prompt_lookup_max: int = 5
     model: str | None = None  # draft_model, eagle3, mtp: the draft's folder or repo id (or a config.json)
+    # lanner's own: a request whose drafts keep being rejected decodes without them for a while
+    # (engine/speculation.py); off measures raw acceptance
+    adaptive: bool = True
 
     METHODS: typing.ClassVar[tuple[str, ...]] = ("ngram", "draft_model", "eagle3", "mtp")
 
@@ -149,6 +152,8 @@ class SpeculativeConfig:
         k = self.num_speculative_tokens
         _check(isinstance(k, int) and not isinstance(k, bool) and 1 <= k <= 16,
                f"num_speculative_tokens must be an integer in [1, 16], got {k!r}")
+        _check(isinstance(self.adaptive, bool), f"speculative_config adaptive must be true or false, got "
+                                                 f"{self.adaptive!r}")
         lo, hi = self.prompt_lookup_min, self.prompt_lookup_max
         _check(all(isinstance(x, int) and not isinstance(x, bool) for x in (lo, hi)) and 1 <= lo <= hi,
                f"need integers 1 <= prompt_lookup_min ({lo!r}) <= prompt_lookup_max ({hi!r})")

@@ -18,6 +18,7 @@ class ForwardBatch:
     logits_indices: torch.Tensor  # [N] tokens whose logits are needed (sampling, prompt logprobs)
     num_real_tokens: int  # tokens past this are padding
     sampling_rows_are_tokens: bool = False  # logits_indices is 0..num_real_tokens-1 (every token samples)
+    verify_rows: bool = False  # a verify step whose every token is a decode row of its own
     # the same count on the device, for kernels that must skip padding rows inside graphs (MoE routing)
     num_real_tokens_device: torch.Tensor | None = None
 

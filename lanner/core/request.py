@@ -233,6 +233,8 @@ class Request:
         self.speculative = False  # the engine proposes drafts for it (when it decodes)
         self.draft_token_ids: list[int] = []  # this step's drafts, computed after its last token
         self.proposed_token_ids: list[int] = []  # a model proposer's drafts, read back with the last token
+        self.spec_misses = 0  # verifications in a row that accepted no draft
+        self.spec_pause = 0  # steps left to decode without drafts (engine/speculation.py's policy)
         self.num_cached_tokens = 0  # prompt tokens served from the prefix cache on first admission
         self.block_ids: list[int] = []
         self.block_hashes: list[bytes] = []  # content hash of each full block, a chain

@@ -95,7 +95,8 @@ class LLMEngine:
         proposer = self.speculator.proposer if self.speculator is not None else None
         draft = (proposer, DraftContext(loaded.model, path, self.tokenizer, mc.load_format, self.dtype, self.device,
                                         config.seed)) if isinstance(proposer, ModelProposer) else None
-        self.runner = ModelRunner(config, loaded, self.device, self.dtype, self.max_model_len, draft)
+        self.runner = ModelRunner(config, loaded, self.device, self.dtype, self.max_model_len, draft,
+                                  speculative.num_speculative_tokens if speculative is not None else 0)
         self.kv_cache = KVCacheManager(self.runner.num_blocks, config.cache.block_size,
                                        config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv_cache)
@@ -251,7 +252,7 @@ class LLMEngine:
         """A request's sampled rows: one token, or with drafts the target's sample after each
         draft (emitted up to the first that differs from its draft; see engine/speculation.py)."""
         drafts, req.draft_token_ids = req.draft_token_ids, []
-        accepted = self.speculator.record(drafts, [token for token, _ in rows]) if drafts else 0
+        accepted = self.speculator.record(req, drafts, [token for token, _ in rows]) if drafts else 0
         for token, logprobs in rows[:accepted + 1]:
             self._append(req, token, logprobs)
             if req.finished:

@@ -8,6 +8,14 @@ token's output index, and the drafts are accepted while they equal the target's 
 is what decoding without speculation would emit, greedy or seeded. The KV of rejected drafts is
 given back: `num_computed_tokens` moves back so the next step rewrites their slots, and the prefix
 cache only hashes tokens in `all_token_ids`, which drafts join only once accepted.
+
+When drafts stop paying (the adaptive policy, on unless `"adaptive": false`): a request whose
+verifications accept no draft twice in a row decodes without drafts for 2 steps, then 4, 8, ...
+up to 64 after further misses in a row; a verification that accepts a draft resets the count. Pausing changes no
+output (any drafts, or none, give the target's samples); it bounds what rejected drafts cost a
+large batch, where every verified row costs compute: with nothing accepted, 1 step in 64 verifies.
+While no request of a step drafts next, a model proposer's drafter runs only its first pass (the
+draft's KV must follow the target's).
 """
 from __future__ import annotations
 
@@ -38,8 +46,11 @@ class SpeculationStats:
 
 
 class Speculator:
+    MAX_PAUSE = 64  # steps
+
     def __init__(self, config: SpeculativeConfig):
         self.k = config.num_speculative_tokens
+        self.adaptive = config.adaptive
         self.proposer = make_proposer(config)
         self.stats = SpeculationStats(accepted_at=[0] * self.k)
 
@@ -55,12 +66,15 @@ class Speculator:
         """Drafts for this step of each running request that decodes; none for the others."""
         for req in running:
             req.draft_token_ids = []
+            if req.spec_pause:
+                req.spec_pause -= 1
+                continue
             if req.speculative and not req.num_pending and req.num_tokens - req.num_computed_tokens == 1:
                 k = min(self.k, req.max_num_tokens - req.num_tokens - 1)  # room for them and one more
                 if k > 0:
                     req.draft_token_ids = self.proposer.drafts(req, k)
 
-    def record(self, drafts: list[int], samples: list[int]) -> int:
+    def record(self, req: Request, drafts: list[int], samples: list[int]) -> int:
         """How many leading drafts the target's samples accept (counted in the stats)."""
         accepted = 0
         while accepted < len(drafts) and samples[accepted] == drafts[accepted]:
@@ -69,4 +83,7 @@ class Speculator:
         self.stats.drafts += len(drafts)
         self.stats.accepted += accepted
         self.stats.verifications += 1
+        req.spec_misses = 0 if accepted else req.spec_misses + 1
+        if self.adaptive and req.spec_misses >= 2:
+            req.spec_pause = min(2 ** (req.spec_misses - 1), self.MAX_PAUSE)
         return accepted

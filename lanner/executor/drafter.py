@@ -15,9 +15,15 @@ allocates k-1 more positions ahead, one more for a draft LM). Per step:
    counts the same on the host). The first draft comes from the first-pass row of sample a.
 3. k-1 decode steps, one token per request, each at the next position, feeding a head its own
    pre-norm output (EAGLE-3, MTP).
+
+On the GPU the first pass of a step whose every token samples (decode and verify steps) attends
+one decode row per token and replays the draft's own first-pass graphs (`FirstPassGraphs`, a
+capture mode of their own, keyed by row count); the k-1 steps replay `DraftGraphs` (keyed by
+the number of sampling requests). The first pass over prompt chunks runs eagerly.
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -49,6 +55,8 @@ class StagedDraft:
     tables: torch.Tensor  # [B, W] block ids for the decode steps' slots; -1 past the allocated ones
     capacity: torch.Tensor  # [B] positions the allocated blocks hold
     decode_tables: list[list[int]]
+    decode_rows: bool = False  # every first-pass row attends as a decode row (query_lens all 1)
+    wanted: bool = True  # some request drafts next step: run the k-1 steps (else the pass only fills KV)
 
 
 class Drafter:
@@ -63,6 +71,7 @@ class Drafter:
         self.dtype = dtype
         self.backend = None
         self.graphs: DraftGraphs | None = None
+        self.first_pass_graphs: FirstPassGraphs | None = None
         # EAGLE-3 reads the hidden states entering three target layers: the target's forward
         # (eager, piecewise or graphs) copies them into this one static buffer
         self.aux_hidden = None
@@ -75,19 +84,28 @@ class Drafter:
     def block_bytes(self) -> int:
         return kv_block_bytes(self.net.spec, self.block_size, self.dtype)
 
-    def allocate(self, num_blocks: int, make_backend) -> None:
+    def allocate(self, num_blocks: int, make_backend, max_rows: int) -> None:
+        """`max_rows`: the target's most decode rows in a step (a draft LM reads one more per request)."""
         self.kv_caches = allocate_kv_caches(self.net.spec, num_blocks, self.block_size, self.dtype, self.device)
-        self.backend = make_backend(self.kv_caches, self.net.spec.num_heads)
+        self.max_rows = max_rows
+        self.backend = make_backend(self.kv_caches, self.net.spec.num_heads, max_rows)
 
-    def capture(self, sizes: list[int], max_model_len: int) -> None:
-        self.graphs = DraftGraphs(self, sizes, -(-max_model_len // self.block_size))
-        self.graphs.capture()
+    def capture(self, seq_sizes: list[int], row_sizes: list[int], max_model_len: int) -> None:
+        """The draft's graphs: the first pass at each row count, the k-1 steps at each batch size."""
+        self.first_pass_graphs = FirstPassGraphs(self, [r for r in row_sizes if r <= self.max_rows])
+        self.first_pass_graphs.capture()
+        if self.k > 1:
+            self.graphs = DraftGraphs(self, seq_sizes, -(-max_model_len // self.block_size))
+            self.graphs.capture()
 
     # ---- host: what the device work of a step reads ------------------------------------
 
-    def stage(self, layout: list[tuple], num_target_tokens: int, num_samples: int) -> StagedDraft:
+    def stage(self, layout: list[tuple], num_target_tokens: int, num_samples: int, decode_rows: bool = False,
+              wanted: bool = True) -> StagedDraft:
         """`layout`: per scheduled request (request, first target row, tokens, drafts verified,
-        first sampler row or None), in batch order."""
+        first sampler row or None), in batch order. `decode_rows`: every target token samples, so
+        every first-pass row attends as a decode row of its own. `wanted`: some request drafts next
+        step."""
         bs, k, shift = self.block_size, self.k, self.shift
         sources, positions, slots, known = [], [], [], []
         query_lens, seq_lens, tables = [], [], []
@@ -120,6 +138,9 @@ class Drafter:
                 verify_samples += [first_sample + min(j, m) for j in range(k)]
                 dec_tables.append(req.block_ids)
                 capacity.append(len(req.block_ids) * bs)
+        if decode_rows:
+            tables = [t for t, q in zip(tables, query_lens) for _ in range(q)]
+            query_lens, seq_lens = [1] * len(positions), [p + 1 for p in positions]
         width = max((len(t) for t in dec_tables), default=1) or 1
         parts = [sources, known or [0], positions, slots, first_rows, verify_targets, verify_samples,
                  [b for t in dec_tables for b in t + [-1] * (width - len(t))], capacity]
@@ -130,7 +151,7 @@ class Drafter:
             start += len(part)
         return StagedDraft(views[0], views[1], views[2], views[3], query_lens, seq_lens, tables, num_target_tokens,
                            views[4], views[5].view(-1, k), views[6].view(-1, k), views[7].view(-1, width), views[8],
-                           dec_tables)
+                           dec_tables, decode_rows, wanted)
 
     # ---- device: the draft's forwards -------------------------------------------------
 
@@ -141,14 +162,19 @@ class Drafter:
         (None when nobody samples). `target_hidden`: the target's final hidden states of the step."""
         T = staged.num_target_tokens
         ids = torch.cat([target_ids[:T], samples, staged.known])[staged.sources]
-        batch = ForwardBatch(ids, staged.positions, staged.slots, staged.query_lens, staged.seq_lens,
-                             staged.block_tables, staged.positions[:0], ids.shape[0])
-        self.backend.plan(batch)
         source = {"final": target_hidden, "aux": self.aux_hidden, None: None}[self.proposer.target_hidden]
         hidden = None if source is None else source[:T]
-        with forward_context(self.backend):
-            normed, carry = self.net(ids, staged.positions, hidden)
-        if not staged.decode_tables:  # nobody samples this step: the pass only filled the draft's KV
+        graphs = self.first_pass_graphs if staged.decode_rows else None
+        size = graphs.padded_size(ids.shape[0]) if graphs is not None else None
+        if size is not None:
+            normed, carry = graphs.replay(staged, size, ids, hidden)
+        else:
+            batch = ForwardBatch(ids, staged.positions, staged.slots, staged.query_lens, staged.seq_lens,
+                                 staged.block_tables, staged.positions[:0], ids.shape[0])
+            self.backend.plan(batch)
+            with forward_context(self.backend):
+                normed, carry = self.net(ids, staged.positions, hidden)
+        if not staged.decode_tables or not staged.wanted:  # the pass only filled the draft's KV
             return None
         drafted = target_ids[staged.verify_targets.clamp(min=0)]
         accepted = accepted_prefix((samples[staged.verify_samples] == drafted) & (staged.verify_targets >= 0))
@@ -203,6 +229,7 @@ class DraftGraphs(SizeLadder):
         self.carry = torch.zeros(n, drafter.net.spec.hidden_size, dtype=drafter.dtype, device=d) if carries else None
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.report: CaptureReport | None = None
+        self.replays: Counter[int] = Counter()  # per graph size
 
     @torch.inference_mode()
     def capture(self) -> CaptureReport:
@@ -231,4 +258,61 @@ class DraftGraphs(SizeLadder):
             self.carry[:num].copy_(carry)
         graph, out = self.graphs[size]
         graph.replay()
+        self.replays[size] += 1
         return out[:num]
+
+
+class FirstPassGraphs(SizeLadder):
+    """CUDA graphs of the draft's first pass over a step whose every token samples (decode and
+    verify steps), one per row count: each row attends as a decode row, so the captured decode
+    kernel serves any mix of positions. Inputs are copied into static buffers before a replay;
+    padding rows (slot -1, no keys) write no KV and their outputs are never read."""
+
+    def __init__(self, drafter: Drafter, sizes: list[int]):
+        super().__init__(sizes)
+        self.drafter = drafter
+        d, n = drafter.device, self.max_size
+        self.ids = torch.zeros(n, dtype=torch.long, device=d)
+        self.positions = torch.zeros(n, dtype=torch.long, device=d)
+        self.slots = torch.full((n,), -1, dtype=torch.long, device=d)
+        source = drafter.proposer.target_hidden
+        # EAGLE-3's aux buffer is static already; the target's final states are copied into this one
+        self.hidden = {"aux": drafter.aux_hidden, None: None}.get(source)
+        if source == "final":
+            self.hidden = torch.zeros(n, drafter.net.spec.hidden_size, dtype=drafter.dtype, device=d)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, tuple]] = {}
+        self.report: CaptureReport | None = None
+        self.replays: Counter[int] = Counter()  # per graph size
+
+    def _plan(self, size: int, seq_lens: list[int], tables: list[list[int]]) -> None:
+        real = len(seq_lens)
+        batch = ForwardBatch(self.ids[:size], self.positions[:size], self.slots[:size], [1] * real, seq_lens,
+                             tables, self.positions[:0], real)
+        self.drafter.backend.plan(batch, num_padded_seqs=size)
+
+    @torch.inference_mode()
+    def capture(self) -> CaptureReport:
+        net, backend = self.drafter.net, self.drafter.backend
+
+        def run(size: int) -> tuple:
+            with forward_context(backend):
+                return net(self.ids[:size], self.positions[:size], None if self.hidden is None else self.hidden[:size])
+
+        self.graphs, self.report = self.capture_ladder(lambda size: self._plan(size, [], []), run,
+                                                       "draft first pass rows")
+        return self.report
+
+    def replay(self, staged: StagedDraft, size: int, ids: torch.Tensor, hidden: torch.Tensor | None) -> tuple:
+        """(normed, carried hidden) of the first pass, padding rows included (the graph's outputs)."""
+        num = ids.shape[0]
+        self.ids[:num].copy_(ids)
+        self.positions[:num].copy_(staged.positions)
+        self.slots[:num].copy_(staged.slots)
+        self.slots[num:size].fill_(-1)
+        if hidden is not None and hidden.data_ptr() != self.hidden.data_ptr():
+            self.hidden[:num].copy_(hidden)
+        self._plan(size, staged.seq_lens, staged.block_tables)
+        graph, out = self.graphs[size]
+        graph.replay()
+        self.replays[size] += 1
+        return out

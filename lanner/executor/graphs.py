@@ -14,6 +14,7 @@ from __future__ import annotations
 import bisect
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +29,13 @@ def decode_graph_sizes(max_num_seqs: int, sizes: list[int] | None = None) -> lis
         return sorted({s for s in sizes if s <= max_num_seqs})
     ladder = [1, 2, 4] + list(range(8, 65, 8)) + list(range(80, max_num_seqs + 1, 16))
     return sorted({s for s in ladder if s <= max_num_seqs} | {max_num_seqs})
+
+
+def verify_graph_sizes(seq_sizes: list[int], rows_per_seq: int, max_rows: int) -> list[int]:
+    """Row counts for decode graphs that also replay verify steps (a request's last token and its
+    drafts, each row attending as a decode row): the sequence ladder, and each of its sizes times
+    rows_per_seq (k + 1), so that B requests verifying k drafts each need no padding, up to max_rows."""
+    return sorted(set(seq_sizes) | {s * rows_per_seq for s in seq_sizes if s * rows_per_seq <= max_rows})
 
 
 @dataclass
@@ -83,6 +91,7 @@ class DecodeGraphs(SizeLadder):
         self.runner = runner
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, torch.Tensor]]] = {}
         self.report: CaptureReport | None = None
+        self.replays: Counter[int] = Counter()  # per graph size
 
     @torch.inference_mode()
     def capture(self) -> CaptureReport:
@@ -110,4 +119,5 @@ class DecodeGraphs(SizeLadder):
         self.runner.backend.plan(batch, num_padded_seqs=size)
         graph, (logits, hidden) = self.graphs[size]
         graph.replay()
+        self.replays[size] += 1
         return logits, hidden

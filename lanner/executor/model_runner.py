@@ -18,7 +18,7 @@ from lanner.core.schedule import SchedulerOutput
 from lanner.core.transfer import to_device
 from lanner.errors import ConfigError
 from lanner.executor.drafter import Drafter
-from lanner.executor.graphs import DecodeGraphs, decode_graph_sizes
+from lanner.executor.graphs import DecodeGraphs, decode_graph_sizes, verify_graph_sizes
 from lanner.executor.kv_tensors import allocate_kv_caches, kv_block_bytes
 from lanner.executor.piecewise import PiecewiseGraphs, piecewise_sizes
 from lanner.layers.attention import forward_context
@@ -27,6 +27,10 @@ from lanner.sampling.sampler import Sampled, Sampler, sampled_logprobs, top_logp
 from lanner.sampling.speculative import DraftContext, ModelProposer
 
 logger = logging.getLogger(__name__)
+
+# verify steps of up to this many rows replay decode graphs (beyond it a step is compute-bound, and
+# every graph size costs capture time and a logits buffer row)
+MAX_VERIFY_GRAPH_ROWS = 512
 
 
 @dataclass
@@ -97,7 +101,8 @@ def require_triton(what: str) -> None:
 
 class ModelRunner:
     def __init__(self, config: EngineConfig, loaded: LoadedModel, device: torch.device, dtype: torch.dtype,
-                 max_model_len: int, draft: tuple[ModelProposer, DraftContext] | None = None):
+                 max_model_len: int, draft: tuple[ModelProposer, DraftContext] | None = None,
+                 num_speculative_tokens: int = 0):
         if device.type == "cuda" or config.graphs.attention_backend == "triton":
             require_triton(f"the GPU path (device {device}, attention backend {config.graphs.attention_backend})")
         self.config = config
@@ -108,6 +113,9 @@ class ModelRunner:
         self.block_size = config.cache.block_size
         sched = config.scheduler
         self.max_tokens = max(sched.max_num_batched_tokens, sched.max_num_seqs)
+        # a step whose every token samples (decode, and verify: a request's last token and its drafts)
+        # attends one row per token, so attention plans hold up to this many rows
+        self.max_decode_rows = min(self.max_tokens, sched.max_num_seqs * (1 + num_speculative_tokens))
         self.input_ids = torch.zeros(self.max_tokens, dtype=torch.long, device=device)
         self.positions = torch.zeros(self.max_tokens, dtype=torch.long, device=device)
         self.slot_mapping = torch.full((self.max_tokens,), -1, dtype=torch.long, device=device)
@@ -120,12 +128,14 @@ class ModelRunner:
         self.kv_caches = allocate_kv_caches(self.model.spec, self.num_blocks, self.block_size, dtype, device)
         self.backend = self._make_backend(self.kv_caches)
         if self.drafter is not None:
-            self.drafter.allocate(self.num_blocks, self._make_backend)
+            self.drafter.allocate(self.num_blocks, self._make_backend,
+                                  self.max_decode_rows + self.drafter.shift * sched.max_num_seqs)
         logger.info("KV cache: %d blocks of %d tokens (%d tokens)", self.num_blocks, self.block_size,
                     self.num_blocks * self.block_size)
         self.graphs: DecodeGraphs | None = None
         self.piecewise: PiecewiseGraphs | None = None
         self.step_times: StepTimes | None = None  # set to a StepTimes to time steps on the GPU
+        self.num_verify_graph_steps = 0  # verify steps that replayed a decode graph
         gc = config.graphs
         cuda_graphs = device.type == "cuda" and not gc.enforce_eager
         if gc.piecewise_graphs or (gc.piecewise_graphs is None and cuda_graphs):
@@ -135,17 +145,19 @@ class ModelRunner:
                 self.piecewise.capture(self.input_ids, self.positions)
         if cuda_graphs:
             sizes = decode_graph_sizes(sched.max_num_seqs, gc.cuda_graph_sizes)
-            self.graphs = DecodeGraphs(self, sizes)
+            rows = verify_graph_sizes(sizes, 1 + num_speculative_tokens,
+                                      min(self.max_decode_rows, max(sched.max_num_seqs, MAX_VERIFY_GRAPH_ROWS)))
+            self.graphs = DecodeGraphs(self, rows)
             self.graphs.capture()
-            if self.drafter is not None and self.drafter.k > 1:
-                self.drafter.capture(sizes, max_model_len)
+            if self.drafter is not None:
+                self.drafter.capture(sizes, rows, max_model_len)
 
-    def _make_backend(self, kv_caches, num_heads: int | None = None):
+    def _make_backend(self, kv_caches, num_heads: int | None = None, max_rows: int | None = None):
         choice = self.config.graphs.attention_backend
         if choice == "triton" or (choice == "auto" and self.device.type == "cuda"):
             from lanner.layers.attention.triton_backend import TritonAttentionBackend
 
-            return TritonAttentionBackend(kv_caches, self.block_size, self.config.scheduler.max_num_seqs,
+            return TritonAttentionBackend(kv_caches, self.block_size, max_rows or self.max_decode_rows,
                                           self.max_model_len, num_heads or self.model.spec.num_heads)
         from lanner.layers.attention.torch_backend import TorchAttentionBackend
 
@@ -222,7 +234,9 @@ class ModelRunner:
         are back (overlap scheduling)."""
         with record_function("prepare"):
             batch, samplers, offsets, prompt_rows, layout = self.prepare(sched)
-            staged = self.drafter.stage(layout, batch.num_real_tokens, len(samplers)) if self.drafter else None
+            staged = self.drafter.stage(layout, batch.num_real_tokens, len(samplers), batch.is_decode_only,
+                                        any(r.speculative and not r.spec_pause for r in samplers)) \
+                if self.drafter else None
         events = [torch.cuda.Event(enable_timing=True) for _ in range(3)] \
             if self.step_times is not None and self.device.type == "cuda" else None
         if events:
@@ -258,6 +272,7 @@ class ModelRunner:
             size = self.graphs.padded_size(batch.num_seqs)
             if size is not None:
                 logits, hidden = self.graphs.replay(batch, size)
+                self.num_verify_graph_steps += batch.verify_rows
                 if batch.sampling_rows_are_tokens:
                     return logits[:batch.num_seqs], hidden
                 return logits[batch.logits_indices], hidden
@@ -311,10 +326,18 @@ class ModelRunner:
             layout.append((req, start, n, len(drafts), first_sample))
             start += n
         prompt_rows = [(req, row + len(sample_at), targets) for req, row, targets in prompt_rows]
-        batch = self._stage(input_ids, positions, slots, [n for _, n in sched.scheduled],
-                            [req.num_computed_tokens + n for req, n in sched.scheduled],
-                            [req.block_ids for req, _ in sched.scheduled], sample_at + score_at)
-        batch.sampling_rows_are_tokens = not score_at and len(samplers) == batch.num_real_tokens
+        query_lens = [n for _, n in sched.scheduled]
+        seq_lens = [req.num_computed_tokens + n for req, n in sched.scheduled]
+        tables = [req.block_ids for req, _ in sched.scheduled]
+        every_token_samples = not score_at and len(samplers) == start
+        if every_token_samples and len(query_lens) < start:
+            # a verify step: each row attends as a decode row of its own (its position + 1 keys),
+            # so the step replays the decode graphs, padded like a decode batch
+            query_lens, seq_lens = [1] * start, [p + 1 for p in positions]
+            tables = [req.block_ids for req, n in sched.scheduled for _ in range(n)]
+        batch = self._stage(input_ids, positions, slots, query_lens, seq_lens, tables, sample_at + score_at)
+        batch.sampling_rows_are_tokens = every_token_samples
+        batch.verify_rows = len(sched.scheduled) < len(query_lens)
         if pending:
             dst, src = to_device(pending, torch.long, self.device).unbind(1)
             self.input_ids[dst] = self.last_sampled[src]

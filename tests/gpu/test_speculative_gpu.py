@@ -41,7 +41,7 @@ def test_verification_on_the_gpu_matches_the_cpu_without_a_sync():
 
 def assert_identical_up_to_bf16_ties(plain, prompts, kinds, want, got, bound: float = 0.25) -> int:
     """Greedy outputs with speculation equal those without, except where bf16 rounding can decide:
-    the verify rows (prefill attention kernel, k+1 rows) and the decode rows (decode kernel) round
+    a verify step's GEMMs over k+1 rows per request and a decode step's over one row round
     differently, so where the target's two best tokens are within a bf16 rounding of each other the
     argmax may flip. At each output's first difference, both tokens must be among the target's top
     logprobs there and within `bound` nats of each other. Returns how many outputs differ."""
@@ -62,8 +62,8 @@ def assert_identical_up_to_bf16_ties(plain, prompts, kinds, want, got, bound: fl
 
 
 def test_ngram_speculation_in_bf16_with_graphs_keeps_greedy_output():
-    """Verify steps (k+1 tokens per request) run in the piecewise graphs, decode steps in the full
-    graphs: greedy outputs, with and without a repetition penalty, are those of the same engine
+    """Verify steps (k+1 tokens per request, each a decode row) and decode steps replay the full
+    decode graphs: greedy outputs, with and without a repetition penalty, are those of the same engine
     without speculation, up to bf16 ties (assert_identical_up_to_bf16_ties). (Seeded sampling is
     exact in distribution, but a close draw can differ likewise: not asserted token for token here.)"""
     from lanner import LLM
@@ -80,7 +80,7 @@ def test_ngram_speculation_in_bf16_with_graphs_keeps_greedy_output():
                                                                 use_tqdm=False)] for llm in (plain, spec))
     differ = assert_identical_up_to_bf16_ties(plain, [p for p, _ in work], [k for _, k in work], want, got)
     stats = spec.engine.speculator.stats
-    assert stats.accepted > 0
+    assert stats.accepted > 0 and spec.engine.runner.num_verify_graph_steps > 0
     print(f"bf16 greedy: {differ} of {len(work)} outputs differ at a bf16 tie; {stats.accepted} of {stats.drafts} "
           f"drafts accepted, mean acceptance length {stats.mean_acceptance_length:.2f}")
 
@@ -89,7 +89,8 @@ def test_model_proposers_in_bf16_with_graphs_keep_greedy_output():
     """The shipped proposers of lanner-tiny (draft model, EAGLE-3 head, MTP layer), with decode
     graphs and piecewise graphs on, chunked prompts (so the draft's first pass is chunked too) and
     prefix hits: greedy outputs equal the engine's without speculation (up to bf16 ties), and drafts
-    are accepted; the draft's decode graphs were captured."""
+    are accepted; verify steps replayed the target's decode graphs, and the draft's first pass and
+    decode steps its own graphs."""
     import gc
 
     from lanner import LLM
@@ -108,7 +109,10 @@ def test_model_proposers_in_bf16_with_graphs_keep_greedy_output():
         accepted[method] = llm.engine.speculator.stats.mean_acceptance_length
         assert accepted[method] > 1.3, (method, accepted[method])
         assert llm.engine.kv_cache.stats().used_blocks == 0
-        assert llm.engine.runner.drafter.graphs.report is not None  # the draft's own decode graphs
+        runner = llm.engine.runner
+        assert runner.num_verify_graph_steps > 0
+        assert sum(runner.drafter.first_pass_graphs.replays.values()) > 0
+        assert sum(runner.drafter.graphs.replays.values()) > 0
         del llm
         gc.collect()
         torch.cuda.empty_cache()
@@ -144,5 +148,24 @@ def test_a_draft_graph_capture_failure_names_the_mode_and_size(monkeypatch):
 
     monkeypatch.setattr(Drafter, "_decode_steps", syncing)
     with pytest.raises(RuntimeError, match="draft decode batch size 4"):
+        LLM(dtype="bfloat16", gpu_memory_utilization=0.3, max_num_seqs=4,
+            speculative_config={"method": "mtp", "num_speculative_tokens": 3})
+
+
+def test_a_first_pass_graph_capture_failure_names_the_mode_and_size(monkeypatch):
+    import pytest
+
+    from lanner import LLM
+    from lanner.models.mtp import MtpLayer
+
+    forward = MtpLayer.forward
+
+    def syncing(self, *args):
+        out = forward(self, *args)
+        out[0].sum().item()  # a host sync: illegal while capturing
+        return out
+
+    monkeypatch.setattr(MtpLayer, "forward", syncing)
+    with pytest.raises(RuntimeError, match="draft first pass rows 16"):
         LLM(dtype="bfloat16", gpu_memory_utilization=0.3, max_num_seqs=4,
             speculative_config={"method": "mtp", "num_speculative_tokens": 3})

@@ -18,20 +18,21 @@ from lanner.layers.attention.backend import AttentionBackend
 
 
 class TritonAttentionBackend(AttentionBackend):
-    def __init__(self, kv_caches, block_size: int, max_num_seqs: int, max_model_len: int, num_heads: int):
+    def __init__(self, kv_caches, block_size: int, max_rows: int, max_model_len: int, num_heads: int):
+        """`max_rows`: the most sequences a plan holds (a verify step's rows each count as one)."""
         super().__init__(kv_caches, block_size)
         device = kv_caches[0][0].device
         self.max_model_len = max_model_len
         self.num_heads = num_heads
         _, _, self.num_kv_heads, self.head_dim = kv_caches[0][0].shape
         width = -(-max_model_len // block_size)
-        self.block_tables = torch.zeros(max_num_seqs, width, dtype=torch.int32, device=device)
-        self.seq_lens = torch.zeros(max_num_seqs, dtype=torch.int32, device=device)
-        self.query_start = torch.zeros(max_num_seqs + 1, dtype=torch.int32, device=device)
-        max_splits = num_decode_splits(1, self.num_kv_heads, max_model_len)
-        self.workspace = (
-            torch.empty(max_num_seqs * num_heads * max_splits * self.head_dim, dtype=torch.float32, device=device),
-            torch.empty(max_num_seqs * num_heads * max_splits, dtype=torch.float32, device=device))
+        self.block_tables = torch.zeros(max_rows, width, dtype=torch.int32, device=device)
+        self.seq_lens = torch.zeros(max_rows, dtype=torch.int32, device=device)
+        self.query_start = torch.zeros(max_rows + 1, dtype=torch.int32, device=device)
+        # split-K partials of the largest (rows x splits) any plan can ask for
+        parts = max(r * num_decode_splits(r, self.num_kv_heads, max_model_len) for r in range(1, max_rows + 1))
+        self.workspace = (torch.empty(parts * num_heads * self.head_dim, dtype=torch.float32, device=device),
+                          torch.empty(parts * num_heads, dtype=torch.float32, device=device))
 
     def plan(self, batch: ForwardBatch, num_padded_seqs: int | None = None) -> None:
         """`num_padded_seqs` > num_seqs adds empty sequences (length 0) for a CUDA graph's padding rows."""

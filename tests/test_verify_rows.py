@@ -1,0 +1,232 @@
+"""Verify steps attend one decode row per token (so they replay the decode CUDA graphs), the seed
+pitfalls of padded verify batches, and the adaptive policy that pauses drafts that keep failing."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lanner.core.batch import ForwardBatch
+from lanner.core.request import SamplingParams
+from lanner.kernels.attention.reference import attend
+from test_speculative import CODE, SPEC, llm
+
+GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def want():
+    return [o.outputs[0].token_ids for o in llm().generate(CODE, GREEDY, use_tqdm=False)]
+
+
+def recorded_steps(runner) -> list:
+    """(scheduled (request, tokens, drafts, block ids), batch, positions, block tables) of every step the runner
+    prepares (the batch's tensors are static buffers and block lists grow: copied now)."""
+    steps, prepare = [], runner.prepare
+
+    def recording(sched):
+        out = prepare(sched)
+        batch = out[0]
+        steps.append(([(req, n, len(req.draft_token_ids), list(req.block_ids)) for req, n in sched.scheduled],
+                      batch, batch.positions[:batch.num_real_tokens].tolist(), [list(t) for t in batch.block_tables]))
+        return out
+
+    runner.prepare = recording
+    return steps
+
+
+def assert_verify_rows_are_decode_rows(steps) -> int:
+    verify = [step for step in steps if any(d for _, _, d, _ in step[0])]
+    for sched, batch, positions, tables in verify:
+        rows = batch.num_real_tokens
+        assert rows == sum(n for _, n, _, _ in sched) > len(sched)
+        assert batch.query_lens == [1] * rows and batch.is_decode_only and batch.sampling_rows_are_tokens
+        assert batch.seq_lens == [p + 1 for p in positions]
+        assert tables == [blocks for _, n, _, blocks in sched for _ in range(n)]
+    return len(verify)
+
+
+def test_verify_steps_attend_one_decode_row_per_token(want):
+    """Each row of a verify step (a request's last token and its drafts) is planned as a decode
+    row of its own: one query, its position + 1 keys, its request's block table; the outputs are
+    those of decoding without speculation."""
+    spec = llm(speculative_config=SPEC)
+    steps = recorded_steps(spec.engine.runner)
+    got = [o.outputs[0].token_ids for o in spec.generate(CODE, GREEDY, use_tqdm=False)]
+    assert got == want
+    assert assert_verify_rows_are_decode_rows(steps) > 0 and spec.engine.speculator.stats.accepted > 0
+
+
+def test_the_triton_decode_kernel_verifies_like_transformers(qwen3_path):
+    """The same through the GPU backend's plan and Triton decode kernel (the interpreter here), on
+    a tiny random Qwen3: greedy tokens equal transformers'."""
+    from conftest import hf_greedy, hf_model, make_llm, random_prompts
+
+    hf = hf_model(qwen3_path)
+    seg = random_prompts(2, 6, 6, hf.config.vocab_size, seed=4)
+    prompts = [s + s + s[:3] for s in seg]  # lookup finds the rest of the segment
+    spec = make_llm(qwen3_path, attention_backend="triton", block_size=4,
+                    speculative_config={**SPEC, "adaptive": False})
+    steps = recorded_steps(spec.engine.runner)
+    outs = spec.generate([{"prompt_token_ids": p} for p in prompts], SamplingParams(temperature=0, max_tokens=8),
+                         use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == hf_greedy(hf, prompts, 8)
+    assert assert_verify_rows_are_decode_rows(steps) > 0
+
+
+def test_a_prompt_chunk_keeps_its_prefill_plan():
+    spec = llm(speculative_config=SPEC, max_num_batched_tokens=16)
+    steps = recorded_steps(spec.engine.runner)
+    spec.generate(CODE, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
+    chunks = [(sched, batch) for sched, batch, _, _ in steps if any(n > 1 + d for _, n, d, _ in sched)]
+    assert chunks and all(not batch.is_decode_only and len(batch.query_lens) == len(sched) for sched, batch in chunks)
+
+
+def small_caches(blocks=16, block_size=4, kv_heads=2, head_dim=16, layers=1):
+    g = torch.Generator().manual_seed(0)
+    shape = (blocks, block_size, kv_heads, head_dim)
+    return [(torch.randn(shape, generator=g), torch.randn(shape, generator=g)) for _ in range(layers)]
+
+
+def test_a_padded_verify_plan_repeats_the_last_length_and_pads_with_empty_rows():
+    """Seed pitfalls (RTP-LLM #969, SGLang #22299): in a verify batch padded up to a graph size,
+    the padded tail of the cumulative query lengths repeats the last real value, padding rows
+    have no keys (so their attention output is zero), and the largest query length is the
+    maximum over the whole batch, wherever it sits."""
+    from lanner.layers.attention.triton_backend import TritonAttentionBackend
+
+    backend = TritonAttentionBackend(small_caches(), 4, 16, 32, 4)
+    # two requests verifying 2 drafts each, at positions 5..7 and 9..11, as 6 decode rows padded to 8
+    positions = [5, 6, 7, 9, 10, 11]
+    tables = [[3, 1]] * 3 + [[0, 2, 5]] * 3
+    batch = ForwardBatch(torch.zeros(8, dtype=torch.long), torch.tensor(positions + [0, 0]),
+                         torch.full((8,), -1), [1] * 6, [p + 1 for p in positions], tables, torch.arange(6), 6)
+    backend.plan(batch, num_padded_seqs=8)
+    assert backend.seq_lens[:8].tolist() == [6, 7, 8, 10, 11, 12, 0, 0]
+    assert backend.query_start[:9].tolist() == [0, 1, 2, 3, 4, 5, 6, 6, 6]
+    assert backend.block_tables[:6, :3].tolist() == [[3, 1, 0]] * 3 + [[0, 2, 5]] * 3
+    assert backend.decode_only and backend.rows == 8
+    # a mixed batch: the longest query in the middle sets the prefill grid
+    mixed = ForwardBatch(torch.zeros(12, dtype=torch.long), torch.zeros(12, dtype=torch.long),
+                         torch.full((12,), -1), [2, 7, 3], [4, 9, 3], [[0], [1, 2, 3], [4]], torch.arange(3), 12)
+    backend.plan(mixed)
+    assert backend.max_query_len == 7 and backend.query_start[:4].tolist() == [0, 2, 9, 12]
+
+
+def test_decode_rows_of_a_verify_batch_equal_causal_attention_and_padding_is_zero():
+    """The decode kernel over a padded verify batch's rows gives, for each real row, causal
+    attention over its request's context up to its own position (what a prefill kernel would
+    compute for the k+1 queries), and zeros for the padding rows."""
+    from lanner.layers.attention.triton_backend import TritonAttentionBackend
+
+    caches = small_caches()
+    backend = TritonAttentionBackend(caches, 4, 16, 32, 4)
+    positions, block_table = [5, 6, 7], [3, 1]
+    g = torch.Generator().manual_seed(1)
+    q, k, v = torch.randn(4, 4, 16, generator=g), torch.randn(4, 2, 16, generator=g), torch.randn(4, 2, 16, generator=g)
+    slots = torch.tensor([block_table[p // 4] * 4 + p % 4 for p in positions] + [-1])
+    batch = ForwardBatch(torch.zeros(4, dtype=torch.long), torch.tensor(positions + [0]), slots, [1] * 3,
+                         [p + 1 for p in positions], [block_table] * 3, torch.arange(3), 3)
+    backend.plan(batch, num_padded_seqs=4)
+    out = backend.forward(0, q, k, v, 0.25)
+    k_flat, v_flat = (c.view(-1, 2, 16) for c in caches[0])
+    context = torch.tensor([block_table[p // 4] * 4 + p % 4 for p in range(8)])
+    for row, p in enumerate(positions):
+        want = attend(q[row:row + 1], k_flat[context[:p + 1]], v_flat[context[:p + 1]], 0.25, 2)
+        torch.testing.assert_close(out[row:row + 1], want, rtol=1e-4, atol=1e-4)
+    assert torch.count_nonzero(out[3]) == 0
+
+
+def test_zeroing_a_padded_verify_batch_uses_the_raw_token_count(want, monkeypatch):
+    """Piecewise steps (the path of verify batches over the largest decode graph) zero the
+    attention output of the padding rows from the raw, pre-padding token count: rows filled
+    with garbage before the step are zero after it, and the outputs do not change."""
+    from lanner.executor.piecewise import PiecewiseGraphs
+
+    forward, checked = PiecewiseGraphs.forward, []
+
+    def poisoned(self, batch, backend):
+        size = batch.input_ids.shape[0]
+        self.bufs.rows(size).attn_out.fill_(float("nan"))
+        hidden = forward(self, batch, backend)
+        attn = self.bufs.rows(size).attn_out
+        if batch.query_lens == [1] * batch.num_real_tokens and size > batch.num_real_tokens:
+            checked.append(size - batch.num_real_tokens)
+        assert torch.count_nonzero(attn[batch.num_real_tokens:]) == 0
+        assert torch.isfinite(attn[:batch.num_real_tokens]).all()
+        return hidden
+
+    monkeypatch.setattr(PiecewiseGraphs, "forward", poisoned)
+    spec = llm(speculative_config=SPEC, piecewise_graphs=True, piecewise_sizes=[8, 16, 64])
+    got = [o.outputs[0].token_ids for o in spec.generate(CODE, GREEDY, use_tqdm=False)]
+    assert got == want
+    assert checked  # padded verify (decode-row) steps were among them
+
+
+class WrongDrafts:
+    """Drafts whose first token is never the target's greedy next token."""
+
+    def __init__(self, want: dict, vocab: int):
+        self.want, self.vocab, self.proposed = want, vocab, 0
+
+    def __call__(self, req, k):
+        nxt = self.want[tuple(req.prompt_token_ids)][len(req.output_token_ids)]
+        self.proposed += 1
+        return [(nxt + 1) % self.vocab] * k
+
+
+@pytest.mark.parametrize("adaptive", [True, False])
+def test_drafts_that_keep_failing_are_paused(adaptive):
+    """With every draft rejected, a request verifies twice, then pauses 2, 4, 8, ... steps: a
+    fraction of its steps verify, and the outputs stay those without speculation. Without the
+    policy every step verifies."""
+    plain = llm()
+    params = SamplingParams(temperature=0, max_tokens=100, ignore_eos=True)
+    outs = plain.generate(CODE, params, use_tqdm=False)
+    want = {tuple(o.prompt_token_ids): o.outputs[0].token_ids for o in outs}
+    spec = llm(speculative_config={**SPEC, "adaptive": adaptive})
+    spec.engine.speculator.proposer.drafts = wrong = WrongDrafts(want, spec.engine.vocab_size)
+    got = spec.generate(CODE, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in outs]
+    stats = spec.engine.speculator.stats
+    assert stats.accepted == 0 and stats.verifications == wrong.proposed
+    # 98 decode steps per request may draft (not the last one): paused, 2 + 1 + 1 + 1 + 1 + 1 verify
+    assert stats.verifications == (7 * len(CODE) if adaptive else 98 * len(CODE))
+
+
+def test_one_accepted_draft_ends_the_run_of_misses():
+    from lanner.config import SpeculativeConfig
+    from lanner.core.request import Request
+    from lanner.engine.speculation import Speculator
+
+    speculator = Speculator(SpeculativeConfig(**SPEC))
+    req = Request("r", None, [1, 2], SamplingParams(), set(), 0)
+    outcomes = [(0, 0), (0, 2), (0, 4), (1, 0), (0, 0), (0, 2)]  # (accepted, pause after it)
+    for accepted, pause in outcomes:
+        speculator.record(req, [7] * 4, [7] * accepted + [8] * (5 - accepted))
+        assert req.spec_pause == pause
+        req.spec_pause = 0
+
+
+def test_a_drafter_with_nobody_drafting_next_only_fills_its_kv(monkeypatch):
+    """A model proposer's drafter skips its k-1 steps in a step where no sampling request will
+    draft next (all paused), and still runs the first pass (the draft's KV follows the target)."""
+    from lanner.executor.drafter import Drafter
+    from lanner.sampling.speculative import ModelProposer
+
+    plain = llm()
+    params = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)
+    outs = plain.generate(CODE[:1], params, use_tqdm=False)
+    want = {tuple(o.prompt_token_ids): o.outputs[0].token_ids for o in outs}
+    spec = llm(speculative_config={"method": "eagle3", "num_speculative_tokens": 3})
+    wrong = WrongDrafts(want, spec.engine.vocab_size)
+    monkeypatch.setattr(ModelProposer, "drafts", lambda self, req, k: wrong(req, k))
+    calls = {"first": 0, "steps": 0}
+    propose, steps = Drafter.propose, Drafter._decode_steps
+    monkeypatch.setattr(Drafter, "propose", lambda self, *a: (calls.__setitem__("first", calls["first"] + 1),
+                                                               propose(self, *a))[1])
+    monkeypatch.setattr(Drafter, "_decode_steps", lambda self, *a: (calls.__setitem__("steps", calls["steps"] + 1),
+                                                                    steps(self, *a))[1])
+    got = spec.generate(CODE[:1], params, use_tqdm=False)
+    assert got[0].outputs[0].token_ids == outs[0].outputs[0].token_ids
+    assert calls["first"] == spec.engine.num_steps  # every step fills the draft's KV
+    assert 0 < calls["steps"] < calls["first"] // 3
