@@ -230,3 +230,90 @@ def test_a_drafter_with_nobody_drafting_next_only_fills_its_kv(monkeypatch):
     assert got[0].outputs[0].token_ids == outs[0].outputs[0].token_ids
     assert calls["first"] == spec.engine.num_steps  # every step fills the draft's KV
     assert 0 < calls["steps"] < calls["first"] // 3
+
+
+def eager_capture_ladder(self, setup, run, what):
+    """SizeLadder.capture_ladder without CUDA: a "graph" whose replay re-runs `run(size)` and
+    writes the results into the tensors the capture returned, as a real replay does. Graph
+    runners then stage, plan and read through their static buffers exactly as on the GPU."""
+    class Replayed:
+        def __init__(self, size, out):
+            self.size, self.out = size, out
+
+        def replay(self):
+            new = run(self.size)
+            for dst, src in zip(*(o if isinstance(o, tuple) else (o,) for o in (self.out, new))):
+                if dst is not None:
+                    dst.copy_(src)
+
+    graphs = {}
+    for size in reversed(self.sizes):
+        setup(size)
+        out = run(size)
+        graphs[size] = (Replayed(size, out), out)
+    return graphs, None
+
+
+@pytest.mark.parametrize("method", ["eagle3", "mtp", "draft_model"])
+def test_graph_plumbing_of_verify_and_draft_steps_replayed_eagerly(want, method, monkeypatch):
+    """The target's decode graphs over verify rows, the draft's first-pass graphs and its decode
+    graphs, with every replay re-run eagerly on the CPU (eager_capture_ladder): padding, static
+    buffers and the hand-offs between them give the outputs of decoding without speculation."""
+    from lanner.executor.graphs import DecodeGraphs, SizeLadder, decode_graph_sizes, verify_graph_sizes
+
+    spec = llm(speculative_config={"method": method, "num_speculative_tokens": 3}, max_num_seqs=4,
+               max_num_batched_tokens=24)  # prompt chunks (+1 row per request for a draft LM) within 32
+    runner = with_eager_graphs(spec, monkeypatch, k=3)
+    got = [o.outputs[0].token_ids for o in spec.generate(CODE, GREEDY, use_tqdm=False)]
+    assert got == want
+    assert_all_graphs_replayed(spec)
+
+
+def with_eager_graphs(spec, monkeypatch, k: int):
+    """Capture the runner's decode graphs and the drafter's graphs with eager_capture_ladder."""
+    from lanner.executor.graphs import DecodeGraphs, SizeLadder, decode_graph_sizes, verify_graph_sizes
+    from lanner.executor.piecewise import piecewise_sizes
+
+    monkeypatch.setattr(SizeLadder, "capture_ladder", eager_capture_ladder)
+    runner = spec.engine.runner
+    seqs = decode_graph_sizes(runner.config.scheduler.max_num_seqs)
+    rows = verify_graph_sizes(seqs, k + 1, runner.max_decode_rows)
+    runner.graphs = DecodeGraphs(runner, rows)
+    runner.graphs.capture()
+    runner.drafter.capture(seqs, rows, piecewise_sizes(runner.config.scheduler.max_num_batched_tokens),
+                           runner.max_model_len)
+    return runner
+
+
+def assert_all_graphs_replayed(spec) -> None:
+    runner = spec.engine.runner
+    assert runner.num_verify_graph_steps > 0 and spec.engine.speculator.stats.accepted > 0
+    drafter = runner.drafter
+    assert all(sum(g.replays.values()) > 0 for g in (drafter.first_pass_graphs, drafter.prefill_graphs, drafter.graphs))
+    assert set(runner.graphs.replays) - set(decode_graph_sizes_of(runner))  # verify row counts that are no batch size
+
+
+def decode_graph_sizes_of(runner) -> list[int]:
+    from lanner.executor.graphs import decode_graph_sizes
+
+    return decode_graph_sizes(runner.config.scheduler.max_num_seqs)
+
+
+def test_padded_graph_metadata_through_the_triton_kernels(qwen3_path, monkeypatch):
+    """The same replayed eagerly through the GPU backend and its Triton kernels (the interpreter):
+    padded verify rows in the decode kernel, padded prefill plans (empty sequences after the real
+    ones, the cumulative tail repeated) in the draft's prefill graphs. The draft is the target
+    itself, so the greedy tokens must equal transformers' and almost every draft is accepted."""
+    from conftest import hf_greedy, hf_model, make_llm, random_prompts
+
+    hf = hf_model(qwen3_path)
+    prompts = random_prompts(2, 5, 30, hf.config.vocab_size, seed=8)
+    spec = make_llm(qwen3_path, attention_backend="triton", block_size=4, max_num_seqs=4, max_num_batched_tokens=24,
+                    speculative_config={"method": "draft_model", "model": qwen3_path, "num_speculative_tokens": 2})
+    with_eager_graphs(spec, monkeypatch, k=2)
+    outs = spec.generate([{"prompt_token_ids": p} for p in prompts], SamplingParams(temperature=0, max_tokens=6),
+                         use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == hf_greedy(hf, prompts, 6)
+    assert_all_graphs_replayed(spec)
+    stats = spec.engine.speculator.stats
+    assert stats.accepted >= 0.9 * stats.drafts

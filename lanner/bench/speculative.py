@@ -156,6 +156,7 @@ def replay(args: argparse.Namespace, engine_kwargs: dict) -> None:
         spec = llm.engine.speculator
         if spec is not None:
             row["mean_acceptance_length"] = round(spec.stats.mean_acceptance_length, 3)
+            row["verifications"] = spec.stats.verifications  # request-steps with drafts (fewer when paused)
         return row
 
     llm = build()
@@ -164,10 +165,13 @@ def replay(args: argparse.Namespace, engine_kwargs: dict) -> None:
     model = common.model_summary(llm.engine.hf_config)
     base = {b: [measure(llm, b, prompts) for _ in range(args.repeats)][-1] for b in args.batch_sizes}
     release(llm)
-    results = []
+    results, llm, built_k = [], None, None
     for k, p in zip(args.k, args.replay):
-        config = {"method": "eagle3", "num_speculative_tokens": k, "model": args.head_config}
-        llm = build(speculative_config=config)
+        if k != built_k:  # one engine per k, in the order given
+            if llm is not None:
+                release(llm)
+            llm, built_k = build(speculative_config={"method": "eagle3", "num_speculative_tokens": k,
+                                                     "model": args.head_config}), k
         for b in args.batch_sizes:
             continuations = {tuple(pr): out for pr, out in zip(prompts, base[b]["outputs"])}
             rng = random.Random(b * 1000 + k)
@@ -187,7 +191,7 @@ def replay(args: argparse.Namespace, engine_kwargs: dict) -> None:
                             "fraction_of_ideal": round(speedup / ideal, 3) if ideal else None,
                             "outputs_identical": f"{same}/{b}"})
             print(results[-1], flush=True)
-        release(llm)
+    release(llm)
     baseline = {str(b): {k: v for k, v in r.items() if k != "outputs"} for b, r in base.items()}
     workload = {"prompts": "random token ids", "input_len": args.input_len, "output_len": args.output_len,
                 "embedding_scale": args.replay_embedding_scale,

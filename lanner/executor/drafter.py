@@ -16,10 +16,11 @@ allocates k-1 more positions ahead, one more for a draft LM). Per step:
 3. k-1 decode steps, one token per request, each at the next position, feeding a head its own
    pre-norm output (EAGLE-3, MTP).
 
-On the GPU the first pass of a step whose every token samples (decode and verify steps) attends
-one decode row per token and replays the draft's own first-pass graphs (`FirstPassGraphs`, a
-capture mode of their own, keyed by row count); the k-1 steps replay `DraftGraphs` (keyed by
-the number of sampling requests). The first pass over prompt chunks runs eagerly.
+On the GPU the first pass replays the draft's own graphs (`FirstPassGraphs`), in two capture
+modes: steps whose every target token samples (decode and verify) attend one decode row per token,
+keyed by row count; prompt chunks of up to 512 tokens, keyed by token count, with the prefill
+kernel inside the graph. The k-1 steps replay `DraftGraphs` (keyed by the number of sampling
+requests).
 """
 from __future__ import annotations
 
@@ -35,6 +36,11 @@ from lanner.executor.kv_tensors import allocate_kv_caches, kv_block_bytes
 from lanner.layers.attention import forward_context
 from lanner.sampling.rejection import accepted_prefix
 from lanner.sampling.speculative import ModelProposer
+
+# prompt chunks of the draft's first pass up to this many tokens replay graphs; beyond, a step is
+# compute-bound (and the prefill kernel's grid, fixed at capture for the most sequences and the
+# longest query, would grow as their product)
+DRAFT_PREFILL_GRAPH_MAX_TOKENS = 512
 
 
 @dataclass
@@ -72,6 +78,7 @@ class Drafter:
         self.backend = None
         self.graphs: DraftGraphs | None = None
         self.first_pass_graphs: FirstPassGraphs | None = None
+        self.prefill_graphs: FirstPassGraphs | None = None
         # EAGLE-3 reads the hidden states entering three target layers: the target's forward
         # (eager, piecewise or graphs) copies them into this one static buffer
         self.aux_hidden = None
@@ -90,10 +97,18 @@ class Drafter:
         self.max_rows = max_rows
         self.backend = make_backend(self.kv_caches, self.net.spec.num_heads, max_rows)
 
-    def capture(self, seq_sizes: list[int], row_sizes: list[int], max_model_len: int) -> None:
-        """The draft's graphs: the first pass at each row count, the k-1 steps at each batch size."""
+    def capture(self, seq_sizes: list[int], row_sizes: list[int], token_sizes: list[int], max_model_len: int) -> None:
+        """The draft's graphs: the first pass of decode and verify steps at each row count, of
+        prompt chunks at each token count (up to DRAFT_PREFILL_GRAPH_MAX_TOKENS), the k-1 steps at
+        each batch size."""
         self.first_pass_graphs = FirstPassGraphs(self, [r for r in row_sizes if r <= self.max_rows])
         self.first_pass_graphs.capture()
+        # a draft LM reads one more row per request than the target's step has tokens
+        largest = [token_sizes[-1] + self.shift * max(seq_sizes)] if token_sizes and self.shift else []
+        tokens = sorted({t for t in token_sizes + largest if t <= DRAFT_PREFILL_GRAPH_MAX_TOKENS})
+        if tokens:
+            self.prefill_graphs = FirstPassGraphs(self, tokens, prefill=True, max_seqs=max(seq_sizes))
+            self.prefill_graphs.capture()
         if self.k > 1:
             self.graphs = DraftGraphs(self, seq_sizes, -(-max_model_len // self.block_size))
             self.graphs.capture()
@@ -164,7 +179,7 @@ class Drafter:
         ids = torch.cat([target_ids[:T], samples, staged.known])[staged.sources]
         source = {"final": target_hidden, "aux": self.aux_hidden, None: None}[self.proposer.target_hidden]
         hidden = None if source is None else source[:T]
-        graphs = self.first_pass_graphs if staged.decode_rows else None
+        graphs = self.first_pass_graphs if staged.decode_rows else self.prefill_graphs
         size = graphs.padded_size(ids.shape[0]) if graphs is not None else None
         if size is not None:
             normed, carry = graphs.replay(staged, size, ids, hidden)
@@ -263,14 +278,25 @@ class DraftGraphs(SizeLadder):
 
 
 class FirstPassGraphs(SizeLadder):
-    """CUDA graphs of the draft's first pass over a step whose every token samples (decode and
-    verify steps), one per row count: each row attends as a decode row, so the captured decode
-    kernel serves any mix of positions. Inputs are copied into static buffers before a replay;
-    padding rows (slot -1, no keys) write no KV and their outputs are never read."""
+    """CUDA graphs of the draft's first pass, in one of two capture modes of their own:
 
-    def __init__(self, drafter: Drafter, sizes: list[int]):
+    - decode rows (keyed by row count): steps whose every target token samples (decode and
+      verify steps); each row attends as a decode row, so the captured decode kernel serves any
+      mix of positions;
+    - prefill (keyed by token count, up to DRAFT_PREFILL_GRAPH_MAX_TOKENS): prompt chunks, with
+      the prefill kernel inside the graph. Its grid is fixed at capture for the most sequences
+      and the longest query a step of that many tokens can have (min(size, max_seqs) sequences,
+      a query of `size`): the real batch's lengths are read from the planned buffers, whose
+      padded tail repeats the last cumulative length (empty sequences).
+
+    Inputs are copied into static buffers before a replay; padding rows (slot -1) write no KV and
+    their outputs are never read."""
+
+    def __init__(self, drafter: Drafter, sizes: list[int], prefill: bool = False, max_seqs: int = 1):
         super().__init__(sizes)
         self.drafter = drafter
+        self.prefill = prefill
+        self.max_seqs = max_seqs
         d, n = drafter.device, self.max_size
         self.ids = torch.zeros(n, dtype=torch.long, device=d)
         self.positions = torch.zeros(n, dtype=torch.long, device=d)
@@ -284,22 +310,24 @@ class FirstPassGraphs(SizeLadder):
         self.report: CaptureReport | None = None
         self.replays: Counter[int] = Counter()  # per graph size
 
-    def _plan(self, size: int, seq_lens: list[int], tables: list[list[int]]) -> None:
-        real = len(seq_lens)
-        batch = ForwardBatch(self.ids[:size], self.positions[:size], self.slots[:size], [1] * real, seq_lens,
-                             tables, self.positions[:0], real)
-        self.drafter.backend.plan(batch, num_padded_seqs=size)
+    def _plan(self, size: int, query_lens: list[int], seq_lens: list[int], tables: list[list[int]]) -> None:
+        batch = ForwardBatch(self.ids[:size], self.positions[:size], self.slots[:size], query_lens, seq_lens,
+                             tables, self.positions[:0], sum(query_lens))
+        self.drafter.backend.plan(batch, num_padded_seqs=min(size, self.max_seqs) if self.prefill else size)
 
     @torch.inference_mode()
     def capture(self) -> CaptureReport:
         net, backend = self.drafter.net, self.drafter.backend
 
+        def setup(size: int) -> None:  # prefill: one sequence of `size` queries sets the grid's extent
+            self._plan(size, *(([size], [size], [[]]) if self.prefill else ([], [], [])))
+
         def run(size: int) -> tuple:
             with forward_context(backend):
                 return net(self.ids[:size], self.positions[:size], None if self.hidden is None else self.hidden[:size])
 
-        self.graphs, self.report = self.capture_ladder(lambda size: self._plan(size, [], []), run,
-                                                       "draft first pass rows")
+        what = "draft prefill tokens" if self.prefill else "draft first pass rows"
+        self.graphs, self.report = self.capture_ladder(setup, run, what)
         return self.report
 
     def replay(self, staged: StagedDraft, size: int, ids: torch.Tensor, hidden: torch.Tensor | None) -> tuple:
@@ -311,7 +339,7 @@ class FirstPassGraphs(SizeLadder):
         self.slots[num:size].fill_(-1)
         if hidden is not None and hidden.data_ptr() != self.hidden.data_ptr():
             self.hidden[:num].copy_(hidden)
-        self._plan(size, staged.seq_lens, staged.block_tables)
+        self._plan(size, staged.query_lens, staged.seq_lens, staged.block_tables)
         graph, out = self.graphs[size]
         graph.replay()
         self.replays[size] += 1

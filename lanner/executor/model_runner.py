@@ -138,9 +138,9 @@ class ModelRunner:
         self.num_verify_graph_steps = 0  # verify steps that replayed a decode graph
         gc = config.graphs
         cuda_graphs = device.type == "cuda" and not gc.enforce_eager
+        tokens = piecewise_sizes(min(gc.piecewise_max_tokens, sched.max_num_batched_tokens), gc.piecewise_sizes)
         if gc.piecewise_graphs or (gc.piecewise_graphs is None and cuda_graphs):
-            sizes = piecewise_sizes(min(gc.piecewise_max_tokens, sched.max_num_batched_tokens), gc.piecewise_sizes)
-            self.piecewise = PiecewiseGraphs(self.model, sizes, dtype, device)
+            self.piecewise = PiecewiseGraphs(self.model, tokens, dtype, device)
             if cuda_graphs:
                 self.piecewise.capture(self.input_ids, self.positions)
         if cuda_graphs:
@@ -150,7 +150,7 @@ class ModelRunner:
             self.graphs = DecodeGraphs(self, rows)
             self.graphs.capture()
             if self.drafter is not None:
-                self.drafter.capture(sizes, rows, max_model_len)
+                self.drafter.capture(sizes, rows, tokens, max_model_len)
 
     def _make_backend(self, kv_caches, num_heads: int | None = None, max_rows: int | None = None):
         choice = self.config.graphs.attention_backend

@@ -27,8 +27,9 @@ class AttentionBackend(ABC):
         self.block_size = block_size
 
     @abstractmethod
-    def plan(self, batch: ForwardBatch) -> None:
-        """Prepare the metadata of one step (host side, once per step)."""
+    def plan(self, batch: ForwardBatch, num_padded_seqs: int | None = None) -> None:
+        """Prepare the metadata of one step (host side, once per step); `num_padded_seqs` > num_seqs
+        adds empty sequences for a CUDA graph's padding rows."""
 
     @abstractmethod
     def plan_decode(self, block_tables: list[list[int]]) -> None:

@@ -10,14 +10,15 @@ from lanner.layers.attention.backend import AttentionBackend
 
 
 class TorchAttentionBackend(AttentionBackend):
-    def plan(self, batch: ForwardBatch) -> None:
+    def plan(self, batch: ForwardBatch, num_padded_seqs: int | None = None) -> None:
+        """Rows past the planned sequences (a graph's padding) attend to nothing: their output is zero."""
         device = batch.input_ids.device
         self.slot_mapping = batch.slot_mapping
         self.seqs: list[tuple[int, int, torch.Tensor]] = []  # (first token, query length, context slots)
         start = 0
         offsets = torch.arange(self.block_size)
         for q_len, seq_len, blocks in zip(batch.query_lens, batch.seq_lens, batch.block_tables):
-            slots = (torch.tensor(blocks)[:, None] * self.block_size + offsets).flatten()[:seq_len]
+            slots = (torch.tensor(blocks, dtype=torch.long)[:, None] * self.block_size + offsets).flatten()[:seq_len]
             self.seqs.append((start, q_len, slots.to(device)))
             start += q_len
 
