@@ -191,6 +191,8 @@ def test_drafts_that_keep_failing_are_paused(adaptive):
     assert stats.accepted == 0 and stats.verifications == wrong.proposed
     # 98 decode steps per request may draft (not the last one): paused, 2 + 1 + 1 + 1 + 1 + 1 verify
     assert stats.verifications == (7 * len(CODE) if adaptive else 98 * len(CODE))
+    # paused requests draft nothing next step, so their steps overlap like plain decoding
+    assert (spec.engine.num_overlapped_steps > 60) == adaptive
 
 
 def test_one_accepted_draft_ends_the_run_of_misses():

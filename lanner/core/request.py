@@ -267,8 +267,10 @@ class Request:
     @property
     def needs_host_history(self) -> bool:
         """Its sampling reads its output tokens on the host (logits processors, multi-token bad
-        words), so none of them may still be pending on the device when it samples."""
-        return (self.speculative or bool(self.params.logits_processors)
+        words), or it may draft next step (drafts follow its known tokens), so none of them may
+        still be pending on the device when it samples. A paused speculative request does not
+        draft next step: it overlaps like any other."""
+        return ((self.speculative and not self.spec_pause) or bool(self.params.logits_processors)
                 or any(len(ids) > 1 for ids in self.bad_word_ids))
 
     @property
