@@ -327,3 +327,32 @@ def test_get_metrics_and_bench_facts_report_speculation():
     assert got["spec_accepted_per_position"] == stats.accepted_at
     assert got["num_tokens_generated"] == 3 * 24
     assert _engine_facts(spec)["spec_mean_acceptance_length"] == round(stats.mean_acceptance_length, 3) > 1
+
+
+def test_bench_code_edits_workload(tmp_path):
+    """`lanner bench speculative --workload edits` (7c): each prompt holds a held-out window, then
+    a header announcing the same code with its most frequent identifier renamed and the edited
+    copy's first lines; the n-gram proposer finds most of the answer in the prompt."""
+    import json
+
+    from lanner import LLM
+    from lanner.bench.speculative import prompts_for_code_edits
+    from lanner.cli import main
+
+    tokenizer = LLM(device="cpu").get_tokenizer()
+    prompts = prompts_for_code_edits(tokenizer, 2, 128)
+    for ids in prompts:
+        text = tokenizer.decode(ids)
+        code, header = text.split("\n\n# ---- the same code, with `")
+        old, rest = header.split("` renamed to `")
+        new, begun = rest.split("` ----\n")
+        assert new == old + "_v2" and old in code and begun.strip()
+        assert code.startswith(begun.replace(new, old).rstrip("\n").split("\n")[0])  # the copy's first lines
+    out = tmp_path / "edits.json"
+    assert main(["bench", "speculative", "--workload", "edits", "--methods", "ngram", "--k", "4", "--batch-sizes", "1",
+                 "--num-prompts", "2", "--input-len", "128", "--output-len", "24", "--repeats", "1", "--device", "cpu",
+                 "--output-json", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert record["workload"]["workload"] == "edits"
+    run = record["results"]["runs"][0]
+    assert run["outputs_identical"] == "2/2" and run["mean_acceptance_length"] > 2

@@ -149,7 +149,7 @@ def test_zeroing_a_padded_verify_batch_uses_the_raw_token_count(want, monkeypatc
         self.bufs.rows(size).attn_out.fill_(float("nan"))
         hidden = forward(self, batch, backend)
         attn = self.bufs.rows(size).attn_out
-        if batch.query_lens == [1] * batch.num_real_tokens and size > batch.num_real_tokens:
+        if batch.verify_rows and size > batch.num_real_tokens:
             checked.append(size - batch.num_real_tokens)
         assert torch.count_nonzero(attn[batch.num_real_tokens:]) == 0
         assert torch.isfinite(attn[:batch.num_real_tokens]).all()
@@ -159,7 +159,7 @@ def test_zeroing_a_padded_verify_batch_uses_the_raw_token_count(want, monkeypatc
     spec = llm(speculative_config=SPEC, piecewise_graphs=True, piecewise_sizes=[8, 16, 64])
     got = [o.outputs[0].token_ids for o in spec.generate(CODE, GREEDY, use_tqdm=False)]
     assert got == want
-    assert checked  # padded verify (decode-row) steps were among them
+    assert checked  # padded verify steps (decode rows) were among them
 
 
 class WrongDrafts:
@@ -237,12 +237,25 @@ def test_a_drafter_with_nobody_drafting_next_only_fills_its_kv(monkeypatch):
 def eager_capture_ladder(self, setup, run, what):
     """SizeLadder.capture_ladder without CUDA: a "graph" whose replay re-runs `run(size)` and
     writes the results into the tensors the capture returned, as a real replay does. Graph
-    runners then stage, plan and read through their static buffers exactly as on the GPU."""
+    runners then stage, plan and read through their static buffers exactly as on the GPU. What a
+    real graph fixes at capture (the Triton backend's planned rows, kernel choice, split count and
+    prefill grid extent) is kept and checked at each replay: the same, and a grid that covers the
+    batch planned for the replay."""
+    backend = self.runner.backend if hasattr(self, "runner") else self.drafter.backend
+
+    def baked():
+        return {name: getattr(backend, name) for name in ("rows", "decode_only", "num_splits", "max_query_len")
+                if hasattr(backend, name)}
+
     class Replayed:
-        def __init__(self, size, out):
-            self.size, self.out = size, out
+        def __init__(self, size, out, at_capture):
+            self.size, self.out, self.at_capture = size, out, at_capture
 
         def replay(self):
+            now, then = baked(), self.at_capture
+            assert now.get("max_query_len", 0) <= then.get("max_query_len", 0), (what, self.size, now, then)
+            now.pop("max_query_len", None)
+            assert now == {k: v for k, v in then.items() if k != "max_query_len"}, (what, self.size, now, then)
             new = run(self.size)
             for dst, src in zip(*(o if isinstance(o, tuple) else (o,) for o in (self.out, new))):
                 if dst is not None:
@@ -251,8 +264,9 @@ def eager_capture_ladder(self, setup, run, what):
     graphs = {}
     for size in reversed(self.sizes):
         setup(size)
+        at_capture = baked()
         out = run(size)
-        graphs[size] = (Replayed(size, out), out)
+        graphs[size] = (Replayed(size, out, at_capture), out)
     return graphs, None
 
 
@@ -265,25 +279,22 @@ def test_graph_plumbing_of_verify_and_draft_steps_replayed_eagerly(want, method,
 
     spec = llm(speculative_config={"method": method, "num_speculative_tokens": 3}, max_num_seqs=4,
                max_num_batched_tokens=24)  # prompt chunks (+1 row per request for a draft LM) within 32
-    runner = with_eager_graphs(spec, monkeypatch, k=3)
+    runner = with_eager_graphs(spec, monkeypatch)
     got = [o.outputs[0].token_ids for o in spec.generate(CODE, GREEDY, use_tqdm=False)]
     assert got == want
     assert_all_graphs_replayed(spec)
 
 
-def with_eager_graphs(spec, monkeypatch, k: int):
-    """Capture the runner's decode graphs and the drafter's graphs with eager_capture_ladder."""
-    from lanner.executor.graphs import DecodeGraphs, SizeLadder, decode_graph_sizes, verify_graph_sizes
+def with_eager_graphs(spec, monkeypatch):
+    """Capture the runner's decode graphs and the drafter's graphs as the GPU path does
+    (ModelRunner.capture_graphs, with the piecewise ladder a GPU would have), with
+    eager_capture_ladder."""
+    from lanner.executor.graphs import SizeLadder
     from lanner.executor.piecewise import piecewise_sizes
 
     monkeypatch.setattr(SizeLadder, "capture_ladder", eager_capture_ladder)
     runner = spec.engine.runner
-    seqs = decode_graph_sizes(runner.config.scheduler.max_num_seqs)
-    rows = verify_graph_sizes(seqs, k + 1, runner.max_decode_rows)
-    runner.graphs = DecodeGraphs(runner, rows)
-    runner.graphs.capture()
-    runner.drafter.capture(seqs, rows, piecewise_sizes(runner.config.scheduler.max_num_batched_tokens),
-                           runner.max_model_len)
+    runner.capture_graphs(piecewise_sizes(runner.config.scheduler.max_num_batched_tokens))
     return runner
 
 
@@ -312,10 +323,29 @@ def test_padded_graph_metadata_through_the_triton_kernels(qwen3_path, monkeypatc
     prompts = random_prompts(2, 5, 30, hf.config.vocab_size, seed=8)
     spec = make_llm(qwen3_path, attention_backend="triton", block_size=4, max_num_seqs=4, max_num_batched_tokens=24,
                     speculative_config={"method": "draft_model", "model": qwen3_path, "num_speculative_tokens": 2})
-    with_eager_graphs(spec, monkeypatch, k=2)
+    with_eager_graphs(spec, monkeypatch)
     outs = spec.generate([{"prompt_token_ids": p} for p in prompts], SamplingParams(temperature=0, max_tokens=6),
                          use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == hf_greedy(hf, prompts, 6)
     assert_all_graphs_replayed(spec)
     stats = spec.engine.speculator.stats
     assert stats.accepted >= 0.9 * stats.drafts
+
+
+def test_a_prompt_step_with_more_requests_than_the_graph_ladder(qwen3_path, monkeypatch):
+    """With cuda_graph_sizes smaller than max_num_seqs, a prompt step of more requests than the
+    ladder's largest size still fits the draft's prefill graphs (they hold max_num_seqs
+    sequences): once planned for the ladder's size it overfilled the plan and failed the step."""
+    from conftest import hf_greedy, hf_model, make_llm, random_prompts
+
+    hf = hf_model(qwen3_path)
+    prompts = random_prompts(3, 3, 6, hf.config.vocab_size, seed=2)
+    spec = make_llm(qwen3_path, attention_backend="triton", max_num_seqs=4, max_num_batched_tokens=24,
+                    cuda_graph_sizes=[1, 2],
+                    speculative_config={"method": "draft_model", "model": qwen3_path, "num_speculative_tokens": 2})
+    runner = with_eager_graphs(spec, monkeypatch)
+    assert runner.drafter.prefill_graphs.max_seqs == 4
+    outs = spec.generate([{"prompt_token_ids": p} for p in prompts], SamplingParams(temperature=0, max_tokens=4),
+                         use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == hf_greedy(hf, prompts, 4)
+    assert sum(runner.drafter.prefill_graphs.replays.values()) > 0

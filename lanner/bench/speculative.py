@@ -1,8 +1,10 @@
-"""`lanner bench speculative`: real acceptance and speed of each proposer (issue [8], 7a).
+"""`lanner bench speculative`: real acceptance and speed of each proposer (issue [8], 7a, 7c).
 
 Prompts are windows of held-out source files of this Python installation (files the shipped
-models never saw in training), decoded greedily at batch 1 (one request at a time) and at a
-larger batch, first without speculation (the same-run baseline), then with each proposer at
+models never saw in training), or with `--workload edits` (7c) code edits, where the prompt holds
+most of the answer: a window of a held-out file, then a header announcing the same code with one
+identifier renamed, and the first lines of that edited copy. They are decoded greedily at batch 1
+(one request at a time) and at a larger batch, first without speculation (the same-run baseline), then with each proposer at
 each k. Each row reports output tok/s, the speedup over the baseline at the same batch, the mean
 acceptance length, the acceptance rate per draft position, and whether every output equals the
 baseline's.
@@ -27,6 +29,31 @@ def prompts_from_heldout_code(tokenizer, num: int, input_len: int) -> list[list[
         if len(ids) > input_len:
             start = (len(ids) - input_len) // 2  # from the middle: past license headers and imports
             out.append(ids[start:start + input_len])
+        if len(out) == num:
+            break
+    return out
+
+
+def prompts_for_code_edits(tokenizer, num: int, input_len: int) -> list[list[int]]:
+    """7c: the code of a held-out window (half the prompt), then the same code with its most
+    frequent identifier renamed, of which the prompt shows the header and the first two lines:
+    what follows is mostly a copy of the window, as in an editing assistant's answer."""
+    import collections
+    import keyword
+    import re
+
+    out = []
+    for ids in prompts_from_heldout_code(tokenizer, num * 2, input_len // 2):
+        code = tokenizer.decode(ids)
+        names = collections.Counter(n for n in re.findall(r"\b[A-Za-z_][A-Za-z0-9_]{2,}\b", code)
+                                    if not keyword.iskeyword(n) and n not in ("self", "cls"))
+        if not names:
+            continue
+        old = names.most_common(1)[0][0]
+        edited = re.sub(rf"\b{old}\b", old + "_v2", code)
+        head = "".join(edited.splitlines(keepends=True)[:2])
+        text = f"{code}\n\n# ---- the same code, with `{old}` renamed to `{old}_v2` ----\n{head}"
+        out.append(tokenizer(text, add_special_tokens=False)["input_ids"])
         if len(out) == num:
             break
     return out
@@ -75,7 +102,8 @@ def main(args: argparse.Namespace, engine_kwargs: dict) -> None:
         return replay(args, engine_kwargs)
 
     llm = LLM(**engine_kwargs)
-    prompts = prompts_from_heldout_code(llm.engine.tokenizer, args.num_prompts, args.input_len)
+    make_prompts = prompts_for_code_edits if args.workload == "edits" else prompts_from_heldout_code
+    prompts = make_prompts(llm.engine.tokenizer, args.num_prompts, args.input_len)
     model = common.model_summary(llm.engine.hf_config)
     base = run_batches(llm, prompts, args.output_len, args.batch_sizes, args.repeats)
     release(llm)
@@ -89,9 +117,13 @@ def main(args: argparse.Namespace, engine_kwargs: dict) -> None:
                 results.append({"method": method, "k": k, **row, "speedup": round(row["tok_per_s"] / base[batch]["tok_per_s"], 3),
                                 "outputs_identical": f"{same}/{len(prompts)}"})
                 print({k_: v for k_, v in results[-1].items()}, flush=True)
-            release(llm)
+            if llm is not None:
+        release(llm)
     baseline = {str(b): {k: v for k, v in r.items() if k != "outputs"} for b, r in base.items()}
-    workload = {"prompts": f"{len(prompts)} windows of held-out source files of this Python installation",
+    what = ("code edits (a held-out window, then its copy with one identifier renamed, begun)"
+            if args.workload == "edits" else "windows of held-out source files of this Python installation")
+    workload = {"prompts": f"{len(prompts)} {what}", "workload": args.workload,
+                "prompt_tokens_mean": round(sum(map(len, prompts)) / max(len(prompts), 1), 1),
                 "input_len": args.input_len, "output_len": args.output_len, "greedy": True, "ignore_eos": True,
                 "batch_sizes": args.batch_sizes}
     common.emit(common.record("speculative", model, workload, {"runs": results}, None,
@@ -182,16 +214,20 @@ def replay(args: argparse.Namespace, engine_kwargs: dict) -> None:
             same = sum(a == c for a, c in zip(outputs, base[b]["outputs"]))
             row["first_difference_mean"] = round(sum(next((i for i, (x, y) in enumerate(zip(a, c)) if x != y), len(a))
                                                      for a, c in zip(outputs, base[b]["outputs"])) / b, 1)
-            decode_ms = base[b]["gpu_ms_per_step"]["target"]
-            spec_ms = row["gpu_ms_per_step"]["target"] + row["gpu_ms_per_step"]["draft"]
-            ideal = row["mean_acceptance_length"] * decode_ms / spec_ms if spec_ms else None  # GPU times only
+            # the GPU time of the baseline's steps over the GPU time of this run's steps: what the
+            # speedup would be with no host time between steps (paused steps and a batch's slowest
+            # request included, which a formula from the acceptance length alone would leave out)
+            decode_ms = base[b]["gpu_ms_per_step"]["target"] * base[b]["steps"]
+            spec_ms = (row["gpu_ms_per_step"]["target"] + row["gpu_ms_per_step"]["draft"]) * row["steps"]
+            ideal = decode_ms / spec_ms if spec_ms else None
             speedup = row["tok_per_s"] / base[b]["tok_per_s"]
             results.append({"k": k, "p": p, **row, "speedup": round(speedup, 3),
                             "ideal_speedup": round(ideal, 3) if ideal else None,
                             "fraction_of_ideal": round(speedup / ideal, 3) if ideal else None,
                             "outputs_identical": f"{same}/{b}"})
             print(results[-1], flush=True)
-    release(llm)
+    if llm is not None:
+        release(llm)
     baseline = {str(b): {k: v for k, v in r.items() if k != "outputs"} for b, r in base.items()}
     workload = {"prompts": "random token ids", "input_len": args.input_len, "output_len": args.output_len,
                 "embedding_scale": args.replay_embedding_scale,
@@ -207,6 +243,8 @@ def add_parser(kinds) -> None:
     p.add_argument("--methods", nargs="+", default=["ngram", "draft_model", "eagle3", "mtp"])
     p.add_argument("--k", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6])
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
+    p.add_argument("--workload", choices=["heldout", "edits"], default="heldout",
+                   help="held-out code windows (7a), or code edits whose prompt holds most of the answer (7c)")
     p.add_argument("--num-prompts", type=int, default=16)
     p.add_argument("--input-len", type=int, default=256)
     p.add_argument("--output-len", type=int, default=128)

@@ -13,7 +13,9 @@ When drafts stop paying (the adaptive policy, on unless `"adaptive": false`): a 
 verifications accept no draft twice in a row decodes without drafts for 2 steps, then 4, 8, ...
 up to 64 after further misses in a row; a verification that accepts a draft resets the count. Pausing changes no
 output (any drafts, or none, give the target's samples); it bounds what rejected drafts cost a
-large batch, where every verified row costs compute: with nothing accepted, 1 step in 64 verifies.
+large batch, where every verified row costs compute: with nothing accepted, about 1 step in 65
+verifies. The pause counts engine steps (also while the request waits or recomputes after a
+preemption) and survives preemption.
 While no request of a step drafts next, a model proposer's drafter runs only its first pass (the
 draft's KV must follow the target's).
 """

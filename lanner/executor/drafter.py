@@ -97,17 +97,19 @@ class Drafter:
         self.max_rows = max_rows
         self.backend = make_backend(self.kv_caches, self.net.spec.num_heads, max_rows)
 
-    def capture(self, seq_sizes: list[int], row_sizes: list[int], token_sizes: list[int], max_model_len: int) -> None:
+    def capture(self, seq_sizes: list[int], row_sizes: list[int], token_sizes: list[int], max_model_len: int,
+                max_num_seqs: int) -> None:
         """The draft's graphs: the first pass of decode and verify steps at each row count, of
-        prompt chunks at each token count (up to DRAFT_PREFILL_GRAPH_MAX_TOKENS), the k-1 steps at
-        each batch size."""
+        prompt chunks at each token count (up to DRAFT_PREFILL_GRAPH_MAX_TOKENS; none without
+        `token_sizes`), the k-1 steps at each batch size. A prompt step holds up to max_num_seqs
+        requests, whatever the graph ladders."""
         self.first_pass_graphs = FirstPassGraphs(self, [r for r in row_sizes if r <= self.max_rows])
         self.first_pass_graphs.capture()
         # a draft LM reads one more row per request than the target's step has tokens
-        largest = [token_sizes[-1] + self.shift * max(seq_sizes)] if token_sizes and self.shift else []
+        largest = [token_sizes[-1] + self.shift * max_num_seqs] if token_sizes and self.shift else []
         tokens = sorted({t for t in token_sizes + largest if t <= DRAFT_PREFILL_GRAPH_MAX_TOKENS})
         if tokens:
-            self.prefill_graphs = FirstPassGraphs(self, tokens, prefill=True, max_seqs=max(seq_sizes))
+            self.prefill_graphs = FirstPassGraphs(self, tokens, prefill=True, max_seqs=max_num_seqs)
             self.prefill_graphs.capture()
         if self.k > 1:
             self.graphs = DraftGraphs(self, seq_sizes, -(-max_model_len // self.block_size))

@@ -138,19 +138,29 @@ class ModelRunner:
         self.num_verify_graph_steps = 0  # verify steps that replayed a decode graph
         gc = config.graphs
         cuda_graphs = device.type == "cuda" and not gc.enforce_eager
-        tokens = piecewise_sizes(min(gc.piecewise_max_tokens, sched.max_num_batched_tokens), gc.piecewise_sizes)
+        self.piecewise_token_sizes: list[int] = []
         if gc.piecewise_graphs or (gc.piecewise_graphs is None and cuda_graphs):
-            self.piecewise = PiecewiseGraphs(self.model, tokens, dtype, device)
+            self.piecewise_token_sizes = piecewise_sizes(min(gc.piecewise_max_tokens, sched.max_num_batched_tokens),
+                                                         gc.piecewise_sizes)
+            self.piecewise = PiecewiseGraphs(self.model, self.piecewise_token_sizes, dtype, device)
             if cuda_graphs:
                 self.piecewise.capture(self.input_ids, self.positions)
+        self.num_speculative_tokens = num_speculative_tokens
         if cuda_graphs:
-            sizes = decode_graph_sizes(sched.max_num_seqs, gc.cuda_graph_sizes)
-            rows = verify_graph_sizes(sizes, 1 + num_speculative_tokens,
-                                      min(self.max_decode_rows, max(sched.max_num_seqs, MAX_VERIFY_GRAPH_ROWS)))
-            self.graphs = DecodeGraphs(self, rows)
-            self.graphs.capture()
-            if self.drafter is not None:
-                self.drafter.capture(sizes, rows, tokens, max_model_len)
+            self.capture_graphs(self.piecewise_token_sizes)
+
+    def capture_graphs(self, draft_prefill_sizes: list[int]) -> None:
+        """The full decode graphs (batch sizes, and B x (k+1) rows of verify steps) and the draft's
+        own graphs; the draft's prompt chunks replay graphs only where the target's do (piecewise
+        on): `draft_prefill_sizes`."""
+        sched, gc = self.config.scheduler, self.config.graphs
+        sizes = decode_graph_sizes(sched.max_num_seqs, gc.cuda_graph_sizes)
+        rows = verify_graph_sizes(sizes, 1 + self.num_speculative_tokens,
+                                  min(self.max_decode_rows, max(sched.max_num_seqs, MAX_VERIFY_GRAPH_ROWS)))
+        self.graphs = DecodeGraphs(self, rows)
+        self.graphs.capture()
+        if self.drafter is not None:
+            self.drafter.capture(sizes, rows, draft_prefill_sizes, self.max_model_len, sched.max_num_seqs)
 
     def _make_backend(self, kv_caches, num_heads: int | None = None, max_rows: int | None = None):
         choice = self.config.graphs.attention_backend

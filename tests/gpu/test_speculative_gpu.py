@@ -2,6 +2,7 @@
 kernel's noise is bit-identical), and no host sync."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from lanner.core.request import SamplingParams
@@ -133,39 +134,26 @@ def test_no_host_sync_in_a_step_that_verifies_and_drafts():
     assert sum(launched) >= 4  # steps that verified drafts ran under the check
 
 
-def test_a_draft_graph_capture_failure_names_the_mode_and_size(monkeypatch):
-    import pytest
+@pytest.mark.parametrize("where,message", [
+    ("lanner.executor.drafter:Drafter._decode_steps", "draft decode batch size 4"),
+    ("lanner.models.mtp:MtpLayer.forward", "draft first pass rows 16"),  # captured before the decode steps
+])
+def test_a_draft_graph_capture_failure_names_the_mode_and_size(monkeypatch, where, message):
+    import importlib
 
     from lanner import LLM
-    from lanner.executor.drafter import Drafter
 
-    steps = Drafter._decode_steps
+    module, attr = where.split(":")
+    owner_name, name = attr.split(".")
+    owner = getattr(importlib.import_module(module), owner_name)
+    original = getattr(owner, name)
 
     def syncing(self, *args):
-        out = steps(self, *args)
+        out = original(self, *args)
         out[0].sum().item()  # a host sync: illegal while capturing
         return out
 
-    monkeypatch.setattr(Drafter, "_decode_steps", syncing)
-    with pytest.raises(RuntimeError, match="draft decode batch size 4"):
-        LLM(dtype="bfloat16", gpu_memory_utilization=0.3, max_num_seqs=4,
-            speculative_config={"method": "mtp", "num_speculative_tokens": 3})
-
-
-def test_a_first_pass_graph_capture_failure_names_the_mode_and_size(monkeypatch):
-    import pytest
-
-    from lanner import LLM
-    from lanner.models.mtp import MtpLayer
-
-    forward = MtpLayer.forward
-
-    def syncing(self, *args):
-        out = forward(self, *args)
-        out[0].sum().item()  # a host sync: illegal while capturing
-        return out
-
-    monkeypatch.setattr(MtpLayer, "forward", syncing)
-    with pytest.raises(RuntimeError, match="draft first pass rows 16"):
+    monkeypatch.setattr(owner, name, syncing)
+    with pytest.raises(RuntimeError, match=message):
         LLM(dtype="bfloat16", gpu_memory_utilization=0.3, max_num_seqs=4,
             speculative_config={"method": "mtp", "num_speculative_tokens": 3})
