@@ -116,7 +116,7 @@ class GraphConfig:
     enforce_eager: bool = _opt(False, "never use CUDA graphs")
     cuda_graph_sizes: list[int] | None = _opt(
         None, "decode batch sizes to capture (default: 1, 2, 4, 8, then every 8 up to 64 and every 16 up to "
-              "max_num_seqs)")
+              "max_num_seqs); with speculation each size B also gets a graph of B x (k+1) rows for verify steps")
     attention_backend: Literal["auto", "torch", "triton"] = _opt(
         "auto", "'triton' on CUDA, 'torch' (the reference) on the CPU")
     piecewise_graphs: bool | None = _opt(
