@@ -275,11 +275,9 @@ def test_graph_plumbing_of_verify_and_draft_steps_replayed_eagerly(want, method,
     """The target's decode graphs over verify rows, the draft's first-pass graphs and its decode
     graphs, with every replay re-run eagerly on the CPU (eager_capture_ladder): padding, static
     buffers and the hand-offs between them give the outputs of decoding without speculation."""
-    from lanner.executor.graphs import DecodeGraphs, SizeLadder, decode_graph_sizes, verify_graph_sizes
-
     spec = llm(speculative_config={"method": method, "num_speculative_tokens": 3}, max_num_seqs=4,
                max_num_batched_tokens=24)  # prompt chunks (+1 row per request for a draft LM) within 32
-    runner = with_eager_graphs(spec, monkeypatch)
+    with_eager_graphs(spec, monkeypatch)
     got = [o.outputs[0].token_ids for o in spec.generate(CODE, GREEDY, use_tqdm=False)]
     assert got == want
     assert_all_graphs_replayed(spec)

@@ -117,8 +117,7 @@ def main(args: argparse.Namespace, engine_kwargs: dict) -> None:
                 results.append({"method": method, "k": k, **row, "speedup": round(row["tok_per_s"] / base[batch]["tok_per_s"], 3),
                                 "outputs_identical": f"{same}/{len(prompts)}"})
                 print({k_: v for k_, v in results[-1].items()}, flush=True)
-            if llm is not None:
-        release(llm)
+            release(llm)
     baseline = {str(b): {k: v for k, v in r.items() if k != "outputs"} for b, r in base.items()}
     what = ("code edits (a held-out window, then its copy with one identifier renamed, begun)"
             if args.workload == "edits" else "windows of held-out source files of this Python installation")
