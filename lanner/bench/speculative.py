@@ -216,9 +216,9 @@ def replay(args: argparse.Namespace, engine_kwargs: dict) -> None:
             # the GPU time of the baseline's steps over the GPU time of this run's steps: what the
             # speedup would be with no host time between steps (paused steps and a batch's slowest
             # request included, which a formula from the acceptance length alone would leave out)
-            decode_ms = base[b]["gpu_ms_per_step"]["target"] * base[b]["steps"]
-            spec_ms = (row["gpu_ms_per_step"]["target"] + row["gpu_ms_per_step"]["draft"]) * row["steps"]
-            ideal = decode_ms / spec_ms if spec_ms else None
+            base_gpu_ms = base[b]["gpu_ms_per_step"]["target"] * base[b]["steps"]
+            spec_gpu_ms = (row["gpu_ms_per_step"]["target"] + row["gpu_ms_per_step"]["draft"]) * row["steps"]
+            ideal = base_gpu_ms / spec_gpu_ms if spec_gpu_ms else None
             speedup = row["tok_per_s"] / base[b]["tok_per_s"]
             results.append({"k": k, "p": p, **row, "speedup": round(speedup, 3),
                             "ideal_speedup": round(ideal, 3) if ideal else None,

@@ -29,3 +29,12 @@ class ForwardBatch:
     @property
     def is_decode_only(self) -> bool:
         return all(n == 1 for n in self.query_lens)
+
+
+def as_decode_rows(positions: list[int], query_lens: list[int], block_tables: list[list[int]]):
+    """(query lens, seq lens, block tables) planning each token as a decode row of its own: one
+    query that sees its position + 1 keys through its sequence's block table. For any batch this
+    is the same causal attention; for steps whose every token samples (decode, verify) it lets
+    them replay decode graphs."""
+    tables = [table for table, n in zip(block_tables, query_lens) for _ in range(n)]
+    return [1] * len(positions), [p + 1 for p in positions], tables

@@ -270,8 +270,13 @@ class Request:
         words), or it may draft next step (drafts follow its known tokens), so none of them may
         still be pending on the device when it samples. A paused speculative request does not
         draft next step: it overlaps like any other."""
-        return ((self.speculative and not self.spec_pause) or bool(self.params.logits_processors)
+        return (self.may_draft_next or bool(self.params.logits_processors)
                 or any(len(ids) > 1 for ids in self.bad_word_ids))
+
+    @property
+    def may_draft_next(self) -> bool:
+        """It speculates and is not paused (engine/speculation.py), so it may draft next step."""
+        return self.speculative and not self.spec_pause
 
     @property
     def can_speculate(self) -> bool:

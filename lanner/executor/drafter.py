@@ -24,12 +24,11 @@ requests).
 """
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass
 
 import torch
 
-from lanner.core.batch import ForwardBatch
+from lanner.core.batch import ForwardBatch, as_decode_rows
 from lanner.core.transfer import to_device
 from lanner.executor.graphs import CaptureReport, SizeLadder
 from lanner.executor.kv_tensors import allocate_kv_caches, kv_block_bytes
@@ -156,8 +155,7 @@ class Drafter:
                 dec_tables.append(req.block_ids)
                 capacity.append(len(req.block_ids) * bs)
         if decode_rows:
-            tables = [t for t, q in zip(tables, query_lens) for _ in range(q)]
-            query_lens, seq_lens = [1] * len(positions), [p + 1 for p in positions]
+            query_lens, seq_lens, tables = as_decode_rows(positions, query_lens, tables)
         width = max((len(t) for t in dec_tables), default=1) or 1
         parts = [sources, known or [0], positions, slots, first_rows, verify_targets, verify_samples,
                  [b for t in dec_tables for b in t + [-1] * (width - len(t))], capacity]
@@ -244,9 +242,6 @@ class DraftGraphs(SizeLadder):
         self.tables = torch.full((n, width), -1, dtype=torch.long, device=d)
         carries = drafter.proposer.target_hidden is not None
         self.carry = torch.zeros(n, drafter.net.spec.hidden_size, dtype=drafter.dtype, device=d) if carries else None
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self.report: CaptureReport | None = None
-        self.replays: Counter[int] = Counter()  # per graph size
 
     @torch.inference_mode()
     def capture(self) -> CaptureReport:
@@ -273,10 +268,7 @@ class DraftGraphs(SizeLadder):
         self.tables[:num, :staged.tables.shape[1]].copy_(staged.tables)
         if carry is not None:
             self.carry[:num].copy_(carry)
-        graph, out = self.graphs[size]
-        graph.replay()
-        self.replays[size] += 1
-        return out[:num]
+        return self.replay_graph(size)[:num]
 
 
 class FirstPassGraphs(SizeLadder):
@@ -305,12 +297,9 @@ class FirstPassGraphs(SizeLadder):
         self.slots = torch.full((n,), -1, dtype=torch.long, device=d)
         source = drafter.proposer.target_hidden
         # EAGLE-3's aux buffer is static already; the target's final states are copied into this one
-        self.hidden = {"aux": drafter.aux_hidden, None: None}.get(source)
+        self.hidden = drafter.aux_hidden if source == "aux" else None
         if source == "final":
             self.hidden = torch.zeros(n, drafter.net.spec.hidden_size, dtype=drafter.dtype, device=d)
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, tuple]] = {}
-        self.report: CaptureReport | None = None
-        self.replays: Counter[int] = Counter()  # per graph size
 
     def _plan(self, size: int, query_lens: list[int], seq_lens: list[int], tables: list[list[int]]) -> None:
         batch = ForwardBatch(self.ids[:size], self.positions[:size], self.slots[:size], query_lens, seq_lens,
@@ -342,7 +331,4 @@ class FirstPassGraphs(SizeLadder):
         if hidden is not None and hidden.data_ptr() != self.hidden.data_ptr():
             self.hidden[:num].copy_(hidden)
         self._plan(size, staged.query_lens, staged.seq_lens, staged.block_tables)
-        graph, out = self.graphs[size]
-        graph.replay()
-        self.replays[size] += 1
-        return out
+        return self.replay_graph(size)

@@ -50,6 +50,17 @@ class SizeLadder:
 
     def __init__(self, sizes: list[int]):
         self.sizes = sizes
+        self.graphs: dict = {}  # size -> (graph, the outputs its capture returned), from capture_ladder
+        self.report: CaptureReport | None = None
+        self.replays: Counter[int] = Counter()  # per graph size
+
+    def replay_graph(self, size: int):
+        """Replay the graph of `size` (its inputs already in the static buffers) and return the
+        outputs its capture returned, now holding this replay's results."""
+        graph, out = self.graphs[size]
+        graph.replay()
+        self.replays[size] += 1
+        return out
 
     @property
     def max_size(self) -> int:
@@ -89,9 +100,6 @@ class DecodeGraphs(SizeLadder):
     def __init__(self, runner, sizes: list[int]):
         super().__init__(sizes)
         self.runner = runner
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, torch.Tensor]]] = {}
-        self.report: CaptureReport | None = None
-        self.replays: Counter[int] = Counter()  # per graph size
 
     @torch.inference_mode()
     def capture(self) -> CaptureReport:
@@ -117,7 +125,4 @@ class DecodeGraphs(SizeLadder):
         returns the logits and hidden states of every row, padding included (the graph's output
         buffers: read them before the next replay)."""
         self.runner.backend.plan(batch, num_padded_seqs=size)
-        graph, (logits, hidden) = self.graphs[size]
-        graph.replay()
-        self.replays[size] += 1
-        return logits, hidden
+        return self.replay_graph(size)

@@ -12,7 +12,7 @@ import torch
 from torch.profiler import record_function
 
 from lanner.config import EngineConfig
-from lanner.core.batch import ForwardBatch
+from lanner.core.batch import ForwardBatch, as_decode_rows
 from lanner.core.request import Logprob, Request
 from lanner.core.schedule import SchedulerOutput
 from lanner.core.transfer import to_device
@@ -116,6 +116,7 @@ class ModelRunner:
         # a step whose every token samples (decode, and verify: a request's last token and its drafts)
         # attends one row per token, so attention plans hold up to this many rows
         self.max_decode_rows = min(self.max_tokens, sched.max_num_seqs * (1 + num_speculative_tokens))
+        self.num_speculative_tokens = num_speculative_tokens
         self.input_ids = torch.zeros(self.max_tokens, dtype=torch.long, device=device)
         self.positions = torch.zeros(self.max_tokens, dtype=torch.long, device=device)
         self.slot_mapping = torch.full((self.max_tokens,), -1, dtype=torch.long, device=device)
@@ -145,7 +146,6 @@ class ModelRunner:
             self.piecewise = PiecewiseGraphs(self.model, self.piecewise_token_sizes, dtype, device)
             if cuda_graphs:
                 self.piecewise.capture(self.input_ids, self.positions)
-        self.num_speculative_tokens = num_speculative_tokens
         if cuda_graphs:
             self.capture_graphs(self.piecewise_token_sizes)
 
@@ -245,7 +245,7 @@ class ModelRunner:
         with record_function("prepare"):
             batch, samplers, offsets, prompt_rows, layout = self.prepare(sched)
             staged = self.drafter.stage(layout, batch.num_real_tokens, len(samplers), batch.is_decode_only,
-                                        any(r.speculative and not r.spec_pause for r in samplers)) \
+                                        any(r.may_draft_next for r in samplers)) \
                 if self.drafter else None
         events = [torch.cuda.Event(enable_timing=True) for _ in range(3)] \
             if self.step_times is not None and self.device.type == "cuda" else None
@@ -343,8 +343,7 @@ class ModelRunner:
         if every_token_samples and len(query_lens) < start:
             # a verify step: each row attends as a decode row of its own (its position + 1 keys),
             # so the step replays the decode graphs, padded like a decode batch
-            query_lens, seq_lens = [1] * start, [p + 1 for p in positions]
-            tables = [req.block_ids for req, n in sched.scheduled for _ in range(n)]
+            query_lens, seq_lens, tables = as_decode_rows(positions, query_lens, tables)
         batch = self._stage(input_ids, positions, slots, query_lens, seq_lens, tables, sample_at + score_at)
         batch.sampling_rows_are_tokens = every_token_samples
         batch.verify_rows = len(sched.scheduled) < len(query_lens)
