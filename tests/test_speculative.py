@@ -237,7 +237,7 @@ def test_speculation_metrics_equal_independent_counts():
     proposed, events = [], []
     propose, append = engine.speculator.proposer.propose, engine._append_sampled
     engine.speculator.proposer.propose = lambda ids, k=None: proposed.append(propose(ids, k)) or proposed[-1]
-    engine._append_sampled = lambda req, rows: (events.append(len(rows)), append(req, rows))[1]
+    engine._append_sampled = lambda req, rows, drafts: (events.append(len(rows)), append(req, rows, drafts))[1]
     outs = spec.generate(CODE, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True), use_tqdm=False)
     stats = engine.speculator.stats
     emitted = sum(len(o.outputs[0].token_ids) for o in outs)

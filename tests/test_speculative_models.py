@@ -136,10 +136,11 @@ def test_drafts_equal_a_plain_reference(heads, method):
     (their draft KV must be right too), every proposal equals the reference's."""
     spec = llm(speculative_config=spec_config(method, heads), max_num_batched_tokens=16, max_num_seqs=4)
     seen = []
-    proposer = spec.engine.speculator.proposer
-    drafts = proposer.drafts
-    proposer.drafts = lambda req, k: (seen.append((list(req.all_token_ids), list(req.proposed_token_ids))),
-                                      drafts(req, k))[1]
+    engine = spec.engine
+    read_back = engine._fill_unread_drafts  # runs as each request's proposals are read back
+    engine._fill_unread_drafts = lambda req: (
+        seen.append((list(req.all_token_ids), list(req.proposed_token_ids))) if req.proposed_token_ids else None,
+        read_back(req))[1]
     greedy = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
     first = spec.generate(CODE, greedy, use_tqdm=False)
     hits = spec.engine.kv_cache.prefix_hits
@@ -168,8 +169,8 @@ def test_model_proposer_metrics_equal_independent_counts(heads):
     engine = spec.engine
     verified = []
     append = engine._append_sampled
-    engine._append_sampled = lambda req, rows: (verified.append((list(req.draft_token_ids), [t for t, _ in rows])),
-                                                append(req, rows))[1]
+    engine._append_sampled = lambda req, rows, drafts: (verified.append((list(drafts), [t for t, _ in rows])),
+                                                        append(req, rows, drafts))[1]
     spec.generate(CODE, SamplingParams(temperature=0, max_tokens=30, ignore_eos=True), use_tqdm=False)
     stats = engine.speculator.stats
     with_drafts = [(d, s) for d, s in verified if d]

@@ -212,24 +212,25 @@ def test_one_accepted_draft_ends_the_run_of_misses():
 def test_a_drafter_with_nobody_drafting_next_only_fills_its_kv(monkeypatch):
     """A model proposer's drafter skips its k-1 steps in a step where no sampling request will
     draft next (all paused), and still runs the first pass (the draft's KV follows the target)."""
+    from lanner.bench.speculative import replay_drafts
     from lanner.executor.drafter import Drafter
-    from lanner.sampling.speculative import ModelProposer
 
     plain = llm()
     params = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)
     outs = plain.generate(CODE[:1], params, use_tqdm=False)
     want = {tuple(o.prompt_token_ids): o.outputs[0].token_ids for o in outs}
     spec = llm(speculative_config={"method": "eagle3", "num_speculative_tokens": 3})
-    wrong = WrongDrafts(want, spec.engine.vocab_size)
-    monkeypatch.setattr(ModelProposer, "drafts", lambda self, req, k: wrong(req, k))
     calls = {"first": 0, "steps": 0}
     propose, steps = Drafter.propose, Drafter._decode_steps
     monkeypatch.setattr(Drafter, "propose", lambda self, *a: (calls.__setitem__("first", calls["first"] + 1),
                                                                propose(self, *a))[1])
     monkeypatch.setattr(Drafter, "_decode_steps", lambda self, *a: (calls.__setitem__("steps", calls["steps"] + 1),
                                                                     steps(self, *a))[1])
+    # every draft wrong, on the device (drafts of steps planned before the last is read back come from there)
+    replay_drafts(spec, want, {key: [False] * len(cont) for key, cont in want.items()})
     got = spec.generate(CODE[:1], params, use_tqdm=False)
     assert got[0].outputs[0].token_ids == outs[0].outputs[0].token_ids
+    assert spec.engine.speculator.stats.accepted == 0
     assert calls["first"] == spec.engine.num_steps  # every step fills the draft's KV
     assert 0 < calls["steps"] < calls["first"] // 3
 

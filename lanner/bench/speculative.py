@@ -131,19 +131,39 @@ def main(args: argparse.Namespace, engine_kwargs: dict) -> None:
 
 def replay_drafts(llm, continuations: dict[tuple, list[int]], keep: dict[tuple, list[bool]]) -> None:
     """Benchmark-only `replay` mode: the proposer's network still runs (its cost is real), but the
-    drafts it returns are replaced by the target's own greedy continuation, recorded in a run
-    without speculation, each position kept with a seeded probability (else a wrong token)."""
-    proposer, vocab = llm.engine.speculator.proposer, llm.engine.vocab_size
-    drafts = type(proposer).drafts.__get__(proposer)  # the network's own (it consumes them)
+    drafts it returns are replaced, on the device, by the target's own greedy continuation,
+    recorded in a run without speculation, each position kept with a seeded probability (else a
+    wrong token). On the device, so the engine's overlap of speculative steps (which never reads
+    the drafts back before the next step uses them) runs as it would in service."""
+    import torch
 
-    def replayed(req, k):
-        drafts(req, k)
-        key = tuple(req.prompt_token_ids)
-        pos = len(req.output_token_ids)
-        cont, kept = continuations[key][pos:pos + k], keep[key][pos:pos + k]
-        return [t if ok else (t + 1) % vocab for t, ok in zip(cont, kept)]
+    from lanner.core.transfer import to_device
 
-    proposer.drafts = replayed
+    runner, vocab = llm.engine.runner, llm.engine.vocab_size
+    drafter = runner.drafter
+    keys = list(continuations)
+    width = max(len(c) for c in continuations.values()) + drafter.k + 1
+    table = [[t if ok else (t + 1) % vocab for t, ok in zip(continuations[key], keep[key])] for key in keys]
+    table = torch.tensor([row + [0] * (width - len(row)) for row in table], dtype=torch.long, device=runner.device)
+    row_of = {key: i for i, key in enumerate(keys)}
+    prepare, propose = type(runner).prepare.__get__(runner), type(drafter).propose.__get__(drafter)
+    samplers = []
+
+    def noting_samplers(sched):
+        prepared = prepare(sched)
+        samplers[:] = dict.fromkeys(prepared[1])
+        return prepared
+
+    def replayed(staged, target_ids, samples, hidden):
+        proposed = propose(staged, target_ids, samples, hidden)
+        if proposed is None:
+            return None
+        rows = to_device([[row_of[tuple(r.prompt_token_ids)], r.num_prompt_tokens] for r in samplers], torch.long,
+                         runner.device)
+        index = (drafter.draft_positions - rows[:, 1])[:, None] + torch.arange(drafter.k, device=runner.device)
+        return table[rows[:, :1], index.clamp(0, width - 1)]
+
+    runner.prepare, drafter.propose = noting_samplers, replayed
 
 
 def replay(args: argparse.Namespace, engine_kwargs: dict) -> None:

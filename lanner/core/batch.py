@@ -21,6 +21,9 @@ class ForwardBatch:
     verify_rows: bool = False  # a verify step whose every token is a decode row of its own
     # the same count on the device, for kernels that must skip padding rows inside graphs (MoE routing)
     num_real_tokens_device: torch.Tensor | None = None
+    # decode rows whose context lengths only the device knows (positions corrected there, when a
+    # step was planned before the drafts of the one before it were read back): replaces seq_lens
+    device_seq_lens: torch.Tensor | None = None
 
     @property
     def num_seqs(self) -> int:

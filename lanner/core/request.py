@@ -220,10 +220,15 @@ class Request:
         self.seed = seed  # with the output index, keys the sampler's random numbers
         self.output_token_ids: list[int] = []
         self.all_token_ids: list[int] = list(prompt_token_ids)  # known on the host
-        # Sampled on the device, not yet read back (overlap scheduling): they count in
-        # num_tokens, and the next step reads the newest one from the device.
+        # Sampled on the device, not yet read back (overlap scheduling): they count in num_tokens, and
+        # the next step reads the newest one from the device. A step that verifies m drafts adds
+        # 1 + m (as if it accepted all; the read-back gives back what it rejected).
         self.num_pending = 0
-        self.sample_row = 0  # this request's row in the sampler output of the last step it sampled in
+        # in the last step it sampled in: its first sampler row, its index among that step's sampling
+        # requests (the drafter's accepted counts and proposals), and the drafts that step verified
+        self.sample_row = 0
+        self.sample_index = 0
+        self.num_verifying = 0
         limit = len(prompt_token_ids) + params.max_tokens if params.max_tokens is not None else None
         self.max_num_tokens = min(x for x in (limit, max_num_tokens, 1 << 62) if x is not None)
         self.has_penalties = (params.repetition_penalty != 1.0 or bool(params.presence_penalty)
@@ -232,6 +237,7 @@ class Request:
         self.num_computed_tokens = 0
         self.speculative = False  # the engine proposes drafts for it (when it decodes)
         self.draft_token_ids: list[int] = []  # this step's drafts, computed after its last token
+        self.drafts_on_device = False  # this step's drafts are the last step's proposals, not read back yet
         self.proposed_token_ids: list[int] = []  # a model proposer's drafts, read back with the last token
         self.spec_misses = 0  # verifications in a row that accepted no draft
         self.spec_pause = 0  # steps left to decode without drafts (engine/speculation.py's policy)
@@ -265,18 +271,22 @@ class Request:
         return self.num_pending > 0 and self.num_tokens >= self.max_num_tokens
 
     @property
-    def needs_host_history(self) -> bool:
+    def reads_output_on_host(self) -> bool:
         """Its sampling reads its output tokens on the host (logits processors, multi-token bad
-        words), or it may draft next step (drafts follow its known tokens), so none of them may
-        still be pending on the device when it samples. A paused speculative request does not
-        draft next step: it overlaps like any other."""
-        return (self.may_draft_next or bool(self.params.logits_processors)
-                or any(len(ids) > 1 for ids in self.bad_word_ids))
+        words), so none of them may still be pending on the device when it samples."""
+        return bool(self.params.logits_processors) or any(len(ids) > 1 for ids in self.bad_word_ids)
 
     @property
     def may_draft_next(self) -> bool:
         """It speculates and is not paused (engine/speculation.py), so it may draft next step."""
         return self.speculative and not self.spec_pause
+
+    @property
+    def next_step_on_device(self) -> bool:
+        """Its next step can be planned before this one is read back with what only the device
+        knows (the drafts this step accepts, the drafts it proposes): no penalties (their history
+        would hold the accepted drafts) and past min_tokens (masking depends on the output index)."""
+        return not self.has_penalties and len(self.output_token_ids) >= self.params.min_tokens
 
     @property
     def can_speculate(self) -> bool:

@@ -11,6 +11,10 @@ class SchedulerOutput:
     # (request, tokens to compute this step), in batch order.
     scheduled: list[tuple[Request, int]] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
+    # the drafts each request verifies; those the step before proposed on the device are filled in
+    # when that step is read back (until then they are placeholders): `unread_drafts`
+    drafts: dict[Request, list[int]] = field(default_factory=dict)
+    unread_drafts: set[Request] = field(default_factory=set)
 
     @property
     def num_tokens(self) -> int:

@@ -22,7 +22,8 @@ import torch
 from torch.profiler import record_function
 
 from lanner.config import EngineConfig, SpeculativeConfig
-from lanner.core.request import CompletionOutput, Request, RequestOutput, RequestOutputKind, SamplingParams
+from lanner.core.request import (CompletionOutput, Request, RequestOutput, RequestOutputKind, RequestStatus,
+                                 SamplingParams)
 from lanner.core.schedule import SchedulerOutput
 from lanner.engine.detokenizer import Detokenizer, TokenBytes, find_stop_string, visible_length
 from lanner.engine.kv_cache import KVCacheManager
@@ -110,6 +111,7 @@ class LLMEngine:
         self.num_tokens_computed = 0  # through the model, prompt and output (throughput logs)
         self.num_tokens_generated = 0
         self.num_overlapped_steps = 0  # launched before the previous step was read back
+        self.num_overlapped_verify_steps = 0  # of them, steps that verified drafts
         self.in_flight: tuple[SchedulerOutput, StepHandle] | None = None  # launched, not yet read back
         self._stepping: SchedulerOutput | None = None  # the step being launched
         self._reading: SchedulerOutput | None = None  # the step being read back
@@ -194,10 +196,11 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         self._stepping = None
         outputs = []
-        if self.in_flight is not None and any(r.needs_host_history for r in self.in_flight[1].samplers):
-            outputs += self._read_back()  # they sample next from their tokens on the host: no overlap
+        if self.in_flight is not None and self._must_read_back(self.in_flight[1]):
+            outputs += self._read_back()  # the next step needs its tokens on the host: no overlap
         if self.speculator is not None:
-            self.speculator.propose(self.scheduler.running)
+            self.speculator.propose(self.scheduler.running, self.in_flight is not None
+                                    and self.in_flight[1].proposed is not None)
         with record_function("schedule"):
             sched = self.scheduler.schedule()
         if sched.is_empty:
@@ -208,15 +211,34 @@ class LLMEngine:
         self.num_tokens_computed += sched.num_tokens
         for req, num_new in sched.scheduled:
             req.num_computed_tokens += num_new
-        for req in dict.fromkeys(handle.samplers):  # one pending token each, however many rows it samples
-            req.num_pending += 1
+        for req in dict.fromkeys(handle.samplers):  # 1 + its drafts: as if all were accepted
+            req.num_pending += 1 + req.num_verifying
         previous, self.in_flight = self.in_flight, (sched, handle)
         if previous is not None:
             self.num_overlapped_steps += 1
+            self.num_overlapped_verify_steps += bool(sched.drafts)
             outputs += self._postprocess(*previous)
         if not self.config.scheduler.overlap_scheduling:
             outputs += self._read_back()
         return outputs
+
+    def _must_read_back(self, handle: StepHandle) -> bool:
+        """Whether the step in flight must be read back before the next is planned: a request of it
+        samples next from its tokens on the host (logits processors, bad words), drafts next on the
+        host (n-gram), or has penalties or min_tokens to respect with drafts; or one of its requests
+        verified drafts (the next step's positions move on the device by the rejected ones, which
+        only decode steps support) and the next step may hold a prompt."""
+        samplers = dict.fromkeys(handle.samplers)
+        if any(r.reads_output_on_host for r in samplers):
+            return True
+        drafting = [r for r in samplers if r.num_verifying or r.may_draft_next]
+        if not drafting:
+            return False
+        if handle.proposed is None:
+            return True  # drafts come from the host (n-gram lookup over the tokens read back)
+        if not all(r.next_step_on_device for r in drafting):
+            return True
+        return any(r.num_verifying for r in drafting) and not self.scheduler.decodes_only_next()
 
     def _read_back(self) -> list[RequestOutput]:
         if self.in_flight is None:
@@ -237,8 +259,9 @@ class LLMEngine:
             for req, rows in itertools.groupby(result.sampled, key=lambda row: row[0]):
                 if req.finished:  # stopped (or aborted) after this step was launched: drop its extra token
                     continue
-                self._append_sampled(req, [(token, logprobs) for _, token, logprobs in rows])
+                self._append_sampled(req, [(token, logprobs) for _, token, logprobs in rows], sched.drafts.get(req, []))
                 req.proposed_token_ids = result.proposed.get(req, [])
+                self._fill_unread_drafts(req)
                 touched.add(req.parent_id)
                 if req.finished:
                     self.scheduler.finish(req)
@@ -248,16 +271,26 @@ class LLMEngine:
         self._reading = None
         return outputs
 
-    def _append_sampled(self, req: Request, rows: list[tuple[int, dict | None]]) -> None:
+    def _append_sampled(self, req: Request, rows: list[tuple[int, dict | None]], drafts: list[int]) -> None:
         """A request's sampled rows: one token, or with drafts the target's sample after each
         draft (emitted up to the first that differs from its draft; see engine/speculation.py)."""
-        drafts, req.draft_token_ids = req.draft_token_ids, []
         accepted = self.speculator.record(req, drafts, [token for token, _ in rows]) if drafts else 0
+        appended = 0
         for token, logprobs in rows[:accepted + 1]:
             self._append(req, token, logprobs)
+            appended += 1
             if req.finished:
                 break
-        req.num_computed_tokens -= len(drafts) - accepted  # the rejected drafts' KV is rewritten next
+        req.num_pending = max(req.num_pending - (len(rows) - appended), 0)  # it counted every row
+        if req.status is RequestStatus.RUNNING:  # (a preempted request recomputes from scratch)
+            req.num_computed_tokens -= len(drafts) - accepted  # the rejected drafts' KV is rewritten next
+
+    def _fill_unread_drafts(self, req: Request) -> None:
+        """The step in flight took this request's drafts from the proposals just read back."""
+        step = self.in_flight[0] if self.in_flight is not None else None
+        if step is not None and req in step.unread_drafts:
+            step.drafts[req] = req.proposed_token_ids[:len(step.drafts[req])]
+            step.unread_drafts.discard(req)
 
     def _append(self, req: Request, token: int, logprobs: dict | None) -> None:
         now = time.monotonic()

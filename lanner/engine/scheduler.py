@@ -50,6 +50,10 @@ class Scheduler:
             if not self._allocate_or_preempt(req, num_new, out.preempted):
                 break  # it preempted itself: it was the last running request
             out.scheduled.append((req, num_new))
+            if req.draft_token_ids:
+                out.drafts[req] = list(req.draft_token_ids)
+                if req.drafts_on_device:
+                    out.unread_drafts.add(req)
             budget -= num_new
             idx += 1
         if out.preempted:  # memory is short: admit nobody new this step
@@ -68,6 +72,12 @@ class Scheduler:
             out.scheduled.append((req, num_new))
             budget -= num_new
         return out
+
+    def decodes_only_next(self) -> bool:
+        """The next step can only decode (or verify drafts): no running request is inside its
+        prompt, and nobody waiting can be admitted."""
+        return (all(r.num_tokens - r.num_computed_tokens <= 1 for r in self.running)
+                and (not self.waiting or len(self.running) >= self.config.max_num_seqs))
 
     def finish(self, req: Request) -> None:
         """Release a request that the engine has finished (or aborted)."""
@@ -97,6 +107,7 @@ class Scheduler:
             self.kv_cache.free_request(victim)
             victim.num_computed_tokens = 0
             victim.draft_token_ids = victim.proposed_token_ids = []
+            victim.drafts_on_device = False
             victim.num_preemptions += 1
             self.num_preemptions += 1
             victim.status = RequestStatus.WAITING

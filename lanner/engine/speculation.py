@@ -64,17 +64,26 @@ class Speculator:
             return self.k - 1 + self.proposer.shift
         return 0
 
-    def propose(self, running: list[Request]) -> None:
-        """Drafts for this step of each running request that decodes; none for the others."""
+    def propose(self, running: list[Request], proposed_on_device: bool = False) -> None:
+        """Drafts for this step of each running request that decodes; none for the others.
+        `proposed_on_device`: the step in flight proposed drafts that are not read back yet; a
+        request still waiting for its tokens from that step takes them there (placeholders here,
+        filled in on the device and, for the engine's bookkeeping, at that step's read-back)."""
         for req in running:
-            req.draft_token_ids = []
+            req.draft_token_ids, req.drafts_on_device = [], False
             if req.spec_pause:
                 req.spec_pause -= 1
                 continue
-            if req.speculative and not req.num_pending and req.num_tokens - req.num_computed_tokens == 1:
-                k = min(self.k, req.max_num_tokens - req.num_tokens - 1)  # room for them and one more
-                if k > 0:
-                    req.draft_token_ids = self.proposer.drafts(req, k)
+            if not (req.speculative and req.num_tokens - req.num_computed_tokens == 1):
+                continue
+            # room for them and one more (with drafts in flight, as if all were accepted)
+            k = min(self.k, req.max_num_tokens - req.num_tokens - 1)
+            if k <= 0:
+                continue
+            if not req.num_pending:
+                req.draft_token_ids = self.proposer.drafts(req, k)
+            elif proposed_on_device and req.next_step_on_device:
+                req.draft_token_ids, req.drafts_on_device = [0] * k, True
 
     def record(self, req: Request, drafts: list[int], samples: list[int]) -> int:
         """How many leading drafts the target's samples accept (counted in the stats)."""

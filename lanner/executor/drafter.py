@@ -30,6 +30,7 @@ import torch
 
 from lanner.core.batch import ForwardBatch, as_decode_rows
 from lanner.core.transfer import to_device
+from lanner.executor.deferred import Deferred
 from lanner.executor.graphs import CaptureReport, SizeLadder
 from lanner.executor.kv_tensors import allocate_kv_caches, kv_block_bytes
 from lanner.layers.attention import forward_context
@@ -62,6 +63,7 @@ class StagedDraft:
     decode_tables: list[list[int]]
     decode_rows: bool = False  # every first-pass row attends as a decode row (query_lens all 1)
     wanted: bool = True  # some request drafts next step: run the k-1 steps (else the pass only fills KV)
+    device_seq_lens: torch.Tensor | None = None  # decode rows' lengths, when positions moved on the device
 
 
 class Drafter:
@@ -78,6 +80,8 @@ class Drafter:
         self.graphs: DraftGraphs | None = None
         self.first_pass_graphs: FirstPassGraphs | None = None
         self.prefill_graphs: FirstPassGraphs | None = None
+        self.accepted: torch.Tensor | None = None  # [B] the last step's drafts accepted, per sampling request
+        self.draft_positions: torch.Tensor | None = None  # [B] and where its first draft goes (benchmarks)
         # EAGLE-3 reads the hidden states entering three target layers: the target's forward
         # (eager, piecewise or graphs) copies them into this one static buffer
         self.aux_hidden = None
@@ -117,19 +121,23 @@ class Drafter:
     # ---- host: what the device work of a step reads ------------------------------------
 
     def stage(self, layout: list[tuple], num_target_tokens: int, num_samples: int, decode_rows: bool = False,
-              wanted: bool = True) -> StagedDraft:
+              wanted: bool = True, deferred: Deferred | None = None) -> StagedDraft:
         """`layout`: per scheduled request (request, first target row, tokens, drafts verified,
         first sampler row or None), in batch order. `decode_rows`: every target token samples, so
         every first-pass row attends as a decode row of its own. `wanted`: some request drafts next
-        step."""
+        step. `deferred`: the target step's inputs filled in on the device; the rows of requests
+        whose positions move there move likewise."""
         bs, k, shift = self.block_size, self.k, self.shift
         sources, positions, slots, known = [], [], [], []
         query_lens, seq_lens, tables = [], [], []
         first_rows, verify_targets, verify_samples, dec_tables, capacity = [], [], [], [], []
+        moved = []  # rows whose positions move on the device (deferred.rows_of)
         known_base = num_target_tokens + num_samples
         for req, start, n, m, first_sample in layout:
             begin = req.num_computed_tokens
             row0 = len(sources)
+            if deferred is not None and req in deferred.bases:
+                moved += deferred.rows_of(req, row0, begin, n + shift)
             if shift:  # a draft LM re-reads the step's first token at its own position
                 sources.append(start)
             for i in range(n):
@@ -158,15 +166,19 @@ class Drafter:
             query_lens, seq_lens, tables = as_decode_rows(positions, query_lens, tables)
         width = max((len(t) for t in dec_tables), default=1) or 1
         parts = [sources, known or [0], positions, slots, first_rows, verify_targets, verify_samples,
-                 [b for t in dec_tables for b in t + [-1] * (width - len(t))], capacity]
+                 [b for t in dec_tables for b in t + [-1] * (width - len(t))], capacity, [x for r in moved for x in r]]
         flat = to_device([x for part in parts for x in part], torch.long, self.device)  # one copy
         views, start = [], 0
         for part in parts:
             views.append(flat[start:start + len(part)])
             start += len(part)
-        return StagedDraft(views[0], views[1], views[2], views[3], query_lens, seq_lens, tables, num_target_tokens,
-                           views[4], views[5].view(-1, k), views[6].view(-1, k), views[7].view(-1, width), views[8],
-                           dec_tables, decode_rows, wanted)
+        staged = StagedDraft(views[0], views[1], views[2], views[3], query_lens, seq_lens, tables, num_target_tokens,
+                             views[4], views[5].view(-1, k), views[6].view(-1, k), views[7].view(-1, width), views[8],
+                             dec_tables, decode_rows, wanted)
+        if moved:  # such a step decodes only: every row is a decode row, its context its position + 1
+            deferred.move(staged.positions, staged.slots, views[9].view(-1, 3))
+            staged.device_seq_lens = staged.positions + 1
+        return staged
 
     # ---- device: the draft's forwards -------------------------------------------------
 
@@ -185,15 +197,22 @@ class Drafter:
             normed, carry = graphs.replay(staged, size, ids, hidden)
         else:
             batch = ForwardBatch(ids, staged.positions, staged.slots, staged.query_lens, staged.seq_lens,
-                                 staged.block_tables, staged.positions[:0], ids.shape[0])
+                                 staged.block_tables, staged.positions[:0], ids.shape[0],
+                                 device_seq_lens=staged.device_seq_lens)
             self.backend.plan(batch)
             with forward_context(self.backend):
                 normed, carry = self.net(ids, staged.positions, hidden)
-        if not staged.decode_tables or not staged.wanted:  # the pass only filled the draft's KV
+        self.accepted = None
+        if not staged.decode_tables:
             return None
         drafted = target_ids[staged.verify_targets.clamp(min=0)]
         accepted = accepted_prefix((samples[staged.verify_samples] == drafted) & (staged.verify_targets >= 0))
+        self.accepted = accepted  # the next step, planned before this one is read back, moves by it
+        if not staged.wanted:  # the pass only filled the draft's KV
+            return None
         rows = staged.first_rows + accepted
+        # the position of each request's first draft: the token after the one its row reads
+        self.draft_positions = staged.positions[rows] + 2 - self.shift
         tokens = self._argmax(normed[rows])
         if self.k == 1:
             return tokens[:, None]
@@ -301,9 +320,10 @@ class FirstPassGraphs(SizeLadder):
         if source == "final":
             self.hidden = torch.zeros(n, drafter.net.spec.hidden_size, dtype=drafter.dtype, device=d)
 
-    def _plan(self, size: int, query_lens: list[int], seq_lens: list[int], tables: list[list[int]]) -> None:
+    def _plan(self, size: int, query_lens: list[int], seq_lens: list[int], tables: list[list[int]],
+              device_seq_lens: torch.Tensor | None = None) -> None:
         batch = ForwardBatch(self.ids[:size], self.positions[:size], self.slots[:size], query_lens, seq_lens,
-                             tables, self.positions[:0], sum(query_lens))
+                             tables, self.positions[:0], sum(query_lens), device_seq_lens=device_seq_lens)
         self.drafter.backend.plan(batch, num_padded_seqs=min(size, self.max_seqs) if self.prefill else size)
 
     @torch.inference_mode()
@@ -330,5 +350,5 @@ class FirstPassGraphs(SizeLadder):
         self.slots[num:size].fill_(-1)
         if hidden is not None and hidden.data_ptr() != self.hidden.data_ptr():
             self.hidden[:num].copy_(hidden)
-        self._plan(size, staged.query_lens, staged.seq_lens, staged.block_tables)
+        self._plan(size, staged.query_lens, staged.seq_lens, staged.block_tables, staged.device_seq_lens)
         return self.replay_graph(size)

@@ -17,6 +17,7 @@ from lanner.core.request import Logprob, Request
 from lanner.core.schedule import SchedulerOutput
 from lanner.core.transfer import to_device
 from lanner.errors import ConfigError
+from lanner.executor.deferred import Deferred
 from lanner.executor.drafter import Drafter
 from lanner.executor.graphs import DecodeGraphs, decode_graph_sizes, verify_graph_sizes
 from lanner.executor.kv_tensors import allocate_kv_caches, kv_block_bytes
@@ -92,6 +93,14 @@ class RunnerOutput:
     proposed: dict[Request, list[int]] = field(default_factory=dict)
 
 
+def first_rows(samplers: list[Request]) -> dict[Request, int]:
+    """Each sampling request's first sampler row, in order."""
+    first: dict[Request, int] = {}
+    for row, req in enumerate(samplers):
+        first.setdefault(req, row)
+    return first
+
+
 def require_triton(what: str) -> None:
     """Triton is a dependency of the GPU path only: the CPU path never imports it."""
     if importlib.util.find_spec("triton") is None:
@@ -122,6 +131,9 @@ class ModelRunner:
         self.slot_mapping = torch.full((self.max_tokens,), -1, dtype=torch.long, device=device)
         self.logits_indices = torch.zeros(self.max_tokens, dtype=torch.long, device=device)
         self.last_sampled = torch.zeros(sched.max_num_seqs, dtype=torch.long, device=device)
+        # the last step's drafts accepted and drafts proposed per sampling request (a drafter's)
+        self.last_accepted: torch.Tensor | None = None
+        self.last_proposed: torch.Tensor | None = None
         self.num_real_tokens = torch.zeros(1, dtype=torch.long, device=device)
         self.sampler = Sampler()
         self.drafter = self._make_drafter(*draft) if draft is not None else None
@@ -243,9 +255,9 @@ class ModelRunner:
         previous launch is read on the device, so this may run before that step's results
         are back (overlap scheduling)."""
         with record_function("prepare"):
-            batch, samplers, offsets, prompt_rows, layout = self.prepare(sched)
+            batch, samplers, offsets, prompt_rows, layout, deferred = self.prepare(sched)
             staged = self.drafter.stage(layout, batch.num_real_tokens, len(samplers), batch.is_decode_only,
-                                        any(r.may_draft_next for r in samplers)) \
+                                        any(r.may_draft_next for r in samplers), deferred) \
                 if self.drafter else None
         events = [torch.cuda.Event(enable_timing=True) for _ in range(3)] \
             if self.step_times is not None and self.device.type == "cuda" else None
@@ -256,9 +268,10 @@ class ModelRunner:
         sampled = None
         if samplers:  # their rows come first
             with record_function("sample"):
-                sampled = self.sampler(logits[:len(samplers)], samplers, self.last_sampled, offsets)
-            for row, req in enumerate(samplers):
-                req.sample_row = row
+                shifts = (deferred.row_shift, deferred.spread) if deferred.shifts else None
+                sampled = self.sampler(logits[:len(samplers)], samplers, self.last_sampled, offsets, shifts)
+            for index, (req, row) in enumerate(first_rows(samplers).items()):
+                req.sample_row, req.sample_index, req.num_verifying = row, index, len(req.draft_token_ids)
             self.last_sampled = sampled.tokens
         proposed = None
         if events:
@@ -267,6 +280,7 @@ class ModelRunner:
             with record_function("draft"):
                 samples = sampled.tokens if sampled is not None else self.input_ids[:0]
                 proposed = self.drafter.propose(staged, self.input_ids, samples, hidden)
+            self.last_accepted, self.last_proposed = self.drafter.accepted, proposed
         if events:
             events[2].record()
         return StepHandle(samplers, sampled, prompt_rows, logits, proposed,
@@ -300,9 +314,11 @@ class ModelRunner:
         samplers: requests whose last token is computed now; row i is the i-th of them (a request
         with drafts has a row per draft and one after: offsets says which);
         prompt_rows: (request, first row, prompt tokens those rows predict);
-        layout: per request (request, first row, tokens, drafts, first sampling row or None), for a drafter."""
+        layout: per request (request, first row, tokens, drafts, first sampling row or None), for a drafter;
+        deferred: the inputs filled in on the device from the step before (executor/deferred.py)."""
         input_ids, positions, slots, sample_at, score_at = [], [], [], [], []
-        samplers, prompt_rows, pending = [], [], []
+        samplers, prompt_rows = [], []
+        deferred = Deferred(self.block_size, self.drafter.shift if self.drafter is not None else 0)
         bs = self.block_size
         start = 0
         offsets = []  # per sampling row: which token after the request's last one it samples
@@ -310,13 +326,11 @@ class ModelRunner:
         for req, n in sched.scheduled:
             begin = req.num_computed_tokens
             drafts = req.draft_token_ids
-            known = req.all_token_ids[begin:begin + n]
-            if drafts:  # the last token, then the drafts after it (never pending: read back first)
-                known += drafts[:n - len(known)]
-            if len(known) < n:  # the newest token is still on the device (sampled by the last launch)
-                pending.append((start + n - 1, req.sample_row))
+            known = req.all_token_ids[begin:begin + n - len(drafts)]
+            if len(known) < n - len(drafts):  # the newest token is still on the device (sampled by the last launch)
+                deferred.add(req, start + len(known), n - len(known), len(drafts))
                 known.append(0)
-            input_ids += known
+            input_ids += known + drafts  # the last token, then the drafts after it
             positions += range(begin, begin + n)
             slots += [req.block_ids[p // bs] * bs + p % bs for p in range(begin, begin + n)]
             if req.prompt_logprobs is not None:
@@ -344,13 +358,18 @@ class ModelRunner:
             # a verify step: each row attends as a decode row of its own (its position + 1 keys),
             # so the step replays the decode graphs, padded like a decode batch
             query_lens, seq_lens, tables = as_decode_rows(positions, query_lens, tables)
+        if deferred.shifts and not every_token_samples:
+            raise RuntimeError("a step planned before its predecessor's accepted drafts were read back must "
+                               "decode only (the engine reads back first otherwise)")
         batch = self._stage(input_ids, positions, slots, query_lens, seq_lens, tables, sample_at + score_at)
         batch.sampling_rows_are_tokens = every_token_samples
         batch.verify_rows = len(sched.scheduled) < len(query_lens)
-        if pending:
-            dst, src = to_device(pending, torch.long, self.device).unbind(1)
-            self.input_ids[dst] = self.last_sampled[src]
-        return batch, samplers, offsets, prompt_rows, layout
+        if deferred:
+            deferred.apply(self.input_ids, self.positions, self.slot_mapping, self.last_sampled,
+                           self.last_accepted, self.last_proposed, start)
+            if deferred.shifts:  # decode rows: a row's context is its position + 1
+                batch.device_seq_lens = self.positions[:start] + 1
+        return batch, samplers, offsets, prompt_rows, layout, deferred
 
     def _stage(self, input_ids, positions, slots, query_lens, seq_lens, block_tables, logits_indices) -> ForwardBatch:
         T = len(input_ids)

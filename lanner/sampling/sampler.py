@@ -32,11 +32,13 @@ class Sampled:
 
 class Sampler:
     def __call__(self, logits: torch.Tensor, reqs: list[Request], last_sampled: torch.Tensor | None = None,
-                 offsets: list[int] | None = None) -> Sampled:
+                 offsets: list[int] | None = None, shifts: tuple[torch.Tensor, list[int]] | None = None) -> Sampled:
         """logits: [B, V] (one row per request, in order). `last_sampled`: the previous step's
         tokens on the device, where a request's pending token (overlap scheduling) is read.
         `offsets`: per row, how many tokens past the request's output so far it samples (the
-        rows that verify drafts); the draw is keyed by that output index."""
+        rows that verify drafts); the draw is keyed by that output index. `shifts`: for a step
+        planned before the drafts of the one before it were read back, (per row on the device, the
+        shift of that output index, in [-spread, 0]; per row on the host, its spread)."""
         index = [r.num_output_tokens + (offsets[i] if offsets else 0) for i, r in enumerate(reqs)]
         if all(_plain_greedy(r, n) for r, n in zip(reqs, index)):  # the common fast path: one kernel
             return Sampled(logits.argmax(dim=-1), None)
@@ -52,8 +54,7 @@ class Sampler:
             device = logits.device
             rows = to_device(random_rows, torch.long, device)
             probs = processed_probs(logits[rows], [reqs[i].params for i in random_rows])
-            keys = to_device([row_key(reqs[i].seed, index[i]) for i in random_rows],
-                             torch.long, device)
+            keys = random_keys(reqs, random_rows, index, device, shifts)
             if probs.is_cuda:
                 from lanner.kernels.sampling import race_sample  # Triton: the GPU path only
 
@@ -61,6 +62,22 @@ class Sampler:
             else:
                 tokens[rows] = race_sample_ref(probs, keys)
         return Sampled(tokens, raw_logprobs)
+
+
+def random_keys(reqs: list[Request], rows: list[int], index: list[int], device: torch.device,
+                shifts: tuple[torch.Tensor, list[int]] | None = None) -> torch.Tensor:
+    """[len(rows), 2] keys of these rows' draws. With shifts, the host keys every output index
+    a row may turn out to have and the device picks the one its shift names."""
+    if shifts is None or not any(shifts[1][i] for i in rows):
+        return to_device([row_key(reqs[i].seed, index[i]) for i in rows], torch.long, device)
+    shift, spread = shifts
+    candidates, zero_shift = [], []
+    for i in rows:
+        zero_shift.append(len(candidates) + spread[i])
+        candidates += [row_key(reqs[i].seed, index[i] + s) for s in range(-spread[i], 1)]
+    table = to_device(candidates + [(z, i) for z, i in zip(zero_shift, rows)], torch.long, device)
+    picked = table[len(candidates):, 0] + shift[table[len(candidates):, 1]]
+    return table[picked]
 
 
 def sampled_logprobs(sampled: Sampled, reqs: list[Request], tokens: list[int]) -> list[dict | None]:

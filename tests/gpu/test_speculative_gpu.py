@@ -112,6 +112,7 @@ def test_model_proposers_in_bf16_with_graphs_keep_greedy_output():
         assert llm.engine.kv_cache.stats().used_blocks == 0
         runner = llm.engine.runner
         assert runner.num_verify_graph_steps > 0
+        assert llm.engine.num_overlapped_verify_steps > 0  # planned before the step before was read back
         assert sum(runner.drafter.first_pass_graphs.replays.values()) > 0
         assert sum(runner.drafter.graphs.replays.values()) > 0
         del llm
@@ -122,7 +123,9 @@ def test_model_proposers_in_bf16_with_graphs_keep_greedy_output():
 
 def test_no_host_sync_in_a_step_that_verifies_and_drafts():
     """Verification, the draft's first pass, acceptance and the k-1 draft steps are all enqueued
-    without waiting for the GPU: the only sync is the read-back of the step's tokens."""
+    without waiting for the GPU: the only sync is the read-back of the step's tokens. Steps that
+    verify drafts overlap: their inputs, positions and slots are moved on the device by the
+    drafts the step before accepted, with no sync between that verify and the next draft."""
     from lanner import LLM
     from test_engine_gpu import strict_launches
 
@@ -132,6 +135,7 @@ def test_no_host_sync_in_a_step_that_verifies_and_drafts():
     llm.generate(["def add(a, b):\n    return a + b\n", "class A:\n    pass\n"],
                  SamplingParams(temperature=0, max_tokens=24, ignore_eos=True), use_tqdm=False)
     assert sum(launched) >= 4  # steps that verified drafts ran under the check
+    assert llm.engine.num_overlapped_verify_steps >= 4
 
 
 @pytest.mark.parametrize("where,message", [

@@ -17,7 +17,9 @@ class TorchAttentionBackend(AttentionBackend):
         self.seqs: list[tuple[int, int, torch.Tensor]] = []  # (first token, query length, context slots)
         start = 0
         offsets = torch.arange(self.block_size)
-        for q_len, seq_len, blocks in zip(batch.query_lens, batch.seq_lens, batch.block_tables):
+        # lengths known on the device only: read them (a sync, but this backend is the CPU path)
+        seq_lens = batch.seq_lens if batch.device_seq_lens is None else batch.device_seq_lens.tolist()
+        for q_len, seq_len, blocks in zip(batch.query_lens, seq_lens, batch.block_tables):
             slots = (torch.tensor(blocks, dtype=torch.long)[:, None] * self.block_size + offsets).flatten()[:seq_len]
             self.seqs.append((start, q_len, slots.to(device)))
             start += q_len

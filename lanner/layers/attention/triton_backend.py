@@ -47,6 +47,8 @@ class TritonAttentionBackend(AttentionBackend):
         lens_view[1, n + 1:] = lens_view[1, n]
         self.seq_lens[:rows].copy_(lens[0, :rows], non_blocking=True)
         self.query_start[:rows + 1].copy_(lens[1], non_blocking=True)
+        if batch.device_seq_lens is not None:
+            self.seq_lens[:n].copy_(batch.device_seq_lens)
         self.rows = rows
         self.slot_mapping = batch.slot_mapping
         self.decode_only = batch.is_decode_only
