@@ -63,7 +63,6 @@ class Deferred:
             self.bases[req] = (q, base)
             self.shifted += self.rows_of(req, row, begin, n)
 
-    @torch.no_grad()
     def apply(self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
               last_sampled: torch.Tensor, last_accepted: torch.Tensor | None, last_proposed: torch.Tensor | None,
               num_rows: int) -> None:
@@ -77,21 +76,21 @@ class Deferred:
             start += len(p)
         firsts, draft_rows, shifted, self.candidates = (views[0].view(-1, 4), views[1].view(-1, 3),
                                                         views[2].view(-1, 3), views[3])
-        m = firsts[:, 3]
-        accepted = torch.zeros_like(m)
-        if self.shifts:  # steps that verified drafts always have their accepted counts
+        if not self.shifts:  # plain overlap, or drafts after a step that verified none
+            input_ids[firsts[:, 0]] = last_sampled[firsts[:, 1]]
+        else:  # steps that verified drafts always have their accepted counts
+            m = firsts[:, 3]
             accepted = torch.where(m > 0, last_accepted[firsts[:, 2].clamp(max=last_accepted.shape[0] - 1)], 0)
-        input_ids[firsts[:, 0]] = last_sampled[firsts[:, 1] + accepted]
-        if self.draft_rows:
-            input_ids[draft_rows[:, 0]] = last_proposed[draft_rows[:, 1], draft_rows[:, 2]]
-        self.shift = accepted - m
-        if self.shifts:
+            input_ids[firsts[:, 0]] = last_sampled[firsts[:, 1] + accepted]
+            self.shift = accepted - m
             by = self.move(positions, slot_mapping, shifted)
             self.row_shift = torch.zeros(num_rows, dtype=torch.long, device=input_ids.device)
             self.row_shift[shifted[:, 0]] = by
             self.spread = [0] * num_rows
             for row, q, _ in self.shifted:
                 self.spread[row] = self.firsts[q][3]
+        if self.draft_rows:
+            input_ids[draft_rows[:, 0]] = last_proposed[draft_rows[:, 1], draft_rows[:, 2]]
 
     def rows_of(self, req: Request, first_row: int, first_position: int, count: int) -> list[tuple[int, int, int]]:
         """(row, q, candidate index at shift 0) for `count` rows of a shifted request from

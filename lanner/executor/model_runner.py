@@ -156,10 +156,25 @@ class ModelRunner:
             self.piecewise_token_sizes = piecewise_sizes(min(gc.piecewise_max_tokens, sched.max_num_batched_tokens),
                                                          gc.piecewise_sizes)
             self.piecewise = PiecewiseGraphs(self.model, self.piecewise_token_sizes, dtype, device)
-            if cuda_graphs:
-                self.piecewise.capture(self.input_ids, self.positions)
         if cuda_graphs:
-            self.capture_graphs(self.piecewise_token_sizes)
+            try:
+                if self.piecewise is not None:
+                    self.piecewise.capture(self.input_ids, self.positions)
+                self.capture_graphs(self.piecewise_token_sizes)
+            except BaseException:
+                # the error's frames keep this runner alive as long as the caller keeps the error:
+                # give its caches and graphs back now (another engine may be built in this process)
+                self.release_gpu_memory()
+                raise
+
+    def release_gpu_memory(self) -> None:
+        """Drop the KV caches, the attention backends and the graphs (after a failed start)."""
+        self.kv_caches = self.backend = self.graphs = self.piecewise = None
+        if self.drafter is not None:
+            self.drafter.kv_caches = self.drafter.backend = None
+            self.drafter.graphs = self.drafter.first_pass_graphs = self.drafter.prefill_graphs = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def capture_graphs(self, draft_prefill_sizes: list[int]) -> None:
         """The full decode graphs (batch sizes, and B x (k+1) rows of verify steps) and the draft's

@@ -113,7 +113,7 @@ def apply_constraints(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor
     """allowed_token_ids, bad words, logit_bias, then logits processors (before penalties, in
     vLLM's order). The first three are batched through pinned copies (no sync); bad words
     and processors read output tokens on the host, which the engine guarantees are all there
-    (`Request.needs_host_history`)."""
+    (`Request.reads_output_on_host`)."""
     vocab, device = logits.shape[1], logits.device
     whitelisted = [i for i, r in enumerate(reqs) if r.params.allowed_token_ids]
     if whitelisted:
