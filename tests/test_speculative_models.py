@@ -242,10 +242,11 @@ def test_a_draft_model_must_share_the_tokenizer(qwen3_path):
         llm(model=qwen3_path, speculative_config={"method": "eagle3", "num_speculative_tokens": 2})
 
 
-def test_bench_replay_mode_sets_the_acceptance_length(tmp_path):
+@pytest.mark.parametrize("samples", [[], ["--no-replay-samples"]])
+def test_bench_replay_mode_sets_the_acceptance_length(tmp_path, samples):
     """`lanner bench speculative --replay`: the head runs, its drafts are the recorded greedy
     continuation kept with probability p: p=1 accepts every draft, p=0 none, and the outputs equal
-    the run without speculation."""
+    the run without speculation (with --no-replay-samples, from the target's own samples)."""
     from lanner.cli import main
     from lanner.models.tiny import eagle3_config
 
@@ -255,7 +256,7 @@ def test_bench_replay_mode_sets_the_acceptance_length(tmp_path):
     out = tmp_path / "replay.json"
     assert main(["bench", "speculative", "--replay", "1.0", "0.0", "--k", "3", "2", "--batch-sizes", "1", "3",
                  "--output-len", "13", "--input-len", "16", "--config", os.path.join(DEFAULT_MODEL, "config.json"),
-                 "--head-config", str(head), "--output-json", str(out)]) == 0
+                 "--head-config", str(head), "--output-json", str(out), *samples]) == 0
     runs = json.loads(out.read_text())["results"]["runs"]
     assert [(r["k"], r["batch"]) for r in runs] == [(3, 1), (3, 3), (2, 1), (2, 3)]
     assert all(r["outputs_identical"] == f"{r['batch']}/{r['batch']}" for r in runs)

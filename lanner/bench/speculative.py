@@ -129,22 +129,28 @@ def main(args: argparse.Namespace, engine_kwargs: dict) -> None:
                               {"no_speculation": baseline}), args.output_json)
 
 
-def replay_drafts(llm, continuations: dict[tuple, list[int]], keep: dict[tuple, list[bool]]) -> None:
+def replay_drafts(llm, continuations: dict[tuple, list[int]], keep: dict[tuple, list[bool]],
+                  samples: bool = False) -> None:
     """Benchmark-only `replay` mode: the proposer's network still runs (its cost is real), but the
     drafts it returns are replaced, on the device, by the target's own greedy continuation,
     recorded in a run without speculation, each position kept with a seeded probability (else a
     wrong token). On the device, so the engine's overlap of speculative steps (which never reads
-    the drafts back before the next step uses them) runs as it would in service."""
-    import torch
-
+    the drafts back before the next step uses them) runs as it would in service. `samples`: the
+    target's samples are replaced by the recording too (after the real sampling ran), so a run
+    never leaves its recording (bf16 near-ties of dummy weights make it diverge otherwise) and the
+    acceptance follows p at any batch."""
     from lanner.core.transfer import to_device
+    from lanner.sampling.sampler import Sampler
 
     runner, vocab = llm.engine.runner, llm.engine.vocab_size
     drafter = runner.drafter
     keys = list(continuations)
     width = max(len(c) for c in continuations.values()) + drafter.k + 1
-    table = [[t if ok else (t + 1) % vocab for t, ok in zip(continuations[key], keep[key])] for key in keys]
-    table = torch.tensor([row + [0] * (width - len(row)) for row in table], dtype=torch.long, device=runner.device)
+    def padded(rows):
+        return torch.tensor([row + [0] * (width - len(row)) for row in rows], dtype=torch.long, device=runner.device)
+
+    truth = padded([continuations[key] for key in keys])
+    table = padded([[t if ok else (t + 1) % vocab for t, ok in zip(continuations[key], keep[key])] for key in keys])
     row_of = {key: i for i, key in enumerate(keys)}
     prepare, propose = type(runner).prepare.__get__(runner), type(drafter).propose.__get__(drafter)
     samplers = []
@@ -164,6 +170,28 @@ def replay_drafts(llm, continuations: dict[tuple, list[int]], keep: dict[tuple, 
         return table[rows[:, :1], index.clamp(0, width - 1)]
 
     runner.prepare, drafter.propose = noting_samplers, replayed
+    runner.sampler = ReplayedSamples(Sampler(), truth if samples else None, row_of)
+
+
+class ReplayedSamples:
+    """A sampler whose tokens (after the real sampling ran) are the recorded continuation at each
+    row's output index (moved on the device when the step was planned before its predecessor's
+    accepted count was known)."""
+
+    def __init__(self, sampler, truth, row_of: dict):
+        self.sampler, self.truth, self.row_of = sampler, truth, row_of
+
+    def __call__(self, logits, reqs, last_sampled=None, offsets=None, shifts=None):
+        from lanner.core.transfer import to_device
+
+        sampled = self.sampler(logits, reqs, last_sampled, offsets, shifts)
+        if self.truth is None:
+            return sampled
+        at = to_device([[self.row_of[tuple(r.prompt_token_ids)], r.num_output_tokens + (offsets[i] if offsets else 0)]
+                        for i, r in enumerate(reqs)], torch.long, logits.device)
+        index = at[:, 1] + (shifts[0][:len(reqs)] if shifts is not None else 0)
+        sampled.tokens = self.truth[at[:, 0], index.clamp(0, self.truth.shape[1] - 1)]
+        return sampled
 
 
 def replay(args: argparse.Namespace, engine_kwargs: dict) -> None:
@@ -227,7 +255,7 @@ def replay(args: argparse.Namespace, engine_kwargs: dict) -> None:
             continuations = {tuple(pr): out for pr, out in zip(prompts, base[b]["outputs"])}
             rng = random.Random(b * 1000 + k)
             keep = {key: [rng.random() < p for _ in range(args.output_len + k)] for key in continuations}
-            replay_drafts(llm, continuations, keep)
+            replay_drafts(llm, continuations, keep, args.replay_samples)
             row = [measure(llm, b, prompts) for _ in range(args.repeats)][-1]
             outputs = row.pop("outputs")
             same = sum(a == c for a, c in zip(outputs, base[b]["outputs"]))
@@ -252,7 +280,8 @@ def replay(args: argparse.Namespace, engine_kwargs: dict) -> None:
                 "embedding_scale": args.replay_embedding_scale,
                 "greedy": True, "ignore_eos": True, "batch_sizes": args.batch_sizes, "head": args.head_config,
                 "mode": "replay: the head runs, its drafts are the recorded greedy continuation, each position "
-                        "kept with probability p"}
+                        "kept with probability p" + ("; the target's samples are the recording too (after sampling "
+                                                     "ran)" if args.replay_samples else "")}
     common.emit(common.record("speculative-replay", model, workload, {"runs": results}, None,
                               {"no_speculation": baseline}), args.output_json)
 
@@ -272,6 +301,10 @@ def add_parser(kinds) -> None:
     p.add_argument("--replay", type=float, nargs="+", default=None, metavar="P",
                    help="replay mode (dummy weights): per --k value, the probability that each draft position "
                         "is the target's own token")
+    p.add_argument("--replay-samples", action=argparse.BooleanOptionalAction, default=True,
+                   help="replay mode: the target's samples are replaced by the recorded continuation too (after "
+                        "sampling ran), so bf16 near-ties never make a run leave it and acceptance follows p at any "
+                        "batch; --no-replay-samples checks the outputs against the first pass instead")
     p.add_argument("--replay-embedding-scale", type=float, default=10000.0,
                    help="replay mode: multiply the dummy embedding by this (stable greedy continuations)")
     p.add_argument("--config", default="benchmarks/configs/qwen3-8b.json", help="replay mode: the target's shape")
