@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import traceback
 from dataclasses import dataclass, field
 
 import torch
@@ -161,18 +162,25 @@ class ModelRunner:
                 if self.piecewise is not None:
                     self.piecewise.capture(self.input_ids, self.positions)
                 self.capture_graphs(self.piecewise_token_sizes)
-            except BaseException:
-                # the error's frames keep this runner alive as long as the caller keeps the error:
-                # give its caches and graphs back now (another engine may be built in this process)
-                self.release_gpu_memory()
+            except BaseException as error:
+                # the error's frames (and this runner) live as long as the caller keeps the error:
+                # give the caches and graphs back now (another engine may be built in this process)
+                self.release_gpu_memory(error)
                 raise
 
-    def release_gpu_memory(self) -> None:
-        """Drop the KV caches, the attention backends and the graphs (after a failed start)."""
+    def release_gpu_memory(self, error: BaseException | None = None) -> None:
+        """Drop the KV caches, the attention backends and the graphs (after a failed start), and
+        the local variables of the frames that `error` and its causes passed through, which
+        would hold on to them."""
         self.kv_caches = self.backend = self.graphs = self.piecewise = None
         if self.drafter is not None:
             self.drafter.kv_caches = self.drafter.backend = None
             self.drafter.graphs = self.drafter.first_pass_graphs = self.drafter.prefill_graphs = None
+        seen = set()
+        while error is not None and id(error) not in seen:
+            seen.add(id(error))
+            traceback.clear_frames(error.__traceback__)  # frames still running (this one) are skipped
+            error = error.__cause__ or error.__context__
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
