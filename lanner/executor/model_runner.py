@@ -5,8 +5,8 @@ compute the needed logits, sample."""
 from __future__ import annotations
 
 import importlib.util
+import gc
 import logging
-import traceback
 from dataclasses import dataclass, field
 
 import torch
@@ -138,6 +138,11 @@ class ModelRunner:
         self.num_real_tokens = torch.zeros(1, dtype=torch.long, device=device)
         self.sampler = Sampler()
         self.drafter = self._make_drafter(*draft) if draft is not None else None
+        if device.type == "cuda":
+            # an engine dropped earlier in this process (one whose start failed lives on in its error's
+            # reference cycle) gives its memory back before this one sizes and allocates its cache
+            gc.collect()
+            torch.cuda.empty_cache()
         self.num_blocks = self._num_kv_blocks()
         self.kv_caches = allocate_kv_caches(self.model.spec, self.num_blocks, self.block_size, dtype, device)
         self.backend = self._make_backend(self.kv_caches)
@@ -150,46 +155,24 @@ class ModelRunner:
         self.piecewise: PiecewiseGraphs | None = None
         self.step_times: StepTimes | None = None  # set to a StepTimes to time steps on the GPU
         self.num_verify_graph_steps = 0  # verify steps that replayed a decode graph
-        gc = config.graphs
-        cuda_graphs = device.type == "cuda" and not gc.enforce_eager
+        graph_config = config.graphs
+        cuda_graphs = device.type == "cuda" and not graph_config.enforce_eager
         self.piecewise_token_sizes: list[int] = []
-        if gc.piecewise_graphs or (gc.piecewise_graphs is None and cuda_graphs):
-            self.piecewise_token_sizes = piecewise_sizes(min(gc.piecewise_max_tokens, sched.max_num_batched_tokens),
-                                                         gc.piecewise_sizes)
+        if graph_config.piecewise_graphs or (graph_config.piecewise_graphs is None and cuda_graphs):
+            self.piecewise_token_sizes = piecewise_sizes(
+                min(graph_config.piecewise_max_tokens, sched.max_num_batched_tokens), graph_config.piecewise_sizes)
             self.piecewise = PiecewiseGraphs(self.model, self.piecewise_token_sizes, dtype, device)
         if cuda_graphs:
-            try:
-                if self.piecewise is not None:
-                    self.piecewise.capture(self.input_ids, self.positions)
-                self.capture_graphs(self.piecewise_token_sizes)
-            except BaseException as error:
-                # the error's frames (and this runner) live as long as the caller keeps the error:
-                # give the caches and graphs back now (another engine may be built in this process)
-                self.release_gpu_memory(error)
-                raise
-
-    def release_gpu_memory(self, error: BaseException | None = None) -> None:
-        """Drop the KV caches, the attention backends and the graphs (after a failed start), and
-        the local variables of the frames that `error` and its causes passed through, which
-        would hold on to them."""
-        self.kv_caches = self.backend = self.graphs = self.piecewise = None
-        if self.drafter is not None:
-            self.drafter.kv_caches = self.drafter.backend = None
-            self.drafter.graphs = self.drafter.first_pass_graphs = self.drafter.prefill_graphs = None
-        seen = set()
-        while error is not None and id(error) not in seen:
-            seen.add(id(error))
-            traceback.clear_frames(error.__traceback__)  # frames still running (this one) are skipped
-            error = error.__cause__ or error.__context__
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+            if self.piecewise is not None:
+                self.piecewise.capture(self.input_ids, self.positions)
+            self.capture_graphs(self.piecewise_token_sizes)
 
     def capture_graphs(self, draft_prefill_sizes: list[int]) -> None:
         """The full decode graphs (batch sizes, and B x (k+1) rows of verify steps) and the draft's
         own graphs; the draft's prompt chunks replay graphs only where the target's do (piecewise
         on): `draft_prefill_sizes`."""
-        sched, gc = self.config.scheduler, self.config.graphs
-        sizes = decode_graph_sizes(sched.max_num_seqs, gc.cuda_graph_sizes)
+        sched, graph_config = self.config.scheduler, self.config.graphs
+        sizes = decode_graph_sizes(sched.max_num_seqs, graph_config.cuda_graph_sizes)
         rows = verify_graph_sizes(sizes, 1 + self.num_speculative_tokens,
                                   min(self.max_decode_rows, max(sched.max_num_seqs, MAX_VERIFY_GRAPH_ROWS)))
         self.graphs = DecodeGraphs(self, rows)
