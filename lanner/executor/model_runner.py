@@ -139,8 +139,9 @@ class ModelRunner:
         self.sampler = Sampler()
         self.drafter = self._make_drafter(*draft) if draft is not None else None
         if device.type == "cuda":
-            # an engine dropped earlier in this process (one whose start failed lives on in its error's
-            # reference cycle) gives its memory back before this one sizes and allocates its cache
+            # an engine dropped earlier in this process but held by reference cycles gives its memory
+            # back before this one sizes and allocates its cache (an engine whose start failed stays
+            # held as long as its error is)
             gc.collect()
             torch.cuda.empty_cache()
         self.num_blocks = self._num_kv_blocks()

@@ -158,12 +158,6 @@ def test_a_draft_graph_capture_failure_names_the_mode_and_size(monkeypatch, wher
         return out
 
     monkeypatch.setattr(owner, name, syncing)
-    with pytest.raises(RuntimeError, match=message) as failed:
+    with pytest.raises(RuntimeError, match=message):
         LLM(dtype="bfloat16", gpu_memory_utilization=0.3, max_num_seqs=4,
             speculative_config={"method": "mtp", "num_speculative_tokens": 3})
-    # the failed engine's cache (30% of the GPU, in segments no larger request fits) comes back to the
-    # next engine of the process, though only a collection frees it (its error's reference cycle)
-    del failed
-    monkeypatch.undo()
-    llm = LLM(dtype="bfloat16", gpu_memory_utilization=0.75)  # with the failed 0.3 still held, over 1
-    assert llm.generate(["def f():"], SamplingParams(max_tokens=4), use_tqdm=False)[0].outputs[0].token_ids
