@@ -18,6 +18,8 @@ import time
 import torch
 
 from lanner.bench import common
+from lanner.core.transfer import to_device
+from lanner.sampling.sampler import Sampler
 
 
 def prompts_from_heldout_code(tokenizer, num: int, input_len: int) -> list[list[int]]:
@@ -139,13 +141,11 @@ def replay_drafts(llm, continuations: dict[tuple, list[int]], keep: dict[tuple, 
     target's samples are replaced by the recording too (after the real sampling ran), so a run
     never leaves its recording (bf16 near-ties of dummy weights make it diverge otherwise) and the
     acceptance follows p at any batch."""
-    from lanner.core.transfer import to_device
-    from lanner.sampling.sampler import Sampler
-
     runner, vocab = llm.engine.runner, llm.engine.vocab_size
     drafter = runner.drafter
     keys = list(continuations)
     width = max(len(c) for c in continuations.values()) + drafter.k + 1
+
     def padded(rows):
         return torch.tensor([row + [0] * (width - len(row)) for row in rows], dtype=torch.long, device=runner.device)
 
@@ -166,7 +166,10 @@ def replay_drafts(llm, continuations: dict[tuple, list[int]], keep: dict[tuple, 
             return None
         rows = to_device([[row_of[tuple(r.prompt_token_ids)], r.num_prompt_tokens] for r in samplers], torch.long,
                          runner.device)
-        index = (drafter.draft_positions - rows[:, 1])[:, None] + torch.arange(drafter.k, device=runner.device)
+        # each request's first draft follows the token that its first-pass row reads (a head reads the
+        # token after its row's position; a draft LM the token at it)
+        first_draft = staged.positions[staged.first_rows + drafter.accepted] + 2 - drafter.shift
+        index = (first_draft - rows[:, 1])[:, None] + torch.arange(drafter.k, device=runner.device)
         return table[rows[:, :1], index.clamp(0, width - 1)]
 
     runner.prepare, drafter.propose = noting_samplers, replayed
@@ -182,8 +185,6 @@ class ReplayedSamples:
         self.sampler, self.truth, self.row_of = sampler, truth, row_of
 
     def __call__(self, logits, reqs, last_sampled=None, offsets=None, shifts=None):
-        from lanner.core.transfer import to_device
-
         sampled = self.sampler(logits, reqs, last_sampled, offsets, shifts)
         if self.truth is None:
             return sampled

@@ -41,3 +41,10 @@ def as_decode_rows(positions: list[int], query_lens: list[int], block_tables: li
     them replay decode graphs."""
     tables = [table for table, n in zip(block_tables, query_lens) for _ in range(n)]
     return [1] * len(positions), [p + 1 for p in positions], tables
+
+
+def kv_slots(block_ids: list[int], start: int, stop: int, block_size: int) -> list[int]:
+    """The flat KV-cache slot of each position in [start, stop) of a sequence with these blocks;
+    -1 (write nothing) past its allocated blocks."""
+    return [block_ids[p // block_size] * block_size + p % block_size if p // block_size < len(block_ids) else -1
+            for p in range(start, stop)]

@@ -13,3 +13,13 @@ def to_device(rows: list, dtype: torch.dtype, device: torch.device) -> torch.Ten
     pinned = torch.empty(host.shape, dtype=dtype, pin_memory=True)
     pinned.copy_(host)
     return pinned.to(device, non_blocking=True)
+
+
+def to_device_parts(parts: list[list], dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
+    """Several host lists in one copy (`to_device`), as views of it, in order."""
+    flat = to_device([x for part in parts for x in part], dtype, device)
+    views, start = [], 0
+    for part in parts:
+        views.append(flat[start:start + len(part)])
+        start += len(part)
+    return views

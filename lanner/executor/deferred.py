@@ -19,7 +19,8 @@ from __future__ import annotations
 import torch
 
 from lanner.core.request import Request
-from lanner.core.transfer import to_device
+from lanner.core.batch import kv_slots
+from lanner.core.transfer import to_device_parts
 
 
 class Deferred:
@@ -55,11 +56,10 @@ class Deferred:
         if req.drafts_on_device:
             self.draft_rows += [(row + 1 + j, req.sample_index, j) for j in range(num_drafts)]
         if m:
-            bs, begin = self.block_size, req.num_computed_tokens
-            lo, hi = begin - m, begin + n + self.extra
+            begin = req.num_computed_tokens
+            lo = begin - m
             base = len(self.slots) - lo
-            self.slots += [req.block_ids[p // bs] * bs + p % bs if p // bs < len(req.block_ids) else -1
-                           for p in range(lo, hi)]
+            self.slots += kv_slots(req.block_ids, lo, begin + n + self.extra, self.block_size)
             self.bases[req] = (q, base)
             self.shifted += self.rows_of(req, row, begin, n)
 
@@ -69,11 +69,7 @@ class Deferred:
         """Fill in the staged step's inputs (the runner's buffers) from the step before's results."""
         parts = [[x for t in self.firsts for x in t], [x for t in self.draft_rows for x in t],
                  [x for t in self.shifted for x in t], self.slots]
-        flat = to_device([x for p in parts for x in p], torch.long, input_ids.device)
-        views, start = [], 0
-        for p in parts:
-            views.append(flat[start:start + len(p)])
-            start += len(p)
+        views = to_device_parts(parts, torch.long, input_ids.device)
         firsts, draft_rows, shifted, self.candidates = (views[0].view(-1, 4), views[1].view(-1, 3),
                                                         views[2].view(-1, 3), views[3])
         if not self.shifts:  # plain overlap, or drafts after a step that verified none

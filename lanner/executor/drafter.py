@@ -28,8 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
-from lanner.core.batch import ForwardBatch, as_decode_rows
-from lanner.core.transfer import to_device
+from lanner.core.batch import ForwardBatch, as_decode_rows, kv_slots
+from lanner.core.transfer import to_device_parts
 from lanner.executor.deferred import Deferred
 from lanner.executor.graphs import CaptureReport, SizeLadder
 from lanner.executor.kv_tensors import allocate_kv_caches, kv_block_bytes
@@ -81,7 +81,6 @@ class Drafter:
         self.first_pass_graphs: FirstPassGraphs | None = None
         self.prefill_graphs: FirstPassGraphs | None = None
         self.accepted: torch.Tensor | None = None  # [B] the last step's drafts accepted, per sampling request
-        self.draft_positions: torch.Tensor | None = None  # [B] and where its first draft goes (benchmarks)
         # EAGLE-3 reads the hidden states entering three target layers: the target's forward
         # (eager, piecewise or graphs) copies them into this one static buffer
         self.aux_hidden = None
@@ -151,8 +150,7 @@ class Drafter:
                     known.append(req.all_token_ids[nxt] if nxt < len(req.all_token_ids) else 0)
                     sources.append(known_base + len(known) - 1)
             positions += range(begin, begin + n + shift)
-            slots += [req.block_ids[p // bs] * bs + p % bs if p // bs < len(req.block_ids) else -1
-                      for p in range(begin, begin + n + shift)]
+            slots += kv_slots(req.block_ids, begin, begin + n + shift, bs)
             query_lens.append(n + shift)
             seq_lens.append(begin + n + shift)
             tables.append(req.block_ids)
@@ -167,11 +165,7 @@ class Drafter:
         width = max((len(t) for t in dec_tables), default=1) or 1
         parts = [sources, known or [0], positions, slots, first_rows, verify_targets, verify_samples,
                  [b for t in dec_tables for b in t + [-1] * (width - len(t))], capacity, [x for r in moved for x in r]]
-        flat = to_device([x for part in parts for x in part], torch.long, self.device)  # one copy
-        views, start = [], 0
-        for part in parts:
-            views.append(flat[start:start + len(part)])
-            start += len(part)
+        views = to_device_parts(parts, torch.long, self.device)  # one copy
         staged = StagedDraft(views[0], views[1], views[2], views[3], query_lens, seq_lens, tables, num_target_tokens,
                              views[4], views[5].view(-1, k), views[6].view(-1, k), views[7].view(-1, width), views[8],
                              dec_tables, decode_rows, wanted)
@@ -211,8 +205,6 @@ class Drafter:
         if not staged.wanted:  # the pass only filled the draft's KV
             return None
         rows = staged.first_rows + accepted
-        # the position of each request's first draft: the token after the one its row reads
-        self.draft_positions = staged.positions[rows] + 2 - self.shift
         tokens = self._argmax(normed[rows])
         if self.k == 1:
             return tokens[:, None]

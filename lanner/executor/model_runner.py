@@ -5,7 +5,6 @@ compute the needed logits, sample."""
 from __future__ import annotations
 
 import importlib.util
-import gc
 import logging
 from dataclasses import dataclass, field
 
@@ -13,7 +12,7 @@ import torch
 from torch.profiler import record_function
 
 from lanner.config import EngineConfig
-from lanner.core.batch import ForwardBatch, as_decode_rows
+from lanner.core.batch import ForwardBatch, as_decode_rows, kv_slots
 from lanner.core.request import Logprob, Request
 from lanner.core.schedule import SchedulerOutput
 from lanner.core.transfer import to_device
@@ -138,12 +137,6 @@ class ModelRunner:
         self.num_real_tokens = torch.zeros(1, dtype=torch.long, device=device)
         self.sampler = Sampler()
         self.drafter = self._make_drafter(*draft) if draft is not None else None
-        if device.type == "cuda":
-            # an engine dropped earlier in this process but held by reference cycles gives its memory
-            # back before this one sizes and allocates its cache (an engine whose start failed stays
-            # held as long as its error is)
-            gc.collect()
-            torch.cuda.empty_cache()
         self.num_blocks = self._num_kv_blocks()
         self.kv_caches = allocate_kv_caches(self.model.spec, self.num_blocks, self.block_size, dtype, device)
         self.backend = self._make_backend(self.kv_caches)
@@ -156,24 +149,24 @@ class ModelRunner:
         self.piecewise: PiecewiseGraphs | None = None
         self.step_times: StepTimes | None = None  # set to a StepTimes to time steps on the GPU
         self.num_verify_graph_steps = 0  # verify steps that replayed a decode graph
-        graph_config = config.graphs
-        cuda_graphs = device.type == "cuda" and not graph_config.enforce_eager
+        gc = config.graphs
+        cuda_graphs = device.type == "cuda" and not gc.enforce_eager
         self.piecewise_token_sizes: list[int] = []
-        if graph_config.piecewise_graphs or (graph_config.piecewise_graphs is None and cuda_graphs):
-            self.piecewise_token_sizes = piecewise_sizes(
-                min(graph_config.piecewise_max_tokens, sched.max_num_batched_tokens), graph_config.piecewise_sizes)
+        if gc.piecewise_graphs or (gc.piecewise_graphs is None and cuda_graphs):
+            self.piecewise_token_sizes = piecewise_sizes(min(gc.piecewise_max_tokens, sched.max_num_batched_tokens),
+                                                         gc.piecewise_sizes)
             self.piecewise = PiecewiseGraphs(self.model, self.piecewise_token_sizes, dtype, device)
-        if cuda_graphs:
-            if self.piecewise is not None:
+            if cuda_graphs:
                 self.piecewise.capture(self.input_ids, self.positions)
+        if cuda_graphs:
             self.capture_graphs(self.piecewise_token_sizes)
 
     def capture_graphs(self, draft_prefill_sizes: list[int]) -> None:
         """The full decode graphs (batch sizes, and B x (k+1) rows of verify steps) and the draft's
         own graphs; the draft's prompt chunks replay graphs only where the target's do (piecewise
         on): `draft_prefill_sizes`."""
-        sched, graph_config = self.config.scheduler, self.config.graphs
-        sizes = decode_graph_sizes(sched.max_num_seqs, graph_config.cuda_graph_sizes)
+        sched, gc = self.config.scheduler, self.config.graphs
+        sizes = decode_graph_sizes(sched.max_num_seqs, gc.cuda_graph_sizes)
         rows = verify_graph_sizes(sizes, 1 + self.num_speculative_tokens,
                                   min(self.max_decode_rows, max(sched.max_num_seqs, MAX_VERIFY_GRAPH_ROWS)))
         self.graphs = DecodeGraphs(self, rows)
@@ -339,7 +332,7 @@ class ModelRunner:
                 known.append(0)
             input_ids += known + drafts  # the last token, then the drafts after it
             positions += range(begin, begin + n)
-            slots += [req.block_ids[p // bs] * bs + p % bs for p in range(begin, begin + n)]
+            slots += kv_slots(req.block_ids, begin, begin + n, bs)
             if req.prompt_logprobs is not None:
                 # positions whose logits predict prompt tokens not scored yet (a preempted
                 # request recomputes its prompt but scores each token once)
