@@ -152,8 +152,9 @@ def test_drafts_equal_a_plain_reference(heads, method):
     ref = Reference(heads)
     checked = seen[::3] + seen[-6:]  # a sample, and the second run's last proposals
     assert len(checked) > 10
-    for context, proposed in checked:
-        assert proposed == ref.drafts(method, context, K), f"after {len(context)} tokens"
+    for context, proposed in checked:  # (one draft while a request probes: engine/speculation.py)
+        assert proposed == ref.drafts(method, context, K)[:len(proposed)], f"after {len(context)} tokens"
+    assert sum(len(proposed) == K for _, proposed in checked) > 10
 
 
 def test_the_embedded_model_has_its_own_draft_by_default(plain):

@@ -172,7 +172,7 @@ def test_a_failure_while_preparing_an_overlapped_step_fails_only_its_requests(pl
 
     s = spec("draft_model")
     engine = s.engine
-    apply, failures = Deferred.apply, {"left": 0}
+    apply, failures = Deferred.apply, {"left": 0, "armed": False}
 
     def flaky(self, *args):
         if failures["left"] and self.shifts:
@@ -186,13 +186,14 @@ def test_a_failure_while_preparing_an_overlapped_step_fails_only_its_requests(pl
     async def run(request_id: str, prompt: str):
         last = None
         async for out in async_engine.generate(request_id, prompt, GREEDY.clone()):
-            if out.outputs[0].token_ids and request_id != "later":
-                failures["left"] = 1  # fail a step planned on the device once both are decoding
+            if out.outputs[0].token_ids and request_id != "later" and not failures["armed"]:
+                failures["left"], failures["armed"] = 1, True  # fail one step planned on the device
             last = out
         return last
 
     async def scenario():
         results = await asyncio.gather(run("a", CODE[0]), run("b", CODE[1]), return_exceptions=True)
+        failures["left"] = 0  # (had it not fired)
         later = await asyncio.wait_for(run("later", CODE[2]), timeout=120)
         return results, later
 

@@ -174,25 +174,35 @@ class WrongDrafts:
         return [(nxt + 1) % self.vocab] * k
 
 
-@pytest.mark.parametrize("adaptive", [True, False])
-def test_drafts_that_keep_failing_are_paused(adaptive):
-    """With every draft rejected, a request verifies twice, then pauses 2, 4, 8, ... steps: a
-    fraction of its steps verify, and the outputs stay those without speculation. Without the
-    policy every step verifies."""
+@pytest.mark.parametrize("policy", ["pausing", "probing every step", "off"])
+def test_drafts_that_keep_failing_probe_and_pause(policy, monkeypatch):
+    """With every draft rejected, a request verifies k drafts twice, then probes with one draft at
+    a time: every step in a small batch, else after pauses of 2, 4, 8, ... steps (here a batch of 3
+    pauses once PAUSE_FROM_BATCH is 1). The outputs stay those without speculation. Without the
+    policy every step verifies k drafts."""
+    from lanner.engine.speculation import Speculator
+
     plain = llm()
     params = SamplingParams(temperature=0, max_tokens=100, ignore_eos=True)
     outs = plain.generate(CODE, params, use_tqdm=False)
     want = {tuple(o.prompt_token_ids): o.outputs[0].token_ids for o in outs}
-    spec = llm(speculative_config={**SPEC, "adaptive": adaptive})
+    if policy == "pausing":
+        monkeypatch.setattr(Speculator, "PAUSE_FROM_BATCH", 1)
+    spec = llm(speculative_config={**SPEC, "adaptive": policy != "off"})
     spec.engine.speculator.proposer.drafts = wrong = WrongDrafts(want, spec.engine.vocab_size)
     got = spec.generate(CODE, params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in outs]
-    stats = spec.engine.speculator.stats
+    stats, k = spec.engine.speculator.stats, SPEC["num_speculative_tokens"]
     assert stats.accepted == 0 and stats.verifications == wrong.proposed
-    # 98 decode steps per request may draft (not the last one): paused, 2 + 1 + 1 + 1 + 1 + 1 verify
-    assert stats.verifications == (7 * len(CODE) if adaptive else 98 * len(CODE))
-    # paused requests draft nothing next step, so their steps overlap like plain decoding
-    assert (spec.engine.num_overlapped_steps > 60) == adaptive
+    # 98 decode steps per request may draft (not the last one); pausing: 2 + 1 + 1 + 1 + 1 + 1 verify
+    verifications = {"pausing": 7, "probing every step": 98, "off": 98}[policy]
+    assert stats.verifications == verifications * len(CODE)
+    # (k drafts, or fewer where max_tokens leaves no room for them)
+    full = sum(min(k, 98 - i) for i in range(98)) if policy == "off" else 2 * k + verifications - 2
+    assert stats.drafts == full * len(CODE)
+    # paused requests draft nothing next step, so their steps overlap like plain decoding (n-gram
+    # drafts are looked up on the host: a drafting step is read back first)
+    assert (spec.engine.num_overlapped_steps > 60) == (policy == "pausing")
 
 
 def test_one_accepted_draft_ends_the_run_of_misses():
@@ -202,37 +212,80 @@ def test_one_accepted_draft_ends_the_run_of_misses():
 
     speculator = Speculator(SpeculativeConfig(**SPEC))
     req = Request("r", None, [1, 2], SamplingParams(), set(), 0)
-    outcomes = [(0, 0), (0, 2), (0, 4), (1, 0), (0, 0), (0, 2)]  # (accepted, pause after it)
-    for accepted, pause in outcomes:
+    # (accepted, pause after it, probing after it)
+    outcomes = [(0, 0, False), (0, 2, True), (0, 4, True), (1, 0, False), (0, 0, False), (0, 2, True)]
+    for accepted, pause, probing in outcomes:
         speculator.record(req, [7] * 4, [7] * accepted + [8] * (5 - accepted))
-        assert req.spec_pause == pause
+        assert req.spec_pause == pause and req.spec_probing == probing
         req.spec_pause = 0
 
 
+@pytest.mark.parametrize("method", ["eagle3", "mtp", "draft_model"])
+def test_fill_kv_writes_the_kv_of_the_full_pass(method):
+    """A drafter's pass whose outputs nobody reads writes only the draft's KV (`fill_kv`): the same
+    KV as the full forward, for each model proposer's network."""
+    from lanner.layers.attention import forward_context
+    from lanner.layers.attention.torch_backend import TorchAttentionBackend
+
+    spec = llm(speculative_config={"method": method, "num_speculative_tokens": 2})
+    drafter = spec.engine.runner.drafter
+    net, shape = drafter.net, drafter.kv_caches[0][0].shape
+    T = 7
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, spec.engine.vocab_size, (T,), generator=generator)
+    positions = torch.arange(3, 3 + T)
+    hidden = None
+    if drafter.proposer.target_hidden == "aux":
+        hidden = torch.randn(T, drafter.aux_hidden.shape[1], generator=generator)
+    elif drafter.proposer.target_hidden == "final":
+        hidden = torch.randn(T, spec.engine.runner.model.spec.hidden_size, generator=generator)
+    caches = []
+    for fill in (False, True):
+        kv = [(torch.zeros(shape), torch.zeros(shape)) for _ in drafter.kv_caches]
+        backend = TorchAttentionBackend(kv, shape[1])
+        backend.plan(ForwardBatch(ids, positions, positions, [T], [3 + T], [list(range(shape[0]))], positions[:0], T))
+        with forward_context(backend):
+            (net.fill_kv if fill else net)(ids, positions, hidden)
+        caches.append(kv)
+    assert all(k.abs().sum() > 0 for k, _ in caches[0][:drafter.net.spec.num_layers if method == "draft_model" else 1])
+    for (k, v), (k_fill, v_fill) in zip(*caches):
+        torch.testing.assert_close(k_fill, k, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(v_fill, v, rtol=1e-5, atol=1e-6)
+
+
 def test_a_drafter_with_nobody_drafting_next_only_fills_its_kv(monkeypatch):
-    """A model proposer's drafter skips its k-1 steps in a step where no sampling request will
-    draft next (all paused), and still runs the first pass (the draft's KV follows the target)."""
+    """A model proposer's drafter, in a step where no sampling request will draft next (all
+    paused), only writes the draft's KV (`fill_kv`, the draft's KV follows the target); before a
+    step where the only drafting requests probe, it runs the first pass without the k-1 steps."""
     from lanner.bench.speculative import replay_drafts
+    from lanner.engine.speculation import Speculator
     from lanner.executor.drafter import Drafter
 
+    monkeypatch.setattr(Speculator, "PAUSE_FROM_BATCH", 1)
     plain = llm()
     params = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)
     outs = plain.generate(CODE[:1], params, use_tqdm=False)
     want = {tuple(o.prompt_token_ids): o.outputs[0].token_ids for o in outs}
     spec = llm(speculative_config={"method": "eagle3", "num_speculative_tokens": 3})
-    calls = {"first": 0, "steps": 0}
-    propose, steps = Drafter.propose, Drafter._decode_steps
-    monkeypatch.setattr(Drafter, "propose", lambda self, *a: (calls.__setitem__("first", calls["first"] + 1),
-                                                               propose(self, *a))[1])
-    monkeypatch.setattr(Drafter, "_decode_steps", lambda self, *a: (calls.__setitem__("steps", calls["steps"] + 1),
-                                                                    steps(self, *a))[1])
+    calls = {"first": 0, "fill": 0, "steps": 0}
+
+    def counting(name, function):
+        return lambda *a: (calls.__setitem__(name, calls[name] + 1), function(*a))[1]
+
+    monkeypatch.setattr(Drafter, "propose", counting("first", Drafter.propose))
+    monkeypatch.setattr(Drafter, "_decode_steps", counting("steps", Drafter._decode_steps))
+    net = spec.engine.runner.drafter.net
+    monkeypatch.setattr(net, "fill_kv", counting("fill", net.fill_kv))
     # every draft wrong, on the device (drafts of steps planned before the last is read back come from there)
     replay_drafts(spec, want, {key: [False] * len(cont) for key, cont in want.items()})
     got = spec.generate(CODE[:1], params, use_tqdm=False)
     assert got[0].outputs[0].token_ids == outs[0].outputs[0].token_ids
-    assert spec.engine.speculator.stats.accepted == 0
-    assert calls["first"] == spec.engine.num_steps  # every step fills the draft's KV
-    assert 0 < calls["steps"] < calls["first"] // 3
+    stats = spec.engine.speculator.stats
+    # k drafts until two misses are read back (with overlap, one step late), then probes of 1 after pauses
+    assert stats.accepted == 0 and stats.verifications == 7 and stats.drafts == 3 * 3 + 4
+    assert calls["first"] == spec.engine.num_steps  # every step writes the draft's KV
+    assert calls["steps"] == 4  # before the three verifications of k drafts (and the step planned after them)
+    assert 40 < calls["fill"] < calls["first"]  # every step before a paused one
 
 
 def eager_capture_ladder(self, setup, run, what):

@@ -169,7 +169,7 @@ def replay_drafts(llm, continuations: dict[tuple, list[int]], keep: dict[tuple, 
         # each request's first draft follows the token that its first-pass row reads (a head reads the
         # token after its row's position; a draft LM the token at it)
         first_draft = staged.positions[staged.first_rows + drafter.accepted] + 2 - drafter.shift
-        index = (first_draft - rows[:, 1])[:, None] + torch.arange(drafter.k, device=runner.device)
+        index = (first_draft - rows[:, 1])[:, None] + torch.arange(proposed.shape[1], device=runner.device)
         return table[rows[:, :1], index.clamp(0, width - 1)]
 
     runner.prepare, drafter.propose = noting_samplers, replayed

@@ -10,14 +10,16 @@ given back: `num_computed_tokens` moves back so the next step rewrites their slo
 cache only hashes tokens in `all_token_ids`, which drafts join only once accepted.
 
 When drafts stop paying (the adaptive policy, on unless `"adaptive": false`): a request whose
-verifications accept no draft twice in a row decodes without drafts for 2 steps, then 4, 8, ...
-up to 64 after further misses in a row; a verification that accepts a draft resets the count. Pausing changes no
-output (any drafts, or none, give the target's samples); it bounds what rejected drafts cost a
-large batch, where every verified row costs compute: with nothing accepted, about 1 step in 65
-verifies. The pause counts engine steps (also while the request waits or recomputes after a
-preemption) and survives preemption.
-While no request of a step drafts next, a model proposer's drafter runs only its first pass (the
-draft's KV must follow the target's).
+verifications accept no draft twice in a row probes: it drafts one token at a time (no draft
+steps after the first pass, one verified row) until a verification accepts it, and the count
+resets. While a step runs fewer than PAUSE_FROM_BATCH requests, a verified row costs next to
+nothing (the step reads the weights either way), so a probing request probes every step. From
+there on rows cost compute, and it pauses between probes: 2 steps after the second miss in a row,
+then 4, 8, ... up to 64, so with nothing accepted about 1 step in 65 verifies one draft. Pausing
+changes no output (any drafts, or none, give the target's samples). The pause counts engine steps
+(also while the request waits or recomputes after a preemption) and survives preemption. While
+no request of a step drafts next, a model proposer's drafter only writes the draft's KV (its
+`fill_kv`: the draft's KV must follow the target's).
 """
 from __future__ import annotations
 
@@ -49,6 +51,7 @@ class SpeculationStats:
 
 class Speculator:
     MAX_PAUSE = 64  # steps
+    PAUSE_FROM_BATCH = 8  # running requests
 
     def __init__(self, config: SpeculativeConfig):
         self.k = config.num_speculative_tokens
@@ -64,26 +67,29 @@ class Speculator:
             return self.k - 1 + self.proposer.shift
         return 0
 
-    def propose(self, running: list[Request], proposed_on_device: bool = False) -> None:
+    def propose(self, running: list[Request], proposed_on_device: int = 0) -> None:
         """Drafts for this step of each running request that decodes; none for the others.
-        `proposed_on_device`: the step in flight proposed drafts that are not read back yet; a
-        request still waiting for its tokens from that step takes them there (placeholders here,
-        filled in on the device and, for the engine's bookkeeping, at that step's read-back)."""
+        `proposed_on_device`: how many drafts per request the step in flight proposed that are
+        not read back yet (0: none); a request still waiting for its tokens from that step takes
+        them there (placeholders here, filled in on the device and, for the engine's
+        bookkeeping, at that step's read-back)."""
+        pausing = len(running) >= self.PAUSE_FROM_BATCH
         for req in running:
             req.draft_token_ids, req.drafts_on_device = [], False
-            if req.spec_pause:
+            if req.spec_pause and pausing:
                 req.spec_pause -= 1
                 continue
+            req.spec_pause = 0
             if not (req.speculative and req.num_tokens - req.num_computed_tokens == 1):
                 continue
             # room for them and one more (with drafts in flight, as if all were accepted)
-            k = min(self.k, req.max_num_tokens - req.num_tokens - 1)
+            k = min(1 if req.spec_probing else self.k, req.max_num_tokens - req.num_tokens - 1)
             if k <= 0:
                 continue
             if not req.num_pending:
                 req.draft_token_ids = self.proposer.drafts(req, k)
             elif proposed_on_device and req.next_step_on_device:
-                req.draft_token_ids, req.drafts_on_device = [0] * k, True
+                req.draft_token_ids, req.drafts_on_device = [0] * min(k, proposed_on_device), True
 
     def record(self, req: Request, drafts: list[int], samples: list[int]) -> int:
         """How many leading drafts the target's samples accept (counted in the stats)."""
@@ -94,7 +100,8 @@ class Speculator:
         self.stats.drafts += len(drafts)
         self.stats.accepted += accepted
         self.stats.verifications += 1
-        req.spec_misses = 0 if accepted else req.spec_misses + 1
-        if self.adaptive and req.spec_misses >= 2:
-            req.spec_pause = min(2 ** (req.spec_misses - 1), self.MAX_PAUSE)
+        if self.adaptive:
+            req.spec_misses = 0 if accepted else req.spec_misses + 1
+            if req.spec_misses >= 2:
+                req.spec_pause = min(2 ** (req.spec_misses - 1), self.MAX_PAUSE)
         return accepted

@@ -14,12 +14,14 @@ allocates k-1 more positions ahead, one more for a draft LM). Per step:
 2. Acceptance on the device: a = how many leading drafts equal the target's samples (the engine
    counts the same on the host). The first draft comes from the first-pass row of sample a.
 3. k-1 decode steps, one token per request, each at the next position, feeding a head its own
-   pre-norm output (EAGLE-3, MTP).
+   pre-norm output (EAGLE-3, MTP); none when every request that drafts next probes with one
+   draft (engine/speculation.py).
 
-On the GPU the first pass replays the draft's own graphs (`FirstPassGraphs`), in two capture
+On the GPU the first pass replays the draft's own graphs (`FirstPassGraphs`), in three capture
 modes: steps whose every target token samples (decode and verify) attend one decode row per token,
 keyed by row count; prompt chunks of up to 512 tokens, keyed by token count, with the prefill
-kernel inside the graph. The k-1 steps replay `DraftGraphs` (keyed by the number of sampling
+kernel inside the graph; and decode rows after which nobody drafts (all paused), where only the
+draft's KV is written (`fill_kv`). The k-1 steps replay `DraftGraphs` (keyed by the number of sampling
 requests).
 """
 from __future__ import annotations
@@ -62,7 +64,9 @@ class StagedDraft:
     capacity: torch.Tensor  # [B] positions the allocated blocks hold
     decode_tables: list[list[int]]
     decode_rows: bool = False  # every first-pass row attends as a decode row (query_lens all 1)
-    wanted: bool = True  # some request drafts next step: run the k-1 steps (else the pass only fills KV)
+    # the most drafts a request may take next step: k; 1 (only probing requests draft: the first
+    # draft, no k-1 steps); 0 (nobody drafts: the pass only fills the draft's KV)
+    draft_len: int = 1
     device_seq_lens: torch.Tensor | None = None  # decode rows' lengths, when positions moved on the device
 
 
@@ -79,6 +83,7 @@ class Drafter:
         self.backend = None
         self.graphs: DraftGraphs | None = None
         self.first_pass_graphs: FirstPassGraphs | None = None
+        self.kv_fill_graphs: FirstPassGraphs | None = None
         self.prefill_graphs: FirstPassGraphs | None = None
         self.accepted: torch.Tensor | None = None  # [B] the last step's drafts accepted, per sampling request
         # EAGLE-3 reads the hidden states entering three target layers: the target's forward
@@ -105,8 +110,11 @@ class Drafter:
         prompt chunks at each token count (up to DRAFT_PREFILL_GRAPH_MAX_TOKENS; none without
         `token_sizes`), the k-1 steps at each batch size. A prompt step holds up to max_num_seqs
         requests, whatever the graph ladders."""
-        self.first_pass_graphs = FirstPassGraphs(self, [r for r in row_sizes if r <= self.max_rows])
+        rows = [r for r in row_sizes if r <= self.max_rows]
+        self.first_pass_graphs = FirstPassGraphs(self, rows)
         self.first_pass_graphs.capture()
+        self.kv_fill_graphs = FirstPassGraphs(self, rows, kv_only=True)
+        self.kv_fill_graphs.capture()
         # a draft LM reads one more row per request than the target's step has tokens
         largest = [token_sizes[-1] + self.shift * max_num_seqs] if token_sizes and self.shift else []
         tokens = sorted({t for t in token_sizes + largest if t <= DRAFT_PREFILL_GRAPH_MAX_TOKENS})
@@ -120,11 +128,11 @@ class Drafter:
     # ---- host: what the device work of a step reads ------------------------------------
 
     def stage(self, layout: list[tuple], num_target_tokens: int, num_samples: int, decode_rows: bool = False,
-              wanted: bool = True, deferred: Deferred | None = None) -> StagedDraft:
+              draft_len: int = 1, deferred: Deferred | None = None) -> StagedDraft:
         """`layout`: per scheduled request (request, first target row, tokens, drafts verified,
         first sampler row or None), in batch order. `decode_rows`: every target token samples, so
-        every first-pass row attends as a decode row of its own. `wanted`: some request drafts next
-        step. `deferred`: the target step's inputs filled in on the device; the rows of requests
+        every first-pass row attends as a decode row of its own. `draft_len`: the most drafts a
+        request may take next step (StagedDraft.draft_len). `deferred`: the target step's inputs filled in on the device; the rows of requests
         whose positions move there move likewise."""
         bs, k, shift = self.block_size, self.k, self.shift
         sources, positions, slots, known = [], [], [], []
@@ -168,7 +176,7 @@ class Drafter:
         views = to_device_parts(parts, torch.long, self.device)  # one copy
         staged = StagedDraft(views[0], views[1], views[2], views[3], query_lens, seq_lens, tables, num_target_tokens,
                              views[4], views[5].view(-1, k), views[6].view(-1, k), views[7].view(-1, width), views[8],
-                             dec_tables, decode_rows, wanted)
+                             dec_tables, decode_rows, draft_len)
         if moved:  # such a step decodes only: every row is a decode row, its context its position + 1
             deferred.move(staged.positions, staged.slots, views[9].view(-1, 3))
             staged.device_seq_lens = staged.positions + 1
@@ -185,28 +193,18 @@ class Drafter:
         ids = torch.cat([target_ids[:T], samples, staged.known])[staged.sources]
         source = {"final": target_hidden, "aux": self.aux_hidden, None: None}[self.proposer.target_hidden]
         hidden = None if source is None else source[:T]
-        graphs = self.first_pass_graphs if staged.decode_rows else self.prefill_graphs
-        size = graphs.padded_size(ids.shape[0]) if graphs is not None else None
-        if size is not None:
-            normed, carry = graphs.replay(staged, size, ids, hidden)
-        else:
-            batch = ForwardBatch(ids, staged.positions, staged.slots, staged.query_lens, staged.seq_lens,
-                                 staged.block_tables, staged.positions[:0], ids.shape[0],
-                                 device_seq_lens=staged.device_seq_lens)
-            self.backend.plan(batch)
-            with forward_context(self.backend):
-                normed, carry = self.net(ids, staged.positions, hidden)
+        normed, carry = self._first_pass(staged, ids, hidden)
         self.accepted = None
         if not staged.decode_tables:
             return None
         drafted = target_ids[staged.verify_targets.clamp(min=0)]
         accepted = accepted_prefix((samples[staged.verify_samples] == drafted) & (staged.verify_targets >= 0))
         self.accepted = accepted  # the next step, planned before this one is read back, moves by it
-        if not staged.wanted:  # the pass only filled the draft's KV
+        if not staged.draft_len:  # the pass only filled the draft's KV
             return None
         rows = staged.first_rows + accepted
         tokens = self._argmax(normed[rows])
-        if self.k == 1:
+        if self.k == 1 or staged.draft_len == 1:
             return tokens[:, None]
         positions, carry = staged.positions[rows], None if carry is None else carry[rows]
         num = len(staged.decode_tables)
@@ -216,6 +214,27 @@ class Drafter:
             later = self._decode_steps(tokens, positions, carry, staged.capacity, staged.tables)
             return torch.stack([tokens, *later], dim=1)
         return torch.cat([tokens[:, None], self.graphs.replay(staged, num, size, tokens, positions, carry)], dim=1)
+
+    def _first_pass(self, staged: StagedDraft, ids: torch.Tensor, hidden: torch.Tensor | None) -> tuple:
+        """(normed, carried hidden) of the first pass over the step's rows; (None, None) when nobody
+        drafts next and the rows are decode rows (only the draft's KV is written: a head's q,
+        attention, MLP and norm are skipped)."""
+        kv_only = not staged.draft_len and staged.decode_rows
+        graphs = self.kv_fill_graphs if kv_only else self.first_pass_graphs if staged.decode_rows \
+            else self.prefill_graphs
+        size = graphs.padded_size(ids.shape[0]) if graphs is not None else None
+        if size is not None:
+            out = graphs.replay(staged, size, ids, hidden)
+            return (None, None) if kv_only else out
+        batch = ForwardBatch(ids, staged.positions, staged.slots, staged.query_lens, staged.seq_lens,
+                             staged.block_tables, staged.positions[:0], ids.shape[0],
+                             device_seq_lens=staged.device_seq_lens)
+        self.backend.plan(batch)
+        with forward_context(self.backend):
+            if kv_only:
+                self.net.fill_kv(ids, staged.positions, hidden)
+                return None, None
+            return self.net(ids, staged.positions, hidden)
 
     def _decode_steps(self, tokens, positions, carry, capacity, tables) -> list[torch.Tensor]:
         """The k-1 draft steps after the first draft (eager, or inside a graph's capture). The
@@ -283,7 +302,7 @@ class DraftGraphs(SizeLadder):
 
 
 class FirstPassGraphs(SizeLadder):
-    """CUDA graphs of the draft's first pass, in one of two capture modes of their own:
+    """CUDA graphs of the draft's first pass, in capture modes of their own:
 
     - decode rows (keyed by row count): steps whose every target token samples (decode and
       verify steps); each row attends as a decode row, so the captured decode kernel serves any
@@ -292,15 +311,19 @@ class FirstPassGraphs(SizeLadder):
       the prefill kernel inside the graph. Its grid is fixed at capture for the most sequences
       and the longest query a step of that many tokens can have (min(size, max_seqs) sequences,
       a query of `size`): the real batch's lengths are read from the planned buffers, whose
-      padded tail repeats the last cumulative length (empty sequences).
+      padded tail repeats the last cumulative length (empty sequences);
+    - KV fill (decode rows, keyed by row count): steps after which nobody drafts (all paused),
+      where the pass only writes the draft's KV (`fill_kv`: a head's k and v projections alone).
 
     Inputs are copied into static buffers before a replay; padding rows (slot -1) write no KV and
     their outputs are never read."""
 
-    def __init__(self, drafter: Drafter, sizes: list[int], prefill: bool = False, max_seqs: int = 1):
+    def __init__(self, drafter: Drafter, sizes: list[int], prefill: bool = False, max_seqs: int = 1,
+                 kv_only: bool = False):
         super().__init__(sizes)
         self.drafter = drafter
         self.prefill = prefill
+        self.kv_only = kv_only
         self.max_seqs = max_seqs
         d, n = drafter.device, self.max_size
         self.ids = torch.zeros(n, dtype=torch.long, device=d)
@@ -325,11 +348,13 @@ class FirstPassGraphs(SizeLadder):
         def setup(size: int) -> None:  # prefill: one sequence of `size` queries sets the grid's extent
             self._plan(size, *(([size], [size], [[]]) if self.prefill else ([], [], [])))
 
-        def run(size: int) -> tuple:
+        def run(size: int) -> tuple | None:
             with forward_context(backend):
-                return net(self.ids[:size], self.positions[:size], None if self.hidden is None else self.hidden[:size])
+                return (net.fill_kv if self.kv_only else net)(
+                    self.ids[:size], self.positions[:size], None if self.hidden is None else self.hidden[:size])
 
-        what = "draft prefill tokens" if self.prefill else "draft first pass rows"
+        what = "draft prefill tokens" if self.prefill else "draft KV fill rows" if self.kv_only \
+            else "draft first pass rows"
         self.graphs, self.report = self.capture_ladder(setup, run, what)
         return self.report
 

@@ -257,8 +257,7 @@ class ModelRunner:
         with record_function("prepare"):
             batch, samplers, offsets, prompt_rows, layout, deferred = self.prepare(sched)
             staged = self.drafter.stage(layout, batch.num_real_tokens, len(samplers), batch.is_decode_only,
-                                        any(r.may_draft_next for r in samplers), deferred) \
-                if self.drafter else None
+                                        self._next_draft_len(samplers), deferred) if self.drafter else None
         events = [torch.cuda.Event(enable_timing=True) for _ in range(3)] \
             if self.step_times is not None and self.device.type == "cuda" else None
         if events:
@@ -285,6 +284,10 @@ class ModelRunner:
             events[2].record()
         return StepHandle(samplers, sampled, prompt_rows, logits, proposed,
                           (self.step_times, events) if events else None)
+
+    def _next_draft_len(self, samplers: list[Request]) -> int:
+        """The most drafts a sampling request of this step may take next step (its drafter's work)."""
+        return max((1 if r.spec_probing else self.drafter.k for r in samplers if r.may_draft_next), default=0)
 
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
         """One step, synchronously."""

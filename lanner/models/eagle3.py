@@ -51,9 +51,11 @@ class Eagle3Layer(nn.Module):
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.mlp = DecoderMLP(spec)
 
+    def attention_input(self, embeds, hidden):
+        return torch.cat([self.input_layernorm(embeds), self.hidden_norm(hidden)], dim=-1)
+
     def forward(self, embeds, hidden, cos, sin):
-        x = torch.cat([self.input_layernorm(embeds), self.hidden_norm(hidden)], dim=-1)
-        q, k, v = self.self_attn.project(x, cos, sin)
+        q, k, v = self.self_attn.project(self.attention_input(embeds, hidden), cos, sin)
         attn = self.self_attn.attn(q, k, v)
         x = self.self_attn.o_proj(attn.reshape(attn.shape[0], -1))
         x, residual = self.post_attention_layernorm(x, hidden)  # the hidden state is the residual stream
@@ -80,11 +82,20 @@ class Eagle3Head(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, hidden: torch.Tensor):
         """(normed output, pre-norm output). `hidden`: the three target states concatenated (a
         first pass) or the head's own pre-norm output of the previous position (later steps)."""
+        embeds, hidden, cos, sin = self._inputs(input_ids, positions, hidden)
+        x, residual = self.midlayer(embeds, hidden, cos, sin)
+        return self.norm(x, residual)
+
+    def fill_kv(self, input_ids: torch.Tensor, positions: torch.Tensor, hidden: torch.Tensor) -> None:
+        """Only the layer's KV at these positions (a pass whose outputs nobody reads)."""
+        embeds, hidden, cos, sin = self._inputs(input_ids, positions, hidden)
+        self.midlayer.self_attn.store_kv(self.midlayer.attention_input(embeds, hidden), cos, sin)
+
+    def _inputs(self, input_ids, positions, hidden):
         cos, sin = self.rotary.cos_sin(positions, self.embed_tokens.weight.dtype)
         if hidden.shape[-1] != self.spec.hidden_size:
             hidden = self.fc(hidden)
-        x, residual = self.midlayer(self.embed_tokens(input_ids), hidden, cos, sin)
-        return self.norm(x, residual)
+        return self.embed_tokens(input_ids), hidden, cos, sin
 
     def compute_logits(self, normed: torch.Tensor) -> torch.Tensor:
         return F.linear(normed, self.lm_head.weight)

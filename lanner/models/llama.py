@@ -83,23 +83,35 @@ class DecoderAttention(nn.Module):
         qkv = self.qkv_proj(x, out=None if bufs is None else bufs.qkv)
         v = qkv[:, q_size + kv_size:].view(T, self.num_kv_heads, self.head_dim)
         qk_out = None if bufs is None else bufs.qk.view(T, heads, self.head_dim)
-        if x.is_cuda:  # one fused kernel for the q and k heads (adjacent in qkv): norm (Qwen3) and rotary
+        # q and k heads are adjacent in qkv: one pass normalises (Qwen3) and rotates both
+        qk = self._norm_rope(qkv[:, :q_size + kv_size].view(T, heads, self.head_dim), cos, sin, self.num_heads, qk_out)
+        return qk[:, :self.num_heads], qk[:, self.num_heads:], v
+
+    def store_kv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+        """Only k and v of the tokens in x, written into the KV cache (a drafter's pass whose
+        outputs nobody reads: its q, attention and everything after are skipped)."""
+        T, q_size = x.shape[0], self.num_heads * self.head_dim
+        bias = None if self.qkv_proj.bias is None else self.qkv_proj.bias[q_size:]
+        kv = F.linear(x, self.qkv_proj.weight[q_size:], bias).view(T, 2 * self.num_kv_heads, self.head_dim)
+        k = self._norm_rope(kv[:, :self.num_kv_heads], cos, sin, 0)
+        self.attn.store(k, kv[:, self.num_kv_heads:])
+
+    def _norm_rope(self, heads: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, first_k_head: int,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+        """[T, H, head_dim] q heads then, from `first_k_head`, k heads: per-head norm (Qwen3's
+        q_norm and k_norm) and rotary; into `out` when given."""
+        if heads.is_cuda:  # one fused kernel
             from lanner.kernels.fused import norm_rope
 
             eps = self.q_norm.eps if self.qk_norm else 0.0
-            qk = norm_rope(qkv[:, :q_size + kv_size].view(T, heads, self.head_dim), cos, sin,
-                           self._qk_norm_weight(), eps, second_weight_from=self.num_heads, out=qk_out)
-            return qk[:, :self.num_heads], qk[:, self.num_heads:], v
-        q = qkv[:, :q_size].view(T, self.num_heads, self.head_dim)
-        k = qkv[:, q_size:q_size + kv_size].view(T, self.num_kv_heads, self.head_dim)
+            return norm_rope(heads, cos, sin, self._qk_norm_weight(), eps, second_weight_from=first_k_head, out=out)
+        q, k = heads[:, :first_k_head], heads[:, first_k_head:]
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if qk_out is not None:
-            qk_out[:, :self.num_heads].copy_(q)
-            qk_out[:, self.num_heads:].copy_(k)
-            return qk_out[:, :self.num_heads], qk_out[:, self.num_heads:], v
-        return q, k, v
+        out = torch.empty_like(heads) if out is None else out
+        out[:, :first_k_head] = apply_rotary(q, cos, sin)
+        out[:, first_k_head:] = apply_rotary(k, cos, sin)
+        return out
 
     def _qk_norm_weight(self) -> torch.Tensor | None:
         """q_norm and k_norm weights stacked [2, head_dim], made once after the weights are loaded."""

@@ -33,14 +33,22 @@ class MtpLayer(DecoderLayer):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, hidden: torch.Tensor):
         """(normed output, pre-norm output) given the target's (or the previous step's) hidden state."""
+        x, cos, sin = self._fused_input(input_ids, positions, hidden)
+        x, residual = DecoderLayer.forward(self, x, None, cos, sin)
+        return self.shared_head.norm(x, residual)
+
+    def fill_kv(self, input_ids: torch.Tensor, positions: torch.Tensor, hidden: torch.Tensor) -> None:
+        """Only the layer's KV at these positions (a pass whose outputs nobody reads)."""
+        x, cos, sin = self._fused_input(input_ids, positions, hidden)
+        self.self_attn.store_kv(self.input_layernorm(x), cos, sin)
+
+    def _fused_input(self, input_ids, positions, hidden):
         target = self._target[0]
         embed = target.model.embed_tokens(input_ids)
         # position 0 has no earlier token whose state could predict it (vLLM zeroes it likewise)
         embed = embed * (positions != 0).to(embed.dtype).unsqueeze(-1)
         cos, sin = target.rotary.cos_sin(positions, embed.dtype)
-        x = self.eh_proj(torch.cat([self.enorm(embed), self.hnorm(hidden)], dim=-1))
-        x, residual = DecoderLayer.forward(self, x, None, cos, sin)
-        return self.shared_head.norm(x, residual)
+        return self.eh_proj(torch.cat([self.enorm(embed), self.hnorm(hidden)], dim=-1)), cos, sin
 
     def compute_logits(self, normed: torch.Tensor) -> torch.Tensor:
         return self._target[0].compute_logits(normed)

@@ -3,7 +3,8 @@
 A backend owns the paged KV cache tensors and the per-step metadata:
 `plan(batch)` runs once per step on the host and prepares whatever the kernels
 need; `forward(layer, q, k, v)` runs once per layer inside the model forward,
-writes this step's K/V into the cache and attends over the cached context.
+writes this step's K/V into the cache and attends over the cached context
+(`store` only writes them).
 The model reaches the backend through `forward_context`, so layers need no
 extra arguments and a graph runner can swap in its own metadata.
 """
@@ -42,6 +43,10 @@ class AttentionBackend(ABC):
         """The context lengths and KV slots of the next decode step (device tensors)."""
 
     @abstractmethod
+    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write k and v ([T, kv_heads, head_dim]) at the planned slots, and attend to nothing."""
+
+    @abstractmethod
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
         """q: [T, heads, head_dim], k and v: [T, kv_heads, head_dim] -> [T, heads, head_dim],
@@ -71,3 +76,8 @@ class Attention(nn.Module):
         if _active is None:
             raise RuntimeError("Attention called outside forward_context")
         return _active.forward(self.layer_idx, q, k, v, self.scale, out)
+
+    def store(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        if _active is None:
+            raise RuntimeError("Attention called outside forward_context")
+        _active.store(self.layer_idx, k, v)

@@ -32,13 +32,17 @@ class TorchAttentionBackend(AttentionBackend):
         self.plan(ForwardBatch(slot_mapping, slot_mapping, slot_mapping, [1] * len(lens), lens, self.decode_tables,
                                slot_mapping[:0], len(lens)))
 
+    def store(self, layer, k, v):
+        k_cache, v_cache = self.kv_caches[layer]
+        keep = self.slot_mapping >= 0
+        k_cache.view(-1, *k_cache.shape[2:])[self.slot_mapping[keep]] = k[keep]
+        v_cache.view(-1, *v_cache.shape[2:])[self.slot_mapping[keep]] = v[keep]
+
     def forward(self, layer, q, k, v, scale, out=None):
+        self.store(layer, k, v)
         k_cache, v_cache = self.kv_caches[layer]
         k_flat = k_cache.view(-1, *k_cache.shape[2:])
         v_flat = v_cache.view(-1, *v_cache.shape[2:])
-        keep = self.slot_mapping >= 0
-        k_flat[self.slot_mapping[keep]] = k[keep]
-        v_flat[self.slot_mapping[keep]] = v[keep]
         out = torch.zeros_like(q) if out is None else out
         group = q.shape[1] // k.shape[1]
         for start, q_len, slots in self.seqs:

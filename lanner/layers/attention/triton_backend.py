@@ -76,9 +76,13 @@ class TritonAttentionBackend(AttentionBackend):
             view[i, :len(blocks)] = blocks
         self.block_tables[:n, :width].copy_(tables, non_blocking=True)
 
-    def forward(self, layer, q, k, v, scale, out=None):
+    def store(self, layer, k, v):
         k_cache, v_cache = self.kv_caches[layer]
         store_kv(k, v, k_cache, v_cache, self.slot_mapping)
+
+    def forward(self, layer, q, k, v, scale, out=None):
+        self.store(layer, k, v)
+        k_cache, v_cache = self.kv_caches[layer]
         rows = self.rows
         if self.decode_only:
             # one query row per planned sequence; rows past them (piecewise padding) stay untouched

@@ -65,7 +65,8 @@ class ModelProposer(Proposer):
     @abstractmethod
     def load(self, ctx: DraftContext) -> nn.Module:
         """The draft network: forward(input_ids, positions, hidden) -> (normed, carried hidden),
-        compute_logits(normed), to_target_ids(ids), and `spec` (the shape of its KV cache)."""
+        fill_kv(input_ids, positions, hidden) (only the KV the forward writes), compute_logits(normed),
+        to_target_ids(ids), and `spec` (the shape of its KV cache)."""
 
     def model_path(self, target_path: str) -> str:
         """The config's `model` (a folder, a repo id, or a config.json with load_format dummy),

@@ -20,6 +20,9 @@ class DraftLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, hidden: torch.Tensor | None = None):
         return self.model(input_ids, positions), None
 
+    def fill_kv(self, input_ids: torch.Tensor, positions: torch.Tensor, hidden: torch.Tensor | None = None) -> None:
+        self.model(input_ids, positions)  # every layer's KV: the whole trunk
+
     def compute_logits(self, normed: torch.Tensor) -> torch.Tensor:
         return self.model.compute_logits(normed)
 
