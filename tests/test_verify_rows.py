@@ -197,9 +197,10 @@ def test_drafts_that_keep_failing_probe_and_pause(policy, monkeypatch):
     # 98 decode steps per request may draft (not the last one); pausing: 2 + 1 + 1 + 1 + 1 + 1 verify
     verifications = {"pausing": 7, "probing every step": 98, "off": 98}[policy]
     assert stats.verifications == verifications * len(CODE)
-    # (k drafts, or fewer where max_tokens leaves no room for them)
-    full = sum(min(k, 98 - i) for i in range(98)) if policy == "off" else 2 * k + verifications - 2
-    assert stats.drafts == full * len(CODE)
+    # k drafts (or fewer where max_tokens leaves no room for them); a request of a large batch
+    # starts by probing with one
+    drafts = {"pausing": 7, "probing every step": 2 * k + 96, "off": sum(min(k, 98 - i) for i in range(98))}
+    assert stats.drafts == drafts[policy] * len(CODE)
     # paused requests draft nothing next step, so their steps overlap like plain decoding (n-gram
     # drafts are looked up on the host: a drafting step is read back first)
     assert (spec.engine.num_overlapped_steps > 60) == (policy == "pausing")
@@ -218,6 +219,34 @@ def test_one_accepted_draft_ends_the_run_of_misses():
         speculator.record(req, [7] * 4, [7] * accepted + [8] * (5 - accepted))
         assert req.spec_pause == pause and req.spec_probing == probing
         req.spec_pause = 0
+
+
+def test_in_a_large_batch_a_request_earns_its_k_drafts():
+    """Below PAUSE_FROM_BATCH running requests a request drafts k tokens from its first decode
+    step; from it on, it starts with one and drafts k once one was accepted."""
+    from lanner.config import SpeculativeConfig
+    from lanner.core.request import Request
+    from lanner.engine.speculation import Speculator
+
+    speculator = Speculator(SpeculativeConfig(**SPEC))
+    k = speculator.k
+
+    def decoding(n: int) -> list[Request]:
+        reqs = [Request(str(i), None, [5, 6, 7, 8, 9, 10] * 3, SamplingParams(max_tokens=50), set(), 0)
+                for i in range(n)]
+        for req in reqs:
+            req.speculative, req.num_computed_tokens = True, req.num_tokens - 1
+        return reqs
+
+    small, large = decoding(Speculator.PAUSE_FROM_BATCH - 1), decoding(Speculator.PAUSE_FROM_BATCH)
+    speculator.propose(small)
+    assert [len(r.draft_token_ids) for r in small] == [k] * len(small)
+    speculator.propose(large)
+    assert [len(r.draft_token_ids) for r in large] == [1] * len(large)
+    speculator.record(large[0], large[0].draft_token_ids, large[0].draft_token_ids + [0])  # accepted
+    speculator.record(large[1], large[1].draft_token_ids, [0, 0])  # rejected
+    speculator.propose(large)
+    assert [len(r.draft_token_ids) for r in large[:3]] == [k, 1, 1]
 
 
 @pytest.mark.parametrize("method", ["eagle3", "mtp", "draft_model"])
@@ -281,10 +310,10 @@ def test_a_drafter_with_nobody_drafting_next_only_fills_its_kv(monkeypatch):
     got = spec.generate(CODE[:1], params, use_tqdm=False)
     assert got[0].outputs[0].token_ids == outs[0].outputs[0].token_ids
     stats = spec.engine.speculator.stats
-    # k drafts until two misses are read back (with overlap, one step late), then probes of 1 after pauses
-    assert stats.accepted == 0 and stats.verifications == 7 and stats.drafts == 3 * 3 + 4
+    # probes of one draft (a large batch, here from PAUSE_FROM_BATCH = 1), after pauses from the second miss
+    assert stats.accepted == 0 and stats.verifications == stats.drafts == 7
     assert calls["first"] == spec.engine.num_steps  # every step writes the draft's KV
-    assert calls["steps"] == 4  # before the three verifications of k drafts (and the step planned after them)
+    assert calls["steps"] == 1  # only after the prompt's step (its policy is decided when it decodes)
     assert 40 < calls["fill"] < calls["first"]  # every step before a paused one
 
 

@@ -241,6 +241,9 @@ class Request:
         self.proposed_token_ids: list[int] = []  # a model proposer's drafts, read back with the last token
         self.spec_misses = 0  # verifications in a row that accepted no draft (with the adaptive policy)
         self.spec_pause = 0  # steps left to decode without drafts (engine/speculation.py's policy)
+        # it drafts one token at a time until one is accepted (engine/speculation.py); None until
+        # its first drafting step decides
+        self.spec_probing: bool | None = None
         self.num_cached_tokens = 0  # prompt tokens served from the prefix cache on first admission
         self.block_ids: list[int] = []
         self.block_hashes: list[bytes] = []  # content hash of each full block, a chain
@@ -280,12 +283,6 @@ class Request:
     def may_draft_next(self) -> bool:
         """It speculates and is not paused (engine/speculation.py), so it may draft next step."""
         return self.speculative and not self.spec_pause
-
-    @property
-    def spec_probing(self) -> bool:
-        """Its last verifications accepted no draft: it drafts one token at a time until one is
-        accepted (engine/speculation.py)."""
-        return self.spec_misses >= 2
 
     @property
     def next_step_on_device(self) -> bool:

@@ -11,15 +11,16 @@ cache only hashes tokens in `all_token_ids`, which drafts join only once accepte
 
 When drafts stop paying (the adaptive policy, on unless `"adaptive": false`): a request whose
 verifications accept no draft twice in a row probes: it drafts one token at a time (no draft
-steps after the first pass, one verified row) until a verification accepts it, and the count
-resets. While a step runs fewer than PAUSE_FROM_BATCH requests, a verified row costs next to
-nothing (the step reads the weights either way), so a probing request probes every step. From
-there on rows cost compute, and it pauses between probes: 2 steps after the second miss in a row,
-then 4, 8, ... up to 64, so with nothing accepted about 1 step in 65 verifies one draft. Pausing
-changes no output (any drafts, or none, give the target's samples). The pause counts engine steps
-(also while the request waits or recomputes after a preemption) and survives preemption. While
-no request of a step drafts next, a model proposer's drafter only writes the draft's KV (its
-`fill_kv`: the draft's KV must follow the target's).
+steps after the first pass, one verified row) until a verification accepts it. While a step runs
+fewer than PAUSE_FROM_BATCH requests, a verified row costs next to nothing (the step reads the
+weights either way), so a probing request probes every step. From there on rows cost compute: a
+request starts by probing (it earns its k drafts with an accepted one), and a probing request
+pauses between probes: 2 steps after the second miss in a row, then 4, 8, ... up to 64, so with
+nothing accepted about 1 step in 65 verifies one draft. None of this changes an output (any
+drafts, or none, give the target's samples). The pause counts engine steps (also while the
+request waits or recomputes after a preemption) and survives preemption. While no request of a
+step drafts next, a model proposer's drafter only writes the draft's KV (its `fill_kv`: the
+draft's KV must follow the target's).
 """
 from __future__ import annotations
 
@@ -80,6 +81,8 @@ class Speculator:
                 req.spec_pause -= 1
                 continue
             req.spec_pause = 0
+            if req.speculative and req.spec_probing is None:  # (from its prompt step on)
+                req.spec_probing = self.adaptive and pausing
             if not (req.speculative and req.num_tokens - req.num_computed_tokens == 1):
                 continue
             # room for them and one more (with drafts in flight, as if all were accepted)
@@ -102,6 +105,7 @@ class Speculator:
         self.stats.verifications += 1
         if self.adaptive:
             req.spec_misses = 0 if accepted else req.spec_misses + 1
+            req.spec_probing = req.spec_misses >= 2 or bool(req.spec_probing and not accepted)
             if req.spec_misses >= 2:
                 req.spec_pause = min(2 ** (req.spec_misses - 1), self.MAX_PAUSE)
         return accepted

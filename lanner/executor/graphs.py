@@ -34,8 +34,10 @@ def decode_graph_sizes(max_num_seqs: int, sizes: list[int] | None = None) -> lis
 def verify_graph_sizes(seq_sizes: list[int], rows_per_seq: int, max_rows: int) -> list[int]:
     """Row counts for decode graphs that also replay verify steps (a request's last token and its
     drafts, each row attending as a decode row): the sequence ladder, and each of its sizes times
-    rows_per_seq (k + 1), so that B requests verifying k drafts each need no padding, up to max_rows."""
-    return sorted(set(seq_sizes) | {s * rows_per_seq for s in seq_sizes if s * rows_per_seq <= max_rows})
+    rows_per_seq (k + 1) and times 2 (requests probing with one draft, engine/speculation.py), so
+    that B requests verifying k drafts, or one, need no padding, up to max_rows."""
+    per_seq = {2, rows_per_seq} if rows_per_seq > 1 else set()
+    return sorted(set(seq_sizes) | {s * r for s in seq_sizes for r in per_seq if s * r <= max_rows})
 
 
 @dataclass
