@@ -67,6 +67,7 @@ class StagedDraft:
     # the most drafts a request may take next step: k; 1 (only probing requests draft: the first
     # draft, no k-1 steps); 0 (nobody drafts: the pass only fills the draft's KV)
     draft_len: int = 1
+    verifying: bool = True  # some request verifies drafts in this step
     device_seq_lens: torch.Tensor | None = None  # decode rows' lengths, when positions moved on the device
 
 
@@ -85,7 +86,8 @@ class Drafter:
         self.first_pass_graphs: FirstPassGraphs | None = None
         self.kv_fill_graphs: FirstPassGraphs | None = None
         self.prefill_graphs: FirstPassGraphs | None = None
-        self.accepted: torch.Tensor | None = None  # [B] the last step's drafts accepted, per sampling request
+        # [B] the last step's drafts accepted, per sampling request (None when it verified none)
+        self.accepted: torch.Tensor | None = None
         # EAGLE-3 reads the hidden states entering three target layers: the target's forward
         # (eager, piecewise or graphs) copies them into this one static buffer
         self.aux_hidden = None
@@ -176,7 +178,7 @@ class Drafter:
         views = to_device_parts(parts, torch.long, self.device)  # one copy
         staged = StagedDraft(views[0], views[1], views[2], views[3], query_lens, seq_lens, tables, num_target_tokens,
                              views[4], views[5].view(-1, k), views[6].view(-1, k), views[7].view(-1, width), views[8],
-                             dec_tables, decode_rows, draft_len)
+                             dec_tables, decode_rows, draft_len, any(m for _, _, _, m, _ in layout))
         if moved:  # such a step decodes only: every row is a decode row, its context its position + 1
             deferred.move(staged.positions, staged.slots, views[9].view(-1, 3))
             staged.device_seq_lens = staged.positions + 1
@@ -197,12 +199,12 @@ class Drafter:
         self.accepted = None
         if not staged.decode_tables:
             return None
-        drafted = target_ids[staged.verify_targets.clamp(min=0)]
-        accepted = accepted_prefix((samples[staged.verify_samples] == drafted) & (staged.verify_targets >= 0))
-        self.accepted = accepted  # the next step, planned before this one is read back, moves by it
+        if staged.verifying:  # the next step, planned before this one is read back, moves by it
+            drafted = target_ids[staged.verify_targets.clamp(min=0)]
+            self.accepted = accepted_prefix((samples[staged.verify_samples] == drafted) & (staged.verify_targets >= 0))
         if not staged.draft_len:  # the pass only filled the draft's KV
             return None
-        rows = staged.first_rows + accepted
+        rows = staged.first_rows if self.accepted is None else staged.first_rows + self.accepted
         tokens = self._argmax(normed[rows])
         if self.k == 1 or staged.draft_len == 1:
             return tokens[:, None]
