@@ -157,6 +157,40 @@ def test_drafts_equal_a_plain_reference(heads, method):
     assert sum(len(proposed) == K for _, proposed in checked) > 10
 
 
+@pytest.mark.parametrize("method", ["draft_model", "eagle3", "mtp"])
+def test_drafts_after_kv_only_passes_equal_a_plain_reference(heads, method, monkeypatch):
+    """Every third verification pauses the request for 3 steps, two of which run only the draft's
+    `fill_kv`: the proposals after each pause still equal the reference's (the KV-only passes
+    wrote the KV the full pass would have; with a no-op fill_kv the random heads' proposals
+    differ)."""
+    from lanner.engine.speculation import Speculator
+
+    spec = llm(speculative_config={**spec_config(method, heads), "adaptive": False})
+    fills, record = [0], Speculator.record
+    net = spec.engine.runner.drafter.net
+    fill_kv = net.fill_kv
+    monkeypatch.setattr(net, "fill_kv", lambda *a: (fills.__setitem__(0, fills[0] + 1), fill_kv(*a))[1])
+
+    def pausing(self, req, drafts, samples):
+        accepted = record(self, req, drafts, samples)
+        if self.stats.verifications % 3 == 0:
+            req.spec_pause = 3
+        return accepted
+
+    monkeypatch.setattr(Speculator, "record", pausing)
+    monkeypatch.setattr(Speculator, "PAUSE_FROM_BATCH", 1)
+    seen, read_back = [], spec.engine._fill_unread_drafts
+    spec.engine._fill_unread_drafts = lambda req: (
+        seen.append((list(req.all_token_ids), list(req.proposed_token_ids))) if req.proposed_token_ids else None,
+        read_back(req))[1]
+    spec.generate(CODE[:1], SamplingParams(temperature=0, max_tokens=40, ignore_eos=True), use_tqdm=False)
+    assert fills[0] >= 4  # two KV-only steps a pause (the third is planned as it ends)
+    ref = Reference(heads)
+    assert len(seen) > 5
+    for context, proposed in seen:
+        assert proposed == ref.drafts(method, context, K), f"after {len(context)} tokens"
+
+
 def test_the_embedded_model_has_its_own_draft_by_default(plain):
     spec = llm(speculative_config={"method": "draft_model", "num_speculative_tokens": 2})
     out = spec.generate(CODE[:1], SamplingParams(temperature=0, max_tokens=16), use_tqdm=False)

@@ -199,8 +199,8 @@ class LLMEngine:
         if self.in_flight is not None and self._must_read_back(self.in_flight[1]):
             outputs += self._read_back()  # the next step needs its tokens on the host: no overlap
         if self.speculator is not None:
-            in_flight = self.in_flight[1].proposed if self.in_flight is not None else None
-            self.speculator.propose(self.scheduler.running, 0 if in_flight is None else in_flight.shape[1])
+            proposed = self.in_flight[1].proposed if self.in_flight is not None else None
+            self.speculator.propose(self.scheduler.running, 0 if proposed is None else proposed.shape[1])
         with record_function("schedule"):
             sched = self.scheduler.schedule()
         if sched.is_empty:

@@ -134,8 +134,8 @@ class Drafter:
         """`layout`: per scheduled request (request, first target row, tokens, drafts verified,
         first sampler row or None), in batch order. `decode_rows`: every target token samples, so
         every first-pass row attends as a decode row of its own. `draft_len`: the most drafts a
-        request may take next step (StagedDraft.draft_len). `deferred`: the target step's inputs filled in on the device; the rows of requests
-        whose positions move there move likewise."""
+        request may take next step (StagedDraft.draft_len). `deferred`: the target step's inputs
+        filled in on the device; the rows of requests whose positions move there move likewise."""
         bs, k, shift = self.block_size, self.k, self.shift
         sources, positions, slots, known = [], [], [], []
         query_lens, seq_lens, tables = [], [], []
