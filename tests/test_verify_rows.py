@@ -176,10 +176,10 @@ class WrongDrafts:
 
 @pytest.mark.parametrize("policy", ["pausing", "probing every step", "off"])
 def test_drafts_that_keep_failing_probe_and_pause(policy, monkeypatch):
-    """With every draft rejected, a request verifies k drafts twice, then probes with one draft at
-    a time: every step in a small batch, else after pauses of 2, 4, 8, ... steps (here a batch of 3
-    pauses once PAUSE_FROM_BATCH is 1). The outputs stay those without speculation. Without the
-    policy every step verifies k drafts."""
+    """With every draft rejected, a request of a small batch verifies k drafts three times, then
+    probes with one draft every step; in a batch that pauses (here a batch of 3 once
+    PAUSE_FROM_BATCH is 1) it starts by probing and pauses 2, 4, 8, ... steps between probes. The
+    outputs stay those without speculation. Without the policy every step verifies k drafts."""
     from lanner.engine.speculation import Speculator
 
     plain = llm()
@@ -199,7 +199,7 @@ def test_drafts_that_keep_failing_probe_and_pause(policy, monkeypatch):
     assert stats.verifications == verifications * len(CODE)
     # k drafts (or fewer where max_tokens leaves no room for them); a request of a large batch
     # starts by probing with one
-    drafts = {"pausing": 7, "probing every step": 2 * k + 96, "off": sum(min(k, 98 - i) for i in range(98))}
+    drafts = {"pausing": 7, "probing every step": 3 * k + 95, "off": sum(min(k, 98 - i) for i in range(98))}
     assert stats.drafts == drafts[policy] * len(CODE)
     # paused requests draft nothing next step, so their steps overlap like plain decoding (n-gram
     # drafts are looked up on the host: a drafting step is read back first)
@@ -212,13 +212,16 @@ def test_one_accepted_draft_ends_the_run_of_misses():
     from lanner.engine.speculation import Speculator
 
     speculator = Speculator(SpeculativeConfig(**SPEC))
-    req = Request("r", None, [1, 2], SamplingParams(), set(), 0)
-    # (accepted, pause after it, probing after it)
-    outcomes = [(0, 0, False), (0, 2, True), (0, 4, True), (1, 0, False), (0, 0, False), (0, 2, True)]
-    for accepted, pause, probing in outcomes:
-        speculator.record(req, [7] * 4, [7] * accepted + [8] * (5 - accepted))
-        assert req.spec_pause == pause and req.spec_probing == probing
-        req.spec_pause = 0
+    # (accepted, pause after it), and whether it probes after it: in a small batch after 3 misses in
+    # a row, in one that pauses after 2 (the pause itself counts down only in a batch that pauses)
+    outcomes = [(0, 0), (0, 2), (0, 4), (1, 0), (0, 0), (0, 2)]
+    for pausing, probing in ((False, [0, 0, 1, 0, 0, 0]), (True, [0, 1, 1, 0, 0, 1])):
+        speculator.pausing = pausing
+        req = Request("r", None, [1, 2], SamplingParams(), set(), 0)
+        for (accepted, pause), probes in zip(outcomes, probing):
+            speculator.record(req, [7] * 4, [7] * accepted + [8] * (5 - accepted))
+            assert req.spec_pause == pause and req.spec_probing == bool(probes)
+            req.spec_pause = 0
 
 
 def test_in_a_large_batch_a_request_earns_its_k_drafts():

@@ -10,17 +10,18 @@ given back: `num_computed_tokens` moves back so the next step rewrites their slo
 cache only hashes tokens in `all_token_ids`, which drafts join only once accepted.
 
 When drafts stop paying (the adaptive policy, on unless `"adaptive": false`): a request whose
-verifications accept no draft twice in a row probes: it drafts one token at a time (no draft
-steps after the first pass, one verified row) until a verification accepts it. While a step runs
-fewer than PAUSE_FROM_BATCH requests, a verified row costs next to nothing (the step reads the
-weights either way), so a probing request probes every step. From there on rows cost compute: a
-request starts by probing (it earns its k drafts with an accepted one), and a probing request
-pauses between probes: 2 steps after the second miss in a row, then 4, 8, ... up to 64, so with
-nothing accepted about 1 step in 65 verifies one draft. None of this changes an output (any
-drafts, or none, give the target's samples). The pause counts engine steps (also while the
-request waits or recomputes after a preemption) and survives preemption. While no request of a
-step drafts next, a model proposer's drafter only writes the draft's KV (its `fill_kv`: the
-draft's KV must follow the target's).
+verifications keep accepting no draft probes: it drafts one token at a time (no draft steps after
+the first pass, one verified row) until a verification accepts it. While a step runs fewer than
+PAUSE_FROM_BATCH requests, a verified row costs next to nothing (the step reads the weights either
+way): a request probes after three misses in a row (two would turn good drafts into probes too
+often by chance: at 76% acceptance per position, 6% of verifications against 1%), and probes
+every step. From there on rows cost compute: a request starts by probing (it earns its k drafts
+with an accepted one), probes after two misses in a row, and pauses between probes: 2 steps
+after the second miss, then 4, 8, ... up to 64, so with nothing accepted about 1 step in 65
+verifies one draft. None of this changes an output (any drafts, or none, give the target's
+samples). The pause counts engine steps (also while the request waits or recomputes after a
+preemption) and survives preemption. While no request of a step drafts next, a model proposer's
+drafter only writes the draft's KV (its `fill_kv`: the draft's KV must follow the target's).
 """
 from __future__ import annotations
 
@@ -53,12 +54,15 @@ class SpeculationStats:
 class Speculator:
     MAX_PAUSE = 64  # steps
     PAUSE_FROM_BATCH = 8  # running requests
+    PAUSE_AFTER_MISSES = 2  # in a row: then a request of a batch that pauses probes, and pauses
+    PROBE_AFTER_MISSES = 3  # in a row, in a smaller batch (where a probe saves only the draft steps)
 
     def __init__(self, config: SpeculativeConfig):
         self.k = config.num_speculative_tokens
         self.adaptive = config.adaptive
         self.proposer = make_proposer(config)
         self.stats = SpeculationStats(accepted_at=[0] * self.k)
+        self.pausing = False  # the last step ran PAUSE_FROM_BATCH requests or more
 
     @property
     def lookahead(self) -> int:
@@ -74,7 +78,7 @@ class Speculator:
         not read back yet (0: none); a request still waiting for its tokens from that step takes
         them there (placeholders here, filled in on the device and, for the engine's
         bookkeeping, at that step's read-back)."""
-        pausing = len(running) >= self.PAUSE_FROM_BATCH
+        self.pausing = pausing = len(running) >= self.PAUSE_FROM_BATCH
         for req in running:
             req.draft_token_ids, req.drafts_on_device = [], False
             if req.spec_pause and pausing:
@@ -105,7 +109,8 @@ class Speculator:
         self.stats.verifications += 1
         if self.adaptive:
             req.spec_misses = 0 if accepted else req.spec_misses + 1
-            req.spec_probing = req.spec_misses >= 2 or bool(req.spec_probing and not accepted)
-            if req.spec_misses >= 2:
+            probe_after = self.PAUSE_AFTER_MISSES if self.pausing else self.PROBE_AFTER_MISSES
+            req.spec_probing = req.spec_misses >= probe_after or bool(req.spec_probing and not accepted)
+            if req.spec_misses >= self.PAUSE_AFTER_MISSES:
                 req.spec_pause = min(2 ** (req.spec_misses - 1), self.MAX_PAUSE)
         return accepted
