@@ -130,17 +130,22 @@ class Reference:
         return out
 
 
+def recorded_proposals(engine) -> list[tuple[list[int], list[int]]]:
+    """(the request's tokens, the proposals read back after them), as each request's proposals
+    are read back."""
+    seen, read_back = [], engine._fill_unread_drafts
+    engine._fill_unread_drafts = lambda req: (
+        seen.append((list(req.all_token_ids), list(req.proposed_token_ids))) if req.proposed_token_ids else None,
+        read_back(req))[1]
+    return seen
+
+
 @pytest.mark.parametrize("method", ["draft_model", "eagle3", "mtp"])
 def test_drafts_equal_a_plain_reference(heads, method):
     """With chunked prompts and prefix hits on blocks that an earlier, speculating run filled
     (their draft KV must be right too), every proposal equals the reference's."""
     spec = llm(speculative_config=spec_config(method, heads), max_num_batched_tokens=16, max_num_seqs=4)
-    seen = []
-    engine = spec.engine
-    read_back = engine._fill_unread_drafts  # runs as each request's proposals are read back
-    engine._fill_unread_drafts = lambda req: (
-        seen.append((list(req.all_token_ids), list(req.proposed_token_ids))) if req.proposed_token_ids else None,
-        read_back(req))[1]
+    seen = recorded_proposals(spec.engine)
     greedy = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
     first = spec.generate(CODE, greedy, use_tqdm=False)
     hits = spec.engine.kv_cache.prefix_hits
@@ -179,10 +184,7 @@ def test_drafts_after_kv_only_passes_equal_a_plain_reference(heads, method, monk
 
     monkeypatch.setattr(Speculator, "record", pausing)
     monkeypatch.setattr(Speculator, "PAUSE_FROM_BATCH", 1)
-    seen, read_back = [], spec.engine._fill_unread_drafts
-    spec.engine._fill_unread_drafts = lambda req: (
-        seen.append((list(req.all_token_ids), list(req.proposed_token_ids))) if req.proposed_token_ids else None,
-        read_back(req))[1]
+    seen = recorded_proposals(spec.engine)
     spec.generate(CODE[:1], SamplingParams(temperature=0, max_tokens=40, ignore_eos=True), use_tqdm=False)
     assert fills[0] >= 4  # two KV-only steps a pause (the third is planned as it ends)
     ref = Reference(heads)

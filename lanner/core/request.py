@@ -284,6 +284,11 @@ class Request:
         """It speculates and is not paused (engine/speculation.py), so it may draft next step."""
         return self.speculative and not self.spec_pause
 
+    def max_drafts(self, k: int) -> int:
+        """The most drafts it may take next step: none while paused, one while it probes, else k
+        (engine/speculation.py)."""
+        return 0 if not self.may_draft_next else 1 if self.spec_probing else k
+
     @property
     def next_step_on_device(self) -> bool:
         """Its next step can be planned before this one is read back with what only the device

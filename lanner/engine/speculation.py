@@ -90,7 +90,7 @@ class Speculator:
             if not (req.speculative and req.num_tokens - req.num_computed_tokens == 1):
                 continue
             # room for them and one more (with drafts in flight, as if all were accepted)
-            k = min(1 if req.spec_probing else self.k, req.max_num_tokens - req.num_tokens - 1)
+            k = min(req.max_drafts(self.k), req.max_num_tokens - req.num_tokens - 1)
             if k <= 0:
                 continue
             if not req.num_pending:

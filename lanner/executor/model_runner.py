@@ -287,7 +287,7 @@ class ModelRunner:
 
     def _next_draft_len(self, samplers: list[Request]) -> int:
         """The most drafts a sampling request of this step may take next step (its drafter's work)."""
-        return max((1 if r.spec_probing else self.drafter.k for r in samplers if r.may_draft_next), default=0)
+        return max((r.max_drafts(self.drafter.k) for r in samplers), default=0)
 
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
         """One step, synchronously."""
