@@ -134,6 +134,22 @@ class GraphConfig:
 
 
 @dataclass
+class MoEConfig:
+    moe_backend: Literal["auto", "masked", "contiguous", "reference"] = _opt(
+        "auto", "how a mixture-of-experts layer runs its experts: 'auto' picks per step by token count (the "
+                "masked Triton executor up to --moe-masked-max-tokens, the contiguous one above; the torch "
+                "reference where a probe refuses them), or force one")
+    moe_masked_max_tokens: int = _opt(64, "largest step, in tokens, that the masked MoE executor runs under "
+                                          "--moe-backend auto (measured crossover: docs/moe.md)")
+    enable_return_routed_experts: bool = _opt(
+        False, "record the experts each MoE layer chooses, so requests may ask for them "
+               "(SamplingParams.return_routed_experts); costs a small copy per MoE layer and step")
+
+    def __post_init__(self) -> None:
+        _check(self.moe_masked_max_tokens >= 0, "moe_masked_max_tokens must be >= 0")
+
+
+@dataclass
 class SpeculativeConfig:
     """vLLM's `speculative_config`: which proposer drafts tokens and how many per step."""
     method: str
@@ -179,6 +195,7 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     graphs: GraphConfig = field(default_factory=GraphConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
     device: str = _opt("auto", "'cpu', 'cuda', 'cuda:N' or 'auto' (CUDA when available)")
     dtype: Literal["auto", "float32", "float", "float16", "half", "bfloat16"] = _opt(
         "auto", "weight and activation dtype ('half' = float16, 'float' = float32); 'auto' is float32 on CPU, "

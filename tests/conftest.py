@@ -57,7 +57,17 @@ def llama_path(tmp_path_factory, tokenizer):
         vocab_size=len(tokenizer), rope_scaling=scaling, rope_theta=10000.0, tie_word_embeddings=False, **COMMON))
 
 
-@pytest.fixture(params=["qwen3", "qwen3_tied", "llama"])
+@pytest.fixture(scope="session")
+def qwen3_moe_path(tmp_path_factory, tokenizer):
+    """Layer 0 dense (mlp_only_layers), layers 1 and 2 sparse: 8 experts, top 2, renormalised."""
+    from transformers import Qwen3MoeConfig
+
+    return _save(tmp_path_factory, tokenizer, "qwen3moe", Qwen3MoeConfig(
+        vocab_size=len(tokenizer), head_dim=16, tie_word_embeddings=False, num_experts=8, num_experts_per_tok=2,
+        moe_intermediate_size=32, decoder_sparse_step=1, mlp_only_layers=[0], norm_topk_prob=True, **COMMON))
+
+
+@pytest.fixture(params=["qwen3", "qwen3_tied", "llama", "qwen3_moe"])
 def model_path(request):
     return request.getfixturevalue(f"{request.param}_path")
 

@@ -21,7 +21,8 @@ from lanner.errors import ConfigError
 from lanner.layers.linear import Linear
 from lanner.layers.norm import RMSNorm
 from lanner.layers.rotary import RotaryEmbedding
-from lanner.models.llama import DecoderAttention, DecoderForCausalLM, DecoderMLP, DecoderSpec
+from lanner.layers.mlp import GatedMLP
+from lanner.models.llama import DecoderAttention, DecoderForCausalLM, DecoderSpec
 
 
 def aux_layer_ids(config: dict, target_layers: int) -> list[int]:
@@ -49,7 +50,7 @@ class Eagle3Layer(nn.Module):
         self.hidden_norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.self_attn = DecoderAttention(spec, 0, input_size=2 * spec.hidden_size)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-        self.mlp = DecoderMLP(spec)
+        self.mlp = GatedMLP(spec.hidden_size, spec.intermediate_size, spec.mlp_bias)
 
     def attention_input(self, embeds, hidden):
         return torch.cat([self.input_layernorm(embeds), self.hidden_norm(hidden)], dim=-1)

@@ -11,6 +11,9 @@ from torch import nn
 from lanner.kernels.fused_reference import apply_rotary
 from lanner.layers.attention import Attention
 from lanner.layers.linear import Linear, MergedLinear
+from lanner.layers.mlp import GatedMLP
+from lanner.layers.moe.block import MoEBlock, MoESpec
+from lanner.layers.moe.strategies import MoERuntime
 from lanner.layers.norm import RMSNorm
 from lanner.layers.rotary import RotaryEmbedding
 
@@ -32,6 +35,7 @@ class DecoderSpec:
     o_bias: bool = False
     mlp_bias: bool = False
     qk_norm: bool = False
+    moe: MoESpec | None = None  # sparse MoE MLPs in moe.sparse_layers (Qwen3-MoE)
 
 
 @dataclass
@@ -122,29 +126,17 @@ class DecoderAttention(nn.Module):
         return self._qk_weight
 
 
-class DecoderMLP(nn.Module):
-    def __init__(self, spec: DecoderSpec):
-        super().__init__()
-        self.gate_up_proj = MergedLinear(spec.hidden_size, [spec.intermediate_size] * 2, bias=spec.mlp_bias)
-        self.down_proj = Linear(spec.intermediate_size, spec.hidden_size, bias=spec.mlp_bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)
-        if x.is_cuda:
-            from lanner.kernels.fused import silu_and_mul
-
-            return self.down_proj(silu_and_mul(gate_up))
-        gate, up = gate_up.chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
-
-
 class DecoderLayer(nn.Module):
-    def __init__(self, spec: DecoderSpec, layer_idx: int):
+    def __init__(self, spec: DecoderSpec, layer_idx: int, moe_runtime: MoERuntime | None = None):
         super().__init__()
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.self_attn = DecoderAttention(spec, layer_idx)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-        self.mlp = DecoderMLP(spec)
+        if spec.moe is not None and layer_idx in spec.moe.sparse_layers:
+            slot = spec.moe.sparse_layers.index(layer_idx)
+            self.mlp = MoEBlock(spec.moe, spec.hidden_size, moe_runtime, slot)
+        else:
+            self.mlp = GatedMLP(spec.hidden_size, spec.intermediate_size, spec.mlp_bias)
         # a static [tokens, hidden] buffer (set by an EAGLE-3 drafter) that receives the hidden
         # state entering this layer, inside graphs too
         self.aux_out: torch.Tensor | None = None
@@ -171,7 +163,9 @@ class DecoderModel(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size, _weight=torch.empty(
             spec.vocab_size, spec.hidden_size), _freeze=True)
-        self.layers = nn.ModuleList(DecoderLayer(spec, i) for i in range(spec.num_layers))
+        # shared by the MoE layers: the executor choice, the step's real token count, the routing record
+        self.moe_runtime = MoERuntime() if spec.moe is not None else None
+        self.layers = nn.ModuleList(DecoderLayer(spec, i, self.moe_runtime) for i in range(spec.num_layers))
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
 
     def forward(self, input_ids, cos, sin):

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from lanner.errors import ConfigError, UnsupportedModel
+from lanner.layers.moe.experts import checkpoint_target as expert_target
 from lanner.models.registry import architecture_of, build_model
 
 
@@ -146,15 +147,18 @@ def load_weights(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]], 
     names loaded."""
     params = dict(model.named_parameters())
     params.update((n, b) for n, b in model.named_buffers() if n in getattr(model, "checkpoint_buffers", ()))
+    optional_buffers = {f"{prefix}.{b}" for prefix, module in model.named_modules()
+                        for b in getattr(module, "optional_checkpoint_buffers", ()) if getattr(module, b) is not None}
+    params.update((n, b) for n, b in model.named_buffers() if n in optional_buffers)
     packed = getattr(model, "packed_modules", {})
     loaded = set()
     with torch.no_grad():
         for name, tensor in tensors:
             if "rotary_emb.inv_freq" in name or (name == "lm_head.weight" and "lm_head.weight" not in params):
                 continue  # recomputed / tied to the embedding
-            target_name, shard = name, None
+            target_name, shard = expert_target(name) or (name, None)
             for ckpt_part, (ours, index) in packed.items():
-                if f".{ckpt_part}." in name:
+                if shard is None and f".{ckpt_part}." in name:
                     target_name, shard = name.replace(f".{ckpt_part}.", f".{ours}."), index
                     break
             if target_name not in params:
@@ -167,7 +171,11 @@ def load_weights(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]], 
             target.copy_(tensor)
             loaded.add((target_name, shard))
     names = {n for n, _ in loaded}
-    missing = sorted(set(params) - names - set(optional))
+    for name in names:  # a stack of per-expert tensors is loaded only when every expert's part is
+        owner = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+        if hasattr(owner, "num_shards") and sum(n == name for n, _ in loaded) < owner.num_shards(params[name]):
+            raise ConfigError(f"checkpoint lacks some experts' weights for {name}")
+    missing = sorted(set(params) - names - set(optional) - optional_buffers)
     if missing:
         raise ConfigError(f"checkpoint lacks weights for: {', '.join(missing[:10])}")
     return names

@@ -7,6 +7,7 @@ from torch import nn
 
 from lanner.errors import UnsupportedModel
 from lanner.models.llama import DecoderForCausalLM, DecoderSpec
+from lanner.models.moe import qwen3_moe_spec
 
 
 def llama_flags(cfg: Any) -> dict:
@@ -23,10 +24,15 @@ def _qwen3_flags(cfg: Any) -> dict:
     return dict(qkv_bias=bias, o_bias=bias, qk_norm=True)
 
 
+def _qwen3_moe_flags(cfg: Any) -> dict:
+    return dict(_qwen3_flags(cfg), moe=qwen3_moe_spec(cfg))
+
+
 ARCHITECTURES = {
     "LlamaForCausalLM": llama_flags,
     "Qwen2ForCausalLM": _qwen2_flags,
     "Qwen3ForCausalLM": _qwen3_flags,
+    "Qwen3MoeForCausalLM": _qwen3_moe_flags,
 }
 
 

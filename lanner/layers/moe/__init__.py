@@ -1,0 +1,1 @@
+"""Mixture-of-experts layers: router, stacked experts, executor strategies, dispatch."""

@@ -1,0 +1,109 @@
+"""How a MoE layer runs its experts: a registry of strategies, each with a capability probe.
+
+- masked (Triton): per-expert slots of fixed capacity and per-expert counts on the device, a
+  3-D layout whose grid does not depend on the routing, so decode graphs replay it;
+- contiguous (Triton): entries sorted by expert into block-aligned segments (prefill and
+  large batches);
+- reference (torch): always available; what the others are tested against.
+
+`auto` picks masked up to `masked_max_tokens` tokens and contiguous above (a measured
+crossover, docs/moe.md). A probe answers (ok, reason) and never raises; a refused strategy
+falls back to the reference, logged once per reason."""
+from __future__ import annotations
+
+import importlib.util
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from lanner.kernels.moe.reference import moe_reference
+
+logger = logging.getLogger(__name__)
+
+Run = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Strategy:
+    name: str
+    run: Run  # (x, w13, w2, ids, weights) -> out
+    probe: Callable[[torch.Tensor, torch.Tensor], tuple[bool, str]]  # (x, w13) -> (ok, reason)
+
+
+def _reference(x, w13, w2, ids, weights):
+    if x.is_cuda and torch.cuda.is_current_stream_capturing():
+        return _dense_reference(x, w13, w2, ids, weights)
+    return moe_reference(x, w13, w2, ids, weights)
+
+
+def _dense_reference(x, w13, w2, ids, weights):
+    """The reference without data-dependent shapes (inside a CUDA graph capture): every expert
+    over every token, weighted by the routing (zero where not chosen). E times the work: only
+    a fallback."""
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    for e in range(w13.shape[0]):
+        gate, up = F.linear(x, w13[e]).chunk(2, dim=-1)
+        down = (F.silu(gate) * up).float() @ w2[e].float().t()
+        out += (weights * (ids == e)).sum(dim=-1, keepdim=True) * down
+    return out.to(x.dtype)
+
+
+def _always(x, w13) -> tuple[bool, str]:
+    return True, ""
+
+
+def _triton_probe(x: torch.Tensor, w13: torch.Tensor) -> tuple[bool, str]:
+    try:
+        if not x.is_cuda:
+            return False, "the Triton MoE executors run on CUDA tensors"
+        if importlib.util.find_spec("triton") is None:
+            return False, "triton is not installed"
+        if x.dtype not in (torch.bfloat16, torch.float16, torch.float32) or w13.dtype != x.dtype:
+            return False, f"activations {x.dtype} and expert weights {w13.dtype} are not one float type"
+        if not (x.is_contiguous() and w13.is_contiguous()):
+            return False, "non-contiguous activations or expert weights"
+        return True, ""
+    except Exception as e:  # a probe answers, never raises
+        return False, f"probe failed: {e!r}"
+
+
+def _triton(layout: str) -> Run:
+    def run(x, w13, w2, ids, weights):
+        from lanner.kernels.moe.fused import fused_moe
+
+        return fused_moe(x, w13, w2, ids, weights, layout=layout)
+    return run
+
+
+STRATEGIES = {
+    "masked": Strategy("masked", _triton("masked"), _triton_probe),
+    "contiguous": Strategy("contiguous", _triton("contiguous"), _triton_probe),
+    "reference": Strategy("reference", _reference, _always),
+}
+
+
+@dataclass
+class MoERuntime:
+    """What the MoE layers of one model share: the choice of strategy, the step's real token
+    count on the device (rows past it are graph padding) and the routing record."""
+    backend: str = "auto"
+    masked_max_tokens: int = 64
+    num_real_tokens: torch.Tensor | None = None  # [1] long, rewritten every step
+    routing: torch.Tensor | None = None  # [max tokens, MoE layers, top_k] int32: each layer's choices
+    _refused: set = field(default_factory=set)
+
+    def strategy(self, x: torch.Tensor, w13: torch.Tensor) -> Strategy:
+        name = self.backend
+        if name == "auto":
+            name = "masked" if x.shape[0] <= self.masked_max_tokens else "contiguous"
+        chosen = STRATEGIES[name]
+        ok, reason = chosen.probe(x, w13)
+        if ok:
+            return chosen
+        if (name, reason) not in self._refused:
+            self._refused.add((name, reason))
+            logger.warning("MoE executor %r refused (%s): running the torch reference", name, reason)
+        return STRATEGIES["reference"]

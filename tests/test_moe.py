@@ -1,0 +1,183 @@
+"""Mixture of experts on the CPU: the router against transformers' (Qwen3-MoE softmax,
+DeepSeek-V3 grouped sigmoid with and without the correction bias), the DeepSeek-V3 block with
+shared experts, checkpoint loading of per-expert tensors, padding rows, empty steps and the
+strategy registry's fallback. Whole-model parity of Qwen3-MoE is in test_parity.py
+(the `qwen3_moe` model_path)."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from lanner.errors import ConfigError
+from lanner.layers.moe.block import MoEBlock
+from lanner.layers.moe.strategies import MoERuntime
+from lanner.models.moe import deepseek_moe_spec, qwen3_moe_spec
+
+
+def deepseek_config(**kw):
+    from transformers import DeepseekV3Config
+
+    base = dict(hidden_size=64, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=3, n_group=4,
+                topk_group=2, n_shared_experts=1, routed_scaling_factor=2.5, norm_topk_prob=True,
+                num_hidden_layers=2, first_k_dense_replace=1, intermediate_size=96)
+    return DeepseekV3Config(**{**base, **kw})
+
+
+def hf_deepseek_block(cfg, bias: bool):
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
+
+    torch.manual_seed(0)
+    block = DeepseekV3MoE(cfg).float()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0, 0.2)
+        if bias:  # large enough to change which experts are chosen
+            block.gate.e_score_correction_bias.copy_(torch.randn(cfg.n_routed_experts) * 0.3)
+        else:
+            block.gate.e_score_correction_bias.zero_()
+    return block.eval()
+
+
+def ours_from_hf(hf_block, spec, runtime=None) -> MoEBlock:
+    block = MoEBlock(spec, hf_block.gate.weight.shape[1], runtime or MoERuntime(), 0).float()
+    with torch.no_grad():
+        block.gate.weight.copy_(hf_block.gate.weight)
+        if block.gate.e_score_correction_bias is not None:
+            block.gate.e_score_correction_bias.copy_(hf_block.gate.e_score_correction_bias)
+        block.experts.w13.copy_(hf_block.experts.gate_up_proj)
+        block.experts.w2.copy_(hf_block.experts.down_proj)
+        shared = hf_block.shared_experts
+        block.shared_experts.gate_up_proj.weight.copy_(torch.cat([shared.gate_proj.weight, shared.up_proj.weight]))
+        block.shared_experts.down_proj.weight.copy_(shared.down_proj.weight)
+    return block
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["correction-bias", "no-bias"])
+def test_deepseek_block_matches_transformers(bias):
+    cfg = deepseek_config() if bias else deepseek_config(topk_method="greedy")
+    spec = deepseek_moe_spec(cfg)
+    assert spec.router.correction_bias is bias and spec.sparse_layers == (1,)
+    hf = hf_deepseek_block(cfg, bias)
+    ours = ours_from_hf(hf, spec)
+    assert (ours.gate.e_score_correction_bias is None) is not bias
+    x = torch.randn(37, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        _, ref_weights, ref_ids = hf.gate(x)
+        ids, weights = ours.gate(x)
+        torch.testing.assert_close(ours(x), hf(x[None])[0], atol=1e-5, rtol=1e-5)
+    order, ref_order = ids.long().sort(dim=-1), ref_ids.sort(dim=-1)
+    assert torch.equal(order.values, ref_order.values)
+    torch.testing.assert_close(weights.gather(1, order.indices), ref_weights.gather(1, ref_order.indices))
+    # only the kept groups' experts are chosen: 2 of 4 groups of 2 experts
+    assert all(len({int(e) // 2 for e in row}) <= 2 for row in ids)
+
+
+def test_correction_bias_selects_but_does_not_weight():
+    cfg = deepseek_config(n_group=1, topk_group=1)
+    hf = hf_deepseek_block(cfg, bias=True)
+    ours = ours_from_hf(hf, deepseek_moe_spec(cfg))
+    x = torch.randn(16, 64, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ours.gate.e_score_correction_bias.fill_(0).index_fill_(0, torch.tensor([5]), 100.0)
+        ids, weights = ours.gate(x)
+        scores = torch.sigmoid(x @ ours.gate.weight.t())
+    assert (ids == 5).any(dim=-1).all()  # chosen by every token
+    chosen = scores.gather(1, ids.long())
+    torch.testing.assert_close(weights, chosen / chosen.sum(-1, keepdim=True) * 2.5)  # weights from plain scores
+
+
+def test_qwen3_moe_sparse_layers():
+    from transformers import Qwen3MoeConfig
+
+    cfg = Qwen3MoeConfig(num_hidden_layers=6, num_experts=4, num_experts_per_tok=2, decoder_sparse_step=2,
+                         mlp_only_layers=[3])
+    assert qwen3_moe_spec(cfg).sparse_layers == (1, 5)
+    assert qwen3_moe_spec(Qwen3MoeConfig(num_hidden_layers=2, num_experts=0)) is None
+
+
+def test_padding_rows_route_nowhere_and_change_nothing():
+    cfg = deepseek_config()
+    runtime = MoERuntime()
+    ours = ours_from_hf(hf_deepseek_block(cfg, True), deepseek_moe_spec(cfg), runtime)
+    ours.shared_experts = None  # the routed part alone: a padding row's output is then zero
+    x = torch.randn(7, 64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full = ours(x[:4])
+        runtime.num_real_tokens = torch.tensor([4])
+        padded = ours(torch.cat([x[:4], x[4:] * 1e3]))  # garbage in the padding rows
+        ids, weights = ours.gate(x, runtime.num_real_tokens)
+    torch.testing.assert_close(padded[:4], full)
+    assert padded[4:].abs().sum() == 0
+    assert (ids[4:] == -1).all() and (weights[4:] == 0).all()
+
+
+def test_empty_step_runs():
+    cfg = deepseek_config()
+    ours = ours_from_hf(hf_deepseek_block(cfg, True), deepseek_moe_spec(cfg))
+    with torch.no_grad():
+        assert ours(torch.zeros(0, 64)).shape == (0, 64)
+
+
+def test_routing_record_holds_each_layers_choice():
+    cfg = deepseek_config()
+    runtime = MoERuntime(routing=torch.full((10, 2, 3), -7, dtype=torch.int32))
+    ours = ours_from_hf(hf_deepseek_block(cfg, True), deepseek_moe_spec(cfg), runtime)
+    x = torch.randn(6, 64, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ours(x)
+        ids, _ = ours.gate(x)
+    assert torch.equal(runtime.routing[:6, 0], ids) and (runtime.routing[6:] == -7).all()
+    assert (runtime.routing[:, 1] == -7).all()  # the other layer's column is untouched
+
+
+@pytest.mark.parametrize("backend", ["masked", "contiguous"])
+def test_refused_strategy_falls_back_to_reference_and_says_why_once(backend, caplog):
+    cfg = deepseek_config()
+    hf = hf_deepseek_block(cfg, True)
+    runtime = MoERuntime(backend=backend)
+    ours = ours_from_hf(hf, deepseek_moe_spec(cfg), runtime)
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(5))
+    with caplog.at_level(logging.WARNING, logger="lanner.layers.moe.strategies"), torch.no_grad():
+        for _ in range(3):
+            torch.testing.assert_close(ours(x), hf(x[None])[0], atol=1e-5, rtol=1e-5)
+    refusals = [r for r in caplog.records if "refused" in r.getMessage()]
+    assert len(refusals) == 1 and "CUDA" in refusals[0].getMessage()
+
+
+def test_auto_picks_masked_for_small_steps_and_contiguous_above():
+    runtime = MoERuntime(masked_max_tokens=4)
+    seen = []
+    from lanner.layers.moe import strategies
+
+    def probe(x, w13):
+        seen.append(x.shape[0])
+        return False, "recorded"
+    for name in ("masked", "contiguous"):
+        original = strategies.STRATEGIES[name]
+        strategies.STRATEGIES[name] = strategies.Strategy(name, original.run, probe)
+    try:
+        w13 = torch.zeros(2, 4, 8)
+        runtime.strategy(torch.zeros(4, 8), w13)
+        runtime.strategy(torch.zeros(5, 8), w13)
+    finally:
+        for name in ("masked", "contiguous"):
+            strategies.STRATEGIES[name] = strategies.Strategy(name, strategies._triton(name), strategies._triton_probe)
+    assert {r for r in runtime._refused} == {("masked", "recorded"), ("contiguous", "recorded")}
+
+
+def test_checkpoint_missing_an_expert_is_refused(qwen3_moe_path, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from lanner import LLM
+
+    folder = tmp_path / "m"
+    shutil.copytree(qwen3_moe_path, folder)
+    tensors = load_file(folder / "model.safetensors")
+    del tensors["model.layers.1.mlp.experts.5.up_proj.weight"]
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ConfigError, match="experts"):
+        LLM(model=str(folder), device="cpu", dtype="float32", num_kv_blocks=16)
