@@ -210,6 +210,9 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         SpeculativeConfig.of(self.speculative_config)  # refused at once, not at the first request
+        _check(not (self.moe.enable_return_routed_experts and self.speculative_config),
+               "enable_return_routed_experts does not work with speculative decoding yet (a verify step routes "
+               "drafts that may be rejected)")
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> EngineConfig:

@@ -5,6 +5,7 @@ strategy registry's fallback. Whole-model parity of Qwen3-MoE is in test_parity.
 (the `qwen3_moe` model_path)."""
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
@@ -181,3 +182,140 @@ def test_checkpoint_missing_an_expert_is_refused(qwen3_moe_path, tmp_path):
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ConfigError, match="experts"):
         LLM(model=str(folder), device="cpu", dtype="float32", num_kv_blocks=16)
+
+
+# ---- routing replay: the experts recorded during generation, against a full-sequence forward ----
+
+def hf_routing(hf, ids: list[int]) -> list[list[list[int]]]:
+    """Per position of `ids`, per MoE layer, the sorted top-k experts of transformers' forward
+    over the whole sequence (what a trainer recomputes from a rollout)."""
+    with torch.no_grad():
+        out = hf(torch.tensor([ids]), output_router_logits=True)
+    k = hf.config.num_experts_per_tok
+    layers = [logits.topk(k, dim=-1).indices.sort(dim=-1).values for logits in out.router_logits]
+    return [[layer[p].tolist() for layer in layers] for p in range(len(ids))]
+
+
+def sorted_routing(rows):
+    return [[sorted(choice) for choice in row] for row in rows]
+
+
+@pytest.mark.parametrize("options", [{}, {"max_num_batched_tokens": 7},
+                                     {"num_kv_blocks": 12, "block_size": 4, "max_model_len": 64}],
+                         ids=["plain", "chunked", "preempt"])
+def test_recorded_routing_replays_identically(qwen3_moe_path, options):
+    from conftest import hf_model, make_llm, random_prompts
+    from lanner import SamplingParams
+
+    hf = hf_model(qwen3_moe_path)
+    llm = make_llm(qwen3_moe_path, enable_return_routed_experts=True, **options)
+    prompts = random_prompts(5, 3, 25, hf.config.vocab_size, seed=7)
+    params = SamplingParams(temperature=0.8, seed=3, max_tokens=10, ignore_eos=True, return_routed_experts=True,
+                            return_prompt_routed_experts=True)
+    outs = llm.generate(prompts, params)
+    if "num_kv_blocks" in options:
+        assert llm.engine.scheduler.num_preemptions > 0
+    for prompt, out in zip(prompts, outs):
+        tokens = out.outputs[0].token_ids
+        replay = hf_routing(hf, prompt + tokens)
+        assert len(out.prompt_routed_experts) == len(prompt) - 1
+        assert len(out.outputs[0].routed_experts) == len(tokens)
+        # output token j came from the pass over position len(prompt) - 1 + j
+        assert sorted_routing(out.outputs[0].routed_experts) == replay[len(prompt) - 1:-1]
+        assert sorted_routing(out.prompt_routed_experts) == replay[:len(prompt) - 1]
+
+
+def test_routing_with_prefix_hits_and_deltas(qwen3_moe_path):
+    from conftest import hf_model, make_llm, random_prompts
+    from lanner import SamplingParams
+    from lanner.core.request import RequestOutputKind
+
+    hf = hf_model(qwen3_moe_path)
+    llm = make_llm(qwen3_moe_path, enable_return_routed_experts=True, block_size=4)
+    prompt = random_prompts(1, 21, 21, hf.config.vocab_size, seed=8)[0]
+    greedy = dict(temperature=0.0, max_tokens=6, ignore_eos=True, return_routed_experts=True)
+    first = llm.generate([prompt], SamplingParams(**greedy))[0]
+    again = llm.generate([prompt], SamplingParams(**greedy))[0]  # served from the prefix cache but the last block
+    assert again.num_cached_tokens > 0 and again.prompt_routed_experts is None
+    replay = hf_routing(hf, prompt + first.outputs[0].token_ids)[len(prompt) - 1:-1]
+    assert sorted_routing(first.outputs[0].routed_experts) == replay
+    assert sorted_routing(again.outputs[0].routed_experts) == replay
+    engine = llm.engine
+    engine.add_request("d", prompt, SamplingParams(**greedy, output_kind=RequestOutputKind.DELTA))
+    pieces = []
+    while engine.has_unfinished_requests():
+        pieces += [o.outputs[0].routed_experts for o in engine.step()]
+    assert sorted_routing([row for piece in pieces for row in piece]) == replay
+
+
+def test_routing_options_are_refused_where_they_cannot_apply(qwen3_moe_path, qwen3_path):
+    from conftest import make_llm
+    from lanner import SamplingParams
+    from lanner.errors import InvalidRequest
+
+    llm = make_llm(qwen3_moe_path)
+    with pytest.raises(InvalidRequest, match="enable_return_routed_experts"):
+        llm.generate([[5, 6, 7]], SamplingParams(return_routed_experts=True))
+    with pytest.raises(InvalidRequest, match="true or false"):
+        SamplingParams(return_routed_experts="yes")
+    with pytest.raises(ConfigError, match="no MoE layers"):
+        make_llm(qwen3_path, enable_return_routed_experts=True)
+    with pytest.raises(ConfigError, match="speculative"):
+        make_llm(qwen3_moe_path, enable_return_routed_experts=True,
+                 speculative_config={"method": "ngram", "num_speculative_tokens": 2})
+
+
+def test_server_returns_routed_experts(qwen3_moe_path):
+    from fastapi.testclient import TestClient
+
+    from conftest import make_llm
+    from lanner import SamplingParams
+    from lanner.config import EngineConfig, ServerConfig
+    from lanner.engine.engine import LLMEngine
+    from lanner.server.app import build_app
+    from lanner.serving.async_engine import AsyncEngine
+
+    options = dict(model=qwen3_moe_path, device="cpu", dtype="float32", num_kv_blocks=64,
+                   enable_return_routed_experts=True)
+    engine = AsyncEngine(LLMEngine(EngineConfig.from_kwargs(**options)))
+    want = make_llm(qwen3_moe_path, enable_return_routed_experts=True).generate(
+        [[5, 9, 33, 2]], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True, return_routed_experts=True))
+    want = want[0].outputs[0].routed_experts
+    body = {"model": "m", "prompt": [5, 9, 33, 2], "temperature": 0, "max_tokens": 5, "ignore_eos": True,
+            "return_routed_experts": True}
+    with TestClient(build_app(engine, ServerConfig(served_model_name=["m"]))) as http:
+        whole = http.post("/v1/completions", json=body).json()["choices"][0]["routed_experts"]
+        with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as response:
+            chunks = [line[6:] for line in response.iter_lines() if line.startswith("data: {")]
+        streamed = [row for c in chunks for choice in json.loads(c)["choices"] for row in choice["routed_experts"]]
+        plain = http.post("/v1/completions", json={**body, "return_routed_experts": False}).json()["choices"][0]
+        refused = http.post("/v1/completions", json={**body, "return_prompt_routed_experts": True})
+    assert whole == want and streamed == want and "routed_experts" not in plain
+    assert refused.status_code == 400
+    engine.shutdown()
+
+
+@pytest.mark.parametrize("kw", [
+    dict(top_k=2, scoring="softmax", renormalize=False),
+    dict(top_k=3, scoring="softmax", renormalize=True),
+    dict(top_k=3, scoring="sigmoid", renormalize=True, num_groups=4, topk_groups=2, scaling=2.5, bias=True),
+    dict(top_k=4, scoring="sigmoid", renormalize=True, num_groups=3, topk_groups=2, bias=False),  # 12 experts
+    dict(top_k=2, scoring="sigmoid", renormalize=False, num_groups=12, topk_groups=5, bias=True),  # groups of one
+], ids=["softmax", "softmax-renorm", "grouped-bias", "groups-of-4-no-bias", "groups-of-1"])
+def test_routing_kernel_matches_reference(kw):
+    """The Triton routing kernel (TRITON_INTERPRET=1 on the CPU) against the torch reference,
+    padding rows included."""
+    from lanner.kernels.moe.routing import route
+    from lanner.kernels.moe.routing_reference import route_reference
+
+    g = torch.Generator().manual_seed(9)
+    experts = 12 if kw.get("num_groups") in (3, 12) else 8
+    logits = torch.randn(9, experts, generator=g)
+    kw = dict(kw, bias=torch.randn(experts, generator=g) * 0.2 if kw.get("bias") else None)
+    num_real = torch.tensor([7])
+    ids, weights = route(logits, num_real=num_real, **kw)
+    ref_ids, ref_weights = route_reference(logits, num_real=num_real, **kw)
+    order, ref_order = ids.long().sort(dim=-1), ref_ids.long().sort(dim=-1)
+    assert torch.equal(order.values, ref_order.values)
+    torch.testing.assert_close(weights.gather(1, order.indices), ref_weights.gather(1, ref_order.indices))
+    assert (ids[7:] == -1).all() and (weights[7:] == 0).all()

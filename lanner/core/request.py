@@ -49,6 +49,8 @@ class SamplingParams:
     # fn(output_token_ids, logits_row) or fn(prompt_token_ids, output_token_ids, logits_row) -> logits_row
     logits_processors: list[Callable] | None = None
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    return_routed_experts: bool = False
+    return_prompt_routed_experts: bool = False
 
     HELP: typing.ClassVar[dict[str, str]] = {
         "n": "samples per prompt",
@@ -75,6 +77,10 @@ class SamplingParams:
         "truncate_prompt_tokens": "keep only the last k prompt tokens (-1: as many as the context allows)",
         "logits_processors": "callables applied to each output position's logits (offline API only)",
         "output_kind": "what each output carries: CUMULATIVE, DELTA or FINAL_ONLY (LLM.generate: FINAL_ONLY)",
+        "return_routed_experts": "per output token, the experts each MoE layer chose for the forward pass that "
+                                 "produced it (engine option enable_return_routed_experts)",
+        "return_prompt_routed_experts": "also per prompt token but the last, the experts chosen where it was the "
+                                        "input (skips prefix-cache reads, as prompt_logprobs does)",
     }
 
     def __post_init__(self) -> None:
@@ -101,7 +107,8 @@ class SamplingParams:
             value = getattr(self, name)
             if not (number(value, whole=True) or (value is None and name not in ("n", "top_k", "min_tokens"))):
                 raise InvalidRequest(f"{name} must be an integer, got {value!r}")
-        for name in ("include_stop_str_in_output", "ignore_eos", "skip_special_tokens"):
+        for name in ("include_stop_str_in_output", "ignore_eos", "skip_special_tokens", "return_routed_experts",
+                     "return_prompt_routed_experts"):
             if not isinstance(getattr(self, name), bool):
                 raise InvalidRequest(f"{name} must be true or false, got {getattr(self, name)!r}")
         if not (self.stop is None or isinstance(self.stop, str) or isinstance(self.stop, (list, tuple))):
@@ -257,6 +264,10 @@ class Request:
         self.cumulative_logprob = 0.0
         self.prompt_logprobs: list[dict[int, Logprob] | None] | None = (
             [None] if params.prompt_logprobs is not None else None)
+        # per position computed so far (None where the prefix cache served it): the experts each MoE
+        # layer chose for that input token, [layers][top_k]; the first computation is kept
+        self.routed_experts: list[list[list[int]] | None] | None = (
+            [] if params.return_routed_experts or params.return_prompt_routed_experts else None)
         self.metrics = RequestMetrics(arrival_time=time.monotonic(), num_prompt_tokens=len(prompt_token_ids))
         self.sent = DeltaSent()
 
@@ -322,6 +333,18 @@ class Request:
         self.output_token_ids.append(token_id)
         self.all_token_ids.append(token_id)
 
+    def record_routing(self, begin: int, rows: list[list[list[int]]]) -> None:
+        """The routing of positions begin.. (one row each); positions already recorded keep theirs
+        (a preempted request recomputes them, and its tokens came from the first computation)."""
+        record = self.routed_experts
+        record += [None] * (begin - len(record))
+        record += rows[len(record) - begin:]
+
+    def output_routing(self, start: int, end: int) -> list:
+        """Routing of output tokens start..end-1: token j came from the pass over position P - 1 + j."""
+        first = self.num_prompt_tokens - 1
+        return self.routed_experts[first + start:first + end]
+
     def finish(self, reason: str, stop_reason: str | int | None = None) -> None:
         self.status = RequestStatus.FINISHED
         self.finish_reason = reason
@@ -338,6 +361,8 @@ class CompletionOutput:
     logprobs: list[dict[int, Logprob]] | None
     finish_reason: str | None = None  # "stop", "length", "abort"
     stop_reason: str | int | None = None  # the stop string or stop token id that ended it
+    # per token of token_ids, per MoE layer, the top_k experts chosen (SamplingParams.return_routed_experts)
+    routed_experts: list[list[list[int]]] | None = None
 
     def finished(self) -> bool:
         return self.finish_reason is not None
@@ -356,14 +381,17 @@ class RequestOutput:
     num_cached_tokens: int = 0
     metrics: RequestMetrics | None = None
     extra: dict = field(default_factory=dict)
+    # per prompt token but the last (return_prompt_routed_experts); DELTA outputs carry it once
+    prompt_routed_experts: list[list[list[int]] | None] | None = None
 
 
 def merge_completions(parts: list[CompletionOutput]) -> CompletionOutput:
     """One DELTA completion carrying what `parts` (consecutive deltas of one sample) did."""
     last = parts[-1]
     logprobs = None if last.logprobs is None else [entry for c in parts for entry in c.logprobs or ()]
+    routing = None if last.routed_experts is None else [row for c in parts for row in c.routed_experts or ()]
     return CompletionOutput(last.index, "".join(c.text for c in parts), [t for c in parts for t in c.token_ids],
-                            last.cumulative_logprob, logprobs, last.finish_reason, last.stop_reason)
+                            last.cumulative_logprob, logprobs, last.finish_reason, last.stop_reason, routing)
 
 
 def merge_deltas(outputs: list[RequestOutput]) -> RequestOutput:
@@ -379,6 +407,7 @@ def merge_deltas(outputs: list[RequestOutput]) -> RequestOutput:
     prompt_logprobs = None
     if any(o.prompt_logprobs is not None for o in outputs):
         prompt_logprobs = [entry for o in outputs for entry in o.prompt_logprobs or ()]
+    prompt_routing = next((o.prompt_routed_experts for o in outputs if o.prompt_routed_experts is not None), None)
     return RequestOutput(last.request_id, first.prompt, first.prompt_token_ids,
                          [merge_completions(parts) for _, parts in sorted(samples.items())], last.finished,
-                         prompt_logprobs, last.num_cached_tokens, last.metrics, last.extra)
+                         prompt_logprobs, last.num_cached_tokens, last.metrics, last.extra, prompt_routing)

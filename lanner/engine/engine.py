@@ -98,6 +98,7 @@ class LLMEngine:
                                         config.seed)) if isinstance(proposer, ModelProposer) else None
         self.runner = ModelRunner(config, loaded, self.device, self.dtype, self.max_model_len, draft,
                                   speculative.num_speculative_tokens if speculative is not None else 0)
+        self.records_routing = self.runner.routing is not None
         self.kv_cache = KVCacheManager(self.runner.num_blocks, config.cache.block_size,
                                        config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv_cache)
@@ -252,6 +253,8 @@ class LLMEngine:
             result = handle.result()
         with record_function("postprocess"):
             touched: set[str] = set()
+            for req, begin, rows in result.routed_experts:
+                req.record_routing(begin, rows)
             for req, _ in sched.scheduled:
                 if req.request_id in result.prompt_logprobs and not req.finished:
                     req.prompt_logprobs.extend(self._decode_logprobs(result.prompt_logprobs[req.request_id]))
@@ -346,6 +349,9 @@ class LLMEngine:
         bad = [t for t in token_ids if not 0 <= t < self.vocab_size]
         if bad:
             raise InvalidRequest(f"unknown token ids {bad[:5]} (vocabulary size {self.vocab_size})")
+        if (params.return_routed_experts or params.return_prompt_routed_experts) and not self.records_routing:
+            raise InvalidRequest("routed experts are recorded only by an engine started with "
+                                 "enable_return_routed_experts (--enable-return-routed-experts) on a MoE model")
         for name in ("logprobs", "prompt_logprobs"):
             asked = getattr(params, name)
             if asked is not None and asked > self.max_logprobs:
@@ -404,10 +410,13 @@ class LLMEngine:
             sent.outputs += 1
         elif prompt_logprobs is not None:
             prompt_logprobs = list(prompt_logprobs)
+        prompt_routing = None
+        if first.params.return_prompt_routed_experts and (not delta or first.sent.outputs == 1):
+            prompt_routing = first.routed_experts[:first.num_prompt_tokens - 1]
         return RequestOutput(request_id=parent_id, prompt=prompt, prompt_token_ids=prompt_ids,
                              outputs=[self._completion(r, delta) for r in reqs], finished=finished,
                              prompt_logprobs=prompt_logprobs, num_cached_tokens=first.num_cached_tokens,
-                             metrics=first.metrics)
+                             metrics=first.metrics, prompt_routed_experts=prompt_routing)
 
     @staticmethod
     def _completion(r: Request, delta: bool) -> CompletionOutput:
@@ -416,11 +425,13 @@ class LLMEngine:
         start = (sent.text, sent.tokens, sent.logprobs) if delta else (0, 0, 0)
         text, tokens = r.output_text[start[0]:end], r.output_token_ids[start[1]:]
         logprobs = None if r.logprobs is None else r.logprobs[start[2]:]
+        routing = r.output_routing(start[1], len(r.output_token_ids)) if r.params.return_routed_experts else None
         if delta:
             sent.text, sent.tokens, sent.logprobs = end, len(r.output_token_ids), len(r.logprobs or ())
         return CompletionOutput(index=r.index, text=text, token_ids=tokens,
                                 cumulative_logprob=r.cumulative_logprob if r.logprobs is not None else None,
-                                logprobs=logprobs, finish_reason=r.finish_reason, stop_reason=r.stop_reason)
+                                logprobs=logprobs, finish_reason=r.finish_reason, stop_reason=r.stop_reason,
+                                routed_experts=routing)
 
     def _finalize(self, parent_id: str) -> RequestOutput:
         reqs = self.groups[parent_id]

@@ -60,7 +60,8 @@ class KVCacheManager:
     def find_cached_blocks(self, req: Request) -> list[int]:
         """Blocks that already hold a prefix of `req`'s tokens. At least one
         token is left to compute, since its logits are needed to sample."""
-        if not self.enable_prefix_caching or req.params.prompt_logprobs is not None:
+        if not self.enable_prefix_caching or req.params.prompt_logprobs is not None \
+                or req.params.return_prompt_routed_experts:  # every prompt position is computed (and scored)
             return []
         max_blocks = (req.num_tokens - 1) // self.block_size
         self._hash_full_blocks(req, max_blocks)

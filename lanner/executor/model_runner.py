@@ -52,8 +52,12 @@ class StepHandle:
     """A launched step. `result()` waits for it and reads the tokens back."""
 
     def __init__(self, samplers: list[Request], sampled: Sampled | None, prompt_rows: list, logits: torch.Tensor,
-                 proposed: torch.Tensor | None = None, timed: tuple[StepTimes, list] | None = None):
+                 proposed: torch.Tensor | None = None, timed: tuple[StepTimes, list] | None = None,
+                 routing: tuple[list, torch.Tensor] | None = None):
         self.samplers = samplers
+        # (request, first position, first row, rows) per recording request, and the step's routing rows
+        # a copy even on the CPU: the next step, launched before this one is read, rewrites the record
+        self.routing = None if routing is None else (routing[0], routing[1].to("cpu", non_blocking=True, copy=True))
         self.sampled = sampled
         self.prompt_rows = prompt_rows
         self.logits = logits if prompt_rows else None
@@ -76,6 +80,9 @@ class StepHandle:
             out.sampled = list(zip(self.samplers, tokens, sampled_logprobs(self.sampled, self.samplers, tokens)))
         if self.proposed is not None:
             out.proposed = dict(zip(dict.fromkeys(self.samplers), self.proposed.tolist()))
+        if self.routing is not None:
+            spans, rows = self.routing
+            out.routed_experts = [(req, begin, rows[row:row + n].tolist()) for req, begin, row, n in spans]
         for req, first_row, targets in self.prompt_rows:
             lp = torch.log_softmax(self.logits[first_row:first_row + len(targets)].float(), dim=-1)
             out.prompt_logprobs[req.request_id] = [
@@ -91,6 +98,8 @@ class RunnerOutput:
     prompt_logprobs: dict[str, list[dict[int, Logprob]]] = field(default_factory=dict)
     # a model proposer's k drafts for each sampling request's next step
     proposed: dict[Request, list[int]] = field(default_factory=dict)
+    # (request, first position, per position [MoE layers][top_k] experts) for requests recording routing
+    routed_experts: list[tuple[Request, int, list]] = field(default_factory=list)
 
 
 def first_rows(samplers: list[Request]) -> dict[Request, int]:
@@ -137,7 +146,13 @@ class ModelRunner:
         self.num_real_tokens = torch.zeros(1, dtype=torch.long, device=device)
         self.sampler = Sampler()
         self.drafter = self._make_drafter(*draft) if draft is not None else None
+        self.moe = getattr(self.model.model, "moe_runtime", None)  # shared by the model's MoE layers
+        self.routing = self._setup_moe(config) if self.moe is not None else None
+        if config.moe.enable_return_routed_experts and self.moe is None:
+            raise ConfigError("enable_return_routed_experts: this model has no MoE layers")
         self.num_blocks = self._num_kv_blocks()
+        if self.moe is not None:  # after the memory profile, whose rows are all real
+            self.moe.num_real_tokens = self.num_real_tokens
         self.kv_caches = allocate_kv_caches(self.model.spec, self.num_blocks, self.block_size, dtype, device)
         self.backend = self._make_backend(self.kv_caches)
         if self.drafter is not None:
@@ -173,6 +188,16 @@ class ModelRunner:
         self.graphs.capture()
         if self.drafter is not None:
             self.drafter.capture(sizes, rows, draft_prefill_sizes, self.max_model_len, sched.max_num_seqs)
+
+    def _setup_moe(self, config: EngineConfig) -> torch.Tensor | None:
+        """The MoE layers' executor settings; the routing record when requests may ask for it."""
+        self.moe.backend, self.moe.masked_max_tokens = config.moe.moe_backend, config.moe.moe_masked_max_tokens
+        if not config.moe.enable_return_routed_experts:
+            return None
+        spec = self.model.spec.moe
+        self.moe.routing = torch.full((self.max_tokens, len(spec.sparse_layers), spec.router.top_k), -1,
+                                      dtype=torch.int32, device=self.device)
+        return self.moe.routing
 
     def _make_backend(self, kv_caches, num_heads: int | None = None, max_rows: int | None = None):
         choice = self.config.graphs.attention_backend
@@ -283,7 +308,19 @@ class ModelRunner:
         if events:
             events[2].record()
         return StepHandle(samplers, sampled, prompt_rows, logits, proposed,
-                          (self.step_times, events) if events else None)
+                          (self.step_times, events) if events else None, self._routing_rows(sched))
+
+    def _routing_rows(self, sched: SchedulerOutput) -> tuple[list, torch.Tensor] | None:
+        """The recording requests' spans of this step and the step's routing rows (read back
+        with the tokens; the next step overwrites the record)."""
+        if self.routing is None:
+            return None
+        spans, row = [], 0
+        for req, n in sched.scheduled:
+            if req.routed_experts is not None:
+                spans.append((req, req.num_computed_tokens, row, n))
+            row += n
+        return (spans, self.routing[:row]) if spans else None
 
     def _next_draft_len(self, samplers: list[Request]) -> int:
         """The most drafts a sampling request of this step may take next step (its drafter's work)."""

@@ -84,6 +84,8 @@ class SamplingFields(UnsupportedFields):
     prompt_logprobs: int | None = None
     truncate_prompt_tokens: int | None = Field(None, ge=1)
     return_tokens_as_token_ids: bool = False
+    # lanner's extension (SGLang's name): per output token, the experts every MoE layer chose
+    return_routed_experts: bool = False
     use_beam_search: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -118,6 +120,7 @@ class SamplingFields(UnsupportedFields):
                                  "prompt_logprobs": prompt_logprobs,
                                  "include_stop_str_in_output": self.include_stop_str_in_output,
                                  "skip_special_tokens": self.skip_special_tokens,
+                                 "return_routed_experts": self.return_routed_experts,
                                  # a stream takes what is new each step; a body is built once, at the end
                                  "output_kind": RequestOutputKind.DELTA if self.stream else RequestOutputKind.FINAL_ONLY})
 

@@ -66,6 +66,10 @@ class _Shaper:
         self.prompt_logprobs: dict[int, list | None] = {}
         self.hide_output = getattr(body, "max_tokens", None) == 0  # echo-only scoring of the prompt
 
+    def routing(self, c: CompletionOutput) -> dict:
+        """The extension field of return_routed_experts: per token of the choice (or of this chunk)."""
+        return {"routed_experts": c.routed_experts} if self.body.return_routed_experts else {}
+
     def _choice_index(self, prompt_index: int, sample_index: int) -> int:
         return prompt_index * self.body.n + sample_index
 
@@ -179,7 +183,7 @@ class CompletionShaper(_Shaper):
         tokens = [next(iter(e)) for e in entries]  # the sampled token comes first
         choice = {"index": index, "text": echo_text + text,
                   "logprobs": self.logprobs(echo_entries + entries, echo_tokens + tokens, text_offset),
-                  "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+                  "finish_reason": c.finish_reason, "stop_reason": c.stop_reason, **self.routing(c)}
         if with_prompt_logprobs and self.body.prompt_logprobs is not None:
             choice["prompt_logprobs"] = prompt_logprobs_json(self.prompt_logprobs.get(prompt_index),
                                                              self.body.prompt_logprobs)
@@ -230,7 +234,7 @@ class ChatShaper(_Shaper):
             message = {"role": "assistant", "content": self.prompts[prompt_index].echo_text + delta}
         chunk = {"id": self.rid, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
                  "choices": [{"index": index, "delta": message, "logprobs": self.logprobs(new_logprobs),
-                              "finish_reason": c.finish_reason}]}
+                              "finish_reason": c.finish_reason, **self.routing(c)}]}
         if not sent.started and self.body.prompt_logprobs is not None:
             chunk["prompt_logprobs"] = self._prompt_logprobs()
         return chunk
@@ -239,7 +243,7 @@ class ChatShaper(_Shaper):
         echo = self.prompts[0].echo_text
         choices = [{"index": i, "message": {"role": "assistant", "content": echo + c.text},
                     "logprobs": self.logprobs(c.logprobs or []), "finish_reason": c.finish_reason,
-                    "stop_reason": c.stop_reason} for i, c in sorted(self.finals.items())]
+                    "stop_reason": c.stop_reason, **self.routing(c)} for i, c in sorted(self.finals.items())]
         body = {"id": self.rid, "object": "chat.completion", "created": self.created, "model": self.model,
                 "choices": choices, "usage": self.usage()}
         if self.body.prompt_logprobs is not None:

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lanner.kernels.moe.routing_reference import route_reference
+
 
 @dataclass(frozen=True)
 class RouterSpec:
@@ -54,36 +56,10 @@ class Router(nn.Module):
         """(expert ids [T, k] int32, weights [T, k] float32); rows at or past `num_real_tokens`
         (a device tensor) get ids -1 and weight 0."""
         spec = self.spec
-        if spec.float32_logits:
-            logits = F.linear(x.float(), self.weight.float())
+        logits = F.linear(x.float(), self.weight.float()) if spec.float32_logits else F.linear(x, self.weight)
+        if logits.is_cuda:  # one kernel instead of about ten
+            from lanner.kernels.moe.routing import route
         else:
-            logits = F.linear(x, self.weight).float()
-        if spec.scoring == "softmax":
-            weights, ids = torch.softmax(logits, dim=-1).topk(spec.top_k, dim=-1)
-        else:
-            ids = grouped_topk(logits.sigmoid(), self.e_score_correction_bias, spec)
-            weights = logits.sigmoid().gather(1, ids)
-        if spec.renormalize:
-            weights = weights / (weights.sum(dim=-1, keepdim=True) + (1e-20 if spec.scoring == "sigmoid" else 0))
-        if spec.scaling != 1.0:
-            weights = weights * spec.scaling
-        ids = ids.to(torch.int32)
-        if num_real_tokens is not None:
-            padding = (torch.arange(x.shape[0], device=x.device) >= num_real_tokens)[:, None]
-            ids = ids.masked_fill(padding, -1)
-            weights = weights.masked_fill(padding, 0.0)
-        return ids, weights
-
-
-def grouped_topk(scores: torch.Tensor, bias: torch.Tensor | None, spec: RouterSpec) -> torch.Tensor:
-    """DeepSeek-V3's choice: the top-k experts by score (+ bias) among the `topk_groups` groups
-    whose two best experts score highest."""
-    choice = scores if bias is None else scores + bias
-    if spec.topk_groups < spec.num_groups:
-        T = scores.shape[0]
-        per_group = choice.view(T, spec.num_groups, spec.num_experts // spec.num_groups)
-        group_scores = per_group.topk(min(2, per_group.shape[-1]), dim=-1)[0].sum(dim=-1)
-        kept = group_scores.topk(spec.topk_groups, dim=-1, sorted=False)[1]
-        mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, kept, True)
-        choice = choice.masked_fill(~mask[:, :, None].expand_as(per_group).reshape(T, spec.num_experts), float("-inf"))
-    return choice.topk(spec.top_k, dim=-1, sorted=False)[1]
+            route = route_reference
+        return route(logits, spec.top_k, spec.scoring, spec.renormalize, self.e_score_correction_bias,
+                     spec.num_groups, spec.topk_groups, spec.scaling, num_real_tokens)
