@@ -106,6 +106,10 @@ def plot_sweep(rows: list[dict], baseline: dict | None, path: str, title: str) -
 
 
 def main(args: argparse.Namespace, engine_kwargs: dict) -> None:
+    if args.kind == "moe":
+        from lanner.bench import moe
+
+        return moe.main(args)
     from lanner.engine.llm import LLM
 
     if args.kind == "speculative":
@@ -177,10 +181,11 @@ def add_parser(sub) -> None:
     thr.add_argument("--num-prompts", type=int, default=None)
     thr.add_argument("--input-range", type=int, nargs=2, default=None, metavar=("LO", "HI"))
     thr.add_argument("--output-range", type=int, nargs=2, default=None, metavar=("LO", "HI"))
-    from lanner.bench import serve, speculative
+    from lanner.bench import moe, serve, speculative
 
     serve.add_parser(kinds)
     speculative.add_parser(kinds)
+    moe.add_parser(kinds)
     for p in (lat, thr):
         p.add_argument("--compare-hf", action="store_true", help="run transformers on the same workload first")
     step.set_defaults(compare_hf=False)  # a step is timed against lanner's own eager forward
