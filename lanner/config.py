@@ -139,7 +139,7 @@ class MoEConfig:
         "auto", "how a mixture-of-experts layer runs its experts: 'auto' picks per step by token count (the "
                 "masked Triton executor up to --moe-masked-max-tokens, the contiguous one above; the torch "
                 "reference where a probe refuses them), or force one")
-    moe_masked_max_tokens: int = _opt(64, "largest step, in tokens, that the masked MoE executor runs under "
+    moe_masked_max_tokens: int = _opt(256, "largest step, in tokens, that the masked MoE executor runs under "
                                           "--moe-backend auto (measured crossover: docs/moe.md)")
     enable_return_routed_experts: bool = _opt(
         False, "record the experts each MoE layer chooses, so requests may ask for them "

@@ -205,6 +205,7 @@ def sorted_routing(rows):
                          ids=["plain", "chunked", "preempt"])
 def test_recorded_routing_replays_identically(qwen3_moe_path, options):
     from conftest import hf_model, make_llm, random_prompts
+
     from lanner import SamplingParams
 
     hf = hf_model(qwen3_moe_path)
@@ -227,6 +228,7 @@ def test_recorded_routing_replays_identically(qwen3_moe_path, options):
 
 def test_routing_with_prefix_hits_and_deltas(qwen3_moe_path):
     from conftest import hf_model, make_llm, random_prompts
+
     from lanner import SamplingParams
     from lanner.core.request import RequestOutputKind
 
@@ -250,6 +252,7 @@ def test_routing_with_prefix_hits_and_deltas(qwen3_moe_path):
 
 def test_routing_options_are_refused_where_they_cannot_apply(qwen3_moe_path, qwen3_path):
     from conftest import make_llm
+
     from lanner import SamplingParams
     from lanner.errors import InvalidRequest
 
@@ -266,9 +269,9 @@ def test_routing_options_are_refused_where_they_cannot_apply(qwen3_moe_path, qwe
 
 
 def test_server_returns_routed_experts(qwen3_moe_path):
+    from conftest import make_llm
     from fastapi.testclient import TestClient
 
-    from conftest import make_llm
     from lanner import SamplingParams
     from lanner.config import EngineConfig, ServerConfig
     from lanner.engine.engine import LLMEngine

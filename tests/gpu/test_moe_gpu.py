@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_engine_gpu import strict_launches
 
 from lanner import LLM, SamplingParams
-from test_engine_gpu import strict_launches
 
 PROMPTS = [[(7 * i + 3 * j) % 500 + 3 for j in range(5 + 9 * i)] for i in range(11)]
 GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)

@@ -90,7 +90,7 @@ class MoERuntime:
     """What the MoE layers of one model share: the choice of strategy, the step's real token
     count on the device (rows past it are graph padding) and the routing record."""
     backend: str = "auto"
-    masked_max_tokens: int = 64
+    masked_max_tokens: int = 256
     num_real_tokens: torch.Tensor | None = None  # [1] long, rewritten every step
     routing: torch.Tensor | None = None  # [max tokens, MoE layers, top_k] int32: each layer's choices
     _refused: set = field(default_factory=set)
