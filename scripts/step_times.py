@@ -13,16 +13,6 @@ from lanner.core.request import SamplingParams
 from lanner.executor.model_runner import StepTimes
 
 
-class PerStep(StepTimes):
-    def __init__(self):
-        super().__init__()
-        self.each: list[tuple[float, float]] = []
-
-    def add(self, events: list) -> None:
-        super().add(events)
-        self.each.append((round(events[0].elapsed_time(events[1]), 3), round(events[1].elapsed_time(events[2]), 3)))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=64)
@@ -38,7 +28,7 @@ def main() -> None:
                   gpu_memory_utilization=0.85, max_num_seqs=args.batch, max_model_len=2048, speculative_config=spec)
         llm.generate(prompts, params, use_tqdm=False)
         for _ in range(2):
-            llm.engine.runner.step_times = times = PerStep()
+            llm.engine.runner.step_times = times = StepTimes(each=[])
             if llm.engine.speculator is not None:
                 llm.engine.speculator.stats.__init__(accepted_at=[0] * 4)
             llm.generate(prompts, params, use_tqdm=False)

@@ -39,16 +39,6 @@ def timed(owner, name: str, key=None) -> None:
     setattr(owner, name, wrapper)
 
 
-class EachStep(model_runner.StepTimes):
-    def __init__(self):
-        super().__init__()
-        self.each: list[tuple[float, float]] = []
-
-    def add(self, events: list) -> None:
-        super().add(events)
-        self.each.append((round(events[0].elapsed_time(events[1]), 3), round(events[1].elapsed_time(events[2]), 3)))
-
-
 def time_host(llm) -> None:
     engine, runner = llm.engine, llm.engine.runner
     for owner, name in [(engine, "step"), (engine.scheduler, "schedule"), (runner, "prepare"), (runner, "run_model"),
@@ -106,7 +96,7 @@ def main() -> None:
         time_host(llm)
         HOST.clear()
         CALLS.clear()
-        llm.engine.runner.step_times = times = EachStep()
+        llm.engine.runner.step_times = times = model_runner.StepTimes(each=[])
         start = time.perf_counter()
         outs = llm.generate(run, params, use_tqdm=False)
         lines.append(f"{'eagle3' if spec else 'plain'}: {(time.perf_counter() - start) * 1e3:.1f} ms wall, "

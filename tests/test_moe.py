@@ -322,3 +322,14 @@ def test_routing_kernel_matches_reference(kw):
     assert torch.equal(order.values, ref_order.values)
     torch.testing.assert_close(weights.gather(1, order.indices), ref_weights.gather(1, ref_order.indices))
     assert (ids[7:] == -1).all() and (weights[7:] == 0).all()
+
+
+def test_probes_answer_and_never_raise():
+    from lanner.layers.moe.strategies import STRATEGIES
+
+    for strategy in STRATEGIES.values():
+        for args in [(torch.zeros(2, 8), torch.zeros(2, 4, 8)), (None, None), ("x", 3)]:
+            ok, reason = strategy.probe(*args)
+            assert isinstance(ok, bool) and isinstance(reason, str) and (ok or reason)
+    assert STRATEGIES["reference"].probe(None, None) == (True, "")
+    assert STRATEGIES["masked"].probe(None, None)[0] is False

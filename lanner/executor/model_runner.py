@@ -41,11 +41,15 @@ class StepTimes:
     steps: int = 0
     target_ms: float = 0.0
     draft_ms: float = 0.0
+    each: list[tuple[float, float]] | None = None  # a list: also (target, draft) ms of every step
 
     def add(self, events: list) -> None:
+        target, draft = events[0].elapsed_time(events[1]), events[1].elapsed_time(events[2])
         self.steps += 1
-        self.target_ms += events[0].elapsed_time(events[1])
-        self.draft_ms += events[1].elapsed_time(events[2])
+        self.target_ms += target
+        self.draft_ms += draft
+        if self.each is not None:
+            self.each.append((round(target, 3), round(draft, 3)))
 
 
 class StepHandle:
