@@ -3,6 +3,8 @@ and contiguous executors inside graphs, padded rows routed nowhere), every execu
 torch reference, the routing record under graphs, and no host sync when launching a step."""
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 from test_engine_gpu import strict_launches
@@ -30,17 +32,26 @@ def moe_path(tmp_path_factory):
     return folder
 
 
-def run(path, prompts=PROMPTS, params=GREEDY, **kw):
-    llm = LLM(model=path, dtype="bfloat16", gpu_memory_utilization=0.2, **kw)
+def run(path, prompts=PROMPTS, params=GREEDY, check=lambda llm: None, **kw):
+    """The outputs of an engine that is gone afterwards (the next one sizes its KV cache from what is free)."""
+    llm = LLM(model=path, dtype="bfloat16", gpu_memory_utilization=0.35, **kw)
     outs = llm.generate(prompts, params, use_tqdm=False)
-    return llm, outs
+    check(llm)
+    del llm
+    gc.collect()
+    torch.cuda.empty_cache()
+    return outs
+
+
+def uses_graphs(llm) -> None:
+    runner = llm.engine.runner
+    assert runner.graphs is not None and runner.piecewise is not None and runner.graphs.replays
 
 
 def test_graphs_and_eager_give_identical_tokens_and_routing(moe_path):
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, return_routed_experts=True)
-    _, eager = run(moe_path, params=params, enforce_eager=True, enable_return_routed_experts=True)
-    llm, graphs = run(moe_path, params=params, enable_return_routed_experts=True)
-    assert llm.engine.runner.graphs is not None and llm.engine.runner.piecewise is not None
+    eager = run(moe_path, params=params, enforce_eager=True, enable_return_routed_experts=True)
+    graphs = run(moe_path, params=params, enable_return_routed_experts=True, check=uses_graphs)
     assert [o.outputs[0].token_ids for o in graphs] == [o.outputs[0].token_ids for o in eager]
     assert [o.outputs[0].routed_experts for o in graphs] == [o.outputs[0].routed_experts for o in eager]
     assert all(len(o.outputs[0].routed_experts) == 16 for o in graphs)
@@ -49,8 +60,8 @@ def test_graphs_and_eager_give_identical_tokens_and_routing(moe_path):
 @pytest.mark.parametrize("backend", ["masked", "contiguous"])
 def test_each_executor_matches_the_reference(moe_path, backend):
     params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0)
-    _, ref = run(moe_path, params=params, moe_backend="reference", enforce_eager=True)
-    _, ours = run(moe_path, params=params, moe_backend=backend)
+    ref = run(moe_path, params=params, moe_backend="reference", enforce_eager=True)
+    ours = run(moe_path, params=params, moe_backend=backend)
     for a, b in zip(ours, ref):
         got = torch.tensor([next(iter(e.values())).logprob for e in a.prompt_logprobs[1:]])
         want = torch.tensor([next(iter(e.values())).logprob for e in b.prompt_logprobs[1:]])
@@ -58,7 +69,7 @@ def test_each_executor_matches_the_reference(moe_path, backend):
 
 
 def test_no_host_sync_when_launching_moe_steps(moe_path):
-    llm = LLM(model=moe_path, dtype="bfloat16", gpu_memory_utilization=0.2, enable_return_routed_experts=True)
+    llm = LLM(model=moe_path, dtype="bfloat16", gpu_memory_utilization=0.35, enable_return_routed_experts=True)
     launched = strict_launches(llm.engine.runner)
     params = SamplingParams(temperature=0.7, seed=2, max_tokens=12, ignore_eos=True, return_routed_experts=True)
     outs = llm.generate(PROMPTS, params, use_tqdm=False)
