@@ -147,25 +147,14 @@ def test_refused_strategy_falls_back_to_reference_and_says_why_once(backend, cap
     assert len(refusals) == 1 and "CUDA" in refusals[0].getMessage()
 
 
-def test_auto_picks_masked_for_small_steps_and_contiguous_above():
+def test_auto_picks_masked_for_small_steps_and_contiguous_above(caplog):
     runtime = MoERuntime(masked_max_tokens=4)
-    seen = []
-    from lanner.layers.moe import strategies
-
-    def probe(x, w13):
-        seen.append(x.shape[0])
-        return False, "recorded"
-    for name in ("masked", "contiguous"):
-        original = strategies.STRATEGIES[name]
-        strategies.STRATEGIES[name] = strategies.Strategy(name, original.run, probe)
-    try:
-        w13 = torch.zeros(2, 4, 8)
-        runtime.strategy(torch.zeros(4, 8), w13)
-        runtime.strategy(torch.zeros(5, 8), w13)
-    finally:
-        for name in ("masked", "contiguous"):
-            strategies.STRATEGIES[name] = strategies.Strategy(name, strategies._triton(name), strategies._triton_probe)
-    assert {r for r in runtime._refused} == {("masked", "recorded"), ("contiguous", "recorded")}
+    assert [runtime.choice(n, True) for n in (0, 1, 4, 5, 8192)] == ["masked"] * 3 + ["contiguous"] * 2
+    assert runtime.choice(1, False) == "reference"
+    assert MoERuntime(backend="contiguous").choice(1, True) == "contiguous"
+    with caplog.at_level(logging.WARNING, logger="lanner.layers.moe.strategies"):
+        assert runtime.strategy(torch.zeros(3, 8), torch.zeros(2, 4, 8)).name == "reference"
+    assert not caplog.records  # on the CPU the reference is no fallback: nothing to warn about
 
 
 def test_checkpoint_missing_an_expert_is_refused(qwen3_moe_path, tmp_path):
@@ -333,3 +322,18 @@ def test_probes_answer_and_never_raise():
             assert isinstance(ok, bool) and isinstance(reason, str) and (ok or reason)
     assert STRATEGIES["reference"].probe(None, None) == (True, "")
     assert STRATEGIES["masked"].probe(None, None)[0] is False
+
+
+def test_speculative_decoding_through_moe_layers_keeps_greedy_output(qwen3_moe_path):
+    """Verify steps (k+1 rows per request, padded like decode rows) route every row."""
+    from conftest import make_llm, random_prompts
+
+    from lanner import SamplingParams
+
+    prompts = [p * 3 for p in random_prompts(4, 4, 8, 500, seed=10)]  # repetitive: n-gram drafts get accepted
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    plain = make_llm(qwen3_moe_path).generate(prompts, params)
+    spec = make_llm(qwen3_moe_path, speculative_config={"method": "ngram", "num_speculative_tokens": 3})
+    drafted = spec.generate(prompts, params)
+    assert [o.outputs[0].token_ids for o in drafted] == [o.outputs[0].token_ids for o in plain]
+    assert spec.engine.speculator.stats.verifications > 0

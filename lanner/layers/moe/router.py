@@ -52,7 +52,8 @@ class Router(nn.Module):
         bias = torch.zeros(spec.num_experts, dtype=torch.float32) if spec.correction_bias else None
         self.register_buffer("e_score_correction_bias", bias)
 
-    def forward(self, x: torch.Tensor, num_real_tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, num_real_tokens: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         """(expert ids [T, k] int32, weights [T, k] float32); rows at or past `num_real_tokens`
         (a device tensor) get ids -1 and weight 0."""
         spec = self.spec

@@ -95,10 +95,17 @@ class MoERuntime:
     routing: torch.Tensor | None = None  # [max tokens, MoE layers, top_k] int32: each layer's choices
     _refused: set = field(default_factory=set)
 
+    def choice(self, num_tokens: int, on_cuda: bool) -> str:
+        """The executor asked for at this step size (on the CPU, `auto` means the reference: it is
+        the executor there, not a fallback)."""
+        if self.backend != "auto":
+            return self.backend
+        if not on_cuda:
+            return "reference"
+        return "masked" if num_tokens <= self.masked_max_tokens else "contiguous"
+
     def strategy(self, x: torch.Tensor, w13: torch.Tensor) -> Strategy:
-        name = self.backend
-        if name == "auto":
-            name = "masked" if x.shape[0] <= self.masked_max_tokens else "contiguous"
+        name = self.choice(x.shape[0], x.is_cuda)
         chosen = STRATEGIES[name]
         ok, reason = chosen.probe(x, w13)
         if ok:
