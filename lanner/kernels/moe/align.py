@@ -1,6 +1,7 @@
 """The two layouts of routed entries (reference.py states the contract), built on the device.
 
-Three small launches, no atomics, so the order of entries within an expert is always increasing:
+Three small launches (one, for the masked layout of at most ENTRY_TILE entries: a decode step), no
+atomics, so the order of entries within an expert is always increasing:
 1. each tile of ENTRY_TILE entries counts its entries per expert;
 2. one program sums the counts, places each expert's segment, and gives every (tile, expert) the
    position where that tile's entries of that expert start;
@@ -78,6 +79,25 @@ def _scatter_kernel(ids_ptr, offsets_ptr, out_ptr, num_entries, num_experts, cap
     tl.store(out_ptr + pos, i, mask=routed)
 
 
+@triton.jit
+def _masked_small_kernel(ids_ptr, slots_ptr, counts_ptr, num_entries, num_experts, capacity, TILE: tl.constexpr,
+                         E_PAD: tl.constexpr, CAP_PAD: tl.constexpr):
+    """The masked layout of at most TILE entries in one program (the -1 fill, the counts, the
+    slots): a decode step's layout is one launch instead of four."""
+    e = tl.arange(0, E_PAD)
+    c = tl.arange(0, CAP_PAD)
+    table = e[:, None] * capacity + c[None, :]
+    tl.store(slots_ptr + table, tl.full([E_PAD, CAP_PAD], -1, tl.int32),
+             mask=(e < num_experts)[:, None] & (c < capacity)[None, :])
+    j = tl.arange(0, TILE)
+    ids = tl.load(ids_ptr + j, mask=j < num_entries, other=-1)
+    counts = tl.sum((ids[:, None] == e[None, :]).to(tl.int32), 0)
+    tl.store(counts_ptr + e, tl.minimum(counts, capacity), mask=e < num_experts)
+    rank = tl.sum(((ids[:, None] == ids[None, :]) & (j[None, :] < j[:, None])).to(tl.int32), 1)
+    tl.debug_barrier()  # every thread's -1 lands before any slot is written
+    tl.store(slots_ptr + ids * capacity + rank, j, mask=(ids >= 0) & (rank < capacity))
+
+
 def _build_layout(topk_ids: torch.Tensor, num_experts: int, out: torch.Tensor, masked: bool, capacity: int = 0,
                   block_m: int = 16, block_experts: torch.Tensor | None = None, num_padded: torch.Tensor | None = None,
                   counts: torch.Tensor | None = None) -> None:
@@ -116,7 +136,13 @@ def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int):
 def masked_layout(topk_ids: torch.Tensor, num_experts: int, capacity: int):
     """The masked layout of topk_ids [T, K]: (slots [E, capacity], counts [E]), int32, equal to
     masked_layout_reference's."""
-    slots = torch.full((num_experts, capacity), -1, dtype=torch.int32, device=topk_ids.device)
     counts = torch.empty(num_experts, dtype=torch.int32, device=topk_ids.device)
+    if 0 < topk_ids.numel() <= ENTRY_TILE:  # one tile: one launch
+        slots = torch.empty((num_experts, capacity), dtype=torch.int32, device=topk_ids.device)
+        _masked_small_kernel[(1,)](topk_ids.reshape(-1), slots, counts, topk_ids.numel(), num_experts, capacity,
+                                   TILE=ENTRY_TILE, E_PAD=triton.next_power_of_2(num_experts),
+                                   CAP_PAD=triton.next_power_of_2(capacity))
+        return slots, counts
+    slots = torch.full((num_experts, capacity), -1, dtype=torch.int32, device=topk_ids.device)
     _build_layout(topk_ids, num_experts, slots, True, capacity=capacity, counts=counts)
     return slots, counts
