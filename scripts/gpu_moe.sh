@@ -22,7 +22,8 @@ case "${1:-}" in
     cp -r lanner/kernels/moe/configs "$out/moe-configs" ;;
   model)
     python3 -m lanner.cli bench latency --config benchmarks/configs/qwen3-30b-a3b.json --batch-sizes 1 \
-      --input-len 128 --output-len 256 --dtype bfloat16 --output-json "$out/$day-qwen3-30b-a3b-bs1.json" 2>&1 | tail -4
+      --input-len 128 --output-len 256 --dtype bfloat16 --no-piecewise-graphs \
+      --output-json "$out/$day-qwen3-30b-a3b-bs1.json" 2>&1 | tail -4
     python3 -m lanner.cli bench throughput --config benchmarks/configs/qwen3-30b-a3b.json --workload W-8B \
       --dtype bfloat16 --output-json "$out/$day-qwen3-30b-a3b-w8b.json" 2>&1 | tail -4 ;;
   *) echo "usage: $0 tests|kernel|tune|model" >&2; exit 2 ;;
