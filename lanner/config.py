@@ -146,6 +146,8 @@ class MoEConfig:
                "(SamplingParams.return_routed_experts); costs a small copy per MoE layer and step")
 
     def __post_init__(self) -> None:
+        backends = typing.get_args(typing.get_type_hints(MoEConfig)["moe_backend"])
+        _check(self.moe_backend in backends, f"moe_backend {self.moe_backend!r}: one of {', '.join(backends)}")
         _check(self.moe_masked_max_tokens >= 0, "moe_masked_max_tokens must be >= 0")
 
 

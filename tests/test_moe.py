@@ -5,6 +5,7 @@ strategy registry's fallback. Whole-model parity of Qwen3-MoE is in test_parity.
 (the `qwen3_moe` model_path)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 
@@ -57,9 +58,12 @@ def ours_from_hf(hf_block, spec, runtime=None) -> MoEBlock:
 
 @pytest.mark.parametrize("bias", [True, False], ids=["correction-bias", "no-bias"])
 def test_deepseek_block_matches_transformers(bias):
-    cfg = deepseek_config() if bias else deepseek_config(topk_method="greedy")
+    """Without the bias (a router built without it: None, not zeros) against transformers with zeros."""
+    cfg = deepseek_config()
     spec = deepseek_moe_spec(cfg)
-    assert spec.router.correction_bias is bias and spec.sparse_layers == (1,)
+    if not bias:
+        spec = dataclasses.replace(spec, router=dataclasses.replace(spec.router, correction_bias=False))
+    assert spec.sparse_layers == (1,)
     hf = hf_deepseek_block(cfg, bias)
     ours = ours_from_hf(hf, spec)
     assert (ours.gate.e_score_correction_bias is None) is not bias
@@ -250,8 +254,9 @@ def test_routing_options_are_refused_where_they_cannot_apply(qwen3_moe_path, qwe
         llm.generate([[5, 6, 7]], SamplingParams(return_routed_experts=True))
     with pytest.raises(InvalidRequest, match="true or false"):
         SamplingParams(return_routed_experts="yes")
-    with pytest.raises(ConfigError, match="no MoE layers"):
-        make_llm(qwen3_path, enable_return_routed_experts=True)
+    for option in ({"enable_return_routed_experts": True}, {"moe_backend": "masked"}):
+        with pytest.raises(ConfigError, match="no MoE layers"):
+            make_llm(qwen3_path, **option)
     with pytest.raises(ConfigError, match="speculative"):
         make_llm(qwen3_moe_path, enable_return_routed_experts=True,
                  speculative_config={"method": "ngram", "num_speculative_tokens": 2})
@@ -337,3 +342,102 @@ def test_speculative_decoding_through_moe_layers_keeps_greedy_output(qwen3_moe_p
     drafted = spec.generate(prompts, params)
     assert [o.outputs[0].token_ids for o in drafted] == [o.outputs[0].token_ids for o in plain]
     assert spec.engine.speculator.stats.verifications > 0
+
+
+def test_unsupported_routings_and_options_are_refused():
+    from conftest import make_llm
+
+    from lanner.errors import UnsupportedModel
+    from lanner.layers.moe.router import RouterSpec
+
+    with pytest.raises(UnsupportedModel, match="topk_method"):
+        deepseek_moe_spec(deepseek_config(topk_method="group_limited_greedy"))
+    with pytest.raises(UnsupportedModel, match="scoring_func"):
+        deepseek_moe_spec(deepseek_config(scoring_func="softmax"))
+    with pytest.raises(ValueError, match="kept groups"):
+        RouterSpec(num_experts=8, top_k=5, scoring="sigmoid", num_groups=4, topk_groups=2)
+    with pytest.raises(ConfigError, match="moe_backend"):
+        make_llm("unused", moe_backend="fast")
+
+
+def test_correction_bias_loads_when_present_and_stays_zero_when_absent():
+    from torch import nn
+
+    from lanner.models.loader import load_weights
+
+    cfg = deepseek_config()
+    hf = hf_deepseek_block(cfg, bias=True)
+    tensors = {f"mlp.{k}": v for k, v in hf.state_dict().items() if not k.startswith("experts.")}
+    for e in range(cfg.n_routed_experts):
+        inter = cfg.moe_intermediate_size
+        tensors[f"mlp.experts.{e}.gate_proj.weight"] = hf.experts.gate_up_proj[e, :inter]
+        tensors[f"mlp.experts.{e}.up_proj.weight"] = hf.experts.gate_up_proj[e, inter:]
+        tensors[f"mlp.experts.{e}.down_proj.weight"] = hf.experts.down_proj[e]
+    for with_bias in (True, False):
+        holder = nn.Module()
+        holder.mlp = MoEBlock(deepseek_moe_spec(cfg), 64, MoERuntime(), 0).float()
+        holder.packed_modules = {"gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+        given = {k: v for k, v in tensors.items() if with_bias or not k.endswith("e_score_correction_bias")}
+        load_weights(holder, given.items())
+        bias = holder.mlp.gate.e_score_correction_bias
+        assert torch.equal(bias, hf.gate.e_score_correction_bias) if with_bias else not bias.any()
+        if with_bias:
+            x = torch.randn(5, 64, generator=torch.Generator().manual_seed(6))
+            with torch.no_grad():
+                torch.testing.assert_close(holder.mlp(x), hf(x[None])[0], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ConfigError, match="expert"):
+        holder = nn.Module()
+        holder.mlp = MoEBlock(deepseek_moe_spec(cfg), 64, MoERuntime(), 0)
+        load_weights(holder, [("mlp.experts.8.up_proj.weight", torch.zeros(32, 64))])
+
+
+def test_dense_reference_equals_the_reference():
+    """The capture-safe fallback (every expert over every token) computes what the loop does."""
+    from lanner.kernels.moe.reference import moe_reference, moe_reference_dense
+
+    g = torch.Generator().manual_seed(11)
+    x, w13, w2 = torch.randn(6, 16, generator=g), torch.randn(4, 24, 16, generator=g), torch.randn(4, 16, 12, generator=g)
+    ids = torch.tensor([[0, 2], [3, 3], [1, -1], [-1, -1], [2, 0], [1, 2]], dtype=torch.int32)
+    ids[1, 1] = 0
+    weights = torch.rand(6, 2, generator=g)
+    torch.testing.assert_close(moe_reference_dense(x, w13, w2, ids, weights), moe_reference(x, w13, w2, ids, weights))
+
+
+def test_prompt_routing_in_deltas_with_chunked_prefill_and_no_prompt_rows_unless_asked(qwen3_moe_path):
+    from conftest import hf_model, make_llm, random_prompts
+
+    from lanner import SamplingParams
+    from lanner.core.request import RequestOutputKind, merge_deltas
+
+    hf = hf_model(qwen3_moe_path)
+    engine = make_llm(qwen3_moe_path, enable_return_routed_experts=True, max_num_batched_tokens=4).engine
+    prompt = random_prompts(1, 12, 12, hf.config.vocab_size, seed=12)[0]
+    base = dict(temperature=0.0, max_tokens=3, ignore_eos=True, return_routed_experts=True)
+    engine.add_request("p", prompt, SamplingParams(**base, return_prompt_routed_experts=True,
+                                                   output_kind=RequestOutputKind.DELTA))
+    engine.add_request("o", prompt, SamplingParams(**base))
+    outputs = {"p": [], "o": []}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            outputs[out.request_id].append(out)
+        if "o" in engine.groups:  # output-only routing: no prompt position is read back but the last
+            record = engine.groups["o"][0].routed_experts
+            assert all(row is None for row in record[:len(prompt) - 1])
+    merged = merge_deltas(outputs["p"])
+    replay = hf_routing(hf, prompt + merged.outputs[0].token_ids)
+    assert sorted_routing(merged.prompt_routed_experts) == replay[:len(prompt) - 1]
+    assert sorted_routing(merged.outputs[0].routed_experts) == replay[len(prompt) - 1:-1]
+    assert sorted_routing(outputs["o"][-1].outputs[0].routed_experts) == replay[len(prompt) - 1:-1]
+
+
+def test_mtp_layer_over_a_moe_target_is_refused():
+    from transformers import Qwen3MoeConfig
+
+    from lanner.errors import UnsupportedModel
+    from lanner.models.mtp import MtpLayer
+    from lanner.models.registry import ARCHITECTURES, decoder_spec
+
+    cfg = Qwen3MoeConfig(num_hidden_layers=2, num_experts=4, num_experts_per_tok=2, hidden_size=32, head_dim=8,
+                         num_attention_heads=4, num_key_value_heads=2)
+    with pytest.raises(UnsupportedModel, match="mixture-of-experts"):
+        MtpLayer(decoder_spec(cfg, ARCHITECTURES["Qwen3MoeForCausalLM"](cfg)), None)

@@ -207,6 +207,7 @@ class DeltaSent:
     tokens: int = 0
     logprobs: int = 0
     prompt_logprobs: int = 0
+    prompt_routing: int = 0
 
 
 class Request:
@@ -381,7 +382,7 @@ class RequestOutput:
     num_cached_tokens: int = 0
     metrics: RequestMetrics | None = None
     extra: dict = field(default_factory=dict)
-    # per prompt token but the last (return_prompt_routed_experts); DELTA outputs carry it once
+    # per prompt token but the last (return_prompt_routed_experts); DELTA outputs carry what is new
     prompt_routed_experts: list[list[list[int]] | None] | None = None
 
 
@@ -407,7 +408,9 @@ def merge_deltas(outputs: list[RequestOutput]) -> RequestOutput:
     prompt_logprobs = None
     if any(o.prompt_logprobs is not None for o in outputs):
         prompt_logprobs = [entry for o in outputs for entry in o.prompt_logprobs or ()]
-    prompt_routing = next((o.prompt_routed_experts for o in outputs if o.prompt_routed_experts is not None), None)
+    prompt_routing = None
+    if any(o.prompt_routed_experts is not None for o in outputs):
+        prompt_routing = [row for o in outputs for row in o.prompt_routed_experts or ()]
     return RequestOutput(last.request_id, first.prompt, first.prompt_token_ids,
                          [merge_completions(parts) for _, parts in sorted(samples.items())], last.finished,
                          prompt_logprobs, last.num_cached_tokens, last.metrics, last.extra, prompt_routing)

@@ -411,8 +411,11 @@ class LLMEngine:
         elif prompt_logprobs is not None:
             prompt_logprobs = list(prompt_logprobs)
         prompt_routing = None
-        if first.params.return_prompt_routed_experts and (not delta or first.sent.outputs == 1):
+        if first.params.return_prompt_routed_experts:  # recorded so far (a chunked prompt grows over steps)
             prompt_routing = first.routed_experts[:first.num_prompt_tokens - 1]
+            if delta:
+                prompt_routing, first.sent.prompt_routing = (prompt_routing[first.sent.prompt_routing:],
+                                                             len(prompt_routing))
         return RequestOutput(request_id=parent_id, prompt=prompt, prompt_token_ids=prompt_ids,
                              outputs=[self._completion(r, delta) for r in reqs], finished=finished,
                              prompt_logprobs=prompt_logprobs, num_cached_tokens=first.num_cached_tokens,

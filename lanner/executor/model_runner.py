@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.profiler import record_function
 
-from lanner.config import EngineConfig
+from lanner.config import EngineConfig, MoEConfig
 from lanner.core.batch import ForwardBatch, as_decode_rows, kv_slots
 from lanner.core.request import Logprob, Request
 from lanner.core.schedule import SchedulerOutput
@@ -152,8 +152,8 @@ class ModelRunner:
         self.drafter = self._make_drafter(*draft) if draft is not None else None
         self.moe = getattr(self.model.model, "moe_runtime", None)  # shared by the model's MoE layers
         self.routing = self._setup_moe(config) if self.moe is not None else None
-        if config.moe.enable_return_routed_experts and self.moe is None:
-            raise ConfigError("enable_return_routed_experts: this model has no MoE layers")
+        if self.moe is None and config.moe != MoEConfig():
+            raise ConfigError(f"MoE options {config.moe} given, but this model has no MoE layers")
         self.num_blocks = self._num_kv_blocks()
         if self.moe is not None:  # after the memory profile, whose rows are all real
             self.moe.num_real_tokens = self.num_real_tokens
@@ -315,16 +315,24 @@ class ModelRunner:
                           (self.step_times, events) if events else None, self._routing_rows(sched))
 
     def _routing_rows(self, sched: SchedulerOutput) -> tuple[list, torch.Tensor] | None:
-        """The recording requests' spans of this step and the step's routing rows (read back
-        with the tokens; the next step overwrites the record)."""
+        """(request, first position, first row, rows) of each recording request's positions this
+        step, and those rows of the routing record, gathered (the next step overwrites the record).
+        Prompt positions are read only for requests that asked for them; the last prompt
+        position's pass produces the first output token, so it is always read."""
         if self.routing is None:
             return None
-        spans, row = [], 0
+        spans, rows, start = [], [], 0
         for req, n in sched.scheduled:
             if req.routed_experts is not None:
-                spans.append((req, req.num_computed_tokens, row, n))
-            row += n
-        return (spans, self.routing[:row]) if spans else None
+                begin = req.num_computed_tokens
+                first = begin if req.params.return_prompt_routed_experts else max(begin, req.num_prompt_tokens - 1)
+                if first < begin + n:
+                    spans.append((req, first, len(rows), begin + n - first))
+                    rows += range(start + first - begin, start + n)
+            start += n
+        if not spans:
+            return None
+        return spans, self.routing.index_select(0, to_device(rows, torch.long, self.device))
 
     def _next_draft_len(self, samplers: list[Request]) -> int:
         """The most drafts a sampling request of this step may take next step (its drafter's work)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -170,11 +171,12 @@ def load_weights(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]], 
                 raise ConfigError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model {tuple(target.shape)}")
             target.copy_(tensor)
             loaded.add((target_name, shard))
-    names = {n for n, _ in loaded}
-    for name in names:  # a stack of per-expert tensors is loaded only when every expert's part is
+    shards = Counter(n for n, _ in loaded)
+    for name, count in shards.items():  # a stack of per-expert tensors is loaded only when every expert's part is
         owner = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
-        if hasattr(owner, "num_shards") and sum(n == name for n, _ in loaded) < owner.num_shards(params[name]):
+        if hasattr(owner, "num_shards") and count < owner.num_shards(params[name]):
             raise ConfigError(f"checkpoint lacks some experts' weights for {name}")
+    names = set(shards)
     missing = sorted(set(params) - names - set(optional) - optional_buffers)
     if missing:
         raise ConfigError(f"checkpoint lacks weights for: {', '.join(missing[:10])}")

@@ -35,13 +35,21 @@ def qwen3_moe_spec(cfg: Any) -> MoESpec | None:
 
 
 def deepseek_moe_spec(cfg: Any) -> MoESpec:
-    """DeepSeek-V3: sigmoid scores, grouped top-k with the optional correction bias (topk_method
-    'noaux_tc', the default), routed_scaling_factor, shared experts; layers from
-    first_k_dense_replace on are sparse."""
+    """DeepSeek-V3: sigmoid scores, grouped top-k with the correction bias (read when the
+    checkpoint has it; zeros, which choose as no bias does, when it has not), routed_scaling_factor,
+    shared experts; layers from first_k_dense_replace on are sparse. DeepSeek-V2's routings
+    (softmax scores, 'greedy', 'group_limited_greedy') and layer frequencies are refused."""
+    method, scoring = getattr(cfg, "topk_method", "noaux_tc"), getattr(cfg, "scoring_func", "sigmoid")
+    if method != "noaux_tc" or scoring != "sigmoid":
+        raise UnsupportedModel(f"MoE routing topk_method={method!r}, scoring_func={scoring!r}: only DeepSeek-V3's "
+                               "(noaux_tc, sigmoid) is supported")
+    if (getattr(cfg, "moe_layer_freq", 1) or 1) != 1:
+        raise UnsupportedModel(f"moe_layer_freq={cfg.moe_layer_freq}: only every layer from first_k_dense_replace "
+                               "on is supported")
     router = _router(cfg, scoring="sigmoid", renormalize=bool(getattr(cfg, "norm_topk_prob", True)),
                      num_groups=getattr(cfg, "n_group", None) or 1, topk_groups=getattr(cfg, "topk_group", None) or 1,
-                     scaling=float(getattr(cfg, "routed_scaling_factor", 1.0) or 1.0),
-                     correction_bias=getattr(cfg, "topk_method", "noaux_tc") == "noaux_tc", float32_logits=True)
+                     scaling=float(getattr(cfg, "routed_scaling_factor", 1.0) or 1.0), correction_bias=True,
+                     float32_logits=True)
     shared = cfg.moe_intermediate_size * (getattr(cfg, "n_shared_experts", 0) or 0)
     first = getattr(cfg, "first_k_dense_replace", 0) or 0
     return MoESpec(router, cfg.moe_intermediate_size, shared, tuple(range(first, cfg.num_hidden_layers)))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lanner.errors import UnsupportedModel
 from lanner.layers.linear import Linear
 from lanner.layers.norm import RMSNorm
 from lanner.models.llama import DecoderForCausalLM, DecoderLayer, DecoderSpec
@@ -22,6 +23,8 @@ class MtpLayer(DecoderLayer):
     packed_modules = DecoderForCausalLM.packed_modules
 
     def __init__(self, spec: DecoderSpec, target: DecoderForCausalLM):
+        if spec.moe is not None:  # DeepSeek-V3's MTP layer is sparse too; lanner has no such target yet
+            raise UnsupportedModel("an MTP layer over a mixture-of-experts target is not supported yet")
         super().__init__(spec, 0)
         self.spec = spec
         self.enorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)

@@ -41,6 +41,21 @@ def moe_reference(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids
     return out.to(x.dtype)
 
 
+def moe_reference_dense(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids: torch.Tensor,
+                        topk_weights: torch.Tensor) -> torch.Tensor:
+    """moe_reference without data-dependent shapes (it can run inside a CUDA graph capture):
+    every expert over every token, weighted by the routing (zero where not chosen). E times the
+    work: a fallback only."""
+    inter = w2.shape[2]
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    for e in range(w13.shape[0]):
+        gate_up = x @ w13[e].t()
+        act = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
+        down = act.float() @ w2[e].float().t()
+        out += (topk_weights.float() * (topk_ids == e)).sum(dim=-1, keepdim=True) * down
+    return out.to(x.dtype)
+
+
 def _entries_by_expert(topk_ids: torch.Tensor, num_experts: int) -> list[torch.Tensor]:
     flat = topk_ids.flatten()
     return [torch.nonzero(flat == e)[:, 0].to(torch.int32) for e in range(num_experts)]

@@ -8,6 +8,8 @@ import re
 import torch
 from torch import nn
 
+from lanner.errors import ConfigError
+
 _EXPERT_WEIGHT = re.compile(r"\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 
 
@@ -25,6 +27,8 @@ class Experts(nn.Module):
     def shard(self, param: torch.Tensor, index: tuple[int, int]) -> torch.Tensor:
         """The view of one checkpoint tensor: (expert, 0 gate | 1 up) in w13, (expert, 0) in w2."""
         expert, part = index
+        if not 0 <= expert < self.num_experts:
+            raise ConfigError(f"a checkpoint tensor of expert {expert}; the layer has {self.num_experts} experts")
         if param is self.w2:
             return param[expert]
         size = self.intermediate_size

@@ -38,6 +38,8 @@ class RouterSpec:
         if self.num_experts % self.num_groups or not 0 < self.topk_groups <= self.num_groups:
             raise ValueError(f"{self.num_experts} experts do not split into {self.num_groups} groups of which "
                              f"{self.topk_groups} are kept")
+        if self.top_k > self.topk_groups * (self.num_experts // self.num_groups):
+            raise ValueError(f"top_k {self.top_k} is more than the {self.topk_groups} kept groups hold")
 
 
 class Router(nn.Module):
@@ -48,7 +50,9 @@ class Router(nn.Module):
     def __init__(self, spec: RouterSpec, hidden_size: int):
         super().__init__()
         self.spec = spec
-        self.weight = nn.Parameter(torch.empty(spec.num_experts, hidden_size), requires_grad=False)
+        # DeepSeek's router computes in float32 (its checkpoints store the weight in float32 too)
+        dtype = torch.float32 if spec.float32_logits else None
+        self.weight = nn.Parameter(torch.empty(spec.num_experts, hidden_size, dtype=dtype), requires_grad=False)
         bias = torch.zeros(spec.num_experts, dtype=torch.float32) if spec.correction_bias else None
         self.register_buffer("e_score_correction_bias", bias)
 
@@ -57,7 +61,7 @@ class Router(nn.Module):
         """(expert ids [T, k] int32, weights [T, k] float32); rows at or past `num_real_tokens`
         (a device tensor) get ids -1 and weight 0."""
         spec = self.spec
-        logits = F.linear(x.float(), self.weight.float()) if spec.float32_logits else F.linear(x, self.weight)
+        logits = F.linear(x.float() if spec.float32_logits else x, self.weight)
         if logits.is_cuda:  # one kernel instead of about ten
             from lanner.kernels.moe.routing import route
         else:

@@ -11,15 +11,15 @@ crossover, docs/moe.md). A probe answers (ok, reason) and never raises; a refuse
 falls back to the reference, logged once per reason."""
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
-from lanner.kernels.moe.reference import moe_reference
+from lanner.kernels.moe.reference import moe_reference, moe_reference_dense
 
 logger = logging.getLogger(__name__)
 
@@ -35,31 +35,24 @@ class Strategy:
 
 def _reference(x, w13, w2, ids, weights):
     if x.is_cuda and torch.cuda.is_current_stream_capturing():
-        return _dense_reference(x, w13, w2, ids, weights)
+        return moe_reference_dense(x, w13, w2, ids, weights)
     return moe_reference(x, w13, w2, ids, weights)
-
-
-def _dense_reference(x, w13, w2, ids, weights):
-    """The reference without data-dependent shapes (inside a CUDA graph capture): every expert
-    over every token, weighted by the routing (zero where not chosen). E times the work: only
-    a fallback."""
-    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-    for e in range(w13.shape[0]):
-        gate, up = F.linear(x, w13[e]).chunk(2, dim=-1)
-        down = (F.silu(gate) * up).float() @ w2[e].float().t()
-        out += (weights * (ids == e)).sum(dim=-1, keepdim=True) * down
-    return out.to(x.dtype)
 
 
 def _always(x, w13) -> tuple[bool, str]:
     return True, ""
 
 
+@functools.cache
+def _has_triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
 def _triton_probe(x: torch.Tensor, w13: torch.Tensor) -> tuple[bool, str]:
     try:
         if not x.is_cuda:
             return False, "the Triton MoE executors run on CUDA tensors"
-        if importlib.util.find_spec("triton") is None:
+        if not _has_triton():
             return False, "triton is not installed"
         if x.dtype not in (torch.bfloat16, torch.float16, torch.float32) or w13.dtype != x.dtype:
             return False, f"activations {x.dtype} and expert weights {w13.dtype} are not one float type"
