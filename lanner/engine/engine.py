@@ -98,7 +98,6 @@ class LLMEngine:
                                         config.seed)) if isinstance(proposer, ModelProposer) else None
         self.runner = ModelRunner(config, loaded, self.device, self.dtype, self.max_model_len, draft,
                                   speculative.num_speculative_tokens if speculative is not None else 0)
-        self.records_routing = self.runner.routing is not None
         self.kv_cache = KVCacheManager(self.runner.num_blocks, config.cache.block_size,
                                        config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv_cache)
@@ -349,7 +348,7 @@ class LLMEngine:
         bad = [t for t in token_ids if not 0 <= t < self.vocab_size]
         if bad:
             raise InvalidRequest(f"unknown token ids {bad[:5]} (vocabulary size {self.vocab_size})")
-        if (params.return_routed_experts or params.return_prompt_routed_experts) and not self.records_routing:
+        if (params.return_routed_experts or params.return_prompt_routed_experts) and self.runner.routing is None:
             raise InvalidRequest("routed experts are recorded only by an engine started with "
                                  "enable_return_routed_experts (--enable-return-routed-experts) on a MoE model")
         for name in ("logprobs", "prompt_logprobs"):

@@ -59,9 +59,9 @@ class StepHandle:
                  proposed: torch.Tensor | None = None, timed: tuple[StepTimes, list] | None = None,
                  routing: tuple[list, torch.Tensor] | None = None):
         self.samplers = samplers
-        # (request, first position, first row, rows) per recording request, and the step's routing rows
-        # a copy even on the CPU: the next step, launched before this one is read, rewrites the record
-        self.routing = None if routing is None else (routing[0], routing[1].to("cpu", non_blocking=True, copy=True))
+        # (request, first position, first row, rows) per recording request, and their rows of the
+        # record (gathered at launch: the next step rewrites the record before this one is read)
+        self.routing = None if routing is None else (routing[0], routing[1].to("cpu", non_blocking=True))
         self.sampled = sampled
         self.prompt_rows = prompt_rows
         self.logits = logits if prompt_rows else None
@@ -151,8 +151,9 @@ class ModelRunner:
         self.sampler = Sampler()
         self.drafter = self._make_drafter(*draft) if draft is not None else None
         self.moe = getattr(self.model.model, "moe_runtime", None)  # shared by the model's MoE layers
-        self.routing = self._setup_moe(config) if self.moe is not None else None
-        if self.moe is None and config.moe != MoEConfig():
+        if self.moe is not None:
+            self._setup_moe(config)
+        elif config.moe != MoEConfig():
             raise ConfigError(f"MoE options {config.moe} given, but this model has no MoE layers")
         self.num_blocks = self._num_kv_blocks()
         if self.moe is not None:  # after the memory profile, whose rows are all real
@@ -193,15 +194,18 @@ class ModelRunner:
         if self.drafter is not None:
             self.drafter.capture(sizes, rows, draft_prefill_sizes, self.max_model_len, sched.max_num_seqs)
 
-    def _setup_moe(self, config: EngineConfig) -> torch.Tensor | None:
+    def _setup_moe(self, config: EngineConfig) -> None:
         """The MoE layers' executor settings; the routing record when requests may ask for it."""
         self.moe.backend, self.moe.masked_max_tokens = config.moe.moe_backend, config.moe.moe_masked_max_tokens
-        if not config.moe.enable_return_routed_experts:
-            return None
-        spec = self.model.spec.moe
-        self.moe.routing = torch.full((self.max_tokens, len(spec.sparse_layers), spec.router.top_k), -1,
-                                      dtype=torch.int32, device=self.device)
-        return self.moe.routing
+        if config.moe.enable_return_routed_experts:
+            spec = self.model.spec.moe
+            self.moe.routing = torch.full((self.max_tokens, len(spec.sparse_layers), spec.router.top_k), -1,
+                                          dtype=torch.int32, device=self.device)
+
+    @property
+    def routing(self) -> torch.Tensor | None:
+        """The MoE layers' routing record ([tokens, MoE layers, top_k]), when the engine keeps one."""
+        return None if self.moe is None else self.moe.routing
 
     def _make_backend(self, kv_caches, num_heads: int | None = None, max_rows: int | None = None):
         choice = self.config.graphs.attention_backend

@@ -86,7 +86,7 @@ class MoERuntime:
     masked_max_tokens: int = 256
     num_real_tokens: torch.Tensor | None = None  # [1] long, rewritten every step
     routing: torch.Tensor | None = None  # [max tokens, MoE layers, top_k] int32: each layer's choices
-    _refused: set = field(default_factory=set)
+    _probed: dict = field(default_factory=dict)  # (strategy asked for, input kind) -> the one that runs
 
     def choice(self, num_tokens: int, on_cuda: bool) -> str:
         """The executor asked for at this step size (on the CPU, `auto` means the reference: it is
@@ -99,11 +99,10 @@ class MoERuntime:
 
     def strategy(self, x: torch.Tensor, w13: torch.Tensor) -> Strategy:
         name = self.choice(x.shape[0], x.is_cuda)
-        chosen = STRATEGIES[name]
-        ok, reason = chosen.probe(x, w13)
-        if ok:
-            return chosen
-        if (name, reason) not in self._refused:
-            self._refused.add((name, reason))
-            logger.warning("MoE executor %r refused (%s): running the torch reference", name, reason)
-        return STRATEGIES["reference"]
+        key = (name, x.device.type, x.dtype, w13.dtype, x.is_contiguous(), w13.is_contiguous())
+        if key not in self._probed:  # once per kind of input, not per layer and step
+            ok, reason = STRATEGIES[name].probe(x, w13)
+            if not ok:
+                logger.warning("MoE executor %r refused (%s): running the torch reference", name, reason)
+            self._probed[key] = name if ok else "reference"
+        return STRATEGIES[self._probed[key]]
