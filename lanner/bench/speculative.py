@@ -170,7 +170,7 @@ def replay_drafts(llm, continuations: dict[tuple, list[int]], keep: dict[tuple, 
         # each request's first draft follows the token that its first-pass row reads (a head reads the
         # token after its row's position; a draft LM the token at it)
         accepted = 0 if drafter.accepted is None else drafter.accepted
-        first_draft = staged.positions[staged.first_rows + accepted] + 2 - drafter.shift
+        first_draft = staged.positions[staged.requests[:len(staged.decode_tables), 0] + accepted] + 2 - drafter.shift
         index = (first_draft - rows[:, 1])[:, None] + torch.arange(proposed.shape[1], device=runner.device)
         return table[rows[:, :1], index.clamp(0, width - 1)]
 

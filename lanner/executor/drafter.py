@@ -21,8 +21,9 @@ On the GPU the first pass replays the draft's own graphs (`FirstPassGraphs`), in
 modes: steps whose every target token samples (decode and verify) attend one decode row per token,
 keyed by row count; prompt chunks of up to 512 tokens, keyed by token count, with the prefill
 kernel inside the graph; and decode rows after which nobody drafts (all paused), where only the
-draft's KV is written (`fill_kv`). The k-1 steps replay `DraftGraphs` (keyed by the number of sampling
-requests).
+draft's KV is written (`fill_kv`). Steps 2 and 3 replay `DraftGraphs` (keyed by the number of
+sampling requests) after a first pass that a graph ran; the first pass's graphs leave their outputs
+in one set of static buffers (`FirstPassBuffers`) for them.
 """
 from __future__ import annotations
 
@@ -56,12 +57,12 @@ class StagedDraft:
     seq_lens: list[int]
     block_tables: list[list[int]]
     num_target_tokens: int
-    # per sampling request, in sampler order
-    first_rows: torch.Tensor  # [B] first-pass row that carries the request's first sample
-    verify_targets: torch.Tensor  # [B, k] target input row of each verified draft; -1 past them
-    verify_samples: torch.Tensor  # [B, k] sampler row of the sample compared with it
+    # per sampling request, in sampler order, then padding rows up to the draft graphs' size:
+    # [first-pass row that carries the request's first sample, positions its allocated blocks
+    # hold, k target input rows of the verified drafts (-1 past them), k sampler rows of the
+    # samples compared with them]; a padding row is [0, 0, -1.., 0..]
+    requests: torch.Tensor  # [B padded, 2 + 2k]
     tables: torch.Tensor  # [B, W] block ids for the decode steps' slots; -1 past the allocated ones
-    capacity: torch.Tensor  # [B] positions the allocated blocks hold
     decode_tables: list[list[int]]
     decode_rows: bool = False  # every first-pass row attends as a decode row (query_lens all 1)
     # the most drafts a request may take next step: k; 1 (only probing requests draft: the first
@@ -81,11 +82,13 @@ class Drafter:
         self.block_size = block_size
         self.device = device
         self.dtype = dtype
+        self.max_tokens = max_tokens
         self.backend = None
         self.graphs: DraftGraphs | None = None
         self.first_pass_graphs: FirstPassGraphs | None = None
         self.kv_fill_graphs: FirstPassGraphs | None = None
         self.prefill_graphs: FirstPassGraphs | None = None
+        self.first_pass_buffers: FirstPassBuffers | None = None
         # [B] the last step's drafts accepted, per sampling request (None when it verified none)
         self.accepted: torch.Tensor | None = None
         # EAGLE-3 reads the hidden states entering three target layers: the target's forward
@@ -107,24 +110,25 @@ class Drafter:
         self.backend = make_backend(self.kv_caches, self.net.spec.num_heads, max_rows)
 
     def capture(self, seq_sizes: list[int], row_sizes: list[int], token_sizes: list[int], max_model_len: int,
-                max_num_seqs: int) -> None:
+                max_num_seqs: int, target_ids: torch.Tensor) -> None:
         """The draft's graphs: the first pass of decode and verify steps at each row count, of
         prompt chunks at each token count (up to DRAFT_PREFILL_GRAPH_MAX_TOKENS; none without
         `token_sizes`), the k-1 steps at each batch size. A prompt step holds up to max_num_seqs
-        requests, whatever the graph ladders."""
+        requests, whatever the graph ladders. `target_ids`: the runner's static input ids."""
         rows = [r for r in row_sizes if r <= self.max_rows]
+        # a draft LM reads one more row per request than the target's step has tokens
+        largest = [token_sizes[-1] + self.shift * max_num_seqs] if token_sizes and self.shift else []
+        tokens = sorted({t for t in token_sizes + largest if t <= DRAFT_PREFILL_GRAPH_MAX_TOKENS})
+        self.first_pass_buffers = FirstPassBuffers.allocate(self, max(rows + tokens, default=0))
         self.first_pass_graphs = FirstPassGraphs(self, rows)
         self.first_pass_graphs.capture()
         self.kv_fill_graphs = FirstPassGraphs(self, rows, kv_only=True)
         self.kv_fill_graphs.capture()
-        # a draft LM reads one more row per request than the target's step has tokens
-        largest = [token_sizes[-1] + self.shift * max_num_seqs] if token_sizes and self.shift else []
-        tokens = sorted({t for t in token_sizes + largest if t <= DRAFT_PREFILL_GRAPH_MAX_TOKENS})
         if tokens:
             self.prefill_graphs = FirstPassGraphs(self, tokens, prefill=True, max_seqs=max_num_seqs)
             self.prefill_graphs.capture()
         if self.k > 1:
-            self.graphs = DraftGraphs(self, seq_sizes, -(-max_model_len // self.block_size))
+            self.graphs = DraftGraphs(self, seq_sizes, -(-max_model_len // self.block_size), target_ids)
             self.graphs.capture()
 
     # ---- host: what the device work of a step reads ------------------------------------
@@ -139,7 +143,7 @@ class Drafter:
         bs, k, shift = self.block_size, self.k, self.shift
         sources, positions, slots, known = [], [], [], []
         query_lens, seq_lens, tables = [], [], []
-        first_rows, verify_targets, verify_samples, dec_tables, capacity = [], [], [], [], []
+        requests, dec_tables = [], []
         moved = []  # rows whose positions move on the device (deferred.rows_of)
         known_base = num_target_tokens + num_samples
         for req, start, n, m, first_sample in layout:
@@ -165,22 +169,23 @@ class Drafter:
             seq_lens.append(begin + n + shift)
             tables.append(req.block_ids)
             if first_sample is not None:
-                first_rows.append(row0 + shift + n - 1 - m)
-                verify_targets += [start + 1 + j for j in range(m)] + [-1] * (k - m)
-                verify_samples += [first_sample + min(j, m) for j in range(k)]
+                requests += [row0 + shift + n - 1 - m, len(req.block_ids) * bs]
+                requests += [start + 1 + j for j in range(m)] + [-1] * (k - m)
+                requests += [first_sample + min(j, m) for j in range(k)]
                 dec_tables.append(req.block_ids)
-                capacity.append(len(req.block_ids) * bs)
         if decode_rows:
             query_lens, seq_lens, tables = as_decode_rows(positions, query_lens, tables)
         width = max((len(t) for t in dec_tables), default=1) or 1
-        parts = [sources, known or [0], positions, slots, first_rows, verify_targets, verify_samples,
-                 [b for t in dec_tables for b in t + [-1] * (width - len(t))], capacity, [x for r in moved for x in r]]
+        padded = (self.graphs.padded_size(len(dec_tables)) if self.graphs is not None else None) or len(dec_tables)
+        requests += ([0, 0] + [-1] * k + [0] * k) * (padded - len(dec_tables))
+        parts = [sources, known or [0], positions, slots, requests,
+                 [b for t in dec_tables for b in t + [-1] * (width - len(t))], [x for r in moved for x in r]]
         views = to_device_parts(parts, torch.long, self.device)  # one copy
         staged = StagedDraft(views[0], views[1], views[2], views[3], query_lens, seq_lens, tables, num_target_tokens,
-                             views[4], views[5].view(-1, k), views[6].view(-1, k), views[7].view(-1, width), views[8],
-                             dec_tables, decode_rows, draft_len, any(m for _, _, _, m, _ in layout))
+                             views[4].view(-1, 2 + 2 * k), views[5].view(-1, width), dec_tables, decode_rows,
+                             draft_len, any(m for _, _, _, m, _ in layout))
         if moved:  # such a step decodes only: every row is a decode row, its context its position + 1
-            deferred.move(staged.positions, staged.slots, views[9].view(-1, 3))
+            deferred.move(staged.positions, staged.slots, views[6].view(-1, 3))
             staged.device_seq_lens = staged.positions + 1
         return staged
 
@@ -190,44 +195,46 @@ class Drafter:
     def propose(self, staged: StagedDraft, target_ids: torch.Tensor, samples: torch.Tensor,
                 target_hidden: torch.Tensor) -> torch.Tensor | None:
         """[B, k] drafts (target vocabulary ids) for the step after this one, per sampling request
-        (None when nobody samples). `target_hidden`: the target's final hidden states of the step."""
+        (None when nobody samples). `target_ids`: the target step's input ids (the runner's static
+        buffer); `target_hidden`: its final hidden states."""
         T = staged.num_target_tokens
         ids = torch.cat([target_ids[:T], samples, staged.known])[staged.sources]
         source = {"final": target_hidden, "aux": self.aux_hidden, None: None}[self.proposer.target_hidden]
         hidden = None if source is None else source[:T]
-        normed, carry = self._first_pass(staged, ids, hidden)
+        normed, carry, replayed = self._first_pass(staged, ids, hidden)
         self.accepted = None
-        if not staged.decode_tables:
-            return None
-        if staged.verifying:  # the next step, planned before this one is read back, moves by it
-            drafted = target_ids[staged.verify_targets.clamp(min=0)]
-            self.accepted = accepted_prefix((samples[staged.verify_samples] == drafted) & (staged.verify_targets >= 0))
-        if not staged.draft_len:  # the pass only filled the draft's KV
-            return None
-        rows = staged.first_rows if self.accepted is None else staged.first_rows + self.accepted
-        tokens = self._argmax(normed[rows])
-        if self.k == 1 or staged.draft_len == 1:
-            return tokens[:, None]
-        positions, carry = staged.positions[rows], None if carry is None else carry[rows]
         num = len(staged.decode_tables)
-        size = self.graphs.padded_size(num) if self.graphs is not None else None
-        if size is None:
-            self.backend.plan_decode(staged.decode_tables)
-            later = self._decode_steps(tokens, positions, carry, staged.capacity, staged.tables)
-            return torch.stack([tokens, *later], dim=1)
-        return torch.cat([tokens[:, None], self.graphs.replay(staged, num, size, tokens, positions, carry)], dim=1)
+        if not num:
+            return None
+        if not staged.draft_len:  # the pass only filled the draft's KV; the next step may read the acceptance
+            if staged.verifying:
+                self.accepted = self._accepted(target_ids, samples, staged.requests[:num])
+            return None
+        steps = self.k > 1 and staged.draft_len > 1
+        size = self.graphs.padded_size(num) if steps and replayed and self.graphs is not None else None
+        if size is not None:
+            drafts, accepted = self.graphs.replay(staged, num, size, samples)
+        else:
+            if steps:
+                self.backend.plan_decode(staged.decode_tables)
+            drafts, accepted = self._draft(normed, carry, staged.positions, target_ids, samples,
+                                           staged.requests[:num], staged.tables, steps)
+        # the next step, planned before this one is read back, moves by it
+        self.accepted = accepted if staged.verifying else None
+        return drafts
 
     def _first_pass(self, staged: StagedDraft, ids: torch.Tensor, hidden: torch.Tensor | None) -> tuple:
-        """(normed, carried hidden) of the first pass over the step's rows; (None, None) when nobody
-        drafts next and the rows are decode rows (only the draft's KV is written: a head's q,
-        attention, MLP and norm are skipped)."""
+        """(normed, carried hidden, whether a graph ran it: its outputs are then in the static
+        FirstPassBuffers) of the first pass over the step's rows; no outputs when nobody drafts
+        next and the rows are decode rows (only the draft's KV is written: a head's q, attention,
+        MLP and norm are skipped)."""
         kv_only = not staged.draft_len and staged.decode_rows
         graphs = self.kv_fill_graphs if kv_only else self.first_pass_graphs if staged.decode_rows \
             else self.prefill_graphs
         size = graphs.padded_size(ids.shape[0]) if graphs is not None else None
         if size is not None:
             out = graphs.replay(staged, size, ids, hidden)
-            return (None, None) if kv_only else out
+            return (None, None, True) if kv_only else (*out, True)
         batch = ForwardBatch(ids, staged.positions, staged.slots, staged.query_lens, staged.seq_lens,
                              staged.block_tables, staged.positions[:0], ids.shape[0],
                              device_seq_lens=staged.device_seq_lens)
@@ -235,8 +242,28 @@ class Drafter:
         with forward_context(self.backend):
             if kv_only:
                 self.net.fill_kv(ids, staged.positions, hidden)
-                return None, None
-            return self.net(ids, staged.positions, hidden)
+                return None, None, False
+            return (*self.net(ids, staged.positions, hidden), False)
+
+    def _draft(self, normed, carry, positions, target_ids, samples, requests, tables, steps: bool) -> tuple:
+        """([B, k] drafts, or [B, 1] without the k-1 `steps`; [B] drafts accepted) after the first
+        pass (eager, or inside a graph's capture). `requests`: StagedDraft.requests; `normed`,
+        `carry` and `positions`: the first pass's rows."""
+        accepted = self._accepted(target_ids, samples, requests)
+        rows = requests[:, 0] + accepted
+        tokens = self._argmax(normed[rows])
+        if not steps:
+            return tokens[:, None], accepted
+        later = self._decode_steps(tokens, positions[rows], None if carry is None else carry[rows], requests[:, 1],
+                                   tables)
+        return torch.stack([tokens, *later], dim=1), accepted
+
+    def _accepted(self, target_ids, samples, requests) -> torch.Tensor:
+        """[B] how many leading drafts of each request the target's samples confirm (0 when it
+        verified none: its draft rows are -1)."""
+        targets, sample_rows = requests[:, 2:2 + self.k], requests[:, 2 + self.k:]
+        drafted = target_ids[targets.clamp(min=0)]
+        return accepted_prefix((samples[sample_rows] == drafted) & (targets >= 0))
 
     def _decode_steps(self, tokens, positions, carry, capacity, tables) -> list[torch.Tensor]:
         """The k-1 draft steps after the first draft (eager, or inside a graph's capture). The
@@ -260,47 +287,68 @@ class Drafter:
 
 
 class DraftGraphs(SizeLadder):
-    """CUDA graphs of the k-1 draft steps, one per batch size of a ladder (the draft's own
-    graphs, in their own memory pool). Inputs are copied into static buffers before a replay;
-    padding rows have no allocated positions, so they write no KV and attend to nothing."""
+    """CUDA graphs of a step's drafting after the first pass, one per number of sampling requests
+    (a ladder): how many of the drafts just verified the target accepted, the first draft from the
+    row of the first rejected one, and the k-1 decode steps (the draft's own graphs, in their own
+    memory pool). They read the first pass's static buffers, the target's input ids (the runner's
+    static buffer) and, copied into their own buffers before a replay, the staged per-request rows,
+    block tables and the target's samples. Padding rows have no allocated positions, so they write
+    no KV and attend to nothing."""
 
-    def __init__(self, drafter: Drafter, sizes: list[int], width: int):
+    def __init__(self, drafter: Drafter, sizes: list[int], width: int, target_ids: torch.Tensor):
         super().__init__(sizes)
         self.drafter = drafter
-        d, n = drafter.device, self.max_size
-        self.tokens = torch.zeros(n, dtype=torch.long, device=d)
-        self.positions = torch.zeros(n, dtype=torch.long, device=d)
-        self.capacity = torch.zeros(n, dtype=torch.long, device=d)
+        self.target_ids = target_ids
+        d, n, k = drafter.device, self.max_size, drafter.k
+        self.requests = torch.zeros(n, 2 + 2 * k, dtype=torch.long, device=d)
+        self.requests[:, 2:2 + k] = -1
         self.tables = torch.full((n, width), -1, dtype=torch.long, device=d)
-        carries = drafter.proposer.target_hidden is not None
-        self.carry = torch.zeros(n, drafter.net.spec.hidden_size, dtype=drafter.dtype, device=d) if carries else None
+        self.samples = torch.zeros(drafter.max_tokens, dtype=torch.long, device=d)
 
     @torch.inference_mode()
     def capture(self) -> CaptureReport:
-        drafter = self.drafter
+        drafter, first = self.drafter, self.drafter.first_pass_buffers
 
-        def run(size: int) -> torch.Tensor:
-            carry = None if self.carry is None else self.carry[:size]
-            steps = drafter._decode_steps(self.tokens[:size], self.positions[:size], carry, self.capacity[:size],
-                                          self.tables[:size])
-            return torch.stack(steps, dim=1)
+        def run(size: int) -> tuple[torch.Tensor, torch.Tensor]:
+            return drafter._draft(first.normed, first.carry, first.positions, self.target_ids, self.samples,
+                                  self.requests[:size], self.tables[:size], steps=True)
 
         self.graphs, self.report = self.capture_ladder(lambda size: drafter.backend.plan_decode([[]] * size), run,
                                                        "draft decode batch size")
         return self.report
 
-    def replay(self, staged: StagedDraft, num: int, size: int, tokens, positions, carry) -> torch.Tensor:
-        """[num, k-1] drafts after the first ones."""
+    def replay(self, staged: StagedDraft, num: int, size: int, samples: torch.Tensor) -> tuple:
+        """([num, k] drafts, [num] drafts accepted), after a first pass that a graph ran. A real
+        request's table columns past its own are stale: its positions there are past its capacity,
+        so they get no slot."""
         self.drafter.backend.plan_decode(staged.decode_tables + [[]] * (size - num))
-        self.tokens[:num].copy_(tokens)
-        self.positions[:num].copy_(positions)
-        self.capacity[:num].copy_(staged.capacity)
-        self.capacity[num:size].zero_()
-        self.tables[:num].fill_(-1)
+        self.requests[:size].copy_(staged.requests)  # staged padded to this size
         self.tables[:num, :staged.tables.shape[1]].copy_(staged.tables)
-        if carry is not None:
-            self.carry[:num].copy_(carry)
-        return self.replay_graph(size)[:num]
+        self.samples[:samples.shape[0]].copy_(samples)
+        drafts, accepted = self.replay_graph(size)
+        return drafts[:num], accepted[:num]
+
+
+@dataclass
+class FirstPassBuffers:
+    """The static inputs and outputs of every first-pass graph, shared by all its capture modes so
+    that the draft graphs after it read one place. `hidden`: EAGLE-3's aux buffer, or the
+    target's final states copied in; `carry`: a head's pre-norm output (None for a draft LM)."""
+    ids: torch.Tensor
+    positions: torch.Tensor
+    slots: torch.Tensor
+    hidden: torch.Tensor | None
+    normed: torch.Tensor
+    carry: torch.Tensor | None
+
+    @classmethod
+    def allocate(cls, drafter: Drafter, n: int) -> FirstPassBuffers:
+        d, hidden_size, source = drafter.device, drafter.net.spec.hidden_size, drafter.proposer.target_hidden
+        states = lambda: torch.zeros(n, hidden_size, dtype=drafter.dtype, device=d)  # noqa: E731
+        hidden = drafter.aux_hidden if source == "aux" else states() if source == "final" else None
+        return cls(torch.zeros(n, dtype=torch.long, device=d), torch.zeros(n, dtype=torch.long, device=d),
+                   torch.full((n,), -1, dtype=torch.long, device=d), hidden, states(),
+                   states() if source is not None else None)
 
 
 class FirstPassGraphs(SizeLadder):
@@ -327,20 +375,13 @@ class FirstPassGraphs(SizeLadder):
         self.prefill = prefill
         self.kv_only = kv_only
         self.max_seqs = max_seqs
-        d, n = drafter.device, self.max_size
-        self.ids = torch.zeros(n, dtype=torch.long, device=d)
-        self.positions = torch.zeros(n, dtype=torch.long, device=d)
-        self.slots = torch.full((n,), -1, dtype=torch.long, device=d)
-        source = drafter.proposer.target_hidden
-        # EAGLE-3's aux buffer is static already; the target's final states are copied into this one
-        self.hidden = drafter.aux_hidden if source == "aux" else None
-        if source == "final":
-            self.hidden = torch.zeros(n, drafter.net.spec.hidden_size, dtype=drafter.dtype, device=d)
+        self.buffers = drafter.first_pass_buffers
 
     def _plan(self, size: int, query_lens: list[int], seq_lens: list[int], tables: list[list[int]],
               device_seq_lens: torch.Tensor | None = None) -> None:
-        batch = ForwardBatch(self.ids[:size], self.positions[:size], self.slots[:size], query_lens, seq_lens,
-                             tables, self.positions[:0], sum(query_lens), device_seq_lens=device_seq_lens)
+        b = self.buffers
+        batch = ForwardBatch(b.ids[:size], b.positions[:size], b.slots[:size], query_lens, seq_lens,
+                             tables, b.positions[:0], sum(query_lens), device_seq_lens=device_seq_lens)
         self.drafter.backend.plan(batch, num_padded_seqs=min(size, self.max_seqs) if self.prefill else size)
 
     @torch.inference_mode()
@@ -351,9 +392,18 @@ class FirstPassGraphs(SizeLadder):
             self._plan(size, *(([size], [size], [[]]) if self.prefill else ([], [], [])))
 
         def run(size: int) -> tuple | None:
+            b = self.buffers
+            inputs = b.ids[:size], b.positions[:size], None if b.hidden is None else b.hidden[:size]
             with forward_context(backend):
-                return (net.fill_kv if self.kv_only else net)(
-                    self.ids[:size], self.positions[:size], None if self.hidden is None else self.hidden[:size])
+                if self.kv_only:
+                    return net.fill_kv(*inputs)
+                normed, carry = net(*inputs)
+            # into the shared outputs, which the draft graphs read
+            b.normed[:size].copy_(normed)
+            if carry is None:
+                return b.normed[:size], None
+            b.carry[:size].copy_(carry)
+            return b.normed[:size], b.carry[:size]
 
         what = "draft prefill tokens" if self.prefill else "draft KV fill rows" if self.kv_only \
             else "draft first pass rows"
@@ -361,13 +411,14 @@ class FirstPassGraphs(SizeLadder):
         return self.report
 
     def replay(self, staged: StagedDraft, size: int, ids: torch.Tensor, hidden: torch.Tensor | None) -> tuple:
-        """(normed, carried hidden) of the first pass, padding rows included (the graph's outputs)."""
-        num = ids.shape[0]
-        self.ids[:num].copy_(ids)
-        self.positions[:num].copy_(staged.positions)
-        self.slots[:num].copy_(staged.slots)
-        self.slots[num:size].fill_(-1)
-        if hidden is not None and hidden.data_ptr() != self.hidden.data_ptr():
-            self.hidden[:num].copy_(hidden)
+        """(normed, carried hidden) of the first pass, padding rows included (views of the
+        FirstPassBuffers)."""
+        num, b = ids.shape[0], self.buffers
+        b.ids[:num].copy_(ids)
+        b.positions[:num].copy_(staged.positions)
+        b.slots[:num].copy_(staged.slots)
+        b.slots[num:size].fill_(-1)
+        if hidden is not None and hidden.data_ptr() != b.hidden.data_ptr():
+            b.hidden[:num].copy_(hidden)
         self._plan(size, staged.query_lens, staged.seq_lens, staged.block_tables, staged.device_seq_lens)
         return self.replay_graph(size)

@@ -66,7 +66,8 @@ class StepHandle:
         self.prompt_rows = prompt_rows
         self.logits = logits if prompt_rows else None
         self.tokens = sampled.tokens.to("cpu", non_blocking=True) if sampled is not None else None
-        self.proposed = proposed.to("cpu", non_blocking=True) if proposed is not None else None
+        # a copy even on the CPU: the draft graphs' output buffer is rewritten by the next step
+        self.proposed = proposed.to("cpu", non_blocking=True, copy=True) if proposed is not None else None
         self.timed = timed
         self.done = torch.cuda.Event() if logits.is_cuda else None
         if self.done is not None:
@@ -192,7 +193,8 @@ class ModelRunner:
         self.graphs = DecodeGraphs(self, rows)
         self.graphs.capture()
         if self.drafter is not None:
-            self.drafter.capture(sizes, rows, draft_prefill_sizes, self.max_model_len, sched.max_num_seqs)
+            self.drafter.capture(sizes, rows, draft_prefill_sizes, self.max_model_len, sched.max_num_seqs,
+                                 self.input_ids)
 
     def _setup_moe(self, config: EngineConfig) -> None:
         """The MoE layers' executor settings; the routing record when requests may ask for it."""
