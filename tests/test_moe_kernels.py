@@ -61,6 +61,20 @@ def test_layouts_leave_unrouted_entries_out():
     assert counts.tolist() == [1, 0, 2] and slots.tolist() == [[4, -1, -1], [-1, -1, -1], [0, 5, -1]]
 
 
+@pytest.mark.parametrize("T", [3, 40])  # one tile (the one-launch masked layout), several
+def test_layouts_drop_ids_past_the_experts(T):
+    """An id past the experts is left out like a padding entry, never written out of bounds."""
+    ids, _ = routing(T, 6, 2, "random", seed=T)
+    broken = ids.clone()
+    broken[0, 0], broken[T - 1, 1] = 6, 7
+    dropped = ids.clone()
+    dropped[0, 0], dropped[T - 1, 1] = -1, -1
+    for got, want in zip(align_by_expert(broken, 6, 16), align_reference(dropped, 6, 16)):
+        assert torch.equal(got, want)
+    for got, want in zip(masked_layout(broken, 6, T), masked_layout_reference(dropped, 6, T)):
+        assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "masked"])
 @pytest.mark.parametrize("kind", ROUTINGS)
 @pytest.mark.parametrize("T,E,H,I", [(0, 4, 32, 16), (1, 4, 32, 16), (3, 8, 64, 48), (17, 8, 64, 48)])

@@ -262,8 +262,9 @@ class ModelRunner:
         blocks_per_seq = -(-max(lens) // self.block_size)
         spec = self.model.spec
         shape = (seqs * blocks_per_seq, self.block_size, spec.num_kv_heads, spec.head_dim)
-        caches = [(torch.empty(shape, dtype=self.dtype, device=self.device),
-                   torch.empty(shape, dtype=self.dtype, device=self.device)) for _ in range(spec.num_layers)]
+        # zeros: the pass attends over these blocks, and garbage there (NaN) would reach a MoE router
+        caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
+                   torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in range(spec.num_layers)]
         cache_bytes = 2 * spec.num_layers * caches[0][0].numel() * caches[0][0].element_size()
         tables = [list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq)) for i in range(seqs)]
         batch = ForwardBatch(self.input_ids[:tokens], self.positions[:tokens], self.slot_mapping[:tokens], lens,

@@ -76,3 +76,18 @@ def test_graph_replay_with_new_inputs_equals_eager(experts, T, layout):
     assert torch.equal(out, eager)
     torch.testing.assert_close(out.float(), moe_reference(new_x, w13, w2, new_ids, new_weights).float(),
                                atol=1e-2, rtol=1e-2)
+
+
+def test_nan_logits_route_to_real_experts_and_the_layouts_stay_in_bounds():
+    """Garbage reaching the router (NaN rows) picks ids inside the layer, and the layouts built
+    from them write nothing out of bounds: an id past the experts once faulted the scatter."""
+    from lanner.kernels.moe.routing import route
+
+    logits = torch.randn(300, E, device="cuda")
+    logits[::3] = float("nan")
+    for scoring in ("softmax", "sigmoid"):
+        ids, _ = route(logits, K, scoring=scoring, renormalize=True)
+        assert bool(((ids >= 0) & (ids < E)).all())
+        align_by_expert(ids, E, 16)
+        masked_layout(ids[:16], E, 16)
+    torch.cuda.synchronize()

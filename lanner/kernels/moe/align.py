@@ -72,7 +72,7 @@ def _scatter_kernel(ids_ptr, offsets_ptr, out_ptr, num_entries, num_experts, cap
     i = tile * TILE + j
     ids = tl.load(ids_ptr + i, mask=i < num_entries, other=-1)
     rank = tl.sum(((ids[:, None] == ids[None, :]) & (j[None, :] < j[:, None])).to(tl.int32), 1)
-    routed = ids >= 0
+    routed = (ids >= 0) & (ids < num_experts)  # an id past the experts is dropped, never written out of bounds
     pos = tl.load(offsets_ptr + tile * num_experts + ids, mask=routed, other=0) + rank
     if MASKED:  # past capacity: dropped (never, with capacity = T)
         routed = routed & (pos < (ids + 1) * capacity)
@@ -95,7 +95,7 @@ def _masked_small_kernel(ids_ptr, slots_ptr, counts_ptr, num_entries, num_expert
     tl.store(counts_ptr + e, tl.minimum(counts, capacity), mask=e < num_experts)
     rank = tl.sum(((ids[:, None] == ids[None, :]) & (j[None, :] < j[:, None])).to(tl.int32), 1)
     tl.debug_barrier()  # every thread's -1 lands before any slot is written
-    tl.store(slots_ptr + ids * capacity + rank, j, mask=(ids >= 0) & (rank < capacity))
+    tl.store(slots_ptr + ids * capacity + rank, j, mask=(ids >= 0) & (ids < num_experts) & (rank < capacity))
 
 
 def _build_layout(topk_ids: torch.Tensor, num_experts: int, out: torch.Tensor, masked: bool, capacity: int = 0,

@@ -23,7 +23,8 @@ def _route_kernel(logits_ptr, bias_ptr, num_real_ptr, ids_ptr, weights_ptr, stri
     else:
         p = tl.exp(x - tl.max(x, 0))
         scores = p / tl.sum(p, 0)
-    choice = tl.where(valid, scores, float("-inf"))
+    # NaN scores (a broken input) rank last, so every pick is a real expert
+    choice = tl.where(valid & (scores == scores), scores, float("-inf"))
     if HAS_BIAS:
         choice += tl.load(bias_ptr + e, mask=valid, other=0.0).to(tl.float32)
     if TOPK_GROUPS < NUM_GROUPS:  # keep the groups whose two best experts sum highest
