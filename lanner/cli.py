@@ -120,6 +120,13 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from lanner.serving.async_engine import AsyncEngine
 
     config, engine_config = serve_configs(args)
+    from lanner.executor.worker import hosts_ranks_only
+
+    if hosts_ranks_only(engine_config):  # a machine (or torchrun process) of other ranks: no server here
+        from lanner.engine.engine import LLMEngine
+
+        LLMEngine(engine_config)  # runs this machine's ranks until rank 0 stops them, then exits
+        return
     metrics = ServerMetrics()
     # a SIGTERM while the engine loads exits normally, so the engine process is stopped too
     signal.signal(signal.SIGTERM, _exit_on_signal)

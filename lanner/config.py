@@ -104,11 +104,25 @@ class SchedulerConfig:
 
 @dataclass
 class ParallelConfig:
-    tensor_parallel_size: int = _opt(1, "GPUs to shard the model over (only 1 is implemented so far)",
+    tensor_parallel_size: int = _opt(1, "ranks (GPUs, or CPU processes over gloo) to shard the model over; "
+                                        "lanner starts them on this machine (see --nnodes for several)",
                                      aliases=("-tp",))
+    nnodes: int = _opt(1, "machines the ranks are spread over (each runs `lanner ...` with its --node-rank); "
+                          "not needed under torchrun, whose environment says it")
+    node_rank: int = _opt(0, "this machine's index among --nnodes (0 runs the engine and the server)")
+    master_addr: str = _opt("127.0.0.1", "address of node 0, where the ranks meet")
+    master_port: int | None = _opt(None, "port on node 0 where the ranks meet (default: a free one; required "
+                                         "with --nnodes > 1)")
+    distributed_timeout_s: float = _opt(120.0, "a collective that waits longer than this fails (a rank that "
+                                               "stopped answering), and the engine with it")
 
     def __post_init__(self) -> None:
-        _check(self.tensor_parallel_size == 1, "tensor_parallel_size > 1 is not implemented yet")
+        _check(self.tensor_parallel_size >= 1, "tensor_parallel_size must be >= 1")
+        _check(self.nnodes >= 1 and 0 <= self.node_rank < self.nnodes, "node_rank must be in [0, nnodes)")
+        _check(self.tensor_parallel_size % self.nnodes == 0,
+               f"tensor_parallel_size ({self.tensor_parallel_size}) must be a multiple of nnodes ({self.nnodes})")
+        _check(self.nnodes == 1 or self.master_port is not None, "--nnodes > 1 needs --master-port")
+        _check(self.distributed_timeout_s > 0, "distributed_timeout_s must be > 0")
 
 
 @dataclass

@@ -125,7 +125,8 @@ def test_chunked_prefill_off_prefills_each_prompt_in_one_step():
     ("kv_cache_dtype", "fp8", "kv_cache_dtype 'fp8' is not supported yet"),
     ("tokenizer_mode", "mistral", "tokenizer_mode 'mistral' is not supported"),
     ("tokenizer_mode", "slow", "no slow tokenizers"),
-    ("tensor_parallel_size", 2, "not implemented yet"),
+    ("tensor_parallel_size", 0, "tensor_parallel_size must be >= 1"),
+    ("nnodes", 2, "must be a multiple of nnodes"),
 ])
 def test_options_lanner_cannot_honour_are_refused_by_name(option, value, fragment):
     with pytest.raises(ConfigError, match=fragment):
@@ -174,8 +175,10 @@ def test_serve_takes_the_model_positionally_and_names_it_as_vllm_does(tmp_path, 
     assert config.served_model_name == ["a", "b"]
     with pytest.raises(ConfigError, match="two models"):
         serve_configs(serve_args("org/one", "--model", "org/two"))
-    with pytest.raises(ConfigError, match="not implemented"):
-        serve_configs(serve_args("-tp", "2"))
+    _, engine = serve_configs(serve_args("-tp", "2", "--nnodes", "2", "--node-rank", "1", "--master-port", "9"))
+    assert (engine.parallel.tensor_parallel_size, engine.parallel.nnodes, engine.parallel.node_rank) == (2, 2, 1)
+    with pytest.raises(ConfigError, match="node_rank"):
+        serve_configs(serve_args("-tp", "2", "--nnodes", "2", "--node-rank", "2", "--master-port", "9"))
 
 
 def test_serve_flags_reach_the_server(tmp_path, monkeypatch):

@@ -16,6 +16,7 @@ import itertools
 import logging
 import random
 import time
+import weakref
 from typing import Any
 
 import torch
@@ -30,8 +31,9 @@ from lanner.engine.kv_cache import KVCacheManager
 from lanner.engine.prompts import Prompts
 from lanner.engine.scheduler import Scheduler
 from lanner.engine.speculation import Speculator
-from lanner.errors import CapacityExceeded, ConfigError, InvalidRequest
+from lanner.errors import CapacityExceeded, ConfigError, EngineDead, InvalidRequest
 from lanner.executor.model_runner import ModelRunner, StepHandle
+from lanner.executor.worker import start_ranks
 from lanner.models.loader import load_model
 from lanner.sampling.speculative import DraftContext, ModelProposer
 
@@ -73,6 +75,23 @@ class LLMEngine:
         self.device = resolve_device(config.device)
         hf_config = load_hf_config(path, mc.hf_overrides)
         self.dtype = resolve_dtype(config.dtype, self.device, hf_config)
+        limit = getattr(hf_config, "max_position_embeddings", None) or 2048
+        self.max_model_len = min(mc.max_model_len or limit, limit)
+        if config.parallel.tensor_parallel_size > 1 and config.speculative_config is not None:
+            raise ConfigError("speculative decoding with tensor_parallel_size > 1 is not built yet")
+        self.dead: str | None = None  # why the engine cannot run any more (a tensor-parallel rank failed)
+        self.ranks = start_ranks(config, path, self.dtype, self.max_model_len, self.device.type)
+        try:
+            self._build(config, path, tokenizer_path)
+        except BaseException:
+            if self.ranks is not None:  # they wait for a plan that will never come
+                self.ranks.kill()
+            raise
+        if self.ranks is not None:
+            weakref.finalize(self, self.ranks.stop)
+
+    def _build(self, config: EngineConfig, path: str, tokenizer_path: str) -> None:
+        mc = config.model
         torch.manual_seed(config.seed)
         loaded = load_model(path, tokenizer_path, mc.load_format, self.dtype, self.device, config.seed,
                             mc.hf_overrides, mc.generation_config)
@@ -84,8 +103,6 @@ class LLMEngine:
         self.eos_token_ids = loaded.eos_token_ids
         self.sampling_defaults = loaded.sampling_defaults
         self.vocab_size = loaded.model.spec.vocab_size
-        limit = getattr(self.hf_config, "max_position_embeddings", None) or 2048
-        self.max_model_len = min(mc.max_model_len or limit, limit)
         sc = config.scheduler
         if not sc.enable_chunked_prefill and sc.max_num_batched_tokens < self.max_model_len:
             raise ConfigError(f"without chunked prefill a whole prompt must fit one step: max_num_batched_tokens "
@@ -121,6 +138,8 @@ class LLMEngine:
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None) -> None:
         """Queue a request; raises InvalidRequest or CapacityExceeded without touching engine state."""
         params = params or SamplingParams()
+        if self.dead is not None:
+            raise EngineDead(self.dead)
         if request_id in self.groups:
             raise InvalidRequest(f"request id {request_id!r} is already in use")
         text, token_ids = self._tokenize(prompt)
@@ -206,7 +225,7 @@ class LLMEngine:
         if sched.is_empty:
             return outputs + self._read_back()
         self._stepping = sched  # what fail_step aborts if the launch raises
-        handle = self.runner.launch(sched)
+        handle = self.runner.launch(sched) if self.ranks is None else self._launch_on_every_rank(sched)
         self.num_steps += 1
         self.num_tokens_computed += sched.num_tokens
         for req, num_new in sched.scheduled:
@@ -221,6 +240,26 @@ class LLMEngine:
         if not self.config.scheduler.overlap_scheduling:
             outputs += self._read_back()
         return outputs
+
+    def _launch_on_every_rank(self, sched: SchedulerOutput) -> StepHandle:
+        """Send the plan to the other ranks, then run this rank's part. A failure here (a rank gone,
+        a collective that timed out, an error on this rank) leaves the ranks out of step: the
+        engine is dead, and the ranks are stopped so nothing waits on them."""
+        if self.dead is not None:
+            raise EngineDead(self.dead)
+        try:
+            self.ranks.send(sched)
+            return self.runner.launch(sched)
+        except Exception as e:
+            self.dead = f"a tensor-parallel step failed ({type(e).__name__}: {e}); the ranks are stopped"
+            logger.error("%s", self.dead)
+            self.ranks.kill()
+            raise EngineDead(self.dead) from e
+
+    def shutdown(self) -> None:
+        """Stop the other tensor-parallel ranks (nothing to do on one rank)."""
+        if self.ranks is not None:
+            self.ranks.stop()
 
     def _must_read_back(self, handle: StepHandle) -> bool:
         """Whether the step in flight must be read back before the next is planned: a request of it
@@ -348,6 +387,9 @@ class LLMEngine:
         bad = [t for t in token_ids if not 0 <= t < self.vocab_size]
         if bad:
             raise InvalidRequest(f"unknown token ids {bad[:5]} (vocabulary size {self.vocab_size})")
+        if params.logits_processors and self.ranks is not None:
+            raise InvalidRequest("logits_processors run on one process; with tensor_parallel_size > 1 every rank "
+                                 "samples, so they are not supported there")
         if (params.return_routed_experts or params.return_prompt_routed_experts) and self.runner.routing is None:
             raise InvalidRequest("routed experts are recorded only by an engine started with "
                                  "enable_return_routed_experts (--enable-return-routed-experts) on a MoE model")

@@ -19,6 +19,7 @@ from lanner.core.transfer import to_device
 from lanner.errors import ConfigError
 from lanner.executor.deferred import Deferred
 from lanner.executor.drafter import Drafter
+from lanner.executor.worker import min_over_ranks
 from lanner.executor.graphs import DecodeGraphs, decode_graph_sizes, verify_graph_sizes
 from lanner.executor.kv_tensors import allocate_kv_caches, kv_block_bytes
 from lanner.executor.piecewise import PiecewiseGraphs, piecewise_sizes
@@ -156,7 +157,7 @@ class ModelRunner:
             self._setup_moe(config)
         elif config.moe != MoEConfig():
             raise ConfigError(f"MoE options {config.moe} given, but this model has no MoE layers")
-        self.num_blocks = self._num_kv_blocks()
+        self.num_blocks = min_over_ranks(self._num_kv_blocks())  # every rank holds the same blocks
         if self.moe is not None:  # after the memory profile, whose rows are all real
             self.moe.num_real_tokens = self.num_real_tokens
         self.kv_caches = allocate_kv_caches(self.model.spec, self.num_blocks, self.block_size, dtype, device)

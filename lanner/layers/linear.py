@@ -1,32 +1,74 @@
 """Linear layers whose weights are loaded from checkpoint tensors, possibly
 several checkpoint tensors stacked into one (q/k/v, gate/up) so one matmul
-serves them all."""
+serves them all.
+
+Under tensor parallelism (lanner/distributed.py) a layer holds one rank's shard:
+column-parallel layers a slice of the outputs (each rank computes its own), row-parallel
+layers a slice of the inputs (the partial outputs are summed over the ranks: one all-reduce,
+then the bias). `checkpoint_slice` cuts this rank's piece out of a whole checkpoint tensor."""
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lanner.distributed import TP, all_reduce
+
+Parallel = Literal["column", "row"] | None
+
 
 class Linear(nn.Module):
-    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+    """`in_features` and `out_features` are this rank's (already divided); `shard_index`: which
+    slice of the checkpoint a column-parallel layer holds (the rank, unless slices are replicated)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, parallel: Parallel = None,
+                 shard_index: int | None = None, reduce: bool = True):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
+        self.parallel = parallel if TP.size > 1 else None
+        self.shard_index = TP.rank if shard_index is None else shard_index
+        # row-parallel without the all-reduce: the caller sums this output with others first
+        self.reduce = reduce
 
     def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        if self.parallel == "row":
+            y = F.linear(x, self.weight) if out is None else torch.mm(x, self.weight.t(), out=out)
+            if self.reduce:
+                all_reduce(y)
+            return y if self.bias is None else y.add_(self.bias / (1 if self.reduce else TP.size))
         if out is None:
             return F.linear(x, self.weight, self.bias)
         torch.mm(x, self.weight.t(), out=out)  # into a static buffer (graph pieces)
         return out if self.bias is None else out.add_(self.bias)
 
+    def checkpoint_slice(self, param: torch.Tensor, tensor: torch.Tensor, shard=None) -> torch.Tensor:
+        """This rank's piece of the whole checkpoint tensor for `param`."""
+        if self.parallel == "row" and param is self.weight:
+            return tensor.narrow(1, TP.rank * param.shape[1], param.shape[1])
+        if self.parallel == "column":
+            rows = param.shape[0]
+            return tensor.narrow(0, self.shard_index * rows, rows)
+        return tensor
+
 
 class MergedLinear(Linear):
-    """Outputs of several checkpoint linears, concatenated along the output dim."""
+    """Outputs of several checkpoint linears, concatenated along the output dim; column-parallel
+    with `shard_indices`, this rank's slice of each (`out_sizes` are the slices' sizes)."""
 
-    def __init__(self, in_features: int, out_sizes: list[int], bias: bool = False):
-        super().__init__(in_features, sum(out_sizes), bias)
+    def __init__(self, in_features: int, out_sizes: list[int], bias: bool = False,
+                 shard_indices: list[int] | None = None):
+        super().__init__(in_features, sum(out_sizes), bias, "column" if shard_indices else None)
         self.offsets = [sum(out_sizes[:i]) for i in range(len(out_sizes) + 1)]
+        self.shard_indices = shard_indices
 
     def shard(self, param: torch.Tensor, index: int) -> torch.Tensor:
         return param.narrow(0, self.offsets[index], self.offsets[index + 1] - self.offsets[index])
+
+    def checkpoint_slice(self, param: torch.Tensor, tensor: torch.Tensor, shard=None) -> torch.Tensor:
+        if self.parallel is None:
+            return tensor
+        rows = self.offsets[shard + 1] - self.offsets[shard]
+        return tensor.narrow(0, self.shard_indices[shard] * rows, rows)

@@ -5,14 +5,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lanner.distributed import TP
 from lanner.layers.linear import Linear, MergedLinear
 
 
 class GatedMLP(nn.Module):
-    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False):
+    """`intermediate_size`: this rank's (tensor parallelism splits the features: gate/up are
+    column-parallel, down row-parallel); `reduce`: sum the ranks' outputs here (False: the
+    caller sums them with another output first, one all-reduce for both)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False, reduce: bool = True):
         super().__init__()
-        self.gate_up_proj = MergedLinear(hidden_size, [intermediate_size] * 2, bias=bias)
-        self.down_proj = Linear(intermediate_size, hidden_size, bias=bias)
+        self.gate_up_proj = MergedLinear(hidden_size, [intermediate_size] * 2, bias=bias,
+                                         shard_indices=[TP.rank] * 2 if TP.size > 1 else None)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=bias, parallel="row", reduce=reduce)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)

@@ -2,14 +2,17 @@
 RMSNorm per head). One module, with the differences as flags of DecoderSpec."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lanner.distributed import TP
+from lanner.errors import ConfigError
 from lanner.kernels.fused_reference import apply_rotary
 from lanner.layers.attention import Attention
+from lanner.layers.embedding import LMHead, VocabEmbedding
 from lanner.layers.linear import Linear, MergedLinear
 from lanner.layers.mlp import GatedMLP
 from lanner.layers.moe.block import MoEBlock, MoESpec
@@ -36,6 +39,28 @@ class DecoderSpec:
     mlp_bias: bool = False
     qk_norm: bool = False
     moe: MoESpec | None = None  # sparse MoE MLPs in moe.sparse_layers (Qwen3-MoE)
+    # tensor parallelism: how many distinct KV-head slices the ranks hold (fewer than the ranks
+    # when there are fewer KV heads than ranks: then each slice is replicated)
+    kv_shards: int = 1
+
+
+def shard_spec(spec: DecoderSpec) -> DecoderSpec:
+    """This rank's shape under tensor parallelism (lanner/distributed.py): its query heads, its
+    KV heads (one replicated head when there are fewer KV heads than ranks), its MLP and expert
+    features. The vocabulary stays whole: the head's logits are gathered."""
+    if TP.size == 1:
+        return spec
+    kv = spec.num_kv_heads
+    if kv % TP.size and TP.size % kv:
+        raise ConfigError(f"num_key_value_heads ({kv}) and tensor_parallel_size ({TP.size}): one must divide the "
+                          f"other")
+    moe = spec.moe
+    if moe is not None:
+        moe = replace(moe, intermediate_size=TP.split(moe.intermediate_size, "moe_intermediate_size"),
+                      shared_intermediate_size=TP.split(moe.shared_intermediate_size, "shared experts' size"))
+    return replace(spec, num_heads=TP.split(spec.num_heads, "num_attention_heads"), num_kv_heads=max(kv // TP.size, 1),
+                   kv_shards=min(kv, TP.size), intermediate_size=TP.split(spec.intermediate_size, "intermediate_size"),
+                   moe=moe)
 
 
 @dataclass
@@ -68,9 +93,11 @@ class DecoderAttention(nn.Module):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
         q_size, kv_size = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+        kv_index = TP.rank * spec.kv_shards // TP.size  # several ranks share a replicated KV slice
         # input_size: EAGLE-3's layer attends over the embedding and a hidden state side by side
-        self.qkv_proj = MergedLinear(input_size or spec.hidden_size, [q_size, kv_size, kv_size], bias=spec.qkv_bias)
-        self.o_proj = Linear(q_size, spec.hidden_size, bias=spec.o_bias)
+        self.qkv_proj = MergedLinear(input_size or spec.hidden_size, [q_size, kv_size, kv_size], bias=spec.qkv_bias,
+                                     shard_indices=[TP.rank, kv_index, kv_index] if TP.size > 1 else None)
+        self.o_proj = Linear(q_size, spec.hidden_size, bias=spec.o_bias, parallel="row")
         if spec.qk_norm:
             self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps)
             self.k_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps)
@@ -161,8 +188,7 @@ class DecoderLayer(nn.Module):
 class DecoderModel(nn.Module):
     def __init__(self, spec: DecoderSpec):
         super().__init__()
-        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size, _weight=torch.empty(
-            spec.vocab_size, spec.hidden_size), _freeze=True)
+        self.embed_tokens = VocabEmbedding(spec.vocab_size, spec.hidden_size)
         # shared by the MoE layers: the executor choice, the step's real token count, the routing record
         self.moe_runtime = MoERuntime() if spec.moe is not None else None
         self.layers = nn.ModuleList(DecoderLayer(spec, i, self.moe_runtime) for i in range(spec.num_layers))
@@ -182,13 +208,13 @@ class DecoderForCausalLM(nn.Module):
 
     def __init__(self, spec: DecoderSpec):
         super().__init__()
-        self.spec = spec
+        self.spec = spec = shard_spec(spec)
         self.model = DecoderModel(spec)
         self.rotary = RotaryEmbedding(spec.head_dim, spec.rope_theta, spec.rope_scaling)
         if spec.tie_word_embeddings:
             self.lm_head = None
         else:
-            self.lm_head = Linear(spec.hidden_size, spec.vocab_size)
+            self.lm_head = LMHead(spec.hidden_size, spec.vocab_size)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Hidden states [T, hidden]; logits are a separate call so graphs can capture the trunk alone."""
@@ -211,7 +237,10 @@ class DecoderForCausalLM(nn.Module):
             cos, sin = self.rotary.cos_sin(positions, self.model.embed_tokens.weight.dtype)
             bufs.cos.copy_(cos)
             bufs.sin.copy_(sin)
-            torch.index_select(self.model.embed_tokens.weight, 0, input_ids, out=bufs.residual)
+            if TP.size == 1:
+                torch.index_select(self.model.embed_tokens.weight, 0, input_ids, out=bufs.residual)
+            else:  # the ranks' rows summed
+                bufs.residual.copy_(self.model.embed_tokens(input_ids))
             layers[0].pre_attention(bufs.residual, None, bufs.cos, bufs.sin, bufs)
             return
         x, residual = layers[j - 1].post_attention(bufs.attn_out, bufs.residual)
@@ -243,7 +272,5 @@ class DecoderForCausalLM(nn.Module):
         return bufs.hidden
 
     def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        if out is not None:
-            return torch.mm(hidden, weight.t(), out=out)
-        return F.linear(hidden, weight)
+        head = self.model.embed_tokens.logits if self.lm_head is None else self.lm_head
+        return head(hidden, out)

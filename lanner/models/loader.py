@@ -165,8 +165,10 @@ def load_weights(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]], 
             if target_name not in params:
                 raise ConfigError(f"checkpoint tensor {name!r} matches no parameter of the model")
             param = params[target_name]
-            target = param if shard is None else model.get_submodule(target_name.rsplit(".", 1)[0]).shard(
-                param, shard)
+            owner = model.get_submodule(target_name.rsplit(".", 1)[0]) if "." in target_name else model
+            target = param if shard is None else owner.shard(param, shard)
+            if hasattr(owner, "checkpoint_slice"):  # tensor parallelism: this rank's piece
+                tensor = owner.checkpoint_slice(param, tensor, shard)
             if target.shape != tensor.shape:
                 raise ConfigError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model {tuple(target.shape)}")
             target.copy_(tensor)

@@ -144,6 +144,8 @@ class EngineLoop:
         except BaseException as e:  # a bug in the loop itself: fail everyone rather than hang them
             logger.exception("the engine loop crashed")
             self._die(e if isinstance(e, Exception) else RuntimeError(repr(e)))
+        finally:
+            self.engine.shutdown()  # its other tensor-parallel ranks, if any
 
     def _run_steps(self) -> None:
         failures = 0
@@ -168,7 +170,7 @@ class EngineLoop:
                 failures += 1
                 logger.exception("engine step failed (%d in a row)", failures)
                 self._fail_step(e)
-                if failures >= self.max_step_failures:
+                if failures >= self.max_step_failures or self.engine.dead is not None:  # dead: a rank failed
                     self._die(e)
                     return
                 continue

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lanner.distributed import TP, all_reduce
 from lanner.layers.mlp import GatedMLP
 from lanner.layers.moe.dispatch import LocalDispatcher
 from lanner.layers.moe.experts import Experts
@@ -27,7 +28,9 @@ class MoEBlock(nn.Module):
         super().__init__()
         self.gate = Router(spec.router, hidden_size)
         self.experts = Experts(spec.router.num_experts, hidden_size, spec.intermediate_size)
-        self.shared_experts = GatedMLP(hidden_size, spec.shared_intermediate_size) \
+        # under tensor parallelism every rank holds a slice of each expert's features: the routed and
+        # shared experts' partial outputs are summed over the ranks once, together
+        self.shared_experts = GatedMLP(hidden_size, spec.shared_intermediate_size, reduce=False) \
             if spec.shared_intermediate_size else None
         self.dispatcher = LocalDispatcher()
         self.runtime = runtime
@@ -42,4 +45,5 @@ class MoEBlock(nn.Module):
         experts = self.experts
         out = runtime.strategy(local.x, experts.w13).run(local.x, experts.w13, experts.w2, local.ids, local.weights)
         out = self.dispatcher.combine(out, local)
-        return out if self.shared_experts is None else out + self.shared_experts(x)
+        out = out if self.shared_experts is None else out + self.shared_experts(x)
+        return all_reduce(out) if TP.size > 1 else out

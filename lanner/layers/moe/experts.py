@@ -8,12 +8,16 @@ import re
 import torch
 from torch import nn
 
+from lanner.distributed import TP
 from lanner.errors import ConfigError
 
 _EXPERT_WEIGHT = re.compile(r"\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 
 
 class Experts(nn.Module):
+    """`intermediate_size`: this rank's slice of each expert's features under tensor parallelism
+    (gate/up rows and down columns; the block sums the ranks' outputs)."""
+
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
         super().__init__()
         self.num_experts, self.intermediate_size = num_experts, intermediate_size
@@ -33,6 +37,11 @@ class Experts(nn.Module):
             return param[expert]
         size = self.intermediate_size
         return param[expert, part * size:(part + 1) * size]
+
+    def checkpoint_slice(self, param: torch.Tensor, tensor: torch.Tensor, shard=None) -> torch.Tensor:
+        """This rank's features of one expert's checkpoint tensor (all of them on one rank)."""
+        size = self.intermediate_size
+        return tensor.narrow(1 if param is self.w2 else 0, TP.rank * size, size) if TP.size > 1 else tensor
 
 
 def checkpoint_target(name: str) -> tuple[str, tuple[int, int]] | None:

@@ -1,0 +1,48 @@
+"""Tensor parallelism: this process's place among the ranks, and the collectives the sharded
+layers call. With one rank (the default) every collective is a no-op and every layer holds the
+whole model, so the single-device path is unchanged.
+
+The state is process-wide (`TP`), set once before the model is built (executor/worker.py); the
+layers read it when they are constructed (their shard) and when they run (the collectives)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from lanner.errors import ConfigError
+
+
+@dataclass
+class TensorParallel:
+    rank: int = 0
+    size: int = 1
+    group: Any = None  # the device group: NCCL on GPUs, gloo on CPUs
+    plans: Any = None  # a gloo group of the same ranks, for the step plans rank 0 sends
+
+    def split(self, n: int, what: str) -> int:
+        """This rank's share of `n` (heads, features, vocabulary rows), which must divide evenly."""
+        if n % self.size:
+            raise ConfigError(f"{what} ({n}) is not divisible by tensor_parallel_size ({self.size})")
+        return n // self.size
+
+
+TP = TensorParallel()
+
+
+def all_reduce(x: torch.Tensor) -> torch.Tensor:
+    """Sum `x` over the ranks, in place (rows of a row-parallel layer's partial outputs)."""
+    if TP.size > 1:
+        torch.distributed.all_reduce(x, group=TP.group)
+    return x
+
+
+def all_gather_columns(x: torch.Tensor) -> torch.Tensor:
+    """[T, n] on each rank -> [T, n * size], rank r's columns at r * n (vocabulary-parallel logits)."""
+    if TP.size == 1:
+        return x
+    parts = torch.empty(TP.size * x.shape[0], x.shape[1], dtype=x.dtype, device=x.device)
+    gather = getattr(torch.distributed, "all_gather_single", None) or torch.distributed.all_gather_into_tensor
+    gather(parts, x.contiguous(), group=TP.group)  # (renamed in torch 2.13)
+    return parts.view(TP.size, *x.shape).permute(1, 0, 2).reshape(x.shape[0], TP.size * x.shape[1])

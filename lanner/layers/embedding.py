@@ -1,0 +1,64 @@
+"""The token embedding and the LM head, vocabulary-parallel under tensor parallelism: rank r
+holds rows [r * n, (r + 1) * n) of the (padded) vocabulary. The embedding looks up the ids it
+holds and the ranks' rows are summed; the head computes its own vocabulary columns and the ranks'
+columns are gathered, for the rows that sample only (the caller picks them)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lanner.distributed import TP, all_gather_columns, all_reduce
+
+
+class VocabEmbedding(nn.Module):
+    def __init__(self, vocab_size: int, hidden_size: int):
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.rows = -(-vocab_size // TP.size)
+        self.start = TP.rank * self.rows
+        self.weight = nn.Parameter(torch.empty(self.rows, hidden_size), requires_grad=False)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if TP.size == 1:
+            return F.embedding(input_ids, self.weight)
+        local = input_ids - self.start
+        held = (local >= 0) & (local < self.rows)
+        out = F.embedding(torch.where(held, local, 0), self.weight) * held[:, None].to(self.weight.dtype)
+        return all_reduce(out)
+
+    def checkpoint_slice(self, param: torch.Tensor, tensor: torch.Tensor, shard=None) -> torch.Tensor:
+        return vocab_rows(tensor, self.start, self.rows)
+
+    def logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Tied LM head: hidden [T, H] -> logits [T, vocab]."""
+        return vocab_logits(hidden, self.weight, self.vocab_size, out)
+
+
+class LMHead(nn.Module):
+    def __init__(self, hidden_size: int, vocab_size: int):
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.rows = -(-vocab_size // TP.size)
+        self.start = TP.rank * self.rows
+        self.weight = nn.Parameter(torch.empty(self.rows, hidden_size), requires_grad=False)
+
+    def checkpoint_slice(self, param: torch.Tensor, tensor: torch.Tensor, shard=None) -> torch.Tensor:
+        return vocab_rows(tensor, self.start, self.rows)
+
+    def forward(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        return vocab_logits(hidden, self.weight, self.vocab_size, out)
+
+
+def vocab_rows(tensor: torch.Tensor, start: int, rows: int) -> torch.Tensor:
+    """Rows [start, start + rows) of a [vocab, ...] checkpoint tensor, zero past the vocabulary."""
+    piece = tensor[start:start + rows]
+    return piece if piece.shape[0] == rows else F.pad(piece, (0, 0, 0, rows - piece.shape[0]))
+
+
+def vocab_logits(hidden: torch.Tensor, weight: torch.Tensor, vocab_size: int,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    if TP.size == 1:
+        return F.linear(hidden, weight) if out is None else torch.mm(hidden, weight.t(), out=out)
+    logits = all_gather_columns(F.linear(hidden, weight))[:, :vocab_size]
+    return logits if out is None else out.copy_(logits)
