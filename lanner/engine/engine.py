@@ -23,8 +23,14 @@ import torch
 from torch.profiler import record_function
 
 from lanner.config import EngineConfig, SpeculativeConfig
-from lanner.core.request import (CompletionOutput, Request, RequestOutput, RequestOutputKind, RequestStatus,
-                                 SamplingParams)
+from lanner.core.request import (
+    CompletionOutput,
+    Request,
+    RequestOutput,
+    RequestOutputKind,
+    RequestStatus,
+    SamplingParams,
+)
 from lanner.core.schedule import SchedulerOutput
 from lanner.engine.detokenizer import Detokenizer, TokenBytes, find_stop_string, visible_length
 from lanner.engine.kv_cache import KVCacheManager

@@ -344,7 +344,7 @@ class FirstPassBuffers:
     @classmethod
     def allocate(cls, drafter: Drafter, n: int) -> FirstPassBuffers:
         d, hidden_size, source = drafter.device, drafter.net.spec.hidden_size, drafter.proposer.target_hidden
-        states = lambda: torch.zeros(n, hidden_size, dtype=drafter.dtype, device=d)  # noqa: E731
+        states = lambda: torch.zeros(n, hidden_size, dtype=drafter.dtype, device=d)
         hidden = drafter.aux_hidden if source == "aux" else states() if source == "final" else None
         return cls(torch.zeros(n, dtype=torch.long, device=d), torch.zeros(n, dtype=torch.long, device=d),
                    torch.full((n,), -1, dtype=torch.long, device=d), hidden, states(),

@@ -153,8 +153,8 @@ class Ranks:
         """Tell the ranks to exit (best effort: some may be gone), then make sure they are."""
         try:
             dist.broadcast_object_list([None], src=0, group=TP.plans)
-        except Exception:
-            pass
+        except Exception as e:  # noqa: BLE001 (a rank that is gone is stopped below either way)
+            logger.info("telling the ranks to stop failed: %s", e)
         for p in self.processes:
             p.join(timeout)
             if p.is_alive():
@@ -171,7 +171,7 @@ class Ranks:
             p.join(10.0)
         try:
             leave_group()
-        except Exception:  # a broken group may refuse to be torn down; the process state is reset anyway
+        except Exception:  # noqa: BLE001 (a broken group may refuse to be torn down; TP is reset anyway)
             TP.rank, TP.size, TP.group, TP.plans = 0, 1, None, None
 
 
@@ -204,7 +204,7 @@ def start_ranks(config: EngineConfig, path: str, dtype: torch.dtype, max_model_l
     init_method = "env://" if torchrun else f"tcp://{pc.master_addr}:{pc.master_port or free_port()}"
     args = RankArgs(config, path, dtype, max_model_len, init_method, size)
     if torchrun and int(os.environ["RANK"]) > 0:
-        run_worker(args, int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)))
+        run_worker(args, int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0")))
         raise SystemExit(0)
     processes = [] if torchrun else spawn_local_ranks(args, pc.node_rank)
     if pc.node_rank > 0:  # this machine hosts ranks only
@@ -212,7 +212,7 @@ def start_ranks(config: EngineConfig, path: str, dtype: torch.dtype, max_model_l
             p.join()
         raise SystemExit(max((p.exitcode or 0 for p in processes), default=0))
     try:
-        join_group(0, size, int(os.environ.get("LOCAL_RANK", 0)), init_method, device_type, pc.distributed_timeout_s)
+        join_group(0, size, int(os.environ.get("LOCAL_RANK", "0")), init_method, device_type, pc.distributed_timeout_s)
     except BaseException:
         Ranks(processes).kill()
         raise

@@ -11,7 +11,9 @@ from torch import nn
 from lanner.distributed import TP, all_gather_columns, all_reduce
 
 
-class VocabEmbedding(nn.Module):
+class VocabRows(nn.Module):
+    """A [vocab, hidden] weight, of which this rank holds its (padded) share of rows."""
+
     def __init__(self, vocab_size: int, hidden_size: int):
         super().__init__()
         self.vocab_size = vocab_size
@@ -19,6 +21,15 @@ class VocabEmbedding(nn.Module):
         self.start = TP.rank * self.rows
         self.weight = nn.Parameter(torch.empty(self.rows, hidden_size), requires_grad=False)
 
+    def checkpoint_slice(self, param: torch.Tensor, tensor: torch.Tensor, shard=None) -> torch.Tensor:
+        return vocab_rows(tensor, self.start, self.rows)
+
+    def logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden [T, H] -> logits [T, vocab] (the LM head; a tied one is the embedding's)."""
+        return vocab_logits(hidden, self.weight, self.vocab_size, out)
+
+
+class VocabEmbedding(VocabRows):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if TP.size == 1:
             return F.embedding(input_ids, self.weight)
@@ -27,27 +38,13 @@ class VocabEmbedding(nn.Module):
         out = F.embedding(torch.where(held, local, 0), self.weight) * held[:, None].to(self.weight.dtype)
         return all_reduce(out)
 
-    def checkpoint_slice(self, param: torch.Tensor, tensor: torch.Tensor, shard=None) -> torch.Tensor:
-        return vocab_rows(tensor, self.start, self.rows)
 
-    def logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Tied LM head: hidden [T, H] -> logits [T, vocab]."""
-        return vocab_logits(hidden, self.weight, self.vocab_size, out)
-
-
-class LMHead(nn.Module):
+class LMHead(VocabRows):
     def __init__(self, hidden_size: int, vocab_size: int):
-        super().__init__()
-        self.vocab_size = vocab_size
-        self.rows = -(-vocab_size // TP.size)
-        self.start = TP.rank * self.rows
-        self.weight = nn.Parameter(torch.empty(self.rows, hidden_size), requires_grad=False)
-
-    def checkpoint_slice(self, param: torch.Tensor, tensor: torch.Tensor, shard=None) -> torch.Tensor:
-        return vocab_rows(tensor, self.start, self.rows)
+        super().__init__(vocab_size, hidden_size)
 
     def forward(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        return vocab_logits(hidden, self.weight, self.vocab_size, out)
+        return self.logits(hidden, out)
 
 
 def vocab_rows(tensor: torch.Tensor, start: int, rows: int) -> torch.Tensor:
