@@ -113,6 +113,8 @@ class ParallelConfig:
     master_addr: str = _opt("127.0.0.1", "address of node 0, where the ranks meet")
     master_port: int | None = _opt(None, "port on node 0 where the ranks meet (default: a free one; required "
                                          "with --nnodes > 1)")
+    enable_expert_parallel: bool = _opt(False, "MoE layers: each rank holds whole experts (a contiguous block of "
+                                                "them) instead of a slice of every expert's features")
     distributed_timeout_s: float = _opt(120.0, "a collective that waits longer than this fails (a rank that "
                                                "stopped answering), and the engine with it")
 
@@ -123,6 +125,9 @@ class ParallelConfig:
                f"tensor_parallel_size ({self.tensor_parallel_size}) must be a multiple of nnodes ({self.nnodes})")
         _check(self.nnodes == 1 or self.master_port is not None, "--nnodes > 1 needs --master-port")
         _check(self.distributed_timeout_s > 0, "distributed_timeout_s must be > 0")
+        _check(not self.enable_expert_parallel or self.tensor_parallel_size > 1,
+               "enable_expert_parallel spreads experts over the tensor-parallel ranks: it needs "
+               "tensor_parallel_size > 1")
 
 
 @dataclass

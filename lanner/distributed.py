@@ -20,6 +20,7 @@ class TensorParallel:
     size: int = 1
     group: Any = None  # the device group: NCCL on GPUs, gloo on CPUs
     plans: Any = None  # a gloo group of the same ranks, for the step plans rank 0 sends
+    expert_parallel: bool = False  # MoE layers hold whole experts per rank (else a slice of each)
 
     def split(self, n: int, what: str) -> int:
         """This rank's share of `n` (heads, features, vocabulary rows), which must divide evenly."""

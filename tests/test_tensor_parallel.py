@@ -27,8 +27,10 @@ def shared_prefix_prompts(vocab: int) -> list[list[int]]:
     return prompts + [prompts[0] + prompts[1][:7]]
 
 
-@pytest.mark.parametrize("name", ["qwen3", "llama", "qwen3_moe"])
-def test_two_ranks_give_the_greedy_tokens_of_one(name, request):
+@pytest.mark.parametrize("name,options", [("qwen3", {}), ("llama", {}), ("qwen3_moe", {}),
+                                          ("qwen3_moe", {"enable_expert_parallel": True})],
+                         ids=["qwen3", "llama", "qwen3_moe-experts-split", "qwen3_moe-expert-parallel"])
+def test_two_ranks_give_the_greedy_tokens_of_one(name, options, request):
     """Chunked prefill (16-token steps), prefix hits and forced preemption (few KV blocks) on two
     ranks give the tokens of one rank without them (whose parity with transformers
     tests/test_parity.py checks; transformers' own generate() differs from its full forward on
@@ -36,8 +38,12 @@ def test_two_ranks_give_the_greedy_tokens_of_one(name, request):
     path = request.getfixturevalue(f"{name}_path")
     prompts = [{"prompt_token_ids": p} for p in shared_prefix_prompts(512)]
     want = [o.outputs[0].token_ids for o in make_llm(path).generate(prompts, GREEDY, use_tqdm=False)]
-    llm = make_llm(path, tensor_parallel_size=2, max_num_batched_tokens=16, num_kv_blocks=20, block_size=4)
+    llm = make_llm(path, tensor_parallel_size=2, max_num_batched_tokens=16, num_kv_blocks=20, block_size=4,
+                   **options)
     try:
+        if options:  # rank 0 holds experts 0-3 of 8, rank 1 experts 4-7
+            experts = llm.engine.runner.model.model.layers[1].mlp.experts
+            assert (experts.first, experts.count, experts.w13.shape[0]) == (0, 4, 4)
         llm.generate(prompts[:1], GREEDY, use_tqdm=False)  # fills the prefix cache
         outs = llm.generate(prompts, GREEDY, use_tqdm=False)
         assert [o.outputs[0].token_ids for o in outs] == want
@@ -65,6 +71,30 @@ def test_four_ranks_replicate_kv_heads_and_split_a_tied_vocabulary(qwen3_tied_pa
         llm.engine.shutdown()
 
 
+def test_expert_parallel_dispatch_keeps_this_ranks_experts_and_a_rank_with_no_tokens_adds_zeros(monkeypatch):
+    import torch
+
+    from lanner.distributed import TP
+    from lanner.kernels.moe.reference import moe_reference
+    from lanner.layers.moe.dispatch import ExpertParallelDispatcher
+    from lanner.layers.moe.experts import Experts, expert_ranks
+
+    assert expert_ranks(8, 2) == [0, 0, 0, 0, 1, 1, 1, 1] and expert_ranks(6, 3) == [0, 0, 1, 1, 2, 2]
+    monkeypatch.setattr(TP, "size", 2)
+    monkeypatch.setattr(TP, "rank", 1)
+    monkeypatch.setattr(TP, "expert_parallel", True)
+    experts = Experts(8, 16, 8)
+    assert (experts.first, experts.count) == (4, 4)
+    assert experts.shard(experts.w2, (2, 0)) is None and experts.shard(experts.w2, (5, 0)).shape == (16, 8)
+    x = torch.randn(3, 16)
+    ids = torch.tensor([[5, 0], [1, 2], [7, 4]], dtype=torch.int32)
+    local = ExpertParallelDispatcher(experts.first, experts.count).dispatch(x, ids, torch.rand(3, 2))
+    assert local.ids.tolist() == [[1, -1], [-1, -1], [3, 0]]
+    none_here = ExpertParallelDispatcher(4, 4).dispatch(x, ids[1:2], torch.rand(1, 2))  # only rank 0's experts
+    w13, w2 = torch.randn(4, 16, 16), torch.randn(4, 16, 8)
+    assert torch.equal(moe_reference(x[1:2], w13, w2, none_here.ids, none_here.weights), torch.zeros(1, 16))
+
+
 def test_shapes_that_do_not_split_and_unsupported_options_are_refused(qwen3_path, monkeypatch):
     with pytest.raises(ConfigError, match=r"tensor_parallel_size \(3\)"):
         make_llm(qwen3_path, tensor_parallel_size=3)
@@ -73,6 +103,10 @@ def test_shapes_that_do_not_split_and_unsupported_options_are_refused(qwen3_path
                                                                           "num_speculative_tokens": 2})
     with pytest.raises(ConfigError, match="multiple of nnodes"):
         make_llm(qwen3_path, tensor_parallel_size=3, nnodes=2, master_port=1234)
+    with pytest.raises(ConfigError, match="needs tensor_parallel_size > 1"):
+        make_llm(qwen3_path, enable_expert_parallel=True)
+    with pytest.raises(ConfigError, match="no MoE layers"):
+        make_llm(qwen3_path, tensor_parallel_size=2, enable_expert_parallel=True)
     llm = make_llm(qwen3_path, tensor_parallel_size=2)
     try:
         with pytest.raises(InvalidRequest, match="logits_processors"):

@@ -80,7 +80,7 @@ def free_port() -> int:
 
 
 def join_group(rank: int, world_size: int, local_rank: int, init_method: str, device_type: str,
-               timeout_s: float) -> None:
+               config: EngineConfig) -> None:
     """Join the ranks' process group and set TP (NCCL between GPUs, gloo between CPU processes;
     the plans always travel over gloo)."""
     if device_type == "cuda":
@@ -90,8 +90,9 @@ def join_group(rank: int, world_size: int, local_rank: int, init_method: str, de
                           "tensor_parallel_size > 1 per process)")
     backend = "nccl" if device_type == "cuda" else "gloo"
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(seconds=timeout_s))
+                            timeout=datetime.timedelta(seconds=config.parallel.distributed_timeout_s))
     TP.rank, TP.size, TP.group = rank, world_size, dist.group.WORLD
+    TP.expert_parallel = config.parallel.enable_expert_parallel
     # the ranks wait for plans as long as the engine stays idle; a rank 0 that dies closes the
     # connection, which ends the wait at once
     TP.plans = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=365))
@@ -100,7 +101,7 @@ def join_group(rank: int, world_size: int, local_rank: int, init_method: str, de
 def leave_group() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
-    TP.rank, TP.size, TP.group, TP.plans = 0, 1, None, None
+    TP.rank, TP.size, TP.group, TP.plans, TP.expert_parallel = 0, 1, None, None, False
 
 
 def min_over_ranks(n: int) -> int:
@@ -172,7 +173,7 @@ class Ranks:
         try:
             leave_group()
         except Exception:  # noqa: BLE001 (a broken group may refuse to be torn down; TP is reset anyway)
-            TP.rank, TP.size, TP.group, TP.plans = 0, 1, None, None
+            TP.rank, TP.size, TP.group, TP.plans, TP.expert_parallel = 0, 1, None, None, False
 
 
 def snapshot(req: Request) -> Request:
@@ -212,7 +213,7 @@ def start_ranks(config: EngineConfig, path: str, dtype: torch.dtype, max_model_l
             p.join()
         raise SystemExit(max((p.exitcode or 0 for p in processes), default=0))
     try:
-        join_group(0, size, int(os.environ.get("LOCAL_RANK", "0")), init_method, device_type, pc.distributed_timeout_s)
+        join_group(0, size, int(os.environ.get("LOCAL_RANK", "0")), init_method, device_type, config)
     except BaseException:
         Ranks(processes).kill()
         raise
@@ -282,8 +283,7 @@ def run_worker(args: RankArgs, rank: int, local_rank: int) -> None:
         _die_with_parent()
     try:
         device = resolve_device(config.device)
-        join_group(rank, args.world_size, local_rank, args.init_method, device.type,
-                   config.parallel.distributed_timeout_s)
+        join_group(rank, args.world_size, local_rank, args.init_method, device.type, config)
         torch.manual_seed(config.seed)
         mc = config.model
         loaded = load_model(args.path, args.path, mc.load_format, args.dtype, device, config.seed, mc.hf_overrides,

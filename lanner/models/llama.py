@@ -55,8 +55,12 @@ def shard_spec(spec: DecoderSpec) -> DecoderSpec:
         raise ConfigError(f"num_key_value_heads ({kv}) and tensor_parallel_size ({TP.size}): one must divide the "
                           f"other")
     moe = spec.moe
-    if moe is not None:
-        moe = replace(moe, intermediate_size=TP.split(moe.intermediate_size, "moe_intermediate_size"),
+    if moe is None and TP.expert_parallel:
+        raise ConfigError("enable_expert_parallel is given, but this model has no MoE layers")
+    if moe is not None:  # expert parallelism keeps whole experts (MoEBlock picks this rank's)
+        experts = moe.intermediate_size if TP.expert_parallel else TP.split(moe.intermediate_size,
+                                                                             "moe_intermediate_size")
+        moe = replace(moe, intermediate_size=experts,
                       shared_intermediate_size=TP.split(moe.shared_intermediate_size, "shared experts' size"))
     return replace(spec, num_heads=TP.split(spec.num_heads, "num_attention_heads"), num_kv_heads=max(kv // TP.size, 1),
                    kv_shards=min(kv, TP.size), intermediate_size=TP.split(spec.intermediate_size, "intermediate_size"),

@@ -167,6 +167,8 @@ def load_weights(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]], 
             param = params[target_name]
             owner = model.get_submodule(target_name.rsplit(".", 1)[0]) if "." in target_name else model
             target = param if shard is None else owner.shard(param, shard)
+            if target is None:  # another rank's expert (expert parallelism)
+                continue
             if hasattr(owner, "checkpoint_slice"):  # tensor parallelism: this rank's piece
                 tensor = owner.checkpoint_slice(param, tensor, shard)
             if target.shape != tensor.shape:

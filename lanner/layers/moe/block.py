@@ -9,7 +9,7 @@ from torch import nn
 
 from lanner.distributed import TP, all_reduce
 from lanner.layers.mlp import GatedMLP
-from lanner.layers.moe.dispatch import LocalDispatcher
+from lanner.layers.moe.dispatch import ExpertParallelDispatcher, LocalDispatcher
 from lanner.layers.moe.experts import Experts
 from lanner.layers.moe.router import Router, RouterSpec
 from lanner.layers.moe.strategies import MoERuntime
@@ -32,7 +32,9 @@ class MoEBlock(nn.Module):
         # shared experts' partial outputs are summed over the ranks once, together
         self.shared_experts = GatedMLP(hidden_size, spec.shared_intermediate_size, reduce=False) \
             if spec.shared_intermediate_size else None
-        self.dispatcher = LocalDispatcher()
+        experts = self.experts
+        self.dispatcher = ExpertParallelDispatcher(experts.first, experts.count) if TP.expert_parallel \
+            else LocalDispatcher()
         self.runtime = runtime
         self.slot = slot  # this block's index among the model's MoE layers (its column of the routing record)
 

@@ -15,33 +15,51 @@ _EXPERT_WEIGHT = re.compile(r"\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.w
 
 
 class Experts(nn.Module):
-    """`intermediate_size`: this rank's slice of each expert's features under tensor parallelism
-    (gate/up rows and down columns; the block sums the ranks' outputs)."""
+    """Under tensor parallelism, either every expert with a slice of its features
+    (`intermediate_size` is this rank's: gate/up rows and down columns), or, with expert
+    parallelism, whole experts [first, first + count) of the layer's `num_experts` (`expert_ranks`
+    says which rank holds which). Either way the block sums the ranks' outputs."""
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
         super().__init__()
         self.num_experts, self.intermediate_size = num_experts, intermediate_size
-        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size), requires_grad=False)
-        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size), requires_grad=False)
+        self.first, self.count = 0, num_experts
+        if TP.expert_parallel:
+            self.count = TP.split(num_experts, "num_experts")
+            self.first = TP.rank * self.count
+        self.w13 = nn.Parameter(torch.empty(self.count, 2 * intermediate_size, hidden_size), requires_grad=False)
+        self.w2 = nn.Parameter(torch.empty(self.count, hidden_size, intermediate_size), requires_grad=False)
 
     def num_shards(self, param: torch.Tensor) -> int:
-        """Checkpoint tensors that make up `param`: gate and up of each expert, or its down."""
-        return self.num_experts * (1 if param is self.w2 else 2)
+        """Checkpoint tensors that make up `param`: gate and up of each expert held, or its down."""
+        return self.count * (1 if param is self.w2 else 2)
 
-    def shard(self, param: torch.Tensor, index: tuple[int, int]) -> torch.Tensor:
-        """The view of one checkpoint tensor: (expert, 0 gate | 1 up) in w13, (expert, 0) in w2."""
+    def shard(self, param: torch.Tensor, index: tuple[int, int]) -> torch.Tensor | None:
+        """The view of one checkpoint tensor: (expert, 0 gate | 1 up) in w13, (expert, 0) in w2;
+        None for an expert another rank holds."""
         expert, part = index
         if not 0 <= expert < self.num_experts:
             raise ConfigError(f"a checkpoint tensor of expert {expert}; the layer has {self.num_experts} experts")
+        if not self.first <= expert < self.first + self.count:
+            return None
         if param is self.w2:
-            return param[expert]
+            return param[expert - self.first]
         size = self.intermediate_size
-        return param[expert, part * size:(part + 1) * size]
+        return param[expert - self.first, part * size:(part + 1) * size]
 
     def checkpoint_slice(self, param: torch.Tensor, tensor: torch.Tensor, shard=None) -> torch.Tensor:
-        """This rank's features of one expert's checkpoint tensor (all of them on one rank)."""
+        """This rank's features of one expert's checkpoint tensor (all of them on one rank, or
+        with expert parallelism)."""
+        if TP.size == 1 or TP.expert_parallel:
+            return tensor
         size = self.intermediate_size
-        return tensor.narrow(1 if param is self.w2 else 0, TP.rank * size, size) if TP.size > 1 else tensor
+        return tensor.narrow(1 if param is self.w2 else 0, TP.rank * size, size)
+
+
+def expert_ranks(num_experts: int, num_ranks: int) -> list[int]:
+    """The rank that holds each expert under expert parallelism: contiguous blocks, in order."""
+    per_rank = num_experts // num_ranks
+    return [e // per_rank for e in range(num_experts)]
 
 
 def checkpoint_target(name: str) -> tuple[str, tuple[int, int]] | None:
