@@ -6,6 +6,8 @@ The state is process-wide (`TP`), set once before the model is built (executor/w
 layers read it when they are constructed (their shard) and when they run (the collectives)."""
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +32,19 @@ class TensorParallel:
 
 
 TP = TensorParallel()
+
+
+@contextmanager
+def whole_on_every_rank() -> Iterator[None]:
+    """Build (and load) modules inside this as on one rank: each rank holds them whole and they
+    run no collectives (a speculative draft, small enough to replicate). Layers decide whether
+    they are sharded when they are constructed, so the choice sticks."""
+    saved = TP.rank, TP.size, TP.expert_parallel
+    TP.rank, TP.size, TP.expert_parallel = 0, 1, False
+    try:
+        yield
+    finally:
+        TP.rank, TP.size, TP.expert_parallel = saved
 
 
 def all_reduce(x: torch.Tensor) -> torch.Tensor:

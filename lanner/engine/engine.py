@@ -67,6 +67,21 @@ def resolve_dtype(name: str, device: torch.device, hf_config: Any) -> torch.dtyp
     return dtype if dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
 
 
+def build_runner(config: EngineConfig, loaded, path: str, device: torch.device, dtype: torch.dtype,
+                 max_model_len: int) -> tuple[ModelRunner, Speculator | None]:
+    """The model runner (with a model proposer's drafter) and the speculation policy; every
+    tensor-parallel rank builds its runner here (executor/worker.py)."""
+    mc = config.model
+    speculative = SpeculativeConfig.of(config.speculative_config)
+    speculator = Speculator(speculative) if speculative is not None else None
+    proposer = speculator.proposer if speculator is not None else None
+    draft = (proposer, DraftContext(loaded.model, path, loaded.tokenizer, mc.load_format, dtype, device,
+                                    config.seed)) if isinstance(proposer, ModelProposer) else None
+    runner = ModelRunner(config, loaded, device, dtype, max_model_len, draft,
+                         speculative.num_speculative_tokens if speculative is not None else 0)
+    return runner, speculator
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig):
         from lanner.default_model import default_model_path
@@ -83,10 +98,8 @@ class LLMEngine:
         self.dtype = resolve_dtype(config.dtype, self.device, hf_config)
         limit = getattr(hf_config, "max_position_embeddings", None) or 2048
         self.max_model_len = min(mc.max_model_len or limit, limit)
-        if config.parallel.tensor_parallel_size > 1 and config.speculative_config is not None:
-            raise ConfigError("speculative decoding with tensor_parallel_size > 1 is not built yet")
         self.dead: str | None = None  # why the engine cannot run any more (a tensor-parallel rank failed)
-        self.ranks = start_ranks(config, path, self.dtype, self.max_model_len, self.device.type)
+        self.ranks = start_ranks(config, path, tokenizer_path, self.dtype, self.max_model_len, self.device.type)
         try:
             self._build(config, path, tokenizer_path)
         except BaseException:
@@ -114,13 +127,10 @@ class LLMEngine:
             raise ConfigError(f"without chunked prefill a whole prompt must fit one step: max_num_batched_tokens "
                               f"({sc.max_num_batched_tokens}) must be >= max_model_len ({self.max_model_len})")
         self.max_logprobs = self.vocab_size if mc.max_logprobs == -1 else mc.max_logprobs
-        speculative = SpeculativeConfig.of(config.speculative_config)
-        self.speculator = Speculator(speculative) if speculative is not None else None
+        self.runner, self.speculator = build_runner(config, loaded, path, self.device, self.dtype,
+                                                    self.max_model_len)
         proposer = self.speculator.proposer if self.speculator is not None else None
-        draft = (proposer, DraftContext(loaded.model, path, self.tokenizer, mc.load_format, self.dtype, self.device,
-                                        config.seed)) if isinstance(proposer, ModelProposer) else None
-        self.runner = ModelRunner(config, loaded, self.device, self.dtype, self.max_model_len, draft,
-                                  speculative.num_speculative_tokens if speculative is not None else 0)
+        draft = self.runner.drafter
         self.kv_cache = KVCacheManager(self.runner.num_blocks, config.cache.block_size,
                                        config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv_cache)

@@ -16,13 +16,14 @@ from lanner.core.batch import ForwardBatch, as_decode_rows, kv_slots
 from lanner.core.request import Logprob, Request
 from lanner.core.schedule import SchedulerOutput
 from lanner.core.transfer import to_device
+from lanner.distributed import whole_on_every_rank
 from lanner.errors import ConfigError
 from lanner.executor.deferred import Deferred
 from lanner.executor.drafter import Drafter
-from lanner.executor.worker import min_over_ranks
 from lanner.executor.graphs import DecodeGraphs, decode_graph_sizes, verify_graph_sizes
 from lanner.executor.kv_tensors import allocate_kv_caches, kv_block_bytes
 from lanner.executor.piecewise import PiecewiseGraphs, piecewise_sizes
+from lanner.executor.worker import min_over_ranks
 from lanner.layers.attention import forward_context
 from lanner.models.loader import LoadedModel
 from lanner.sampling.sampler import Sampled, Sampler, sampled_logprobs, top_logprobs
@@ -222,8 +223,9 @@ class ModelRunner:
         return TorchAttentionBackend(kv_caches, self.block_size)
 
     def _make_drafter(self, proposer: ModelProposer, ctx: DraftContext) -> Drafter:
-        return Drafter(proposer, proposer.load(ctx), self.model, self.max_tokens, self.block_size, self.device,
-                       self.dtype)
+        with whole_on_every_rank():  # under tensor parallelism every rank runs the whole draft
+            net = proposer.load(ctx)
+        return Drafter(proposer, net, self.model, self.max_tokens, self.block_size, self.device, self.dtype)
 
     # ---- KV cache sizing ----------------------------------------------------------
 

@@ -44,6 +44,7 @@ class RankArgs:
     """What rank 0 resolved that every rank builds its runner from."""
     config: EngineConfig
     path: str
+    tokenizer_path: str
     dtype: torch.dtype
     max_model_len: int
     init_method: str
@@ -189,7 +190,7 @@ def snapshot(req: Request) -> Request:
     return copied
 
 
-def start_ranks(config: EngineConfig, path: str, dtype: torch.dtype, max_model_len: int,
+def start_ranks(config: EngineConfig, path: str, tokenizer_path: str, dtype: torch.dtype, max_model_len: int,
                 device_type: str) -> Ranks | None:
     """Rank 0 of a tensor-parallel engine: start this machine's other ranks (none under torchrun,
     which started them) and join the group. None without tensor parallelism. A process that only
@@ -203,7 +204,7 @@ def start_ranks(config: EngineConfig, path: str, dtype: torch.dtype, max_model_l
     if torchrun and int(os.environ["WORLD_SIZE"]) != size:
         raise ConfigError(f"torchrun started {os.environ['WORLD_SIZE']} processes for tensor_parallel_size {size}")
     init_method = "env://" if torchrun else f"tcp://{pc.master_addr}:{pc.master_port or free_port()}"
-    args = RankArgs(config, path, dtype, max_model_len, init_method, size)
+    args = RankArgs(config, path, tokenizer_path, dtype, max_model_len, init_method, size)
     if torchrun and int(os.environ["RANK"]) > 0:
         run_worker(args, int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0")))
         raise SystemExit(0)
@@ -272,8 +273,7 @@ def run_worker(args: RankArgs, rank: int, local_rank: int) -> None:
     """A rank after the first: join the group, build the runner on this rank's shard, then run
     each step rank 0 plans until it says stop. Any error ends the process at once, so rank 0's
     next collective fails instead of waiting."""
-    from lanner.engine.engine import resolve_device
-    from lanner.executor.model_runner import ModelRunner
+    from lanner.engine.engine import build_runner, resolve_device
     from lanner.models.loader import load_model
 
     config = args.config
@@ -286,9 +286,9 @@ def run_worker(args: RankArgs, rank: int, local_rank: int) -> None:
         join_group(rank, args.world_size, local_rank, args.init_method, device.type, config)
         torch.manual_seed(config.seed)
         mc = config.model
-        loaded = load_model(args.path, args.path, mc.load_format, args.dtype, device, config.seed, mc.hf_overrides,
+        loaded = load_model(args.path, args.tokenizer_path, mc.load_format, args.dtype, device, config.seed, mc.hf_overrides,
                             mc.generation_config)
-        runner = ModelRunner(config, loaded, device, args.dtype, args.max_model_len)
+        runner, _ = build_runner(config, loaded, args.path, device, args.dtype, args.max_model_len)
         mirror = Mirror()
         fail_at = int(os.environ.get("LANNER_TEST_RANK_FAILS_AT_STEP", "-1"))  # tests: a rank that raises
         step = 0

@@ -17,6 +17,7 @@ class VocabRows(nn.Module):
     def __init__(self, vocab_size: int, hidden_size: int):
         super().__init__()
         self.vocab_size = vocab_size
+        self.split = TP.size > 1
         self.rows = -(-vocab_size // TP.size)
         self.start = TP.rank * self.rows
         self.weight = nn.Parameter(torch.empty(self.rows, hidden_size), requires_grad=False)
@@ -26,12 +27,12 @@ class VocabRows(nn.Module):
 
     def logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """hidden [T, H] -> logits [T, vocab] (the LM head; a tied one is the embedding's)."""
-        return vocab_logits(hidden, self.weight, self.vocab_size, out)
+        return vocab_logits(hidden, self.weight, self.vocab_size, self.split, out)
 
 
 class VocabEmbedding(VocabRows):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        if TP.size == 1:
+        if not self.split:
             return F.embedding(input_ids, self.weight)
         local = input_ids - self.start
         held = (local >= 0) & (local < self.rows)
@@ -53,9 +54,9 @@ def vocab_rows(tensor: torch.Tensor, start: int, rows: int) -> torch.Tensor:
     return piece if piece.shape[0] == rows else F.pad(piece, (0, 0, 0, rows - piece.shape[0]))
 
 
-def vocab_logits(hidden: torch.Tensor, weight: torch.Tensor, vocab_size: int,
+def vocab_logits(hidden: torch.Tensor, weight: torch.Tensor, vocab_size: int, split: bool,
                  out: torch.Tensor | None = None) -> torch.Tensor:
-    if TP.size == 1:
+    if not split:
         return F.linear(hidden, weight) if out is None else torch.mm(hidden, weight.t(), out=out)
     logits = all_gather_columns(F.linear(hidden, weight))[:, :vocab_size]
     return logits if out is None else out.copy_(logits)

@@ -29,6 +29,8 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
         self.parallel = parallel if TP.size > 1 else None
+        self.num_ranks = TP.size
+        self.rank = TP.rank
         self.shard_index = TP.rank if shard_index is None else shard_index
         # row-parallel without the all-reduce: the caller sums this output with others first
         self.reduce = reduce
@@ -38,7 +40,7 @@ class Linear(nn.Module):
             y = F.linear(x, self.weight) if out is None else torch.mm(x, self.weight.t(), out=out)
             if self.reduce:
                 all_reduce(y)
-            return y if self.bias is None else y.add_(self.bias / (1 if self.reduce else TP.size))
+            return y if self.bias is None else y.add_(self.bias / (1 if self.reduce else self.num_ranks))
         if out is None:
             return F.linear(x, self.weight, self.bias)
         torch.mm(x, self.weight.t(), out=out)  # into a static buffer (graph pieces)
@@ -47,7 +49,7 @@ class Linear(nn.Module):
     def checkpoint_slice(self, param: torch.Tensor, tensor: torch.Tensor, shard=None) -> torch.Tensor:
         """This rank's piece of the whole checkpoint tensor for `param`."""
         if self.parallel == "row" and param is self.weight:
-            return tensor.narrow(1, TP.rank * param.shape[1], param.shape[1])
+            return tensor.narrow(1, self.rank * param.shape[1], param.shape[1])
         if self.parallel == "column":
             rows = param.shape[0]
             return tensor.narrow(0, self.shard_index * rows, rows)

@@ -212,6 +212,7 @@ class DecoderForCausalLM(nn.Module):
 
     def __init__(self, spec: DecoderSpec):
         super().__init__()
+        self.whole_spec = spec  # the model's shape; `spec` is this rank's shard of it
         self.spec = spec = shard_spec(spec)
         self.model = DecoderModel(spec)
         self.rotary = RotaryEmbedding(spec.head_dim, spec.rope_theta, spec.rope_scaling)
@@ -241,7 +242,7 @@ class DecoderForCausalLM(nn.Module):
             cos, sin = self.rotary.cos_sin(positions, self.model.embed_tokens.weight.dtype)
             bufs.cos.copy_(cos)
             bufs.sin.copy_(sin)
-            if TP.size == 1:
+            if not self.model.embed_tokens.split:
                 torch.index_select(self.model.embed_tokens.weight, 0, input_ids, out=bufs.residual)
             else:  # the ranks' rows summed
                 bufs.residual.copy_(self.model.embed_tokens(input_ids))

@@ -36,6 +36,7 @@ class MoEBlock(nn.Module):
         self.dispatcher = ExpertParallelDispatcher(experts.first, experts.count) if TP.expert_parallel \
             else LocalDispatcher()
         self.runtime = runtime
+        self.split = TP.size > 1  # the ranks' outputs are partial sums
         self.slot = slot  # this block's index among the model's MoE layers (its column of the routing record)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -48,4 +49,4 @@ class MoEBlock(nn.Module):
         out = runtime.strategy(local.x, experts.w13).run(local.x, experts.w13, experts.w2, local.ids, local.weights)
         out = self.dispatcher.combine(out, local)
         out = out if self.shared_experts is None else out + self.shared_experts(x)
-        return all_reduce(out) if TP.size > 1 else out
+        return all_reduce(out) if self.split else out

@@ -24,6 +24,8 @@ class Experts(nn.Module):
         super().__init__()
         self.num_experts, self.intermediate_size = num_experts, intermediate_size
         self.first, self.count = 0, num_experts
+        # the slice of every expert's features this rank holds, when it holds slices
+        self.features_of = TP.rank if TP.size > 1 and not TP.expert_parallel else None
         if TP.expert_parallel:
             self.count = TP.split(num_experts, "num_experts")
             self.first = TP.rank * self.count
@@ -50,10 +52,10 @@ class Experts(nn.Module):
     def checkpoint_slice(self, param: torch.Tensor, tensor: torch.Tensor, shard=None) -> torch.Tensor:
         """This rank's features of one expert's checkpoint tensor (all of them on one rank, or
         with expert parallelism)."""
-        if TP.size == 1 or TP.expert_parallel:
+        if self.features_of is None:
             return tensor
         size = self.intermediate_size
-        return tensor.narrow(1 if param is self.w2 else 0, TP.rank * size, size)
+        return tensor.narrow(1 if param is self.w2 else 0, self.features_of * size, size)
 
 
 def expert_ranks(num_experts: int, num_ranks: int) -> list[int]:

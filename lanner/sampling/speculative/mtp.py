@@ -23,7 +23,7 @@ class MtpProposer(ModelProposer):
     def load(self, ctx: DraftContext) -> nn.Module:
         path = self.model_path(ctx.target_path)
         raw = read_config(path)
-        target = ctx.target.spec
+        target = ctx.target.whole_spec  # the layer is whole on every tensor-parallel rank
         if not raw.get("num_nextn_predict_layers"):
             raise ConfigError(f"{path!r} has no MTP layer (its config has no num_nextn_predict_layers)")
         if raw.get("hidden_size") != target.hidden_size or raw.get("vocab_size") != target.vocab_size:
