@@ -90,6 +90,49 @@ def test_speculative_decoding_on_two_ranks_keeps_the_tokens_of_one(method):
         llm.engine.shutdown()
 
 
+def test_plans_keep_the_other_ranks_copies_of_the_requests_equal_to_rank_0s():
+    """What the runner reads of each request, after steps that append tokens and blocks, a
+    preemption (a new, empty block list) and a finished request, through pickled plans."""
+    import pickle
+    import random
+
+    from lanner.core.request import Request, RequestStatus
+    from lanner.core.schedule import SchedulerOutput
+    from lanner.executor.worker import STEP_FIELDS, Mirror, Ranks
+
+    rng = random.Random(0)
+    reqs = [Request(f"r{i}", None, [rng.randrange(500) for _ in range(rng.randrange(3, 30))],
+                    SamplingParams(prompt_logprobs=1 if i == 0 else None), {2}, i) for i in range(6)]
+    ranks, mirror = Ranks([]), Mirror()
+    for step in range(40):
+        live = [r for r in reqs if not r.finished]
+        for r in live:
+            r.num_computed_tokens += 1
+            r.all_token_ids.append(step)
+            r.output_token_ids.append(step)
+            r.draft_token_ids = [step] * (step % 3)
+            if step % 4 == 0:
+                r.block_ids.append(100 * step + int(r.request_id[1:]))
+        if step == 10:
+            reqs[1].block_ids = []  # preempted: its blocks freed
+            reqs[1].num_computed_tokens = 0
+        if step == 20:
+            reqs[2].status = RequestStatus.FINISHED
+        if reqs[0].prompt_logprobs is not None:
+            reqs[0].prompt_logprobs.append(None)
+        scheduled = [r for r in reqs if not r.finished and rng.random() < 0.7]
+        sched = SchedulerOutput([(r, 1) for r in scheduled], drafts={r: r.draft_token_ids for r in scheduled})
+        got = mirror.apply(pickle.loads(pickle.dumps(ranks.plan(sched))))
+        for (theirs, n), (ours, m) in zip(got.scheduled, sched.scheduled):
+            assert n == m and theirs is not ours and theirs.request_id == ours.request_id
+            for name in (*STEP_FIELDS, "all_token_ids", "output_token_ids", "block_ids", "prompt_token_ids", "seed"):
+                assert getattr(theirs, name) == getattr(ours, name), (step, name)
+            assert (theirs.prompt_logprobs is None) == (ours.prompt_logprobs is None)
+            assert theirs.prompt_logprobs is None or len(theirs.prompt_logprobs) == len(ours.prompt_logprobs)
+        assert {r.request_id: d for r, d in got.drafts.items()} == {r.request_id: d for r, d in sched.drafts.items()}
+    assert "r2" not in mirror.requests and "r2" not in ranks.known  # forgotten once finished
+
+
 def test_expert_parallel_dispatch_keeps_this_ranks_experts_and_a_rank_with_no_tokens_adds_zeros(monkeypatch):
     import torch
 

@@ -122,7 +122,9 @@ class Ranks:
     def __init__(self, processes: list):
         self.processes = processes
         self.known: dict[str, Request] = {}  # requests the other ranks hold a copy of
-        self.sent: dict[str, tuple[int, list[int], int | None]] = {}  # tokens, blocks, prompt logprobs sent
+        # per request: tokens sent, the block list object sent from and how many of its ids (the KV
+        # cache only appends to a request's list, or gives it a new one when it frees its blocks)
+        self.sent: dict[str, tuple[int, list[int], int]] = {}
 
     def send(self, sched: SchedulerOutput) -> None:
         dist.broadcast_object_list([self.plan(sched)], src=0, group=TP.plans)
@@ -136,15 +138,15 @@ class Ranks:
             if rid not in self.known:
                 plan.new.append(snapshot(req))
                 self.known[rid] = req
-                self.sent[rid] = (len(req.all_token_ids), list(req.block_ids), None)
-            num_tokens, blocks, _ = self.sent[rid]
-            appended = req.block_ids[:len(blocks)] == blocks
+                self.sent[rid] = (len(req.all_token_ids), req.block_ids, len(req.block_ids))
+            num_tokens, blocks, num_blocks = self.sent[rid]
+            appended = blocks is req.block_ids
             count = None if req.prompt_logprobs is None else len(req.prompt_logprobs)
             plan.updates.append(RequestUpdate(rid, tuple(getattr(req, f) for f in STEP_FIELDS),
                                               req.all_token_ids[num_tokens:],
-                                              req.block_ids[len(blocks):] if appended else list(req.block_ids),
+                                              req.block_ids[num_blocks:] if appended else list(req.block_ids),
                                               not appended, count))
-            self.sent[rid] = (len(req.all_token_ids), list(req.block_ids), count)
+            self.sent[rid] = (len(req.all_token_ids), req.block_ids, len(req.block_ids))
             plan.scheduled.append((rid, n))
         plan.preempted = [r.request_id for r in sched.preempted if r.request_id in self.known]
         plan.drafts = {r.request_id: d for r, d in sched.drafts.items()}
@@ -261,7 +263,10 @@ class Mirror:
                 setattr(req, name, value)
             req.all_token_ids += u.new_tokens
             req.output_token_ids += u.new_tokens
-            req.block_ids = u.blocks if u.replace_blocks else req.block_ids + u.blocks
+            if u.replace_blocks:
+                req.block_ids = u.blocks
+            else:
+                req.block_ids.extend(u.blocks)
             if u.num_prompt_logprobs is not None:
                 req.prompt_logprobs += [None] * (u.num_prompt_logprobs - len(req.prompt_logprobs))
         get = self.requests.__getitem__
