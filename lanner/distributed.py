@@ -34,6 +34,18 @@ class TensorParallel:
 TP = TensorParallel()
 
 
+def die_with_parent() -> None:
+    """Linux: the kernel kills this process when its parent dies (an engine process, a rank that
+    lanner started), even while it is loading."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except Exception:  # noqa: BLE001 (other platforms: a closed pipe or connection stops the process instead)
+        pass
+
+
 @contextmanager
 def whole_on_every_rank() -> Iterator[None]:
     """Build (and load) modules inside this as on one rank: each rank holds them whole and they

@@ -9,7 +9,7 @@ from pathlib import Path
 import lanner
 
 # lowest first; the package root (lanner/__init__.py, the public facade) may import anything
-LAYERS = ["errors", "config", "default_model", "kernels", "core", "layers", "models", "sampling", "executor",
+LAYERS = ["errors", "config", "default_model", "distributed", "kernels", "core", "layers", "models", "sampling", "executor",
           "engine", "serving", "server", "bench", "cli"]
 ROOT = Path(lanner.__file__).parent
 

@@ -38,10 +38,9 @@ from lanner.engine.prompts import Prompts
 from lanner.engine.scheduler import Scheduler
 from lanner.engine.speculation import Speculator
 from lanner.errors import CapacityExceeded, ConfigError, EngineDead, InvalidRequest
-from lanner.executor.model_runner import ModelRunner, StepHandle
+from lanner.executor.model_runner import StepHandle, build_runner
 from lanner.executor.worker import start_ranks
 from lanner.models.loader import load_model
-from lanner.sampling.speculative import DraftContext, ModelProposer
 
 logger = logging.getLogger(__name__)
 
@@ -65,21 +64,6 @@ def resolve_dtype(name: str, device: torch.device, hf_config: Any) -> torch.dtyp
     dtype = getattr(hf_config, "torch_dtype", None) or getattr(hf_config, "dtype", None)
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     return dtype if dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
-
-
-def build_runner(config: EngineConfig, loaded, path: str, device: torch.device, dtype: torch.dtype,
-                 max_model_len: int) -> tuple[ModelRunner, Speculator | None]:
-    """The model runner (with a model proposer's drafter) and the speculation policy; every
-    tensor-parallel rank builds its runner here (executor/worker.py)."""
-    mc = config.model
-    speculative = SpeculativeConfig.of(config.speculative_config)
-    speculator = Speculator(speculative) if speculative is not None else None
-    proposer = speculator.proposer if speculator is not None else None
-    draft = (proposer, DraftContext(loaded.model, path, loaded.tokenizer, mc.load_format, dtype, device,
-                                    config.seed)) if isinstance(proposer, ModelProposer) else None
-    runner = ModelRunner(config, loaded, device, dtype, max_model_len, draft,
-                         speculative.num_speculative_tokens if speculative is not None else 0)
-    return runner, speculator
 
 
 class LLMEngine:
@@ -127,8 +111,9 @@ class LLMEngine:
             raise ConfigError(f"without chunked prefill a whole prompt must fit one step: max_num_batched_tokens "
                               f"({sc.max_num_batched_tokens}) must be >= max_model_len ({self.max_model_len})")
         self.max_logprobs = self.vocab_size if mc.max_logprobs == -1 else mc.max_logprobs
-        self.runner, self.speculator = build_runner(config, loaded, path, self.device, self.dtype,
-                                                    self.max_model_len)
+        self.runner = build_runner(config, loaded, path, self.device, self.dtype, self.max_model_len)
+        speculative = SpeculativeConfig.of(config.speculative_config)
+        self.speculator = Speculator(speculative) if speculative is not None else None
         proposer = self.speculator.proposer if self.speculator is not None else None
         draft = self.runner.drafter
         self.kv_cache = KVCacheManager(self.runner.num_blocks, config.cache.block_size,

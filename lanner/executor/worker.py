@@ -28,7 +28,7 @@ import torch.distributed as dist
 from lanner.config import EngineConfig
 from lanner.core.request import Request
 from lanner.core.schedule import SchedulerOutput
-from lanner.distributed import TP
+from lanner.distributed import TP, die_with_parent
 from lanner.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -46,6 +46,7 @@ class RankArgs:
     path: str
     tokenizer_path: str
     dtype: torch.dtype
+    device_type: str
     max_model_len: int
     init_method: str
     world_size: int
@@ -206,7 +207,7 @@ def start_ranks(config: EngineConfig, path: str, tokenizer_path: str, dtype: tor
     if torchrun and int(os.environ["WORLD_SIZE"]) != size:
         raise ConfigError(f"torchrun started {os.environ['WORLD_SIZE']} processes for tensor_parallel_size {size}")
     init_method = "env://" if torchrun else f"tcp://{pc.master_addr}:{pc.master_port or free_port()}"
-    args = RankArgs(config, path, tokenizer_path, dtype, max_model_len, init_method, size)
+    args = RankArgs(config, path, tokenizer_path, dtype, device_type, max_model_len, init_method, size)
     if torchrun and int(os.environ["RANK"]) > 0:
         run_worker(args, int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0")))
         raise SystemExit(0)
@@ -278,22 +279,20 @@ def run_worker(args: RankArgs, rank: int, local_rank: int) -> None:
     """A rank after the first: join the group, build the runner on this rank's shard, then run
     each step rank 0 plans until it says stop. Any error ends the process at once, so rank 0's
     next collective fails instead of waiting."""
-    from lanner.engine.engine import build_runner, resolve_device
+    from lanner.executor.model_runner import build_runner
     from lanner.models.loader import load_model
 
     config = args.config
     if local_rank > 0 or args.config.parallel.node_rank > 0:  # started by lanner: end with the process that did
-        from lanner.serving.engine_process import _die_with_parent
-
-        _die_with_parent()
+        die_with_parent()
     try:
-        device = resolve_device(config.device)
+        device = torch.device(args.device_type)
         join_group(rank, args.world_size, local_rank, args.init_method, device.type, config)
         torch.manual_seed(config.seed)
         mc = config.model
         loaded = load_model(args.path, args.tokenizer_path, mc.load_format, args.dtype, device, config.seed, mc.hf_overrides,
                             mc.generation_config)
-        runner, _ = build_runner(config, loaded, args.path, device, args.dtype, args.max_model_len)
+        runner = build_runner(config, loaded, args.path, device, args.dtype, args.max_model_len)
         mirror = Mirror()
         fail_at = int(os.environ.get("LANNER_TEST_RANK_FAILS_AT_STEP", "-1"))  # tests: a rank that raises
         step = 0

@@ -26,6 +26,7 @@ import threading
 from concurrent.futures import Future
 from typing import Any
 
+from lanner.distributed import die_with_parent
 from lanner.errors import EngineDead, without_frames
 from lanner.serving.async_engine import EngineLoop, Sink
 
@@ -41,16 +42,6 @@ def _sendable(value: Any, ok: bool) -> tuple[bool, Any]:
     except Exception as e:
         what = f"{type(value).__name__}: {value}" if isinstance(value, BaseException) else f"the result ({e})"
         return False, RuntimeError(f"cannot be sent between the engine and server processes: {what}")
-
-
-def _die_with_parent() -> None:
-    """Linux: the kernel kills this process when the parent dies, even while the engine loads."""
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except Exception:  # other platforms: the closed pipe stops the loop once it runs
-        pass
 
 
 class _PipeSink:
@@ -78,7 +69,7 @@ class _PipeSink:
 def _child_main(config: Any, conn: Any, max_waiting_requests: int | None, max_step_failures: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    _die_with_parent()
+    die_with_parent()
     from lanner.engine.engine import LLMEngine
 
     sink = _PipeSink(conn)
