@@ -456,3 +456,22 @@ def test_mtp_layer_over_a_moe_target_is_refused():
                          num_attention_heads=4, num_key_value_heads=2)
     with pytest.raises(UnsupportedModel, match="mixture-of-experts"):
         MtpLayer(decoder_spec(cfg, ARCHITECTURES["Qwen3MoeForCausalLM"](cfg)), None)
+
+
+def test_lanner_generate_runs_a_qwen3_moe_folder(qwen3_moe_path):
+    """`lanner generate --model <Qwen3-MoE folder>`: the command line, end to end, against the
+    offline API's greedy completion."""
+    import subprocess
+    import sys
+
+    from conftest import make_llm
+
+    from lanner import SamplingParams
+
+    want = make_llm(qwen3_moe_path).generate("def f(x):", SamplingParams(temperature=0, max_tokens=6, ignore_eos=True),
+                                             use_tqdm=False)[0].outputs[0].text
+    out = subprocess.run([sys.executable, "-m", "lanner.cli", "generate", "def f(x):", "--model", qwen3_moe_path,
+                          "--device", "cpu", "--dtype", "float32", "--temperature", "0", "--max-tokens", "6",
+                          "--ignore-eos"], capture_output=True, text=True, timeout=300, check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "def f(x):" + want in out.stdout
