@@ -24,6 +24,10 @@ class TensorParallel:
     plans: Any = None  # a gloo group of the same ranks, for the step plans rank 0 sends
     expert_parallel: bool = False  # MoE layers hold whole experts per rank (else a slice of each)
 
+    def reset(self) -> None:
+        """Back to one rank (after leaving the group)."""
+        self.rank, self.size, self.group, self.plans, self.expert_parallel = 0, 1, None, None, False
+
     def split(self, n: int, what: str) -> int:
         """This rank's share of `n` (heads, features, vocabulary rows), which must divide evenly."""
         if n % self.size:

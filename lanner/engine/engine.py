@@ -111,10 +111,10 @@ class LLMEngine:
             raise ConfigError(f"without chunked prefill a whole prompt must fit one step: max_num_batched_tokens "
                               f"({sc.max_num_batched_tokens}) must be >= max_model_len ({self.max_model_len})")
         self.max_logprobs = self.vocab_size if mc.max_logprobs == -1 else mc.max_logprobs
-        self.runner = build_runner(config, loaded, path, self.device, self.dtype, self.max_model_len)
         speculative = SpeculativeConfig.of(config.speculative_config)
         self.speculator = Speculator(speculative) if speculative is not None else None
         proposer = self.speculator.proposer if self.speculator is not None else None
+        self.runner = build_runner(config, loaded, path, self.device, self.dtype, self.max_model_len, proposer)
         draft = self.runner.drafter
         self.kv_cache = KVCacheManager(self.runner.num_blocks, config.cache.block_size,
                                        config.cache.enable_prefix_caching)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.profiler import record_function
 
-from lanner.config import EngineConfig, MoEConfig, SpeculativeConfig
+from lanner.config import EngineConfig, MoEConfig
 from lanner.core.batch import ForwardBatch, as_decode_rows, kv_slots
 from lanner.core.request import Logprob, Request
 from lanner.core.schedule import SchedulerOutput
@@ -27,7 +27,7 @@ from lanner.executor.worker import min_over_ranks
 from lanner.layers.attention import forward_context
 from lanner.models.loader import LoadedModel
 from lanner.sampling.sampler import Sampled, Sampler, sampled_logprobs, top_logprobs
-from lanner.sampling.speculative import DraftContext, ModelProposer, make_proposer
+from lanner.sampling.speculative import DraftContext, ModelProposer, Proposer
 
 logger = logging.getLogger(__name__)
 
@@ -125,15 +125,12 @@ def require_triton(what: str) -> None:
 
 
 def build_runner(config: EngineConfig, loaded: LoadedModel, path: str, device: torch.device, dtype: torch.dtype,
-                 max_model_len: int) -> ModelRunner:
-    """The model runner, with a model proposer's drafter when the speculative config names one;
-    every tensor-parallel rank builds its runner here (executor/worker.py)."""
-    speculative = SpeculativeConfig.of(config.speculative_config)
-    proposer = make_proposer(speculative) if speculative is not None else None
+                 max_model_len: int, proposer: Proposer | None) -> ModelRunner:
+    """The model runner, with a drafter when `proposer` (from the speculative config) is a model
+    proposer; every tensor-parallel rank builds its runner here (executor/worker.py)."""
     draft = (proposer, DraftContext(loaded.model, path, loaded.tokenizer, config.model.load_format, dtype, device,
                                     config.seed)) if isinstance(proposer, ModelProposer) else None
-    return ModelRunner(config, loaded, device, dtype, max_model_len, draft,
-                       speculative.num_speculative_tokens if speculative is not None else 0)
+    return ModelRunner(config, loaded, device, dtype, max_model_len, draft, proposer.k if proposer else 0)
 
 
 class ModelRunner:

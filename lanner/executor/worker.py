@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from lanner.config import EngineConfig
+from lanner.config import EngineConfig, SpeculativeConfig
 from lanner.core.request import Request
 from lanner.core.schedule import SchedulerOutput
 from lanner.distributed import TP, die_with_parent
@@ -103,7 +103,7 @@ def join_group(rank: int, world_size: int, local_rank: int, init_method: str, de
 def leave_group() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
-    TP.rank, TP.size, TP.group, TP.plans, TP.expert_parallel = 0, 1, None, None, False
+    TP.reset()
 
 
 def min_over_ranks(n: int) -> int:
@@ -177,7 +177,7 @@ class Ranks:
         try:
             leave_group()
         except Exception:  # noqa: BLE001 (a broken group may refuse to be torn down; TP is reset anyway)
-            TP.rank, TP.size, TP.group, TP.plans, TP.expert_parallel = 0, 1, None, None, False
+            TP.reset()
 
 
 def snapshot(req: Request) -> Request:
@@ -281,6 +281,7 @@ def run_worker(args: RankArgs, rank: int, local_rank: int) -> None:
     next collective fails instead of waiting."""
     from lanner.executor.model_runner import build_runner
     from lanner.models.loader import load_model
+    from lanner.sampling.speculative import make_proposer
 
     config = args.config
     if local_rank > 0 or args.config.parallel.node_rank > 0:  # started by lanner: end with the process that did
@@ -292,7 +293,9 @@ def run_worker(args: RankArgs, rank: int, local_rank: int) -> None:
         mc = config.model
         loaded = load_model(args.path, args.tokenizer_path, mc.load_format, args.dtype, device, config.seed, mc.hf_overrides,
                             mc.generation_config)
-        runner = build_runner(config, loaded, args.path, device, args.dtype, args.max_model_len)
+        speculative = SpeculativeConfig.of(config.speculative_config)
+        runner = build_runner(config, loaded, args.path, device, args.dtype, args.max_model_len,
+                              make_proposer(speculative) if speculative is not None else None)
         mirror = Mirror()
         fail_at = int(os.environ.get("LANNER_TEST_RANK_FAILS_AT_STEP", "-1"))  # tests: a rank that raises
         step = 0

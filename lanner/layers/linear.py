@@ -21,7 +21,8 @@ Parallel = Literal["column", "row"] | None
 
 class Linear(nn.Module):
     """`in_features` and `out_features` are this rank's (already divided); `shard_index`: which
-    slice of the checkpoint a column-parallel layer holds (the rank, unless slices are replicated)."""
+    slice of the checkpoint the layer holds (the rank, unless a column-parallel layer's slices are
+    replicated)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, parallel: Parallel = None,
                  shard_index: int | None = None, reduce: bool = True):
@@ -30,7 +31,6 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
         self.parallel = parallel if TP.size > 1 else None
         self.num_ranks = TP.size
-        self.rank = TP.rank
         self.shard_index = TP.rank if shard_index is None else shard_index
         # row-parallel without the all-reduce: the caller sums this output with others first
         self.reduce = reduce
@@ -49,7 +49,7 @@ class Linear(nn.Module):
     def checkpoint_slice(self, param: torch.Tensor, tensor: torch.Tensor, shard=None) -> torch.Tensor:
         """This rank's piece of the whole checkpoint tensor for `param`."""
         if self.parallel == "row" and param is self.weight:
-            return tensor.narrow(1, self.rank * param.shape[1], param.shape[1])
+            return tensor.narrow(1, self.shard_index * param.shape[1], param.shape[1])
         if self.parallel == "column":
             rows = param.shape[0]
             return tensor.narrow(0, self.shard_index * rows, rows)
