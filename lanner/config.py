@@ -171,6 +171,19 @@ class MoEConfig:
 
 
 @dataclass
+class StructuredOutputsConfig:
+    reasoning_parser: Literal["qwen3", "deepseek_r1"] | None = _opt(
+        None, "the model thinks inside <think>...</think> first: the server returns that part as "
+              "reasoning_content, and structured-output constraints apply only after it ends")
+    max_grammar_compile_threads: int = _opt(2, "threads that compile structured-output grammars (off the step loop)")
+    grammar_cache_size: int = _opt(256, "compiled structured-output grammars kept for reuse (by schema)")
+
+    def __post_init__(self) -> None:
+        _check(self.max_grammar_compile_threads >= 1, "max_grammar_compile_threads must be >= 1")
+        _check(self.grammar_cache_size >= 1, "grammar_cache_size must be >= 1")
+
+
+@dataclass
 class SpeculativeConfig:
     """vLLM's `speculative_config`: which proposer drafts tokens and how many per step."""
     method: str
@@ -217,6 +230,7 @@ class EngineConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     graphs: GraphConfig = field(default_factory=GraphConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
+    structured: StructuredOutputsConfig = field(default_factory=StructuredOutputsConfig)
     device: str = _opt("auto", "'cpu', 'cuda', 'cuda:N' or 'auto' (CUDA when available)")
     dtype: Literal["auto", "float32", "float", "float16", "half", "bfloat16"] = _opt(
         "auto", "weight and activation dtype ('half' = float16, 'float' = float32); 'auto' is float32 on CPU, "
@@ -277,7 +291,7 @@ def _field_type(owner: type, name: str) -> Any:
 def _add_flag(group: Any, owner: type, f: dataclasses.Field, help: str) -> None:
     tp = _field_type(owner, f.name)
     kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help}
-    if tp is dict or typing.get_origin(tp) is dict:
+    if tp is dict or typing.get_origin(tp) is dict or dataclasses.is_dataclass(tp):  # a dataclass: its fields' JSON
         kw["type"] = _json_object
     elif typing.get_origin(tp) is Literal:
         kw["choices"] = list(typing.get_args(tp))

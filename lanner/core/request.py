@@ -12,6 +12,7 @@ import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from lanner.core.structured import StructuredOutputsParams
 from lanner.errors import InvalidRequest
 
 
@@ -51,6 +52,7 @@ class SamplingParams:
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     return_routed_experts: bool = False
     return_prompt_routed_experts: bool = False
+    structured_outputs: StructuredOutputsParams | None = None  # or a dict of its fields
 
     HELP: typing.ClassVar[dict[str, str]] = {
         "n": "samples per prompt",
@@ -81,6 +83,8 @@ class SamplingParams:
                                  "produced it (engine option enable_return_routed_experts)",
         "return_prompt_routed_experts": "also per prompt token but the last, the experts chosen where it was the "
                                         "input (skips prefix-cache reads, as prompt_logprobs does)",
+        "structured_outputs": "constrain the output, as JSON: {\"json\": SCHEMA}, {\"regex\": ...}, "
+                              "{\"choice\": [...]}, {\"grammar\": EBNF} or {\"json_object\": true}",
     }
 
     def __post_init__(self) -> None:
@@ -91,6 +95,7 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.top_k == -1:
             self.top_k = 0
+        self.structured_outputs = StructuredOutputsParams.of(self.structured_outputs)
         self._validate()
 
     def _check_types(self) -> None:
@@ -242,6 +247,7 @@ class Request:
         self.has_penalties = (params.repetition_penalty != 1.0 or bool(params.presence_penalty)
                               or bool(params.frequency_penalty))
         self.bad_word_ids: list[list[int]] = []  # token sequences of params.bad_words (set by the engine)
+        self.grammar = None  # structured outputs: its engine/grammar.py RequestGrammar (set by the engine)
         self.num_computed_tokens = 0
         self.speculative = False  # the engine proposes drafts for it (when it decodes)
         self.draft_token_ids: list[int] = []  # this step's drafts, computed after its last token

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from concurrent.futures import FIRST_COMPLETED, wait
 import random
 import time
 import weakref
@@ -33,12 +34,13 @@ from lanner.core.request import (
 )
 from lanner.core.schedule import SchedulerOutput
 from lanner.engine.detokenizer import Detokenizer, TokenBytes, find_stop_string, visible_length
+from lanner.engine.grammar import Grammars, parse
 from lanner.engine.kv_cache import KVCacheManager
 from lanner.engine.prompts import Prompts
 from lanner.engine.scheduler import Scheduler
 from lanner.engine.speculation import Speculator
 from lanner.errors import CapacityExceeded, ConfigError, EngineDead, InvalidRequest
-from lanner.executor.model_runner import StepHandle, build_runner
+from lanner.executor.model_runner import StepHandle, build_runner, first_rows
 from lanner.executor.worker import start_ranks
 from lanner.models.loader import load_model
 
@@ -123,6 +125,8 @@ class LLMEngine:
             self.scheduler.lookahead = self.speculator.lookahead
             self.kv_cache.hit_blocks_recomputed = 1 if proposer.target_hidden else 0
         self.groups: dict[str, list[Request]] = {}  # request id -> its n samples
+        self.grammars: Grammars | None = None  # built at the first structured-output request
+        self.compiling: list[Request] = []  # constrained requests whose grammar is not compiled yet
         self.detokenizers: dict[Request, Detokenizer] = {}
         self._seeds = random.Random(config.seed)
         self.num_steps = 0
@@ -149,6 +153,8 @@ class LLMEngine:
             text, token_ids = None, token_ids[-(keep if keep > 0 else self.max_model_len - 1):]
         self._validate(token_ids, params)
         bad_word_ids = self._bad_word_ids(params.bad_words) if params.bad_words else []
+        spec = params.structured_outputs
+        grammar = self._parse_grammar(spec) if spec is not None else None
         seed = params.seed if params.seed is not None else self._seeds.getrandbits(63)
         children = []
         for i in range(params.n):
@@ -163,7 +169,43 @@ class LLMEngine:
             if self.tokenizer is not None:
                 self.detokenizers[req] = Detokenizer(self.tokenizer, token_ids,
                                                                 params.skip_special_tokens)
+            if grammar is not None:
+                self.grammars.start(req, spec, grammar)
+                if not req.grammar.ready:
+                    self.compiling.append(req)
+                    continue
             self.scheduler.add(req)
+
+    def _parse_grammar(self, spec):
+        """The xgrammar Grammar of a request's structured outputs (refused here, before any state changes)."""
+        if self.tokenizer is None:
+            raise InvalidRequest("structured outputs need a tokenizer, and this model has none")
+        if self.ranks is not None:
+            raise InvalidRequest("structured outputs are not supported with tensor_parallel_size > 1 yet "
+                                 "(every rank samples, and only rank 0 would hold the grammar)")
+        grammar = parse(spec)
+        if self.grammars is None:
+            self.grammars = Grammars(self.config.structured, self.tokenizer, self.vocab_size)
+        return grammar
+
+    def _admit_compiled(self) -> list[RequestOutput]:
+        """Constrained requests whose grammar is ready join the scheduler, in arrival order; with
+        nothing else to run, wait a little for one rather than spin."""
+        if not self.compiling:
+            return []
+        if not self.scheduler.has_unfinished() and self.in_flight is None:
+            wait([r.grammar.compiled for r in self.compiling], timeout=0.01, return_when=FIRST_COMPLETED)
+        ready = [r for r in self.compiling if r.grammar.ready]
+        self.compiling = [r for r in self.compiling if not r.grammar.ready]
+        failed = set()
+        for req in ready:
+            error = req.grammar.compiled.exception()
+            if error is None:
+                self.scheduler.add(req)
+            else:
+                logger.error("request %s: its grammar failed to compile: %s", req.parent_id, error)
+                failed.add(req.parent_id)
+        return [out for out in map(self.abort_request, sorted(failed)) if out is not None]
 
     def default_sampling_params(self, **overrides: Any) -> SamplingParams:
         """SamplingParams with the model's recommended settings (its generation_config.json),
@@ -175,6 +217,8 @@ class LLMEngine:
         if request_id not in self.groups:
             return None
         for req in self.groups[request_id]:
+            if req in self.compiling:
+                self.compiling.remove(req)
             if not req.finished:
                 req.finish("abort")
                 self.scheduler.finish(req)
@@ -209,13 +253,13 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         # requests of an in-flight step stay in the scheduler until finished
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or bool(self.compiling)
 
     # ---- the step ------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
         self._stepping = None
-        outputs = []
+        outputs = self._admit_compiled()
         if self.in_flight is not None and self._must_read_back(self.in_flight[1]):
             outputs += self._read_back()  # the next step needs its tokens on the host: no overlap
         if self.speculator is not None:
@@ -226,21 +270,37 @@ class LLMEngine:
         if sched.is_empty:
             return outputs + self._read_back()
         self._stepping = sched  # what fail_step aborts if the launch raises
-        handle = self.runner.launch(sched) if self.ranks is None else self._launch_on_every_rank(sched)
+        # a step with structured outputs samples only after the step before is read back (below)
+        constrained = any(req.grammar is not None for req, _ in sched.scheduled)
+        handle = self.runner.launch(sched, sample=not constrained) if self.ranks is None \
+            else self._launch_on_every_rank(sched)
         self.num_steps += 1
         self.num_tokens_computed += sched.num_tokens
         for req, num_new in sched.scheduled:
             req.num_computed_tokens += num_new
-        for req in dict.fromkeys(handle.samplers):  # 1 + its drafts: as if all were accepted
-            req.num_pending += 1 + req.num_verifying
+        if not constrained:
+            self._count_pending(handle)
         previous, self.in_flight = self.in_flight, (sched, handle)
         if previous is not None:
             self.num_overlapped_steps += 1
             self.num_overlapped_verify_steps += bool(sched.drafts)
             outputs += self._postprocess(*previous)
+        if constrained:  # the matchers have taken the tokens of the step before: mask, then sample
+            rows = [(req, row, sched.drafts.get(req, [])) for req, row in first_rows(handle.samplers).items()
+                    if req.grammar is not None]
+            self.runner.sample(handle, self.grammars.bitmask(rows), late=True)
+            self._count_pending(handle)
         if not self.config.scheduler.overlap_scheduling:
             outputs += self._read_back()
         return outputs
+
+    @staticmethod
+    def _count_pending(handle: StepHandle) -> None:
+        """Its samples are on the device: 1 + its drafts per request, as if all were accepted (the
+        read-back gives back the rejected ones). A late-sampled step counts them after the step
+        before is read back, so its sampler sees every output index on the host."""
+        for req in dict.fromkeys(handle.samplers):
+            req.num_pending += 1 + len(req.draft_token_ids)
 
     def _launch_on_every_rank(self, sched: SchedulerOutput) -> StepHandle:
         """Send the plan to the other ranks, then run this rank's part. A failure here (a rank gone,
@@ -343,6 +403,10 @@ class LLMEngine:
         if logprobs is not None:
             req.logprobs.extend(self._decode_logprobs([logprobs]))
             req.cumulative_logprob += logprobs[token].logprob
+        if req.grammar is not None and not req.grammar.accept(token):  # masked out: a bug, not the model
+            logger.error("request %s: token %d breaks its structured-output grammar; stopped", req.parent_id, token)
+            req.finish("abort")
+            return
         if token in req.stop_token_ids:
             req.finish("stop", None if token in self.eos_token_ids else token)
             return
@@ -355,6 +419,9 @@ class LLMEngine:
                 if stop is not None:
                     req.finish("stop", stop)
                     return
+        if req.grammar is not None and req.grammar.terminated:  # complete, with no stop token to end it (ignore_eos)
+            req.finish("stop")
+            return
         max_tokens = req.params.max_tokens
         # known tokens only: with overlap scheduling, num_tokens also counts the next pending one
         if (max_tokens is not None and len(req.output_token_ids) >= max_tokens) or \

@@ -26,7 +26,7 @@ from lanner.executor.piecewise import PiecewiseGraphs, piecewise_sizes
 from lanner.executor.worker import min_over_ranks
 from lanner.layers.attention import forward_context
 from lanner.models.loader import LoadedModel
-from lanner.sampling.sampler import Sampled, Sampler, sampled_logprobs, top_logprobs
+from lanner.sampling.sampler import GrammarMask, Sampled, Sampler, sampled_logprobs, top_logprobs
 from lanner.sampling.speculative import DraftContext, ModelProposer, Proposer
 
 logger = logging.getLogger(__name__)
@@ -57,21 +57,26 @@ class StepTimes:
 class StepHandle:
     """A launched step. `result()` waits for it and reads the tokens back."""
 
-    def __init__(self, samplers: list[Request], sampled: Sampled | None, prompt_rows: list, logits: torch.Tensor,
-                 proposed: torch.Tensor | None = None, timed: tuple[StepTimes, list] | None = None,
-                 routing: tuple[list, torch.Tensor] | None = None):
+    def __init__(self, samplers: list[Request], prompt_rows: list, logits: torch.Tensor,
+                 timed: tuple[StepTimes, list] | None = None, routing: tuple[list, torch.Tensor] | None = None):
         self.samplers = samplers
         # (request, first position, first row, rows) per recording request, and their rows of the
         # record (gathered at launch: the next step rewrites the record before this one is read)
         self.routing = None if routing is None else (routing[0], routing[1].to("cpu", non_blocking=True))
-        self.sampled = sampled
         self.prompt_rows = prompt_rows
         self.logits = logits if prompt_rows else None
+        self.timed = timed
+        self.sampled: Sampled | None = None
+        self.tokens = self.proposed = self.done = None
+        self.unsampled: tuple | None = None  # what `ModelRunner.sample` needs, until it has run
+
+    def launched(self, sampled: Sampled | None, proposed: torch.Tensor | None, device: torch.device) -> None:
+        """Its sampling (and drafting) is enqueued: start the copies back."""
+        self.sampled = sampled
         self.tokens = sampled.tokens.to("cpu", non_blocking=True) if sampled is not None else None
         # a copy even on the CPU: the draft graphs' output buffer is rewritten by the next step
         self.proposed = proposed.to("cpu", non_blocking=True, copy=True) if proposed is not None else None
-        self.timed = timed
-        self.done = torch.cuda.Event() if logits.is_cuda else None
+        self.done = torch.cuda.Event() if device.type == "cuda" else None
         if self.done is not None:
             self.done.record()
 
@@ -297,11 +302,13 @@ class ModelRunner:
     # ---- one step -----------------------------------------------------------------
 
     @torch.inference_mode()
-    def launch(self, sched: SchedulerOutput) -> StepHandle:
+    def launch(self, sched: SchedulerOutput, sample: bool = True) -> StepHandle:
         """Enqueue one step on the device (inputs, model, logits, sampling) without waiting
         for it; the handle reads the results back. A request's pending token from the
         previous launch is read on the device, so this may run before that step's results
-        are back (overlap scheduling)."""
+        are back (overlap scheduling). With sample=False it stops after the forward, and
+        `sample` enqueues the rest (structured outputs: their mask needs the tokens of the
+        step before, read back while this forward runs)."""
         with record_function("prepare"):
             batch, samplers, offsets, prompt_rows, layout, deferred = self.prepare(sched)
             staged = self.drafter.stage(layout, batch.num_real_tokens, len(samplers), batch.is_decode_only,
@@ -312,15 +319,31 @@ class ModelRunner:
             events[0].record()
         with record_function("model"):
             logits, hidden = self.run_model(batch)
-        sampled = None
+        handle = StepHandle(samplers, prompt_rows, logits, (self.step_times, events) if events else None,
+                            self._routing_rows(sched))
+        handle.unsampled = (logits, hidden, offsets, deferred, staged, events)
+        if sample:
+            self.sample(handle)
+        return handle
+
+    @torch.inference_mode()
+    def sample(self, handle: StepHandle, mask: tuple[torch.Tensor, list[int]] | None = None,
+               late: bool = False) -> None:
+        """Sampling (masked by structured outputs' (bitmask on the host, sampler rows)) and the
+        drafter's work of a launched step. `late`: the step before was read back since this one
+        was planned, so the host knows each request's output index (no shifts on the device)."""
+        (logits, hidden, offsets, deferred, staged, events), handle.unsampled = handle.unsampled, None
+        samplers, sampled, proposed = handle.samplers, None, None
         if samplers:  # their rows come first
             with record_function("sample"):
-                shifts = (deferred.row_shift, deferred.spread) if deferred.shifts else None
-                sampled = self.sampler(logits[:len(samplers)], samplers, self.last_sampled, offsets, shifts)
+                shifts = (deferred.row_shift, deferred.spread) if deferred.shifts and not late else None
+                grammar = None if mask is None else GrammarMask(
+                    mask[0].pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else mask[0],
+                    to_device(mask[1], torch.long, self.device))
+                sampled = self.sampler(logits[:len(samplers)], samplers, self.last_sampled, offsets, shifts, grammar)
             for index, (req, row) in enumerate(first_rows(samplers).items()):
                 req.sample_row, req.sample_index, req.num_verifying = row, index, len(req.draft_token_ids)
             self.last_sampled = sampled.tokens
-        proposed = None
         if events:
             events[1].record()
         if staged is not None:
@@ -330,8 +353,7 @@ class ModelRunner:
             self.last_accepted, self.last_proposed = self.drafter.accepted, proposed
         if events:
             events[2].record()
-        return StepHandle(samplers, sampled, prompt_rows, logits, proposed,
-                          (self.step_times, events) if events else None, self._routing_rows(sched))
+        handle.launched(sampled, proposed, self.device)
 
     def _routing_rows(self, sched: SchedulerOutput) -> tuple[list, torch.Tensor] | None:
         """(request, first position, first row, rows) of each recording request's positions this

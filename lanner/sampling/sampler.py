@@ -30,19 +30,32 @@ class Sampled:
     raw_logprobs: torch.Tensor | None  # [B, V] when some row asked for logprobs
 
 
+@dataclass
+class GrammarMask:
+    """Structured outputs' bitmask of one step (engine/grammar.py): [R, ceil(V/32)] int32 on the
+    device, bit t of a row set where token t is allowed, for sampler rows `rows` [R]."""
+    bitmask: torch.Tensor
+    rows: torch.Tensor
+
+
 class Sampler:
     def __call__(self, logits: torch.Tensor, reqs: list[Request], last_sampled: torch.Tensor | None = None,
-                 offsets: list[int] | None = None, shifts: tuple[torch.Tensor, list[int]] | None = None) -> Sampled:
-        """logits: [B, V] (one row per request, in order). `last_sampled`: the previous step's
+                 offsets: list[int] | None = None, shifts: tuple[torch.Tensor, list[int]] | None = None,
+                 mask: GrammarMask | None = None) -> Sampled:
+        """logits: [B, V] (one row per request, in order). `mask`: structured outputs' allowed
+        tokens, applied first (so logprobs, like vLLM's, are those of the constrained logits). `last_sampled`: the previous step's
         tokens on the device, where a request's pending token (overlap scheduling) is read.
         `offsets`: per row, how many tokens past the request's output so far it samples (the
         rows that verify drafts); the draw is keyed by that output index. `shifts`: for a step
         planned before the drafts of the one before it were read back, (per row on the device, the
         shift of that output index, in [-spread, 0]; per row on the host, its spread)."""
         index = [r.num_output_tokens + (offsets[i] if offsets else 0) for i, r in enumerate(reqs)]
-        if all(_plain_greedy(r, n) for r, n in zip(reqs, index)):  # the common fast path: one kernel
+        if mask is None and all(_plain_greedy(r, n) for r, n in zip(reqs, index)):  # the fast path: one kernel
             return Sampled(logits.argmax(dim=-1), None)
-        logits = logits.float()
+        # a copy even in float32: the rows are edited in place, and the step's logits serve prompt_logprobs
+        logits = logits.to(torch.float32, copy=True)
+        if mask is not None:
+            logits = apply_bitmask(logits, mask.bitmask, mask.rows)
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(r.params.logprobs is not None for r in reqs) else None
         logits = apply_min_tokens(logits, reqs, index)
         if any(r.has_logit_constraints for r in reqs):
@@ -62,6 +75,15 @@ class Sampler:
             else:
                 tokens[rows] = race_sample_ref(probs, keys)
         return Sampled(tokens, raw_logprobs)
+
+
+def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """-inf where a row's bit is 0 (`GrammarMask`); asynchronous, on any device."""
+    vocab = logits.shape[1]
+    bits = torch.arange(32, device=logits.device, dtype=torch.int32)
+    allowed = ((bitmask.unsqueeze(-1) >> bits) & 1).bool().flatten(1)[:, :vocab]
+    logits[rows] = logits[rows].masked_fill(~allowed, float("-inf"))
+    return logits
 
 
 def random_keys(reqs: list[Request], rows: list[int], index: list[int], device: torch.device,

@@ -1,0 +1,192 @@
+"""Structured outputs: grammars compiled with xgrammar, one matcher per constrained request, and
+the token bitmask of each step.
+
+- A request's spec is parsed when it arrives (a bad schema is an InvalidRequest: a 400) and
+  compiled on a background thread; the request waits outside the scheduler until it is ready, so
+  a new schema never stalls the step loop. Compiled grammars are cached by spec.
+- The matcher follows the tokens read back to the host. Under overlap scheduling the engine
+  launches step N+1's forward first, reads step N back (advancing the matchers), then fills
+  N+1's bitmask and launches its sampling: the host work overlaps the forward.
+- A verify row j of a speculating request is masked by the state after its first j drafts; a
+  draft the grammar refuses ends the rows that matter (the target cannot sample it there), and
+  the matcher rolls back the drafts it took.
+- With a reasoning parser, a request's grammar applies only after the end of its reasoning
+  (the `</think>` token)."""
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from lanner.config import StructuredOutputsConfig
+from lanner.core.structured import StructuredOutputsParams
+from lanner.errors import ConfigError, InvalidRequest
+
+if TYPE_CHECKING:
+    from lanner.core.request import Request
+
+logger = logging.getLogger(__name__)
+
+REASONING_TAGS = {"qwen3": ("<think>", "</think>"), "deepseek_r1": ("<think>", "</think>")}
+# JSON allows any whitespace between tokens, and a model can get stuck emitting it; no pretty
+# printer needs a longer run than this (a newline and 63 columns of indentation)
+MAX_WHITESPACE_RUN = 64
+
+
+def _xgrammar():
+    try:
+        import xgrammar
+    except ImportError as e:
+        raise InvalidRequest("structured outputs need the 'xgrammar' package, which is not installed: "
+                             "pip install 'lanner[structured]'") from e
+    return xgrammar
+
+
+def parse(spec: StructuredOutputsParams) -> Any:
+    """The spec as an xgrammar Grammar; what xgrammar cannot read is an InvalidRequest naming it."""
+    xgr = _xgrammar()
+    kind = spec.kind
+    try:
+        if kind in ("json", "json_object"):
+            whitespace = {"any_whitespace": False} if spec.disable_any_whitespace \
+                else {"max_whitespace_cnt": MAX_WHITESPACE_RUN}
+            return xgr.Grammar.from_json_schema(spec.key[1] if kind == "json" else '{"type": "object"}', **whitespace)
+        if kind == "regex":
+            return xgr.Grammar.from_regex(spec.regex)
+        if kind == "choice":
+            return xgr.Grammar.from_ebnf("root ::= " + " | ".join(_ebnf_string(c) for c in spec.choice))
+        return xgr.Grammar.from_ebnf(spec.grammar)
+    except (RuntimeError, ValueError, TypeError, RecursionError) as e:
+        raise InvalidRequest(f"structured outputs: xgrammar cannot use this {kind}: {_first_line(e)}") from None
+
+
+def _ebnf_string(text: str) -> str:
+    return '"' + "".join(c if c.isalnum() or c == " " else f"\\u{ord(c):04x}" if ord(c) < 0x10000
+                         else f"\\U{ord(c):08x}" for c in text) + '"'
+
+
+def _first_line(error: BaseException) -> str:
+    """xgrammar's messages start with a timestamp and a C++ source position."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return text.split(": ", 1)[1] if text.startswith("[") and ": " in text else text
+
+
+class RequestGrammar:
+    """One request's matcher: it has taken exactly the request's output tokens read back so far
+    (those after its reasoning, with a reasoning parser)."""
+
+    def __init__(self, compiled: Future, stop_token_ids: set[int], reasoning_end: int | None):
+        self.compiled = compiled
+        self.stop_token_ids = sorted(stop_token_ids)
+        self.reasoning_end = reasoning_end  # None: the grammar applies from the first token
+        self.matcher = None
+
+    @property
+    def ready(self) -> bool:
+        return self.compiled.done()
+
+    @property
+    def active(self) -> bool:
+        return self.reasoning_end is None
+
+    def _matcher(self):
+        if self.matcher is None:
+            xgr = _xgrammar()
+            # without stop tokens (ignore_eos), the request ends when the grammar does
+            self.matcher = xgr.GrammarMatcher(self.compiled.result(), override_stop_tokens=self.stop_token_ids or None,
+                                              terminate_without_stop_token=not self.stop_token_ids)
+        return self.matcher
+
+    def accept(self, token: int) -> bool:
+        """Advance by a token read back; False when the grammar refuses it."""
+        if self.reasoning_end is not None:
+            if token == self.reasoning_end:
+                self.reasoning_end = None
+            return True
+        return self._matcher().accept_token(token)
+
+    @property
+    def terminated(self) -> bool:
+        return self.active and self._matcher().is_terminated()
+
+    def fill(self, bitmask: torch.Tensor, row: int, drafts: list[int]) -> None:
+        """Rows row.. row+len(drafts): the masks after 0, 1, ... of the drafts."""
+        if not self.active:
+            return  # reasoning: unconstrained (a draft of the end token is not followed here)
+        matcher, taken = self._matcher(), 0
+        for j in range(len(drafts) + 1):
+            if matcher.is_terminated():
+                break
+            matcher.fill_next_token_bitmask(bitmask, row + j)
+            if j == len(drafts) or not matcher.accept_token(drafts[j]):
+                break
+            taken += 1
+        if taken:
+            matcher.rollback(taken)
+
+
+class Grammars:
+    """The engine's grammar compiler and cache (built at the first constrained request)."""
+
+    def __init__(self, config: StructuredOutputsConfig, tokenizer: Any, vocab_size: int):
+        xgr = _xgrammar()
+        self.vocab_size = vocab_size
+        self.info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size)
+        self.compiler = xgr.GrammarCompiler(self.info, max_threads=config.max_grammar_compile_threads,
+                                            cache_enabled=False)  # cached here, by spec
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="lanner-grammar")
+        self.cache: OrderedDict[tuple[str, str], Future] = OrderedDict()
+        self.cache_size = config.grammar_cache_size
+        self.reasoning = None
+        if config.reasoning_parser is not None:
+            start, end = (tokenizer.convert_tokens_to_ids(tag) for tag in REASONING_TAGS[config.reasoning_parser])
+            if not all(isinstance(t, int) and t != tokenizer.unk_token_id for t in (start, end)):
+                raise ConfigError(f"reasoning_parser {config.reasoning_parser}: the tokenizer has no single tokens "
+                                  f"for {' and '.join(REASONING_TAGS[config.reasoning_parser])}")
+            self.reasoning = (start, end)
+        self.num_compiled = 0
+
+    def start(self, req: Request, spec: StructuredOutputsParams, grammar: Any) -> None:
+        """Give the request its matcher-to-be: a cached grammar, or one compiling now."""
+        key = spec.key
+        future = self.cache.get(key)
+        if future is None or (future.done() and future.exception() is not None):
+            future = self.pool.submit(self._compile, grammar)
+            self.cache[key] = future
+            while len(self.cache) > self.cache_size:
+                self.cache.popitem(last=False)
+        self.cache.move_to_end(key)
+        req.grammar = RequestGrammar(future, req.stop_token_ids, self._reasoning_end(req.prompt_token_ids))
+
+    def _compile(self, grammar: Any) -> Any:
+        compiled = self.compiler.compile_grammar(grammar)
+        self.num_compiled += 1
+        return compiled
+
+    def _reasoning_end(self, prompt: list[int]) -> int | None:
+        """The token that ends the request's reasoning, or None when it has none to do (no reasoning
+        parser, or the prompt already closed it, as Qwen3's template does with thinking off)."""
+        if self.reasoning is None:
+            return None
+        start, end = self.reasoning
+        last = {t: i for i, t in enumerate(prompt) if t in (start, end)}
+        return None if last.get(end, -1) > last.get(start, -1) else end
+
+    def bitmask(self, rows: list[tuple[Request, int, list[int]]]) -> tuple[torch.Tensor, list[int]] | None:
+        """(bitmask [rows, words] on the host, the sampler rows it covers) for constrained requests
+        given as (request, first sampler row, drafts it verifies); None when none is constrained."""
+        rows = [(req, row, drafts) for req, row, drafts in rows if req.grammar.active and not req.finished]
+        if not rows:
+            return None
+        xgr = _xgrammar()
+        bitmask = xgr.allocate_token_bitmask(sum(1 + len(d) for _, _, d in rows), self.vocab_size)
+        covered, at = [], 0
+        for req, row, drafts in rows:
+            req.grammar.fill(bitmask, at, drafts)
+            covered += range(row, row + 1 + len(drafts))
+            at += 1 + len(drafts)
+        return bitmask, covered
+
