@@ -370,6 +370,8 @@ class ServerConfig:
     health_timeout_s: float = 10.0
     header_timeout_s: float = 10.0
     body_timeout_s: float = 60.0
+    tool_call_parser: Literal["hermes", "llama3_json"] | None = None  # server/tool_parsers.py's TOOL_PARSERS
+    enable_auto_tool_choice: bool = False
 
     HELP = {
         "host": "address to listen on",
@@ -403,9 +405,15 @@ class ServerConfig:
         "header_timeout_s": "close a connection whose request headers have not all arrived this long after it "
                             "opened (or after its previous response)",
         "body_timeout_s": "answer 408 to a request whose body has not all arrived this long after its headers",
+        "tool_call_parser": "how the model writes tool calls, read back into tool_calls: hermes (Hermes, Qwen2.5, "
+                            "Qwen3: <tool_call>{...}</tool_call>) or llama3_json",
+        "enable_auto_tool_choice": "let the model decide when to call tools (tool_choice \"auto\"; needs "
+                                   "--tool-call-parser)",
     }
 
     def __post_init__(self) -> None:
+        if self.enable_auto_tool_choice and self.tool_call_parser is None:
+            raise ConfigError("--enable-auto-tool-choice needs --tool-call-parser")
         if self.enable_log_requests and self.disable_log_requests:
             raise ConfigError("--enable-log-requests and --disable-log-requests contradict each other")
         if (self.ssl_keyfile is None) != (self.ssl_certfile is None):

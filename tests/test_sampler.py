@@ -174,3 +174,16 @@ def test_overlap_scheduling_changes_no_output(qwen3_path, kind):
         if kind == "greedy":
             assert llm.engine.scheduler.num_preemptions > 0  # the case is meant to preempt
     assert results[0] == results[1]
+
+
+def test_the_race_noise_is_positive_and_finite_at_the_extreme_hashes():
+    """U = 1 would make E = 0: that token wins whatever its probability, and a masked-out token
+    (probability 0) would race NaN, which argmax picks (found through structured outputs)."""
+    from lanner.kernels.sampling_reference import race_sample_ref, uniform_of_hash
+
+    u = uniform_of_hash(torch.tensor([0, 1, 0xFFFFFFFE, 0xFFFFFFFF], dtype=torch.long))
+    assert (u > 0).all() and (u < 1).all() and torch.isfinite(-torch.log(u)).all()
+    probs = torch.zeros(512, 8192)
+    probs[:, 7] = 1.0  # every other token masked out
+    keys = torch.randint(0, 1 << 32, (512, 2))
+    assert (race_sample_ref(probs, keys) == 7).all()

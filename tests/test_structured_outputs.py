@@ -18,12 +18,12 @@ PROMPTS = ["def add(a, b):", "import os\n", "class Point:", "# config\n", "x = [
 PERSON = {
     "type": "object",
     "properties": {
-        "name": {"type": "string", "maxLength": 10},
+        "name": {"type": "string", "pattern": "^[A-Za-z ._-]{0,10}$"},
         "age": {"type": "integer", "minimum": 0, "maximum": 120},
         "role": {"enum": ["admin", "user", "guest"]},
-        "tags": {"type": "array", "items": {"type": "string", "maxLength": 5}, "maxItems": 3},
+        "tags": {"type": "array", "items": {"type": "string", "pattern": "^[A-Za-z ._-]{0,5}$"}, "maxItems": 3},
         "address": {"type": "object", "properties": {"zip": {"type": "string", "pattern": "^[0-9]{5}$"},
-                                                     "city": {"type": "string", "maxLength": 8}},
+                                                     "city": {"type": "string", "pattern": "^[A-Za-z ._-]{0,8}$"}},
                     "required": ["zip", "city"], "additionalProperties": False},
     },
     "required": ["name", "age", "role", "tags", "address"],

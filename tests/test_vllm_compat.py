@@ -52,9 +52,9 @@ def test_server_flags(example, status, monkeypatch, capsys):
     monkeypatch.delenv("LANNER_API_KEY", raising=False)
     monkeypatch.delenv("VLLM_API_KEY", raising=False)
     argv = ["serve", *shlex.split(example)]
-    if status == "missing":
-        with pytest.raises(SystemExit):
-            build_parser().parse_args(argv)
+    if status in ("missing", "refused"):  # refused: a value the flag does not take
+        with pytest.raises((SystemExit, ConfigError)):
+            serve_configs(build_parser().parse_args(argv))
         return
     serve_configs(build_parser().parse_args(argv))
 

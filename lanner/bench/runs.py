@@ -116,6 +116,10 @@ def main(args: argparse.Namespace, engine_kwargs: dict) -> None:
         from lanner.bench import speculative
 
         return speculative.main(args, {k: v for k, v in engine_kwargs.items() if k != "speculative_config"})
+    if args.kind == "structured":
+        from lanner.bench import structured
+
+        return structured.main(args, engine_kwargs)
     if args.config:
         engine_kwargs = {"model": args.config, "load_format": "dummy", **engine_kwargs}
     path = engine_kwargs.get("model")
@@ -181,10 +185,11 @@ def add_parser(sub) -> None:
     thr.add_argument("--num-prompts", type=int, default=None)
     thr.add_argument("--input-range", type=int, nargs=2, default=None, metavar=("LO", "HI"))
     thr.add_argument("--output-range", type=int, nargs=2, default=None, metavar=("LO", "HI"))
-    from lanner.bench import moe, serve, speculative
+    from lanner.bench import moe, serve, speculative, structured
 
     serve.add_parser(kinds)
     speculative.add_parser(kinds)
+    structured.add_parser(kinds)
     moe.add_parser(kinds)
     for p in (lat, thr):
         p.add_argument("--compare-hf", action="store_true", help="run transformers on the same workload first")
@@ -192,6 +197,6 @@ def add_parser(sub) -> None:
     for p in (lat, step, thr):
         p.add_argument("--config", default=None, help="a config.json: random weights of that shape (dummy load)")
         p.add_argument("--output-json", default=None)
-    for p in (lat, step, thr, kinds.choices["speculative"]):
+    for p in (lat, step, thr, kinds.choices["speculative"], kinds.choices["structured"]):
         p.set_defaults(func=lambda a: None)
         add_cli_args(p)

@@ -27,21 +27,21 @@ class StructuredOutputsParams:
     def __post_init__(self) -> None:
         given = [k for k in self.KINDS if getattr(self, k) not in (None, False)]
         if len(given) != 1:
-            raise InvalidRequest("structured outputs take exactly one of json, regex, choice, grammar or "
+            raise InvalidRequest("structured_outputs takes exactly one of json, regex, choice, grammar or "
                                  f"json_object; got {given or 'none'}")
         if self.json is not None and not isinstance(self.json, (str, dict)):
-            raise InvalidRequest("structured outputs: json must be a JSON schema (an object or its text)")
+            raise InvalidRequest("structured_outputs: json must be a JSON schema (an object or its text)")
         for name in ("regex", "grammar"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, str) and value):
-                raise InvalidRequest(f"structured outputs: {name} must be a non-empty string")
+                raise InvalidRequest(f"structured_outputs: {name} must be a non-empty string")
         if self.choice is not None and not (isinstance(self.choice, list) and self.choice
                                             and all(isinstance(c, str) for c in self.choice)):
-            raise InvalidRequest("structured outputs: choice must be a non-empty list of strings")
+            raise InvalidRequest("structured_outputs: choice must be a non-empty list of strings")
         if self.json_object not in (None, True, False) or not isinstance(self.disable_any_whitespace, bool):
-            raise InvalidRequest("structured outputs: json_object and disable_any_whitespace must be true or false")
+            raise InvalidRequest("structured_outputs: json_object and disable_any_whitespace must be true or false")
         if len(self.key[1]) > MAX_SPEC_CHARS:
-            raise InvalidRequest(f"structured outputs: the {self.kind} is longer than {MAX_SPEC_CHARS} characters")
+            raise InvalidRequest(f"structured_outputs: the {self.kind} is longer than {MAX_SPEC_CHARS} characters")
 
     @classmethod
     def of(cls, value: Any) -> StructuredOutputsParams | None:
@@ -52,7 +52,7 @@ class StructuredOutputsParams:
             raise InvalidRequest(f"structured_outputs must be an object, got {type(value).__name__}")
         unknown = set(value) - {*cls.KINDS, "disable_any_whitespace"}
         if unknown:
-            raise InvalidRequest(f"structured outputs: unknown fields {sorted(unknown)}")
+            raise InvalidRequest(f"structured_outputs: unknown fields {sorted(unknown)}")
         return cls(**value)
 
     @property

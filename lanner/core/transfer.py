@@ -4,10 +4,11 @@ from __future__ import annotations
 import torch
 
 
-def to_device(rows: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A host list as a device tensor, through pinned memory: a pageable copy would wait
-    for the GPU. The pinned buffer returns to torch's host cache only once the copy is done."""
-    host = torch.tensor(rows, dtype=dtype)
+def to_device(rows: list | torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A host list (or tensor) as a device tensor, through pinned memory from torch's host cache:
+    a pageable copy would wait for the GPU, and so may a fresh pinned allocation (cudaHostAlloc,
+    as `Tensor.pin_memory()` can do). The buffer returns to the cache once the copy is done."""
+    host = rows.to(dtype) if isinstance(rows, torch.Tensor) else torch.tensor(rows, dtype=dtype)
     if device.type != "cuda":
         return host
     pinned = torch.empty(host.shape, dtype=dtype, pin_memory=True)

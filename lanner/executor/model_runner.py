@@ -337,9 +337,8 @@ class ModelRunner:
         if samplers:  # their rows come first
             with record_function("sample"):
                 shifts = (deferred.row_shift, deferred.spread) if deferred.shifts and not late else None
-                grammar = None if mask is None else GrammarMask(
-                    mask[0].pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else mask[0],
-                    to_device(mask[1], torch.long, self.device))
+                grammar = None if mask is None else GrammarMask(to_device(mask[0], torch.int32, self.device),
+                                                                 to_device(mask[1], torch.long, self.device))
                 sampled = self.sampler(logits[:len(samplers)], samplers, self.last_sampled, offsets, shifts, grammar)
             for index, (req, row) in enumerate(first_rows(samplers).items()):
                 req.sample_row, req.sample_index, req.num_verifying = row, index, len(req.draft_token_ids)

@@ -30,7 +30,7 @@ def _race_kernel(probs_ptr, keys_ptr, out_ptr, stride, V, BLOCK: tl.constexpr):
         p = tl.load(probs_ptr + row * stride + cols, mask=mask, other=0.0).to(tl.float32)
         h = _hash32(cols.to(tl.uint32) * 0x9E3779B9 + k1)
         h = _hash32(h ^ k2)
-        u = ((h >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+        u = ((h >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608.0)  # in (0, 1) exactly: sampling_reference.py
         score = tl.where(mask, p / -tl.log(u), -1.0)
         better = score > best  # strict: the lowest index wins a tie, as in torch.argmax
         best = tl.where(better, score, best)

@@ -51,8 +51,14 @@ def race_noise_ref(keys: torch.Tensor, V: int) -> torch.Tensor:
     cols = torch.arange(V, dtype=torch.long, device=keys.device)[None, :]
     h = _hash32_ref((_mul32(cols, _GOLDEN32) + keys[:, :1]) & _M32)
     h = _hash32_ref(h ^ keys[:, 1:])
-    u = ((h >> 8).float() + 0.5) * (1.0 / 16777216.0)
-    return -torch.log(u)
+    return -torch.log(uniform_of_hash(h))
+
+
+def uniform_of_hash(h: torch.Tensor) -> torch.Tensor:
+    """A 32-bit hash -> U in (0, 1), from its top 23 bits: (k + 0.5) / 2**23 is exact in float32.
+    With 24 bits the top value rounds to 1.0, so E = 0: that token would win whatever its
+    probability, and at probability 0 (masked out) the race would be NaN, which argmax picks."""
+    return ((h >> 9).float() + 0.5) * (1.0 / 8388608.0)
 
 
 def race_sample_ref(probs: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:

@@ -29,12 +29,15 @@ import lanner
 from lanner.config import ServerConfig
 from lanner.core.request import RequestOutput
 from lanner.engine.prompts import Prompts, message_for_template
-from lanner.errors import CapacityExceeded, EngineDead, InvalidRequest, LannerError, ModelNotFound, ServerOverloaded, without_frames
+from lanner.errors import CapacityExceeded, ConfigError, EngineDead, InvalidRequest, LannerError, ModelNotFound, ServerOverloaded, without_frames
 from lanner.models.loader import load_tokenizer
 from lanner.server.metrics import ServerMetrics
 from lanner.server.protocol import (ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
                                     client_template, conversation_of, refuse)
-from lanner.server.responses import ChatShaper, CompletionShaper, PromptInfo
+from lanner.server.reasoning import REASONING_PARSERS
+from lanner.server.responses import ChatShaper, CompletionShaper, PromptInfo, Reading
+from lanner.server.tool_parsers import TOOL_PARSERS
+from lanner.server.tools import plan_tools
 from lanner.serving.async_engine import AsyncEngine, Mailbox, StepFailed
 
 logger = logging.getLogger(__name__)
@@ -121,6 +124,10 @@ def build_app(engine: AsyncEngine, config: ServerConfig, metrics: ServerMetrics 
         return prompts.decode([token_id]) if prompts is not None else f"token_id:{token_id}"
 
     max_prompt_chars = config.max_prompt_chars or 32 * info.max_model_len
+    if config.tool_call_parser is not None and config.tool_call_parser not in TOOL_PARSERS:
+        raise ConfigError(f"--tool-call-parser {config.tool_call_parser!r}: one of {', '.join(TOOL_PARSERS)}")
+    auto_tool_parser = config.tool_call_parser if config.enable_auto_tool_choice else None
+    reasoning = REASONING_PARSERS[info.reasoning_parser]() if info.reasoning_parser else None
 
     def check_limits(body: CompletionRequest | ChatRequest, texts: list[str]) -> None:
         """Limits checked before any work: tokenizing a huge prompt or matching thousands of stop
@@ -254,8 +261,10 @@ def build_app(engine: AsyncEngine, config: ServerConfig, metrics: ServerMetrics 
             body.check()
             conversation = body.conversation()
             check_limits(body, [str(m.get("content") or "") for m in conversation])
-            params = body.params(info.sampling_defaults)
-            token_ids = await asyncio.to_thread(need_prompts().chat_token_ids, conversation, **chat_options(body))
+            tools = plan_tools(body.tools, body.tool_choice, body.parallel_tool_calls, auto_tool_parser)
+            params = body.params(info.sampling_defaults, tools.structured)
+            token_ids = await asyncio.to_thread(need_prompts().chat_token_ids, conversation, tools=tools.render,
+                                                **chat_options(body))
             if body.truncate_prompt_tokens is not None:
                 token_ids = token_ids[-body.truncate_prompt_tokens:]
             check_context(len(token_ids), params.max_tokens)
@@ -265,13 +274,18 @@ def build_app(engine: AsyncEngine, config: ServerConfig, metrics: ServerMetrics 
         echo = (message_for_template(last).get("content") or "") if body.echo and last["role"] == "assistant" else ""
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         log_request(rid, [len(token_ids)], params)
-        shaper = ChatShaper(rid, names[0], body, [PromptInfo(token_ids, echo)], token_text)
+        reading = Reading(tools=tools.parser, parallel_tools=tools.parallel)
+        if reasoning is not None:
+            reading.reasoning = reasoning
+            reading.in_reasoning = reasoning.in_reasoning_after(prompts.decode(token_ids[-REASONING_TAIL_TOKENS:]))
+        shaper = ChatShaper(rid, names[0], body, [PromptInfo(token_ids, echo)], token_text, reading=reading)
         return await respond(request, body.stream, [engine.generate(rid, token_ids, params)], shaper,
                              config.stream_stall_timeout_s)
 
     return app
 
 
+REASONING_TAIL_TOKENS = 16  # where a chat prompt shows whether it left the model inside its reasoning
 CLIENT_CLOSED = 499  # nginx's "client closed request": counted, not logged as an error
 
 KNOWN_PATHS = {"/health", "/ping", "/version", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions",

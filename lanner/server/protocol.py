@@ -1,11 +1,14 @@
 """The OpenAI request schema that lanner serves (pydantic), and its translation to
 SamplingParams. Every field is applied or refused: an unknown field is a 400 that names
-it, and fields lanner knows but does not implement yet (structured outputs, tools) are
-refused by name. Extensions follow vLLM's names: `top_k`, `min_p`, `repetition_penalty`,
+it, and fields lanner knows but does not implement (the legacy `functions`) are refused by
+name. Structured outputs come as OpenAI's `response_format`, vLLM's `structured_outputs`
+or its older `guided_*` fields (one of them per request); tools as OpenAI's `tools` and
+`tool_choice` (chat). Extensions follow vLLM's names: `top_k`, `min_p`, `repetition_penalty`,
 `min_tokens`, `ignore_eos`, `stop_token_ids`, `allowed_token_ids`, `bad_words`,
 `prompt_logprobs`, `truncate_prompt_tokens`, `return_tokens_as_token_ids`, ..."""
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
@@ -13,14 +16,12 @@ from pydantic import BaseModel, ConfigDict, Field, create_model
 from lanner.core.request import RequestOutputKind, SamplingParams
 from lanner.errors import InvalidRequest
 
-NOT_SUPPORTED_YET = {  # field -> the feature it belongs to
-    "response_format": "structured outputs", "guided_json": "structured outputs",
-    "guided_regex": "structured outputs", "guided_choice": "structured outputs",
-    "guided_grammar": "structured outputs", "guided_decoding_backend": "structured outputs",
-    "guided_whitespace_pattern": "structured outputs", "structured_outputs": "structured outputs",
-    "tools": "tool calling", "tool_choice": "tool calling", "functions": "tool calling",
-    "function_call": "tool calling", "parallel_tool_calls": "tool calling",
+NOT_SUPPORTED_YET = {  # field -> what to use instead
+    "functions": "the legacy functions API is not supported: use tools",
+    "function_call": "the legacy functions API is not supported: use tool_choice",
+    "guided_whitespace_pattern": "not supported (xgrammar): use structured_outputs with disable_any_whitespace",
 }
+GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
 
 
 def refuse(field: str, why: str) -> InvalidRequest:
@@ -91,12 +92,23 @@ class SamplingFields(UnsupportedFields):
     stream_options: StreamOptions | None = None
     user: str | None = None  # OpenAI's end-user id, for the caller's own tracking: nothing to apply
 
+    # structured outputs, one way or another (`structured_spec`)
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_decoding_backend: str | None = None
+
     def check(self) -> None:
-        for name, feature in NOT_SUPPORTED_YET.items():
-            value = getattr(self, name)
-            if value is None or (name == "response_format" and value == {"type": "text"}):
-                continue
-            raise refuse(name, f"{feature} are not supported yet")
+        for name, why in NOT_SUPPORTED_YET.items():
+            if getattr(self, name) is not None:
+                raise refuse(name, why)
+        if self.guided_decoding_backend not in (None, "auto", "xgrammar"):
+            raise refuse("guided_decoding_backend", "lanner's backend is xgrammar ('auto' or 'xgrammar')")
+        for name in ("response_format", "structured_outputs", "guided_json"):
+            check_nesting(name, getattr(self, name))
         if self.best_of is not None and self.best_of != self.n:
             raise refuse("best_of", "only best_of == n is supported (lanner returns every sample)")
         if self.use_beam_search:
@@ -104,8 +116,34 @@ class SamplingFields(UnsupportedFields):
         if self.stream_options is not None and not self.stream:
             raise refuse("stream_options", "only allowed with stream: true")
 
+    def structured_spec(self) -> dict | None:
+        """What the output must match, from whichever field gave it (at most one), as the fields of
+        StructuredOutputsParams."""
+        given = {name: getattr(self, name) for name in ("response_format", "structured_outputs", *GUIDED)
+                 if getattr(self, name) is not None}
+        if given.get("response_format", {}).get("type") == "text":
+            del given["response_format"]
+        if len(given) > 1:
+            raise refuse(sorted(given)[1], f"give one of {', '.join(sorted(given))}, not several")
+        if not given:
+            return None
+        name, value = next(iter(given.items()))
+        if name == "structured_outputs":
+            return value
+        if name in GUIDED:
+            return {GUIDED[name]: value}
+        kind = value.get("type")
+        if kind == "json_object":
+            return {"json_object": True}
+        if kind == "json_schema":
+            schema = (value.get("json_schema") or {}).get("schema")
+            if not isinstance(schema, dict):
+                raise refuse("response_format", "json_schema needs json_schema.schema, a JSON schema object")
+            return {"json": schema}
+        raise refuse("response_format", f"type must be text, json_object or json_schema, got {kind!r}")
+
     def sampling_params(self, defaults: dict[str, Any], max_tokens: int | None, logprobs: int | None,
-                        prompt_logprobs: int | None) -> SamplingParams:
+                        prompt_logprobs: int | None, structured: dict | None = None) -> SamplingParams:
         """The request's options over the model's generation_config defaults."""
         given = {name: getattr(self, name) for name in (
             "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
@@ -121,6 +159,7 @@ class SamplingFields(UnsupportedFields):
                                  "include_stop_str_in_output": self.include_stop_str_in_output,
                                  "skip_special_tokens": self.skip_special_tokens,
                                  "return_routed_experts": self.return_routed_experts,
+                                 "structured_outputs": structured,
                                  # a stream takes what is new each step; a body is built once, at the end
                                  "output_kind": RequestOutputKind.DELTA if self.stream else RequestOutputKind.FINAL_ONLY})
 
@@ -174,7 +213,23 @@ class CompletionRequest(SamplingFields):
         if self.echo and self.logprobs is not None:
             prompt_logprobs = max(prompt_logprobs or 0, self.logprobs)
         return self.sampling_params(defaults, max(self.max_tokens, 1) if self.max_tokens is not None else None,
-                                    self.logprobs, prompt_logprobs)
+                                    self.logprobs, prompt_logprobs, self.structured_spec())
+
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: str = Field(min_length=1, max_length=128)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
 
 
 class ChatMessage(BaseModel):
@@ -193,6 +248,13 @@ def conversation_of(messages: list[ChatMessage]) -> list[dict]:
         message = m.model_dump(exclude_none=True)
         if message["role"] == "developer":
             message["role"] = "system"
+        for call in message.get("tool_calls") or ():  # templates take the arguments as an object, as vLLM gives them
+            function = call.get("function") if isinstance(call, dict) else None
+            if isinstance(function, dict) and isinstance(function.get("arguments"), str):
+                try:
+                    function["arguments"] = json.loads(function["arguments"])
+                except (ValueError, RecursionError):
+                    pass  # not JSON: the template gets the text
         out.append(message)
     return out
 
@@ -213,9 +275,14 @@ class ChatRequest(SamplingFields):
     continue_final_message: bool = False
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
 
     def check(self) -> None:
         super().check()
+        for tool in self.tools or ():
+            check_nesting("tools", tool.function.parameters)
         if self.top_logprobs is not None and not self.logprobs:
             raise refuse("top_logprobs", "needs logprobs: true")
         check_nesting("chat_template_kwargs", self.chat_template_kwargs)
@@ -224,10 +291,15 @@ class ChatRequest(SamplingFields):
     def conversation(self) -> list[dict]:
         return conversation_of(self.messages)
 
-    def params(self, defaults: dict[str, Any]) -> SamplingParams:
+    def params(self, defaults: dict[str, Any], forced: dict | None = None) -> SamplingParams:
+        """`forced`: the grammar of a forced tool call, which excludes any other structured output."""
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
+        structured = self.structured_spec()
+        if forced is not None and structured is not None:
+            raise refuse("tool_choice", "a forced tool call is itself a structured output; drop response_format "
+                                        "or the guided fields")
         return self.sampling_params(defaults, self.max_completion_tokens or self.max_tokens, logprobs,
-                                    self.prompt_logprobs)
+                                    self.prompt_logprobs, forced or structured)
 
 
 class TokenizeRequest(BaseModel):

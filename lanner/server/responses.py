@@ -206,8 +206,77 @@ class CompletionShaper(_Shaper):
                 "choices": choices, "usage": self.usage()}
 
 
+@dataclass
+class Reading:
+    """How a chat reply's text is read: reasoning first (a reasoning parser, and whether the prompt
+    left the model inside its reasoning), then tool calls (a parser maker: none, the server's
+    --tool-call-parser, or the forced call's)."""
+    reasoning: Any = None
+    in_reasoning: bool | None = None
+    tools: Any = None
+    parallel_tools: bool = True
+
+
+class ChatReader:
+    """One choice's text -> an OpenAI message (content, reasoning_content, tool_calls), whole or as
+    stream deltas; finish_reason "tool_calls" where the reply is tool calls."""
+
+    def __init__(self, reading: Reading):
+        self.reading = reading
+        self.thinking = reading.reasoning.stream(reading.in_reasoning) if reading.reasoning else None
+        self.calls = reading.tools().stream() if reading.tools else None
+        self.num_calls = 0
+
+    def whole(self, text: str, finish_reason: str | None) -> tuple[dict, str | None]:
+        r = self.reading
+        reasoning, content = r.reasoning.split(text, r.in_reasoning) if r.reasoning else (None, text)
+        message = {"content": content if r.reasoning else text}
+        if reasoning is not None:
+            message["reasoning_content"] = reasoning
+        if r.tools and content is not None:
+            content, calls = r.tools().extract(content)
+            calls = calls if r.parallel_tools else calls[:1]
+            if calls:
+                message["content"] = content
+                message["tool_calls"] = [{"id": t.id, "type": "function",
+                                          "function": {"name": t.name, "arguments": t.arguments}} for t in calls]
+                finish_reason = "tool_calls" if finish_reason == "stop" else finish_reason
+        return message, finish_reason
+
+    def push(self, text: str, finish_reason: str | None) -> tuple[dict, str | None]:
+        """The delta of new text (and of what was held back, once the choice finishes)."""
+        reasoning, content = self.thinking.push(text) if self.thinking else ("", text)
+        if finish_reason is not None and self.thinking:
+            more = self.thinking.finish()
+            reasoning, content = reasoning + more[0], content + more[1]
+        message: dict[str, Any] = {}
+        if reasoning:
+            message["reasoning_content"] = reasoning
+        if self.calls is None:
+            if content or not reasoning:
+                message["content"] = content
+            return message, finish_reason
+        deltas = self.calls.push(content) + (self.calls.finish() if finish_reason is not None else [])
+        texts = [d["content"] for d in deltas if "content" in d]
+        calls = [call for d in deltas for call in d.get("tool_calls", ())
+                 if self.reading.parallel_tools or call["index"] == 0]
+        if texts or not (reasoning or calls):
+            message["content"] = "".join(texts)
+        if calls:
+            message["tool_calls"] = calls
+            self.num_calls = max(self.num_calls, 1 + max(call["index"] for call in calls))
+        if finish_reason == "stop" and self.num_calls:
+            finish_reason = "tool_calls"
+        return message, finish_reason
+
+
 class ChatShaper(_Shaper):
     chunk_object = "chat.completion.chunk"
+
+    def __init__(self, *args, reading: Reading | None = None) -> None:
+        super().__init__(*args)
+        self.reading = reading or Reading()
+        self.readers: dict[int, ChatReader] = {}
 
     def logprobs(self, entries: list[dict]) -> dict | None:
         if not self.body.logprobs:
@@ -228,22 +297,26 @@ class ChatShaper(_Shaper):
         return prompt_logprobs_json(self.prompt_logprobs.get(0), self.body.prompt_logprobs)
 
     def chunk(self, prompt_index, index, delta, new_logprobs, c, sent) -> dict:
-        if sent.started:
-            message = {"content": delta}
-        else:  # the first chunk of a choice: its role, and what echo puts first
-            message = {"role": "assistant", "content": self.prompts[prompt_index].echo_text + delta}
+        if not sent.started:  # the first chunk of a choice: its role, and what echo puts first
+            delta = self.prompts[prompt_index].echo_text + delta
+        message, finish_reason = self.readers.setdefault(index, ChatReader(self.reading)).push(delta, c.finish_reason)
+        if not sent.started:
+            message = {"role": "assistant", **message}
         chunk = {"id": self.rid, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
                  "choices": [{"index": index, "delta": message, "logprobs": self.logprobs(new_logprobs),
-                              "finish_reason": c.finish_reason, **self.routing(c)}]}
+                              "finish_reason": finish_reason, **self.routing(c)}]}
         if not sent.started and self.body.prompt_logprobs is not None:
             chunk["prompt_logprobs"] = self._prompt_logprobs()
         return chunk
 
     def final(self) -> dict:
         echo = self.prompts[0].echo_text
-        choices = [{"index": i, "message": {"role": "assistant", "content": echo + c.text},
-                    "logprobs": self.logprobs(c.logprobs or []), "finish_reason": c.finish_reason,
-                    "stop_reason": c.stop_reason, **self.routing(c)} for i, c in sorted(self.finals.items())]
+        choices = []
+        for i, c in sorted(self.finals.items()):
+            message, finish_reason = ChatReader(self.reading).whole(echo + c.text, c.finish_reason)
+            choices.append({"index": i, "message": {"role": "assistant", **message},
+                            "logprobs": self.logprobs(c.logprobs or []), "finish_reason": finish_reason,
+                            "stop_reason": c.stop_reason, **self.routing(c)})
         body = {"id": self.rid, "object": "chat.completion", "created": self.created, "model": self.model,
                 "choices": choices, "usage": self.usage()}
         if self.body.prompt_logprobs is not None:

@@ -44,6 +44,7 @@ class EngineInfo:
     max_model_len: int
     sampling_defaults: dict
     tokenizer_path: str | None  # the folder the engine loaded its tokenizer from (None: it has none)
+    reasoning_parser: str | None = None  # the model's reasoning comes first, in <think>...</think>
 
 
 @dataclass
@@ -93,7 +94,8 @@ class EngineLoop:
 
     def info(self) -> EngineInfo:
         e = self.engine
-        return EngineInfo(e.max_model_len, dict(e.sampling_defaults), e.tokenizer_path)
+        return EngineInfo(e.max_model_len, dict(e.sampling_defaults), e.tokenizer_path,
+                          e.config.structured.reasoning_parser)
 
     # ---- commands (run on the loop's thread, between steps) ----------------------------
 
