@@ -186,8 +186,8 @@ class ReplayedSamples:
     def __init__(self, sampler, truth, row_of: dict):
         self.sampler, self.truth, self.row_of = sampler, truth, row_of
 
-    def __call__(self, logits, reqs, last_sampled=None, offsets=None, shifts=None):
-        sampled = self.sampler(logits, reqs, last_sampled, offsets, shifts)
+    def __call__(self, logits, reqs, last_sampled=None, offsets=None, shifts=None, mask=None):
+        sampled = self.sampler(logits, reqs, last_sampled, offsets, shifts, mask)
         if self.truth is None:
             return sampled
         at = to_device([[self.row_of[tuple(r.prompt_token_ids)], r.num_output_tokens + (offsets[i] if offsets else 0)]
