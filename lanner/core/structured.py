@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from lanner.errors import InvalidRequest
@@ -59,7 +60,7 @@ class StructuredOutputsParams:
     def kind(self) -> str:
         return next(k for k in self.KINDS if getattr(self, k) not in (None, False))
 
-    @property
+    @cached_property
     def key(self) -> tuple[str, str]:
         """(kind, canonical text): equal keys compile to the same grammar (the compile cache's key)."""
         kind = self.kind

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 import secrets
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 _ARGS_KEYS = ("arguments", "parameters")
@@ -169,7 +170,7 @@ class _CallReader:
                 self._key, self.name = (value, self.name) if self._member == "key" else (self._key, value)
 
 
-class ToolCallStream:
+class ToolCallStream(ABC):
     """Turns an output arriving in pieces into chat-completion `delta` dicts. Subclasses parse (`_advance`); this
     class decides what goes out, so every parser orders and merges deltas the same way."""
 
@@ -200,8 +201,9 @@ class ToolCallStream:
             self._emit_content(held)
         return self._take()
 
+    @abstractmethod
     def _advance(self, final: bool) -> None:
-        raise NotImplementedError
+        """Parse what `_buffer` holds (all of it when `final`), emitting through `_content`, `_open_call`, ..."""
 
     def _take(self) -> list[dict]:
         deltas, self._deltas = self._deltas, []
@@ -264,12 +266,14 @@ class ToolCallStream:
         return pos, outcome
 
 
-class ToolParser:
+class ToolParser(ABC):
+    @abstractmethod
     def extract(self, text: str) -> tuple[str | None, list[ToolCall]]:
-        raise NotImplementedError
+        """(content, calls) of a whole output."""
 
+    @abstractmethod
     def stream(self) -> ToolCallStream:
-        raise NotImplementedError
+        """A fresh stream for one output arriving in pieces."""
 
 
 class HermesToolParser(ToolParser):
