@@ -5,12 +5,7 @@
 #   bash scripts/gpu_moe.sh tune     # scripts/tune_moe.py: tile tables for Qwen3-30B-A3B's experts
 #   bash scripts/gpu_moe.sh model    # Qwen3-30B-A3B shape: batch-1 decode and the W-8B workload
 # Results go under $OUT (default ./out).
-set -uo pipefail
-cd "$(dirname "$0")/.."
-out=${OUT:-out}
-mkdir -p "$out"
-export PYTHONPATH=.
-day=$(date -u +%F)
+source "$(dirname "$0")/gpu_env.sh"
 case "${1:-}" in
   tests)
     python3 -m pytest -q -p no:cacheprovider tests/gpu/test_moe_kernels_gpu.py tests/gpu/test_moe_gpu.py 2>&1 \

@@ -6,12 +6,7 @@
 #   bash scripts/gpu_speculative.sh 7b-512  # batch 1 at acceptance ~3.1 over 512 output tokens (the target's row)
 #   bash scripts/gpu_speculative.sh 7a7c    # every proposer on lanner-tiny; n-gram on code edits
 # Results go under $OUT (default ./out).
-set -uo pipefail
-cd "$(dirname "$0")/.."
-out=${OUT:-out}
-mkdir -p "$out"
-export PYTHONPATH=.
-day=$(date -u +%F)
+source "$(dirname "$0")/gpu_env.sh"
 case "${1:-}" in
   tests)
     python3 -m pytest -q -p no:cacheprovider tests/gpu/test_engine_gpu.py tests/gpu/test_piecewise_gpu.py \

@@ -12,6 +12,7 @@ import pytest
 
 from lanner import LLM, SamplingParams
 from lanner.core.structured import StructuredOutputsParams
+from lanner.engine.grammar import MAX_WHITESPACE_RUN
 from lanner.errors import InvalidRequest
 
 PROMPTS = ["def add(a, b):", "import os\n", "class Point:", "# config\n", "x = [", "return {"]
@@ -141,6 +142,36 @@ def test_speculation_changes_no_constrained_token(plain, spec):
     assert texts(got) == texts(want)
     stats = spec_llm.engine.speculator.stats
     assert stats.accepted > 0 and stats.drafts > stats.accepted
+
+
+@pytest.fixture(scope="module")
+def whitespace_only(plain) -> dict[int, int]:
+    """token id -> length, for the tokens made only of JSON whitespace"""
+    tokenizer = plain.engine.tokenizer
+    texts_ = {t: tokenizer.decode([t]) for t in range(len(tokenizer))}
+    return {t: len(text) for t, text in texts_.items() if text and not text.strip(" \t\n\r")}
+
+
+def test_json_whitespace_runs_are_capped(plain, whitespace_only):
+    """A model pulled towards whitespace (here by logit_bias) cannot pad a JSON output forever:
+    once a run reaches MAX_WHITESPACE_RUN characters, whitespace-only tokens are refused, and the
+    drafts of a speculating request are checked the same way."""
+    params = SamplingParams(temperature=0, max_tokens=200, logit_bias={t: 100 for t in whitespace_only},
+                            structured_outputs={"json_object": True})
+    out = plain.generate(["x = "], params, use_tqdm=False)[0].outputs[0]
+    tokenizer, run, capped = plain.engine.tokenizer, 0, 0
+    for token in out.token_ids:
+        if token in whitespace_only:
+            assert run < MAX_WHITESPACE_RUN, out.text
+            run += whitespace_only[token]
+        else:
+            text = tokenizer.decode([token])
+            run = len(text) - len(text.rstrip(" \t\n\r"))
+        capped += run >= MAX_WHITESPACE_RUN
+    assert capped and out.finish_reason == "stop" and json.loads(out.text) == {}, out.text
+    speculating = llm(speculative_config={"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 2})
+    assert speculating.generate(["x = "], params, use_tqdm=False)[0].outputs[0].token_ids == out.token_ids
+    assert speculating.engine.speculator.stats.accepted > 0
 
 
 def test_compilation_runs_off_the_step_loop(plain, monkeypatch):

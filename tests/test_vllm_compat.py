@@ -12,7 +12,7 @@ import lanner
 from lanner.cli import build_parser, serve_configs
 from lanner.config import EngineConfig
 from lanner.errors import ConfigError
-from lanner.server.protocol import NOT_SUPPORTED_YET, ChatRequest, CompletionRequest
+from lanner.server.protocol import NOT_SUPPORTED, ChatRequest, CompletionRequest
 
 DOC = Path(__file__).parent.parent / "docs" / "coming-from-vllm.md"
 STATUSES = {"same", "differs", "refused", "missing"}
@@ -65,9 +65,9 @@ def test_request_fields(field, status):
     if status == "missing":
         assert field not in known
     elif status == "refused":
-        assert field in NOT_SUPPORTED_YET
+        assert field in NOT_SUPPORTED
     else:
-        assert field in known and field not in NOT_SUPPORTED_YET
+        assert field in known and field not in NOT_SUPPORTED
 
 
 @pytest.mark.parametrize("call,status", table("Offline API"))

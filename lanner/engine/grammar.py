@@ -11,7 +11,8 @@ the token bitmask of each step.
   draft the grammar refuses ends the rows that matter (the target cannot sample it there), and
   the matcher rolls back the drafts it took.
 - With a reasoning parser, a request's grammar applies only after the end of its reasoning
-  (the `</think>` token)."""
+  (the `</think>` token).
+- JSON whitespace runs are capped here, not in the grammar (`WhitespaceCap`)."""
 from __future__ import annotations
 
 import logging
@@ -35,6 +36,7 @@ REASONING_TAGS = {"qwen3": ("<think>", "</think>"), "deepseek_r1": ("<think>", "
 # JSON allows any whitespace between tokens, and a model can get stuck emitting it; no pretty
 # printer needs a longer run than this (a newline and 63 columns of indentation)
 MAX_WHITESPACE_RUN = 64
+JSON_WHITESPACE = b" \t\n\r"
 MIN_BATCH_FILL = 16  # rows from which the threaded batch fill beats a loop (measured: docs/structured.md)
 
 
@@ -53,9 +55,8 @@ def parse(spec: StructuredOutputsParams) -> Any:
     kind = spec.kind
     try:
         if kind in ("json", "json_object"):
-            whitespace = {"any_whitespace": False} if spec.disable_any_whitespace \
-                else {"max_whitespace_cnt": MAX_WHITESPACE_RUN}
-            return xgr.Grammar.from_json_schema(spec.key[1] if kind == "json" else '{"type": "object"}', **whitespace)
+            return xgr.Grammar.from_json_schema(spec.key[1] if kind == "json" else '{"type": "object"}',
+                                                any_whitespace=not spec.disable_any_whitespace)
         if kind == "regex":
             return xgr.Grammar.from_regex(spec.regex)
         if kind == "choice":
@@ -76,15 +77,49 @@ def _first_line(error: BaseException) -> str:
     return text.split(": ", 1)[1] if text.startswith("[") and ": " in text else text
 
 
+class WhitespaceCap:
+    """Ends runs of whitespace at MAX_WHITESPACE_RUN characters in JSON outputs: once a run is that
+    long, the tokens made only of whitespace are masked out (the next token must carry content).
+    xgrammar can bound the runs inside the grammar (max_whitespace_cnt), but that made every
+    bitmask fill several times slower (docs/structured.md). The cap counts whitespace inside
+    strings too: a JSON string cannot hold a run of more than about 64 spaces."""
+
+    def __init__(self, decoded_vocab: list[bytes], vocab_size: int):
+        self.only = [-1] * vocab_size  # a whitespace-only token's length; -1 for the others
+        self.trailing = [0] * vocab_size  # the whitespace a token ends with
+        allowed = torch.ones(1, vocab_size, dtype=torch.bool)
+        for token, text in enumerate(decoded_vocab[:vocab_size]):
+            text = bytes(text)
+            content = text.rstrip(JSON_WHITESPACE)
+            self.trailing[token] = len(text) - len(content)
+            if text and not content:
+                self.only[token] = len(text)
+                allowed[0, token] = False
+        self.allowed = _xgrammar().testing.bool_mask_to_bitmask(allowed)[0]
+
+    def after(self, run: int, token: int) -> int:
+        """The run of whitespace that ends the output once `token` follows a run of `run`."""
+        length = self.only[token]
+        return run + length if length >= 0 else self.trailing[token]
+
+    def apply(self, bitmask: torch.Tensor, row: int, run: int) -> None:
+        if run >= MAX_WHITESPACE_RUN:
+            bitmask[row] &= self.allowed
+
+
 class RequestGrammar:
     """One request's matcher: it has taken exactly the request's output tokens read back so far
     (those after its reasoning, with a reasoning parser)."""
 
-    def __init__(self, compiled: Future, stop_token_ids: set[int], reasoning_end: int | None):
+    def __init__(self, compiled: Future, stop_token_ids: set[int], reasoning_end: int | None,
+                 whitespace_cap: Future | None = None):
         self.compiled = compiled
         self.stop_token_ids = sorted(stop_token_ids)
         self.reasoning_end = reasoning_end  # None: the grammar applies from the first token
         self.matcher = None
+        self.whitespace_cap = whitespace_cap  # for JSON with any whitespace (ready before `compiled`)
+        self.whitespace: WhitespaceCap | None = None  # the cap, once the matcher exists
+        self.whitespace_run = 0  # whitespace characters that end the output taken so far
 
     @property
     def ready(self) -> bool:
@@ -100,6 +135,8 @@ class RequestGrammar:
             # without stop tokens (ignore_eos), the request ends when the grammar does
             self.matcher = xgr.GrammarMatcher(self.compiled.result(), override_stop_tokens=self.stop_token_ids or None,
                                               terminate_without_stop_token=not self.stop_token_ids)
+            if self.whitespace_cap is not None:
+                self.whitespace = self.whitespace_cap.result()
         return self.matcher
 
     def accept(self, token: int) -> bool:
@@ -108,7 +145,16 @@ class RequestGrammar:
             if token == self.reasoning_end:
                 self.reasoning_end = None
             return True
-        return self._matcher().accept_token(token)
+        if not self._matcher().accept_token(token):
+            return False
+        if self.whitespace is not None:
+            self.whitespace_run = self.whitespace.after(self.whitespace_run, token)
+        return True
+
+    def cap(self, bitmask: torch.Tensor, row: int, run: int | None = None) -> None:
+        """Mask out whitespace-only tokens in a row if the run before it reached the cap."""
+        if self.whitespace is not None:
+            self.whitespace.apply(bitmask, row, self.whitespace_run if run is None else run)
 
     @property
     def terminated(self) -> bool:
@@ -117,14 +163,17 @@ class RequestGrammar:
     def fill(self, bitmask: torch.Tensor, row: int, drafts: list[int]) -> None:
         """Rows row.. row+len(drafts): the masks after 0, 1, ... of the drafts (one request at a
         time: `Grammars.bitmask` fills the rows without drafts in one batch)."""
-        matcher, taken = self._matcher(), 0
+        matcher, taken, run = self._matcher(), 0, self.whitespace_run
         for j in range(len(drafts) + 1):
             if matcher.is_terminated():
                 break
             matcher.fill_next_token_bitmask(bitmask, row + j)
+            self.cap(bitmask, row + j, run)
             if j == len(drafts) or not matcher.accept_token(drafts[j]):
                 break
             taken += 1
+            if self.whitespace is not None:
+                run = self.whitespace.after(run, drafts[j])
         if taken:
             matcher.rollback(taken)
 
@@ -135,10 +184,10 @@ class Grammars:
     def __init__(self, config: StructuredOutputsConfig, tokenizer: Any, vocab_size: int):
         xgr = _xgrammar()
         self.vocab_size = vocab_size
-        self.info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size)
-        self.compiler = xgr.GrammarCompiler(self.info, max_threads=config.max_grammar_compile_threads,
-                                            cache_enabled=False)  # cached here, by spec
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="lanner-grammar")
+        # the tokenizer's tables take most of a second for a 150k vocabulary: built on the grammar
+        # thread, first in its queue (every compilation comes after), not on the step loop
+        self.whitespace = self.pool.submit(self._tables, tokenizer, config.max_grammar_compile_threads)
         # fills a large step's rows on several threads, without the GIL (half the cores: the rest
         # run this process's other threads); a small step is faster on this thread
         self.batch = xgr.BatchGrammarMatcher(max_threads=max(1, min(8, (os.cpu_count() or 2) // 2)))
@@ -163,9 +212,18 @@ class Grammars:
             while len(self.cache) > self.cache_size:
                 self.cache.popitem(last=False)
         self.cache.move_to_end(key)
-        req.grammar = RequestGrammar(future, req.stop_token_ids, self._reasoning_end(req.prompt_token_ids))
+        capped = spec.kind in ("json", "json_object") and not spec.disable_any_whitespace
+        req.grammar = RequestGrammar(future, req.stop_token_ids, self._reasoning_end(req.prompt_token_ids),
+                                     self.whitespace if capped else None)
+
+    def _tables(self, tokenizer: Any, threads: int) -> WhitespaceCap:
+        xgr = _xgrammar()
+        info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=self.vocab_size)
+        self.compiler = xgr.GrammarCompiler(info, max_threads=threads, cache_enabled=False)  # cached here, by spec
+        return WhitespaceCap(info.decoded_vocab, self.vocab_size)
 
     def _compile(self, grammar: Any) -> Any:
+        self.whitespace.result()  # the tables' own error, if building them failed
         compiled = self.compiler.compile_grammar(grammar)
         self.num_compiled += 1
         return compiled
@@ -192,13 +250,15 @@ class Grammars:
             if drafts:
                 req.grammar.fill(bitmask, at, drafts)
             elif not req.grammar.terminated:  # (a request that ended stays unmasked: its token is dropped)
-                batch.append(req.grammar.matcher)
+                batch.append(req.grammar)
                 batch_rows.append(at)
             covered += range(row, row + 1 + len(drafts))
             at += 1 + len(drafts)
         if len(batch) >= MIN_BATCH_FILL:
-            self.batch.batch_fill_next_token_bitmask(batch, bitmask, batch_rows)
+            self.batch.batch_fill_next_token_bitmask([g.matcher for g in batch], bitmask, batch_rows)
         else:
-            for matcher, at in zip(batch, batch_rows):
-                matcher.fill_next_token_bitmask(bitmask, at)
+            for grammar, at in zip(batch, batch_rows):
+                grammar.matcher.fill_next_token_bitmask(bitmask, at)
+        for grammar, at in zip(batch, batch_rows):
+            grammar.cap(bitmask, at)
         return bitmask, covered

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model
 from lanner.core.request import RequestOutputKind, SamplingParams
 from lanner.errors import InvalidRequest
 
-NOT_SUPPORTED_YET = {  # field -> what to use instead
+NOT_SUPPORTED = {  # field -> what to use instead
     "functions": "the legacy functions API is not supported: use tools",
     "function_call": "the legacy functions API is not supported: use tool_choice",
     "guided_whitespace_pattern": "not supported (xgrammar): use structured_outputs with disable_any_whitespace",
@@ -56,7 +56,7 @@ class StreamOptions(BaseModel):
 
 
 # declared, so that check() can refuse them by name rather than as unknown fields
-UnsupportedFields = create_model("UnsupportedFields", **{name: (Any, None) for name in NOT_SUPPORTED_YET})
+UnsupportedFields = create_model("UnsupportedFields", **{name: (Any, None) for name in NOT_SUPPORTED})
 
 
 class SamplingFields(UnsupportedFields):
@@ -102,7 +102,7 @@ class SamplingFields(UnsupportedFields):
     guided_decoding_backend: str | None = None
 
     def check(self) -> None:
-        for name, why in NOT_SUPPORTED_YET.items():
+        for name, why in NOT_SUPPORTED.items():
             if getattr(self, name) is not None:
                 raise refuse(name, why)
         if self.guided_decoding_backend not in (None, "auto", "xgrammar"):
