@@ -13,4 +13,7 @@ python3 -m pip download -q -d .wheels --only-binary=:all: --platform manylinux20
 python3 -m pip download -q -d .wheels --only-binary=:all: --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 --no-deps \
   --python-version "${PYTHON_VERSION:-3.12}" xgrammar apache-tvm-ffi jsonschema jsonschema-specifications \
   referencing rpds-py attrs
+# py-spy, to profile `lanner serve` there (scripts/serve_profile.sh)
+python3 -m pip download -q -d .wheels --only-binary=:all: --platform manylinux_2_5_x86_64 --no-deps \
+  --python-version "${PYTHON_VERSION:-3.12}" py-spy
 du -sh .wheels

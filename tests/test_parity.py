@@ -91,3 +91,33 @@ def test_triton_backend_matches_transformers(qwen3_path, options):
     llm = make_llm(qwen3_path, attention_backend="triton", **options)
     outs = llm.generate(prompts, greedy(6))
     assert [o.outputs[0].token_ids for o in outs] == hf_greedy(hf, prompts, 6)
+
+
+def test_the_lm_head_outside_graphs_sees_row_counts_in_buckets(monkeypatch):
+    """cuBLAS spends milliseconds of host time on each row count it has not seen; the eager LM head
+    pads its rows to LOGITS_ROW_BUCKET (with row 0), and the padding changes no token or logprob."""
+    from lanner import LLM, SamplingParams
+    from lanner.executor import model_runner
+    from lanner.executor.model_runner import LOGITS_ROW_BUCKET
+
+    llm = LLM(device="cpu", dtype="float32")
+    model, rows_seen = llm.engine.runner.model, []
+    compute_logits = model.compute_logits
+
+    def recording(hidden, out=None):
+        rows_seen.append(hidden.shape[0])
+        return compute_logits(hidden, out)
+
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=3)
+    prompts = ["def f(x):", "import os", "class A:", "x = 1", "# note"]
+    with monkeypatch.context() as unpadded:
+        unpadded.setattr(model_runner, "LOGITS_ROW_BUCKET", 1)
+        want = llm.generate(prompts, params, use_tqdm=False)
+    model.compute_logits = recording
+    got = llm.generate(prompts, params, use_tqdm=False)
+    assert rows_seen and all(n % LOGITS_ROW_BUCKET == 0 for n in rows_seen)
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
+    for g, w in zip(got, want):  # the same up to the GEMM's summation order for another row count
+        for step_got, step_want in zip(g.outputs[0].logprobs, w.outputs[0].logprobs):
+            assert step_got.keys() == step_want.keys()
+            assert all(abs(step_got[t].logprob - step_want[t].logprob) < 1e-4 for t in step_got)

@@ -389,7 +389,7 @@ def test_bench_serve_measures_a_server(server, tmp_path):
     hits_before = server[1].call(lambda e: e.kv_cache.stats().prefix_hits).result(10)
     assert main(["bench", "serve", "--base-url", server[0], "--num-prompts", "12", "--input-len", "20",
                  "--output-len", "6", "--request-rate", "50", "inf", "--max-concurrency", "8",
-                 "--output-json", str(out), "--plot", str(plot)]) == 0
+                 "--output-json", str(out), "--plot", str(plot), "--client-processes", "1"]) == 0
     rec = json.loads(out.read_text())
     rows = rec["results"]["rates"]
     assert [r["request_rate"] for r in rows] == [50.0, "inf"]
@@ -400,6 +400,22 @@ def test_bench_serve_measures_a_server(server, tmp_path):
     wait_idle(server[1])
     # each rate sends new prompts: the second is not served from the first one's cached blocks
     assert server[1].call(lambda e: e.kv_cache.stats().prefix_hits).result(10) == hits_before
+
+
+def test_bench_serve_over_several_client_processes(server, tmp_path, capsys):
+    """Each client process sends its share: every request is counted once, the concurrency cap is
+    split between them, and the duration spans them all."""
+    from lanner.cli import main
+
+    out = tmp_path / "serve.json"
+    assert main(["bench", "serve", "--base-url", server[0], "--num-prompts", "9", "--input-len", "12",
+                 "--output-len", "5", "--max-concurrency", "5", "--client-processes", "3",
+                 "--output-json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["results"]["rates"]
+    assert row["completed"] == 9 and row["failed"] == 0 and row["output_tokens"] == 9 * 5
+    assert row["duration_s"] * 1e3 >= row["e2e_ms"]["p99"] > 0
+    assert main(["bench", "serve", "--base-url", server[0], "--client-processes", "0"]) == 2
+    assert "--client-processes must be at least 1" in capsys.readouterr().err
 
 
 def test_a_model_without_tokenizer_streams_a_chunk_per_token(qwen3_path, tmp_path):

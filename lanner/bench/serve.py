@@ -14,12 +14,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import statistics
 import time
 from dataclasses import dataclass, field
+from queue import Empty
 
 from lanner.bench import common
+from lanner.errors import ConfigError
 
 
 @dataclass
@@ -96,35 +99,75 @@ async def one_request(client, url: str, body: dict, headers: dict) -> Result:
     return res
 
 
-async def run_rate(args: argparse.Namespace, model: str, rate: float,
-                   requests: list[tuple[str | list[int], int]]) -> dict:
+async def send_share(url: str, model: str, rate: float, requests: list[tuple[str | list[int], int]], seed: int,
+                     concurrency: int | None, timeout: float, headers: dict) -> list[Result]:
+    """One event loop's requests, arriving as a Poisson process at `rate` (inf: all at once)."""
     import httpx
 
-    url = args.base_url.rstrip("/") + "/v1/completions"
-    headers = auth_headers(args)
-    rng = random.Random(args.seed + 1)
-    limit = asyncio.Semaphore(args.max_concurrency or len(requests))
+    rng = random.Random(seed)
+    limit = asyncio.Semaphore(concurrency or len(requests))
 
     async def limited(client, body):
         async with limit:
             return await one_request(client, url, body, headers)
 
-    async with httpx.AsyncClient(timeout=httpx.Timeout(args.timeout),
+    async with httpx.AsyncClient(timeout=httpx.Timeout(timeout),
                                  # idle connections are dropped before a server's keep-alive timeout
                                  # (uvicorn: 5 s) can close one under a request being sent on it
-                                 limits=httpx.Limits(max_connections=args.max_concurrency or 1000,
+                                 limits=httpx.Limits(max_connections=concurrency or 1000,
                                                      keepalive_expiry=2.0)) as client:
         tasks = []
-        start = time.perf_counter()
         for prompt, output_len in requests:
             body = {"model": model, "prompt": prompt, "max_tokens": output_len, "temperature": 0, "stream": True,
                     "ignore_eos": True, "stream_options": {"include_usage": True}}
             tasks.append(asyncio.create_task(limited(client, body)))
             if rate != float("inf"):
                 await asyncio.sleep(rng.expovariate(rate))
-        results = await asyncio.gather(*tasks)
-        duration = time.perf_counter() - start
-    return summarize(rate, results, duration, args.max_concurrency)
+        return await asyncio.gather(*tasks)
+
+
+def _client_process(barrier, results, share: dict) -> None:
+    """A client process: waits for the others, sends its share, reports (results, when it ended)."""
+    barrier.wait()
+    out = asyncio.run(send_share(**share))
+    results.put((out, time.monotonic()))
+
+
+def run_rate(args: argparse.Namespace, model: str, rate: float, requests: list[tuple[str | list[int], int]]) -> dict:
+    """All requests of one rate. Over several client processes, each takes every n-th request at
+    rate / n (their sum is a Poisson process at `rate`) and a share of --max-concurrency: one Python
+    process parsing every chunk of hundreds of streams is slower than a fast server (measured:
+    docs/serving.md, "Measuring")."""
+    processes = max(1, min(args.client_processes, len(requests), args.max_concurrency or len(requests)))
+    shares = [{"url": args.base_url.rstrip("/") + "/v1/completions", "model": model, "rate": rate / processes,
+               "requests": requests[i::processes], "seed": args.seed + 1 + i, "timeout": args.timeout,
+               "headers": auth_headers(args),
+               "concurrency": args.max_concurrency and args.max_concurrency // processes
+               + (i < args.max_concurrency % processes)} for i in range(processes)]
+    if processes == 1:
+        start = time.monotonic()
+        results = asyncio.run(send_share(**shares[0]))
+        return summarize(rate, results, time.monotonic() - start, args.max_concurrency)
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")  # a fork could copy a lock held by another thread of the caller
+    barrier, queue = ctx.Barrier(processes + 1), ctx.Queue()
+    workers = [ctx.Process(target=_client_process, args=(barrier, queue, share), daemon=True) for share in shares]
+    for w in workers:
+        w.start()
+    barrier.wait(timeout=300)
+    start = time.monotonic()  # CLOCK_MONOTONIC: one clock for every process of the machine
+    outs = []
+    while len(outs) < processes:
+        try:
+            outs.append(queue.get(timeout=1.0))
+        except Empty:
+            if any(w.exitcode not in (None, 0) for w in workers):
+                raise RuntimeError("a client process of lanner bench serve failed") from None
+    for w in workers:
+        w.join()
+    return summarize(rate, [r for results, _ in outs for r in results], max(end for _, end in outs) - start,
+                     args.max_concurrency)
 
 
 def percentiles(values: list[float], scale: float = 1e3) -> dict:
@@ -176,6 +219,8 @@ def plot(rows: list[dict], path: str, title: str) -> None:
 def main(args: argparse.Namespace) -> None:
     import httpx
 
+    if args.client_processes < 1:
+        raise ConfigError(f"--client-processes must be at least 1, not {args.client_processes}")
     model = args.model
     if model is None:
         model = httpx.get(args.base_url.rstrip("/") + "/v1/models", headers=auth_headers(args),
@@ -184,7 +229,7 @@ def main(args: argparse.Namespace) -> None:
     rows = []
     for sweep_index, rate in enumerate(args.request_rate):
         requests = make_requests(args, sweep_index, dataset)
-        rows.append(asyncio.run(run_rate(args, model, rate, requests)))
+        rows.append(run_rate(args, model, rate, requests))
         print(json.dumps(rows[-1]), flush=True)
     if args.plot:
         plot(rows, args.plot, f"lanner bench serve: {model} at {args.base_url}")
@@ -204,6 +249,9 @@ def add_parser(kinds) -> None:
     p.add_argument("--request-rate", type=float, nargs="+", default=[float("inf")],
                    help="requests per second, Poisson arrivals; several values make a sweep; inf: a burst")
     p.add_argument("--max-concurrency", type=int, default=None, help="cap on requests in flight")
+    p.add_argument("--client-processes", type=int, default=max(1, min(4, (os.cpu_count() or 1) // 4)),
+                   help="processes sending the requests (each its share): one Python process cannot read "
+                        "the chunks of hundreds of streams as fast as a fast server sends them")
     p.add_argument("--input-len", type=int, default=256, help="random token-id prompts of this length")
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--dataset", default=None, help='JSONL of {"prompt": str or token ids, "output_len": int}')

@@ -24,6 +24,9 @@ class ForwardBatch:
     # decode rows whose context lengths only the device knows (positions corrected there, when a
     # step was planned before the drafts of the one before it were read back): replaces seq_lens
     device_seq_lens: torch.Tensor | None = None
+    # logits_indices padded with row 0 to a multiple of LOGITS_ROW_BUCKET, for the LM head outside
+    # graphs: cuBLAS spends ~3 ms of host time the first time it sees a row count (H200, measured)
+    padded_logits_indices: torch.Tensor | None = None
 
     @property
     def num_seqs(self) -> int:

@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 # verify steps of up to this many rows replay decode graphs (beyond it a step is compute-bound, and
 # every graph size costs capture time and a logits buffer row)
 MAX_VERIFY_GRAPH_ROWS = 512
+LOGITS_ROW_BUCKET = 16  # the LM head outside graphs sees row counts in steps of this (ForwardBatch)
 
 
 @dataclass
@@ -398,7 +399,10 @@ class ModelRunner:
             self.backend.plan(batch)
             with forward_context(self.backend):
                 hidden = self.model(batch.input_ids, batch.positions)
-        return self.model.compute_logits(hidden[batch.logits_indices]), hidden
+        if batch.padded_logits_indices is None:
+            return self.model.compute_logits(hidden[batch.logits_indices]), hidden
+        rows = batch.logits_indices.shape[0]
+        return self.model.compute_logits(hidden[batch.padded_logits_indices])[:rows], hidden
 
     def prepare(self, sched: SchedulerOutput):
         """Stage a step's tokens into the static buffers and return its ForwardBatch, plus
@@ -468,17 +472,19 @@ class ModelRunner:
         rows = self._padded_rows(T, query_lens)
         pad = rows - T
         L = len(logits_indices)
+        padded = min(-(-L // LOGITS_ROW_BUCKET) * LOGITS_ROW_BUCKET, self.max_tokens)
         # a fresh pinned buffer per step: the previous step's copies may still be queued
-        host = to_device(input_ids + [0] * pad + positions + [0] * pad + slots + [-1] * pad + logits_indices + [T],
-                         torch.long, self.device)
+        host = to_device(input_ids + [0] * pad + positions + [0] * pad + slots + [-1] * pad + logits_indices
+                         + [0] * (padded - L) + [T], torch.long, self.device)
         self.input_ids[:rows].copy_(host[:rows])
         self.positions[:rows].copy_(host[rows:2 * rows])
         self.slot_mapping[:rows].copy_(host[2 * rows:3 * rows])  # padding rows write no KV
-        self.logits_indices[:L].copy_(host[3 * rows:3 * rows + L])
+        self.logits_indices[:padded].copy_(host[3 * rows:3 * rows + padded])
         self.num_real_tokens.copy_(host[-1:])
         return ForwardBatch(self.input_ids[:rows], self.positions[:rows], self.slot_mapping[:rows], query_lens,
                             seq_lens, block_tables, self.logits_indices[:L], T,
-                            num_real_tokens_device=self.num_real_tokens)
+                            num_real_tokens_device=self.num_real_tokens,
+                            padded_logits_indices=self.logits_indices[:padded])
 
     def _padded_rows(self, num_tokens: int, query_lens: list[int]) -> int:
         """Rows to stage: a decode graph's batch size, a piecewise capture size, or the tokens."""
