@@ -6,3 +6,12 @@ out=${OUT:-out}
 mkdir -p "$out"
 export PYTHONPATH=.
 day=$(date -u +%F)
+# gpu_tests NAME... : tests/gpu/test_NAME_gpu.py, one pytest process a file (the engines of several
+# files in one process run out of GPU memory), counts shown (-o addopts="": the project's -q plus
+# another hides pytest's summary line)
+gpu_tests() {
+  for f in "$@"; do
+    echo "tests/gpu/test_${f}_gpu.py:"
+    python3 -m pytest -o addopts="" -q -p no:cacheprovider "tests/gpu/test_${f}_gpu.py" 2>&1 | tail -8
+  done
+}

@@ -8,8 +8,7 @@
 source "$(dirname "$0")/gpu_env.sh"
 case "${1:-}" in
   tests)
-    python3 -m pytest -q -p no:cacheprovider tests/gpu/test_moe_kernels_gpu.py tests/gpu/test_moe_gpu.py 2>&1 \
-      | tail -40 | tee "$out/gpu-moe-tests.txt" ;;
+    gpu_tests moe_kernels moe | tee "$out/gpu-moe-tests.txt" ;;
   kernel)
     python3 -m lanner.cli bench moe --output-json "$out/$day-moe-kernel.json" 2>&1 | tail -60 ;;
   tune)

@@ -9,8 +9,7 @@
 source "$(dirname "$0")/gpu_env.sh"
 case "${1:-}" in
   tests)
-    python3 -m pytest -q -p no:cacheprovider tests/gpu/test_engine_gpu.py tests/gpu/test_piecewise_gpu.py \
-      tests/gpu/test_speculative_gpu.py 2>&1 | tail -40 | tee "$out/gpu-tests.txt" ;;
+    gpu_tests engine piecewise speculative | tee "$out/gpu-tests.txt" ;;
   7b)
     python3 -m lanner.cli bench speculative --replay 0.76 0.0 0.88 --k 4 4 6 --batch-sizes 1 4 16 64 \
       --output-len 64 --input-len 128 --dtype bfloat16 --gpu-memory-utilization 0.85 --max-num-seqs 64 \

@@ -10,11 +10,8 @@ case "${1:-}" in
     python3 -m pip install -q --no-index --find-links .wheels --no-deps xgrammar apache-tvm-ffi pydantic \
       pydantic-core annotated-types typing-inspection typing-extensions jsonschema jsonschema-specifications \
       referencing rpds-py attrs 2>&1 | tail -3 ;;
-  tests)  # one process a file (engines of several files in one process run out of memory);
-          # -o addopts="": the project's -q plus another hides pytest's summary line
-    for f in structured speculative engine kernels; do
-      python3 -m pytest -o addopts="" -q -p no:cacheprovider "tests/gpu/test_${f}_gpu.py" 2>&1 | tail -8
-    done | tee "$out/gpu-tests-structured.txt" ;;
+  tests)
+    gpu_tests structured speculative engine kernels | tee "$out/gpu-tests-structured.txt" ;;
   bench)
     python3 -m lanner.cli bench structured --config benchmarks/configs/qwen3-8b.json --train-tokenizer-vocab 151643 \
       --tokenizer-files 40000 --batch-sizes 1 16 64 --output-len 256 --schema-fields 4 64 --repeats 2 \
