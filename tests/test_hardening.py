@@ -196,7 +196,7 @@ def test_gauges_and_abort_counts_after_a_disconnect_and_after_death():
     app, engine = observed_app()
     runner = engine.transport.engine.runner
     launch = runner.launch
-    runner.launch = lambda sched: (time.sleep(0.02), launch(sched))[1]  # slow enough to disconnect mid-way
+    runner.launch = lambda sched, **kw: (time.sleep(0.02), launch(sched, **kw))[1]  # slow enough to disconnect mid-way
     for base in serve_in_thread(app):
         with httpx.Client(timeout=60) as c:
             with c.stream("POST", base + "/v1/completions", json={"model": MODEL, "prompt": "class A:",
@@ -210,7 +210,7 @@ def test_gauges_and_abort_counts_after_a_disconnect_and_after_death():
         assert metric(base, "lanner_kv_cache_usage") == 0
         assert metric(base, 'lanner_requests_finished_total{reason="abort"}') == 1
         runner = engine.transport.engine.runner
-        runner.launch = lambda sched: (_ for _ in ()).throw(RuntimeError("injected"))
+        runner.launch = lambda sched, **kw: (_ for _ in ()).throw(RuntimeError("injected"))
         for _ in range(3):
             httpx.post(base + "/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2}, timeout=30)
         wait_for(lambda: httpx.get(base + "/health").status_code == 503)
@@ -242,7 +242,7 @@ def test_a_client_that_never_reads_is_aborted_and_costs_no_backlog():
     app, engine = observed_app(stream_stall_timeout_s=1.0)
     runner = engine.transport.engine.runner
     launch = runner.launch
-    runner.launch = lambda sched: (time.sleep(0.02), launch(sched))[1]  # 400 steps: 8 s or more
+    runner.launch = lambda sched, **kw: (time.sleep(0.02), launch(sched, **kw))[1]  # 400 steps: 8 s or more
     puts = []
     put = Mailbox.put
     Mailbox.put = lambda self, key, item: (puts.append(len(self.items)), put(self, key, item))[1]
@@ -484,7 +484,7 @@ def test_health_reports_a_stuck_step():
     app, engine = observed_app(health_timeout_s=0.5)
     runner = engine.transport.engine.runner
     launch, release = runner.launch, threading.Event()
-    runner.launch = lambda sched: (release.wait(30), launch(sched))[1]  # every step waits for the test
+    runner.launch = lambda sched, **kw: (release.wait(30), launch(sched, **kw))[1]  # every step waits for the test
     with TestClient(app) as c:
         assert c.get("/health").status_code == 200
         done = []

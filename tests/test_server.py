@@ -221,7 +221,7 @@ def test_api_key_and_full_queue():
                          max_waiting_requests=1)
     runner = engine.transport.engine.runner
     launch = runner.launch
-    runner.launch = lambda sched: (time.sleep(0.01), launch(sched))[1]
+    runner.launch = lambda sched, **kw: (time.sleep(0.01), launch(sched, **kw))[1]
     app = build_app(engine, ServerConfig(served_model_name=[MODEL]))
     for base in serve_in_thread(app):
         long = {"model": MODEL, "prompt": "x", "max_tokens": 200, "ignore_eos": True}
@@ -242,11 +242,11 @@ def test_step_failures_fail_their_requests_and_kill_after_repeats():
     launch = runner.launch
     failures = {"left": 1}
 
-    def flaky(sched):
+    def flaky(sched, **kw):
         if failures["left"]:
             failures["left"] -= 1
             raise RuntimeError("injected failure")
-        return launch(sched)
+        return launch(sched, **kw)
 
     runner.launch = flaky
     with TestClient(app) as c:

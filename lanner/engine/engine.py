@@ -272,10 +272,8 @@ class LLMEngine:
         self._stepping = sched  # what fail_step aborts if the launch raises
         # a step with structured outputs samples only after the step before is read back (below)
         constrained = any(req.grammar is not None for req, _ in sched.scheduled)
-        if self.ranks is not None:
-            handle = self._launch_on_every_rank(sched)
-        else:
-            handle = self.runner.launch(sched, sample=False) if constrained else self.runner.launch(sched)
+        handle = self.runner.launch(sched, sample=not constrained) if self.ranks is None \
+            else self._launch_on_every_rank(sched)
         self.num_steps += 1
         self.num_tokens_computed += sched.num_tokens
         for req, num_new in sched.scheduled:

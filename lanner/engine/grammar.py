@@ -111,14 +111,13 @@ class RequestGrammar:
     """One request's matcher: it has taken exactly the request's output tokens read back so far
     (those after its reasoning, with a reasoning parser)."""
 
-    def __init__(self, compiled: Future, stop_token_ids: set[int], reasoning_end: int | None,
-                 whitespace_cap: Future | None = None):
-        self.compiled = compiled
+    def __init__(self, compiled: Future, stop_token_ids: set[int], reasoning_end: int | None, capped: bool = False):
+        self.compiled = compiled  # of (xgrammar's compiled grammar, the engine's WhitespaceCap)
         self.stop_token_ids = sorted(stop_token_ids)
         self.reasoning_end = reasoning_end  # None: the grammar applies from the first token
         self.matcher = None
-        self.whitespace_cap = whitespace_cap  # for JSON with any whitespace (ready before `compiled`)
-        self.whitespace: WhitespaceCap | None = None  # the cap, once the matcher exists
+        self.capped = capped  # JSON with any whitespace: runs are capped
+        self.whitespace: WhitespaceCap | None = None  # the cap, once the matcher exists (when capped)
         self.whitespace_run = 0  # whitespace characters that end the output taken so far
 
     @property
@@ -131,12 +130,11 @@ class RequestGrammar:
 
     def _matcher(self):
         if self.matcher is None:
-            xgr = _xgrammar()
+            compiled, cap = self.compiled.result()
             # without stop tokens (ignore_eos), the request ends when the grammar does
-            self.matcher = xgr.GrammarMatcher(self.compiled.result(), override_stop_tokens=self.stop_token_ids or None,
-                                              terminate_without_stop_token=not self.stop_token_ids)
-            if self.whitespace_cap is not None:
-                self.whitespace = self.whitespace_cap.result()
+            self.matcher = _xgrammar().GrammarMatcher(compiled, override_stop_tokens=self.stop_token_ids or None,
+                                                      terminate_without_stop_token=not self.stop_token_ids)
+            self.whitespace = cap if self.capped else None
         return self.matcher
 
     def accept(self, token: int) -> bool:
@@ -147,9 +145,11 @@ class RequestGrammar:
             return True
         if not self._matcher().accept_token(token):
             return False
-        if self.whitespace is not None:
-            self.whitespace_run = self.whitespace.after(self.whitespace_run, token)
+        self.whitespace_run = self._run_after(self.whitespace_run, token)
         return True
+
+    def _run_after(self, run: int, token: int) -> int:
+        return run if self.whitespace is None else self.whitespace.after(run, token)
 
     def cap(self, bitmask: torch.Tensor, row: int, run: int | None = None) -> None:
         """Mask out whitespace-only tokens in a row if the run before it reached the cap."""
@@ -172,8 +172,7 @@ class RequestGrammar:
             if j == len(drafts) or not matcher.accept_token(drafts[j]):
                 break
             taken += 1
-            if self.whitespace is not None:
-                run = self.whitespace.after(run, drafts[j])
+            run = self._run_after(run, drafts[j])
         if taken:
             matcher.rollback(taken)
 
@@ -187,7 +186,7 @@ class Grammars:
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="lanner-grammar")
         # the tokenizer's tables take most of a second for a 150k vocabulary: built on the grammar
         # thread, first in its queue (every compilation comes after), not on the step loop
-        self.whitespace = self.pool.submit(self._tables, tokenizer, config.max_grammar_compile_threads)
+        self.tables = self.pool.submit(self._tables, tokenizer, config.max_grammar_compile_threads)
         # fills a large step's rows on several threads, without the GIL (half the cores: the rest
         # run this process's other threads); a small step is faster on this thread
         self.batch = xgr.BatchGrammarMatcher(max_threads=max(1, min(8, (os.cpu_count() or 2) // 2)))
@@ -213,8 +212,7 @@ class Grammars:
                 self.cache.popitem(last=False)
         self.cache.move_to_end(key)
         capped = spec.kind in ("json", "json_object") and not spec.disable_any_whitespace
-        req.grammar = RequestGrammar(future, req.stop_token_ids, self._reasoning_end(req.prompt_token_ids),
-                                     self.whitespace if capped else None)
+        req.grammar = RequestGrammar(future, req.stop_token_ids, self._reasoning_end(req.prompt_token_ids), capped)
 
     def _tables(self, tokenizer: Any, threads: int) -> WhitespaceCap:
         xgr = _xgrammar()
@@ -222,11 +220,11 @@ class Grammars:
         self.compiler = xgr.GrammarCompiler(info, max_threads=threads, cache_enabled=False)  # cached here, by spec
         return WhitespaceCap(info.decoded_vocab, self.vocab_size)
 
-    def _compile(self, grammar: Any) -> Any:
-        self.whitespace.result()  # the tables' own error, if building them failed
+    def _compile(self, grammar: Any) -> tuple[Any, WhitespaceCap]:
+        cap = self.tables.result()  # done (it ran first on this thread), or its own error
         compiled = self.compiler.compile_grammar(grammar)
         self.num_compiled += 1
-        return compiled
+        return compiled, cap
 
     def _reasoning_end(self, prompt: list[int]) -> int | None:
         """The token that ends the request's reasoning, or None when it has none to do (no reasoning

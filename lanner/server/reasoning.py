@@ -12,10 +12,11 @@ passing `in_reasoning` (see `ReasoningParser.in_reasoning_after`).
 """
 from __future__ import annotations
 
+from lanner.engine.grammar import REASONING_TAGS
+
 
 class ReasoningParser:
-    start_tag = "<think>"
-    end_tag = "</think>"
+    start_tag, end_tag = REASONING_TAGS["qwen3"]  # the engine's grammars start after end_tag
     implicit_start = False  # the prompt opens the reasoning: output is reasoning until end_tag
 
     def split(self, text: str, in_reasoning: bool | None = None) -> tuple[str | None, str | None]:
@@ -43,12 +44,14 @@ class Qwen3ReasoningParser(ReasoningParser):
 
 
 class DeepSeekR1ReasoningParser(ReasoningParser):
+    start_tag, end_tag = REASONING_TAGS["deepseek_r1"]
     implicit_start = True
 
 
-def _partial_tag(text: str, tag: str) -> int:
-    """Length of the longest proper prefix of `tag` that `text` ends with: text that may yet become the tag."""
-    return next((n for n in range(min(len(tag) - 1, len(text)), 0, -1) if text.endswith(tag[:n])), 0)
+def partial_tag(text: str, tag: str, start: int = 0) -> int:
+    """Length of the longest proper prefix of `tag` that text[start:] ends with: text that may yet become the
+    tag (held back by a stream)."""
+    return next((n for n in range(min(len(tag) - 1, len(text) - start), 0, -1) if text.endswith(tag[:n])), 0)
 
 
 class ReasoningStream:
@@ -95,7 +98,7 @@ class ReasoningStream:
         if self._state == "reasoning":
             reasoning, found, text = text.partition(self._end)
             if not found:
-                held = 0 if final else _partial_tag(reasoning, self._end)
+                held = 0 if final else partial_tag(reasoning, self._end)
                 self._buffer = reasoning[len(reasoning) - held:]
                 return reasoning[:len(reasoning) - held], ""
             self._state = "newlines"

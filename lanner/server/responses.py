@@ -217,31 +217,32 @@ class Reading:
     parallel_tools: bool = True
 
 
+def whole_message(r: Reading, text: str, finish_reason: str | None) -> tuple[dict, str | None]:
+    """A finished choice's text -> an OpenAI message (content, reasoning_content, tool_calls);
+    finish_reason "tool_calls" where the reply is tool calls."""
+    reasoning, content = r.reasoning.split(text, r.in_reasoning) if r.reasoning else (None, text)
+    message = {"content": content}
+    if reasoning is not None:
+        message["reasoning_content"] = reasoning
+    if r.tools and content is not None:
+        content, calls = r.tools().extract(content)
+        calls = calls if r.parallel_tools else calls[:1]
+        if calls:
+            message["content"] = content
+            message["tool_calls"] = [{"id": t.id, "type": "function",
+                                      "function": {"name": t.name, "arguments": t.arguments}} for t in calls]
+            finish_reason = "tool_calls" if finish_reason == "stop" else finish_reason
+    return message, finish_reason
+
+
 class ChatReader:
-    """One choice's text -> an OpenAI message (content, reasoning_content, tool_calls), whole or as
-    stream deltas; finish_reason "tool_calls" where the reply is tool calls."""
+    """One streamed choice's text -> the deltas of its OpenAI message (as `whole_message` reads it whole)."""
 
     def __init__(self, reading: Reading):
         self.reading = reading
         self.thinking = reading.reasoning.stream(reading.in_reasoning) if reading.reasoning else None
         self.calls = reading.tools().stream() if reading.tools else None
         self.num_calls = 0
-
-    def whole(self, text: str, finish_reason: str | None) -> tuple[dict, str | None]:
-        r = self.reading
-        reasoning, content = r.reasoning.split(text, r.in_reasoning) if r.reasoning else (None, text)
-        message = {"content": content if r.reasoning else text}
-        if reasoning is not None:
-            message["reasoning_content"] = reasoning
-        if r.tools and content is not None:
-            content, calls = r.tools().extract(content)
-            calls = calls if r.parallel_tools else calls[:1]
-            if calls:
-                message["content"] = content
-                message["tool_calls"] = [{"id": t.id, "type": "function",
-                                          "function": {"name": t.name, "arguments": t.arguments}} for t in calls]
-                finish_reason = "tool_calls" if finish_reason == "stop" else finish_reason
-        return message, finish_reason
 
     def push(self, text: str, finish_reason: str | None) -> tuple[dict, str | None]:
         """The delta of new text (and of what was held back, once the choice finishes)."""
@@ -313,7 +314,7 @@ class ChatShaper(_Shaper):
         echo = self.prompts[0].echo_text
         choices = []
         for i, c in sorted(self.finals.items()):
-            message, finish_reason = ChatReader(self.reading).whole(echo + c.text, c.finish_reason)
+            message, finish_reason = whole_message(self.reading, echo + c.text, c.finish_reason)
             choices.append({"index": i, "message": {"role": "assistant", **message},
                             "logprobs": self.logprobs(c.logprobs or []), "finish_reason": finish_reason,
                             "stop_reason": c.stop_reason, **self.routing(c)})

@@ -16,6 +16,8 @@ import secrets
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
+from lanner.server.reasoning import partial_tag
+
 _ARGS_KEYS = ("arguments", "parameters")
 _SPACE_RUN = re.compile(r"[ \t\r\n]*")  # JSON's whitespace, which str.isspace() would overshoot
 _STRING_STOP = re.compile(r'["\\]')
@@ -37,11 +39,6 @@ def new_call_id() -> str:
 
 def _skip_space(text: str, pos: int) -> int:
     return _SPACE_RUN.match(text, pos).end()
-
-
-def _partial_tag(text: str, pos: int, tag: str) -> int:
-    """Length of the longest proper prefix of `tag` that text[pos:] ends with: text that may yet become the tag."""
-    return next((n for n in range(min(len(tag) - 1, len(text) - pos), 0, -1) if text.endswith(tag[:n])), 0)
 
 
 def _content_or_none(parts: list[str]) -> str | None:
@@ -330,7 +327,7 @@ class _HermesStream(ToolCallStream):
                 self._state = "text"
                 continue
             found = buf.find(self._open, pos)
-            end = found if found != -1 else len(buf) if final else len(buf) - _partial_tag(buf, pos, self._open)
+            end = found if found != -1 else len(buf) if final else len(buf) - partial_tag(buf, self._open, pos)
             self._content(buf[pos:end])
             if found == -1:
                 pos = end

@@ -44,11 +44,11 @@ def strict_launches(runner, record=lambda sched: sched.num_tokens) -> list:
     gets `record(sched)` of each step as it launches."""
     launch, launched = runner.launch, []
 
-    def strict_launch(sched):
+    def strict_launch(sched, **kw):
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
-            handle = launch(sched)
+            handle = launch(sched, **kw)
         finally:
             torch.cuda.set_sync_debug_mode("default")
         launched.append(record(sched))

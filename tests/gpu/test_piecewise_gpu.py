@@ -69,11 +69,11 @@ def test_no_host_sync_in_a_piecewise_step():
     engine, runner = llm.engine, llm.engine.runner
     launch = runner.launch
 
-    def strict_launch(sched):
+    def strict_launch(sched, **kw):
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
-            return launch(sched)
+            return launch(sched, **kw)
         finally:
             torch.cuda.set_sync_debug_mode("default")
 
