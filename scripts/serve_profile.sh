@@ -3,17 +3,22 @@
 # same workload; then one `lanner serve`, sent the burst by `lanner bench serve` with 1, 4 and 8
 # client processes (new prompts each time: no prefix-cache hits); then once more while py-spy samples
 # the server and its engine child. Needs .wheels/ from scripts/server_wheels.sh (carry it).
-#   [TAG=name] [SERVE_FLAGS=...] bash scripts/serve_profile.sh OUT_DIR CONFIG NUM_PROMPTS INPUT_LEN OUTPUT_LEN
+#   [TAG=name] [TREE=dir] [NO_PROFILE=1] [SERVE_FLAGS=...] bash scripts/serve_profile.sh OUT_DIR CONFIG NUM_PROMPTS INPUT_LEN OUTPUT_LEN
+# TREE: the lanner to measure (default: this one; a second tree for the previous commit's numbers: its
+# commands run from inside it, as `python -m` puts the working directory before PYTHONPATH);
+# NO_PROFILE=1 skips the py-spy burst.
 # Writes OUT_DIR/offline-NAME.json, serve-NAME-cN.json, serve-profile-NAME.{json,txt} (py-spy's collapsed
 # stacks, one line per stack) and the server's /metrics after the last burst.
 set -uo pipefail
-out=$1 config=$2 n=$3 input=$4 output=$5
+out=$(realpath "$1") config=$(realpath "$2") n=$3 input=$4 output=$5
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .wheels/*.whl || exit 1
-export PYTHONPATH=/tmp/site:.${PYTHONPATH:+:$PYTHONPATH} PATH=/tmp/site/bin:$PATH
+export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} PATH=/tmp/site/bin:$PATH
 name=$(basename "$config" .json)${TAG:+-$TAG}
-python3 -m lanner.cli bench throughput --config "$config" --num-prompts "$n" --input-range "$input" "$input" \
+measured() { (cd "${TREE:-.}" && exec python3 -m lanner.cli "$@"); }  # the client is always this tree's
+measured bench throughput --config "$config" --num-prompts "$n" --input-range "$input" "$input" \
   --output-range "$output" "$output" --output-json "$out/offline-$name.json" 2>&1 | grep -o '"output_tok_per_s": [0-9.]*'
-python3 -m lanner.cli serve --model "$config" --load-format dummy --port 8000 ${SERVE_FLAGS:-} > "$out/serve-$name.log" 2>&1 &
+(cd "${TREE:-.}" && exec python3 -m lanner.cli serve --model "$config" --load-format dummy --port 8000 ${SERVE_FLAGS:-}) \
+  > "$out/serve-$name.log" 2>&1 &  # a subshell that execs: $! is the server's pid
 pid=$!
 for _ in $(seq 300); do curl -sf localhost:8000/health > /dev/null && break; sleep 1; done
 curl -sf localhost:8000/health > /dev/null || { echo "server did not start"; tail -30 "$out/serve-$name.log"; exit 1; }
@@ -24,11 +29,13 @@ burst() {  # burst SEED CLIENT_PROCESSES JSON
 }
 seed=1
 for c in 1 4 8; do echo "client processes $c:"; burst $seed $c "$out/serve-$name-c$c.json"; seed=$((seed + 1)); done
-py-spy record --pid $pid --subprocesses --rate 250 --format raw --nonblocking --duration 20 \
-  -o "$out/serve-profile-$name.txt" > "$out/py-spy-$name.log" 2>&1 &
-spy=$!
-sleep 1
-echo "profiled, client processes 8:"; burst $seed 8 "$out/serve-profile-$name.json"
-wait $spy; tail -1 "$out/py-spy-$name.log"
+if [ -z "${NO_PROFILE:-}" ]; then
+  py-spy record --pid $pid --subprocesses --rate 250 --format raw --nonblocking --duration 20 \
+    -o "$out/serve-profile-$name.txt" > "$out/py-spy-$name.log" 2>&1 &
+  spy=$!
+  sleep 1
+  echo "profiled, client processes 8:"; burst $seed 8 "$out/serve-profile-$name.json"
+  wait $spy; tail -1 "$out/py-spy-$name.log"
+fi
 curl -s localhost:8000/metrics | grep -E "^lanner_" > "$out/serve-metrics-$name.txt"
 kill -TERM $pid; wait $pid; echo "server exit code after SIGTERM: $?"

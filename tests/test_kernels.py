@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from kernel_cases import paged_problem
-from lanner.kernels.attention.decode import decode_attention
+
+from lanner.kernels.attention.decode import decode_attention, num_decode_splits
 from lanner.kernels.attention.prefill import prefill_attention
 from lanner.kernels.attention.reference import decode_attention_ref, prefill_attention_ref, store_kv_ref
 from lanner.kernels.attention.store_kv import store_kv
@@ -38,6 +38,13 @@ def test_decode_matches_reference(heads, kv_heads, dim, page, seq_lens, splits):
     ref = decode_attention_ref(q, kc, vc, bt, sl, 0.3)
     torch.testing.assert_close(out, ref, atol=2e-3, rtol=2e-3)
     assert torch.all(out[torch.tensor(seq_lens) == 0] == 0)
+
+
+def test_decode_splits_follow_the_gpus_multiprocessor_count():
+    assert num_decode_splits(1, 8, 32768, num_sms=132) == 16  # an H100: capped at 16
+    assert num_decode_splits(1, 8, 32768, num_sms=16) == 4  # a small GPU fills with fewer
+    assert num_decode_splits(1, 8, 300, num_sms=132) == 2  # no split shorter than 256 keys
+    assert num_decode_splits(256, 8, 32768, num_sms=132) == 1  # the batch alone fills the GPU
 
 
 @pytest.mark.parametrize("heads,kv_heads,dim,page,seq_lens,q_lens", [
@@ -130,3 +137,15 @@ def test_fused_q_and_k_norm_rope_in_one_launch():
     got = norm_rope(qk, cos, sin, w, 1e-6, second_weight_from=4)
     torch.testing.assert_close(got, norm_rope_ref(qk, cos, sin, w, 1e-6, second_weight_from=4))
     torch.testing.assert_close(got[:, 4:], norm_rope_ref(qk[:, 4:], cos, sin, w[1], 1e-6))
+
+
+def test_the_throughput_breakdown_sorts_kernels_by_kind():
+    from lanner.bench.breakdown import kernel_kind
+
+    assert kernel_kind("_prefill_kernel") == "attention_prefill"
+    assert kernel_kind("_decode_split_kernel") == kernel_kind("_decode_merge_kernel") == "attention_decode"
+    assert kernel_kind("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NTN") == "gemm"  # cuBLAS on Hopper
+    assert kernel_kind("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64") == "gemm"
+    assert kernel_kind("_moe_gemm_kernel") == "moe"  # the fused MoE GEMM is MoE's, not the dense GEMMs'
+    assert kernel_kind("_qk_norm_rope_kernel") == "norm_rope_act"
+    assert kernel_kind("void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>") == "other"

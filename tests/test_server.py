@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import os
+import pickle
 import signal
 import socket
 import subprocess
@@ -24,11 +25,12 @@ from hypothesis import strategies as st
 
 from lanner import LLM, SamplingParams
 from lanner.config import EngineConfig, ServerConfig
-from lanner.errors import InvalidRequest, LannerError
-from lanner.serving.async_engine import AsyncEngine, engine_stats
 from lanner.engine.engine import LLMEngine
+from lanner.errors import InvalidRequest, LannerError
 from lanner.server.app import build_app
 from lanner.server.metrics import ServerMetrics
+from lanner.serving.async_engine import AsyncEngine, engine_stats
+from lanner.serving.engine_process import PipeSender
 
 MODEL = "lanner-tiny"
 # a short context bounds what one fuzzed request (no max_tokens, ignore_eos) can cost on a CPU
@@ -563,3 +565,39 @@ def test_a_dead_engine_process_is_reported():
 def test_an_engine_process_that_cannot_start_raises_its_error(tmp_path):
     with pytest.raises(LannerError):
         AsyncEngine.spawn(EngineConfig.from_kwargs(model=str(tmp_path / "missing"), device="cpu"))
+
+
+class SlowPipe:
+    """A pipe end whose writes wait until released, and which records each write."""
+
+    def __init__(self):
+        self.writes, self.release = [], threading.Event()
+
+    def send(self, obj):
+        self.release.wait(10)
+        pickle.dumps(obj)  # what Connection.send does first: a message that does not pickle raises
+        self.writes.append(obj)
+
+
+def test_pipe_sender_sends_what_queued_up_as_one_write_in_order():
+    pipe = SlowPipe()
+    sender = PipeSender(pipe, "test-sender")
+    sender.send(("reply", 0))
+    time.sleep(0.2)  # the first write is now waiting on the pipe; these 100 queue up behind it
+    for i in range(1, 101):
+        sender.send(("reply", i))
+    pipe.release.set()
+    sender.close()
+    assert [m for write in pipe.writes for m in write] == [("reply", i) for i in range(101)]
+    assert len(pipe.writes) == 2  # a burst is one pickle and one write, not 100
+
+
+def test_pipe_sender_drops_only_the_message_that_does_not_pickle():
+    pipe = SlowPipe()
+    sender = PipeSender(pipe, "test-sender")
+    sender.send(("outputs", 1))
+    sender.send(("outputs", lambda: 0))
+    sender.send(("outputs", 3))
+    pipe.release.set()
+    sender.close()
+    assert [m for write in pipe.writes for m in write] == [("outputs", 1), ("outputs", 3)]

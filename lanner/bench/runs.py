@@ -151,6 +151,10 @@ def main(args: argparse.Namespace, engine_kwargs: dict) -> None:
     else:
         w = _workload(args)
         results = {**throughput(llm, w), **_engine_facts(llm)}
+        if args.breakdown:
+            from lanner.bench.breakdown import breakdown
+
+            results["breakdown"] = breakdown(llm, w, _greedy)
         workload = {**common.workload_dict(w), "greedy": True, "ignore_eos": True}
     engine_config = llm.engine.config.to_dict()
     if baseline:
@@ -185,6 +189,8 @@ def add_parser(sub) -> None:
     thr.add_argument("--num-prompts", type=int, default=None)
     thr.add_argument("--input-range", type=int, nargs=2, default=None, metavar=("LO", "HI"))
     thr.add_argument("--output-range", type=int, nargs=2, default=None, metavar=("LO", "HI"))
+    thr.add_argument("--breakdown", action="store_true",
+                     help="run the workload twice more: GPU time of prompt and decode steps, kernel time by kind")
     from lanner.bench import moe, serve, speculative, structured
 
     serve.add_parser(kinds)

@@ -173,9 +173,27 @@ class ModelRunner:
             self._setup_moe(config)
         elif config.moe != MoEConfig():
             raise ConfigError(f"MoE options {config.moe} given, but this model has no MoE layers")
-        self.num_blocks = min_over_ranks(self._num_kv_blocks())  # every rank holds the same blocks
-        if self.moe is not None:  # after the memory profile, whose rows are all real
+        gc = config.graphs
+        cuda_graphs = device.type == "cuda" and not gc.enforce_eager
+        # the KV cache gets what is left after a worst-case step and the piecewise graphs: measure
+        # the step first (its rows all real), then capture, then size
+        peak = self.profile_peak_memory() if self._sizing_kv_from_memory() else 0
+        if self.moe is not None:
             self.moe.num_real_tokens = self.num_real_tokens
+        self.piecewise: PiecewiseGraphs | None = None
+        self.piecewise_token_sizes: list[int] = []
+        before_pieces = torch.cuda.memory_reserved(device) if device.type == "cuda" else 0
+        if gc.piecewise_graphs or (gc.piecewise_graphs is None and cuda_graphs):
+            self.piecewise_token_sizes = piecewise_sizes(min(gc.piecewise_max_tokens, sched.max_num_batched_tokens),
+                                                         gc.piecewise_sizes)
+            self.piecewise = PiecewiseGraphs(self.model, self.piecewise_token_sizes, dtype, device)
+            if cuda_graphs:
+                self.piecewise.capture(self.input_ids, self.positions)
+        pieces_bytes = 0
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the warm-up's activations: not the pieces' memory
+            pieces_bytes = torch.cuda.memory_reserved(device) - before_pieces
+        self.num_blocks = min_over_ranks(self._num_kv_blocks(peak, pieces_bytes))  # every rank holds the same
         self.kv_caches = allocate_kv_caches(self.model.spec, self.num_blocks, self.block_size, dtype, device)
         self.backend = self._make_backend(self.kv_caches)
         if self.drafter is not None:
@@ -184,18 +202,8 @@ class ModelRunner:
         logger.info("KV cache: %d blocks of %d tokens (%d tokens)", self.num_blocks, self.block_size,
                     self.num_blocks * self.block_size)
         self.graphs: DecodeGraphs | None = None
-        self.piecewise: PiecewiseGraphs | None = None
         self.step_times: StepTimes | None = None  # set to a StepTimes to time steps on the GPU
         self.num_verify_graph_steps = 0  # verify steps that replayed a decode graph
-        gc = config.graphs
-        cuda_graphs = device.type == "cuda" and not gc.enforce_eager
-        self.piecewise_token_sizes: list[int] = []
-        if gc.piecewise_graphs or (gc.piecewise_graphs is None and cuda_graphs):
-            self.piecewise_token_sizes = piecewise_sizes(min(gc.piecewise_max_tokens, sched.max_num_batched_tokens),
-                                                         gc.piecewise_sizes)
-            self.piecewise = PiecewiseGraphs(self.model, self.piecewise_token_sizes, dtype, device)
-            if cuda_graphs:
-                self.piecewise.capture(self.input_ids, self.positions)
         if cuda_graphs:
             self.capture_graphs(self.piecewise_token_sizes)
 
@@ -249,20 +257,25 @@ class ModelRunner:
         draft = self.drafter.block_bytes() if self.drafter is not None else 0
         return kv_block_bytes(self.model.spec, self.block_size, self.dtype) + draft
 
-    def _num_kv_blocks(self) -> int:
+    def _sizing_kv_from_memory(self) -> bool:
+        return self.config.cache.num_kv_blocks is None and self.device.type == "cuda"
+
+    def _num_kv_blocks(self, peak: int, pieces_bytes: int) -> int:
+        """Blocks that fit in gpu_memory_utilization of the GPU after the peak of a worst-case step
+        (weights included), the piecewise graphs' pool and buffers, and what other processes and
+        CUDA itself hold. (The decode graphs, captured over the cache, come after: tens of MiB.)"""
         cache = self.config.cache
         if cache.num_kv_blocks is not None:
             return cache.num_kv_blocks
         if self.device.type != "cuda":
             return max(int(cache.kv_cache_memory_gib * (1 << 30) // self._block_bytes()), 1)
-        peak = self.profile_peak_memory()
         free, total = torch.cuda.mem_get_info(self.device)
         non_torch = (total - free) - torch.cuda.memory_reserved(self.device)
-        budget = total * cache.gpu_memory_utilization - peak - non_torch
+        budget = total * cache.gpu_memory_utilization - peak - pieces_bytes - non_torch
         blocks = int(budget // self._block_bytes())
-        logger.info("memory: total %.1f GiB, peak of a worst-case step %.2f GiB, other processes/CUDA %.2f GiB "
-                    "-> %.2f GiB for the KV cache", total / 2**30, peak / 2**30, non_torch / 2**30,
-                    blocks * self._block_bytes() / 2**30)
+        logger.info("memory: total %.1f GiB, peak of a worst-case step %.2f GiB, piecewise graphs %.2f GiB, "
+                    "other processes/CUDA %.2f GiB -> %.2f GiB for the KV cache", total / 2**30, peak / 2**30,
+                    pieces_bytes / 2**30, non_torch / 2**30, blocks * self._block_bytes() / 2**30)
         if blocks < 1:
             raise ConfigError("no GPU memory left for the KV cache: lower max_num_batched_tokens or raise "
                               "gpu_memory_utilization")

@@ -3,10 +3,14 @@
 The parent keeps the asyncio half (AsyncEngine's streams, the HTTP server); the
 child builds the LLMEngine from its EngineConfig and runs an EngineLoop on its main
 thread, so the step loop never waits for the server's event loop to release the GIL.
-One duplex pipe carries, parent -> child: (id, op, args) with op add/abort/call (id
-None when no reply is wanted), or None to stop; child -> parent: ("ready", EngineInfo)
-or ("start_failed", error) once, then ("reply", id, ok, value), ("outputs", items,
-stats) once per step, ("failed", request_ids, message) and ("died", message, error).
+One duplex pipe carries lists of messages (`PipeSender`: what queued up while the last
+list was written goes as one list), parent -> child: (id, op, args) with op
+add/abort/call (id None when no reply is wanted), or None to stop; child -> parent:
+("ready", EngineInfo) or ("start_failed", error) once, then ("reply", id, ok, value),
+("outputs", items, stats) once per step, ("failed", request_ids, message) and ("died",
+message, error). Each side writes from a thread of its own: the child's step loop
+does not wait for its outputs to be pickled and written (that overlaps the next
+step's GPU work), and the server's event loop does not wait for the pipe either.
 
 A child that exits unexpectedly (a crash, the OOM killer) shows as the end of the
 pipe: the engine is dead and every request gets EngineDead. A parent that goes away
@@ -21,8 +25,10 @@ import itertools
 import logging
 import multiprocessing
 import pickle
+import queue
 import signal
 import threading
+import time
 from concurrent.futures import Future
 from typing import Any
 
@@ -44,17 +50,61 @@ def _sendable(value: Any, ok: bool) -> tuple[bool, Any]:
         return False, RuntimeError(f"cannot be sent between the engine and server processes: {what}")
 
 
-class _PipeSink:
-    def __init__(self, conn: Any) -> None:
-        self.conn = conn
-        self.lock = threading.Lock()
+class PipeSender:
+    """Writes messages to a pipe from a thread of its own, in lists: all that queued up while
+    the previous list was being written goes in the next one (a burst of adds, or a step's
+    outputs with the replies before them, is one pickle and one write). Order is kept. After a
+    broken pipe nothing more is written: the other side is gone, and the reader notices."""
 
-    def send(self, message: tuple) -> None:
-        with self.lock:
-            try:
-                self.conn.send(message)
-            except (BrokenPipeError, EOFError, OSError):  # the parent is gone; the reader stops the loop
-                pass
+    _STOP = object()
+
+    def __init__(self, conn: Any, name: str) -> None:
+        self.conn = conn
+        self.broken = False
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def send(self, message: Any) -> None:
+        self._queue.put(message)
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Write what is queued, then stop the thread."""
+        self._queue.put(self._STOP)
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while True:
+            batch = [self._queue.get()]
+            while not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            stop = batch[-1] is self._STOP  # close() queues it last
+            if stop:
+                batch.pop()
+            if batch and not self.broken:
+                self._write(batch)
+            if stop:
+                return
+
+    def _write(self, batch: list) -> None:
+        try:
+            self.conn.send(batch)
+        except (BrokenPipeError, EOFError, OSError):
+            self.broken = True
+        except Exception:  # something in it does not pickle (a bug): send the rest one by one
+            for message in batch:
+                try:
+                    self.conn.send([message])
+                except (BrokenPipeError, EOFError, OSError):
+                    self.broken = True
+                    return
+                except Exception:
+                    logger.exception("cannot send a message to the other process: %.200r", message)
+
+
+class _PipeSink:
+    def __init__(self, sender: PipeSender) -> None:
+        self.send = sender.send
 
     def outputs(self, items, stats) -> None:
         self.send(("outputs", items, stats))
@@ -72,18 +122,18 @@ def _child_main(config: Any, conn: Any, max_waiting_requests: int | None, max_st
     die_with_parent()
     from lanner.engine.engine import LLMEngine
 
-    sink = _PipeSink(conn)
     try:
         engine = LLMEngine(config)
     except BaseException as e:
-        sink.send(("start_failed", _sendable(e, False)[1]))
+        conn.send(("start_failed", _sendable(e, False)[1]))
         return
-    loop = EngineLoop(engine, sink, max_waiting_requests, max_step_failures)
-    sink.send(("ready", loop.info()))
+    sender = PipeSender(conn, "lanner-outputs")
+    loop = EngineLoop(engine, _PipeSink(sender), max_waiting_requests, max_step_failures)
+    conn.send(("ready", loop.info()))
 
     def reply(request_id: int | None, ok: bool, value: Any) -> None:
         if request_id is not None:
-            sink.send(("reply", request_id, *_sendable(value, ok)))
+            sender.send(("reply", request_id, *_sendable(value, ok)))
 
     def run_command(request_id: int | None, op: str, payload: bytes) -> None:
         try:
@@ -95,18 +145,25 @@ def _child_main(config: Any, conn: Any, max_waiting_requests: int | None, max_st
 
     def read_commands() -> None:
         try:
-            while (message := conn.recv()) is not None:
-                request_id, op, payload = message
-                if not loop.post(lambda r=request_id, o=op, p=payload: run_command(r, o, p)):
-                    reply(request_id, False, loop.not_running())
+            while True:
+                for message in conn.recv():
+                    if message is None:
+                        return
+                    request_id, op, payload = message
+                    if not loop.post(lambda r=request_id, o=op, p=payload: run_command(r, o, p)):
+                        reply(request_id, False, loop.not_running())
         except (EOFError, OSError):  # the parent is gone
             pass
         except Exception:
             logger.exception("the engine process cannot read the server's commands; stopping")
-        loop.stop()
+        finally:
+            loop.stop()
 
     threading.Thread(target=read_commands, name="lanner-commands", daemon=True).start()
-    loop.run()
+    try:
+        loop.run()
+    finally:
+        sender.close()  # the last outputs and the "died" message go out before the process ends
 
 
 class ProcessTransport:
@@ -132,8 +189,9 @@ class ProcessTransport:
         self.sink = sink
         self._futures: dict[int, Future] = {}
         self._ids = itertools.count()
-        self._lock = threading.Lock()  # guards _closed and _futures, and serializes sends
+        self._lock = threading.Lock()  # guards _closed and _futures
         self._closed = False
+        self._sender = PipeSender(self.conn, "lanner-commands")
         self._died = False
         self._reader = threading.Thread(target=self._read, name="lanner-engine-reader", daemon=True)
 
@@ -154,12 +212,7 @@ class ProcessTransport:
                 request_id = next(self._ids)
                 self._futures[request_id] = future
             try:
-                payload = pickle.dumps(args)
-                self.conn.send((request_id, op, payload))
-            except (BrokenPipeError, EOFError, OSError):
-                self._futures.pop(request_id, None)
-                if not future.done():
-                    future.set_exception(EngineDead("the engine process is not running"))
+                self._sender.send((request_id, op, pickle.dumps(args)))  # a dead child: the reader fails it
             except Exception as e:  # arguments that do not pickle (a lambda given to call())
                 self._futures.pop(request_id, None)
                 if not future.done():
@@ -178,19 +231,22 @@ class ProcessTransport:
 
     def _read_messages(self) -> None:
         while True:
-            message = self.conn.recv()
-            kind = message[0]
-            if kind == "outputs":
-                self.sink.outputs(message[1], message[2])
-            elif kind == "failed":
-                self.sink.failed(message[1], message[2])
-            elif kind == "died":
-                self._died = True
-                self.sink.died(message[1], message[2])
-            elif kind == "reply":
-                future = self._futures.pop(message[1], None)
-                if future is not None and future.set_running_or_notify_cancel():
-                    (future.set_result if message[2] else future.set_exception)(message[3])
+            for message in self.conn.recv():
+                self._handle(message)
+
+    def _handle(self, message: tuple) -> None:
+        kind = message[0]
+        if kind == "outputs":
+            self.sink.outputs(message[1], message[2])
+        elif kind == "failed":
+            self.sink.failed(message[1], message[2])
+        elif kind == "died":
+            self._died = True
+            self.sink.died(message[1], message[2])
+        elif kind == "reply":
+            future = self._futures.pop(message[1], None)
+            if future is not None and future.set_running_or_notify_cancel():
+                (future.set_result if message[2] else future.set_exception)(message[3])
 
     def _closed_by_child(self) -> None:
         with self._lock:
@@ -210,12 +266,11 @@ class ProcessTransport:
     def shutdown(self, timeout: float) -> None:
         with self._lock:
             if not self._closed:
-                try:
-                    self.conn.send(None)
-                except (BrokenPipeError, EOFError, OSError):
-                    pass
+                self._sender.send(None)  # after the commands queued before it
             self._closed = True  # later requests fail at once; the reader still fails pending ones
-        self.process.join(timeout)
+        deadline = time.monotonic() + timeout
+        self._sender.close(timeout)
+        self.process.join(max(deadline - time.monotonic(), 0))
         self._kill()
         if self._reader.is_alive():
             self._reader.join(5)

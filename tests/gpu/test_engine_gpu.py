@@ -117,6 +117,17 @@ def test_kv_cache_is_sized_from_memory():
     assert kv_bytes > 0.3 * total  # a tiny model leaves nearly all of the budget to the cache
 
 
+def test_gpu_memory_utilization_bounds_the_piecewise_graphs_too():
+    """The cache is sized after the piecewise graphs' pool and buffers exist, so the process stays
+    within gpu_memory_utilization (only the decode graphs come after the cache: tens of MiB)."""
+    config = __file__.rsplit("/tests/", 1)[0] + "/benchmarks/configs/qwen3-0.6b.json"
+    llm = LLM(model=config, load_format="dummy", dtype="bfloat16", gpu_memory_utilization=0.5)
+    llm.generate([[5] * 700] * 12, SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
+    free, total = torch.cuda.mem_get_info()
+    assert llm.engine.runner.piecewise.report.pool_bytes > 128 << 20  # enough to overshoot without the fix
+    assert total - free <= 0.5 * total + (64 << 20), (total - free) / 2**30
+
+
 def test_logit_constraints_match_the_cpu_path():
     """logit_bias, allowed_token_ids and bad words give the same greedy tokens on the GPU
     (batched device ops, overlap) as on the CPU reference path."""

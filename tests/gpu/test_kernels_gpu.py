@@ -28,7 +28,8 @@ DECODE_CASES = [  # heads, kv_heads, dim, page, seq_lens
 def test_decode(heads, kv_heads, dim, page, seq_lens, dtype):
     q, kc, vc, bt, sl, _ = paged_problem(seq_lens, [1] * len(seq_lens), heads, kv_heads, dim, page, dtype, "cuda")
     ref = decode_attention_ref(q, kc, vc, bt, sl, dim ** -0.5)
-    for splits in {1, num_decode_splits(len(seq_lens), kv_heads, max(seq_lens)), 16}:
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for splits in {1, num_decode_splits(len(seq_lens), kv_heads, max(seq_lens), sms), 16}:
         out = decode_attention(q, kc, vc, bt, sl, dim ** -0.5, num_splits=splits)
         torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
 

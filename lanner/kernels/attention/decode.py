@@ -3,7 +3,9 @@
 Each program handles one (sequence, kv head, split): the query heads of that kv
 head's group are packed into one tile, so the K/V it streams from the cache
 serve the whole group. Long contexts are cut into `num_splits` pieces that run
-in parallel; a second kernel merges their partial results by log-sum-exp.
+in parallel; a second kernel merges their partial results by log-sum-exp. With
+one split (a batch large enough to fill the GPU alone) the first kernel writes the
+output itself: one kernel a layer, no partials.
 A sequence of length 0 (a padding row of a CUDA graph) gets an all-zero output.
 """
 from __future__ import annotations
@@ -19,8 +21,8 @@ from lanner.kernels.attention.prefill import dot_precision, load_kv_tile
 
 @triton.jit
 def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, part_out_ptr,
-                         part_lse_ptr, scale, stride_qt, stride_qh, stride_kb, stride_ks, stride_kh,
-                         stride_bt, NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+                         part_lse_ptr, out_ptr, scale, stride_qt, stride_qh, stride_ot, stride_oh, stride_kb,
+                         stride_ks, stride_kh, stride_bt, NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
                          HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, NUM_SPLITS: tl.constexpr,
                          BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     seq = tl.program_id(0)
@@ -56,6 +58,10 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_
 
     has_keys = start < end
     out = acc / tl.where(has_keys, l, 1.0)[:, None]
+    if NUM_SPLITS == 1:
+        tl.store(out_ptr + seq * stride_ot + heads[:, None] * stride_oh + d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=head_ok[:, None])
+        return
     lse = tl.where(has_keys, m + tl.log(tl.where(has_keys, l, 1.0)), float("-inf"))
     row = (seq * NUM_HEADS + heads) * NUM_SPLITS + split
     tl.store(part_out_ptr + row[:, None] * HEAD_DIM + d[None, :], out, mask=head_ok[:, None])
@@ -82,17 +88,25 @@ def _decode_merge_kernel(part_out_ptr, part_lse_ptr, out_ptr, stride_ot, stride_
     tl.store(out_ptr + seq * stride_ot + head * stride_oh + d, out.to(out_ptr.dtype.element_ty))
 
 
-def num_decode_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int = 132) -> int:
-    """Enough programs to fill the GPU twice over, but no split shorter than 256 keys."""
+def decode_tile(head_dim: int) -> tuple[int, int, int]:
+    """(keys a tile, warps, pipeline stages) of the split kernel (scripts/decode_probe.py measures them)."""
+    return (64, 4, 3) if head_dim <= 128 else (32, 4, 3)
+
+
+def num_decode_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int) -> int:
+    """Enough programs to fill the GPU's `num_sms` multiprocessors twice over, but no split shorter
+    than 256 keys."""
     want = math.ceil(2 * num_sms / max(1, num_seqs * num_kv_heads))
     return max(1, min(want, 16, math.ceil(max_seq_len / 256)))
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                      seq_lens: torch.Tensor, scale: float, num_splits: int, out: torch.Tensor | None = None,
-                     workspace: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                     workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
+                     tile: tuple[int, int, int] | None = None) -> torch.Tensor:
     """q: [B, heads, dim]; block_tables: [B, max_blocks] int32; seq_lens: [B] int32 (0: padding row).
-    `workspace` (partial outputs and LSEs) may be pre-allocated so CUDA graphs can capture the call."""
+    `workspace` (partial outputs and LSEs) may be pre-allocated so CUDA graphs can capture the call.
+    `tile`: (keys a tile, warps, pipeline stages) instead of decode_tile(head_dim)'s."""
     B, H, D = q.shape
     _, page, kv_heads, _ = k_cache.shape
     group = H // kv_heads
@@ -101,12 +115,16 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         workspace = (torch.empty(B * H * num_splits * D, dtype=torch.float32, device=q.device),
                      torch.empty(B * H * num_splits, dtype=torch.float32, device=q.device))
     part_out, part_lse = workspace
+    block_n, num_warps, num_stages = tile or decode_tile(D)
     _decode_split_kernel[(B, kv_heads, num_splits)](
-        q, k_cache, v_cache, block_tables, seq_lens, part_out, part_lse, scale,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+        q, k_cache, v_cache, block_tables, seq_lens, part_out, part_lse, out, scale,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1),
+        k_cache.stride(2), block_tables.stride(0),
         NUM_HEADS=H, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=D, PAGE=page,
-        NUM_SPLITS=num_splits, BLOCK_N=64 if D <= 128 else 32, PRECISION=dot_precision(q), num_warps=4)
-    _decode_merge_kernel[(B, H)](part_out, part_lse, out, out.stride(0), out.stride(1), NUM_HEADS=H,
-                                 HEAD_DIM=D, NUM_SPLITS=num_splits,
-                                 SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)))
+        NUM_SPLITS=num_splits, BLOCK_N=block_n, PRECISION=dot_precision(q), num_warps=num_warps,
+        num_stages=num_stages)
+    if num_splits > 1:
+        _decode_merge_kernel[(B, H)](part_out, part_lse, out, out.stride(0), out.stride(1), NUM_HEADS=H,
+                                     HEAD_DIM=D, NUM_SPLITS=num_splits,
+                                     SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)))
     return out

@@ -24,13 +24,15 @@ class TritonAttentionBackend(AttentionBackend):
         device = kv_caches[0][0].device
         self.max_model_len = max_model_len
         self.num_heads = num_heads
+        # split-K fills the multiprocessors this GPU has (the interpreter on the CPU: an H100's)
+        self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
         _, _, self.num_kv_heads, self.head_dim = kv_caches[0][0].shape
         width = -(-max_model_len // block_size)
         self.block_tables = torch.zeros(max_rows, width, dtype=torch.int32, device=device)
         self.seq_lens = torch.zeros(max_rows, dtype=torch.int32, device=device)
         self.query_start = torch.zeros(max_rows + 1, dtype=torch.int32, device=device)
         # split-K partials of the largest (rows x splits) any plan can ask for
-        parts = max(r * num_decode_splits(r, self.num_kv_heads, max_model_len) for r in range(1, max_rows + 1))
+        parts = max(r * self._splits(r) for r in range(1, max_rows + 1))
         self.workspace = (torch.empty(parts * num_heads * self.head_dim, dtype=torch.float32, device=device),
                           torch.empty(parts * num_heads, dtype=torch.float32, device=device))
 
@@ -53,7 +55,7 @@ class TritonAttentionBackend(AttentionBackend):
         self.slot_mapping = batch.slot_mapping
         self.decode_only = batch.is_decode_only
         self.max_query_len = max(batch.query_lens, default=1)
-        self.num_splits = num_decode_splits(rows, self.num_kv_heads, self.max_model_len)
+        self.num_splits = self._splits(rows)
 
     def plan_decode(self, block_tables):
         n = len(block_tables)
@@ -61,7 +63,10 @@ class TritonAttentionBackend(AttentionBackend):
         self.rows = n
         self.decode_only = True
         self.max_query_len = 1
-        self.num_splits = num_decode_splits(n, self.num_kv_heads, self.max_model_len)
+        self.num_splits = self._splits(n)
+
+    def _splits(self, rows: int) -> int:
+        return num_decode_splits(rows, self.num_kv_heads, self.max_model_len, self.num_sms)
 
     def set_decode_lens(self, seq_lens, slot_mapping):
         self.seq_lens[:self.rows].copy_(seq_lens)  # device to device: inside a draft graph too

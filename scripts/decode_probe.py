@@ -1,0 +1,59 @@
+"""Decode attention against the KV-read bound, over tile shapes (issue [12]): batch 256 with the
+contexts of W-8B and W-nano (and batch 1 / 16 at 8k), Qwen3's 32/16 query heads over 8 KV heads of
+128 dims, one layer. Prints, per shape and tile, the kernel time and the KV bandwidth it reached.
+  PYTHONPATH=. python3 scripts/decode_probe.py [OUT.json]"""
+import json
+import random
+import sys
+
+import torch
+from triton.testing import do_bench
+
+sys.path.insert(0, "tests")
+from kernel_cases import paged_problem
+
+from lanner.kernels.attention.decode import decode_attention, decode_tile, num_decode_splits
+
+SHAPES = [  # name, query heads, seq lens
+    ("w8b-b256", 32, lambda r: [r.randint(128, 512) + r.randint(0, 256) for _ in range(256)]),
+    ("wnano-b256", 16, lambda r: [r.randint(100, 1024) + r.randint(0, 1024) for _ in range(256)]),
+    ("b64-2k", 32, lambda r: [2048] * 64),
+    ("b16-8k", 32, lambda r: [8192] * 16),
+    ("b1-8k", 32, lambda r: [8192]),
+]
+TILES = [(bn, w, st) for bn in (32, 64, 128) for w in (2, 4, 8) for st in (2, 3, 4)]
+
+
+def main() -> None:
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    rows = []
+    for name, heads, lens in SHAPES:
+        seq_lens = lens(random.Random(0))
+        q, kc, vc, bt, sl, _ = paged_problem(seq_lens, [1] * len(seq_lens), heads, 8, 128, 16, torch.bfloat16, "cuda")
+        splits = num_decode_splits(len(seq_lens), 8, 40960, sms)
+        kv_bytes = sum(seq_lens) * 8 * 128 * 2 * 2
+        ref = decode_attention(q, kc, vc, bt, sl, 0.08, splits)
+        best = None
+        for tile in TILES:
+            try:
+                out = decode_attention(q, kc, vc, bt, sl, 0.08, splits, tile=tile)
+                torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2)
+                ms = do_bench(lambda: decode_attention(q, kc, vc, bt, sl, 0.08, splits, tile=tile), warmup=10, rep=50)
+            except Exception as e:  # a tile too big for shared memory
+                print(name, tile, "failed:", str(e)[:80])
+                continue
+            row = {"shape": name, "tile": tile, "splits": splits, "us": round(ms * 1e3, 1),
+                   "tb_per_s": round(kv_bytes / ms / 1e9, 2), "default": tile == decode_tile(128)}
+            rows.append(row)
+            if best is None or ms < best[0]:
+                best = (ms, row)
+        default = next(r for r in rows if r["shape"] == name and r["default"])
+        print(f"{name}: splits {splits}, default {default['tile']} {default['us']} us {default['tb_per_s']} TB/s; "
+              f"best {best[1]['tile']} {best[1]['us']} us {best[1]['tb_per_s']} TB/s", flush=True)
+    if len(sys.argv) > 1:
+        with open(sys.argv[1], "w") as f:
+            json.dump({"gpu": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Issue [12]'s GPU runs (results under $OUT, default ./out):
+#   bash scripts/gpu_perf.sh tests      # tests/gpu engine, piecewise, kernels, structured, speculative (wheels first)
+#   bash scripts/gpu_perf.sh serve      # serve burst vs offline, Qwen3-8B shape, _base/ and this tree (the
+#                                       # previous commit: mkdir _base && git archive HEAD lanner | tar -x -C _base)
+#   bash scripts/gpu_perf.sh breakdown  # W-8B and W-nano: throughput, then where the time goes
+source "$(dirname "$0")/gpu_env.sh"
+case "${1:-}" in
+  tests)
+    bash scripts/gpu_structured.sh wheels
+    gpu_tests engine piecewise kernels structured speculative | tee "$out/gpu-tests-perf.txt" ;;
+  serve)
+    for tree in ${TREES:-_base .}; do
+      [ -d "$tree/lanner" ] || continue
+      tag=$([ "$tree" = . ] && echo new || echo base)
+      echo "== $tag"
+      TREE=$tree TAG=$tag NO_PROFILE=$([ "$tag" = base ] && echo 1) \
+        bash scripts/serve_profile.sh "$out" benchmarks/configs/qwen3-8b.json 400 256 128
+    done ;;
+  breakdown)
+    python3 -m lanner.cli bench throughput --config benchmarks/configs/qwen3-8b.json --breakdown \
+      --output-json "$out/$day-w8b-breakdown.json" 2>&1 | tail -1
+    python3 -m lanner.cli bench throughput --workload W-nano --config benchmarks/configs/qwen3-0.6b.json --breakdown \
+      --output-json "$out/$day-wnano-breakdown.json" 2>&1 | tail -1
+    for f in "$out/$day"-w*-breakdown.json; do
+      python3 -c "import json,sys; r=json.load(open(sys.argv[1]))['results']; print(sys.argv[1], r['output_tok_per_s'], json.dumps(r['breakdown']))" "$f"
+    done ;;
+  *) echo "usage: $0 tests|serve|breakdown" >&2; exit 2 ;;
+esac
