@@ -592,6 +592,20 @@ def test_pipe_sender_sends_what_queued_up_as_one_write_in_order():
     assert len(pipe.writes) == 2  # a burst is one pickle and one write, not 100
 
 
+def test_pipe_sender_stops_at_close_whatever_is_sent_after_it():
+    pipe = SlowPipe()
+    sender = PipeSender(pipe, "test-sender")
+    sender.send(("reply", 0))
+    time.sleep(0.2)  # the first write waits on the pipe; close and a late send queue up behind it
+    sender.send(("reply", 1))
+    sender._queue.put(PipeSender._STOP)  # close() without waiting
+    sender.send(("reply", 2))  # a late reply from another thread
+    pipe.release.set()
+    sender._thread.join(5)
+    assert not sender._thread.is_alive()
+    assert [m for write in pipe.writes for m in write] == [("reply", 0), ("reply", 1)]
+
+
 def test_pipe_sender_drops_only_the_message_that_does_not_pickle():
     pipe = SlowPipe()
     sender = PipeSender(pipe, "test-sender")

@@ -69,7 +69,7 @@ class PipeSender:
         self._queue.put(message)
 
     def close(self, timeout: float = 30.0) -> None:
-        """Write what is queued, then stop the thread."""
+        """Write what is queued, then stop the thread (later sends are dropped)."""
         self._queue.put(self._STOP)
         self._thread.join(timeout)
 
@@ -78,9 +78,9 @@ class PipeSender:
             batch = [self._queue.get()]
             while not self._queue.empty():
                 batch.append(self._queue.get_nowait())
-            stop = batch[-1] is self._STOP  # close() queues it last
-            if stop:
-                batch.pop()
+            stop = any(m is self._STOP for m in batch)
+            if stop:  # what was sent after close() is dropped
+                batch = batch[:next(i for i, m in enumerate(batch) if m is self._STOP)]
             if batch and not self.broken:
                 self._write(batch)
             if stop:
