@@ -3,10 +3,10 @@
 Two more runs of the workload's shape after the timed one, each with fresh prompts (the same
 ones again would come from the prefix cache). The first times every step on the GPU
 (CUDA events) and sorts the steps into decode-only and steps with prompt tokens (prefill or
-mixed: a row of more than one token): their GPU time, and the wall time the GPU spent waiting for the host (the rest). The
-second runs under torch.profiler and sums the kernels' GPU time by kind (GEMMs, prefill
-attention, decode attention, ...). The profiler slows the host down, so only its kernel times
-are reported, not its wall time.
+mixed: a row of more than one token): their GPU time, and the wall time the GPU spent waiting
+for the host (the rest). The second runs under torch.profiler and sums the kernels' GPU time by
+kind (GEMMs, prefill attention, decode attention, ...). The profiler slows the host down, so only
+its kernel times are reported, not its wall time.
 """
 from __future__ import annotations
 
@@ -80,11 +80,11 @@ def _kernel_split(llm, prompts: list, params: list) -> dict:
     totals: dict[str, float] = {}
     others: dict[str, float] = {}
     for event in prof.key_averages():
+        if getattr(event, "is_user_annotation", False) or event.key in STEP_RANGES:
+            continue  # a record_function range on the GPU's timeline (kernels inside it count on their own)
         us = getattr(event, "self_device_time_total", None)
         if us is None:  # torch before the device_time names
             us = event.self_cuda_time_total
-        if getattr(event, "is_user_annotation", False) or event.key in STEP_RANGES:
-            continue  # a record_function range on the GPU's timeline (kernels inside it count on their own)
         if us and event.device_type == torch.autograd.DeviceType.CUDA:
             kind = kernel_kind(event.key)
             totals[kind] = totals.get(kind, 0.0) + us / 1e3

@@ -78,12 +78,12 @@ class PipeSender:
             batch = [self._queue.get()]
             while not self._queue.empty():
                 batch.append(self._queue.get_nowait())
-            stop = any(m is self._STOP for m in batch)
-            if stop:  # what was sent after close() is dropped
-                batch = batch[:next(i for i, m in enumerate(batch) if m is self._STOP)]
+            stop = next((i for i, m in enumerate(batch) if m is self._STOP), None)
+            if stop is not None:  # what was sent after close() is dropped
+                batch = batch[:stop]
             if batch and not self.broken:
                 self._write(batch)
-            if stop:
+            if stop is not None:
                 return
 
     def _write(self, batch: list) -> None:
