@@ -12,6 +12,6 @@ day=$(date -u +%F)
 gpu_tests() {
   for f in "$@"; do
     echo "tests/gpu/test_${f}_gpu.py:"
-    python3 -m pytest -o addopts="" -q -p no:cacheprovider "tests/gpu/test_${f}_gpu.py" 2>&1 | tail -8
+    python3 -m pytest -o addopts="" -q -p no:cacheprovider -p no:warnings "tests/gpu/test_${f}_gpu.py" 2>&1 | tail -8
   done
 }

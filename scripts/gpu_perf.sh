@@ -4,6 +4,8 @@
 #   bash scripts/gpu_perf.sh serve      # serve burst vs offline, Qwen3-8B shape, _base/ and this tree (the
 #                                       # previous commit: mkdir _base && git archive HEAD lanner | tar -x -C _base)
 #   bash scripts/gpu_perf.sh breakdown  # W-8B and W-nano: throughput, then where the time goes
+#   bash scripts/gpu_perf.sh steps      # lanner bench step, Qwen3-0.6B and Qwen3-8B shapes, _base/ and this tree
+#   bash scripts/gpu_perf.sh latency    # lanner bench latency at batch 1, the same models and trees
 source "$(dirname "$0")/gpu_env.sh"
 case "${1:-}" in
   tests)
@@ -25,5 +27,19 @@ case "${1:-}" in
     for f in "$out/$day"-w*-breakdown.json; do
       python3 -c "import json,sys; r=json.load(open(sys.argv[1]))['results']; print(sys.argv[1], r['output_tok_per_s'], json.dumps(r['breakdown']))" "$f"
     done ;;
-  *) echo "usage: $0 tests|serve|breakdown" >&2; exit 2 ;;
+  steps|latency)
+    # lanner bench step (prefill and mixed steps) or latency (batch-1 decode) of _base/ and this tree
+    root=$(pwd); outdir=$(cd "$out" && pwd)
+    args=(--token-counts ${TOKENS:-64 512 2048} --no-overlap-scheduling)
+    [ "$1" = latency ] && args=(--batch-sizes 1 --input-len 128 --output-len 256)
+    for tree in ${TREES:-_base .}; do
+      [ -d "$tree/lanner" ] || continue
+      tag=$([ "$tree" = . ] && echo new || echo base)
+      for cfg in ${CFGS:-qwen3-0.6b qwen3-8b}; do
+        echo "== $1 $tag $cfg"
+        (cd "$tree" && python3 -m lanner.cli bench "${1%s}" --config "$root/benchmarks/configs/$cfg.json" "${args[@]}" \
+          --gpu-memory-utilization 0.5 --output-json "$outdir/$day-$1-$cfg-$tag.json") 2>&1 | grep -E "^\{|capture|Error|tok/s"
+      done
+    done ;;
+  *) echo "usage: $0 tests|serve|breakdown|steps|latency" >&2; exit 2 ;;
 esac

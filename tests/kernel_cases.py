@@ -23,3 +23,10 @@ def paged_problem(seq_lens: list[int], q_lens: list[int], heads: int, kv_heads: 
     q = torch.randn(int(query_start[-1]), heads, dim, generator=g).to(dtype).to(device)
     return (q, k_cache, v_cache, block_tables.to(device), torch.tensor(seq_lens, dtype=torch.int32, device=device),
             query_start.to(device))
+
+
+def tile_table(q_lens: list[int], seq_lens: list[int], head_dim: int, device, capacity: int | None = None):
+    """The prefill kernel's tile table for these sequences (with unused rows up to `capacity`)."""
+    from lanner.kernels.attention.prefill import prefill_tiles
+
+    return torch.from_numpy(prefill_tiles(q_lens, seq_lens, head_dim, capacity)).to(device)

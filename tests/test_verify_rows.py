@@ -91,10 +91,10 @@ def test_a_padded_verify_plan_repeats_the_last_length_and_pads_with_empty_rows()
     """Seed pitfalls (RTP-LLM #969, SGLang #22299): in a verify batch padded up to a graph size,
     the padded tail of the cumulative query lengths repeats the last real value, padding rows
     have no keys (so their attention output is zero), and the largest query length is the
-    maximum over the whole batch, wherever it sits."""
+    whole batch's longest query gets its tiles, wherever it sits."""
     from lanner.layers.attention.triton_backend import TritonAttentionBackend
 
-    backend = TritonAttentionBackend(small_caches(), 4, 16, 32, 4)
+    backend = TritonAttentionBackend(small_caches(), 4, 16, 96, 4, max_tokens=96)
     # two requests verifying 2 drafts each, at positions 5..7 and 9..11, as 6 decode rows padded to 8
     positions = [5, 6, 7, 9, 10, 11]
     tables = [[3, 1]] * 3 + [[0, 2, 5]] * 3
@@ -105,11 +105,19 @@ def test_a_padded_verify_plan_repeats_the_last_length_and_pads_with_empty_rows()
     assert backend.query_start[:9].tolist() == [0, 1, 2, 3, 4, 5, 6, 6, 6]
     assert backend.block_tables[:6, :3].tolist() == [[3, 1, 0]] * 3 + [[0, 2, 5]] * 3
     assert backend.decode_only and backend.rows == 8
-    # a mixed batch: the longest query in the middle sets the prefill grid
-    mixed = ForwardBatch(torch.zeros(12, dtype=torch.long), torch.zeros(12, dtype=torch.long),
-                         torch.full((12,), -1), [2, 7, 3], [4, 9, 3], [[0], [1, 2, 3], [4]], torch.arange(3), 12)
+    # a mixed batch: the longest query (two tiles of 64 rows) in the middle gets both its tiles
+    mixed = ForwardBatch(torch.zeros(75, dtype=torch.long), torch.zeros(75, dtype=torch.long),
+                         torch.full((75,), -1), [2, 70, 3], [4, 72, 3], [[0], list(range(1, 19)), [4]],
+                         torch.arange(3), 75)
     backend.plan(mixed)
-    assert backend.max_query_len == 7 and backend.query_start[:4].tolist() == [0, 2, 9, 12]
+    assert backend.query_start[:4].tolist() == [0, 2, 72, 75]
+    assert backend.tiles[:5].tolist() == [[4, 0], [1, 1], [1, 0], [0, 0], [2, 0]]  # count, then heaviest first
+    assert backend.num_prefill_programs == 4  # one a tile
+    # planned for a graph of 80 tokens: as many programs as any step of 80 tokens may need (2 for
+    # the tiles of one long prompt, 4 x 132 multiprocessors / 4 heads for short queries), up to the
+    # most tiles 80 tokens in up to 16 sequences have (2 + 16)
+    backend.plan(mixed, graph_tokens=80)
+    assert backend.num_prefill_programs == 18 and not backend.decode_only
 
 
 def test_decode_rows_of_a_verify_batch_equal_causal_attention_and_padding_is_zero():
@@ -119,7 +127,7 @@ def test_decode_rows_of_a_verify_batch_equal_causal_attention_and_padding_is_zer
     from lanner.layers.attention.triton_backend import TritonAttentionBackend
 
     caches = small_caches()
-    backend = TritonAttentionBackend(caches, 4, 16, 32, 4)
+    backend = TritonAttentionBackend(caches, 4, 16, 32, 4, max_tokens=96)
     positions, block_table = [5, 6, 7], [3, 1]
     g = torch.Generator().manual_seed(1)
     q, k, v = torch.randn(4, 4, 16, generator=g), torch.randn(4, 2, 16, generator=g), torch.randn(4, 2, 16, generator=g)
@@ -324,14 +332,17 @@ def eager_capture_ladder(self, setup, run, what):
     """SizeLadder.capture_ladder without CUDA: a "graph" whose replay re-runs `run(size)` and
     writes the results into the tensors the capture returned, as a real replay does. Graph
     runners then stage, plan and read through their static buffers exactly as on the GPU. What a
-    real graph fixes at capture (the Triton backend's planned rows, kernel choice, split count and
-    prefill grid extent) is kept and checked at each replay: the same, and a grid that covers the
-    batch planned for the replay."""
+    real graph fixes at capture (the Triton backend's kernel choice; for the decode kernel the
+    planned rows and split count, for the prefill kernel its grid) is kept
+    and checked at each replay: the same. (Every planned batch fits that table, or the plan raises.)"""
     backend = self.runner.backend if hasattr(self, "runner") else self.drafter.backend
 
     def baked():
-        return {name: getattr(backend, name) for name in ("rows", "decode_only", "num_splits", "max_query_len")
-                if hasattr(backend, name)}
+        if not hasattr(backend, "decode_only"):  # the torch backend: nothing is fixed
+            return {}
+        if backend.decode_only:
+            return {"decode_only": True, "rows": backend.rows, "num_splits": backend.num_splits}
+        return {"decode_only": False, "programs": backend.num_prefill_programs}
 
     class Replayed:
         def __init__(self, size, out, at_capture):
@@ -339,9 +350,7 @@ def eager_capture_ladder(self, setup, run, what):
 
         def replay(self):
             now, then = baked(), self.at_capture
-            assert now.get("max_query_len", 0) <= then.get("max_query_len", 0), (what, self.size, now, then)
-            now.pop("max_query_len", None)
-            assert now == {k: v for k, v in then.items() if k != "max_query_len"}, (what, self.size, now, then)
+            assert now == then, (what, self.size, now, then)
             new = run(self.size)
             for dst, src in zip(*(o if isinstance(o, tuple) else (o,) for o in (self.out, new))):
                 if dst is not None:

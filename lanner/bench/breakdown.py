@@ -77,6 +77,12 @@ def _kernel_split(llm, prompts: list, params: list) -> dict:
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         llm.generate(prompts, params, use_tqdm=False)
+    return kernel_times(prof)
+
+
+def kernel_times(prof, per: int = 1) -> dict:
+    """A finished torch.profiler run's GPU kernel time by kind, and its largest unclassified
+    kernels, in milliseconds (divided by `per`: steps, say)."""
     totals: dict[str, float] = {}
     others: dict[str, float] = {}
     for event in prof.key_averages():
@@ -87,9 +93,10 @@ def _kernel_split(llm, prompts: list, params: list) -> dict:
             us = event.self_cuda_time_total
         if us and event.device_type == torch.autograd.DeviceType.CUDA:
             kind = kernel_kind(event.key)
-            totals[kind] = totals.get(kind, 0.0) + us / 1e3
+            totals[kind] = totals.get(kind, 0.0) + us / 1e3 / per
             if kind == "other":
-                others[event.key[:120]] = us / 1e3
+                others[event.key[:120]] = us / 1e3 / per
     top = sorted(others.items(), key=lambda kv: -kv[1])[:12]
-    return {"kernels_ms": {kind: round(ms, 1) for kind, ms in sorted(totals.items(), key=lambda kv: -kv[1])},
-            "other_kernels_ms": {name: round(ms, 1) for name, ms in top}}
+    digits = 1 if per == 1 else 3
+    return {"kernels_ms": {kind: round(ms, digits) for kind, ms in sorted(totals.items(), key=lambda kv: -kv[1])},
+            "other_kernels_ms": {name: round(ms, digits) for name, ms in top}}

@@ -26,7 +26,10 @@ def _engine_facts(llm) -> dict:
         rep = runner.piecewise.report
         facts.update(piecewise_sizes=rep.sizes, piecewise_pieces=rep.num_pieces,
                      piecewise_warmup_s=round(rep.warmup_s, 2), piecewise_capture_s=round(rep.capture_s, 2),
-                     piecewise_pool_mib=round(rep.pool_bytes / 2**20, 1))
+                     piecewise_pool_mib=round(rep.pool_bytes / 2**20, 1),
+                     whole_forward_sizes=runner.piecewise.full_sizes,
+                     whole_forward_capture_s=round(runner.piecewise.full_capture_s, 2),
+                     whole_forward_pool_growth_mib=round(runner.piecewise.full_pool_growth / 2**20, 1))
     if runner.graphs is not None and runner.graphs.report is not None:
         rep = runner.graphs.report
         facts.update(graph_capture_s=round(rep.seconds, 2), graph_pool_mib=round(rep.pool_bytes / 2**20, 1),
@@ -181,7 +184,7 @@ def add_parser(sub) -> None:
     lat.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 128])
     lat.add_argument("--plot", default=None, help="write a PNG of the batch sweep here")
     lat.add_argument("--profile", default=None, help="write a torch.profiler table of batch-1 decode here")
-    step = kinds.add_parser("step", help="one prefill or mixed step of N tokens: piecewise graphs vs eager")
+    step = kinds.add_parser("step", help="one prefill or mixed step of N tokens: whole-forward graphs, piecewise graphs, eager")
     step.add_argument("--token-counts", type=int, nargs="+", default=[64, 256, 512, 2048, 8192])
     step.add_argument("--repeats", type=int, default=5)
     thr = kinds.add_parser("throughput", help="offline throughput of a fixed workload")

@@ -1,5 +1,6 @@
-"""`lanner bench step`: the time of one prefill or mixed step of N tokens, with piecewise
-CUDA graphs and eagerly, in the same process on the same weights."""
+"""`lanner bench step`: the time of one prefill or mixed step of N tokens, through the
+whole-forward CUDA graphs (where N has one), the piecewise graphs alone, and eagerly, in
+the same process on the same weights."""
 from __future__ import annotations
 
 import statistics
@@ -45,20 +46,29 @@ def step_times(llm, token_counts: list[int], repeats: int) -> list[dict]:
     if engine.config.scheduler.overlap_scheduling:
         raise ValueError("lanner bench step times synchronous steps: pass --no-overlap-scheduling")
     piecewise = runner.piecewise
-    modes = {"piecewise": piecewise, "eager": None} if piecewise is not None else {"eager": None}
+    whole = piecewise.full_graphs if piecewise is not None else {}
+    modes = ({"whole": (piecewise, whole)} if whole else {}) | \
+        ({"piecewise": (piecewise, {})} if piecewise is not None else {}) | {"eager": (None, {})}
     rows = []
     for n in token_counts:
         for kind in ("prefill", "mixed"):
             row = {"tokens": n, "kind": kind}
-            for m, (mode, graphs) in enumerate(modes.items()):
+            for m, (mode, (graphs, full)) in enumerate(modes.items()):
+                if mode == "whole" and (piecewise.padded_size(n) or 0) > piecewise.full_sizes[-1]:
+                    continue  # no whole-forward graph of this size: the pieces run
                 runner.piecewise = graphs  # None: the unsplit forward, no padding
+                if graphs is not None:
+                    graphs.full_graphs = full
                 # distinct prompts for every step: a prefix-cache hit would skip the work
                 seeds = [(n * 2 + (kind == "mixed")) * 1000 + m * 100 + r for r in range(repeats + 1)]
                 times = [_time_step(engine, n, kind, seed) for seed in seeds][1:]
                 row[f"{mode}_ms"] = round(statistics.median(times) * 1e3, 3)
             runner.piecewise = piecewise
-            if "piecewise_ms" in row:
-                row["piecewise_vs_eager"] = round(row["piecewise_ms"] / row["eager_ms"], 3)
+            if piecewise is not None:
+                piecewise.full_graphs = whole
+            for mode in ("whole", "piecewise"):
+                if f"{mode}_ms" in row:
+                    row[f"{mode}_vs_eager"] = round(row[f"{mode}_ms"] / row["eager_ms"], 3)
             print(row, flush=True)
             rows.append(row)
     return rows

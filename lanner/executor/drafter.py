@@ -358,10 +358,8 @@ class FirstPassGraphs(SizeLadder):
       verify steps); each row attends as a decode row, so the captured decode kernel serves any
       mix of positions;
     - prefill (keyed by token count, up to DRAFT_PREFILL_GRAPH_MAX_TOKENS): prompt chunks, with
-      the prefill kernel inside the graph. Its grid is fixed at capture for the most sequences
-      and the longest query a step of that many tokens can have (min(size, max_seqs) sequences,
-      a query of `size`): the real batch's lengths are read from the planned buffers, whose
-      padded tail repeats the last cumulative length (empty sequences);
+      the prefill kernel inside the graph, its grid planned for any step of that many tokens
+      (`graph_tokens`, kernels/attention/prefill.py);
     - KV fill (decode rows, keyed by row count): steps after which nobody drafts (all paused),
       where the pass only writes the draft's KV (`fill_kv`: a head's k and v projections alone).
 
@@ -382,7 +380,10 @@ class FirstPassGraphs(SizeLadder):
         b = self.buffers
         batch = ForwardBatch(b.ids[:size], b.positions[:size], b.slots[:size], query_lens, seq_lens,
                              tables, b.positions[:0], sum(query_lens), device_seq_lens=device_seq_lens)
-        self.drafter.backend.plan(batch, num_padded_seqs=min(size, self.max_seqs) if self.prefill else size)
+        if self.prefill:
+            self.drafter.backend.plan(batch, graph_tokens=size)
+        else:
+            self.drafter.backend.plan(batch, num_padded_seqs=size)
 
     @torch.inference_mode()
     def capture(self) -> CaptureReport:

@@ -186,7 +186,9 @@ class ModelRunner:
         if gc.piecewise_graphs or (gc.piecewise_graphs is None and cuda_graphs):
             self.piecewise_token_sizes = piecewise_sizes(min(gc.piecewise_max_tokens, sched.max_num_batched_tokens),
                                                          gc.piecewise_sizes)
-            self.piecewise = PiecewiseGraphs(self.model, self.piecewise_token_sizes, dtype, device)
+            full = gc.prefill_graph_max_tokens if self._backend_kind() == "triton" else 0
+            self.piecewise = PiecewiseGraphs(self.model, self.piecewise_token_sizes, dtype, device,
+                                             full_max_tokens=full)
             if cuda_graphs:
                 self.piecewise.capture(self.input_ids, self.positions)
         pieces_bytes = 0
@@ -217,6 +219,8 @@ class ModelRunner:
                                   min(self.max_decode_rows, max(sched.max_num_seqs, MAX_VERIFY_GRAPH_ROWS)))
         self.graphs = DecodeGraphs(self, rows)
         self.graphs.capture()
+        if self.piecewise is not None:
+            self.piecewise.capture_full(self.input_ids, self.positions, self.slot_mapping, self.backend)
         if self.drafter is not None:
             self.drafter.capture(sizes, rows, draft_prefill_sizes, self.max_model_len, sched.max_num_seqs,
                                  self.input_ids)
@@ -234,13 +238,18 @@ class ModelRunner:
         """The MoE layers' routing record ([tokens, MoE layers, top_k]), when the engine keeps one."""
         return None if self.moe is None else self.moe.routing
 
-    def _make_backend(self, kv_caches, num_heads: int | None = None, max_rows: int | None = None):
+    def _backend_kind(self) -> str:
         choice = self.config.graphs.attention_backend
-        if choice == "triton" or (choice == "auto" and self.device.type == "cuda"):
+        return "triton" if choice == "triton" or (choice == "auto" and self.device.type == "cuda") else "torch"
+
+    def _make_backend(self, kv_caches, num_heads: int | None = None, max_rows: int | None = None):
+        if self._backend_kind() == "triton":
             from lanner.layers.attention.triton_backend import TritonAttentionBackend
 
+            # a draft LM's steps read one more token per request than the target's
             return TritonAttentionBackend(kv_caches, self.block_size, max_rows or self.max_decode_rows,
-                                          self.max_model_len, num_heads or self.model.spec.num_heads)
+                                          self.max_model_len, num_heads or self.model.spec.num_heads,
+                                          self.max_tokens + self.config.scheduler.max_num_seqs)
         from lanner.layers.attention.torch_backend import TorchAttentionBackend
 
         return TorchAttentionBackend(kv_caches, self.block_size)

@@ -1,4 +1,5 @@
-"""Piecewise CUDA graphs for prefill, mixed and (later) verify steps.
+"""CUDA graphs for prefill, mixed and large verify steps: whole-forward graphs for
+the smaller token counts, piecewise graphs for all.
 
 The model's forward is split at its attention calls into L + 1 pieces
 (`run_piece`): everything between two attentions (o_proj, norms, MLP, the next
@@ -13,6 +14,16 @@ attention output rows of padding are zeroed once per step and no attention
 kernel writes them, so they stay zero through every layer. The real token
 count is also on the device (`ForwardBatch.num_real_tokens_device`) for kernels
 inside graphs that must skip padding (MoE routing).
+
+Whole-forward graphs: up to `prefill_graph_max_tokens`, each size also gets one
+graph of the entire forward, the attention kernels included (`capture_full`),
+replayed by steps with prompt tokens. The prefill kernel walks a tile table in
+the backend's buffers, and its captured grid is the most tiles any step of that
+token count can have (unused entries do nothing), so one graph serves every mix
+of sequences; a step's host work is the plan's copies and one launch instead of
+two Triton launches a layer. Decode-only steps that reach these graphs (verify
+steps over the decode graphs' rows) keep the pieces and the decode kernel, which
+reads a GQA group's keys once.
 
 Steps over the largest size run the same pieces eagerly, unpadded, with
 buffers of their own size (one warning). On the CPU there are no graphs: the
@@ -29,6 +40,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lanner.core.batch import ForwardBatch
 from lanner.executor.graphs import SizeLadder
 from lanner.layers.attention import forward_context
 from lanner.models.llama import PieceBuffers
@@ -59,7 +71,8 @@ class PiecewiseReport:
 
 
 class PiecewiseGraphs(SizeLadder):
-    def __init__(self, model, sizes: list[int], dtype: torch.dtype, device: torch.device, role: str = "target"):
+    def __init__(self, model, sizes: list[int], dtype: torch.dtype, device: torch.device, role: str = "target",
+                 full_max_tokens: int = 0):
         super().__init__(sizes)
         self.model = model
         self.role = role
@@ -67,10 +80,16 @@ class PiecewiseGraphs(SizeLadder):
         self.dtype = dtype
         self.bufs = PieceBuffers.allocate(model.spec, self.max_size, dtype, device)
         self.graphs: dict[int, list[torch.cuda.CUDAGraph]] = {}
+        self.full_sizes = [s for s in sizes if s <= full_max_tokens]
+        self.full_graphs: dict[int, torch.cuda.CUDAGraph] = {}  # size -> the whole forward
+        self.pool = None
+        self.full_capture_s = 0.0
+        self.full_pool_growth = 0  # bytes the whole-forward captures added to the pool (reserved memory)
         self.report: PiecewiseReport | None = None
         self._warned_oversize = False
         self.num_graph_steps = 0  # steps that replayed graphs
         self.num_eager_steps = 0  # steps that ran the pieces eagerly (no graph of their size)
+        self.num_full_graph_steps = 0  # steps that replayed a whole-forward graph
 
     @torch.inference_mode()
     def capture(self, input_ids: torch.Tensor, positions: torch.Tensor) -> PiecewiseReport:
@@ -100,6 +119,7 @@ class PiecewiseGraphs(SizeLadder):
                 pool = graph.pool() if pool is None else pool
                 graphs.append(graph)
             self.graphs[size] = graphs
+        self.pool = pool
         torch.cuda.synchronize(self.device)
         self.report = PiecewiseReport(self.role, self.sizes, model.num_pieces, warmup_s,
                                       time.perf_counter() - start - warmup_s,
@@ -108,6 +128,41 @@ class PiecewiseGraphs(SizeLadder):
                     "%.0f MiB", len(self.sizes), model.num_pieces, self.role, self.sizes[0], largest, warmup_s,
                     self.report.capture_s, self.report.pool_bytes / 2**20)
         return self.report
+
+    @torch.inference_mode()
+    def capture_full(self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
+                     backend) -> None:
+        """The whole-forward graphs, largest first, into the pieces' pool (call after `capture`, once the
+        backend and its KV cache exist). The runner's static inputs are the graphs' inputs; the warm-up
+        and the captures plan one empty sequence (no keys, no KV writes)."""
+        if not self.full_sizes:
+            return
+        start, before = time.perf_counter(), torch.cuda.memory_reserved(self.device)
+        slot_mapping[:self.full_sizes[-1]].fill_(-1)
+        for i, size in enumerate(reversed(self.full_sizes)):
+            batch = ForwardBatch(input_ids[:size], positions[:size], slot_mapping[:size], [size], [0], [[]],
+                                 input_ids[:0], size)
+            backend.plan(batch, graph_tokens=size)
+            bufs = self.bufs.rows(size)
+            with forward_context(backend):
+                if i == 0:  # compiles the attention kernels outside any capture
+                    self.model.forward_pieces(batch.input_ids, batch.positions, bufs)
+                    torch.cuda.synchronize(self.device)
+                graph = torch.cuda.CUDAGraph()
+                try:
+                    with torch.cuda.graph(graph, pool=self.pool):
+                        self.model.forward_pieces(batch.input_ids, batch.positions, bufs)
+                except Exception as e:
+                    raise RuntimeError(f"whole-forward CUDA graph capture failed ({self.role} model, {size} "
+                                       f"tokens): {e}") from e
+            self.full_graphs[size] = graph
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()  # the warm-up's activations
+        self.full_capture_s = time.perf_counter() - start
+        self.full_pool_growth = torch.cuda.memory_reserved(self.device) - before
+        logger.info("captured %d whole-forward graphs (%s model, %d..%d tokens) in %.1f s, %.0f MiB more reserved",
+                    len(self.full_sizes), self.role, self.full_sizes[0], self.full_sizes[-1], self.full_capture_s,
+                    self.full_pool_growth / 2**20)
 
     def forward(self, batch, backend) -> torch.Tensor:
         """Hidden states [T_padded, hidden] of a staged batch whose input rows were padded to
@@ -123,6 +178,12 @@ class PiecewiseGraphs(SizeLadder):
         else:
             bufs = self.bufs.rows(size)
         bufs.attn_out[real:].zero_()  # padding rows: no attention kernel writes them
+        full = None if batch.is_decode_only else self.full_graphs.get(size)
+        if full is not None:
+            backend.plan(batch, graph_tokens=size)
+            full.replay()
+            self.num_full_graph_steps += 1
+            return bufs.hidden
         graphs = self.graphs.get(size)
         run_piece = None if graphs is None else (lambda j: graphs[j].replay())
         if graphs is None:

@@ -1,6 +1,6 @@
-"""Piecewise CUDA graphs on the GPU: identical greedy outputs with and without them on
-mixed workloads, padding rows zeroed, the oversized-step fallback, no host syncs in a
-piecewise step, capture failures reported with size and piece."""
+"""Piecewise and whole-forward CUDA graphs on the GPU: identical greedy outputs with and
+without them on mixed workloads, padding rows zeroed, the oversized-step fallback, no host
+syncs in a graphed step, capture failures reported with size and piece."""
 from __future__ import annotations
 
 import gc
@@ -29,18 +29,26 @@ def release_memory():
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-def test_greedy_outputs_identical_with_and_without_piecewise(dtype):
+@pytest.mark.parametrize("whole", [0, 512], ids=["pieces", "whole-forward"])
+def test_greedy_outputs_identical_with_and_without_graphs(dtype, whole):
+    """Prompt and mixed steps through the piecewise graphs (whole=0) or the whole-forward graphs
+    (every step up to 512 tokens): the outputs of the eager forward, bit for bit."""
     prompts = mixed_prompts()
     eager = LLM(dtype=dtype, gpu_memory_utilization=0.3, piecewise_graphs=False, max_num_batched_tokens=512)
     assert eager.engine.runner.piecewise is None
     want = run(eager, prompts[:4]) + run(eager, prompts[4:])  # the second call hits the prefix cache
     del eager
     release_memory()
-    llm = LLM(dtype=dtype, gpu_memory_utilization=0.3, max_num_batched_tokens=512)
+    llm = LLM(dtype=dtype, gpu_memory_utilization=0.3, max_num_batched_tokens=512, prefill_graph_max_tokens=whole)
     pw = llm.engine.runner.piecewise
     assert pw is not None and pw.report.sizes[-1] == 512 and pw.report.num_pieces == pw.model.num_pieces
+    assert sorted(pw.full_graphs) == pw.full_sizes == ([] if whole == 0 else pw.sizes)
     got = run(llm, prompts[:4]) + run(llm, prompts[4:])
-    assert pw.num_graph_steps > 0 and pw.num_eager_steps == 0
+    assert pw.num_eager_steps == 0
+    if whole:
+        assert pw.num_full_graph_steps > 0 and pw.num_graph_steps == 0
+    else:
+        assert pw.num_graph_steps > 0 and pw.num_full_graph_steps == 0
     assert llm.engine.kv_cache.stats().prefix_hits > 0
     assert got == want
 
@@ -51,17 +59,22 @@ def test_padding_rows_are_zero_and_oversized_steps_fall_back():
     want = run(want_llm, prompts)
     del want_llm
     release_memory()
-    llm = LLM(dtype="float32", gpu_memory_utilization=0.3, max_num_batched_tokens=256, piecewise_max_tokens=100)
+    llm = LLM(dtype="float32", gpu_memory_utilization=0.3, max_num_batched_tokens=256, piecewise_max_tokens=100,
+              prefill_graph_max_tokens=48)
     pw = llm.engine.runner.piecewise
-    assert pw.max_size == 100
+    assert pw.max_size == 100 and pw.full_sizes[-1] == 48
     assert run(llm, prompts) == want
     assert pw.num_eager_steps > 0  # steps of 256 tokens are over the largest graph (100)
-    # one more step of 37 tokens: padded to 48 rows, whose attention rows stay zero
-    llm.engine.add_request("pad", list(range(3, 40)), SamplingParams(temperature=0, max_tokens=1))
-    llm.engine.step()
-    assert pw.num_graph_steps == 1
-    rows = pw.bufs.attn_out[37:48]
-    assert torch.equal(rows, torch.zeros_like(rows))
+    # steps of 37 and 57 tokens: padded to 48 and 64 rows (a whole-forward graph, pieces), whose
+    # attention rows stay zero
+    for n, whole, pieces in ((37, 1, 0), (57, 0, 1)):
+        before = pw.num_full_graph_steps, pw.num_graph_steps
+        prompt = list(range(50 * n, 51 * n))  # no prefix shared with anything before
+        llm.engine.add_request(f"pad{n}", prompt, SamplingParams(temperature=0, max_tokens=1))
+        llm.engine.step()
+        assert (pw.num_full_graph_steps - before[0], pw.num_graph_steps - before[1]) == (whole, pieces)
+        rows = pw.bufs.attn_out[n:pw.padded_size(n)]
+        assert rows.shape[0] > 0 and torch.equal(rows, torch.zeros_like(rows))
 
 
 def test_no_host_sync_in_a_piecewise_step():
@@ -79,6 +92,9 @@ def test_no_host_sync_in_a_piecewise_step():
 
     runner.launch = strict_launch
     run(llm, mixed_prompts(6, seed=2))
+    assert runner.piecewise.num_full_graph_steps > 0
+    runner.piecewise.full_graphs.clear()  # the pieces, with attention between them
+    run(llm, mixed_prompts(6, seed=3))
     assert runner.piecewise.num_graph_steps > 0
 
 

@@ -1,9 +1,17 @@
 """Paged prefill/extend attention: each sequence computes `q_len` new tokens on
 top of `seq_len - q_len` tokens already in the cache (a prefix hit or earlier
 chunks). The new tokens' K/V are stored first, so keys come from the cache
-alone; query i (at position prefix + i) sees keys 0 ..= prefix + i."""
+alone; query i (at position prefix + i) sees keys 0 ..= prefix + i.
+
+Programs walk a tile table planned on the host, one (sequence, query tile) entry
+each, heaviest first; the table's first row holds its length. The grid is a number
+of programs that each take every P-th tile: for a step, its tiles (capped); for a
+CUDA graph, what its token count can need (`prefill_programs`). One graph then
+serves any mix of sequences, and the captured grid has no program per possible
+tile (most of which would be empty)."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -25,23 +33,73 @@ def load_kv_tile(k_cache_ptr, v_cache_ptr, table_ptr, n, n_ok, kv_head, d, strid
     return k, v
 
 
+def prefill_block_m(head_dim: int) -> int:
+    """Query rows of one tile."""
+    return 64 if head_dim <= 128 else 32
+
+
+def prefill_tile_bound(num_tokens: int, max_seqs: int, head_dim: int) -> int:
+    """The most tiles a step of `num_tokens` query tokens in at most `max_seqs` sequences has."""
+    return -(-num_tokens // prefill_block_m(head_dim)) + min(num_tokens, max_seqs)
+
+
+def prefill_programs(num_tokens: int, num_tiles: int, num_heads: int, head_dim: int, num_sms: int) -> int:
+    """Programs a head for a step of `num_tokens` query tokens and up to `num_tiles` tiles: one per
+    tile of a single long prompt, plus enough to keep the GPU busy (four a multiprocessor over the
+    heads) when many short queries (decode rows of a mixed step) add tiles of their own."""
+    return max(1, min(num_tiles, -(-num_tokens // prefill_block_m(head_dim)) + -(-4 * num_sms // num_heads)))
+
+
+def prefill_tiles(query_lens, seq_lens, head_dim: int, capacity: int | None = None) -> np.ndarray:
+    """The tile table [1 + capacity, 2] (int32): row 0 is (number of tiles, 0); then (sequence,
+    query tile) of every tile, by keys to read, most first (the programs take them in turns);
+    `capacity` (default: the tiles) leaves rows unused."""
+    block_m = prefill_block_m(head_dim)
+    q, s = np.asarray(query_lens, dtype=np.int64), np.asarray(seq_lens, dtype=np.int64)
+    per_seq = -(-q // block_m)
+    total = int(per_seq.sum())
+    capacity = total if capacity is None else capacity
+    if total > capacity:
+        raise ValueError(f"{total} prefill tiles do not fit a table of {capacity}")
+    seq = np.repeat(np.arange(len(q)), per_seq)
+    m_block = np.arange(total) - np.repeat(np.cumsum(per_seq) - per_seq, per_seq)
+    keys = np.minimum(s[seq], (s - q)[seq] + (m_block + 1) * block_m)
+    order = np.argsort(-keys, kind="stable")
+    tiles = np.zeros((1 + capacity, 2), dtype=np.int32)
+    tiles[0, 0] = total
+    tiles[1:1 + total, 0] = seq[order]
+    tiles[1:1 + total, 1] = m_block[order]
+    return tiles
+
+
 @triton.jit
 def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr, seq_lens_ptr, query_start_ptr,
-                    scale, stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_ks, stride_kh, stride_bt,
-                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
-    m_block = tl.program_id(0)
-    seq = tl.program_id(1)
-    head = tl.program_id(2)
+                    tiles_ptr, scale, stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_ks, stride_kh,
+                    stride_bt, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    head = tl.program_id(1)
     kv_head = head // GROUP
-    q_start = tl.load(query_start_ptr + seq)
-    q_len = tl.load(query_start_ptr + seq + 1) - q_start
-    seq_len = tl.load(seq_lens_ptr + seq)
-    prefix = seq_len - q_len
+    d = tl.arange(0, HEAD_DIM)
+    for tile in range(tl.program_id(0), tl.load(tiles_ptr), tl.num_programs(0)):
+        seq = tl.load(tiles_ptr + 2 + 2 * tile)
+        m_block = tl.load(tiles_ptr + 3 + 2 * tile)
+        _prefill_tile(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr + seq * stride_bt,
+                      tl.load(seq_lens_ptr + seq), tl.load(query_start_ptr + seq),
+                      tl.load(query_start_ptr + seq + 1), m_block, head, kv_head, d, scale, stride_qt, stride_qh,
+                      stride_ot, stride_oh, stride_kb, stride_ks, stride_kh, HEAD_DIM, PAGE, BLOCK_M, BLOCK_N,
+                      PRECISION)
 
+
+@triton.jit
+def _prefill_tile(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, table_ptr, seq_len, q_start, q_end, m_block, head,
+                  kv_head, d, scale, stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_ks, stride_kh,
+                  HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  PRECISION: tl.constexpr):
+    """One query tile of one head: flash attention over the keys its queries may see."""
+    q_len = q_end - q_start
+    prefix = seq_len - q_len
     m_idx = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = m_idx < q_len
-    d = tl.arange(0, HEAD_DIM)
     q = tl.load(q_ptr + (q_start + m_idx)[:, None] * stride_qt + head * stride_qh + d[None, :],
                 mask=m_ok[:, None], other=0.0)
     query_pos = prefix + m_idx
@@ -50,11 +108,10 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr, 
     l = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     end = tl.minimum(seq_len, prefix + (m_block + 1) * BLOCK_M)  # keys past the tile's last query are masked
-    end = tl.where(m_block * BLOCK_M < q_len, end, 0)
     for n0 in range(0, end, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         n_ok = n < end
-        k, v = load_kv_tile(k_cache_ptr, v_cache_ptr, block_tables_ptr + seq * stride_bt, n, n_ok, kv_head, d,
+        k, v = load_kv_tile(k_cache_ptr, v_cache_ptr, table_ptr, n, n_ok, kv_head, d,
                             stride_kb, stride_ks, stride_kh, PAGE)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
         s = tl.where(n_ok[None, :] & (n[None, :] <= query_pos[:, None]), s, float("-inf"))
@@ -71,19 +128,21 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr, 
 
 
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                      seq_lens: torch.Tensor, query_start: torch.Tensor, max_query_len: int, scale: float,
-                      out: torch.Tensor | None = None) -> torch.Tensor:
+                      seq_lens: torch.Tensor, query_start: torch.Tensor, tiles: torch.Tensor, scale: float,
+                      out: torch.Tensor | None = None, num_programs: int | None = None) -> torch.Tensor:
     """q: [T, heads, dim], tokens of sequence i at query_start[i]:query_start[i+1];
-    seq_lens: [B] context length after this step; block_tables: [B, max_blocks] int32."""
+    seq_lens: [B] context length after this step; block_tables: [B, max_blocks] int32;
+    tiles: a table from `prefill_tiles`, contiguous, on q's device; `num_programs` a head
+    (default: one per tile)."""
     T, H, D = q.shape
     _, page, kv_heads, _ = k_cache.shape
-    B = seq_lens.shape[0]
     out = torch.empty_like(q) if out is None else out
-    block_m = 64 if D <= 128 else 32
-    grid = (triton.cdiv(max(max_query_len, 1), block_m), B, H)
-    _prefill_kernel[grid](q, k_cache, v_cache, out, block_tables, seq_lens, query_start, scale,
-                          q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_cache.stride(0),
-                          k_cache.stride(1), k_cache.stride(2), block_tables.stride(0), GROUP=H // kv_heads,
-                          HEAD_DIM=D, PAGE=page, BLOCK_M=block_m, BLOCK_N=32 if D > 128 else 64,
-                          PRECISION=dot_precision(q), num_warps=4, num_stages=2)
+    num_programs = tiles.shape[0] - 1 if num_programs is None else num_programs
+    if num_programs:
+        _prefill_kernel[(num_programs, H)](
+            q, k_cache, v_cache, out, block_tables, seq_lens, query_start, tiles, scale, q.stride(0), q.stride(1),
+            out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            block_tables.stride(0), GROUP=H // kv_heads, HEAD_DIM=D, PAGE=page,
+            BLOCK_M=prefill_block_m(D), BLOCK_N=32 if D > 128 else 64, PRECISION=dot_precision(q), num_warps=4,
+            num_stages=2)
     return out

@@ -28,9 +28,10 @@ class AttentionBackend(ABC):
         self.block_size = block_size
 
     @abstractmethod
-    def plan(self, batch: ForwardBatch, num_padded_seqs: int | None = None) -> None:
+    def plan(self, batch: ForwardBatch, num_padded_seqs: int | None = None, graph_tokens: int | None = None) -> None:
         """Prepare the metadata of one step (host side, once per step); `num_padded_seqs` > num_seqs
-        adds empty sequences for a CUDA graph's padding rows."""
+        adds empty sequences for a CUDA graph's padding rows; `graph_tokens`: the step replays a graph
+        of the whole forward captured for that many tokens (executor/piecewise.py)."""
 
     @abstractmethod
     def plan_decode(self, block_tables: list[list[int]]) -> None:

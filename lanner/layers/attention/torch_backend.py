@@ -10,8 +10,9 @@ from lanner.layers.attention.backend import AttentionBackend
 
 
 class TorchAttentionBackend(AttentionBackend):
-    def plan(self, batch: ForwardBatch, num_padded_seqs: int | None = None) -> None:
-        """Rows past the planned sequences (a graph's padding) attend to nothing: their output is zero."""
+    def plan(self, batch: ForwardBatch, num_padded_seqs: int | None = None, graph_tokens: int | None = None) -> None:
+        """Rows past the planned sequences (a graph's padding) attend to nothing: their output is zero.
+        This backend's work has no grid that a graph fixes: `graph_tokens` changes nothing."""
         device = batch.input_ids.device
         self.slot_mapping = batch.slot_mapping
         self.seqs: list[tuple[int, int, torch.Tensor]] = []  # (first token, query length, context slots)

@@ -12,14 +12,16 @@ import torch
 
 from lanner.core.batch import ForwardBatch
 from lanner.kernels.attention.decode import decode_attention, num_decode_splits
-from lanner.kernels.attention.prefill import prefill_attention
+from lanner.kernels.attention.prefill import prefill_attention, prefill_programs, prefill_tile_bound, prefill_tiles
 from lanner.kernels.attention.store_kv import store_kv
 from lanner.layers.attention.backend import AttentionBackend
 
 
 class TritonAttentionBackend(AttentionBackend):
-    def __init__(self, kv_caches, block_size: int, max_rows: int, max_model_len: int, num_heads: int):
-        """`max_rows`: the most sequences a plan holds (a verify step's rows each count as one)."""
+    def __init__(self, kv_caches, block_size: int, max_rows: int, max_model_len: int, num_heads: int,
+                 max_tokens: int):
+        """`max_rows`: the most sequences a plan holds (a verify step's rows each count as one);
+        `max_tokens`: the most query tokens."""
         super().__init__(kv_caches, block_size)
         device = kv_caches[0][0].device
         self.max_model_len = max_model_len
@@ -31,13 +33,18 @@ class TritonAttentionBackend(AttentionBackend):
         self.block_tables = torch.zeros(max_rows, width, dtype=torch.int32, device=device)
         self.seq_lens = torch.zeros(max_rows, dtype=torch.int32, device=device)
         self.query_start = torch.zeros(max_rows + 1, dtype=torch.int32, device=device)
+        self.max_rows = max_rows
+        self.tiles = torch.zeros(1 + prefill_tile_bound(max_tokens, max_rows, self.head_dim), 2, dtype=torch.int32,
+                                 device=device)
         # split-K partials of the largest (rows x splits) any plan can ask for
         parts = max(r * self._splits(r) for r in range(1, max_rows + 1))
         self.workspace = (torch.empty(parts * num_heads * self.head_dim, dtype=torch.float32, device=device),
                           torch.empty(parts * num_heads, dtype=torch.float32, device=device))
 
-    def plan(self, batch: ForwardBatch, num_padded_seqs: int | None = None) -> None:
-        """`num_padded_seqs` > num_seqs adds empty sequences (length 0) for a CUDA graph's padding rows."""
+    def plan(self, batch: ForwardBatch, num_padded_seqs: int | None = None, graph_tokens: int | None = None) -> None:
+        """`num_padded_seqs` > num_seqs adds empty sequences (length 0) for a CUDA graph's padding rows.
+        `graph_tokens`: the plan is for a CUDA graph that runs the prefill kernel on steps of this many
+        (padded) tokens, so the kernel's grid is what any such step needs (kernels/attention/prefill.py)."""
         n = batch.num_seqs
         rows = num_padded_seqs or n
         self._copy_block_tables(batch.block_tables)
@@ -53,16 +60,20 @@ class TritonAttentionBackend(AttentionBackend):
             self.seq_lens[:n].copy_(batch.device_seq_lens)
         self.rows = rows
         self.slot_mapping = batch.slot_mapping
-        self.decode_only = batch.is_decode_only
-        self.max_query_len = max(batch.query_lens, default=1)
+        self.decode_only = batch.is_decode_only and graph_tokens is None
         self.num_splits = self._splits(rows)
+        if not self.decode_only:
+            tiles = torch.from_numpy(prefill_tiles(batch.query_lens, batch.seq_lens, self.head_dim))
+            self.tiles[:tiles.shape[0]].copy_(tiles.pin_memory() if self.tiles.is_cuda else tiles, non_blocking=True)
+            tokens, most = (batch.num_real_tokens, tiles.shape[0] - 1) if graph_tokens is None else \
+                (graph_tokens, prefill_tile_bound(graph_tokens, self.max_rows, self.head_dim))
+            self.num_prefill_programs = prefill_programs(tokens, most, self.num_heads, self.head_dim, self.num_sms)
 
     def plan_decode(self, block_tables):
         n = len(block_tables)
         self._copy_block_tables(block_tables)
         self.rows = n
         self.decode_only = True
-        self.max_query_len = 1
         self.num_splits = self._splits(n)
 
     def _splits(self, rows: int) -> int:
@@ -95,4 +106,5 @@ class TritonAttentionBackend(AttentionBackend):
                                     scale, self.num_splits, out=None if out is None else out[:rows],
                                     workspace=self.workspace)
         return prefill_attention(q, k_cache, v_cache, self.block_tables[:rows], self.seq_lens[:rows],
-                                 self.query_start[:rows + 1], self.max_query_len, scale, out=out)
+                                 self.query_start[:rows + 1], self.tiles, scale, out=out,
+                                 num_programs=self.num_prefill_programs)
