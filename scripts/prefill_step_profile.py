@@ -14,6 +14,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from lanner import LLM
 from lanner.bench.breakdown import kernel_times
+from lanner.layers.attention import forward_context
 from lanner.core.request import SamplingParams
 
 
@@ -26,6 +27,32 @@ def one_step(engine, tokens: int, seed: int) -> float:
     engine.step()
     torch.cuda.synchronize()
     return time.perf_counter() - start
+
+
+def forward_gpu_ms(engine, tokens: int, mode: str) -> float:
+    """GPU time (CUDA events, no profiler) of the model forward alone, replayed on the last step's
+    plan: the whole-forward graph, or the pieces with attention launched between them."""
+    runner = engine.runner
+    pw = runner.piecewise
+    size = pw.padded_size(tokens)
+    if mode == "whole":
+        forward = pw.full_graphs[size].replay
+    else:
+        graphs = pw.graphs[size]
+
+        def forward():
+            with forward_context(runner.backend):
+                runner.model.forward_pieces(runner.input_ids[:size], runner.positions[:size], pw.bufs.rows(size),
+                                            lambda j: graphs[j].replay())
+    for _ in range(3):
+        forward()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(20):
+        forward()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 20
 
 
 def main() -> None:
@@ -56,6 +83,7 @@ def main() -> None:
         report[mode] = {"wall_ms_median": round(wall[len(wall) // 2] * 1e3, 3), "wall_ms_min": round(wall[0] * 1e3, 3),
                         "gpu_ms_per_step": round(sum(kernels["kernels_ms"].values()), 3), **kernels,
                         "cpu_ms_per_step_top (name, ms, calls)": top_cpu}
+        report[mode]["forward_gpu_ms_events"] = round(forward_gpu_ms(engine, args.tokens, mode), 3)
         print(mode, json.dumps(report[mode], indent=1), flush=True)
     pw.full_graphs = whole
     os.makedirs(args.out, exist_ok=True)

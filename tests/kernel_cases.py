@@ -25,8 +25,12 @@ def paged_problem(seq_lens: list[int], q_lens: list[int], heads: int, kv_heads: 
             query_start.to(device))
 
 
-def tile_table(q_lens: list[int], seq_lens: list[int], head_dim: int, device, capacity: int | None = None):
-    """The prefill kernel's tile table for these sequences (with unused rows up to `capacity`)."""
-    from lanner.kernels.attention.prefill import prefill_tiles
+def tile_table(q_lens: list[int], seq_lens: list[int], q: torch.Tensor, k_cache: torch.Tensor,
+               capacity: int | None = None, tile: tuple | None = None) -> torch.Tensor:
+    """The prefill kernel's tile table for these sequences, planned for `tile` (default: the
+    kernel's default for q's tokens), with unused rows up to `capacity`."""
+    from lanner.kernels.attention.prefill import prefill_tile, prefill_tiles, tile_positions
 
-    return torch.from_numpy(prefill_tiles(q_lens, seq_lens, head_dim, capacity)).to(device)
+    group = q.shape[1] // k_cache.shape[2]
+    tile = tile or prefill_tile(q.shape[2], group, q.shape[0])
+    return torch.from_numpy(prefill_tiles(q_lens, seq_lens, tile_positions(tile, group), capacity)).to(q.device)

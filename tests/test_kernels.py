@@ -53,41 +53,59 @@ def test_decode_splits_follow_the_gpus_multiprocessor_count():
 ])
 def test_prefill_matches_reference(heads, kv_heads, dim, page, seq_lens, q_lens):
     q, kc, vc, bt, sl, qs = paged_problem(seq_lens, q_lens, heads, kv_heads, dim, page, torch.float32, DEV)
-    out = prefill_attention(q, kc, vc, bt, sl, qs, tile_table(q_lens, seq_lens, q.shape[-1], q.device), 0.25)
+    out = prefill_attention(q, kc, vc, bt, sl, qs, tile_table(q_lens, seq_lens, q, kc), 0.25)
     ref = prefill_attention_ref(q, kc, vc, bt, sl, qs, 0.25)
     torch.testing.assert_close(out, ref, atol=2e-3, rtol=2e-3)
 
 
 def test_prefill_tile_table_puts_the_heaviest_tiles_first_and_the_bound_holds():
-    from lanner.kernels.attention.prefill import prefill_programs, prefill_tile_bound, prefill_tiles
+    from lanner.kernels.attention.prefill import (
+        prefill_programs,
+        prefill_tile,
+        prefill_tile_bound,
+        prefill_tiles,
+        tile_positions,
+    )
 
-    # (sequence, query tile) by keys read: 130 new tokens (tiles of 64, 128, 130 keys), a decode row
+    # tiles of 64 positions, by keys read: 130 new tokens (tiles of 64, 128, 130 keys), a decode row
     # over 300 keys, a 64-token chunk after 10 cached
-    tiles = prefill_tiles([130, 1, 64], [130, 300, 74], 128)
+    tiles = prefill_tiles([130, 1, 64], [130, 300, 74], 64)
     assert tiles[0].tolist() == [5, 0]
     assert tiles[1:].tolist() == [[1, 0], [0, 2], [0, 1], [2, 0], [0, 0]]
-    assert prefill_tiles([3], [3], 256, capacity=3).shape == (4, 2)
+    assert prefill_tiles([3], [3], 2, capacity=3).shape == (4, 2)
     with pytest.raises(ValueError):
         prefill_tiles([65, 65], [65, 65], 64, capacity=3)
     # the bound holds for every split of a token count into at most max_seqs sequences
     for lens in ([512], [1] * 256 + [256], [65] * 7 + [57], [64] * 8, [1] * 512):
-        assert prefill_tiles(lens, lens, 128)[0, 0] <= prefill_tile_bound(sum(lens), 512, 128)
+        assert prefill_tiles(lens, lens, 32)[0, 0] <= prefill_tile_bound(sum(lens), 512, 32)
+    # a tile's rows are positions x the GQA group (padded to a power of two)
+    assert tile_positions(prefill_tile(128, 4, 512), 4) == 8 and tile_positions(prefill_tile(128, 3, 512), 3) == 8
+    assert tile_positions(prefill_tile(128, 4, 4096), 4) == 32
+    assert tile_positions(prefill_tile(128, 32, 512), 32) == 1  # wide groups widen the tile
     # a long prompt gets a program per tile; many short queries share programs
-    assert prefill_programs(8192, 128, 32, 128, 132) == 128  # a step of one prompt: its tiles
-    assert prefill_programs(8192, 128 + 256, 32, 128, 132) == 128 + 17  # a graph of 8192 tokens
-    assert prefill_programs(512, 8, 16, 128, 132) == 8
-    assert prefill_programs(512, 264, 16, 128, 132) == 8 + 33
+    assert prefill_programs(8192, 64, 8, 128, 132) == 64  # a step of one prompt: its tiles
+    assert prefill_programs(8192, 64 + 256, 8, 128, 132) == 64 + 66  # a graph of 8192 tokens
+    assert prefill_programs(512, 264, 8, 64, 132) == 8 + 66
 
 
-@pytest.mark.parametrize("programs", [1, 3, None])
-def test_prefill_with_fewer_programs_than_tiles_and_unused_rows_matches_the_reference(programs):
+@pytest.mark.parametrize("heads,kv_heads,programs,tile", [
+    (4, 2, 1, None), (4, 2, 3, None), (4, 2, None, None),
+    (4, 2, None, (16, 32, 4, 2)),  # 8 positions a tile
+    (4, 2, 2, (32, 128, 4, 2)),  # the default tiles of 129-1024 and of larger steps
+    (4, 2, None, (128, 128, 8, 2)),
+    (6, 2, 2, None),  # a group of 3 heads, padded to 4 rows a position
+    (4, 4, None, (16, 16, 4, 2)),  # no GQA
+])
+def test_prefill_with_fewer_programs_than_tiles_and_unused_rows_matches_the_reference(heads, kv_heads, programs,
+                                                                                       tile):
     """A whole-forward CUDA graph captures the kernel with a table of unused rows and fewer
-    programs a head than tiles: each program takes every P-th tile, and the output is the same."""
+    programs than tiles: each program takes every P-th tile, and the output is the same, for any
+    tile shape and GQA group."""
     seq_lens, q_lens = [30, 9, 70], [30, 2, 66]
-    q, kc, vc, bt, sl, qs = paged_problem(seq_lens, q_lens, 4, 2, 32, 16, torch.float32, DEV)
+    q, kc, vc, bt, sl, qs = paged_problem(seq_lens, q_lens, heads, kv_heads, 32, 16, torch.float32, DEV)
     want = prefill_attention_ref(q, kc, vc, bt, sl, qs, 0.25)
-    got = prefill_attention(q, kc, vc, bt, sl, qs, tile_table(q_lens, seq_lens, 32, DEV, capacity=12), 0.25,
-                            num_programs=programs)
+    got = prefill_attention(q, kc, vc, bt, sl, qs, tile_table(q_lens, seq_lens, q, kc, capacity=40, tile=tile), 0.25,
+                            num_programs=programs, tile=tile)
     torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3)
 
 

@@ -105,19 +105,21 @@ def test_a_padded_verify_plan_repeats_the_last_length_and_pads_with_empty_rows()
     assert backend.query_start[:9].tolist() == [0, 1, 2, 3, 4, 5, 6, 6, 6]
     assert backend.block_tables[:6, :3].tolist() == [[3, 1, 0]] * 3 + [[0, 2, 5]] * 3
     assert backend.decode_only and backend.rows == 8
-    # a mixed batch: the longest query (two tiles of 64 rows) in the middle gets both its tiles
+    # a mixed batch: the longest query (nine tiles of 8 positions x 2 heads) in the middle gets all
+    # its tiles
     mixed = ForwardBatch(torch.zeros(75, dtype=torch.long), torch.zeros(75, dtype=torch.long),
                          torch.full((75,), -1), [2, 70, 3], [4, 72, 3], [[0], list(range(1, 19)), [4]],
                          torch.arange(3), 75)
     backend.plan(mixed)
     assert backend.query_start[:4].tolist() == [0, 2, 72, 75]
-    assert backend.tiles[:5].tolist() == [[4, 0], [1, 1], [1, 0], [0, 0], [2, 0]]  # count, then heaviest first
-    assert backend.num_prefill_programs == 4  # one a tile
-    # planned for a graph of 80 tokens: as many programs as any step of 80 tokens may need (2 for
-    # the tiles of one long prompt, 4 x 132 multiprocessors / 4 heads for short queries), up to the
-    # most tiles 80 tokens in up to 16 sequences have (2 + 16)
+    # the count, then tiles by keys, most first
+    assert backend.tiles[:12].tolist() == [[11, 0]] + [[1, b] for b in range(8, -1, -1)] + [[0, 0], [2, 0]]
+    assert backend.num_prefill_programs == 11  # one a tile
+    # planned for a graph of 80 tokens: as many programs as any step of 80 tokens may need (10 for
+    # the tiles of one long prompt, 4 x 132 multiprocessors / 2 KV heads for short queries), up to
+    # the most tiles 80 tokens in up to 16 sequences have (10 + 16)
     backend.plan(mixed, graph_tokens=80)
-    assert backend.num_prefill_programs == 18 and not backend.decode_only
+    assert backend.num_prefill_programs == 26 and not backend.decode_only
 
 
 def test_decode_rows_of_a_verify_batch_equal_causal_attention_and_padding_is_zero():
@@ -342,7 +344,7 @@ def eager_capture_ladder(self, setup, run, what):
             return {}
         if backend.decode_only:
             return {"decode_only": True, "rows": backend.rows, "num_splits": backend.num_splits}
-        return {"decode_only": False, "programs": backend.num_prefill_programs}
+        return {"decode_only": False, "programs": backend.num_prefill_programs, "tile": backend.prefill_tile}
 
     class Replayed:
         def __init__(self, size, out, at_capture):

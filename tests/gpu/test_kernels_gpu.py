@@ -48,7 +48,7 @@ PREFILL_CASES = [  # heads, kv_heads, dim, page, seq_lens, q_lens
 @pytest.mark.parametrize("heads,kv_heads,dim,page,seq_lens,q_lens", PREFILL_CASES)
 def test_prefill(heads, kv_heads, dim, page, seq_lens, q_lens, dtype):
     q, kc, vc, bt, sl, qs = paged_problem(seq_lens, q_lens, heads, kv_heads, dim, page, dtype, "cuda")
-    out = prefill_attention(q, kc, vc, bt, sl, qs, tile_table(q_lens, seq_lens, q.shape[-1], q.device), dim ** -0.5)
+    out = prefill_attention(q, kc, vc, bt, sl, qs, tile_table(q_lens, seq_lens, q, kc), dim ** -0.5)
     ref = prefill_attention_ref(q, kc, vc, bt, sl, qs, dim ** -0.5)
     torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
 

@@ -3,12 +3,14 @@ top of `seq_len - q_len` tokens already in the cache (a prefix hit or earlier
 chunks). The new tokens' K/V are stored first, so keys come from the cache
 alone; query i (at position prefix + i) sees keys 0 ..= prefix + i.
 
-Programs walk a tile table planned on the host, one (sequence, query tile) entry
-each, heaviest first; the table's first row holds its length. The grid is a number
-of programs that each take every P-th tile: for a step, its tiles (capped); for a
-CUDA graph, what its token count can need (`prefill_programs`). One graph then
-serves any mix of sequences, and the captured grid has no program per possible
-tile (most of which would be empty)."""
+A tile is a few query positions times the query heads of one KV head (GQA), so
+the keys and values it loads serve the whole group. Programs walk a tile table
+planned on the host, one (sequence, query tile) entry each, heaviest first; the
+table's first row holds its length. The grid is a number of programs that each
+take every P-th tile: for a step, its tiles (capped); for a CUDA graph, what its
+token count can need (`prefill_programs`). One graph then serves any mix of
+sequences, and the captured grid has no program per possible tile (most of which
+would be empty)."""
 from __future__ import annotations
 
 import numpy as np
@@ -33,81 +35,100 @@ def load_kv_tile(k_cache_ptr, v_cache_ptr, table_ptr, n, n_ok, kv_head, d, strid
     return k, v
 
 
-def prefill_block_m(head_dim: int) -> int:
-    """Query rows of one tile."""
-    return 64 if head_dim <= 128 else 32
+def prefill_tile(head_dim: int, group: int, num_tokens: int) -> tuple[int, int, int, int]:
+    """(rows, keys, warps, stages) of a tile for a step of `num_tokens` query tokens: a tile's rows
+    are query positions x the query heads of one KV head (`group`, padded to a power of two), so
+    the keys it loads serve the whole group. Chosen from scripts/prefill_probe.py on an H200 (prompts
+    of 64-8k tokens, and a 448-token chunk with 64 decode rows): small tiles while a step's keys are
+    few or its queries short, large ones for long prompts."""
+    if head_dim > 128:
+        rows, keys, warps = 64, 32, 4
+    elif num_tokens > 1024:
+        rows, keys, warps = 128, 128, 8
+    elif num_tokens > 128:
+        rows, keys, warps = 32, 128, 4
+    else:
+        rows, keys, warps = 16, 64, 4
+    return max(rows, 16, triton.next_power_of_2(group)), keys, warps, 2
 
 
-def prefill_tile_bound(num_tokens: int, max_seqs: int, head_dim: int) -> int:
-    """The most tiles a step of `num_tokens` query tokens in at most `max_seqs` sequences has."""
-    return -(-num_tokens // prefill_block_m(head_dim)) + min(num_tokens, max_seqs)
+def tile_positions(tile: tuple[int, int, int, int], group: int) -> int:
+    """Query positions a tile of `tile`'s rows holds for a GQA group of `group` heads."""
+    return tile[0] // triton.next_power_of_2(group)
 
 
-def prefill_programs(num_tokens: int, num_tiles: int, num_heads: int, head_dim: int, num_sms: int) -> int:
-    """Programs a head for a step of `num_tokens` query tokens and up to `num_tiles` tiles: one per
-    tile of a single long prompt, plus enough to keep the GPU busy (four a multiprocessor over the
-    heads) when many short queries (decode rows of a mixed step) add tiles of their own."""
-    return max(1, min(num_tiles, -(-num_tokens // prefill_block_m(head_dim)) + -(-4 * num_sms // num_heads)))
+def prefill_tile_bound(num_tokens: int, max_seqs: int, positions: int) -> int:
+    """The most tiles of `positions` query positions a step of `num_tokens` query tokens in at most
+    `max_seqs` sequences has."""
+    return -(-num_tokens // positions) + min(num_tokens, max_seqs)
 
 
-def prefill_tiles(query_lens, seq_lens, head_dim: int, capacity: int | None = None) -> np.ndarray:
+def prefill_programs(num_tokens: int, num_tiles: int, num_kv_heads: int, positions: int, num_sms: int) -> int:
+    """Programs a KV head for a step of `num_tokens` query tokens and up to `num_tiles` tiles: one
+    per tile of a single long prompt, plus enough to keep the GPU busy (four a multiprocessor over
+    the KV heads) when many short queries (decode rows of a mixed step) add tiles of their own."""
+    return max(1, min(num_tiles, -(-num_tokens // positions) + -(-4 * num_sms // num_kv_heads)))
+
+
+def prefill_tiles(query_lens, seq_lens, positions: int, capacity: int | None = None) -> np.ndarray:
     """The tile table [1 + capacity, 2] (int32): row 0 is (number of tiles, 0); then (sequence,
-    query tile) of every tile, by keys to read, most first (the programs take them in turns);
-    `capacity` (default: the tiles) leaves rows unused."""
-    block_m = prefill_block_m(head_dim)
+    query tile) of every tile of `positions` query positions, by keys to read, most first (the
+    programs take them in turns); `capacity` (default: the tiles) leaves rows unused."""
     q, s = np.asarray(query_lens, dtype=np.int64), np.asarray(seq_lens, dtype=np.int64)
-    per_seq = -(-q // block_m)
+    per_seq = -(-q // positions)
     total = int(per_seq.sum())
     capacity = total if capacity is None else capacity
     if total > capacity:
         raise ValueError(f"{total} prefill tiles do not fit a table of {capacity}")
     seq = np.repeat(np.arange(len(q)), per_seq)
-    m_block = np.arange(total) - np.repeat(np.cumsum(per_seq) - per_seq, per_seq)
-    keys = np.minimum(s[seq], (s - q)[seq] + (m_block + 1) * block_m)
+    block = np.arange(total) - np.repeat(np.cumsum(per_seq) - per_seq, per_seq)
+    keys = np.minimum(s[seq], (s - q)[seq] + (block + 1) * positions)
     order = np.argsort(-keys, kind="stable")
     tiles = np.zeros((1 + capacity, 2), dtype=np.int32)
     tiles[0, 0] = total
     tiles[1:1 + total, 0] = seq[order]
-    tiles[1:1 + total, 1] = m_block[order]
+    tiles[1:1 + total, 1] = block[order]
     return tiles
 
 
 @triton.jit
 def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr, seq_lens_ptr, query_start_ptr,
                     tiles_ptr, scale, stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_ks, stride_kh,
-                    stride_bt, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
-    head = tl.program_id(1)
-    kv_head = head // GROUP
+                    stride_bt, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+                    PAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    kv_head = tl.program_id(1)
     d = tl.arange(0, HEAD_DIM)
+    rows = tl.arange(0, BLOCK_M)
+    head = kv_head * GROUP + rows % GROUP_PAD  # row r: query position r // GROUP_PAD of head r % GROUP_PAD
+    head_ok = rows % GROUP_PAD < GROUP
     for tile in range(tl.program_id(0), tl.load(tiles_ptr), tl.num_programs(0)):
         seq = tl.load(tiles_ptr + 2 + 2 * tile)
-        m_block = tl.load(tiles_ptr + 3 + 2 * tile)
         _prefill_tile(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr + seq * stride_bt,
                       tl.load(seq_lens_ptr + seq), tl.load(query_start_ptr + seq),
-                      tl.load(query_start_ptr + seq + 1), m_block, head, kv_head, d, scale, stride_qt, stride_qh,
-                      stride_ot, stride_oh, stride_kb, stride_ks, stride_kh, HEAD_DIM, PAGE, BLOCK_M, BLOCK_N,
-                      PRECISION)
+                      tl.load(query_start_ptr + seq + 1), tl.load(tiles_ptr + 3 + 2 * tile), rows // GROUP_PAD,
+                      head, head_ok, kv_head, d, scale, stride_qt, stride_qh, stride_ot, stride_oh, stride_kb,
+                      stride_ks, stride_kh, HEAD_DIM, PAGE, BLOCK_M, BLOCK_N, BLOCK_M // GROUP_PAD, PRECISION)
 
 
 @triton.jit
-def _prefill_tile(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, table_ptr, seq_len, q_start, q_end, m_block, head,
-                  kv_head, d, scale, stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_ks, stride_kh,
-                  HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  PRECISION: tl.constexpr):
-    """One query tile of one head: flash attention over the keys its queries may see."""
+def _prefill_tile(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, table_ptr, seq_len, q_start, q_end, block, position,
+                  head, head_ok, kv_head, d, scale, stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_ks,
+                  stride_kh, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, POSITIONS: tl.constexpr, PRECISION: tl.constexpr):
+    """One tile (POSITIONS query positions x a KV head's query heads): flash attention over the keys
+    its queries may see."""
     q_len = q_end - q_start
     prefix = seq_len - q_len
-    m_idx = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_ok = m_idx < q_len
-    q = tl.load(q_ptr + (q_start + m_idx)[:, None] * stride_qt + head * stride_qh + d[None, :],
+    m_idx = block * POSITIONS + position
+    m_ok = (m_idx < q_len) & head_ok
+    q = tl.load(q_ptr + (q_start + m_idx)[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
                 mask=m_ok[:, None], other=0.0)
     query_pos = prefix + m_idx
 
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    end = tl.minimum(seq_len, prefix + (m_block + 1) * BLOCK_M)  # keys past the tile's last query are masked
+    end = tl.minimum(seq_len, prefix + (block + 1) * POSITIONS)  # keys past the tile's last query are masked
     for n0 in range(0, end, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         n_ok = n < end
@@ -123,26 +144,29 @@ def _prefill_tile(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, table_ptr, seq_len, 
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m = m_new
     out = acc / tl.where(l > 0, l, 1.0)[:, None]
-    tl.store(out_ptr + (q_start + m_idx)[:, None] * stride_ot + head * stride_oh + d[None, :],
+    tl.store(out_ptr + (q_start + m_idx)[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=m_ok[:, None])
 
 
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                       seq_lens: torch.Tensor, query_start: torch.Tensor, tiles: torch.Tensor, scale: float,
-                      out: torch.Tensor | None = None, num_programs: int | None = None) -> torch.Tensor:
+                      out: torch.Tensor | None = None, num_programs: int | None = None,
+                      tile: tuple[int, int, int, int] | None = None) -> torch.Tensor:
     """q: [T, heads, dim], tokens of sequence i at query_start[i]:query_start[i+1];
     seq_lens: [B] context length after this step; block_tables: [B, max_blocks] int32;
-    tiles: a table from `prefill_tiles`, contiguous, on q's device; `num_programs` a head
-    (default: one per tile)."""
+    tiles: a table from `prefill_tiles` planned with `tile_positions(tile)`, contiguous, on q's
+    device; `num_programs` a KV head (default: one per tile); `tile`: (rows, keys, warps, stages),
+    by default `prefill_tile(dim, group, T)`."""
     T, H, D = q.shape
     _, page, kv_heads, _ = k_cache.shape
+    group = H // kv_heads
     out = torch.empty_like(q) if out is None else out
     num_programs = tiles.shape[0] - 1 if num_programs is None else num_programs
+    rows, keys, num_warps, num_stages = tile or prefill_tile(D, group, T)
     if num_programs:
-        _prefill_kernel[(num_programs, H)](
+        _prefill_kernel[(num_programs, kv_heads)](
             q, k_cache, v_cache, out, block_tables, seq_lens, query_start, tiles, scale, q.stride(0), q.stride(1),
             out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-            block_tables.stride(0), GROUP=H // kv_heads, HEAD_DIM=D, PAGE=page,
-            BLOCK_M=prefill_block_m(D), BLOCK_N=32 if D > 128 else 64, PRECISION=dot_precision(q), num_warps=4,
-            num_stages=2)
+            block_tables.stride(0), GROUP=group, GROUP_PAD=triton.next_power_of_2(group), HEAD_DIM=D, PAGE=page,
+            BLOCK_M=rows, BLOCK_N=keys, PRECISION=dot_precision(q), num_warps=num_warps, num_stages=num_stages)
     return out

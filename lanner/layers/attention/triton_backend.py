@@ -12,7 +12,14 @@ import torch
 
 from lanner.core.batch import ForwardBatch
 from lanner.kernels.attention.decode import decode_attention, num_decode_splits
-from lanner.kernels.attention.prefill import prefill_attention, prefill_programs, prefill_tile_bound, prefill_tiles
+from lanner.kernels.attention.prefill import (
+    prefill_attention,
+    prefill_programs,
+    prefill_tile,
+    prefill_tile_bound,
+    prefill_tiles,
+    tile_positions,
+)
 from lanner.kernels.attention.store_kv import store_kv
 from lanner.layers.attention.backend import AttentionBackend
 
@@ -34,8 +41,9 @@ class TritonAttentionBackend(AttentionBackend):
         self.seq_lens = torch.zeros(max_rows, dtype=torch.int32, device=device)
         self.query_start = torch.zeros(max_rows + 1, dtype=torch.int32, device=device)
         self.max_rows = max_rows
-        self.tiles = torch.zeros(1 + prefill_tile_bound(max_tokens, max_rows, self.head_dim), 2, dtype=torch.int32,
-                                 device=device)
+        self.group = num_heads // self.num_kv_heads
+        # prefill tiles of any shape: a tile holds at least one query position
+        self.tiles = torch.zeros(1 + prefill_tile_bound(max_tokens, max_rows, 1), 2, dtype=torch.int32, device=device)
         # split-K partials of the largest (rows x splits) any plan can ask for
         parts = max(r * self._splits(r) for r in range(1, max_rows + 1))
         self.workspace = (torch.empty(parts * num_heads * self.head_dim, dtype=torch.float32, device=device),
@@ -63,11 +71,17 @@ class TritonAttentionBackend(AttentionBackend):
         self.decode_only = batch.is_decode_only and graph_tokens is None
         self.num_splits = self._splits(rows)
         if not self.decode_only:
-            tiles = torch.from_numpy(prefill_tiles(batch.query_lens, batch.seq_lens, self.head_dim))
-            self.tiles[:tiles.shape[0]].copy_(tiles.pin_memory() if self.tiles.is_cuda else tiles, non_blocking=True)
-            tokens, most = (batch.num_real_tokens, tiles.shape[0] - 1) if graph_tokens is None else \
-                (graph_tokens, prefill_tile_bound(graph_tokens, self.max_rows, self.head_dim))
-            self.num_prefill_programs = prefill_programs(tokens, most, self.num_heads, self.head_dim, self.num_sms)
+            self._plan_prefill(batch, graph_tokens)
+
+    def _plan_prefill(self, batch: ForwardBatch, graph_tokens: int | None) -> None:
+        """The prefill kernel's tile shape, tile table and program count (fixed by a graph's size)."""
+        tokens = batch.num_real_tokens if graph_tokens is None else graph_tokens
+        self.prefill_tile = prefill_tile(self.head_dim, self.group, tokens)
+        positions = tile_positions(self.prefill_tile, self.group)
+        tiles = torch.from_numpy(prefill_tiles(batch.query_lens, batch.seq_lens, positions))
+        self.tiles[:tiles.shape[0]].copy_(tiles.pin_memory() if self.tiles.is_cuda else tiles, non_blocking=True)
+        most = tiles.shape[0] - 1 if graph_tokens is None else prefill_tile_bound(tokens, self.max_rows, positions)
+        self.num_prefill_programs = prefill_programs(tokens, most, self.num_kv_heads, positions, self.num_sms)
 
     def plan_decode(self, block_tables):
         n = len(block_tables)
@@ -107,4 +121,4 @@ class TritonAttentionBackend(AttentionBackend):
                                     workspace=self.workspace)
         return prefill_attention(q, k_cache, v_cache, self.block_tables[:rows], self.seq_lens[:rows],
                                  self.query_start[:rows + 1], self.tiles, scale, out=out,
-                                 num_programs=self.num_prefill_programs)
+                                 num_programs=self.num_prefill_programs, tile=self.prefill_tile)

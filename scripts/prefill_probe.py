@@ -1,0 +1,60 @@
+"""Prefill attention over tile shapes (issue [12]): single prompts of 64 to 8k tokens and a mixed
+step (a 448-token prompt chunk and 64 decode rows over 1k keys), Qwen3-0.6B's 16 and Qwen3-8B's 32
+query heads over 8 KV heads of 128 dims (tiles of rows = positions x the GQA group), one layer, bf16. Prints, per shape, the default tile's time
+and the best tile's, and the causal attention FLOP rate.
+  PYTHONPATH=. python3 scripts/prefill_probe.py [OUT.json]"""
+import json
+import sys
+
+import torch
+from triton.testing import do_bench
+
+sys.path.insert(0, "tests")
+from kernel_cases import paged_problem
+
+from lanner.kernels.attention.prefill import prefill_attention, prefill_tile, prefill_tiles, tile_positions
+
+SHAPES = [(f"{heads}h-{name}", heads, seq_lens, q_lens) for heads in (16, 32) for name, seq_lens, q_lens in (
+    ("p64", [64], [64]), ("p512", [512], [512]), ("p2048", [2048], [2048]), ("p8192", [8192], [8192]),
+    ("mixed", [448] + [1000] * 64, [448] + [1] * 64))]
+TILES = [(rows, keys, w, 2) for rows in (16, 32, 64, 128) for keys in (64, 128) for w in (4, 8)]
+
+
+def main() -> None:
+    rows = []
+    for name, heads, seq_lens, q_lens in SHAPES:
+        q, kc, vc, bt, sl, qs = paged_problem(seq_lens, q_lens, heads, 8, 128, 16, torch.bfloat16, "cuda")
+        keys = sum(s - n + i + 1 for s, n in zip(seq_lens, q_lens) for i in range(n))
+        flop = 4 * 128 * heads * keys
+        ref = None
+        best = None
+        for tile in TILES:
+            table = torch.from_numpy(prefill_tiles(q_lens, seq_lens, tile_positions(tile, heads // 8))).cuda()
+            programs = table.shape[0] - 1  # a program a tile, as an eager step plans it
+
+            def run():
+                return prefill_attention(q, kc, vc, bt, sl, qs, table, 0.08, num_programs=programs, tile=tile)
+            try:
+                out = run()
+                ref = out if ref is None else ref
+                torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2)
+                ms = do_bench(run, warmup=10, rep=50)
+            except Exception as e:  # a tile too big for shared memory
+                print(name, tile, "failed:", str(e)[:80])
+                continue
+            row = {"shape": name, "tile": tile, "us": round(ms * 1e3, 1), "tflops": round(flop / ms / 1e9, 1),
+                   "default": tile == prefill_tile(128, heads // 8, sum(q_lens))}
+            rows.append(row)
+            if best is None or ms < best[0]:
+                best = (ms, row)
+        default = next(r for r in rows if r["shape"] == name and r["default"])
+        top = sorted((r for r in rows if r["shape"] == name), key=lambda r: r["us"])[:4]
+        print(f"{name}: default {default['tile']} {default['us']} us {default['tflops']} TFLOP/s; best "
+              + "; ".join(f"{r['tile']} {r['us']} us {r['tflops']}" for r in top), flush=True)
+    if len(sys.argv) > 1:
+        with open(sys.argv[1], "w") as f:
+            json.dump({"gpu": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
