@@ -91,7 +91,7 @@ def test_prefill_tile_table_puts_the_heaviest_tiles_first_and_the_bound_holds():
 @pytest.mark.parametrize("heads,kv_heads,programs,tile", [
     (4, 2, 1, None), (4, 2, 3, None), (4, 2, None, None),
     (4, 2, None, (16, 32, 4, 2)),  # 8 positions a tile
-    (4, 2, 2, (32, 128, 4, 2)),  # the default tiles of 129-1024 and of larger steps
+    (4, 2, 2, (32, 128, 4, 2)),  # the default tiles of steps of 129-1024 tokens, and over 1024
     (4, 2, None, (128, 128, 8, 2)),
     (6, 2, 2, None),  # a group of 3 heads, padded to 4 rows a position
     (4, 4, None, (16, 16, 4, 2)),  # no GQA

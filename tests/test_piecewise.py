@@ -3,13 +3,14 @@ boundaries, padding (no KV writes, zero attention rows, no effect on real tokens
 the oversized-step fallback, and end-to-end outputs through the engine."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 
 import pytest
 import torch
-
 from conftest import make_llm
+
 from lanner import SamplingParams
 from lanner.executor.piecewise import PiecewiseGraphs, piecewise_sizes
 from lanner.layers.attention import forward_context
@@ -119,3 +120,60 @@ def test_decode_and_piecewise_ladders_pad_the_same_way():
     decode = DecodeGraphs(None, decode_graph_sizes(256))
     assert [decode.padded_size(n) for n in (1, 3, 9, 65, 256, 257)] == [1, 4, 16, 80, 256, None]
     assert decode.max_size == 256
+
+
+class _FakeCuda:
+    """torch.cuda's graph API on the CPU: a capture runs its body eagerly; `capturing` says
+    whether a body runs inside one (where a first Triton compilation could fail on a GPU)."""
+
+    def __init__(self, monkeypatch):
+        self.capturing = False
+        fake = self
+
+        class Graph:
+            def pool(self):
+                return "pool"
+
+        @contextlib.contextmanager
+        def graph(g, pool=None):
+            fake.capturing = True
+            try:
+                yield
+            finally:
+                fake.capturing = False
+
+        for name, value in (("CUDAGraph", Graph), ("graph", graph), ("synchronize", lambda *a: None),
+                            ("empty_cache", lambda: None), ("memory_allocated", lambda *a: 0),
+                            ("memory_reserved", lambda *a: 0)):
+            monkeypatch.setattr(torch.cuda, name, value)
+
+
+def test_capture_ladder_compiles_each_new_kernel_shape_outside_a_capture(monkeypatch):
+    """Sizes whose attention kernels compile for a new shape (the backend's kernel_shape) run once
+    eagerly before their capture; the others are captured straight away."""
+    from lanner.executor.graphs import SizeLadder
+
+    cuda = _FakeCuda(monkeypatch)
+    backend = type("Backend", (), {"kernel_shape": lambda self: self.shape})()
+    runs = []
+    SizeLadder([1, 2, 4, 8]).capture_ladder(lambda size: setattr(backend, "shape", size >= 4),
+                                            lambda size: runs.append((size, cuda.capturing)), "rows", backend)
+    assert runs == [(8, False), (8, True), (4, True), (2, False), (2, True), (1, True)]
+
+
+def test_whole_forward_graphs_capture_up_to_their_limit_and_compile_outside_a_capture(qwen3_path, monkeypatch):
+    runner = make_llm(qwen3_path, piecewise_graphs=True, piecewise_sizes=[16, 32, 48]).engine.runner
+    pw = PiecewiseGraphs(runner.model, [16, 32, 48], torch.float32, torch.device("cpu"), full_max_tokens=32)
+    assert pw.full_sizes == [16, 32]
+    cuda = _FakeCuda(monkeypatch)
+    backend, planned, runs = runner.backend, [], []
+    plan = backend.plan
+    monkeypatch.setattr(backend, "plan", lambda batch, **kw: (planned.append(kw.get("graph_tokens")), plan(batch, **kw)))
+    monkeypatch.setattr(backend, "kernel_shape", lambda: planned[-1] > 16, raising=False)
+    forward_pieces = runner.model.forward_pieces
+    monkeypatch.setattr(runner.model, "forward_pieces",
+                        lambda ids, *a, **kw: (runs.append((ids.shape[0], cuda.capturing)), forward_pieces(ids, *a, **kw))[1])
+    pw.capture_full(runner.input_ids, runner.positions, runner.slot_mapping, backend)
+    assert planned == [32, 16] and sorted(pw.full_graphs) == [16, 32]
+    assert runs == [(32, False), (32, True), (16, False), (16, True)]
+    assert torch.equal(runner.slot_mapping[:32], torch.full((32,), -1))  # the warm-ups wrote no KV

@@ -53,19 +53,21 @@ def step_times(llm, token_counts: list[int], repeats: int) -> list[dict]:
     for n in token_counts:
         for kind in ("prefill", "mixed"):
             row = {"tokens": n, "kind": kind}
-            for m, (mode, (graphs, full)) in enumerate(modes.items()):
-                if mode == "whole" and (piecewise.padded_size(n) or 0) > piecewise.full_sizes[-1]:
-                    continue  # no whole-forward graph of this size: the pieces run
-                runner.piecewise = graphs  # None: the unsplit forward, no padding
-                if graphs is not None:
-                    graphs.full_graphs = full
-                # distinct prompts for every step: a prefix-cache hit would skip the work
-                seeds = [(n * 2 + (kind == "mixed")) * 1000 + m * 100 + r for r in range(repeats + 1)]
-                times = [_time_step(engine, n, kind, seed) for seed in seeds][1:]
-                row[f"{mode}_ms"] = round(statistics.median(times) * 1e3, 3)
-            runner.piecewise = piecewise
-            if piecewise is not None:
-                piecewise.full_graphs = whole
+            try:
+                for m, (mode, (graphs, full)) in enumerate(modes.items()):
+                    if mode == "whole" and piecewise.padded_size(n) not in whole:
+                        continue  # no whole-forward graph of this size: the pieces run
+                    runner.piecewise = graphs  # None: the unsplit forward, no padding
+                    if graphs is not None:
+                        graphs.full_graphs = full
+                    # distinct prompts for every step: a prefix-cache hit would skip the work
+                    seeds = [(n * 2 + (kind == "mixed")) * 1000 + m * 100 + r for r in range(repeats + 1)]
+                    times = [_time_step(engine, n, kind, seed) for seed in seeds][1:]
+                    row[f"{mode}_ms"] = round(statistics.median(times) * 1e3, 3)
+            finally:
+                runner.piecewise = piecewise
+                if piecewise is not None:
+                    piecewise.full_graphs = whole
             for mode in ("whole", "piecewise"):
                 if f"{mode}_ms" in row:
                     row[f"{mode}_vs_eager"] = round(row[f"{mode}_ms"] / row["eager_ms"], 3)

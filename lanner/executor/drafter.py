@@ -125,7 +125,7 @@ class Drafter:
         self.kv_fill_graphs = FirstPassGraphs(self, rows, kv_only=True)
         self.kv_fill_graphs.capture()
         if tokens:
-            self.prefill_graphs = FirstPassGraphs(self, tokens, prefill=True, max_seqs=max_num_seqs)
+            self.prefill_graphs = FirstPassGraphs(self, tokens, prefill=True)
             self.prefill_graphs.capture()
         if self.k > 1:
             self.graphs = DraftGraphs(self, seq_sizes, -(-max_model_len // self.block_size), target_ids)
@@ -314,7 +314,7 @@ class DraftGraphs(SizeLadder):
                                   self.requests[:size], self.tables[:size], steps=True)
 
         self.graphs, self.report = self.capture_ladder(lambda size: drafter.backend.plan_decode([[]] * size), run,
-                                                       "draft decode batch size")
+                                                       "draft decode batch size", drafter.backend)
         return self.report
 
     def replay(self, staged: StagedDraft, num: int, size: int, samples: torch.Tensor) -> tuple:
@@ -366,13 +366,11 @@ class FirstPassGraphs(SizeLadder):
     Inputs are copied into static buffers before a replay; padding rows (slot -1) write no KV and
     their outputs are never read."""
 
-    def __init__(self, drafter: Drafter, sizes: list[int], prefill: bool = False, max_seqs: int = 1,
-                 kv_only: bool = False):
+    def __init__(self, drafter: Drafter, sizes: list[int], prefill: bool = False, kv_only: bool = False):
         super().__init__(sizes)
         self.drafter = drafter
         self.prefill = prefill
         self.kv_only = kv_only
-        self.max_seqs = max_seqs
         self.buffers = drafter.first_pass_buffers
 
     def _plan(self, size: int, query_lens: list[int], seq_lens: list[int], tables: list[list[int]],
@@ -389,7 +387,7 @@ class FirstPassGraphs(SizeLadder):
     def capture(self) -> CaptureReport:
         net, backend = self.drafter.net, self.drafter.backend
 
-        def setup(size: int) -> None:  # prefill: one sequence of `size` queries sets the grid's extent
+        def setup(size: int) -> None:  # prefill: one sequence of `size` queries (the grid: `graph_tokens`)
             self._plan(size, *(([size], [size], [[]]) if self.prefill else ([], [], [])))
 
         def run(size: int) -> tuple | None:
@@ -408,7 +406,7 @@ class FirstPassGraphs(SizeLadder):
 
         what = "draft prefill tokens" if self.prefill else "draft KV fill rows" if self.kv_only \
             else "draft first pass rows"
-        self.graphs, self.report = self.capture_ladder(setup, run, what)
+        self.graphs, self.report = self.capture_ladder(setup, run, what, backend)
         return self.report
 
     def replay(self, staged: StagedDraft, size: int, ids: torch.Tensor, hidden: torch.Tensor | None) -> tuple:

@@ -72,16 +72,20 @@ class SizeLadder:
         i = bisect.bisect_left(self.sizes, n)
         return self.sizes[i] if i < len(self.sizes) else None
 
-    def capture_ladder(self, setup, run, what: str) -> tuple[dict, CaptureReport]:
-        """A CUDA graph of `run(size)` at every size, largest first, into one memory pool, after one
-        eager warm-up at the largest (it compiles the kernels outside any capture). `setup(size)`
-        runs before each, outside the capture (host-side planning). Returns {size: (graph, what
-        run returned)} and the report; a failure names `what` and the size."""
+    def capture_ladder(self, setup, run, what: str, backend=None) -> tuple[dict, CaptureReport]:
+        """A CUDA graph of `run(size)` at every size, largest first, into one memory pool, after an
+        eager warm-up at the largest, and at each size whose attention kernels (`backend`'s
+        kernel_shape) are new: kernels compile outside any capture. `setup(size)` runs before each,
+        outside the capture (host-side planning). Returns {size: (graph, what run returned)} and
+        the report; a failure names `what` and the size."""
         start, before, pool, graphs = time.perf_counter(), torch.cuda.memory_allocated(), None, {}
+        compiled = set()
         for i, size in enumerate(reversed(self.sizes)):
             setup(size)
             try:
-                if i == 0:
+                shape = backend.kernel_shape() if backend is not None else ()
+                if i == 0 or shape not in compiled:
+                    compiled.add(shape)
                     run(size)
                     torch.cuda.synchronize()
                 graph = torch.cuda.CUDAGraph()
@@ -119,7 +123,7 @@ class DecodeGraphs(SizeLadder):
                 hidden = runner.model(runner.input_ids[:size], runner.positions[:size])
                 return runner.model.compute_logits(hidden, out=self.logits[:size]), hidden
 
-        self.graphs, self.report = self.capture_ladder(setup, run, "decode batch size")
+        self.graphs, self.report = self.capture_ladder(setup, run, "decode batch size", runner.backend)
         return self.report
 
     def replay(self, batch, size: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -246,7 +246,7 @@ class ModelRunner:
         if self._backend_kind() == "triton":
             from lanner.layers.attention.triton_backend import TritonAttentionBackend
 
-            # a draft LM's steps read one more token per request than the target's
+            # tokens: a draft LM's steps read one more per request than the target's (one bound for both)
             return TritonAttentionBackend(kv_caches, self.block_size, max_rows or self.max_decode_rows,
                                           self.max_model_len, num_heads or self.model.spec.num_heads,
                                           self.max_tokens + self.config.scheduler.max_num_seqs)

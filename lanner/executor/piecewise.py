@@ -18,10 +18,10 @@ inside graphs that must skip padding (MoE routing).
 Whole-forward graphs: up to `prefill_graph_max_tokens`, each size also gets one
 graph of the entire forward, the attention kernels included (`capture_full`),
 replayed by steps with prompt tokens. The prefill kernel walks a tile table in
-the backend's buffers, and its captured grid is the most tiles any step of that
-token count can have (unused entries do nothing), so one graph serves every mix
-of sequences; a step's host work is the plan's copies and one launch instead of
-two Triton launches a layer. Decode-only steps that reach these graphs (verify
+the backend's buffers with a number of programs fixed by the token count (each
+program takes every P-th tile), so one graph serves every mix of sequences; a
+step's host work is the plan's copies and one launch instead of two Triton
+launches a layer. Decode-only steps that reach these graphs (verify
 steps over the decode graphs' rows) keep the pieces and the decode kernel, which
 reads a GQA group's keys once.
 
@@ -139,13 +139,16 @@ class PiecewiseGraphs(SizeLadder):
             return
         start, before = time.perf_counter(), torch.cuda.memory_reserved(self.device)
         slot_mapping[:self.full_sizes[-1]].fill_(-1)
-        for i, size in enumerate(reversed(self.full_sizes)):
+        compiled = set()
+        for size in reversed(self.full_sizes):
             batch = ForwardBatch(input_ids[:size], positions[:size], slot_mapping[:size], [size], [0], [[]],
                                  input_ids[:0], size)
             backend.plan(batch, graph_tokens=size)
             bufs = self.bufs.rows(size)
             with forward_context(backend):
-                if i == 0:  # compiles the attention kernels outside any capture
+                shape = backend.kernel_shape()
+                if shape not in compiled:  # a Triton kernel compiles (and loads) outside any capture
+                    compiled.add(shape)
                     self.model.forward_pieces(batch.input_ids, batch.positions, bufs)
                     torch.cuda.synchronize(self.device)
                 graph = torch.cuda.CUDAGraph()

@@ -33,6 +33,11 @@ class AttentionBackend(ABC):
         adds empty sequences for a CUDA graph's padding rows; `graph_tokens`: the step replays a graph
         of the whole forward captured for that many tokens (executor/piecewise.py)."""
 
+    def kernel_shape(self) -> tuple:
+        """What the planned step's kernels compile for: graph capture warms up each new value first
+        (compiling inside a capture fails on some drivers). Nothing to compile by default."""
+        return ()
+
     @abstractmethod
     def plan_decode(self, block_tables: list[list[int]]) -> None:
         """Prepare decode steps (one query per sequence) over these block tables whose lengths

@@ -42,8 +42,8 @@ class TritonAttentionBackend(AttentionBackend):
         self.query_start = torch.zeros(max_rows + 1, dtype=torch.int32, device=device)
         self.max_rows = max_rows
         self.group = num_heads // self.num_kv_heads
-        # prefill tiles of any shape: a tile holds at least one query position
-        self.tiles = torch.zeros(1 + prefill_tile_bound(max_tokens, max_rows, 1), 2, dtype=torch.int32, device=device)
+        # the count, then at most a tile a query token
+        self.tiles = torch.zeros(1 + max_tokens, 2, dtype=torch.int32, device=device)
         # split-K partials of the largest (rows x splits) any plan can ask for
         parts = max(r * self._splits(r) for r in range(1, max_rows + 1))
         self.workspace = (torch.empty(parts * num_heads * self.head_dim, dtype=torch.float32, device=device),
@@ -74,14 +74,19 @@ class TritonAttentionBackend(AttentionBackend):
             self._plan_prefill(batch, graph_tokens)
 
     def _plan_prefill(self, batch: ForwardBatch, graph_tokens: int | None) -> None:
-        """The prefill kernel's tile shape, tile table and program count (fixed by a graph's size)."""
-        tokens = batch.num_real_tokens if graph_tokens is None else graph_tokens
+        """The prefill kernel's tile shape, tile table and program count (fixed by a graph's size). The
+        shape follows the staged rows, padding included, so a graph and the pieces of its size agree."""
+        tokens = batch.input_ids.shape[0] if graph_tokens is None else graph_tokens
         self.prefill_tile = prefill_tile(self.head_dim, self.group, tokens)
         positions = tile_positions(self.prefill_tile, self.group)
         tiles = torch.from_numpy(prefill_tiles(batch.query_lens, batch.seq_lens, positions))
         self.tiles[:tiles.shape[0]].copy_(tiles.pin_memory() if self.tiles.is_cuda else tiles, non_blocking=True)
         most = tiles.shape[0] - 1 if graph_tokens is None else prefill_tile_bound(tokens, self.max_rows, positions)
         self.num_prefill_programs = prefill_programs(tokens, most, self.num_kv_heads, positions, self.num_sms)
+
+    def kernel_shape(self) -> tuple:
+        """What the planned step's attention kernels compile for (a new value: a new compilation)."""
+        return ("decode", self.num_splits) if self.decode_only else ("prefill", self.prefill_tile)
 
     def plan_decode(self, block_tables):
         n = len(block_tables)
