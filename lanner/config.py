@@ -145,16 +145,17 @@ class GraphConfig:
                                            "max_num_batched_tokens); larger steps run the pieces eagerly")
     piecewise_sizes: list[int] | None = _opt(
         None, "token counts to capture (default: every 16 to 256, then steps of 1/8 of the size)")
-    prefill_graph_max_tokens: int = _opt(
-        2048, "prefill and mixed steps of up to this many tokens replay one CUDA graph of the whole forward, "
-              "attention included, captured at each piecewise size up to it (0: none); larger steps, and "
-              "decode-only ones, replay the piecewise graphs")
+    prefill_graph_max_tokens: int | None = _opt(
+        None, "prefill and mixed steps of up to this many tokens replay one CUDA graph of the whole forward, "
+              "attention included, captured at each piecewise size up to it (default: 2048 with the Triton "
+              "attention backend; 0: none); larger steps, and decode-only ones, replay the piecewise graphs")
 
     def __post_init__(self) -> None:
         _check(not self.cuda_graph_sizes or min(self.cuda_graph_sizes) > 0, "cuda_graph_sizes must be positive")
         _check(not self.piecewise_sizes or min(self.piecewise_sizes) > 0, "piecewise_sizes must be positive")
         _check(self.piecewise_max_tokens > 0, "piecewise_max_tokens must be positive")
-        _check(self.prefill_graph_max_tokens >= 0, "prefill_graph_max_tokens must be >= 0")
+        _check(self.prefill_graph_max_tokens is None or self.prefill_graph_max_tokens >= 0,
+               "prefill_graph_max_tokens must be >= 0")
 
 
 @dataclass

@@ -133,6 +133,16 @@ def test_options_lanner_cannot_honour_are_refused_by_name(option, value, fragmen
         EngineConfig.from_kwargs(**{option: value})
 
 
+def test_whole_forward_graphs_are_refused_where_attention_cannot_be_captured():
+    """The torch attention backend (the CPU path) cannot sit inside a CUDA graph: an explicit
+    prefill_graph_max_tokens is refused, 0 and the default are not."""
+    for piecewise in (True, None):
+        with pytest.raises(ConfigError, match="prefill_graph_max_tokens=512 needs the Triton attention backend"):
+            LLM(prefill_graph_max_tokens=512, piecewise_graphs=piecewise)
+    assert LLM(prefill_graph_max_tokens=0, piecewise_graphs=True).engine.runner.piecewise.full_sizes == []
+    assert LLM(piecewise_graphs=True).engine.runner.piecewise.full_sizes == []
+
+
 @pytest.mark.parametrize("kwargs", [
     {"trust_remote_code": True}, {"tokenizer_mode": "auto"}, {"enable_chunked_prefill": True},
     {"disable_log_stats": True}, {"quantization": None}, {"kv_cache_dtype": "auto"}, {"seed": 3},

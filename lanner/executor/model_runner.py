@@ -180,15 +180,15 @@ class ModelRunner:
         peak = self.profile_peak_memory() if self._sizing_kv_from_memory() else 0
         if self.moe is not None:
             self.moe.num_real_tokens = self.num_real_tokens
+        whole_forward_max_tokens = self._whole_forward_max_tokens()
         self.piecewise: PiecewiseGraphs | None = None
         self.piecewise_token_sizes: list[int] = []
         before_pieces = torch.cuda.memory_reserved(device) if device.type == "cuda" else 0
         if gc.piecewise_graphs or (gc.piecewise_graphs is None and cuda_graphs):
             self.piecewise_token_sizes = piecewise_sizes(min(gc.piecewise_max_tokens, sched.max_num_batched_tokens),
                                                          gc.piecewise_sizes)
-            full = gc.prefill_graph_max_tokens if self._backend_kind() == "triton" else 0
             self.piecewise = PiecewiseGraphs(self.model, self.piecewise_token_sizes, dtype, device,
-                                             full_max_tokens=full)
+                                             full_max_tokens=whole_forward_max_tokens)
             if cuda_graphs:
                 self.piecewise.capture(self.input_ids, self.positions)
         pieces_bytes = 0
@@ -237,6 +237,16 @@ class ModelRunner:
     def routing(self) -> torch.Tensor | None:
         """The MoE layers' routing record ([tokens, MoE layers, top_k]), when the engine keeps one."""
         return None if self.moe is None else self.moe.routing
+
+    def _whole_forward_max_tokens(self) -> int:
+        """The largest whole-forward graph: the attention kernels must be capturable (Triton's)."""
+        asked = self.config.graphs.prefill_graph_max_tokens
+        if self._backend_kind() == "triton":
+            return 2048 if asked is None else asked
+        if asked:
+            raise ConfigError(f"prefill_graph_max_tokens={asked} needs the Triton attention backend (a CUDA device, "
+                              f"attention_backend auto or triton); pass 0 or leave it unset")
+        return 0
 
     def _backend_kind(self) -> str:
         choice = self.config.graphs.attention_backend
