@@ -130,6 +130,9 @@ class ParallelConfig:
                "tensor_parallel_size > 1")
 
 
+WHOLE_FORWARD_MAX_TOKENS = 2048  # prefill_graph_max_tokens's default with the Triton attention backend
+
+
 @dataclass
 class GraphConfig:
     enforce_eager: bool = _opt(False, "never use CUDA graphs")
@@ -147,8 +150,9 @@ class GraphConfig:
         None, "token counts to capture (default: every 16 to 256, then steps of 1/8 of the size)")
     prefill_graph_max_tokens: int | None = _opt(
         None, "prefill and mixed steps of up to this many tokens replay one CUDA graph of the whole forward, "
-              "attention included, captured at each piecewise size up to it (default: 2048 with the Triton "
-              "attention backend; 0: none); larger steps, and decode-only ones, replay the piecewise graphs")
+              "attention included, captured at each piecewise size up to it (default: "
+              f"{WHOLE_FORWARD_MAX_TOKENS} with the Triton attention backend; 0: none); larger steps, and "
+              "decode-only ones, replay the piecewise graphs")
 
     def __post_init__(self) -> None:
         _check(not self.cuda_graph_sizes or min(self.cuda_graph_sizes) > 0, "cuda_graph_sizes must be positive")

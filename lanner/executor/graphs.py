@@ -72,15 +72,17 @@ class SizeLadder:
         i = bisect.bisect_left(self.sizes, n)
         return self.sizes[i] if i < len(self.sizes) else None
 
-    def capture_ladder(self, setup, run, what: str, backend=None) -> tuple[dict, CaptureReport]:
-        """A CUDA graph of `run(size)` at every size, largest first, into one memory pool, after an
-        eager warm-up at the largest, and at each size whose attention kernels (`backend`'s
-        kernel_shape) are new: kernels compile outside any capture. `setup(size)` runs before each,
-        outside the capture (host-side planning). Returns {size: (graph, what run returned)} and
-        the report; a failure names `what` and the size."""
-        start, before, pool, graphs = time.perf_counter(), torch.cuda.memory_allocated(), None, {}
+    def capture_ladder(self, setup, run, what: str, backend=None, sizes: list[int] | None = None,
+                       pool=None) -> tuple[dict, CaptureReport]:
+        """A CUDA graph of `run(size)` at every size (default: the ladder's), largest first, into one
+        memory pool (`pool`, or a new one), after an eager warm-up at the largest, and at each size
+        whose attention kernels (`backend`'s kernel_shape) are new: kernels compile outside any
+        capture. `setup(size)` runs before each, outside the capture (host-side planning). Returns
+        {size: (graph, what run returned)} and the report; a failure names `what` and the size."""
+        sizes = self.sizes if sizes is None else sizes
+        start, before, graphs = time.perf_counter(), torch.cuda.memory_allocated(), {}
         compiled = set()
-        for i, size in enumerate(reversed(self.sizes)):
+        for i, size in enumerate(reversed(sizes)):
             setup(size)
             try:
                 shape = backend.kernel_shape() if backend is not None else ()
@@ -96,9 +98,9 @@ class SizeLadder:
             pool = graph.pool() if pool is None else pool
             graphs[size] = (graph, out)
         torch.cuda.synchronize()
-        report = CaptureReport(self.sizes, time.perf_counter() - start, torch.cuda.memory_allocated() - before)
-        logger.info("captured %d graphs of %s %d..%d in %.1f s, %.0f MiB", len(self.sizes), what, self.sizes[0],
-                    self.sizes[-1], report.seconds, report.pool_bytes / 2**20)
+        report = CaptureReport(sizes, time.perf_counter() - start, torch.cuda.memory_allocated() - before)
+        logger.info("captured %d graphs of %s %d..%d in %.1f s, %.0f MiB", len(sizes), what, sizes[0], sizes[-1],
+                    report.seconds, report.pool_bytes / 2**20)
         return graphs, report
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.profiler import record_function
 
-from lanner.config import EngineConfig, MoEConfig
+from lanner.config import WHOLE_FORWARD_MAX_TOKENS, EngineConfig, MoEConfig
 from lanner.core.batch import ForwardBatch, as_decode_rows, kv_slots
 from lanner.core.request import Logprob, Request
 from lanner.core.schedule import SchedulerOutput
@@ -242,7 +242,7 @@ class ModelRunner:
         """The largest whole-forward graph: the attention kernels must be capturable (Triton's)."""
         asked = self.config.graphs.prefill_graph_max_tokens
         if self._backend_kind() == "triton":
-            return 2048 if asked is None else asked
+            return WHOLE_FORWARD_MAX_TOKENS if asked is None else asked
         if asked:
             raise ConfigError(f"prefill_graph_max_tokens={asked} needs the Triton attention backend (a CUDA device, "
                               f"attention_backend auto or triton); pass 0 or leave it unset")

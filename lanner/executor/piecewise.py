@@ -137,35 +137,23 @@ class PiecewiseGraphs(SizeLadder):
         and the captures plan one empty sequence (no keys, no KV writes)."""
         if not self.full_sizes:
             return
-        start, before = time.perf_counter(), torch.cuda.memory_reserved(self.device)
+        before = torch.cuda.memory_reserved(self.device)
         slot_mapping[:self.full_sizes[-1]].fill_(-1)
-        compiled = set()
-        for size in reversed(self.full_sizes):
-            batch = ForwardBatch(input_ids[:size], positions[:size], slot_mapping[:size], [size], [0], [[]],
-                                 input_ids[:0], size)
-            backend.plan(batch, graph_tokens=size)
-            bufs = self.bufs.rows(size)
+
+        def setup(size: int) -> None:
+            backend.plan(ForwardBatch(input_ids[:size], positions[:size], slot_mapping[:size], [size], [0], [[]],
+                                      input_ids[:0], size), graph_tokens=size)
+
+        def run(size: int) -> torch.Tensor:
             with forward_context(backend):
-                shape = backend.kernel_shape()
-                if shape not in compiled:  # a Triton kernel compiles (and loads) outside any capture
-                    compiled.add(shape)
-                    self.model.forward_pieces(batch.input_ids, batch.positions, bufs)
-                    torch.cuda.synchronize(self.device)
-                graph = torch.cuda.CUDAGraph()
-                try:
-                    with torch.cuda.graph(graph, pool=self.pool):
-                        self.model.forward_pieces(batch.input_ids, batch.positions, bufs)
-                except Exception as e:
-                    raise RuntimeError(f"whole-forward CUDA graph capture failed ({self.role} model, {size} "
-                                       f"tokens): {e}") from e
-            self.full_graphs[size] = graph
-        torch.cuda.synchronize(self.device)
-        torch.cuda.empty_cache()  # the warm-up's activations
-        self.full_capture_s = time.perf_counter() - start
+                return self.model.forward_pieces(input_ids[:size], positions[:size], self.bufs.rows(size))
+
+        graphs, report = self.capture_ladder(setup, run, f"whole-forward ({self.role} model) tokens", backend,
+                                             self.full_sizes, self.pool)
+        self.full_graphs = {size: graph for size, (graph, _) in graphs.items()}
+        torch.cuda.empty_cache()  # the warm-ups' activations
+        self.full_capture_s = report.seconds
         self.full_pool_growth = torch.cuda.memory_reserved(self.device) - before
-        logger.info("captured %d whole-forward graphs (%s model, %d..%d tokens) in %.1f s, %.0f MiB more reserved",
-                    len(self.full_sizes), self.role, self.full_sizes[0], self.full_sizes[-1], self.full_capture_s,
-                    self.full_pool_growth / 2**20)
 
     def forward(self, batch, backend) -> torch.Tensor:
         """Hidden states [T_padded, hidden] of a staged batch whose input rows were padded to
