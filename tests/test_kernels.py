@@ -6,6 +6,7 @@ import pytest
 import torch
 from kernel_cases import paged_problem, tile_table
 
+from lanner.core.batch import ForwardBatch
 from lanner.kernels.attention.decode import decode_attention, num_decode_splits
 from lanner.kernels.attention.prefill import prefill_attention
 from lanner.kernels.attention.reference import decode_attention_ref, prefill_attention_ref, store_kv_ref
@@ -188,6 +189,72 @@ def test_fused_q_and_k_norm_rope_in_one_launch():
     got = norm_rope(qk, cos, sin, w, 1e-6, second_weight_from=4)
     torch.testing.assert_close(got, norm_rope_ref(qk, cos, sin, w, 1e-6, second_weight_from=4))
     torch.testing.assert_close(got[:, 4:], norm_rope_ref(qk[:, 4:], cos, sin, w[1], 1e-6))
+
+
+@pytest.mark.parametrize("tokens", [5, 70])  # two heads a program, and blocks of eight with dead rows
+def test_norm_rope_stores_k_and_v_into_the_cache_as_store_kv_would(tokens):
+    """The fused projection kernel's KV store (issue [12]: one kernel fewer a layer): the cache gets
+    exactly the rotated k heads and the v heads that store_kv writes, padding slots (-1) get
+    nothing, and q and k come out as without the store."""
+    from lanner.kernels.fused import norm_rope
+    from lanner.kernels.fused_reference import norm_rope_ref
+    from lanner.layers.rotary import RotaryEmbedding
+
+    g = torch.Generator().manual_seed(6)
+    hq, hk, dim = 4, 2, 16
+    qkv = torch.randn(tokens, (hq + 2 * hk) * dim, generator=g)
+    qk = qkv[:, :(hq + hk) * dim].view(tokens, hq + hk, dim)
+    v = qkv[:, (hq + hk) * dim:].view(tokens, hk, dim)
+    cos, sin = RotaryEmbedding(dim, 10000.0, None).cos_sin(torch.arange(tokens), torch.float32)
+    w = torch.randn(2, dim, generator=g)
+    slots = torch.randperm(tokens + 8, generator=g)[:tokens]
+    slots[1::3] = -1
+    caches = [torch.zeros((tokens + 8) // 4 + 1, 4, hk, dim) for _ in range(4)]
+    got = norm_rope(qk, cos, sin, w, 1e-6, second_weight_from=hq, kv_store=(v, caches[0], caches[1], slots))
+    want = norm_rope_ref(qk, cos, sin, w, 1e-6, second_weight_from=hq)
+    torch.testing.assert_close(got, want)
+    store_kv_ref(got[:, hq:], v, caches[2], caches[3], slots)
+    assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
+    assert caches[0].abs().sum() > 0 and int((caches[1].abs().sum((2, 3)) > 0).sum()) == int((slots >= 0).sum())
+
+
+def test_a_projection_that_stores_kv_makes_that_layers_attention_skip_its_store():
+    """The handshake between a fused projection and the Triton backend: inside a forward context
+    the projection gets the cache and the slots, and the layer's next attention call does not store
+    again; the one after it does; outside a context (piece graphs are captured there) and with the
+    torch backend, the attention call stores. A record never outlives its forward context."""
+    from lanner.layers.attention import Attention, forward_context
+    from lanner.layers.attention.torch_backend import TorchAttentionBackend
+    from lanner.layers.attention.triton_backend import TritonAttentionBackend
+
+    def caches():
+        return [(torch.zeros(4, 4, 2, 16), torch.zeros(4, 4, 2, 16)) for _ in range(2)]
+
+    batch = ForwardBatch(torch.zeros(3, dtype=torch.long), torch.arange(3), torch.tensor([4, 5, 6]), [3], [3],
+                         [[1]], torch.arange(1), 3)
+    g = torch.Generator().manual_seed(7)
+    q, k, v = torch.randn(3, 4, 16, generator=g), torch.randn(3, 2, 16, generator=g), torch.randn(3, 2, 16, generator=g)
+    layer = Attention(1, 0.25)
+    assert layer.kv_store_target() is None  # no forward context
+    torch_backend = TorchAttentionBackend(caches(), 4)
+    torch_backend.plan(batch)
+    with forward_context(torch_backend):
+        assert layer.kv_store_target() is None
+    backend = TritonAttentionBackend(caches(), 4, 4, 16, 4, max_tokens=8)
+    backend.plan(batch)
+    k_cache, v_cache = backend.kv_caches[1]
+    with forward_context(backend):
+        k_target, v_target, slots = layer.kv_store_target()
+        assert k_target is k_cache and v_target is v_cache and slots is batch.slot_mapping
+        layer(q, k, v)
+        assert k_cache.abs().sum() == 0  # the projection's kernel stores, not the attention call
+        layer(q, k, v)
+        assert torch.equal(k_cache[1, :3], k) and torch.equal(v_cache[1, :3], v)
+        layer.kv_store_target()
+    k_cache.zero_()
+    with forward_context(backend):  # the record of the forward above is gone
+        layer(q, k, v)
+    assert torch.equal(k_cache[1, :3], k)
 
 
 def test_the_throughput_breakdown_sorts_kernels_by_kind():

@@ -118,8 +118,10 @@ class DecoderAttention(nn.Module):
         qkv = self.qkv_proj(x, out=None if bufs is None else bufs.qkv)
         v = qkv[:, q_size + kv_size:].view(T, self.num_kv_heads, self.head_dim)
         qk_out = None if bufs is None else bufs.qk.view(T, heads, self.head_dim)
-        # q and k heads are adjacent in qkv: one pass normalises (Qwen3) and rotates both
-        qk = self._norm_rope(qkv[:, :q_size + kv_size].view(T, heads, self.head_dim), cos, sin, self.num_heads, qk_out)
+        # q and k heads are adjacent in qkv: one pass normalises (Qwen3) and rotates both, and on the GPU
+        # writes k and v into the KV cache when the attention backend lets it (one kernel fewer a layer)
+        qk = self._norm_rope(qkv[:, :q_size + kv_size].view(T, heads, self.head_dim), cos, sin, self.num_heads, qk_out,
+                             v=v)
         return qk[:, :self.num_heads], qk[:, self.num_heads:], v
 
     def store_kv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
@@ -132,14 +134,17 @@ class DecoderAttention(nn.Module):
         self.attn.store(k, kv[:, self.num_kv_heads:])
 
     def _norm_rope(self, heads: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, first_k_head: int,
-                   out: torch.Tensor | None = None) -> torch.Tensor:
+                   out: torch.Tensor | None = None, v: torch.Tensor | None = None) -> torch.Tensor:
         """[T, H, head_dim] q heads then, from `first_k_head`, k heads: per-head norm (Qwen3's
-        q_norm and k_norm) and rotary; into `out` when given."""
+        q_norm and k_norm) and rotary; into `out` when given. With `v`, the kernel also stores
+        k and v if the attention backend takes that (Attention.kv_store_target)."""
         if heads.is_cuda:  # one fused kernel
             from lanner.kernels.fused import norm_rope
 
             eps = self.q_norm.eps if self.qk_norm else 0.0
-            return norm_rope(heads, cos, sin, self._qk_norm_weight(), eps, second_weight_from=first_k_head, out=out)
+            target = None if v is None else self.attn.kv_store_target()
+            return norm_rope(heads, cos, sin, self._qk_norm_weight(), eps, second_weight_from=first_k_head, out=out,
+                             kv_store=None if target is None else (v, *target))
         q, k = heads[:, :first_k_head], heads[:, first_k_head:]
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)

@@ -123,6 +123,28 @@ def test_fused_q_and_k_norm_rope_one_launch(dtype):
                                atol=3e-2, rtol=3e-2)
 
 
+@pytest.mark.parametrize("T", [1, 37, 512, 2048])
+def test_fused_norm_rope_with_kv_store_equals_store_kv(T):
+    """Qwen3-8B's heads: the projection kernel's cache writes are store_kv's, bit for bit, padding
+    slots skipped, and its q and k are the kernel's own without the store."""
+    from lanner.kernels.attention.store_kv import store_kv
+    from lanner.kernels.fused import norm_rope
+    from lanner.layers.rotary import RotaryEmbedding
+
+    hq, hk, dim, dtype = 32, 8, 128, torch.bfloat16
+    qkv = torch.randn(T, (hq + 2 * hk) * dim, dtype=dtype, device="cuda")
+    qk, v = qkv[:, :(hq + hk) * dim].view(T, hq + hk, dim), qkv[:, (hq + hk) * dim:].view(T, hk, dim)
+    cos, sin = RotaryEmbedding(dim, 1e6, None).cuda().cos_sin(torch.randint(0, 30000, (T,), device="cuda"), dtype)
+    w = torch.randn(2, dim, dtype=dtype, device="cuda")
+    slots = torch.randperm(T + 64, device="cuda")[:T]
+    slots[T // 2] = -1
+    caches = [torch.zeros((T + 64) // 16 + 1, 16, hk, dim, dtype=dtype, device="cuda") for _ in range(4)]
+    got = norm_rope(qk, cos, sin, w, 1e-6, hq, kv_store=(v, caches[0], caches[1], slots))
+    assert torch.equal(got, norm_rope(qk, cos, sin, w, 1e-6, hq))
+    store_kv(got[:, hq:], v, caches[2], caches[3], slots)
+    assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
+
+
 @pytest.mark.parametrize("B,V", [(1, 151936), (64, 151936), (7, 32000), (256, 1000)])
 def test_race_sample_matches_reference(B, V):
     from lanner.kernels.sampling import race_sample

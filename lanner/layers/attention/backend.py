@@ -26,12 +26,19 @@ class AttentionBackend(ABC):
     def __init__(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], block_size: int):
         self.kv_caches = kv_caches  # per layer: K and V, each [num_blocks, block_size, kv_heads, head_dim]
         self.block_size = block_size
+        self.projected_kv: set[int] = set()  # layers whose projection stored K/V (kv_store_target), this forward
 
     @abstractmethod
     def plan(self, batch: ForwardBatch, num_padded_seqs: int | None = None, graph_tokens: int | None = None) -> None:
         """Prepare the metadata of one step (host side, once per step); `num_padded_seqs` > num_seqs
         adds empty sequences for a CUDA graph's padding rows; `graph_tokens`: the step replays a graph
         of the whole forward captured for that many tokens (executor/piecewise.py)."""
+
+    def kv_store_target(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(k_cache, v_cache, slot_mapping) for a projection that writes this layer's K/V itself (fused
+        with its norm and rotary); the layer's next `forward` in this forward context then skips its
+        store. None (the default): `forward` stores."""
+        return None
 
     def kernel_shape(self) -> tuple:
         """What the planned step's kernels compile for: graph capture warms up each new value first
@@ -66,6 +73,7 @@ def forward_context(backend: AttentionBackend) -> Iterator[None]:
     if _active is not None:
         raise RuntimeError("forward contexts do not nest")
     _active = backend
+    backend.projected_kv.clear()  # a record never outlives the forward (say, one that raised) that made it
     try:
         yield
     finally:
@@ -82,6 +90,11 @@ class Attention(nn.Module):
         if _active is None:
             raise RuntimeError("Attention called outside forward_context")
         return _active.forward(self.layer_idx, q, k, v, self.scale, out)
+
+    def kv_store_target(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """Where a fused projection may write this layer's K/V (None: outside a forward context, as
+        when piece graphs are captured, or a backend that stores in `forward`)."""
+        return None if _active is None else _active.kv_store_target(self.layer_idx)
 
     def store(self, k: torch.Tensor, v: torch.Tensor) -> None:
         if _active is None:

@@ -115,8 +115,15 @@ class TritonAttentionBackend(AttentionBackend):
         k_cache, v_cache = self.kv_caches[layer]
         store_kv(k, v, k_cache, v_cache, self.slot_mapping)
 
+    def kv_store_target(self, layer):
+        self.projected_kv.add(layer)
+        return (*self.kv_caches[layer], self.slot_mapping)
+
     def forward(self, layer, q, k, v, scale, out=None):
-        self.store(layer, k, v)
+        if layer in self.projected_kv:
+            self.projected_kv.discard(layer)  # the projection's kernel stored K/V
+        else:
+            self.store(layer, k, v)
         k_cache, v_cache = self.kv_caches[layer]
         rows = self.rows
         if self.decode_only:
