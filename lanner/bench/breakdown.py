@@ -21,7 +21,7 @@ from lanner.executor.model_runner import StepTimes
 # the first pattern a kernel's name matches names its kind
 KERNEL_KINDS = [
     ("attention_prefill", r"_prefill_kernel"),
-    ("attention_decode", r"_decode_(split|merge)_kernel"),
+    ("attention_decode", r"_decode_split_kernel"),
     ("kv_store", r"store_kv"),
     ("moe", r"_moe_|_route_kernel|_combine_kernel|_count_kernel|_offsets_kernel|_scatter_kernel|_masked_small"),
     ("gemm", r"gemm|gemv|cutlass|nvjet|xmma|cublas|splitK|sm\d+_"),

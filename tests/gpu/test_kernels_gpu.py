@@ -34,6 +34,30 @@ def test_decode(heads, kv_heads, dim, page, seq_lens, dtype):
         torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
 
 
+def test_decode_last_split_merge_is_race_free_and_replays_in_a_graph():
+    """The last split of each (sequence, kv head) merges all of them (an atomic count): 64 sequences x
+    16 splits, replayed 50 times in one CUDA graph over one workspace, equal the first call bit for bit
+    every time (a merge that read a partial before its write landed would differ), and the counters are
+    zero after."""
+    from lanner.kernels.attention.decode import decode_workspace
+
+    seq_lens = [1 + (i * 977) % 6000 for i in range(64)]
+    q, kc, vc, bt, sl, _ = paged_problem(seq_lens, [1] * 64, 32, 8, 128, 16, torch.bfloat16, "cuda")
+    workspace = decode_workspace(64 * 16, 32, 128, 64 * 8, "cuda")
+    first = decode_attention(q, kc, vc, bt, sl, 128 ** -0.5, num_splits=16, workspace=workspace)
+    torch.testing.assert_close(first.float(), decode_attention_ref(q, kc, vc, bt, sl, 128 ** -0.5).float(),
+                               atol=2e-2, rtol=2e-2)
+    outs = torch.empty(50, *q.shape, dtype=q.dtype, device="cuda")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(50):
+            decode_attention(q, kc, vc, bt, sl, 128 ** -0.5, num_splits=16, workspace=workspace, out=outs[i])
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(outs, first.expand_as(outs)) and not workspace[2].any()
+
+
 PREFILL_CASES = [  # heads, kv_heads, dim, page, seq_lens, q_lens
     (32, 8, 128, 16, [513, 77, 1], [513, 30, 1]),
     (16, 8, 128, 32, [4096, 1000], [4096, 999]),

@@ -3,9 +3,11 @@
 Each program handles one (sequence, kv head, split): the query heads of that kv
 head's group are packed into one tile, so the K/V it streams from the cache
 serve the whole group. Long contexts are cut into `num_splits` pieces that run
-in parallel; a second kernel merges their partial results by log-sum-exp. With
-one split (a batch large enough to fill the GPU alone) the first kernel writes the
-output itself: one kernel a layer, no partials.
+in parallel and write partial results; the last split of a (sequence, kv head) to
+finish (an atomic counter says which) merges them by log-sum-exp and resets the
+counter, so decode attention is one kernel a layer (a merge kernel of its own cost a
+graph node and a launch gap a layer at batch 1). With one split (a batch large enough
+to fill the GPU alone) the program writes the output directly, no partials.
 A sequence of length 0 (a padding row of a CUDA graph) gets an all-zero output.
 """
 from __future__ import annotations
@@ -21,7 +23,7 @@ from lanner.kernels.attention.prefill import dot_precision, load_kv_tile
 
 @triton.jit
 def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, part_out_ptr,
-                         part_lse_ptr, out_ptr, scale, stride_qt, stride_qh, stride_ot, stride_oh, stride_kb,
+                         part_lse_ptr, counter_ptr, out_ptr, scale, stride_qt, stride_qh, stride_ot, stride_oh, stride_kb,
                          stride_ks, stride_kh, stride_bt, NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
                          HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, NUM_SPLITS: tl.constexpr,
                          BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
@@ -63,29 +65,33 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_
                  out.to(out_ptr.dtype.element_ty), mask=head_ok[:, None])
         return
     lse = tl.where(has_keys, m + tl.log(tl.where(has_keys, l, 1.0)), float("-inf"))
-    row = (seq * NUM_HEADS + heads) * NUM_SPLITS + split
-    tl.store(part_out_ptr + row[:, None] * HEAD_DIM + d[None, :], out, mask=head_ok[:, None])
-    tl.store(part_lse_ptr + row, lse, mask=head_ok)
-
-
-@triton.jit
-def _decode_merge_kernel(part_out_ptr, part_lse_ptr, out_ptr, stride_ot, stride_oh,
-                         NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                         SPLITS_PAD: tl.constexpr):
-    seq = tl.program_id(0)
-    head = tl.program_id(1)
-    sp = tl.arange(0, SPLITS_PAD)
-    d = tl.arange(0, HEAD_DIM)
-    row = (seq * NUM_HEADS + head) * NUM_SPLITS + sp
-    sp_ok = sp < NUM_SPLITS
-    lse = tl.load(part_lse_ptr + row, mask=sp_ok, other=float("-inf"))
-    top = tl.max(lse, 0)
-    top = tl.where(top == float("-inf"), 0.0, top)
-    w = tl.exp(lse - top)
-    parts = tl.load(part_out_ptr + row[:, None] * HEAD_DIM + d[None, :], mask=sp_ok[:, None], other=0.0)
-    total = tl.sum(w, 0)
-    out = tl.sum(parts * w[:, None], 0) / tl.where(total > 0, total, 1.0)
-    tl.store(out_ptr + seq * stride_ot + head * stride_oh + d, out.to(out_ptr.dtype.element_ty))
+    first = (seq * NUM_HEADS + heads) * NUM_SPLITS  # this group's partials: a row a (head, split)
+    tl.store(part_out_ptr + (first + split)[:, None] * HEAD_DIM + d[None, :], out, mask=head_ok[:, None])
+    tl.store(part_lse_ptr + first + split, lse, mask=head_ok)
+    # every thread's partials are written before the count goes up (release); the last split to
+    # count reads all of them (acquire, and through L2: .cg), merges, and zeroes the count for the
+    # next launch
+    tl.debug_barrier()
+    counter = counter_ptr + seq * tl.num_programs(1) + kv_head
+    if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == NUM_SPLITS - 1:
+        top = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+        for sp in tl.static_range(NUM_SPLITS):
+            top = tl.maximum(top, tl.load(part_lse_ptr + first + sp, mask=head_ok, other=float("-inf"),
+                                          cache_modifier=".cg"))
+        top = tl.where(top == float("-inf"), 0.0, top)  # no split had keys (a padding row): zeros
+        total = tl.zeros([GROUP_PAD], tl.float32)
+        merged = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+        for sp in tl.static_range(NUM_SPLITS):
+            w = tl.exp(tl.load(part_lse_ptr + first + sp, mask=head_ok, other=float("-inf"), cache_modifier=".cg")
+                       - top)
+            part = tl.load(part_out_ptr + (first + sp)[:, None] * HEAD_DIM + d[None, :], mask=head_ok[:, None],
+                           other=0.0, cache_modifier=".cg")
+            total += w
+            merged += part * w[:, None]
+        out = merged / tl.where(total > 0, total, 1.0)[:, None]
+        tl.store(out_ptr + seq * stride_ot + heads[:, None] * stride_oh + d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=head_ok[:, None])
+        tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
 
 
 def decode_tile(head_dim: int) -> tuple[int, int, int]:
@@ -100,31 +106,35 @@ def num_decode_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sm
     return max(1, min(want, 16, math.ceil(max_seq_len / 256)))
 
 
+def decode_workspace(rows_x_splits: int, num_heads: int, head_dim: int, rows_x_kv_heads: int,
+                     device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Partial outputs and LSEs for (rows x splits) of every head, and the zeroed split counters of
+    (rows x kv heads) (the kernel leaves them zero again)."""
+    return (torch.empty(rows_x_splits * num_heads * head_dim, dtype=torch.float32, device=device),
+            torch.empty(rows_x_splits * num_heads, dtype=torch.float32, device=device),
+            torch.zeros(rows_x_kv_heads, dtype=torch.int32, device=device))
+
+
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                      seq_lens: torch.Tensor, scale: float, num_splits: int, out: torch.Tensor | None = None,
-                     workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
+                     workspace: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
                      tile: tuple[int, int, int] | None = None) -> torch.Tensor:
     """q: [B, heads, dim]; block_tables: [B, max_blocks] int32; seq_lens: [B] int32 (0: padding row).
-    `workspace` (partial outputs and LSEs) may be pre-allocated so CUDA graphs can capture the call.
-    `tile`: (keys a tile, warps, pipeline stages) instead of decode_tile(head_dim)'s."""
+    `workspace` (decode_workspace: partials and split counters) may be pre-allocated so CUDA graphs
+    can capture the call. `tile`: (keys a tile, warps, pipeline stages) instead of decode_tile(head_dim)'s."""
     B, H, D = q.shape
     _, page, kv_heads, _ = k_cache.shape
     group = H // kv_heads
     out = torch.empty_like(q) if out is None else out
     if workspace is None:
-        workspace = (torch.empty(B * H * num_splits * D, dtype=torch.float32, device=q.device),
-                     torch.empty(B * H * num_splits, dtype=torch.float32, device=q.device))
-    part_out, part_lse = workspace
+        workspace = decode_workspace(B * num_splits, H, D, B * kv_heads, q.device)
+    part_out, part_lse, counters = workspace
     block_n, num_warps, num_stages = tile or decode_tile(D)
     _decode_split_kernel[(B, kv_heads, num_splits)](
-        q, k_cache, v_cache, block_tables, seq_lens, part_out, part_lse, out, scale,
+        q, k_cache, v_cache, block_tables, seq_lens, part_out, part_lse, counters, out, scale,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1),
         k_cache.stride(2), block_tables.stride(0),
         NUM_HEADS=H, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=D, PAGE=page,
         NUM_SPLITS=num_splits, BLOCK_N=block_n, PRECISION=dot_precision(q), num_warps=num_warps,
         num_stages=num_stages)
-    if num_splits > 1:
-        _decode_merge_kernel[(B, H)](part_out, part_lse, out, out.stride(0), out.stride(1), NUM_HEADS=H,
-                                     HEAD_DIM=D, NUM_SPLITS=num_splits,
-                                     SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)))
     return out

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from lanner.core.batch import ForwardBatch
-from lanner.kernels.attention.decode import decode_attention, num_decode_splits
+from lanner.kernels.attention.decode import decode_attention, decode_workspace, num_decode_splits
 from lanner.kernels.attention.prefill import (
     prefill_attention,
     prefill_programs,
@@ -46,8 +46,7 @@ class TritonAttentionBackend(AttentionBackend):
         self.tiles = torch.zeros(1 + max_tokens, 2, dtype=torch.int32, device=device)
         # split-K partials of the largest (rows x splits) any plan can ask for
         parts = max(r * self._splits(r) for r in range(1, max_rows + 1))
-        self.workspace = (torch.empty(parts * num_heads * self.head_dim, dtype=torch.float32, device=device),
-                          torch.empty(parts * num_heads, dtype=torch.float32, device=device))
+        self.workspace = decode_workspace(parts, num_heads, self.head_dim, max_rows * self.num_kv_heads, device)
 
     def plan(self, batch: ForwardBatch, num_padded_seqs: int | None = None, graph_tokens: int | None = None) -> None:
         """`num_padded_seqs` > num_seqs adds empty sequences (length 0) for a CUDA graph's padding rows.
