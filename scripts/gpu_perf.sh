@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue [12]'s GPU runs (results under $OUT, default ./out):
-#   bash scripts/gpu_perf.sh tests      # tests/gpu engine, piecewise, kernels, structured, speculative (wheels first)
+#   bash scripts/gpu_perf.sh tests      # tests/gpu engine, piecewise, kernels, structured, speculative, server (wheels first)
 #   bash scripts/gpu_perf.sh serve      # serve burst vs offline, Qwen3-8B shape, _base/ and this tree (the
 #                                       # previous commit: mkdir _base && git archive HEAD lanner | tar -x -C _base)
 #   bash scripts/gpu_perf.sh breakdown  # W-8B and W-nano: throughput, then where the time goes
@@ -10,7 +10,7 @@ source "$(dirname "$0")/gpu_env.sh"
 case "${1:-}" in
   tests)
     bash scripts/gpu_structured.sh wheels
-    gpu_tests engine piecewise kernels structured speculative | tee "$out/gpu-tests-perf.txt" ;;
+    gpu_tests engine piecewise kernels structured speculative server | tee "$out/gpu-tests-perf.txt" ;;
   serve)
     for tree in ${TREES:-_base .}; do
       [ -d "$tree/lanner" ] || continue

@@ -9,25 +9,13 @@ import json
 import torch
 import triton
 
+from lanner.bench.common import time_ms
 from lanner.kernels.attention.store_kv import store_kv
 from lanner.kernels.fused import _qk_norm_rope_kernel, norm_rope, norm_rope_heads_per_program
 
 
-def graph_us(fn, reps: int = 50) -> float:
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(reps):
-            fn()
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(5):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return round(start.elapsed_time(end) * 1e3 / (5 * reps), 2)
+def graph_us(fn) -> float:
+    return round(time_ms(fn, 5, graph=True, calls=50) * 1e3, 2)
 
 
 def probe(name: str, hq: int, hk: int, T: int, dim: int = 128, dtype=torch.bfloat16) -> dict:

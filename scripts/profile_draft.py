@@ -11,20 +11,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from lanner import LLM
+from lanner.bench.common import time_ms
 from lanner.core.request import SamplingParams
-
-
-def timed(fn, n: int = 50) -> float:
-    for _ in range(3):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(n):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / n
 
 
 def main() -> None:
@@ -52,7 +40,7 @@ def main() -> None:
         f"draft {args.k - 1} decode steps, batch {b}": lambda: drafter.graphs.replay_graph(drafter.graphs.padded_size(b)),
     }
     os.makedirs(args.out, exist_ok=True)
-    lines = [f"{name}: {timed(fn):.3f} ms" for name, fn in parts.items()]
+    lines = [f"{name}: {time_ms(fn, 50):.3f} ms" for name, fn in parts.items()]
     print("\n".join(lines), flush=True)
     for name, fn in parts.items():
         with profile(activities=[ProfilerActivity.CUDA]) as prof:

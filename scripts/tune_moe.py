@@ -20,7 +20,8 @@ import json
 import torch
 from triton.runtime.errors import OutOfResources, PTXASError
 
-from lanner.bench.moe import random_routing, time_ms
+from lanner.bench.common import time_ms
+from lanner.bench.moe import random_routing
 from lanner.kernels.moe.configs import LAYOUTS, table_path
 from lanner.kernels.moe.fused import fused_moe
 

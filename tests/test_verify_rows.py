@@ -330,7 +330,7 @@ def test_a_drafter_with_nobody_drafting_next_only_fills_its_kv(monkeypatch):
     assert 40 < calls["fill"] < calls["first"]  # every step before a paused one
 
 
-def eager_capture_ladder(self, setup, run, what, backend=None):
+def eager_capture_ladder(self, setup, run, what, backend=None, sizes=None, pool=None):
     """SizeLadder.capture_ladder without CUDA: a "graph" whose replay re-runs `run(size)` and
     writes the results into the tensors the capture returned, as a real replay does. Graph
     runners then stage, plan and read through their static buffers exactly as on the GPU. What a
@@ -359,7 +359,7 @@ def eager_capture_ladder(self, setup, run, what, backend=None):
                     dst.copy_(src)
 
     graphs = {}
-    for size in reversed(self.sizes):
+    for size in reversed(self.sizes if sizes is None else sizes):
         setup(size)
         at_capture = baked()
         out = run(size)

@@ -37,6 +37,35 @@ WORKLOADS = {
 }
 
 
+def time_ms(fn, repeats: int, graph: bool = False, calls: int = 1) -> float:
+    """Mean ms of fn() after one warm-up call (which compiles); with `graph`, of CUDA graph replays,
+    each graph holding `calls` calls (many, for kernels of a few microseconds: a replay's own launch
+    gap is then spread over them)."""
+    fn()
+    if not torch.cuda.is_available():
+        start = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        return (time.perf_counter() - start) * 1e3 / repeats
+    if graph:
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for _ in range(calls):
+                fn()
+        fn = g.replay
+        fn()
+    else:
+        calls = 1
+    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(repeats):
+        fn()
+    stop.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(stop) / (repeats * calls)
+
+
 def hardware() -> dict:
     info = {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor()}
     if torch.cuda.is_available():

@@ -13,35 +13,10 @@ from __future__ import annotations
 
 import argparse
 import functools
-import time
 
 import torch
 
 from lanner.bench import common
-
-
-def time_ms(fn, repeats: int, graph: bool = False) -> float:
-    """Mean ms of fn() after one warm-up call (which compiles); with `graph`, of CUDA graph replays."""
-    fn()
-    if not torch.cuda.is_available():
-        start = time.perf_counter()
-        for _ in range(repeats):
-            fn()
-        return (time.perf_counter() - start) * 1e3 / repeats
-    if graph:
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            fn()
-        fn = g.replay
-        fn()
-    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(repeats):
-        fn()
-    stop.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(stop) / repeats
 
 
 def device_ceilings(device: torch.device, dtype: torch.dtype) -> tuple[float, float]:
@@ -49,10 +24,10 @@ def device_ceilings(device: torch.device, dtype: torch.dtype) -> tuple[float, fl
     big = device.type == "cuda"
     src = torch.empty((2**30 if big else 2**24) // 4, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
-    bandwidth = 2 * src.numel() * 4 / (time_ms(lambda: dst.copy_(src), 20 if big else 3) / 1e3)
+    bandwidth = 2 * src.numel() * 4 / (common.time_ms(lambda: dst.copy_(src), 20 if big else 3) / 1e3)
     n = 8192 if big else 256
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    flops = 2 * n ** 3 / (time_ms(lambda: a @ b, 10 if big else 3) / 1e3)
+    flops = 2 * n ** 3 / (common.time_ms(lambda: a @ b, 10 if big else 3) / 1e3)
     return bandwidth, flops
 
 
@@ -88,14 +63,14 @@ def main(args: argparse.Namespace) -> None:
         ref = None
         if T <= args.reference_max_tokens:
             ref = moe_reference(x, w13, w2, ids, weights)
-            row["reference_ms"] = round(time_ms(functools.partial(moe_reference, x, w13, w2, ids, weights),
+            row["reference_ms"] = round(common.time_ms(functools.partial(moe_reference, x, w13, w2, ids, weights),
                                                 args.repeats), 4)
         for layout in ("contiguous", "masked"):
             run = functools.partial(fused_moe, x, w13, w2, ids, weights, layout)
-            ms = time_ms(run, args.repeats, graph=device.type == "cuda")
+            ms = common.time_ms(run, args.repeats, graph=device.type == "cuda")
             row[f"{layout}_ms"] = round(ms, 4)
             if device.type == "cuda":
-                row[f"{layout}_eager_ms"] = round(time_ms(run, args.repeats), 4)
+                row[f"{layout}_eager_ms"] = round(common.time_ms(run, args.repeats), 4)
             row[f"{layout}_fraction_of_bound"] = round(bound_ms / ms, 3)
             if ref is not None:
                 row[f"{layout}_speedup"] = round(row["reference_ms"] / ms, 2)

@@ -108,14 +108,16 @@ class DecodeGraphs(SizeLadder):
     def __init__(self, runner, sizes: list[int]):
         super().__init__(sizes)
         self.runner = runner
+        self.pool_growth = 0  # bytes of reserved memory the capture added (the KV sizing did not count them)
 
     @torch.inference_mode()
-    def capture(self) -> CaptureReport:
+    def capture(self, logits: torch.Tensor, pool=None) -> CaptureReport:
+        """`logits`: one buffer of [max_size, vocab] for every graph (a step reads it before the next
+        replay; per-graph outputs would cost max_num_seqs x vocab for each of the sizes), allocated
+        before the KV cache was sized. `pool`: the piecewise graphs' memory pool, counted in that
+        sizing (graphs that never run at once can share one); None: a pool of their own."""
         runner = self.runner
-        # one logits buffer for every graph (a step reads it before the next replay); per-graph
-        # outputs would cost max_num_seqs x vocab for each of the sizes
-        vocab = runner.model.spec.vocab_size
-        self.logits = torch.empty(self.max_size, vocab, dtype=runner.dtype, device=runner.device)
+        self.logits = logits
 
         def setup(size: int) -> None:
             runner.backend.plan(runner.dummy_decode_batch(size), num_padded_seqs=size)
@@ -125,7 +127,10 @@ class DecodeGraphs(SizeLadder):
                 hidden = runner.model(runner.input_ids[:size], runner.positions[:size])
                 return runner.model.compute_logits(hidden, out=self.logits[:size]), hidden
 
-        self.graphs, self.report = self.capture_ladder(setup, run, "decode batch size", runner.backend)
+        on_gpu = logits.is_cuda
+        reserved = torch.cuda.memory_reserved() if on_gpu else 0
+        self.graphs, self.report = self.capture_ladder(setup, run, "decode batch size", runner.backend, pool=pool)
+        self.pool_growth = torch.cuda.memory_reserved() - reserved if on_gpu else 0
         return self.report
 
     def replay(self, batch, size: int) -> tuple[torch.Tensor, torch.Tensor]:

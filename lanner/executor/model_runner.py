@@ -175,8 +175,14 @@ class ModelRunner:
             raise ConfigError(f"MoE options {config.moe} given, but this model has no MoE layers")
         gc = config.graphs
         cuda_graphs = device.type == "cuda" and not gc.enforce_eager
-        # the KV cache gets what is left after a worst-case step and the piecewise graphs: measure
-        # the step first (its rows all real), then capture, then size
+        # the KV cache gets what is left after a worst-case step and the graphs: measure the step
+        # first (its rows all real, the decode graphs' logits buffer already allocated), then capture
+        # the pieces, then size; the decode and whole-forward graphs, captured over the cache, share
+        # the pieces' memory pool
+        self.decode_logits = None
+        if cuda_graphs:
+            self.decode_logits = torch.empty(max(self._decode_graph_rows()[1]), self.model.spec.vocab_size,
+                                             dtype=dtype, device=device)
         peak = self.profile_peak_memory() if self._sizing_kv_from_memory() else 0
         if self.moe is not None:
             self.moe.num_real_tokens = self.num_real_tokens
@@ -213,17 +219,25 @@ class ModelRunner:
         """The full decode graphs (batch sizes, and B x (k+1) rows of verify steps) and the draft's
         own graphs; the draft's prompt chunks replay graphs only where the target's do (piecewise
         on): `draft_prefill_sizes`."""
-        sched, gc = self.config.scheduler, self.config.graphs
-        sizes = decode_graph_sizes(sched.max_num_seqs, gc.cuda_graph_sizes)
-        rows = verify_graph_sizes(sizes, 1 + self.num_speculative_tokens,
-                                  min(self.max_decode_rows, max(sched.max_num_seqs, MAX_VERIFY_GRAPH_ROWS)))
+        sched = self.config.scheduler
+        sizes, rows = self._decode_graph_rows()
+        if self.decode_logits is None:  # tests capture on the CPU (eagerly)
+            self.decode_logits = torch.empty(max(rows), self.model.spec.vocab_size, dtype=self.dtype,
+                                             device=self.device)
         self.graphs = DecodeGraphs(self, rows)
-        self.graphs.capture()
+        self.graphs.capture(self.decode_logits, self.piecewise.pool if self.piecewise is not None else None)
         if self.piecewise is not None:
             self.piecewise.capture_full(self.input_ids, self.positions, self.slot_mapping, self.backend)
         if self.drafter is not None:
             self.drafter.capture(sizes, rows, draft_prefill_sizes, self.max_model_len, sched.max_num_seqs,
                                  self.input_ids)
+
+    def _decode_graph_rows(self) -> tuple[list[int], list[int]]:
+        """The decode graphs' batch sizes, and their row counts (each size x (1 + k) for verify steps)."""
+        sched = self.config.scheduler
+        sizes = decode_graph_sizes(sched.max_num_seqs, self.config.graphs.cuda_graph_sizes)
+        return sizes, verify_graph_sizes(sizes, 1 + self.num_speculative_tokens,
+                                         min(self.max_decode_rows, max(sched.max_num_seqs, MAX_VERIFY_GRAPH_ROWS)))
 
     def _setup_moe(self, config: EngineConfig) -> None:
         """The MoE layers' executor settings; the routing record when requests may ask for it."""
