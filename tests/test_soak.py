@@ -17,7 +17,7 @@ import httpx
 from test_hardening import deep, metric, wait_for
 from test_server import ENGINE_ARGS, MODEL, serve_in_thread
 
-ATTACK_S = float(os.environ.get("LANNER_SOAK_S", "40"))
+ATTACK_S = float(os.environ.get("LANNER_SOAK_S", "25"))
 ALL_KINDS = "slow_reader,leaver,huge_body,nested_body,heavy_stops,slowloris"
 ATTACK_KINDS = tuple(os.environ.get("LANNER_SOAK_KINDS", ALL_KINDS).split(","))  # a subset finds which one hurts
 PROMPTS = ["def add(a, b):", "import os", "class Stack:", "for i in range(10):", "# a comment", "x = [",
