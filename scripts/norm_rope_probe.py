@@ -37,7 +37,7 @@ def probe(name: str, hq: int, hk: int, T: int, dim: int = 128, dtype=torch.bfloa
             qk, out, w, cos, sin, qk.stride(0), qk.stride(1), H, hq, 1e-6, v, v.stride(0), kc, vc, slots, hk,
             HAS_NORM=True, STORE_KV=True, HALF=dim // 2, HEADS=heads, num_warps=warps)
 
-    row = {"model": name, "tokens": T, "chosen_heads": norm_rope_heads_per_program(T, H),
+    row = {"model": name, "tokens": T, "chosen_heads": norm_rope_heads_per_program(H),
            "fused_chosen_us": graph_us(lambda: norm_rope(qk, cos, sin, w, 1e-6, hq, out, (v, kc, vc, slots))),
            "unfused_pair_us": graph_us(unfused),
            "by_heads_warps": {f"{h}x{nw}": graph_us(lambda h=h, nw=nw: launch(h, nw))

@@ -194,7 +194,7 @@ def test_fused_q_and_k_norm_rope_in_one_launch():
     torch.testing.assert_close(got[:, 4:], norm_rope_ref(qk[:, 4:], cos, sin, w[1], 1e-6))
 
 
-@pytest.mark.parametrize("tokens", [5, 70])  # two heads a program, and blocks of eight with dead rows
+@pytest.mark.parametrize("tokens", [5, 70])  # blocks of eight heads a program: two dead rows of 6 heads
 def test_norm_rope_stores_k_and_v_into_the_cache_as_store_kv_would(tokens):
     """The fused projection kernel's KV store (issue [12]: one kernel fewer a layer): the cache gets
     exactly the rotated k heads and the v heads that store_kv writes, padding slots (-1) get
@@ -219,6 +219,26 @@ def test_norm_rope_stores_k_and_v_into_the_cache_as_store_kv_would(tokens):
     store_kv_ref(got[:, hq:], v, caches[2], caches[3], slots)
     assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
     assert caches[0].abs().sum() > 0 and int((caches[1].abs().sum((2, 3)) > 0).sum()) == int((slots >= 0).sum())
+
+
+def test_norm_rope_compiles_the_same_kernel_for_every_token_count(monkeypatch):
+    """CUDA graph captures warm kernels up at their largest size only, so a compile-time choice that
+    changed with the token count would compile inside the capture of a smaller size (which some
+    drivers refuse): the kernel's constants depend on the heads, never on the tokens."""
+    import lanner.kernels.fused as fused
+
+    launches = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **constants: launches.append(constants)
+
+    monkeypatch.setattr(fused, "_qk_norm_rope_kernel", Recorder())
+    for tokens in (1, 5, 16, 63, 64, 2048):
+        x = torch.zeros(tokens, 6, 16)
+        cos = sin = torch.zeros(tokens, 16)
+        fused.norm_rope(x, cos, sin, torch.ones(2, 16), 1e-6, second_weight_from=4)
+    assert len(launches) == 6 and all(c == launches[0] for c in launches), launches
 
 
 def test_a_projection_that_stores_kv_makes_that_layers_attention_skip_its_store():

@@ -108,7 +108,9 @@ class DecodeGraphs(SizeLadder):
     def __init__(self, runner, sizes: list[int]):
         super().__init__(sizes)
         self.runner = runner
-        self.pool_growth = 0  # bytes of reserved memory the capture added (the KV sizing did not count them)
+        # reserved memory added while capturing (the KV sizing did not count it): the pool's growth, and what
+        # the eager warm-ups left cached in the allocator
+        self.pool_growth = 0
 
     @torch.inference_mode()
     def capture(self, logits: torch.Tensor, pool=None) -> CaptureReport:
@@ -136,6 +138,7 @@ class DecodeGraphs(SizeLadder):
     def replay(self, batch, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Run a decode batch (already staged in the runner's buffers) through the graph of `size`;
         returns the logits and hidden states of every row, padding included (the graph's output
-        buffers: read them before the next replay)."""
+        buffers: read them before the next replay of any of the target's graphs, decode, pieces or
+        whole-forward, which share one memory pool)."""
         self.runner.backend.plan(batch, num_padded_seqs=size)
         return self.replay_graph(size)

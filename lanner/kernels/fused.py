@@ -89,11 +89,13 @@ def _qk_norm_rope_kernel(src_ptr, out_ptr, w_ptr, cos_ptr, sin_ptr, stride_t, st
             tl.store(v_dst + HALF, tl.load(v_src + HALF, mask=is_v), mask=is_v)
 
 
-def norm_rope_heads_per_program(num_tokens: int, num_heads: int) -> int:
-    """Heads one program takes (with 4 warps): 4 for small steps, 8 from 64 tokens. One head a
-    program, as before, left most threads idle: a 512-token step of Qwen3-0.6B's heads took 9.8 us
-    plus 2.2 us of store_kv, against 3.2 us now with the store (scripts/norm_rope_probe.py, H200)."""
-    return min(triton.next_power_of_2(num_heads), 8 if num_tokens >= 64 else 4)
+def norm_rope_heads_per_program(num_heads: int) -> int:
+    """Heads one program takes (with 4 warps): a block of 8. One head a program, as before, left most
+    threads idle: a 512-token step of Qwen3-0.6B's heads took 9.8 us plus 2.2 us of store_kv, against
+    3.2 us now with the store (scripts/norm_rope_probe.py, H200). Fewer heads win by ~0.1 us under 64
+    tokens, but a block that changed with the token count would compile a new kernel inside a CUDA
+    graph capture at the first small size (captures warm up at the largest)."""
+    return min(triton.next_power_of_2(num_heads), 8)
 
 
 def norm_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, weight: torch.Tensor | None = None,
@@ -117,7 +119,7 @@ def norm_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, weight: tor
     else:
         v, k_cache, v_cache, slot_mapping = x, x, x, x
     if T:
-        heads = norm_rope_heads_per_program(T, H)
+        heads = norm_rope_heads_per_program(H)
         _qk_norm_rope_kernel[(T, triton.cdiv(H, heads))](
             x, out, weight if weight is not None else x, cos, sin, x.stride(0), x.stride(1), H, split, eps,
             v, v.stride(0), k_cache, v_cache, slot_mapping, H - split, HAS_NORM=weight is not None,

@@ -36,9 +36,9 @@ def test_decode(heads, kv_heads, dim, page, seq_lens, dtype):
 
 def test_decode_last_split_merge_is_race_free_and_replays_in_a_graph():
     """The last split of each (sequence, kv head) merges all of them (an atomic count): 64 sequences x
-    16 splits, replayed 50 times in one CUDA graph over one workspace, equal the first call bit for bit
-    every time (a merge that read a partial before its write landed would differ), and the counters are
-    zero after."""
+    16 splits, 50 calls in one CUDA graph over one workspace whose partials are set to NaN before each
+    call (so a merge that read a partial before its write landed would give NaN), replayed 3 times,
+    equal the first call bit for bit every time, and the counters are zero after."""
     from lanner.kernels.attention.decode import decode_workspace
 
     seq_lens = [1 + (i * 977) % 6000 for i in range(64)]
@@ -51,6 +51,8 @@ def test_decode_last_split_merge_is_race_free_and_replays_in_a_graph():
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         for i in range(50):
+            workspace[0].fill_(float("nan"))
+            workspace[1].fill_(float("nan"))
             decode_attention(q, kc, vc, bt, sl, 128 ** -0.5, num_splits=16, workspace=workspace, out=outs[i])
     for _ in range(3):
         graph.replay()
