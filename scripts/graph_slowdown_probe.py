@@ -1,5 +1,6 @@
-"""Why do kernels run slower inside the whole-forward graph than inside the pieces? (issue [12])
-Times one prompt step's forward, by CUDA events and per kernel name (profiler), four ways:
+"""Where one prompt step's GPU time goes, and whether kernels run slower inside the whole-forward
+graph than inside the pieces (issue [12]; they do not: docs/benchmarks.md, 2026-12-04 09:35).
+Times the step's forward, by CUDA events and per kernel name (profiler), four ways:
   whole        the whole-forward graph
   pieces       the piece graphs with attention launched between them
   whole-noattn a graph of the whole forward with attention skipped (captured here)

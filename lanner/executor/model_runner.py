@@ -179,10 +179,7 @@ class ModelRunner:
         # first (its rows all real, the decode graphs' logits buffer already allocated), then capture
         # the pieces, then size; the decode and whole-forward graphs, captured over the cache, share
         # the pieces' memory pool
-        self.decode_logits = None
-        if cuda_graphs:
-            self.decode_logits = torch.empty(max(self._decode_graph_rows()[1]), self.model.spec.vocab_size,
-                                             dtype=dtype, device=device)
+        self.decode_logits = self._decode_logits_buffer() if cuda_graphs else None
         peak = self.profile_peak_memory() if self._sizing_kv_from_memory() else 0
         if self.moe is not None:
             self.moe.num_real_tokens = self.num_real_tokens
@@ -222,8 +219,7 @@ class ModelRunner:
         sched = self.config.scheduler
         sizes, rows = self._decode_graph_rows()
         if self.decode_logits is None:  # tests capture on the CPU (eagerly)
-            self.decode_logits = torch.empty(max(rows), self.model.spec.vocab_size, dtype=self.dtype,
-                                             device=self.device)
+            self.decode_logits = self._decode_logits_buffer()
         self.graphs = DecodeGraphs(self, rows)
         self.graphs.capture(self.decode_logits, self.piecewise.pool if self.piecewise is not None else None)
         if self.piecewise is not None:
@@ -238,6 +234,11 @@ class ModelRunner:
         sizes = decode_graph_sizes(sched.max_num_seqs, self.config.graphs.cuda_graph_sizes)
         return sizes, verify_graph_sizes(sizes, 1 + self.num_speculative_tokens,
                                          min(self.max_decode_rows, max(sched.max_num_seqs, MAX_VERIFY_GRAPH_ROWS)))
+
+    def _decode_logits_buffer(self) -> torch.Tensor:
+        """The one logits buffer of every decode graph: [their most rows, vocab]."""
+        return torch.empty(max(self._decode_graph_rows()[1]), self.model.spec.vocab_size, dtype=self.dtype,
+                           device=self.device)
 
     def _setup_moe(self, config: EngineConfig) -> None:
         """The MoE layers' executor settings; the routing record when requests may ask for it."""
