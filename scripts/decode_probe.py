@@ -1,8 +1,10 @@
 """Decode attention against the KV-read bound, over tile shapes (issue [12]): batch 256 with the
 contexts of W-8B and W-nano (and batch 1 / 16 at 8k), Qwen3's 32/16 query heads over 8 KV heads of
 128 dims, one layer. Prints, per shape and tile, the kernel time and the KV bandwidth it reached.
-  PYTHONPATH=. python3 scripts/decode_probe.py [OUT.json]"""
+  PYTHONPATH=. [KV_DTYPE=fp8] python3 scripts/decode_probe.py [OUT.json]
+KV_DTYPE=fp8: the cache in e4m3 (--kv-cache-dtype fp8), half the bytes to read."""
 import json
+import os
 import random
 import sys
 
@@ -13,6 +15,9 @@ sys.path.insert(0, "tests")
 from kernel_cases import paged_problem
 
 from lanner.kernels.attention.decode import decode_attention, decode_tile, num_decode_splits
+from lanner.kernels.attention.reference import to_cache_ref
+
+FP8 = os.environ.get("KV_DTYPE") == "fp8"
 
 SHAPES = [  # name, query heads, seq lens
     ("w8b-b256", 32, lambda r: [r.randint(128, 512) + r.randint(0, 256) for _ in range(256)]),
@@ -30,8 +35,10 @@ def main() -> None:
     for name, heads, lens in SHAPES:
         seq_lens = lens(random.Random(0))
         q, kc, vc, bt, sl, _ = paged_problem(seq_lens, [1] * len(seq_lens), heads, 8, 128, 16, torch.bfloat16, "cuda")
+        if FP8:
+            kc, vc = to_cache_ref(kc, torch.float8_e4m3fn), to_cache_ref(vc, torch.float8_e4m3fn)
         splits = num_decode_splits(len(seq_lens), 8, 40960, sms)
-        kv_bytes = sum(seq_lens) * 8 * 128 * 2 * 2
+        kv_bytes = sum(seq_lens) * 8 * 128 * 2 * kc.element_size()
         ref = decode_attention(q, kc, vc, bt, sl, 0.08, splits)
         best = None
         for tile in TILES:
@@ -52,7 +59,7 @@ def main() -> None:
               f"best {best[1]['tile']} {best[1]['us']} us {best[1]['tb_per_s']} TB/s", flush=True)
     if len(sys.argv) > 1:
         with open(sys.argv[1], "w") as f:
-            json.dump({"gpu": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
+            json.dump({"gpu": torch.cuda.get_device_name(), "kv": "fp8" if FP8 else "bf16", "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

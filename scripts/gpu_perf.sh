@@ -6,10 +6,12 @@
 #   bash scripts/gpu_perf.sh breakdown  # W-8B and W-nano: throughput, then where the time goes
 #   bash scripts/gpu_perf.sh steps      # lanner bench step, Qwen3-0.6B and Qwen3-8B shapes, _base/ and this tree
 #   bash scripts/gpu_perf.sh latency    # lanner bench latency at batch 1, the same models and trees
+#   bash scripts/gpu_perf.sh kv         # W-8B and W-nano with the KV cache in bf16 and in fp8 (--kv-cache-dtype)
 source "$(dirname "$0")/gpu_env.sh"
 case "${1:-}" in
   tests)
     bash scripts/gpu_structured.sh wheels
+    python3 -m pip install -q --no-index --find-links .wheels fastapi uvicorn prometheus_client httpx 2>&1 | tail -3
     gpu_tests engine piecewise kernels structured speculative server | tee "$out/gpu-tests-perf.txt" ;;
   serve)
     for tree in ${TREES:-_base .}; do
@@ -27,6 +29,14 @@ case "${1:-}" in
     for f in "$out/$day"-w*-breakdown.json; do
       python3 -c "import json,sys; r=json.load(open(sys.argv[1]))['results']; print(sys.argv[1], r['output_tok_per_s'], json.dumps(r['breakdown']))" "$f"
     done ;;
+  kv)
+    for dtype in ${KV_DTYPES:-auto fp8}; do
+      for run in "W-8B qwen3-8b w8b" "W-nano qwen3-0.6b wnano"; do
+        set -- $run
+        python3 -m lanner.cli bench throughput --workload "$1" --config "benchmarks/configs/$2.json" \
+          --kv-cache-dtype "$dtype" ${BREAKDOWN:+--breakdown} --output-json "$out/$day-$3-kv-$dtype.json" 2>&1 | tail -1
+      done
+    done ;;
   steps|latency)
     # lanner bench step (prefill and mixed steps) or latency (batch-1 decode) of _base/ and this tree
     root=$(pwd); outdir=$(cd "$out" && pwd)
@@ -41,5 +51,5 @@ case "${1:-}" in
           --gpu-memory-utilization 0.5 --output-json "$outdir/$day-$1-$cfg-$tag.json") 2>&1 | grep -E "^\{|capture|Error|tok/s"
       done
     done ;;
-  *) echo "usage: $0 tests|serve|breakdown|steps|latency" >&2; exit 2 ;;
+  *) echo "usage: $0 tests|serve|breakdown|steps|latency|kv" >&2; exit 2 ;;
 esac

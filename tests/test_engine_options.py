@@ -122,7 +122,10 @@ def test_chunked_prefill_off_prefills_each_prompt_in_one_step():
 @pytest.mark.parametrize("option,value,fragment", [
     ("quantization", "fp8", "quantization 'fp8' is not supported yet"),
     ("quantization", "awq", "not supported yet"),
-    ("kv_cache_dtype", "fp8", "kv_cache_dtype 'fp8' is not supported yet"),
+    ("kv_cache_dtype", "fp8_e5m2", "kv_cache_dtype 'fp8_e5m2' is not supported"),
+    ("kv_cache_dtype", "int8", "kv_cache_dtype 'int8': one of auto, fp8, fp8_e4m3"),
+    ("attention_backend", "flash", "attention_backend 'flash': one of auto, torch, triton"),  # the CLI's choices
+    ("load_format", "pt", "load_format 'pt': one of"),
     ("tokenizer_mode", "mistral", "tokenizer_mode 'mistral' is not supported"),
     ("tokenizer_mode", "slow", "no slow tokenizers"),
     ("tensor_parallel_size", 0, "tensor_parallel_size must be >= 1"),
@@ -145,11 +148,34 @@ def test_whole_forward_graphs_are_refused_where_attention_cannot_be_captured():
 
 @pytest.mark.parametrize("kwargs", [
     {"trust_remote_code": True}, {"tokenizer_mode": "auto"}, {"enable_chunked_prefill": True},
-    {"disable_log_stats": True}, {"quantization": None}, {"kv_cache_dtype": "auto"}, {"seed": 3},
+    {"disable_log_stats": True}, {"quantization": None}, {"kv_cache_dtype": "auto"}, {"kv_cache_dtype": "fp8"},
+    {"seed": 3},
     {"revision": "main"}, {"load_format": "safetensors"}])
 def test_everyday_vllm_options_are_accepted(kwargs):
     EngineConfig.from_kwargs(**kwargs)
     assert LLM(num_kv_blocks=16, **kwargs).generate("x", SamplingParams(max_tokens=2), use_tqdm=False)
+
+
+def test_an_fp8_kv_cache_holds_more_tokens_in_the_same_memory_and_keeps_greedy_outputs():
+    """kv_cache_dtype=fp8 (issue [12]): the cache's elements are e4m3, so the same kv_cache_memory_gib
+    holds 4x the blocks of the CPU path's float32 cache; greedy outputs of the embedded model stay
+    those of the full-precision cache while the logprobs move a little (the cache really is fp8), and
+    a prefix-cache hit over fp8 blocks gives the same tokens again."""
+    prompts = ["The capital of France is", "1 2 3 4 5", "Once upon a time there was a fox. " * 6]
+    params = SamplingParams(max_tokens=24, temperature=0, logprobs=0)
+    full, fp8 = LLM(kv_cache_memory_gib=0.01), LLM(kv_cache_memory_gib=0.01, kv_cache_dtype="fp8")
+    assert fp8.engine.runner.kv_caches[0][0].dtype == torch.float8_e4m3fn
+    assert fp8.engine.runner.num_blocks >= 4 * full.engine.runner.num_blocks
+    want, got = (llm.generate(prompts, params, use_tqdm=False) for llm in (full, fp8))
+    moved = 0.0
+    for a, b in zip(want, got):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        for x, y in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
+            moved = max(moved, abs(next(iter(x.values())).logprob - next(iter(y.values())).logprob))
+    assert 1e-3 < moved < 0.5
+    again = fp8.generate(prompts, params, use_tqdm=False)
+    assert again[2].num_cached_tokens >= 32
+    assert [o.outputs[0].token_ids for o in again] == [o.outputs[0].token_ids for o in got]
 
 
 def test_engine_stats_are_logged_unless_disabled(caplog):

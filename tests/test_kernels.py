@@ -9,7 +9,12 @@ from kernel_cases import paged_problem, tile_table
 from lanner.core.batch import ForwardBatch
 from lanner.kernels.attention.decode import decode_attention, decode_workspace, num_decode_splits
 from lanner.kernels.attention.prefill import prefill_attention
-from lanner.kernels.attention.reference import decode_attention_ref, prefill_attention_ref, store_kv_ref
+from lanner.kernels.attention.reference import (
+    decode_attention_ref,
+    prefill_attention_ref,
+    store_kv_ref,
+    to_cache_ref,
+)
 from lanner.kernels.attention.store_kv import store_kv
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -42,6 +47,52 @@ def test_decode_matches_reference(heads, kv_heads, dim, page, seq_lens, splits):
         torch.testing.assert_close(out, ref, atol=2e-3, rtol=2e-3)
         assert torch.all(out[torch.tensor(seq_lens) == 0] == 0)
         assert not workspace[2].any()
+
+
+FP8 = torch.float8_e4m3fn
+
+
+def test_store_kv_into_an_fp8_cache_scales_and_saturates_as_the_reference_does():
+    """An fp8 cache holds K / k_scale and V / v_scale in e4m3; values past e4m3's range saturate at
+    +-448 (a plain cast gives NaN), as the torch reference (the CPU path) does. Here the values
+    divided by their scale are e4m3 numbers, so no rounding is involved: Triton's CPU interpreter
+    rounds some values across a power of two wrongly (-7.89 to -4); tests/gpu checks the rounding
+    of random values bit for bit."""
+    g = torch.Generator().manual_seed(1)
+    k = (torch.randn(6, 2, 16, generator=g) * 100).to(FP8).float() * 0.5
+    v = (torch.randn(6, 2, 16, generator=g)).to(FP8).float() * 2.0
+    k[0, 0, 0], v[2, 1, 3] = 5000.0, -900.0  # past 448 x scale
+    slots = torch.tensor([3, -1, 17, 0, 30, 9])
+    caches = [torch.zeros(4, 8, 2, 16, dtype=FP8) for _ in range(4)]
+    store_kv(k, v, caches[0], caches[1], slots, k_scale=0.5, v_scale=2.0)
+    store_kv_ref(k, v, caches[2], caches[3], slots, k_scale=0.5, v_scale=2.0)
+    assert torch.equal(caches[0].view(torch.uint8), caches[2].view(torch.uint8))
+    assert torch.equal(caches[1].view(torch.uint8), caches[3].view(torch.uint8))
+    k_flat, v_flat = caches[0].view(-1, 2, 16).float(), caches[1].view(-1, 2, 16).float()
+    assert not k_flat.isnan().any() and k_flat[3, 0, 0] == 448.0 and v_flat[17, 1, 3] == -448.0
+    kept = slots >= 0
+    k[0, 0, 0], v[2, 1, 3] = 224.0, -896.0
+    assert torch.equal(k_flat[slots[kept]] * 0.5, k[kept]) and torch.equal(v_flat[slots[kept]] * 2.0, v[kept])
+    assert k_flat.view(-1, 32)[[1, 2, 4]].abs().sum() == 0  # no token there
+
+
+def test_decode_and_prefill_read_an_fp8_cache():
+    """Both attention kernels widen the fp8 cache's elements and apply its scales: the same result
+    as the reference over the dequantized cache, for a decode batch with splits and a prefill step.
+    (float32 queries: the interpreter's bf16 dot is wrong; tests/gpu runs bf16.)"""
+    seq_lens, q_lens = [9, 40, 23], [9, 12, 1]
+    q, kc, vc, bt, sl, qs = paged_problem(seq_lens, q_lens, 4, 2, 32, 16, torch.float32, DEV)
+    k8, v8 = to_cache_ref(kc, FP8, 0.25), to_cache_ref(vc, FP8, 4.0)
+    tol = {"atol": 2e-3, "rtol": 2e-3}
+    out = prefill_attention(q, k8, v8, bt, sl, qs, tile_table(q_lens, seq_lens, q, kc), 0.25, k_scale=0.25,
+                            v_scale=4.0)
+    torch.testing.assert_close(out, prefill_attention_ref(q, k8, v8, bt, sl, qs, 0.25, 0.25, 4.0), **tol)
+    dq = q[:3]
+    workspace = decode_workspace(3 * 2, 4, 32, 3 * 2, DEV)
+    out = decode_attention(dq, k8, v8, bt, sl, 0.3, num_splits=2, workspace=workspace, k_scale=0.25, v_scale=4.0)
+    torch.testing.assert_close(out, decode_attention_ref(dq, k8, v8, bt, sl, 0.3, 0.25, 4.0), **tol)
+    # and not the same as ignoring the scales
+    assert (out - decode_attention_ref(dq, k8, v8, bt, sl, 0.3)).abs().max() > 0.1
 
 
 def test_decode_splits_follow_the_gpus_multiprocessor_count():
@@ -194,11 +245,12 @@ def test_fused_q_and_k_norm_rope_in_one_launch():
     torch.testing.assert_close(got[:, 4:], norm_rope_ref(qk[:, 4:], cos, sin, w[1], 1e-6))
 
 
-@pytest.mark.parametrize("tokens", [5, 70])  # blocks of eight heads a program: two dead rows of 6 heads
-def test_norm_rope_stores_k_and_v_into_the_cache_as_store_kv_would(tokens):
+@pytest.mark.parametrize("tokens,cache_dtype", [(5, torch.float32), (70, torch.float32), (70, FP8)])
+def test_norm_rope_stores_k_and_v_into_the_cache_as_store_kv_would(tokens, cache_dtype):
     """The fused projection kernel's KV store (issue [12]: one kernel fewer a layer): the cache gets
-    exactly the rotated k heads and the v heads that store_kv writes, padding slots (-1) get
-    nothing, and q and k come out as without the store."""
+    exactly the rotated k heads and the v heads that store_kv writes (scaled and saturated in an fp8
+    cache), padding slots (-1) get nothing, and q and k come out as without the store. (Blocks of
+    eight heads a program: 6 heads leave two dead rows.)"""
     from lanner.kernels.fused import norm_rope
     from lanner.kernels.fused_reference import norm_rope_ref
     from lanner.layers.rotary import RotaryEmbedding
@@ -212,13 +264,16 @@ def test_norm_rope_stores_k_and_v_into_the_cache_as_store_kv_would(tokens):
     w = torch.randn(2, dim, generator=g)
     slots = torch.randperm(tokens + 8, generator=g)[:tokens]
     slots[1::3] = -1
-    caches = [torch.zeros((tokens + 8) // 4 + 1, 4, hk, dim) for _ in range(4)]
-    got = norm_rope(qk, cos, sin, w, 1e-6, second_weight_from=hq, kv_store=(v, caches[0], caches[1], slots))
+    caches = [torch.zeros((tokens + 8) // 4 + 1, 4, hk, dim, dtype=cache_dtype) for _ in range(4)]
+    scales = (0.5, 0.01)  # an fp8 cache saturates some v values
+    got = norm_rope(qk, cos, sin, w, 1e-6, second_weight_from=hq, kv_store=(v, caches[0], caches[1], slots),
+                    kv_scales=scales)
     want = norm_rope_ref(qk, cos, sin, w, 1e-6, second_weight_from=hq)
     torch.testing.assert_close(got, want)
-    store_kv_ref(got[:, hq:], v, caches[2], caches[3], slots)
-    assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
-    assert caches[0].abs().sum() > 0 and int((caches[1].abs().sum((2, 3)) > 0).sum()) == int((slots >= 0).sum())
+    store_kv(got[:, hq:].contiguous(), v, caches[2], caches[3], slots, *scales)
+    assert all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(caches[:2], caches[2:]))
+    written = caches[1].float().abs().sum((2, 3)) > 0
+    assert caches[0].float().abs().sum() > 0 and int(written.sum()) == int((slots >= 0).sum())
 
 
 def test_norm_rope_compiles_the_same_kernel_for_every_token_count(monkeypatch):

@@ -3,6 +3,13 @@ from __future__ import annotations
 
 import torch
 
+FP8_KV_DTYPE = torch.float8_e4m3fn
+
+
+def kv_cache_element_type(kv_cache_dtype: str, model_dtype: torch.dtype) -> torch.dtype:
+    """The cache's element type for CacheConfig.kv_cache_dtype ('auto': the model's)."""
+    return model_dtype if kv_cache_dtype == "auto" else FP8_KV_DTYPE
+
 
 def kv_block_bytes(spec, block_size: int, dtype: torch.dtype) -> int:
     """Bytes of one block of K and V over all of `spec`'s layers."""

@@ -21,7 +21,7 @@ from lanner.errors import ConfigError
 from lanner.executor.deferred import Deferred
 from lanner.executor.drafter import Drafter
 from lanner.executor.graphs import DecodeGraphs, decode_graph_sizes, verify_graph_sizes
-from lanner.executor.kv_tensors import allocate_kv_caches, kv_block_bytes
+from lanner.executor.kv_tensors import allocate_kv_caches, kv_block_bytes, kv_cache_element_type
 from lanner.executor.piecewise import PiecewiseGraphs, piecewise_sizes
 from lanner.executor.worker import min_over_ranks
 from lanner.layers.attention import forward_context
@@ -148,6 +148,7 @@ class ModelRunner:
         self.config = config
         self.device = device
         self.dtype = dtype
+        self.kv_dtype = kv_cache_element_type(config.cache.kv_cache_dtype, dtype)
         self.model = loaded.model
         self.max_model_len = max_model_len
         self.block_size = config.cache.block_size
@@ -199,7 +200,7 @@ class ModelRunner:
             torch.cuda.empty_cache()  # the warm-up's activations: not the pieces' memory
             pieces_bytes = torch.cuda.memory_reserved(device) - before_pieces
         self.num_blocks = min_over_ranks(self._num_kv_blocks(peak, pieces_bytes))  # every rank holds the same
-        self.kv_caches = allocate_kv_caches(self.model.spec, self.num_blocks, self.block_size, dtype, device)
+        self.kv_caches = allocate_kv_caches(self.model.spec, self.num_blocks, self.block_size, self.kv_dtype, device)
         self.backend = self._make_backend(self.kv_caches)
         if self.drafter is not None:
             self.drafter.allocate(self.num_blocks, self._make_backend,
@@ -289,7 +290,7 @@ class ModelRunner:
     def _block_bytes(self) -> int:
         """Bytes of one KV block, the draft's share included."""
         draft = self.drafter.block_bytes() if self.drafter is not None else 0
-        return kv_block_bytes(self.model.spec, self.block_size, self.dtype) + draft
+        return kv_block_bytes(self.model.spec, self.block_size, self.kv_dtype) + draft
 
     def _sizing_kv_from_memory(self) -> bool:
         return self.config.cache.num_kv_blocks is None and self.device.type == "cuda"
@@ -325,12 +326,10 @@ class ModelRunner:
         seqs = min(sched.max_num_seqs, tokens)
         lens = [tokens // seqs + (i < tokens % seqs) for i in range(seqs)]
         blocks_per_seq = -(-max(lens) // self.block_size)
-        spec = self.model.spec
-        shape = (seqs * blocks_per_seq, self.block_size, spec.num_kv_heads, spec.head_dim)
         # zeros: the pass attends over these blocks, and garbage there (NaN) would reach a MoE router
-        caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
-                   torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in range(spec.num_layers)]
-        cache_bytes = 2 * spec.num_layers * caches[0][0].numel() * caches[0][0].element_size()
+        caches = allocate_kv_caches(self.model.spec, seqs * blocks_per_seq, self.block_size, self.kv_dtype,
+                                    self.device)
+        cache_bytes = sum(k.nbytes + v.nbytes for k, v in caches)
         tables = [list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq)) for i in range(seqs)]
         batch = ForwardBatch(self.input_ids[:tokens], self.positions[:tokens], self.slot_mapping[:tokens], lens,
                              lens, tables, torch.arange(seqs, device=self.device), tokens)

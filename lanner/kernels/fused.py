@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from lanner.kernels.attention.store_kv import cache_value
+
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, stride_x, stride_r, stride_o, N, eps,
@@ -44,8 +46,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
 
 @triton.jit
 def _qk_norm_rope_kernel(src_ptr, out_ptr, w_ptr, cos_ptr, sin_ptr, stride_t, stride_h, num_heads, second_weight_from,
-                         eps, v_ptr, stride_vt, k_cache_ptr, v_cache_ptr, slot_ptr, num_kv_heads,
-                         HAS_NORM: tl.constexpr, STORE_KV: tl.constexpr, HALF: tl.constexpr, HEADS: tl.constexpr):
+                         eps, v_ptr, stride_vt, k_cache_ptr, v_cache_ptr, slot_ptr, num_kv_heads, k_inv_scale,
+                         v_inv_scale, HAS_NORM: tl.constexpr, STORE_KV: tl.constexpr, HALF: tl.constexpr,
+                         HEADS: tl.constexpr):
     # one token's block of HEADS heads: rows are heads, the two halves of a head rotate together
     token = tl.program_id(0).to(tl.int64)
     rows = (tl.program_id(1) * HEADS + tl.arange(0, HEADS))[:, None]
@@ -80,13 +83,13 @@ def _qk_norm_rope_kernel(src_ptr, out_ptr, w_ptr, cos_ptr, sin_ptr, stride_t, st
             row = num_kv_heads * 2 * HALF
             is_k = live & (rows >= second_weight_from)
             k_dst = k_cache_ptr + slot * row + (rows - second_weight_from) * 2 * HALF + d
-            tl.store(k_dst, o1, mask=is_k)
-            tl.store(k_dst + HALF, o2, mask=is_k)
+            tl.store(k_dst, cache_value(o1, k_inv_scale, k_cache_ptr), mask=is_k)
+            tl.store(k_dst + HALF, cache_value(o2, k_inv_scale, k_cache_ptr), mask=is_k)
             is_v = rows < num_kv_heads
             v_src = v_ptr + token * stride_vt + rows * 2 * HALF + d
             v_dst = v_cache_ptr + slot * row + rows * 2 * HALF + d
-            tl.store(v_dst, tl.load(v_src, mask=is_v), mask=is_v)
-            tl.store(v_dst + HALF, tl.load(v_src + HALF, mask=is_v), mask=is_v)
+            tl.store(v_dst, cache_value(tl.load(v_src, mask=is_v), v_inv_scale, v_cache_ptr), mask=is_v)
+            tl.store(v_dst + HALF, cache_value(tl.load(v_src + HALF, mask=is_v), v_inv_scale, v_cache_ptr), mask=is_v)
 
 
 def norm_rope_heads_per_program(num_heads: int) -> int:
@@ -100,14 +103,16 @@ def norm_rope_heads_per_program(num_heads: int) -> int:
 
 def norm_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, weight: torch.Tensor | None = None,
               eps: float = 1e-6, second_weight_from: int | None = None,
-              out: torch.Tensor | None = None, kv_store: tuple | None = None) -> torch.Tensor:
+              out: torch.Tensor | None = None, kv_store: tuple | None = None,
+              kv_scales: tuple[float, float] = (1.0, 1.0)) -> torch.Tensor:
     """Per-head RMSNorm (if `weight`) then rotary, on x [T, heads, dim] whose heads may be
     strided views into a fused projection; returns a contiguous [T, heads, dim]. With a
     weight of shape [2, dim], heads from `second_weight_from` on use its second row: q and
     k heads, adjacent in the fused projection, go through one launch.
     `kv_store` = (v, k_cache, v_cache, slot_mapping): the heads from `second_weight_from` on are
     k heads; they (rotated) and v [T, kv_heads, dim] are also written into the caches
-    ([blocks, block_size, kv_heads, dim]) at each token's slot (-1: none), as store_kv would."""
+    ([blocks, block_size, kv_heads, dim]) at each token's slot (-1: none), as store_kv would with
+    `kv_scales` = (k_scale, v_scale) (an fp8 cache's scales)."""
     T, H, D = x.shape
     assert x.stride(2) == 1 and cos.is_contiguous() and sin.is_contiguous()
     out = torch.empty(T, H, D, dtype=x.dtype, device=x.device) if out is None else out
@@ -122,7 +127,8 @@ def norm_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, weight: tor
         heads = norm_rope_heads_per_program(H)
         _qk_norm_rope_kernel[(T, triton.cdiv(H, heads))](
             x, out, weight if weight is not None else x, cos, sin, x.stride(0), x.stride(1), H, split, eps,
-            v, v.stride(0), k_cache, v_cache, slot_mapping, H - split, HAS_NORM=weight is not None,
+            v, v.stride(0), k_cache, v_cache, slot_mapping, H - split, 1.0 / kv_scales[0], 1.0 / kv_scales[1],
+            HAS_NORM=weight is not None,
             STORE_KV=kv_store is not None, HALF=D // 2, HEADS=heads, num_warps=4)
     return out
 

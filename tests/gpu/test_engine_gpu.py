@@ -95,6 +95,30 @@ def test_overlap_scheduling_on_and_off_identical_on_gpu():
     assert results[0] == results[1]
 
 
+def test_an_fp8_kv_cache_on_the_gpu():
+    """kv_cache_dtype=fp8 through the Triton kernels (decode, prefill, the fused projection store,
+    graphs on): in float32 the tokens are the torch backend's over the same fp8 cache; in bf16 graphs
+    change nothing, the same memory holds twice the bf16 cache's blocks, and the first tokens are
+    mostly the bf16 cache's (later ones drift apart after any near-tie)."""
+    def run(**kw):
+        llm = LLM(gpu_memory_utilization=0.3, **kw)
+        out, blocks = tokens(llm), llm.engine.runner.num_blocks
+        del llm
+        gc.collect()
+        torch.cuda.empty_cache()
+        return out, blocks
+
+    triton_fp32, _ = run(dtype="float32", kv_cache_dtype="fp8")
+    torch_fp32, _ = run(dtype="float32", kv_cache_dtype="fp8", enforce_eager=True, attention_backend="torch")
+    assert triton_fp32 == torch_fp32
+    graphs, fp8_blocks = run(dtype="bfloat16", kv_cache_dtype="fp8")
+    eager, _ = run(dtype="bfloat16", kv_cache_dtype="fp8", enforce_eager=True)
+    bf16, bf16_blocks = run(dtype="bfloat16")
+    assert graphs == eager
+    assert fp8_blocks >= 1.9 * bf16_blocks
+    assert sum(x[0] == y[0] for x, y in zip(graphs, bf16)) >= 10
+
+
 def test_no_memory_growth_over_many_requests():
     llm = LLM(dtype="bfloat16", gpu_memory_utilization=0.3)
     params = SamplingParams(temperature=0.8, max_tokens=32, ignore_eos=True, seed=3)

@@ -92,6 +92,51 @@ def test_store_kv(dtype):
     assert torch.equal(a[0], a[2]) and torch.equal(a[1], a[3])
 
 
+FP8 = torch.float8_e4m3fn
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_store_kv_fp8_rounds_and_saturates_as_torch(dtype):
+    """Random values (some past e4m3's range after the scale) rounded into an fp8 cache bit for bit
+    as torch's cast of the saturated value."""
+    g = torch.Generator().manual_seed(0)
+    k = (torch.randn(1000, 8, 128, generator=g) * 100).to(dtype).cuda()
+    v = torch.randn(1000, 8, 128, generator=g).to(dtype).cuda()
+    slots = torch.randperm(64 * 16, generator=g)[:1000].cuda()
+    slots[::7] = -1
+    a = [torch.zeros(64, 16, 8, 128, dtype=FP8, device="cuda") for _ in range(4)]
+    store_kv(k, v, a[0], a[1], slots, k_scale=0.5, v_scale=0.01)
+    store_kv_ref(k, v, a[2], a[3], slots, k_scale=0.5, v_scale=0.01)
+    assert all(torch.equal(x.view(torch.uint8), y.view(torch.uint8)) for x, y in zip(a[:2], a[2:]))
+    assert a[0].float().abs().max() == 448.0 and not a[1].float().isnan().any()
+
+
+@pytest.mark.parametrize("heads,kv_heads,dim,page,seq_lens", DECODE_CASES[:3] + DECODE_CASES[5:])
+def test_decode_and_prefill_over_an_fp8_cache(heads, kv_heads, dim, page, seq_lens):
+    q, kc, vc, bt, sl, qs = paged_problem(seq_lens, [1] * len(seq_lens), heads, kv_heads, dim, page,
+                                          torch.bfloat16, "cuda")
+    k8, v8 = fp8_cache(kc, 0.5), fp8_cache(vc, 2.0)
+    ref = decode_attention_ref(q, k8, v8, bt, sl, dim ** -0.5, 0.5, 2.0)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for splits in {1, num_decode_splits(len(seq_lens), kv_heads, max(seq_lens), sms)}:
+        out = decode_attention(q, k8, v8, bt, sl, dim ** -0.5, num_splits=splits, k_scale=0.5, v_scale=2.0)
+        torch.testing.assert_close(out.float(), ref.float(), atol=4e-2, rtol=2e-2)
+    seq_lens = [s for s in seq_lens if s]
+    q_lens = [min(s, 300) for s in seq_lens]
+    q, kc, vc, bt, sl, qs = paged_problem(seq_lens, q_lens, heads, kv_heads, dim, page, torch.bfloat16, "cuda")
+    k8, v8 = fp8_cache(kc, 0.5), fp8_cache(vc, 2.0)
+    out = prefill_attention(q, k8, v8, bt, sl, qs, tile_table(q_lens, seq_lens, q, kc), dim ** -0.5, k_scale=0.5,
+                            v_scale=2.0)
+    ref = prefill_attention_ref(q, k8, v8, bt, sl, qs, dim ** -0.5, 0.5, 2.0)
+    torch.testing.assert_close(out.float(), ref.float(), atol=4e-2, rtol=2e-2)
+
+
+def fp8_cache(cache: torch.Tensor, scale: float) -> torch.Tensor:
+    from lanner.kernels.attention.reference import to_cache_ref
+
+    return to_cache_ref(cache, FP8, scale)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("T,hidden", [(1, 1024), (257, 4096), (8192, 1024), (3, 7168)])
 def test_fused_rms_norm(T, hidden, dtype):
@@ -169,6 +214,10 @@ def test_fused_norm_rope_with_kv_store_equals_store_kv(T):
     assert torch.equal(got, norm_rope(qk, cos, sin, w, 1e-6, hq))
     store_kv(got[:, hq:], v, caches[2], caches[3], slots)
     assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
+    fp8 = [torch.zeros_like(c, dtype=FP8) for c in caches]  # an fp8 cache: the same bits as store_kv's
+    norm_rope(qk, cos, sin, w, 1e-6, hq, kv_store=(v, fp8[0], fp8[1], slots), kv_scales=(0.25, 0.5))
+    store_kv(got[:, hq:], v, fp8[2], fp8[3], slots, 0.25, 0.5)
+    assert all(torch.equal(x.view(torch.uint8), y.view(torch.uint8)) for x, y in zip(fp8[:2], fp8[2:]))
 
 
 @pytest.mark.parametrize("B,V", [(1, 151936), (64, 151936), (7, 32000), (256, 1000)])

@@ -18,15 +18,15 @@ import torch
 import triton
 import triton.language as tl
 
-from lanner.kernels.attention.prefill import dot_precision, load_kv_tile
+from lanner.kernels.attention.prefill import dot_precision, load_kv_tile, query_for_cache
 
 
 @triton.jit
 def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, part_out_ptr,
-                         part_lse_ptr, counter_ptr, out_ptr, scale, stride_qt, stride_qh, stride_ot, stride_oh, stride_kb,
-                         stride_ks, stride_kh, stride_bt, NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
-                         HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                         BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+                         part_lse_ptr, counter_ptr, out_ptr, scale, v_scale, stride_qt, stride_qh, stride_ot,
+                         stride_oh, stride_kb, stride_ks, stride_kh, stride_bt, NUM_HEADS: tl.constexpr,
+                         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
+                         NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -40,6 +40,7 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_
     heads = kv_head * GROUP + g
     head_ok = g < GROUP
     q = tl.load(q_ptr + seq * stride_qt + heads[:, None] * stride_qh + d[None, :], mask=head_ok[:, None], other=0.0)
+    q = query_for_cache(q, k_cache_ptr)
 
     m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l = tl.zeros([GROUP_PAD], tl.float32)
@@ -49,6 +50,8 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_
         n_ok = n < end
         k, v = load_kv_tile(k_cache_ptr, v_cache_ptr, block_tables_ptr + seq * stride_bt, n, n_ok, kv_head, d,
                             stride_kb, stride_ks, stride_kh, PAGE)
+        k = k.to(q.dtype)  # an fp8 cache's elements widen exactly (query_for_cache)
+        v = v.to(q.dtype)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
         s = tl.where(n_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
@@ -59,7 +62,7 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_
         m = m_new
 
     has_keys = start < end
-    out = acc / tl.where(has_keys, l, 1.0)[:, None]
+    out = acc / tl.where(has_keys, l, 1.0)[:, None] * v_scale
     if NUM_SPLITS == 1:
         tl.store(out_ptr + seq * stride_ot + heads[:, None] * stride_oh + d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=head_ok[:, None])
@@ -118,8 +121,10 @@ def decode_workspace(rows_x_splits: int, num_heads: int, head_dim: int, rows_x_k
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                      seq_lens: torch.Tensor, scale: float, num_splits: int, out: torch.Tensor | None = None,
                      workspace: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-                     tile: tuple[int, int, int] | None = None) -> torch.Tensor:
-    """q: [B, heads, dim]; block_tables: [B, max_blocks] int32; seq_lens: [B] int32 (0: padding row).
+                     tile: tuple[int, int, int] | None = None, k_scale: float = 1.0,
+                     v_scale: float = 1.0) -> torch.Tensor:
+    """q: [B, heads, dim]; block_tables: [B, max_blocks] int32; seq_lens: [B] int32 (0: padding row);
+    the caches are of q's dtype, or fp8 (e4m3) holding K / k_scale and V / v_scale.
     `workspace` (decode_workspace: partials and split counters) may be pre-allocated so CUDA graphs
     can capture the call. `tile`: (keys a tile, warps, pipeline stages) instead of decode_tile(head_dim)'s."""
     B, H, D = q.shape
@@ -131,7 +136,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     part_out, part_lse, counters = workspace
     block_n, num_warps, num_stages = tile or decode_tile(D)
     _decode_split_kernel[(B, kv_heads, num_splits)](
-        q, k_cache, v_cache, block_tables, seq_lens, part_out, part_lse, counters, out, scale,
+        q, k_cache, v_cache, block_tables, seq_lens, part_out, part_lse, counters, out, scale * k_scale, v_scale,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1),
         k_cache.stride(2), block_tables.stride(0),
         NUM_HEADS=H, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=D, PAGE=page,

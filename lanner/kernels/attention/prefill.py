@@ -35,6 +35,17 @@ def load_kv_tile(k_cache_ptr, v_cache_ptr, table_ptr, n, n_ok, kv_head, d, strid
     return k, v
 
 
+@triton.jit
+def query_for_cache(q, k_cache_ptr):
+    """q in the type a tile's dots run in, which its K/V tiles widen to: over an fp8 cache, fp16 (e4m3
+    widens to fp16 in one instruction a pair, to bf16 in several; a bf16 q of attention's magnitudes is
+    exact in fp16 and the probabilities gain precision); otherwise q's own."""
+    if k_cache_ptr.dtype.element_ty == tl.float8e4nv:
+        if q.dtype != tl.float32:
+            q = q.to(tl.float16)
+    return q
+
+
 def prefill_tile(head_dim: int, group: int, num_tokens: int) -> tuple[int, int, int, int]:
     """(rows, keys, warps, stages) of a tile for a step of `num_tokens` query tokens: a tile's rows
     are query positions x the query heads of one KV head (`group`, padded to a power of two), so
@@ -97,8 +108,8 @@ def prefill_tiles(query_lens, seq_lens, positions: int, capacity: int | None = N
 
 @triton.jit
 def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr, seq_lens_ptr, query_start_ptr,
-                    tiles_ptr, scale, stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_ks, stride_kh,
-                    stride_bt, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+                    tiles_ptr, scale, v_scale, stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_ks,
+                    stride_kh, stride_bt, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
                     PAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     kv_head = tl.program_id(1)
     d = tl.arange(0, HEAD_DIM)
@@ -110,14 +121,15 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr, 
         _prefill_tile(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr + seq * stride_bt,
                       tl.load(seq_lens_ptr + seq), tl.load(query_start_ptr + seq),
                       tl.load(query_start_ptr + seq + 1), tl.load(tiles_ptr + 3 + 2 * tile), rows // GROUP_PAD,
-                      head, head_ok, kv_head, d, scale, stride_qt, stride_qh, stride_ot, stride_oh, stride_kb,
-                      stride_ks, stride_kh, HEAD_DIM, PAGE, BLOCK_M, BLOCK_N, BLOCK_M // GROUP_PAD, PRECISION)
+                      head, head_ok, kv_head, d, scale, v_scale, stride_qt, stride_qh, stride_ot, stride_oh,
+                      stride_kb, stride_ks, stride_kh, HEAD_DIM, PAGE, BLOCK_M, BLOCK_N, BLOCK_M // GROUP_PAD,
+                      PRECISION)
 
 
 @triton.jit
 def _prefill_tile(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, table_ptr, seq_len, q_start, q_end, block, position,
-                  head, head_ok, kv_head, d, scale, stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_ks,
-                  stride_kh, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr,
+                  head, head_ok, kv_head, d, scale, v_scale, stride_qt, stride_qh, stride_ot, stride_oh, stride_kb,
+                  stride_ks, stride_kh, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr,
                   BLOCK_N: tl.constexpr, POSITIONS: tl.constexpr, PRECISION: tl.constexpr):
     """One tile (POSITIONS query positions x a KV head's query heads): flash attention over the keys
     its queries may see."""
@@ -127,6 +139,7 @@ def _prefill_tile(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, table_ptr, seq_len, 
     m_ok = (m_idx < q_len) & head_ok
     q = tl.load(q_ptr + (q_start + m_idx)[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
                 mask=m_ok[:, None], other=0.0)
+    q = query_for_cache(q, k_cache_ptr)
     query_pos = prefix + m_idx
 
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -138,6 +151,8 @@ def _prefill_tile(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, table_ptr, seq_len, 
         n_ok = n < end
         k, v = load_kv_tile(k_cache_ptr, v_cache_ptr, table_ptr, n, n_ok, kv_head, d,
                             stride_kb, stride_ks, stride_kh, PAGE)
+        k = k.to(q.dtype)  # an fp8 cache's elements widen exactly (query_for_cache)
+        v = v.to(q.dtype)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
         s = tl.where(n_ok[None, :] & (n[None, :] <= query_pos[:, None]), s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
@@ -147,7 +162,7 @@ def _prefill_tile(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, table_ptr, seq_len, 
         l = l * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m = m_new
-    out = acc / tl.where(l > 0, l, 1.0)[:, None]
+    out = acc / tl.where(l > 0, l, 1.0)[:, None] * v_scale
     tl.store(out_ptr + (q_start + m_idx)[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=m_ok[:, None])
 
@@ -155,12 +170,14 @@ def _prefill_tile(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, table_ptr, seq_len, 
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                       seq_lens: torch.Tensor, query_start: torch.Tensor, tiles: torch.Tensor, scale: float,
                       out: torch.Tensor | None = None, num_programs: int | None = None,
-                      tile: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+                      tile: tuple[int, int, int, int] | None = None, k_scale: float = 1.0,
+                      v_scale: float = 1.0) -> torch.Tensor:
     """q: [T, heads, dim], tokens of sequence i at query_start[i]:query_start[i+1];
     seq_lens: [B] context length after this step; block_tables: [B, max_blocks] int32;
     tiles: a table from `prefill_tiles` planned with `tile_positions(tile)`, contiguous, on q's
     device; `num_programs` a KV head (default: one per tile); `tile`: (rows, keys, warps, stages),
-    by default `prefill_tile(dim, group, T)`."""
+    by default `prefill_tile(dim, group, T)`. The caches are of q's dtype, or fp8 (e4m3) holding
+    K / k_scale and V / v_scale."""
     T, H, D = q.shape
     _, page, kv_heads, _ = k_cache.shape
     group = H // kv_heads
@@ -169,7 +186,8 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     rows, keys, num_warps, num_stages = tile or prefill_tile(D, group, T)
     if num_programs:
         _prefill_kernel[(num_programs, kv_heads)](
-            q, k_cache, v_cache, out, block_tables, seq_lens, query_start, tiles, scale, q.stride(0), q.stride(1),
+            q, k_cache, v_cache, out, block_tables, seq_lens, query_start, tiles, scale * k_scale, v_scale,
+            q.stride(0), q.stride(1),
             out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             block_tables.stride(0), GROUP=group, GROUP_PAD=triton.next_power_of_2(group), HEAD_DIM=D, PAGE=page,
             BLOCK_M=rows, BLOCK_N=keys, PRECISION=dot_precision(q), num_warps=num_warps, num_stages=num_stages)

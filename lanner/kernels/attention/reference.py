@@ -6,6 +6,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+FP8_E4M3_MAX = 448.0  # e4m3's largest finite value: a cast of anything larger gives NaN
+
+
+def to_cache_ref(x: torch.Tensor, cache_dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
+    """x as a cache of `cache_dtype` stores it (store_kv.cache_value): x / scale, saturated for fp8."""
+    y = x.float() * (1.0 / scale)
+    if cache_dtype == torch.float8_e4m3fn:
+        y = y.clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX)
+    return y.to(cache_dtype)
+
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, group: int) -> torch.Tensor:
     """Causal attention of the last q_len positions of a context over all of it.
@@ -20,8 +30,10 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, grou
     return out.transpose(0, 1)
 
 
-def paged_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, query_start, scale) -> torch.Tensor:
-    """Plain torch, one sequence at a time; rows of no sequence (and empty sequences) are zero."""
+def paged_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, query_start, scale, k_scale=1.0,
+                        v_scale=1.0) -> torch.Tensor:
+    """Plain torch, one sequence at a time; rows of no sequence (and empty sequences) are zero. The
+    caches hold K / k_scale and V / v_scale."""
     page = k_cache.shape[1]
     k_flat = k_cache.reshape(-1, *k_cache.shape[2:])
     v_flat = v_cache.reshape(-1, *v_cache.shape[2:])
@@ -33,20 +45,20 @@ def paged_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, query_start
             continue
         pos = torch.arange(seq_len, device=q.device)
         slots = block_tables[i, pos // page].long() * page + pos % page
-        out[start:stop] = attend(q[start:stop].float(), k_flat[slots].float(), v_flat[slots].float(), scale,
-                                 group).to(q.dtype)
+        out[start:stop] = attend(q[start:stop].float(), k_flat[slots].float() * k_scale,
+                                 v_flat[slots].float() * v_scale, scale, group).to(q.dtype)
     return out
 
 
 prefill_attention_ref = paged_attention_ref
 
 
-def decode_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, scale) -> torch.Tensor:
+def decode_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, scale, k_scale=1.0, v_scale=1.0):
     query_start = torch.arange(q.shape[0] + 1, dtype=torch.int32)
-    return paged_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, query_start, scale)
+    return paged_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, query_start, scale, k_scale, v_scale)
 
 
-def store_kv_ref(k, v, k_cache, v_cache, slot_mapping) -> None:
+def store_kv_ref(k, v, k_cache, v_cache, slot_mapping, k_scale=1.0, v_scale=1.0) -> None:
     keep = slot_mapping >= 0
-    k_cache.view(-1, *k_cache.shape[2:])[slot_mapping[keep]] = k[keep]
-    v_cache.view(-1, *v_cache.shape[2:])[slot_mapping[keep]] = v[keep]
+    k_cache.view(-1, *k_cache.shape[2:])[slot_mapping[keep]] = to_cache_ref(k[keep], k_cache.dtype, k_scale)
+    v_cache.view(-1, *v_cache.shape[2:])[slot_mapping[keep]] = to_cache_ref(v[keep], v_cache.dtype, v_scale)

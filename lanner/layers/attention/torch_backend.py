@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from lanner.core.batch import ForwardBatch
-from lanner.kernels.attention.reference import attend
+from lanner.kernels.attention.reference import attend, store_kv_ref
 from lanner.layers.attention.backend import AttentionBackend
 
 
@@ -34,10 +34,7 @@ class TorchAttentionBackend(AttentionBackend):
                                slot_mapping[:0], len(lens)))
 
     def store(self, layer, k, v):
-        k_cache, v_cache = self.kv_caches[layer]
-        keep = self.slot_mapping >= 0
-        k_cache.view(-1, *k_cache.shape[2:])[self.slot_mapping[keep]] = k[keep]
-        v_cache.view(-1, *v_cache.shape[2:])[self.slot_mapping[keep]] = v[keep]
+        store_kv_ref(k, v, *self.kv_caches[layer], self.slot_mapping)
 
     def forward(self, layer, q, k, v, scale, out=None):
         self.store(layer, k, v)
@@ -47,5 +44,7 @@ class TorchAttentionBackend(AttentionBackend):
         out = torch.zeros_like(q) if out is None else out
         group = q.shape[1] // k.shape[1]
         for start, q_len, slots in self.seqs:
-            out[start:start + q_len] = attend(q[start:start + q_len], k_flat[slots], v_flat[slots], scale, group)
+            # an fp8 cache's elements widen exactly to the model's dtype (its scale is 1)
+            out[start:start + q_len] = attend(q[start:start + q_len], k_flat[slots].to(q.dtype),
+                                              v_flat[slots].to(q.dtype), scale, group)
         return out
