@@ -12,10 +12,9 @@ import torch
 from triton.testing import do_bench
 
 sys.path.insert(0, "tests")
-from kernel_cases import paged_problem
+from kernel_cases import fp8_caches, paged_problem
 
 from lanner.kernels.attention.decode import decode_attention, decode_tile, num_decode_splits
-from lanner.kernels.attention.reference import to_cache_ref
 
 FP8 = os.environ.get("KV_DTYPE") == "fp8"
 
@@ -36,7 +35,7 @@ def main() -> None:
         seq_lens = lens(random.Random(0))
         q, kc, vc, bt, sl, _ = paged_problem(seq_lens, [1] * len(seq_lens), heads, 8, 128, 16, torch.bfloat16, "cuda")
         if FP8:
-            kc, vc = to_cache_ref(kc, torch.float8_e4m3fn), to_cache_ref(vc, torch.float8_e4m3fn)
+            kc, vc = fp8_caches(kc, vc)
         splits = num_decode_splits(len(seq_lens), 8, 40960, sms)
         kv_bytes = sum(seq_lens) * 8 * 128 * 2 * kc.element_size()
         ref = decode_attention(q, kc, vc, bt, sl, 0.08, splits)
@@ -50,7 +49,7 @@ def main() -> None:
                 print(name, tile, "failed:", str(e)[:80])
                 continue
             row = {"shape": name, "tile": tile, "splits": splits, "us": round(ms * 1e3, 1),
-                   "tb_per_s": round(kv_bytes / ms / 1e9, 2), "default": tile == decode_tile(128)}
+                   "tb_per_s": round(kv_bytes / ms / 1e9, 2), "default": tile == decode_tile(128, FP8)}
             rows.append(row)
             if best is None or ms < best[0]:
                 best = (ms, row)

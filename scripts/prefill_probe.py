@@ -3,14 +3,16 @@ step (a 448-token prompt chunk and 64 decode rows over 1k keys), Qwen3-0.6B's 16
 query heads over 8 KV heads of 128 dims (tiles of rows = positions x the GQA group), one layer, bf16. Prints, per shape, the default tile's time
 and the best tile's, and the causal attention FLOP rate. Each time is of CUDA graph replays (20 calls a
 graph), as the whole-forward graphs run the kernel: eager calls of small steps time the Python launcher.
-  PYTHONPATH=. python3 scripts/prefill_probe.py [OUT.json]"""
+  PYTHONPATH=. [KV_DTYPE=fp8] [DEFAULT_ONLY=1] python3 scripts/prefill_probe.py [OUT.json]
+KV_DTYPE=fp8: the cache in e4m3 (--kv-cache-dtype fp8); DEFAULT_ONLY=1: the default tile alone."""
 import json
+import os
 import sys
 
 import torch
 
 sys.path.insert(0, "tests")
-from kernel_cases import paged_problem
+from kernel_cases import fp8_caches, paged_problem
 
 from lanner.bench.common import time_ms
 from lanner.kernels.attention.prefill import prefill_attention, prefill_tile, prefill_tiles, tile_positions
@@ -20,17 +22,21 @@ SHAPES = [(f"{heads}h-{name}", heads, seq_lens, q_lens) for heads in (16, 32) fo
     ("mixed", [448] + [1000] * 64, [448] + [1] * 64))]
 TILES = [(rows, keys, w, stages) for rows in (16, 32, 64, 128) for keys in (64, 128) for w in (4, 8)
          for stages in (2, 3)]
+FP8 = os.environ.get("KV_DTYPE") == "fp8"
 
 
 def main() -> None:
     rows = []
     for name, heads, seq_lens, q_lens in SHAPES:
         q, kc, vc, bt, sl, qs = paged_problem(seq_lens, q_lens, heads, 8, 128, 16, torch.bfloat16, "cuda")
+        if FP8:
+            kc, vc = fp8_caches(kc, vc)
         keys = sum(s - n + i + 1 for s, n in zip(seq_lens, q_lens) for i in range(n))
         flop = 4 * 128 * heads * keys
         ref = None
         best = None
-        for tile in TILES:
+        default_tile = prefill_tile(128, heads // 8, sum(q_lens))
+        for tile in [default_tile] if os.environ.get("DEFAULT_ONLY") else TILES:
             table = torch.from_numpy(prefill_tiles(q_lens, seq_lens, tile_positions(tile, heads // 8))).cuda()
             programs = table.shape[0] - 1  # a program a tile, as an eager step plans it
 
@@ -45,7 +51,7 @@ def main() -> None:
                 print(name, tile, "failed:", str(e)[:80])
                 continue
             row = {"shape": name, "tile": tile, "us": round(ms * 1e3, 1), "tflops": round(flop / ms / 1e9, 1),
-                   "default": tile == prefill_tile(128, heads // 8, sum(q_lens))}
+                   "default": tile == default_tile}
             rows.append(row)
             if best is None or ms < best[0]:
                 best = (ms, row)
@@ -55,7 +61,7 @@ def main() -> None:
               + "; ".join(f"{r['tile']} {r['us']} us {r['tflops']}" for r in top), flush=True)
     if len(sys.argv) > 1:
         with open(sys.argv[1], "w") as f:
-            json.dump({"gpu": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
+            json.dump({"gpu": torch.cuda.get_device_name(), "kv": "fp8" if FP8 else "bf16", "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -34,3 +34,10 @@ def tile_table(q_lens: list[int], seq_lens: list[int], q: torch.Tensor, k_cache:
     group = q.shape[1] // k_cache.shape[2]
     tile = tile or prefill_tile(q.shape[2], group, q.shape[0])
     return torch.from_numpy(prefill_tiles(q_lens, seq_lens, tile_positions(tile, group), capacity)).to(q.device)
+
+
+def fp8_caches(k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The caches as an fp8 KV cache (kv_cache_dtype=fp8, scale 1) holds them."""
+    from lanner.kernels.attention.reference import to_cache_ref
+
+    return to_cache_ref(k_cache, torch.float8_e4m3fn), to_cache_ref(v_cache, torch.float8_e4m3fn)
