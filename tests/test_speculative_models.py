@@ -68,9 +68,26 @@ KINDS = [SamplingParams(temperature=0, max_tokens=40, ignore_eos=True),
     {"num_kv_blocks": 14, "block_size": 16},  # preemption
 ])
 def test_model_proposers_change_no_output(plain, heads, method, engine_args):
+    spec = llm(speculative_config=spec_config(method, heads), **engine_args)
+    _assert_same_outputs(plain, spec)
+    if method == "draft_model":  # the trained draft agrees with the target often; random heads seldom do
+        assert spec.engine.speculator.stats.accepted > 30
+    if engine_args.get("num_kv_blocks"):
+        assert spec.engine.scheduler.num_preemptions > 0
+
+
+def test_a_draft_model_over_an_fp8_target_cache_changes_no_output(heads):
+    """kv_cache_dtype=fp8 quantizes the target's cache (the draft's stays in the model's dtype): the
+    verify steps read the same fp8 values as plain decoding, so the outputs are plain fp8 decoding's."""
+    spec = llm(kv_cache_dtype="fp8", speculative_config=spec_config("draft_model", heads))
+    _assert_same_outputs(llm(kv_cache_dtype="fp8"), spec)
+    assert spec.engine.runner.kv_caches[0][0].dtype == torch.float8_e4m3fn
+    assert spec.engine.speculator.stats.accepted > 30
+
+
+def _assert_same_outputs(plain, spec):
     work = [(p, k) for p in CODE for k in KINDS]
     want = plain.generate([p for p, _ in work], [k for _, k in work], use_tqdm=False)
-    spec = llm(speculative_config=spec_config(method, heads), **engine_args)
     got = spec.generate([p for p, _ in work], [k for _, k in work], use_tqdm=False)
     for w, g in zip(want, got):
         for cw, cg in zip(w.outputs, g.outputs):
@@ -79,12 +96,8 @@ def test_model_proposers_change_no_output(plain, heads, method, engine_args):
                 assert [list(e) for e in cg.logprobs] == [list(e) for e in cw.logprobs]
     stats = spec.engine.speculator.stats
     assert stats.verifications > 20 and stats.drafts > stats.accepted
-    if method == "draft_model":  # the trained draft agrees with the target often; random heads seldom do
-        assert stats.accepted > 30
     spec.engine.kv_cache.check_invariants([])
     assert spec.engine.kv_cache.stats().used_blocks == 0
-    if engine_args.get("num_kv_blocks"):
-        assert spec.engine.scheduler.num_preemptions > 0
 
 
 # ---- drafts against a plain reference -----------------------------------------------------------
