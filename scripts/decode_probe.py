@@ -2,7 +2,8 @@
 contexts of W-8B and W-nano (and batch 1 / 16 at 8k), Qwen3's 32/16 query heads over 8 KV heads of
 128 dims, one layer. Prints, per shape and tile, the kernel time and the KV bandwidth it reached.
   PYTHONPATH=. [KV_DTYPE=fp8] python3 scripts/decode_probe.py [OUT.json]
-KV_DTYPE=fp8: the cache in e4m3 (--kv-cache-dtype fp8), half the bytes to read."""
+KV_DTYPE=fp8: the cache in e4m3 (--kv-cache-dtype fp8), half the bytes to read. TILES="64,1,2 128,2,2":
+these tiles only (keys, warps, stages); SPLITS=N: N times the engine's split count."""
 import json
 import os
 import random
@@ -26,6 +27,8 @@ SHAPES = [  # name, query heads, seq lens
     ("b1-8k", 32, lambda r: [8192]),
 ]
 TILES = [(bn, w, st) for bn in (32, 64, 128) for w in (2, 4, 8) for st in (2, 3, 4)]
+if os.environ.get("TILES"):
+    TILES = [tuple(int(x) for x in t.split(",")) for t in os.environ["TILES"].split()]
 
 
 def main() -> None:
@@ -36,7 +39,7 @@ def main() -> None:
         q, kc, vc, bt, sl, _ = paged_problem(seq_lens, [1] * len(seq_lens), heads, 8, 128, 16, torch.bfloat16, "cuda")
         if FP8:
             kc, vc = fp8_caches(kc, vc)
-        splits = num_decode_splits(len(seq_lens), 8, 40960, sms)
+        splits = num_decode_splits(len(seq_lens), 8, 40960, sms) * int(os.environ.get("SPLITS", "1"))
         kv_bytes = sum(seq_lens) * 8 * 128 * 2 * kc.element_size()
         ref = decode_attention(q, kc, vc, bt, sl, 0.08, splits)
         best = None
@@ -51,9 +54,11 @@ def main() -> None:
             row = {"shape": name, "tile": tile, "splits": splits, "us": round(ms * 1e3, 1),
                    "tb_per_s": round(kv_bytes / ms / 1e9, 2), "default": tile == decode_tile(128, FP8)}
             rows.append(row)
+            if os.environ.get("TILES"):
+                print(name, tile, row["us"], "us", row["tb_per_s"], "TB/s", flush=True)
             if best is None or ms < best[0]:
                 best = (ms, row)
-        default = next(r for r in rows if r["shape"] == name and r["default"])
+        default = next((r for r in rows if r["shape"] == name and r["default"]), best[1])
         print(f"{name}: splits {splits}, default {default['tile']} {default['us']} us {default['tb_per_s']} TB/s; "
               f"best {best[1]['tile']} {best[1]['us']} us {best[1]['tb_per_s']} TB/s", flush=True)
     if len(sys.argv) > 1:
