@@ -254,6 +254,10 @@ class EngineConfig:
               "the draft's folder; lanner-tiny has its own)")
 
     def __post_init__(self) -> None:
+        for section, name, _ in _leaf_fields(type(self)):  # the CLI's choices, for the Python API too
+            owner = getattr(self, section) if section else self
+            value, choices = getattr(owner, name), _literal_choices(type(owner), name)
+            _check(choices is None or value in choices, f"{name} {value!r}: one of {', '.join(map(str, choices or ()))}")
         SpeculativeConfig.of(self.speculative_config)  # refused at once, not at the first request
         _check(not (self.moe.enable_return_routed_experts and self.speculative_config),
                "enable_return_routed_experts does not work with speculative decoding yet (a verify step routes "
@@ -271,9 +275,6 @@ class EngineConfig:
             section = owners[key]
             (sections.setdefault(section, {}) if section else top)[key] = value
         hints = typing.get_type_hints(cls)
-        for key, value in kwargs.items():  # the CLI's choices, for the Python API too
-            choices = _literal_choices(hints[owners[key]] if owners[key] else cls, key)
-            _check(choices is None or value in choices, f"{key} {value!r}: one of {', '.join(map(str, choices or ()))}")
         parts = {name: hints[name](**values) for name, values in sections.items()}
         return cls(**parts, **top)
 

@@ -21,7 +21,7 @@ from lanner.errors import ConfigError
 from lanner.executor.deferred import Deferred
 from lanner.executor.drafter import Drafter
 from lanner.executor.graphs import DecodeGraphs, decode_graph_sizes, verify_graph_sizes
-from lanner.executor.kv_tensors import allocate_kv_caches, kv_block_bytes, kv_cache_element_type
+from lanner.executor.kv_tensors import FP8_KV_DTYPE, allocate_kv_caches, kv_block_bytes, kv_cache_element_type
 from lanner.executor.piecewise import PiecewiseGraphs, piecewise_sizes
 from lanner.executor.worker import min_over_ranks
 from lanner.layers.attention import forward_context
@@ -149,6 +149,7 @@ class ModelRunner:
         self.device = device
         self.dtype = dtype
         self.kv_dtype = kv_cache_element_type(config.cache.kv_cache_dtype, dtype)
+        self._check_fp8_kv_runs_here()
         self.model = loaded.model
         self.max_model_len = max_model_len
         self.block_size = config.cache.block_size
@@ -263,6 +264,19 @@ class ModelRunner:
             raise ConfigError(f"prefill_graph_max_tokens={asked} needs the Triton attention backend (a CUDA device, "
                               f"attention_backend auto or triton); pass 0 or leave it unset")
         return 0
+
+    def _check_fp8_kv_runs_here(self) -> None:
+        """Triton has e4m3 from compute capability 8.9 (Ada, Hopper) on, and its CPU interpreter
+        rounds some values into it wrongly (-7.9 to -4): refuse rather than crash or corrupt."""
+        if self.kv_dtype != FP8_KV_DTYPE or self._backend_kind() != "triton":
+            return
+        if self.device.type != "cuda":
+            raise ConfigError("kv_cache_dtype fp8 with the Triton attention backend needs a GPU (the CPU interpreter "
+                              "rounds fp8 wrongly); on the CPU use attention_backend torch")
+        if torch.cuda.get_device_capability(self.device) < (8, 9):
+            raise ConfigError(f"kv_cache_dtype fp8 needs a GPU of compute capability 8.9 or newer (Ada, Hopper); "
+                              f"{torch.cuda.get_device_name(self.device)} is "
+                              f"{'.'.join(map(str, torch.cuda.get_device_capability(self.device)))}")
 
     def _backend_kind(self) -> str:
         choice = self.config.graphs.attention_backend

@@ -37,9 +37,10 @@ def load_kv_tile(k_cache_ptr, v_cache_ptr, table_ptr, n, n_ok, kv_head, d, strid
 
 @triton.jit
 def query_for_cache(q, k_cache_ptr):
-    """q in the type a tile's dots run in, which its K/V tiles widen to: over an fp8 cache, fp16 (e4m3
-    widens to fp16 in one instruction a pair, to bf16 in several; a bf16 q of attention's magnitudes is
-    exact in fp16 and the probabilities gain precision); otherwise q's own."""
+    """q in the type a tile's dots run in, which its K/V tiles widen to: over an fp8 cache, fp16 for a
+    16-bit q (e4m3 widens to fp16 in one instruction a pair, to bf16 in several; a bf16 q is exact in
+    fp16 between ~6e-5 and 65,504 in magnitude, where attention's queries lie, and the probabilities
+    gain precision); otherwise q's own."""
     if k_cache_ptr.dtype.element_ty == tl.float8e4nv:
         if q.dtype != tl.float32:
             q = q.to(tl.float16)

@@ -11,6 +11,8 @@ FP8_E4M3_MAX = 448.0  # e4m3's largest finite value: a cast of anything larger g
 
 def to_cache_ref(x: torch.Tensor, cache_dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
     """x as a cache of `cache_dtype` stores it (store_kv.cache_value): x / scale, saturated for fp8."""
+    if cache_dtype == x.dtype and scale == 1.0:
+        return x
     y = x.float() * (1.0 / scale)
     if cache_dtype == torch.float8_e4m3fn:
         y = y.clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX)
