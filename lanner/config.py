@@ -257,7 +257,8 @@ class EngineConfig:
         for section, name, _ in _leaf_fields(type(self)):  # the CLI's choices, for the Python API too
             owner = getattr(self, section) if section else self
             value, choices = getattr(owner, name), _literal_choices(type(owner), name)
-            _check(choices is None or value in choices, f"{name} {value!r}: one of {', '.join(map(str, choices or ()))}")
+            _check(choices is None or value in choices,
+                   f"{name} {value!r}: one of {', '.join(map(str, choices or ()))}")
         SpeculativeConfig.of(self.speculative_config)  # refused at once, not at the first request
         _check(not (self.moe.enable_return_routed_experts and self.speculative_config),
                "enable_return_routed_experts does not work with speculative decoding yet (a verify step routes "
