@@ -3,7 +3,7 @@ contexts of W-8B and W-nano (and batch 1 / 16 at 8k), Qwen3's 32/16 query heads 
 128 dims, one layer. Prints, per shape and tile, the kernel time and the KV bandwidth it reached.
   PYTHONPATH=. [KV_DTYPE=fp8] python3 scripts/decode_probe.py [OUT.json]
 KV_DTYPE=fp8: the cache in e4m3 (--kv-cache-dtype fp8), half the bytes to read. TILES="64,1,2 128,2,2":
-these tiles only (keys, warps, stages[, prefetch 0/1]); SPLITS=N: N times the engine's split count."""
+these tiles only (keys, warps, stages); SPLITS=N: N times the engine's split count."""
 import json
 import os
 import random
@@ -26,9 +26,9 @@ SHAPES = [  # name, query heads, seq lens
     ("b16-8k", 32, lambda r: [8192] * 16),
     ("b1-8k", 32, lambda r: [8192]),
 ]
-TILES = [(bn, w, st, 0) for bn in (32, 64, 128) for w in (2, 4, 8) for st in (2, 3, 4)]
+TILES = [(bn, w, st) for bn in (32, 64, 128) for w in (2, 4, 8) for st in (2, 3, 4)]
 if os.environ.get("TILES"):
-    TILES = [(*(int(x) for x in t.split(",")), 0)[:4] for t in os.environ["TILES"].split()]
+    TILES = [tuple(int(x) for x in t.split(",")) for t in os.environ["TILES"].split()]
 
 
 def main() -> None:
@@ -52,7 +52,7 @@ def main() -> None:
                 print(name, tile, "failed:", str(e)[:80])
                 continue
             row = {"shape": name, "tile": tile, "splits": splits, "us": round(ms * 1e3, 1),
-                   "tb_per_s": round(kv_bytes / ms / 1e9, 2), "default": tuple(tile) == tuple(decode_tile(128, FP8))}
+                   "tb_per_s": round(kv_bytes / ms / 1e9, 2), "default": tile == decode_tile(128, FP8, splits)}
             rows.append(row)
             if os.environ.get("TILES"):
                 print(name, tile, row["us"], "us", row["tb_per_s"], "TB/s", flush=True)

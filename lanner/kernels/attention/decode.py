@@ -26,8 +26,7 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_
                          part_lse_ptr, counter_ptr, out_ptr, scale, v_scale, stride_qt, stride_qh, stride_ot,
                          stride_oh, stride_kb, stride_ks, stride_kh, stride_bt, NUM_HEADS: tl.constexpr,
                          GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
-                         NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
-                         PREFETCH: tl.constexpr):
+                         NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -46,21 +45,11 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_
     m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
-    table = block_tables_ptr + seq * stride_bt
-    if PREFETCH:  # the next tile's loads are in flight while this one computes (the kernel is latency-bound)
-        n = start + tl.arange(0, BLOCK_N)
-        k_next, v_next = load_kv_tile(k_cache_ptr, v_cache_ptr, table, n, n < end, kv_head, d, stride_kb, stride_ks,
-                                      stride_kh, PAGE)
     for n0 in range(start, end, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         n_ok = n < end
-        if PREFETCH:
-            k, v = k_next, v_next
-            k_next, v_next = load_kv_tile(k_cache_ptr, v_cache_ptr, table, n + BLOCK_N, n + BLOCK_N < end, kv_head,
-                                          d, stride_kb, stride_ks, stride_kh, PAGE)
-        else:
-            k, v = load_kv_tile(k_cache_ptr, v_cache_ptr, table, n, n_ok, kv_head, d, stride_kb, stride_ks,
-                                stride_kh, PAGE)
+        k, v = load_kv_tile(k_cache_ptr, v_cache_ptr, block_tables_ptr + seq * stride_bt, n, n_ok, kv_head, d,
+                            stride_kb, stride_ks, stride_kh, PAGE)
         k = k.to(q.dtype)  # an fp8 cache's elements widen exactly (query_for_cache)
         v = v.to(q.dtype)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
@@ -108,14 +97,15 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_
         tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
 
 
-def decode_tile(head_dim: int, fp8_cache: bool = False) -> tuple[int, int, int, bool]:
-    """(keys a tile, warps, pipeline stages, prefetch: the next tile's loads issued before this one's
-    dots) of the split kernel (scripts/decode_probe.py measures them).
-    Over an fp8 cache, two warps: within 5% of the best of 27 tiles at batch 256 and 64 (H200), where
-    four warps were 25-60% slower (as slow as over a bf16 cache, whose bytes are twice as many)."""
+def decode_tile(head_dim: int, fp8_cache: bool = False, num_splits: int = 1) -> tuple[int, int, int]:
+    """(keys a tile, warps, pipeline stages) of the split kernel (scripts/decode_probe.py measures them).
+    Over an fp8 cache with one split (a batch that fills the GPU alone), two warps: within 5% of the
+    best of 27 tiles at batch 256 and 64 (H200), where four warps were 25-60% slower (as slow as over
+    a bf16 cache, whose bytes are twice as many); with splits (small batches, long contexts) two
+    warps were up to 2.5x slower at batch 1 x 8k keys, and four as good at 16 x 8k."""
     if head_dim > 128:
-        return 32, 4, 3, False
-    return (64, 2, 3, False) if fp8_cache else (64, 4, 3, False)
+        return 32, 4, 3
+    return (64, 2, 3) if fp8_cache and num_splits == 1 else (64, 4, 3)
 
 
 def num_decode_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int) -> int:
@@ -137,12 +127,12 @@ def decode_workspace(rows_x_splits: int, num_heads: int, head_dim: int, rows_x_k
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                      seq_lens: torch.Tensor, scale: float, num_splits: int, out: torch.Tensor | None = None,
                      workspace: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-                     tile: tuple[int, int, int, bool] | None = None, k_scale: float = 1.0,
+                     tile: tuple[int, int, int] | None = None, k_scale: float = 1.0,
                      v_scale: float = 1.0) -> torch.Tensor:
     """q: [B, heads, dim]; block_tables: [B, max_blocks] int32; seq_lens: [B] int32 (0: padding row);
     the caches are of q's dtype, or fp8 (e4m3) holding K / k_scale and V / v_scale.
     `workspace` (decode_workspace: partials and split counters) may be pre-allocated so CUDA graphs
-    can capture the call. `tile`: (keys a tile, warps, pipeline stages, prefetch) instead of decode_tile's."""
+    can capture the call. `tile`: (keys a tile, warps, pipeline stages) instead of decode_tile(head_dim)'s."""
     B, H, D = q.shape
     _, page, kv_heads, _ = k_cache.shape
     group = H // kv_heads
@@ -150,13 +140,12 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if workspace is None:
         workspace = decode_workspace(B * num_splits, H, D, B * kv_heads, q.device)
     part_out, part_lse, counters = workspace
-    block_n, num_warps, num_stages, prefetch = tile or decode_tile(D, k_cache.dtype == torch.float8_e4m3fn)
+    block_n, num_warps, num_stages = tile or decode_tile(D, k_cache.dtype == torch.float8_e4m3fn, num_splits)
     _decode_split_kernel[(B, kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, part_out, part_lse, counters, out, scale * k_scale, v_scale,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1),
         k_cache.stride(2), block_tables.stride(0),
         NUM_HEADS=H, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=D, PAGE=page,
-        NUM_SPLITS=num_splits, BLOCK_N=block_n, PRECISION=dot_precision(q), PREFETCH=bool(prefetch),
-        num_warps=num_warps,
+        NUM_SPLITS=num_splits, BLOCK_N=block_n, PRECISION=dot_precision(q), num_warps=num_warps,
         num_stages=num_stages)
     return out
