@@ -72,6 +72,28 @@ def model_path(request):
     return request.getfixturevalue(f"{request.param}_path")
 
 
+@pytest.fixture
+def kv_scaled_model(tmp_path) -> tuple[str, int]:
+    """The embedded model with per-layer fp8 KV-cache scales in its checkpoint (k_scale 0.5, v_scale
+    4.0, as calibrated fp8-KV checkpoints carry them): (its folder, its layer count)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from lanner.default_model import default_model_path
+
+    src = default_model_path()
+    for name in os.listdir(src):
+        shutil.copy(os.path.join(src, name), tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    layers = sum(name.endswith("self_attn.o_proj.weight") for name in weights)
+    for i in range(layers):
+        weights[f"model.layers.{i}.self_attn.k_scale"] = torch.tensor(0.5)
+        weights[f"model.layers.{i}.self_attn.v_scale"] = torch.tensor(4.0)
+    save_file(weights, tmp_path / "model.safetensors")
+    return str(tmp_path), layers
+
+
 def make_llm(path: str, **kwargs):
     from lanner import LLM
 

@@ -178,6 +178,29 @@ def test_an_fp8_kv_cache_holds_more_tokens_in_the_same_memory_and_keeps_greedy_o
     assert [o.outputs[0].token_ids for o in again] == [o.outputs[0].token_ids for o in got]
 
 
+def test_a_checkpoints_kv_cache_scales_are_applied_to_an_fp8_cache(kv_scaled_model, caplog):
+    """A checkpoint's per-layer `self_attn.k_scale` / `v_scale` (as calibrated fp8-KV checkpoints
+    carry): an fp8 cache holds K / k_scale and V / v_scale, and attention multiplies them back, so
+    greedy outputs stay those of the unscaled fp8 cache, and the first layer's cached values (the
+    later layers' inputs differ by the rounding of subnormal e4m3 numbers) are exactly 2x and 1/4 of
+    it wherever both are normal e4m3 numbers. A cache of the model's dtype leaves the scales unused,
+    and says so."""
+    path, layers = kv_scaled_model
+    prompts = ["The capital of France is", "Once upon a time there was a fox. " * 6]
+    params = SamplingParams(max_tokens=16, temperature=0)
+    plain, scaled = LLM(kv_cache_dtype="fp8", num_kv_blocks=64), LLM(model=path, kv_cache_dtype="fp8", num_kv_blocks=64)
+    assert scaled.engine.runner.backend.kv_scales == [(0.5, 4.0)] * layers
+    want, got = (llm.generate(prompts, params, use_tqdm=False) for llm in (plain, scaled))
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
+    (k, v), (k2, v2) = (t.float() for t in plain.engine.runner.kv_caches[0]), \
+        (t.float() for t in scaled.engine.runner.kv_caches[0])
+    normal = (k.abs() >= 2 ** -5) & (v.abs() >= 2 ** -4)  # both sides normal: scaling by 2^n is exact
+    assert normal.sum() > 1000 and torch.equal(k2[normal], 2 * k[normal]) and torch.equal(v2[normal], v[normal] / 4)
+    with caplog.at_level(logging.WARNING):
+        full = LLM(model=path, num_kv_blocks=64)
+    assert full.engine.runner.kv_scales is None and "used only with kv_cache_dtype fp8" in caplog.text
+
+
 def test_an_fp8_kv_cache_is_refused_where_its_kernels_cannot_run_right():
     """Triton's CPU interpreter rounds some values into e4m3 wrongly: the Triton backend on the CPU
     with an fp8 cache is refused (the torch backend runs it); so are GPUs under compute capability

@@ -325,8 +325,8 @@ def test_a_projection_that_stores_kv_makes_that_layers_attention_skip_its_store(
     backend.plan(batch)
     k_cache, v_cache = backend.kv_caches[1]
     with forward_context(backend):
-        k_target, v_target, slots = layer.kv_store_target()
-        assert k_target is k_cache and v_target is v_cache and slots is batch.slot_mapping
+        k_target, v_target, slots, scales = layer.kv_store_target()
+        assert k_target is k_cache and v_target is v_cache and slots is batch.slot_mapping and scales == (1.0, 1.0)
         layer(q, k, v)
         assert k_cache.abs().sum() == 0  # the projection's kernel stores, not the attention call
         layer(q, k, v)

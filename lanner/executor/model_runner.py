@@ -25,6 +25,7 @@ from lanner.executor.kv_tensors import FP8_KV_DTYPE, allocate_kv_caches, kv_bloc
 from lanner.executor.piecewise import PiecewiseGraphs, piecewise_sizes
 from lanner.executor.worker import min_over_ranks
 from lanner.layers.attention import forward_context
+from lanner.models.llama import DecoderAttention
 from lanner.models.loader import LoadedModel
 from lanner.sampling.sampler import GrammarMask, Sampled, Sampler, sampled_logprobs, top_logprobs
 from lanner.sampling.speculative import DraftContext, ModelProposer, Proposer
@@ -151,6 +152,7 @@ class ModelRunner:
         self.kv_dtype = kv_cache_element_type(config.cache.kv_cache_dtype, dtype)
         self._check_fp8_kv_runs_here()
         self.model = loaded.model
+        self.kv_scales = self._kv_cache_scales()
         self.max_model_len = max_model_len
         self.block_size = config.cache.block_size
         sched = config.scheduler
@@ -202,7 +204,7 @@ class ModelRunner:
             pieces_bytes = torch.cuda.memory_reserved(device) - before_pieces
         self.num_blocks = min_over_ranks(self._num_kv_blocks(peak, pieces_bytes))  # every rank holds the same
         self.kv_caches = allocate_kv_caches(self.model.spec, self.num_blocks, self.block_size, self.kv_dtype, device)
-        self.backend = self._make_backend(self.kv_caches)
+        self.backend = self._make_backend(self.kv_caches, kv_scales=self.kv_scales)
         if self.drafter is not None:
             self.drafter.allocate(self.num_blocks, self._make_backend,
                                   self.max_decode_rows + self.drafter.shift * sched.max_num_seqs)
@@ -282,17 +284,33 @@ class ModelRunner:
         choice = self.config.graphs.attention_backend
         return "triton" if choice == "triton" or (choice == "auto" and self.device.type == "cuda") else "torch"
 
-    def _make_backend(self, kv_caches, num_heads: int | None = None, max_rows: int | None = None):
+    def _make_backend(self, kv_caches, num_heads: int | None = None, max_rows: int | None = None,
+                      kv_scales: list[tuple[float, float]] | None = None):
+        """An attention backend over `kv_caches`; `kv_scales`: the target's (a draft's cache has none)."""
         if self._backend_kind() == "triton":
             from lanner.layers.attention.triton_backend import TritonAttentionBackend
 
             # tokens: a draft LM's steps read one more per request than the target's (one bound for both)
             return TritonAttentionBackend(kv_caches, self.block_size, max_rows or self.max_decode_rows,
                                           self.max_model_len, num_heads or self.model.spec.num_heads,
-                                          self.max_tokens + self.config.scheduler.max_num_seqs)
+                                          self.max_tokens + self.config.scheduler.max_num_seqs, kv_scales)
         from lanner.layers.attention.torch_backend import TorchAttentionBackend
 
-        return TorchAttentionBackend(kv_caches, self.block_size)
+        return TorchAttentionBackend(kv_caches, self.block_size, kv_scales)
+
+    def _kv_cache_scales(self) -> list[tuple[float, float]] | None:
+        """Per layer, the (k_scale, v_scale) the checkpoint gives its fp8 KV cache (1.0 where it gives
+        none). A cache of the model's dtype holds values exactly and takes no scales: a checkpoint's
+        are then left unused, with a warning."""
+        layers = sorted((m for m in self.model.modules() if isinstance(m, DecoderAttention)),
+                        key=lambda m: m.attn.layer_idx)
+        scales = [(float(m.k_scale), float(m.v_scale)) for m in layers]
+        if self.kv_dtype == FP8_KV_DTYPE:
+            return scales
+        if any(pair != (1.0, 1.0) for pair in scales):
+            logger.warning("the checkpoint's KV-cache scales (k_scale, v_scale) are used only with "
+                           "kv_cache_dtype fp8; this cache is %s", self.kv_dtype)
+        return None
 
     def _make_drafter(self, proposer: ModelProposer, ctx: DraftContext) -> Drafter:
         with whole_on_every_rank():  # under tensor parallelism every rank runs the whole draft
@@ -347,7 +365,7 @@ class ModelRunner:
         tables = [list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq)) for i in range(seqs)]
         batch = ForwardBatch(self.input_ids[:tokens], self.positions[:tokens], self.slot_mapping[:tokens], lens,
                              lens, tables, torch.arange(seqs, device=self.device), tokens)
-        backend = self._make_backend(caches)
+        backend = self._make_backend(caches, kv_scales=self.kv_scales)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(self.device)
         backend.plan(batch)

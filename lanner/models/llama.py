@@ -93,6 +93,8 @@ class PieceBuffers:
 
 
 class DecoderAttention(nn.Module):
+    optional_checkpoint_buffers = ("k_scale", "v_scale")
+
     def __init__(self, spec: DecoderSpec, layer_idx: int, input_size: int | None = None):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
@@ -107,6 +109,9 @@ class DecoderAttention(nn.Module):
             self.k_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps)
         self.qk_norm = spec.qk_norm
         self.attn = Attention(layer_idx, scale=spec.head_dim ** -0.5)
+        # a checkpoint's fp8 KV-cache scales (K / k_scale, V / v_scale are stored), if it has them
+        self.register_buffer("k_scale", torch.ones(()))
+        self.register_buffer("v_scale", torch.ones(()))
 
     def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 bufs: PieceBuffers | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -144,7 +149,8 @@ class DecoderAttention(nn.Module):
             eps = self.q_norm.eps if self.qk_norm else 0.0
             target = None if v is None else self.attn.kv_store_target()
             return norm_rope(heads, cos, sin, self._qk_norm_weight(), eps, second_weight_from=first_k_head, out=out,
-                             kv_store=None if target is None else (v, *target))
+                             kv_store=None if target is None else (v, *target[:3]),
+                             kv_scales=(1.0, 1.0) if target is None else target[3])
         q, k = heads[:, :first_k_head], heads[:, first_k_head:]
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)

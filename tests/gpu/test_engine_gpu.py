@@ -119,6 +119,26 @@ def test_an_fp8_kv_cache_on_the_gpu():
     assert sum(x[0] == y[0] for x, y in zip(graphs, bf16)) >= 10
 
 
+def test_checkpoint_kv_scales_through_the_triton_kernels(kv_scaled_model):
+    """A checkpoint's k_scale / v_scale reach the Triton store, the fused norm + rotary store and both
+    attention kernels (graphs on): in float32 the tokens are the torch backend's over the same scaled
+    fp8 cache, and greedy tokens stay the unscaled fp8 cache's (the scales are powers of two)."""
+    path, layers = kv_scaled_model
+
+    def run(model=None, **kw):
+        llm = LLM(model=model, dtype="float32", kv_cache_dtype="fp8", gpu_memory_utilization=0.3, **kw)
+        assert llm.engine.runner.backend.kv_scales == ([(0.5, 4.0)] * layers if model else [(1.0, 1.0)] * layers)
+        out = tokens(llm)
+        del llm
+        gc.collect()
+        torch.cuda.empty_cache()
+        return out
+
+    scaled = run(path)
+    assert scaled == run(path, enforce_eager=True, attention_backend="torch")
+    assert scaled == run()
+
+
 def test_no_memory_growth_over_many_requests():
     llm = LLM(dtype="bfloat16", gpu_memory_utilization=0.3)
     params = SamplingParams(temperature=0.8, max_tokens=32, ignore_eos=True, seed=3)

@@ -32,6 +32,11 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, grou
     return out.transpose(0, 1)
 
 
+def from_cache_ref(x: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
+    """Cache elements back as values of `dtype` (an fp8 element widens exactly), times the scale."""
+    return x.to(dtype) if scale == 1.0 else (x.float() * scale).to(dtype)
+
+
 def paged_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, query_start, scale, k_scale=1.0,
                         v_scale=1.0) -> torch.Tensor:
     """Plain torch, one sequence at a time; rows of no sequence (and empty sequences) are zero. The
@@ -47,8 +52,8 @@ def paged_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, query_start
             continue
         pos = torch.arange(seq_len, device=q.device)
         slots = block_tables[i, pos // page].long() * page + pos % page
-        out[start:stop] = attend(q[start:stop].float(), k_flat[slots].float() * k_scale,
-                                 v_flat[slots].float() * v_scale, scale, group).to(q.dtype)
+        out[start:stop] = attend(q[start:stop].float(), from_cache_ref(k_flat[slots], torch.float32, k_scale),
+                                 from_cache_ref(v_flat[slots], torch.float32, v_scale), scale, group).to(q.dtype)
     return out
 
 

@@ -23,9 +23,12 @@ _active: AttentionBackend | None = None
 
 
 class AttentionBackend(ABC):
-    def __init__(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], block_size: int):
+    def __init__(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], block_size: int,
+                 kv_scales: list[tuple[float, float]] | None = None):
         self.kv_caches = kv_caches  # per layer: K and V, each [num_blocks, block_size, kv_heads, head_dim]
         self.block_size = block_size
+        # per layer: an fp8 cache holds K / k_scale and V / v_scale (a checkpoint's; 1.0 without)
+        self.kv_scales = kv_scales or [(1.0, 1.0)] * len(kv_caches)
         self.projected_kv: set[int] = set()  # layers whose projection stored K/V (kv_store_target), this forward
 
     @abstractmethod
@@ -34,10 +37,10 @@ class AttentionBackend(ABC):
         adds empty sequences for a CUDA graph's padding rows; `graph_tokens`: the step replays a graph
         of the whole forward captured for that many tokens (executor/piecewise.py)."""
 
-    def kv_store_target(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """(k_cache, v_cache, slot_mapping) for a projection that writes this layer's K/V itself (fused
-        with its norm and rotary); the layer's next `forward` in this forward context then skips its
-        store. None (the default): `forward` stores."""
+    def kv_store_target(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple] | None:
+        """(k_cache, v_cache, slot_mapping, (k_scale, v_scale)) for a projection that writes this layer's
+        K/V itself (fused with its norm and rotary); the layer's next `forward` in this forward context
+        then skips its store. None (the default): `forward` stores."""
         return None
 
     def kernel_shape(self) -> tuple:
@@ -91,7 +94,7 @@ class Attention(nn.Module):
             raise RuntimeError("Attention called outside forward_context")
         return _active.forward(self.layer_idx, q, k, v, self.scale, out)
 
-    def kv_store_target(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    def kv_store_target(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple] | None:
         """Where a fused projection may write this layer's K/V (None: outside a forward context, as
         when piece graphs are captured, or a backend that stores in `forward`)."""
         return None if _active is None else _active.kv_store_target(self.layer_idx)

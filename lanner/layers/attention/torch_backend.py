@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from lanner.core.batch import ForwardBatch
-from lanner.kernels.attention.reference import attend, store_kv_ref
+from lanner.kernels.attention.reference import attend, from_cache_ref, store_kv_ref
 from lanner.layers.attention.backend import AttentionBackend
 
 
@@ -34,7 +34,7 @@ class TorchAttentionBackend(AttentionBackend):
                                slot_mapping[:0], len(lens)))
 
     def store(self, layer, k, v):
-        store_kv_ref(k, v, *self.kv_caches[layer], self.slot_mapping)
+        store_kv_ref(k, v, *self.kv_caches[layer], self.slot_mapping, *self.kv_scales[layer])
 
     def forward(self, layer, q, k, v, scale, out=None):
         self.store(layer, k, v)
@@ -43,8 +43,8 @@ class TorchAttentionBackend(AttentionBackend):
         v_flat = v_cache.view(-1, *v_cache.shape[2:])
         out = torch.zeros_like(q) if out is None else out
         group = q.shape[1] // k.shape[1]
+        k_scale, v_scale = self.kv_scales[layer]
         for start, q_len, slots in self.seqs:
-            # an fp8 cache's elements widen exactly to the model's dtype (its scale is 1)
-            out[start:start + q_len] = attend(q[start:start + q_len], k_flat[slots].to(q.dtype),
-                                              v_flat[slots].to(q.dtype), scale, group)
+            out[start:start + q_len] = attend(q[start:start + q_len], from_cache_ref(k_flat[slots], q.dtype, k_scale),
+                                              from_cache_ref(v_flat[slots], q.dtype, v_scale), scale, group)
         return out

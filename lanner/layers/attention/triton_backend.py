@@ -26,10 +26,10 @@ from lanner.layers.attention.backend import AttentionBackend
 
 class TritonAttentionBackend(AttentionBackend):
     def __init__(self, kv_caches, block_size: int, max_rows: int, max_model_len: int, num_heads: int,
-                 max_tokens: int):
+                 max_tokens: int, kv_scales: list[tuple[float, float]] | None = None):
         """`max_rows`: the most sequences a plan holds (a verify step's rows each count as one);
         `max_tokens`: the most query tokens."""
-        super().__init__(kv_caches, block_size)
+        super().__init__(kv_caches, block_size, kv_scales)
         device = kv_caches[0][0].device
         self.max_model_len = max_model_len
         self.num_heads = num_heads
@@ -112,11 +112,11 @@ class TritonAttentionBackend(AttentionBackend):
 
     def store(self, layer, k, v):
         k_cache, v_cache = self.kv_caches[layer]
-        store_kv(k, v, k_cache, v_cache, self.slot_mapping)
+        store_kv(k, v, k_cache, v_cache, self.slot_mapping, *self.kv_scales[layer])
 
     def kv_store_target(self, layer):
         self.projected_kv.add(layer)
-        return (*self.kv_caches[layer], self.slot_mapping)
+        return (*self.kv_caches[layer], self.slot_mapping, self.kv_scales[layer])
 
     def forward(self, layer, q, k, v, scale, out=None):
         if layer in self.projected_kv:
@@ -124,12 +124,14 @@ class TritonAttentionBackend(AttentionBackend):
         else:
             self.store(layer, k, v)
         k_cache, v_cache = self.kv_caches[layer]
+        k_scale, v_scale = self.kv_scales[layer]
         rows = self.rows
         if self.decode_only:
             # one query row per planned sequence; rows past them (piecewise padding) stay untouched
             return decode_attention(q[:rows], k_cache, v_cache, self.block_tables[:rows], self.seq_lens[:rows],
                                     scale, self.num_splits, out=None if out is None else out[:rows],
-                                    workspace=self.workspace)
+                                    workspace=self.workspace, k_scale=k_scale, v_scale=v_scale)
         return prefill_attention(q, k_cache, v_cache, self.block_tables[:rows], self.seq_lens[:rows],
                                  self.query_start[:rows + 1], self.tiles, scale, out=out,
-                                 num_programs=self.num_prefill_programs, tile=self.prefill_tile)
+                                 num_programs=self.num_prefill_programs, tile=self.prefill_tile, k_scale=k_scale,
+                                 v_scale=v_scale)
