@@ -88,7 +88,8 @@ def kv_scaled_model(tmp_path) -> tuple[str, int]:
     weights = load_file(tmp_path / "model.safetensors")
     layers = sum(name.endswith("self_attn.o_proj.weight") for name in weights)
     for i in range(layers):
-        weights[f"model.layers.{i}.self_attn.k_scale"] = torch.tensor(0.5)
+        # llm-compressor writes shape [1], others a scalar
+        weights[f"model.layers.{i}.self_attn.k_scale"] = torch.tensor([0.5])
         weights[f"model.layers.{i}.self_attn.v_scale"] = torch.tensor(4.0)
     save_file(weights, tmp_path / "model.safetensors")
     return str(tmp_path), layers

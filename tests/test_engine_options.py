@@ -201,6 +201,17 @@ def test_a_checkpoints_kv_cache_scales_are_applied_to_an_fp8_cache(kv_scaled_mod
     assert full.engine.runner.kv_scales is None and "used only with kv_cache_dtype fp8" in caplog.text
 
 
+def test_kv_cache_scales_that_are_not_finite_and_positive_are_refused(kv_scaled_model):
+    from safetensors.torch import load_file, save_file
+
+    path, _ = kv_scaled_model
+    weights = load_file(f"{path}/model.safetensors")
+    weights["model.layers.0.self_attn.v_scale"] = torch.tensor(0.0)  # would divide by zero in the first store
+    save_file(weights, f"{path}/model.safetensors")
+    with pytest.raises(ConfigError, match=r"layer 0's KV-cache scales \(k_scale, v_scale\) = \(0.5, 0.0\)"):
+        LLM(model=path, kv_cache_dtype="fp8", num_kv_blocks=16)
+
+
 def test_an_fp8_kv_cache_is_refused_where_its_kernels_cannot_run_right():
     """Triton's CPU interpreter rounds some values into e4m3 wrongly: the Triton backend on the CPU
     with an fp8 cache is refused (the torch backend runs it); so are GPUs under compute capability

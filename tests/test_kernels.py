@@ -338,6 +338,36 @@ def test_a_projection_that_stores_kv_makes_that_layers_attention_skip_its_store(
     assert torch.equal(k_cache[1, :3], k)
 
 
+def test_both_backends_apply_the_kv_scales_alike():
+    """A backend's per-layer (k_scale, v_scale) (a checkpoint's, for an fp8 cache) reach its store,
+    the fused projection's store target and its attention: the Triton backend (interpreter; float32
+    caches here, the interpreter's fp8 rounding being wrong) caches K / k_scale and V / v_scale as the
+    torch backend does, and both attend to the result of an unscaled cache (the scales cancel)."""
+    from lanner.layers.attention import Attention, forward_context
+    from lanner.layers.attention.torch_backend import TorchAttentionBackend
+    from lanner.layers.attention.triton_backend import TritonAttentionBackend
+
+    scales = [(1.0, 1.0), (0.3, 3.0)]
+    batch = ForwardBatch(torch.zeros(5, dtype=torch.long), torch.arange(5), torch.tensor([4, 5, 6, 7, 8]), [5], [5],
+                         [[1, 2]], torch.arange(1), 5)
+    g = torch.Generator().manual_seed(8)
+    q, k, v = torch.randn(5, 4, 16, generator=g), torch.randn(5, 2, 16, generator=g), torch.randn(5, 2, 16, generator=g)
+    layer, outs, caches = Attention(1, 0.25), [], []
+    for make in (lambda c: TorchAttentionBackend(c, 4, scales),
+                 lambda c: TritonAttentionBackend(c, 4, 4, 16, 4, 8, scales), lambda c: TorchAttentionBackend(c, 4)):
+        backend = make([(torch.zeros(4, 4, 2, 16), torch.zeros(4, 4, 2, 16)) for _ in range(2)])
+        backend.plan(batch)
+        with forward_context(backend):
+            outs.append(layer(q, k, v))
+            target = layer.kv_store_target()
+        caches.append(backend.kv_caches[1])
+        assert target is None or target[3] == (0.3, 3.0)
+    assert torch.equal(caches[0][0], caches[1][0]) and torch.equal(caches[0][1], caches[1][1])
+    torch.testing.assert_close(caches[0][0].view(-1, 2, 16)[4:9], k * (1 / 0.3))
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(outs[0], outs[2], atol=1e-5, rtol=1e-5)  # the scales cancel out
+
+
 def test_the_throughput_breakdown_sorts_kernels_by_kind():
     from lanner.bench.breakdown import kernel_kind
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -305,6 +306,10 @@ class ModelRunner:
         layers = sorted((m for m in self.model.modules() if isinstance(m, DecoderAttention)),
                         key=lambda m: m.attn.layer_idx)
         scales = [(float(m.k_scale), float(m.v_scale)) for m in layers]
+        for i, pair in enumerate(scales):
+            if not all(math.isfinite(x) and x > 0 for x in pair):
+                raise ConfigError(f"layer {i}'s KV-cache scales (k_scale, v_scale) = {pair}: they must be finite "
+                                  "and positive")
         if self.kv_dtype == FP8_KV_DTYPE:
             return scales
         if any(pair != (1.0, 1.0) for pair in scales):

@@ -109,9 +109,10 @@ class DecoderAttention(nn.Module):
             self.k_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps)
         self.qk_norm = spec.qk_norm
         self.attn = Attention(layer_idx, scale=spec.head_dim ** -0.5)
-        # a checkpoint's fp8 KV-cache scales (K / k_scale, V / v_scale are stored), if it has them
-        self.register_buffer("k_scale", torch.ones(()))
-        self.register_buffer("v_scale", torch.ones(()))
+        # a checkpoint's fp8 KV-cache scales (K / k_scale, V / v_scale are stored), if it has them; float32
+        # (the model's bf16 would round a calibrated scale), and no state_dict entry of lanner's making
+        self.register_buffer("k_scale", torch.ones((), dtype=torch.float32), persistent=False)
+        self.register_buffer("v_scale", torch.ones((), dtype=torch.float32), persistent=False)
 
     def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 bufs: PieceBuffers | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

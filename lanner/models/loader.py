@@ -148,7 +148,7 @@ def load_weights(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]], 
     names loaded."""
     params = dict(model.named_parameters())
     params.update((n, b) for n, b in model.named_buffers() if n in getattr(model, "checkpoint_buffers", ()))
-    optional_buffers = {f"{prefix}.{b}" for prefix, module in model.named_modules()
+    optional_buffers = {f"{prefix}.{b}" if prefix else b for prefix, module in model.named_modules()
                         for b in getattr(module, "optional_checkpoint_buffers", ()) if getattr(module, b) is not None}
     params.update((n, b) for n, b in model.named_buffers() if n in optional_buffers)
     packed = getattr(model, "packed_modules", {})
@@ -171,9 +171,9 @@ def load_weights(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]], 
                 continue
             if hasattr(owner, "checkpoint_slice"):  # tensor parallelism: this rank's piece
                 tensor = owner.checkpoint_slice(param, tensor, shard)
-            if target.shape != tensor.shape:
+            if target.shape != tensor.shape and not target.numel() == tensor.numel() == 1:  # a scalar as [1]
                 raise ConfigError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model {tuple(target.shape)}")
-            target.copy_(tensor)
+            target.copy_(tensor.reshape(target.shape))
             loaded.add((target_name, shard))
     shards = Counter(n for n, _ in loaded)
     for name, count in shards.items():  # a stack of per-expert tensors is loaded only when every expert's part is

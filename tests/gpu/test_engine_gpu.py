@@ -121,22 +121,26 @@ def test_an_fp8_kv_cache_on_the_gpu():
 
 def test_checkpoint_kv_scales_through_the_triton_kernels(kv_scaled_model):
     """A checkpoint's k_scale / v_scale reach the Triton store, the fused norm + rotary store and both
-    attention kernels (graphs on): in float32 the tokens are the torch backend's over the same scaled
-    fp8 cache, and greedy tokens stay the unscaled fp8 cache's (the scales are powers of two)."""
+    attention kernels (graphs on): the first layer's cache holds exactly 2x K and V / 4 of the unscaled
+    fp8 run's wherever both are normal e4m3 numbers (so the stores scale), and in float32 the tokens
+    are the torch backend's over the same scaled cache, whose reads scale back (tests/test_kernels.py),
+    and the first ones the unscaled run's."""
     path, layers = kv_scaled_model
 
     def run(model=None, **kw):
         llm = LLM(model=model, dtype="float32", kv_cache_dtype="fp8", gpu_memory_utilization=0.3, **kw)
         assert llm.engine.runner.backend.kv_scales == ([(0.5, 4.0)] * layers if model else [(1.0, 1.0)] * layers)
-        out = tokens(llm)
+        out, first = tokens(llm), [c.float().cpu() for c in llm.engine.runner.kv_caches[0]]
         del llm
         gc.collect()
         torch.cuda.empty_cache()
-        return out
+        return out, first
 
-    scaled = run(path)
-    assert scaled == run(path, enforce_eager=True, attention_backend="torch")
-    assert scaled == run()
+    (scaled, (k2, v2)), (plain, (k, v)) = run(path), run()
+    assert scaled == run(path, enforce_eager=True, attention_backend="torch")[0]
+    assert sum(x[0] == y[0] for x, y in zip(scaled, plain)) >= 10  # subnormal e4m3 rounding differs a little
+    normal = (k.abs() >= 2 ** -5) & (v.abs() >= 2 ** -4)
+    assert normal.sum() > 1000 and torch.equal(k2[normal], 2 * k[normal]) and torch.equal(v2[normal], v[normal] / 4)
 
 
 def test_no_memory_growth_over_many_requests():

@@ -29,6 +29,7 @@ class AttentionBackend(ABC):
         self.block_size = block_size
         # per layer: an fp8 cache holds K / k_scale and V / v_scale (a checkpoint's; 1.0 without)
         self.kv_scales = kv_scales or [(1.0, 1.0)] * len(kv_caches)
+        assert len(self.kv_scales) == len(kv_caches), "a (k_scale, v_scale) per layer"
         self.projected_kv: set[int] = set()  # layers whose projection stored K/V (kv_store_target), this forward
 
     @abstractmethod
