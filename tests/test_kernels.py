@@ -266,8 +266,7 @@ def test_norm_rope_stores_k_and_v_into_the_cache_as_store_kv_would(tokens, cache
     slots[1::3] = -1
     caches = [torch.zeros((tokens + 8) // 4 + 1, 4, hk, dim, dtype=cache_dtype) for _ in range(4)]
     scales = (0.5, 0.01)  # an fp8 cache saturates some v values
-    got = norm_rope(qk, cos, sin, w, 1e-6, second_weight_from=hq, kv_store=(v, caches[0], caches[1], slots),
-                    kv_scales=scales)
+    got = norm_rope(qk, cos, sin, w, 1e-6, second_weight_from=hq, kv_store=(v, caches[0], caches[1], slots, scales))
     want = norm_rope_ref(qk, cos, sin, w, 1e-6, second_weight_from=hq)
     torch.testing.assert_close(got, want)
     # the reference for a float32 cache; for fp8, store_kv (the interpreter's fp8 rounding is wrong for both

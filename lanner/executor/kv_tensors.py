@@ -3,17 +3,12 @@ from __future__ import annotations
 
 import torch
 
-from lanner.errors import ConfigError
-
-FP8_KV_DTYPE = torch.float8_e4m3fn
+from lanner.kernels.attention.reference import FP8_KV_DTYPE
 
 
 def kv_cache_element_type(kv_cache_dtype: str, model_dtype: torch.dtype) -> torch.dtype:
-    """The cache's element type for CacheConfig.kv_cache_dtype ('auto': the model's)."""
-    types = {"auto": model_dtype, "fp8": FP8_KV_DTYPE, "fp8_e4m3": FP8_KV_DTYPE}
-    if kv_cache_dtype not in types:
-        raise ConfigError(f"kv_cache_dtype {kv_cache_dtype!r}: one of {', '.join(types)}")
-    return types[kv_cache_dtype]
+    """The cache's element type for CacheConfig.kv_cache_dtype (EngineConfig checked the choice)."""
+    return {"auto": model_dtype, "fp8": FP8_KV_DTYPE, "fp8_e4m3": FP8_KV_DTYPE}[kv_cache_dtype]
 
 
 def kv_block_bytes(spec, block_size: int, dtype: torch.dtype) -> int:

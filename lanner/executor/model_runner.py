@@ -22,9 +22,10 @@ from lanner.errors import ConfigError
 from lanner.executor.deferred import Deferred
 from lanner.executor.drafter import Drafter
 from lanner.executor.graphs import DecodeGraphs, decode_graph_sizes, verify_graph_sizes
-from lanner.executor.kv_tensors import FP8_KV_DTYPE, allocate_kv_caches, kv_block_bytes, kv_cache_element_type
+from lanner.executor.kv_tensors import allocate_kv_caches, kv_block_bytes, kv_cache_element_type
 from lanner.executor.piecewise import PiecewiseGraphs, piecewise_sizes
 from lanner.executor.worker import min_over_ranks
+from lanner.kernels.attention.reference import FP8_KV_DTYPE
 from lanner.layers.attention import forward_context
 from lanner.models.llama import DecoderAttention
 from lanner.models.loader import LoadedModel
@@ -276,10 +277,10 @@ class ModelRunner:
         if self.device.type != "cuda":
             raise ConfigError("kv_cache_dtype fp8 with the Triton attention backend needs a GPU (the CPU interpreter "
                               "rounds fp8 wrongly); on the CPU use attention_backend torch")
-        if torch.cuda.get_device_capability(self.device) < (8, 9):
+        capability = torch.cuda.get_device_capability(self.device)
+        if capability < (8, 9):
             raise ConfigError(f"kv_cache_dtype fp8 needs a GPU of compute capability 8.9 or newer (Ada, Hopper); "
-                              f"{torch.cuda.get_device_name(self.device)} is "
-                              f"{'.'.join(map(str, torch.cuda.get_device_capability(self.device)))}")
+                              f"{torch.cuda.get_device_name(self.device)} is {capability[0]}.{capability[1]}")
 
     def _backend_kind(self) -> str:
         choice = self.config.graphs.attention_backend

@@ -103,31 +103,30 @@ def norm_rope_heads_per_program(num_heads: int) -> int:
 
 def norm_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, weight: torch.Tensor | None = None,
               eps: float = 1e-6, second_weight_from: int | None = None,
-              out: torch.Tensor | None = None, kv_store: tuple | None = None,
-              kv_scales: tuple[float, float] = (1.0, 1.0)) -> torch.Tensor:
+              out: torch.Tensor | None = None, kv_store: tuple | None = None) -> torch.Tensor:
     """Per-head RMSNorm (if `weight`) then rotary, on x [T, heads, dim] whose heads may be
     strided views into a fused projection; returns a contiguous [T, heads, dim]. With a
     weight of shape [2, dim], heads from `second_weight_from` on use its second row: q and
     k heads, adjacent in the fused projection, go through one launch.
-    `kv_store` = (v, k_cache, v_cache, slot_mapping): the heads from `second_weight_from` on are
-    k heads; they (rotated) and v [T, kv_heads, dim] are also written into the caches
-    ([blocks, block_size, kv_heads, dim]) at each token's slot (-1: none), as store_kv would with
-    `kv_scales` = (k_scale, v_scale) (an fp8 cache's scales)."""
+    `kv_store` = (v, k_cache, v_cache, slot_mapping, (k_scale, v_scale)): the heads from
+    `second_weight_from` on are k heads; they (rotated) and v [T, kv_heads, dim] are also written
+    into the caches ([blocks, block_size, kv_heads, dim]) at each token's slot (-1: none), as
+    store_kv would with those scales (an fp8 cache's; 1.0 otherwise)."""
     T, H, D = x.shape
     assert x.stride(2) == 1 and cos.is_contiguous() and sin.is_contiguous()
     out = torch.empty(T, H, D, dtype=x.dtype, device=x.device) if out is None else out
     split = H if second_weight_from is None else second_weight_from
     if kv_store is not None:
-        v, k_cache, v_cache, slot_mapping = kv_store
+        v, k_cache, v_cache, slot_mapping, (k_scale, v_scale) = kv_store
         assert v.stride(1) == D and v.stride(2) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous()
         assert v.shape[1] == H - split == k_cache.shape[2], "k heads and the cache's kv heads differ"
     else:
-        v, k_cache, v_cache, slot_mapping = x, x, x, x
+        v, k_cache, v_cache, slot_mapping, (k_scale, v_scale) = x, x, x, x, (1.0, 1.0)
     if T:
         heads = norm_rope_heads_per_program(H)
         _qk_norm_rope_kernel[(T, triton.cdiv(H, heads))](
             x, out, weight if weight is not None else x, cos, sin, x.stride(0), x.stride(1), H, split, eps,
-            v, v.stride(0), k_cache, v_cache, slot_mapping, H - split, 1.0 / kv_scales[0], 1.0 / kv_scales[1],
+            v, v.stride(0), k_cache, v_cache, slot_mapping, H - split, 1.0 / k_scale, 1.0 / v_scale,
             HAS_NORM=weight is not None,
             STORE_KV=kv_store is not None, HALF=D // 2, HEADS=heads, num_warps=4)
     return out

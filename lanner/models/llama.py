@@ -150,8 +150,7 @@ class DecoderAttention(nn.Module):
             eps = self.q_norm.eps if self.qk_norm else 0.0
             target = None if v is None else self.attn.kv_store_target()
             return norm_rope(heads, cos, sin, self._qk_norm_weight(), eps, second_weight_from=first_k_head, out=out,
-                             kv_store=None if target is None else (v, *target[:3]),
-                             kv_scales=(1.0, 1.0) if target is None else target[3])
+                             kv_store=None if target is None else (v, *target))
         q, k = heads[:, :first_k_head], heads[:, first_k_head:]
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)

@@ -210,12 +210,12 @@ def test_fused_norm_rope_with_kv_store_equals_store_kv(T):
     slots = torch.randperm(T + 64, device="cuda")[:T]
     slots[T // 2] = -1
     caches = [torch.zeros((T + 64) // 16 + 1, 16, hk, dim, dtype=dtype, device="cuda") for _ in range(4)]
-    got = norm_rope(qk, cos, sin, w, 1e-6, hq, kv_store=(v, caches[0], caches[1], slots))
+    got = norm_rope(qk, cos, sin, w, 1e-6, hq, kv_store=(v, caches[0], caches[1], slots, (1.0, 1.0)))
     assert torch.equal(got, norm_rope(qk, cos, sin, w, 1e-6, hq))
     store_kv(got[:, hq:], v, caches[2], caches[3], slots)
     assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
     fp8 = [torch.zeros_like(c, dtype=FP8) for c in caches]  # an fp8 cache: the same bits as store_kv's
-    norm_rope(qk, cos, sin, w, 1e-6, hq, kv_store=(v, fp8[0], fp8[1], slots), kv_scales=(0.25, 0.5))
+    norm_rope(qk, cos, sin, w, 1e-6, hq, kv_store=(v, fp8[0], fp8[1], slots, (0.25, 0.5)))
     store_kv(got[:, hq:], v, fp8[2], fp8[3], slots, 0.25, 0.5)
     assert all(torch.equal(x.view(torch.uint8), y.view(torch.uint8)) for x, y in zip(fp8[:2], fp8[2:]))
 

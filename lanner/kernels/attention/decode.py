@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from lanner.kernels.attention.prefill import dot_precision, load_kv_tile, query_for_cache
+from lanner.kernels.attention.reference import FP8_KV_DTYPE
 
 
 @triton.jit
@@ -140,7 +141,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if workspace is None:
         workspace = decode_workspace(B * num_splits, H, D, B * kv_heads, q.device)
     part_out, part_lse, counters = workspace
-    block_n, num_warps, num_stages = tile or decode_tile(D, k_cache.dtype == torch.float8_e4m3fn, num_splits)
+    block_n, num_warps, num_stages = tile or decode_tile(D, k_cache.dtype == FP8_KV_DTYPE, num_splits)
     _decode_split_kernel[(B, kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, part_out, part_lse, counters, out, scale * k_scale, v_scale,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1),

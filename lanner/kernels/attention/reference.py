@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+FP8_KV_DTYPE = torch.float8_e4m3fn  # an fp8 KV cache's elements (kv_cache_dtype fp8)
 FP8_E4M3_MAX = 448.0  # e4m3's largest finite value: a cast of anything larger gives NaN
 
 
@@ -14,7 +15,7 @@ def to_cache_ref(x: torch.Tensor, cache_dtype: torch.dtype, scale: float = 1.0) 
     if cache_dtype == x.dtype and scale == 1.0:
         return x
     y = x.float() * (1.0 / scale)
-    if cache_dtype == torch.float8_e4m3fn:
+    if cache_dtype == FP8_KV_DTYPE:
         y = y.clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX)
     return y.to(cache_dtype)
 
