@@ -143,6 +143,10 @@ class GraphConfig:
               "max_num_seqs); with speculation each size B also gets a graph of B x (k+1) rows for verify steps")
     attention_backend: Literal["auto", "torch", "triton"] = _opt(
         "auto", "'triton' on CUDA, 'torch' (the reference) on the CPU")
+    gemv_kernels: Literal["auto", "triton", "cublas"] = _opt(
+        "auto", "weight matmuls of 1-8 rows (decode): 'auto' runs lanner's Triton GEMV for the shapes where a "
+                "measurement on this GPU at startup (kept in ~/.cache/lanner, or $LANNER_CACHE_DIR) finds it "
+                "faster than cuBLAS; 'triton' for every shape; 'cublas' never")
     piecewise_graphs: bool | None = _opt(
         None, "piecewise CUDA graphs for prefill and mixed steps (default: on with CUDA unless --enforce-eager; "
               "on the CPU, turning it on runs the split, padded forward eagerly)")

@@ -21,6 +21,7 @@ from lanner.distributed import whole_on_every_rank
 from lanner.errors import ConfigError
 from lanner.executor.deferred import Deferred
 from lanner.executor.drafter import Drafter
+from lanner.executor.gemv_table import assign_gemv_kernels
 from lanner.executor.graphs import DecodeGraphs, decode_graph_sizes, verify_graph_sizes
 from lanner.executor.kv_tensors import allocate_kv_caches, kv_block_bytes, kv_cache_element_type
 from lanner.executor.piecewise import PiecewiseGraphs, piecewise_sizes
@@ -180,6 +181,7 @@ class ModelRunner:
         elif config.moe != MoEConfig():
             raise ConfigError(f"MoE options {config.moe} given, but this model has no MoE layers")
         gc = config.graphs
+        self.gemv_report = self._choose_gemv_kernels(gc.gemv_kernels)
         cuda_graphs = device.type == "cuda" and not gc.enforce_eager
         # the KV cache gets what is left after a worst-case step and the graphs: measure the step
         # first (its rows all real, the decode graphs' logits buffer already allocated), then capture
@@ -245,6 +247,15 @@ class ModelRunner:
         """The one logits buffer of every decode graph: [their most rows, vocab]."""
         return torch.empty(max(self._decode_graph_rows()[1]), self.model.spec.vocab_size, dtype=self.dtype,
                            device=self.device)
+
+    def _choose_gemv_kernels(self, choice: str) -> dict | None:
+        """Point the model's small-batch matmuls at the Triton GEMV where it wins on this GPU
+        (executor/gemv_table.py); before the memory profile, so its measurement's buffers are gone."""
+        if choice == "cublas" or (choice == "auto" and self.device.type != "cuda"):
+            return None
+        if self.device.type != "cuda":
+            raise ConfigError("gemv_kernels 'triton' runs on CUDA only (the CPU path multiplies with torch)")
+        return assign_gemv_kernels(self.model, self.dtype, self.device, force=choice == "triton")
 
     def _setup_moe(self, config: EngineConfig) -> None:
         """The MoE layers' executor settings; the routing record when requests may ask for it."""

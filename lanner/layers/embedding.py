@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lanner.distributed import TP, all_gather_columns, all_reduce
+from lanner.layers.linear import matmul
 
 
 class VocabRows(nn.Module):
@@ -21,13 +22,17 @@ class VocabRows(nn.Module):
         self.rows = -(-vocab_size // TP.size)
         self.start = TP.rank * self.rows
         self.weight = nn.Parameter(torch.empty(self.rows, hidden_size), requires_grad=False)
+        self.gemv, self.gemv_workspace = {}, None  # as Linear's
 
     def checkpoint_slice(self, param: torch.Tensor, tensor: torch.Tensor, shard=None) -> torch.Tensor:
         return vocab_rows(tensor, self.start, self.rows)
 
     def logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """hidden [T, H] -> logits [T, vocab] (the LM head; a tied one is the embedding's)."""
-        return vocab_logits(hidden, self.weight, self.vocab_size, self.split, out)
+        if not self.split:
+            return matmul(hidden, self.weight, self, out=out)
+        logits = all_gather_columns(matmul(hidden, self.weight, self))[:, :self.vocab_size]
+        return logits if out is None else out.copy_(logits)
 
 
 class VocabEmbedding(VocabRows):
@@ -52,11 +57,3 @@ def vocab_rows(tensor: torch.Tensor, start: int, rows: int) -> torch.Tensor:
     """Rows [start, start + rows) of a [vocab, ...] checkpoint tensor, zero past the vocabulary."""
     piece = tensor[start:start + rows]
     return piece if piece.shape[0] == rows else F.pad(piece, (0, 0, 0, rows - piece.shape[0]))
-
-
-def vocab_logits(hidden: torch.Tensor, weight: torch.Tensor, vocab_size: int, split: bool,
-                 out: torch.Tensor | None = None) -> torch.Tensor:
-    if not split:
-        return F.linear(hidden, weight) if out is None else torch.mm(hidden, weight.t(), out=out)
-    logits = all_gather_columns(F.linear(hidden, weight))[:, :vocab_size]
-    return logits if out is None else out.copy_(logits)

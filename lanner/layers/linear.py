@@ -34,17 +34,15 @@ class Linear(nn.Module):
         self.shard_index = TP.rank if shard_index is None else shard_index
         # row-parallel without the all-reduce: the caller sums this output with others first
         self.reduce = reduce
+        self.gemv, self.gemv_workspace = {}, None  # small-batch kernels, set by the runner (gemv_table.py)
 
     def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         if self.parallel == "row":
-            y = F.linear(x, self.weight) if out is None else torch.mm(x, self.weight.t(), out=out)
+            y = matmul(x, self.weight, self, out=out)
             if self.reduce:
                 all_reduce(y)
             return y if self.bias is None else y.add_(self.bias / (1 if self.reduce else self.num_ranks))
-        if out is None:
-            return F.linear(x, self.weight, self.bias)
-        torch.mm(x, self.weight.t(), out=out)  # into a static buffer (graph pieces)
-        return out if self.bias is None else out.add_(self.bias)
+        return matmul(x, self.weight, self, self.bias, out)
 
     def checkpoint_slice(self, param: torch.Tensor, tensor: torch.Tensor, shard=None) -> torch.Tensor:
         """This rank's piece of the whole checkpoint tensor for `param`."""
@@ -54,6 +52,23 @@ class Linear(nn.Module):
             rows = param.shape[0]
             return tensor.narrow(0, self.shard_index * rows, rows)
         return tensor
+
+
+def matmul(x: torch.Tensor, weight: torch.Tensor, layer: nn.Module, bias: torch.Tensor | None = None,
+           out: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight^T (+ bias), into `out` (a static buffer of graph pieces) if given. Row counts that
+    the runner measured a Triton GEMV faster for (`layer.gemv`: {rows: config}) run it; the rest
+    cuBLAS."""
+    config = layer.gemv.get(x.shape[0]) if layer.gemv and x.dim() == 2 else None
+    if config is not None and x.stride(1) == 1:
+        from lanner.kernels.gemv import gemv
+
+        y = gemv(x, weight, config, layer.gemv_workspace, out)
+        return y if bias is None else y.add_(bias)
+    if out is None:
+        return F.linear(x, weight, bias)
+    torch.mm(x, weight.t(), out=out)
+    return out if bias is None else out.add_(bias)
 
 
 class MergedLinear(Linear):

@@ -1,0 +1,62 @@
+"""Search the Triton GEMV's configurations against cuBLAS on this GPU, for every weight matmul of the
+given model configs at decode row counts (lanner/kernels/gemv.py, lanner/executor/gemv_table.py).
+
+  python scripts/gemv_probe.py OUT.json benchmarks/configs/qwen3-0.6b.json benchmarks/configs/qwen3-8b.json
+  ROWS="1 2 4 8" GRID=wide|runtime (default wide: the search; runtime: the engine's candidates only)
+
+Prints a line per (shape, rows): cuBLAS and the best configuration in us and GB/s of weight read."""
+import itertools
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from lanner.executor.gemv_table import candidates, measure_shape
+from lanner.kernels.gemv import GemvConfig
+
+
+def model_shapes(path: str) -> dict[str, tuple[int, int]]:
+    with open(path) as f:
+        c = json.load(f)
+    h, d = c["hidden_size"], c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
+    q, kv, inter = c["num_attention_heads"] * d, c["num_key_value_heads"] * d, c["intermediate_size"]
+    return {"qkv": (q + 2 * kv, h), "o": (h, q), "gate_up": (2 * inter, h), "down": (h, inter),
+            "lm_head": (c["vocab_size"], h)}
+
+
+def wide_grid(m: int) -> list[GemvConfig]:
+    if m == 1:
+        tiles = [(4, 1024), (8, 512), (16, 256), (16, 512), (32, 128)]
+        return [GemvConfig(n, k, s, w, 3) for (n, k), s, w in itertools.product(tiles, (1, 2, 4, 8), (4, 8))]
+    tiles = [(16, 128), (16, 256), (32, 128), (32, 256), (64, 128)]
+    return [GemvConfig(n, k, s, 4, st) for (n, k), s, st in itertools.product(tiles, (1, 2, 4, 8), (3, 4))]
+
+
+def main() -> None:
+    out_path, configs = sys.argv[1], sys.argv[2:]
+    rows = [int(r) for r in os.environ.get("ROWS", "1 2 4 8").split()]
+    runtime = os.environ.get("GRID", "wide") == "runtime"
+    results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "shapes": {}}
+    for path in configs:
+        name = os.path.basename(path).removesuffix(".json")
+        for layer, (n, k) in model_shapes(path).items():
+            for m in rows:
+                grid = candidates(m) if runtime else wide_grid(m)
+                times = measure_shape(n, k, m, torch.bfloat16, "cuda", grid)
+                best = min((c for c in times if c != "cublas"), key=times.get)
+                gbs = lambda us, b=n * k * 2: b / us / 1e3
+                top = sorted((c for c in times if c != "cublas"), key=times.get)[:5]
+                results["shapes"][f"{name}/{layer}/{n}x{k}/m{m}"] = {
+                    "cublas_us": round(times["cublas"], 2), "best": best, "best_us": round(times[best], 2),
+                    "speedup": round(times["cublas"] / times[best], 3), "top5": {c: round(times[c], 2) for c in top}}
+                print(f"{name:12s} {layer:8s} {n:6d}x{k:<6d} m={m}: cublas {times['cublas']:7.2f} us "
+                      f"({gbs(times['cublas']):5.0f} GB/s)  best {times[best]:7.2f} us ({gbs(times[best]):5.0f} GB/s) "
+                      f"{best}  x{times['cublas'] / times[best]:.2f}", flush=True)
+                with open(out_path, "w") as f:  # so far, if the run is cut short
+                    json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

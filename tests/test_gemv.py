@@ -1,0 +1,117 @@
+"""The small-batch weight GEMV (lanner/kernels/gemv.py) against the torch reference on the CPU
+(TRITON_INTERPRET=1, float32), the layers' routing to it, and the choice table's rules
+(lanner/executor/gemv_table.py) with the GPU's measurements stubbed."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lanner.kernels.gemv as gemv_kernel
+from lanner import LLM
+from lanner.errors import ConfigError
+from lanner.executor import gemv_table
+from lanner.executor.gemv_table import GemvTable, candidates, row_bucket
+from lanner.kernels.gemv import GemvConfig, GemvWorkspace, gemv, gemv_reference
+from lanner.layers.linear import Linear
+
+SMALL_CONFIGS = [GemvConfig(8, 64, 1, 4, 2), GemvConfig(16, 32, 4, 4, 2), GemvConfig(16, 64, 3, 4, 2)]
+
+
+@pytest.mark.parametrize("config", SMALL_CONFIGS, ids=str)
+@pytest.mark.parametrize("n,k", [(72, 256), (5, 100), (40, 30)])
+def test_gemv_matches_reference(config, n, k):
+    torch.manual_seed(0)
+    w = torch.randn(n, k)
+    workspace = GemvWorkspace(config.workspace_floats(n), -(-n // config.block_n), "cpu")
+    for m in (1, 3, 16):
+        x = torch.randn(m, k)
+        for _ in range(2):  # the split counts are back at zero for the next call
+            torch.testing.assert_close(gemv(x, w, config, workspace), gemv_reference(x, w), atol=1e-4, rtol=1e-4)
+            assert not workspace.counters.any()
+
+
+def test_gemv_writes_into_a_strided_output():
+    w, x = torch.randn(24, 64), torch.randn(2, 64)
+    buf = torch.zeros(2, 40)
+    gemv(x, w, SMALL_CONFIGS[0], out=buf[:, :24])
+    torch.testing.assert_close(buf[:, :24], gemv_reference(x, w), atol=1e-4, rtol=1e-4)
+    assert not buf[:, 24:].any()
+
+
+def test_linear_runs_the_gemv_for_the_row_counts_it_was_given(monkeypatch):
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].shape[0])
+        return gemv(*args, **kwargs)
+
+    monkeypatch.setattr(gemv_kernel, "gemv", spy)
+    torch.manual_seed(0)
+    layer = Linear(64, 40, bias=True)
+    layer.weight.normal_()
+    layer.bias.normal_()
+    layer.gemv = {1: SMALL_CONFIGS[1], 2: SMALL_CONFIGS[1]}
+    layer.gemv_workspace = GemvWorkspace(SMALL_CONFIGS[1].workspace_floats(40), 3, "cpu")
+    for m in (1, 2, 3):
+        x = torch.randn(m, 64)
+        torch.testing.assert_close(layer(x), x @ layer.weight.t() + layer.bias, atol=1e-4, rtol=1e-4)
+    assert calls == [1, 2]  # 3 rows: no choice for them, torch's matmul
+
+
+def test_gemv_kernels_option_is_checked():
+    with pytest.raises(ConfigError, match="CUDA only"):
+        LLM(device="cpu", gemv_kernels="triton")
+    with pytest.raises(ConfigError, match="gemv_kernels"):
+        LLM(device="cpu", gemv_kernels="fast")
+    llm = LLM(device="cpu", gemv_kernels="auto")  # nothing to measure on the CPU
+    assert llm.engine.runner.gemv_report is None
+    assert not any(getattr(mod, "gemv", None) for mod in llm.engine.runner.model.modules())
+
+
+def fake_times(winner: str, cublas: float, best: float):
+    def measure(n, k, m, dtype, device, configs=None):
+        times = {str(c): best * 2 for c in candidates(m)}
+        times["cublas"] = cublas
+        times[winner] = best
+        return times
+    return measure
+
+
+def test_table_rules_and_persistence(tmp_path, monkeypatch):
+    monkeypatch.setattr(gemv_table, "table_key", lambda device: "test-gpu")
+    one, rows = str(candidates(1)[2]), str(candidates(4)[1])
+    path = tmp_path / "t.json"
+    table = GemvTable("cpu", path)
+    monkeypatch.setattr(gemv_table, "measure_shape", fake_times(one, cublas=10.0, best=8.0))
+    assert str(table.choice(4096, 1024, 1, torch.bfloat16)) == one  # 20% faster: taken
+    monkeypatch.setattr(gemv_table, "measure_shape", fake_times(rows, cublas=10.0, best=9.9))
+    assert table.choice(4096, 1024, 3, torch.bfloat16) is None  # 1% faster: cuBLAS stays
+    assert str(table.choice(4096, 1024, 4, torch.bfloat16, force=True)) == rows  # same bucket, forced
+    assert table.measured == 2
+    table.save()
+
+    def never(*args, **kwargs):
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(gemv_table, "measure_shape", never)
+    again = GemvTable("cpu", path)
+    assert str(again.choice(4096, 1024, 1, torch.bfloat16)) == one
+    assert again.choice(4096, 1024, 4, torch.bfloat16) is None
+    assert again.measured == 0
+    with pytest.raises(AssertionError, match="measured again"):  # another dtype is another entry
+        again.choice(4096, 1024, 1, torch.float16)
+
+
+def test_a_corrupt_table_file_is_measured_again(tmp_path, monkeypatch):
+    monkeypatch.setattr(gemv_table, "table_key", lambda device: "test-gpu")
+    path = tmp_path / "t.json"
+    path.write_text("{not json")
+    monkeypatch.setattr(gemv_table, "measure_shape", fake_times("cublas", cublas=1.0, best=1.0))
+    table = GemvTable("cpu", path)
+    assert table.choice(64, 64, 1, torch.float32) is None and table.measured == 1
+    table.save()
+    assert GemvTable("cpu", path).entries
+
+
+def test_row_buckets():
+    assert [row_bucket(m) for m in range(1, 9)] == [1, 2, 4, 4, 8, 8, 8, 8]
