@@ -12,6 +12,7 @@ from lanner.errors import ConfigError
 from lanner.executor import gemv_table
 from lanner.executor.gemv_table import GemvTable, candidates, row_bucket
 from lanner.kernels.gemv import GemvConfig, GemvWorkspace, gemv, gemv_reference
+from lanner.layers.embedding import LMHead, VocabEmbedding
 from lanner.layers.linear import Linear
 
 SMALL_CONFIGS = [GemvConfig(8, 64, 1, 4, 2), GemvConfig(16, 32, 4, 4, 2), GemvConfig(16, 64, 3, 4, 2)]
@@ -22,7 +23,7 @@ SMALL_CONFIGS = [GemvConfig(8, 64, 1, 4, 2), GemvConfig(16, 32, 4, 4, 2), GemvCo
 def test_gemv_matches_reference(config, n, k):
     torch.manual_seed(0)
     w = torch.randn(n, k)
-    workspace = GemvWorkspace(config.workspace_floats(n), -(-n // config.block_n), "cpu")
+    workspace = GemvWorkspace.of(config, n, 16, "cpu")  # the most rows: big enough for fewer
     for m in (1, 3, 16):
         x = torch.randn(m, k)
         for _ in range(2):  # the split counts are back at zero for the next call
@@ -38,7 +39,7 @@ def test_gemv_writes_into_a_strided_output():
     assert not buf[:, 24:].any()
 
 
-def test_linear_runs_the_gemv_for_the_row_counts_it_was_given(monkeypatch):
+def spy_on_gemv(monkeypatch) -> list[int]:
     calls = []
 
     def spy(*args, **kwargs):
@@ -46,16 +47,46 @@ def test_linear_runs_the_gemv_for_the_row_counts_it_was_given(monkeypatch):
         return gemv(*args, **kwargs)
 
     monkeypatch.setattr(gemv_kernel, "gemv", spy)
+    return calls
+
+
+def give_gemv(layer, rows: list[int], config: GemvConfig = SMALL_CONFIGS[1]) -> None:
+    layer.gemv = dict.fromkeys(rows, config)
+    layer.gemv_workspace = GemvWorkspace.of(config, layer.weight.shape[0], 16, "cpu")
+
+
+def test_linear_runs_the_gemv_for_the_row_counts_it_was_given(monkeypatch):
+    calls = spy_on_gemv(monkeypatch)
     torch.manual_seed(0)
     layer = Linear(64, 40, bias=True)
     layer.weight.normal_()
     layer.bias.normal_()
-    layer.gemv = {1: SMALL_CONFIGS[1], 2: SMALL_CONFIGS[1]}
-    layer.gemv_workspace = GemvWorkspace(SMALL_CONFIGS[1].workspace_floats(40), 3, "cpu")
+    give_gemv(layer, [1, 2])
     for m in (1, 2, 3):
         x = torch.randn(m, 64)
-        torch.testing.assert_close(layer(x), x @ layer.weight.t() + layer.bias, atol=1e-4, rtol=1e-4)
-    assert calls == [1, 2]  # 3 rows: no choice for them, torch's matmul
+        want = x @ layer.weight.t() + layer.bias
+        torch.testing.assert_close(layer(x), want, atol=1e-4, rtol=1e-4)
+        buf = torch.zeros(m, 40)  # a graph piece's static output buffer
+        assert layer(x, out=buf) is buf
+        torch.testing.assert_close(buf, want, atol=1e-4, rtol=1e-4)
+    assert calls == [1, 1, 2, 2]  # 3 rows: no choice for them, torch's matmul
+
+
+def test_lm_head_logits_run_the_gemv(monkeypatch):
+    """The LM head, and a tied embedding's logits (the lookup itself stays an embedding)."""
+    calls = spy_on_gemv(monkeypatch)
+    torch.manual_seed(0)
+    for head in (LMHead(64, 50), VocabEmbedding(50, 64)):
+        head.weight.normal_()
+        give_gemv(head, [1, 2])
+        hidden = torch.randn(2, 64)
+        torch.testing.assert_close(head.logits(hidden), hidden @ head.weight.t(), atol=1e-4, rtol=1e-4)
+        logits = torch.empty(4, 50)
+        head.logits(hidden, out=logits[:2])
+        torch.testing.assert_close(logits[:2], hidden @ head.weight.t(), atol=1e-4, rtol=1e-4)
+    ids = torch.tensor([3, 7])
+    torch.testing.assert_close(head(ids), head.weight[ids])
+    assert calls == [2, 2, 2, 2]
 
 
 def test_gemv_kernels_option_is_checked():
@@ -102,15 +133,35 @@ def test_table_rules_and_persistence(tmp_path, monkeypatch):
         again.choice(4096, 1024, 1, torch.float16)
 
 
-def test_a_corrupt_table_file_is_measured_again(tmp_path, monkeypatch):
+@pytest.mark.parametrize("content", ["{not json", "[]", '{"test-gpu": []}',
+                                     '{"test-gpu": {"64x64/m1/float32": {"choice": "n8"}}}',
+                                     '{"test-gpu": {"64x64/m1/float32": {"choice": "x", "us": {"cublas": 1}}}}'])
+def test_a_corrupt_table_file_is_measured_again(tmp_path, monkeypatch, content):
     monkeypatch.setattr(gemv_table, "table_key", lambda device: "test-gpu")
     path = tmp_path / "t.json"
-    path.write_text("{not json")
+    path.write_text(content)
     monkeypatch.setattr(gemv_table, "measure_shape", fake_times("cublas", cublas=1.0, best=1.0))
     table = GemvTable("cpu", path)
     assert table.choice(64, 64, 1, torch.float32) is None and table.measured == 1
     table.save()
-    assert GemvTable("cpu", path).entries
+    assert GemvTable("cpu", path).entries["64x64/m1/float32"]["choice"] == "cublas"
+
+
+def test_no_memory_to_measure_means_cublas_for_this_run_only(tmp_path, monkeypatch):
+    monkeypatch.setattr(gemv_table, "table_key", lambda device: "test-gpu")
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(gemv_table, "measure_shape", out_of_memory)
+    path = tmp_path / "t.json"
+    table = GemvTable("cpu", path)
+    assert table.choice(151936, 4096, 1, torch.bfloat16) is None
+    monkeypatch.setattr(gemv_table, "measure_shape", fake_times("cublas", cublas=1.0, best=1.0))
+    table.choice(64, 64, 1, torch.float32)
+    table.save()
+    assert set(GemvTable("cpu", path).entries) == {"64x64/m1/float32"}  # the failed one is measured next time
 
 
 def test_row_buckets():

@@ -2,13 +2,16 @@
 configurations (lanner/kernels/gemv.py), measured on this GPU for every weight shape of the model
 and every decode row count up to GEMV_MAX_ROWS.
 
-Each candidate is timed in a CUDA graph of launches over distinct copies of the weight (several
-hundred MiB in all, so the L2 cache holds none of them, as in a real forward), and the fastest
+Each candidate is timed in a CUDA graph of launches over distinct copies of the weight (512 MiB
+in all, 10x the H200's L2 cache, so it holds none of them, as in a real forward), and the fastest
 wins; cuBLAS keeps a shape unless a configuration beats it by MIN_GAIN. The table is measured once
 per (GPU, dtype, shape) and kept in a JSON file under the cache folder, so a restart picks the same
-kernels (the same numerics) without measuring again."""
+kernels (the same numerics) without measuring again; its key names the GPU, the torch and triton
+versions and a hash of the kernel's source and the candidates, so a change to any of them measures
+anew."""
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -23,15 +26,16 @@ GEMV_MAX_ROWS = 8
 ROW_BUCKETS = (1, 2, 4, 8)  # a row count runs the choice measured at the next bucket up
 MIN_GAIN = 0.03  # a Triton configuration must be this much faster than cuBLAS to replace it
 POOL_BYTES = 512 << 20  # weight copies a measurement cycles through (the H200's L2 is 50 MiB)
-TABLE_VERSION = 2  # bump when the kernel or the candidates change: older tables are measured again
+MAX_COPIES = 512  # tiny weights: 512 copies of 1 MiB still overflow a 50 MiB L2 tenfold
 
 # (block_n, block_k, split_k, num_warps, num_stages): the winners of scripts/gemv_probe.py's wider
 # grids (80 configurations a row count) on Qwen3-0.6B's and Qwen3-8B's shapes, H200
-# (docs/benchmarks.md, 2026-12-04 16:20); one split-K configuration each for narrow shards
+# (docs/benchmarks.md, 2026-12-04 15:55-16:15); one split-K configuration each for narrow shards
 ONE_ROW_CANDIDATES = [(8, 512, 1, 4, 3), (16, 512, 1, 4, 3), (4, 1024, 1, 8, 3), (8, 512, 1, 8, 3),
                       (16, 512, 1, 8, 3), (4, 1024, 1, 4, 3), (16, 256, 8, 4, 3)]
 ROWS_CANDIDATES = [(64, 128, 1, 4, 3), (64, 128, 1, 4, 4), (64, 128, 2, 4, 4), (64, 128, 4, 4, 4),
                    (64, 128, 8, 4, 4), (32, 128, 4, 4, 4), (32, 256, 2, 4, 3)]
+
 
 def row_bucket(m: int) -> int:
     return next(b for b in ROW_BUCKETS if b >= m)
@@ -46,12 +50,12 @@ def candidates(m: int):
 def weight_views(n: int, k: int, dtype: torch.dtype, device) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Distinct [n, k] weights filling about POOL_BYTES (at least one), and the pool that holds them."""
     per = n * k
-    copies = max(1, min(64, POOL_BYTES // (per * torch.finfo(dtype).bits // 8)))
+    copies = max(1, min(MAX_COPIES, POOL_BYTES // (per * torch.finfo(dtype).bits // 8)))
     pool = torch.empty(copies * per, dtype=dtype, device=device).uniform_(-0.05, 0.05)
     return [pool[i * per:(i + 1) * per].view(n, k) for i in range(copies)], pool
 
 
-def graph_us(run, views: list[torch.Tensor], launches: int = 32, repeats: int = 3) -> float:
+def graph_us(run, views: list[torch.Tensor], launches: int = 16, repeats: int = 3) -> float:
     """Microseconds a launch of `run(weight)`, cycling through `views` inside one CUDA graph (best of
     `repeats` replays)."""
     run(views[0])  # compiles outside the capture
@@ -77,12 +81,12 @@ def measure_shape(n: int, k: int, m: int, dtype: torch.dtype, device, configs=No
     """{"cublas": us, str(config): us, ...} for an [m, k] x [n, k]^T matmul on this GPU."""
     from lanner.kernels.gemv import GemvWorkspace, gemv
 
-    views, pool = weight_views(n, k, dtype, device)
+    views, pool = weight_views(n, k, dtype, device)  # may raise torch.cuda.OutOfMemoryError
     x = torch.randn(m, k, dtype=dtype, device=device)
     out = torch.empty(m, n, dtype=dtype, device=device)
     times = {"cublas": graph_us(lambda w: torch.mm(x, w.t(), out=out), views)}
     for config in candidates(m) if configs is None else configs:
-        workspace = GemvWorkspace(config.workspace_floats(n), -(-n // config.block_n), device)
+        workspace = GemvWorkspace.of(config, n, m, device)
         times[str(config)] = graph_us(lambda w, c=config, ws=workspace: gemv(x, w, c, ws, out=out), views)
     del pool
     return times
@@ -96,8 +100,11 @@ def cache_path() -> Path:
 def table_key(device) -> str:
     import triton
 
+    import lanner.kernels.gemv as kernel
+
+    code = hashlib.sha1(Path(kernel.__file__).read_bytes() + repr((ONE_ROW_CANDIDATES, ROWS_CANDIDATES)).encode())
     name = torch.cuda.get_device_name(device).replace(" ", "_")
-    return f"v{TABLE_VERSION}/{name}/torch-{torch.__version__}/triton-{triton.__version__}"
+    return f"{name}/torch-{torch.__version__}/triton-{triton.__version__}/{code.hexdigest()[:12]}"
 
 
 class GemvTable:
@@ -108,38 +115,54 @@ class GemvTable:
         self.device = torch.device(device)
         self.path = path or cache_path()
         self.key = table_key(self.device)
-        self.entries: dict[str, dict] = self._load().get(self.key, {})
+        stored = self._load().get(self.key)
+        # entries of another shape (a hand-edited or truncated file) are measured again
+        self.entries: dict[str, dict] = {name: e for name, e in stored.items() if valid_entry(e)} \
+            if isinstance(stored, dict) else {}
         self.measured = 0
+        self.unsaved: set[str] = set()  # measurements that ran out of memory: cuBLAS, this run only
 
     def _load(self) -> dict:
         try:
-            return json.loads(self.path.read_text())
+            everything = json.loads(self.path.read_text())
         except (OSError, ValueError):
             return {}
+        return everything if isinstance(everything, dict) else {}
 
     def choice(self, n: int, k: int, m: int, dtype: torch.dtype, force: bool = False):
         """The GemvConfig to run for this shape, or None for cuBLAS; measured now if not in the table.
-        `force`: the fastest configuration, even where cuBLAS is faster (None if none fits)."""
+        `force`: the fastest configuration, even where cuBLAS is faster."""
         name = f"{n}x{k}/m{row_bucket(m)}/{str(dtype).removeprefix('torch.')}"
         if name not in self.entries:
-            times = measure_shape(n, k, row_bucket(m), dtype, self.device)
-            best = min(times, key=times.get)
-            if best != "cublas" and times[best] > (1 - MIN_GAIN) * times["cublas"]:
-                best = "cublas"
-            self.entries[name] = {"choice": best, "us": {c: round(t, 2) for c, t in times.items()}}
+            self.entries[name] = self._measure(name, n, k, row_bucket(m), dtype)
             self.measured += 1
         entry = self.entries[name]
         best = entry["choice"]
         if force:
-            fitting = [c for c in entry["us"] if c != "cublas"]
-            best = min(fitting, key=entry["us"].get) if fitting else "cublas"
+            configs = [c for c in entry["us"] if c != "cublas"]
+            best = min(configs, key=entry["us"].get) if configs else "cublas"
         return next((c for c in candidates(m) if str(c) == best), None)
+
+    def _measure(self, name: str, n: int, k: int, rows: int, dtype: torch.dtype) -> dict:
+        try:
+            times = measure_shape(n, k, rows, dtype, self.device)
+        except torch.cuda.OutOfMemoryError:  # the weight copies did not fit next to the model
+            torch.cuda.empty_cache()
+            logger.warning("no memory to measure the GEMV for %s: cuBLAS", name)
+            self.unsaved.add(name)
+            return {"choice": "cublas", "us": {"cublas": 0.0}}
+        best = min(times, key=times.get)
+        if best != "cublas" and times[best] > (1 - MIN_GAIN) * times["cublas"]:
+            best = "cublas"
+        return {"choice": best, "us": {c: round(t, 2) for c, t in times.items()}}
 
     def save(self) -> None:
         if not self.measured:
             return
         everything = self._load()
-        everything[self.key] = {**everything.get(self.key, {}), **self.entries}
+        kept = everything.get(self.key)
+        everything[self.key] = {**(kept if isinstance(kept, dict) else {}),
+                                **{name: e for name, e in self.entries.items() if name not in self.unsaved}}
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
@@ -149,11 +172,15 @@ class GemvTable:
             logger.warning("could not save the GEMV table to %s: %s", self.path, e)
 
 
+def valid_entry(entry) -> bool:
+    return isinstance(entry, dict) and isinstance(entry.get("us"), dict) and entry.get("choice") in entry["us"]
+
+
 def assign_gemv_kernels(model: torch.nn.Module, dtype: torch.dtype, device, force: bool = False,
                         table: GemvTable | None = None) -> dict:
     """Measure (or look up) every small-batch matmul of `model` and point its layers at the winners
-    (`layer.gemv`: {rows: config}; the shared split-K workspace); `force`: the fastest Triton
-    configuration everywhere one fits. Returns a summary for the record."""
+    (`layer.gemv`: {rows: config}; one split-K workspace for the model); `force`: the fastest Triton
+    configuration everywhere. Returns a summary for the record."""
     from lanner.kernels.gemv import GemvWorkspace
 
     start = time.perf_counter()
@@ -163,22 +190,37 @@ def assign_gemv_kernels(model: torch.nn.Module, dtype: torch.dtype, device, forc
     floats = blocks = 0
     for layer in layers:
         n, k = layer.weight.shape
-        picks = {}
+        layer.gemv = {}
         for m in range(1, GEMV_MAX_ROWS + 1):
             config = table.choice(n, k, m, dtype, force)
             if config is not None:
-                picks[m] = config
-                floats = max(floats, config.workspace_floats(n))
-                blocks = max(blocks, -(-n // config.block_n))
+                layer.gemv[m] = config
+                floats = max(floats, config.workspace_floats(n, m))
+                blocks = max(blocks, config.blocks(n))
             chosen[f"{n}x{k}/m{row_bucket(m)}"] = str(config) if config else "cublas"
-        layer.gemv = picks
     table.save()
     workspace = GemvWorkspace(floats, blocks, device)
     for layer in layers:
         layer.gemv_workspace = workspace
+    load_kernels(layers, dtype, device)
     torch.cuda.empty_cache()
     seconds = time.perf_counter() - start
     logger.info("GEMV kernels for %d layers in %.1f s (%d shapes measured): %s", len(layers), seconds,
                 table.measured, chosen)
     return {"seconds": round(seconds, 2), "measured": table.measured, "choices": chosen}
 
+
+def load_kernels(layers: list[torch.nn.Module], dtype: torch.dtype, device) -> None:
+    """Launch each chosen kernel once, outside any capture: a kernel that first launches inside a
+    CUDA graph capture loads its module there, which the driver refuses (a table read from the
+    cache file measured nothing, so nothing was launched yet)."""
+    from lanner.kernels.gemv import block_rows, gemv
+
+    done = set()
+    for layer in layers:
+        n, k = layer.weight.shape
+        for m, config in layer.gemv.items():
+            if (n, k, config, block_rows(m)) not in done:
+                done.add((n, k, config, block_rows(m)))
+                gemv(torch.zeros(m, k, dtype=dtype, device=device), layer.weight, config, layer.gemv_workspace)
+    torch.cuda.synchronize()

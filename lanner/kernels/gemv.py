@@ -23,6 +23,10 @@ import triton.language as tl
 MAX_ROWS = 16  # rows (M) one launch takes: the dot pads x to 16
 
 
+def block_rows(rows: int) -> int:
+    return 1 if rows == 1 else MAX_ROWS
+
+
 class GemvConfig(NamedTuple):
     block_n: int
     block_k: int
@@ -30,8 +34,13 @@ class GemvConfig(NamedTuple):
     num_warps: int
     num_stages: int
 
-    def workspace_floats(self, n: int) -> int:
-        return 0 if self.split_k == 1 else self.split_k * triton.cdiv(n, self.block_n) * self.block_n * MAX_ROWS
+    def blocks(self, n: int) -> int:
+        """Programs along N (each also owns a split count with split-K)."""
+        return -(-n // self.block_n)
+
+    def workspace_floats(self, n: int, rows: int) -> int:
+        """Split-K partials of an [rows, n] output: one row's path keeps one column a block."""
+        return 0 if self.split_k == 1 else self.split_k * self.blocks(n) * self.block_n * block_rows(rows)
 
     def __str__(self) -> str:
         return f"n{self.block_n}-k{self.block_k}-s{self.split_k}-w{self.num_warps}-st{self.num_stages}"
@@ -94,8 +103,12 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, part_ptr, counter_ptr, M, N, K, stride_x
 
 
 class GemvWorkspace:
-    """Split-K partials and per-row-block counts, shared by every GEMV of a device: launches on one
+    """Split-K partials and per-row-block counts, shared by every GEMV of a model: launches on one
     stream run one after another, and each leaves the counts at zero."""
+
+    @classmethod
+    def of(cls, config: GemvConfig, n: int, rows: int, device) -> GemvWorkspace:
+        return cls(config.workspace_floats(n, rows), config.blocks(n), device)
 
     def __init__(self, floats: int, blocks: int, device):
         self.partials = torch.empty(max(floats, 1), dtype=torch.float32, device=device)
@@ -104,15 +117,16 @@ class GemvWorkspace:
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, config: GemvConfig, workspace: GemvWorkspace | None = None,
          out: torch.Tensor | None = None) -> torch.Tensor:
-    """x: [M, K] (M <= 16, unit stride along K); weight: [N, K] contiguous; `workspace` is needed
-    when config.split_k > 1 (sized by config.workspace_floats)."""
+    """x: [M, K] (M <= 16, unit stride along K); weight: [N, K] contiguous; out: [M, N], unit stride
+    along N; `workspace` is needed when config.split_k > 1 (GemvWorkspace.of)."""
     M, K = x.shape
     N = weight.shape[0]
     assert M <= MAX_ROWS and x.stride(1) == 1 and weight.is_contiguous()
     out = torch.empty(M, N, dtype=x.dtype, device=x.device) if out is None else out
-    blocks = triton.cdiv(N, config.block_n)
+    assert out.shape == (M, N) and out.stride(1) == 1
+    blocks = config.blocks(N)
     if config.split_k > 1:
-        assert workspace is not None and workspace.partials.numel() >= config.workspace_floats(N) \
+        assert workspace is not None and workspace.partials.numel() >= config.workspace_floats(N, M) \
             and workspace.counters.numel() >= blocks
         part, counters = workspace.partials, workspace.counters
     else:
@@ -120,9 +134,10 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, config: GemvConfig, workspace: G
     if M:
         _gemv_kernel[(blocks, config.split_k)](
             x, weight, out, part, counters, M, N, K, x.stride(0), weight.stride(0), out.stride(0),
-            BLOCK_M=1 if M == 1 else MAX_ROWS, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-            SPLIT_K=config.split_k, EVEN_K=K % (config.block_k * config.split_k) == 0, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-            num_warps=config.num_warps, num_stages=config.num_stages)
+            BLOCK_M=block_rows(M), BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=config.split_k,
+            EVEN_K=K % (config.block_k * config.split_k) == 0,
+            PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=config.num_warps,
+            num_stages=config.num_stages)
     return out
 
 

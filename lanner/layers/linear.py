@@ -60,15 +60,15 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, layer: nn.Module, bias: torch.
     the runner measured a Triton GEMV faster for (`layer.gemv`: {rows: config}) run it; the rest
     cuBLAS."""
     config = layer.gemv.get(x.shape[0]) if layer.gemv and x.dim() == 2 else None
-    if config is not None and x.stride(1) == 1:
+    if config is not None and x.stride(1) == 1 and (out is None or out.stride(1) == 1):
         from lanner.kernels.gemv import gemv
 
         y = gemv(x, weight, config, layer.gemv_workspace, out)
-        return y if bias is None else y.add_(bias)
-    if out is None:
+    elif out is None:
         return F.linear(x, weight, bias)
-    torch.mm(x, weight.t(), out=out)
-    return out if bias is None else out.add_(bias)
+    else:
+        y = torch.mm(x, weight.t(), out=out)
+    return y if bias is None else y.add_(bias)
 
 
 class MergedLinear(Linear):

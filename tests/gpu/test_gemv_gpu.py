@@ -4,6 +4,10 @@ the engine with it against cuBLAS."""
 from __future__ import annotations
 
 import gc
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -26,7 +30,7 @@ def test_gemv_matches_reference(n, k, dtype):
         x = torch.randn(m, k, device="cuda", dtype=dtype)
         ref = gemv_reference(x, w).float()
         for config in CONFIGS:
-            workspace = GemvWorkspace(config.workspace_floats(n), -(-n // config.block_n), "cuda")
+            workspace = GemvWorkspace.of(config, n, m, "cuda")
             out = gemv(x, w, config, workspace).float()
             tol = 1e-4 if dtype == torch.float32 else 2e-2
             torch.testing.assert_close(out, ref, atol=tol, rtol=tol, msg=f"{config} m={m}")
@@ -42,7 +46,7 @@ def test_split_k_merge_is_race_free_in_a_graph():
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
     for config, m in ((GemvConfig(16, 256, 8, 4, 3), 1), (GemvConfig(64, 128, 8, 4, 4), 5)):
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-        workspace = GemvWorkspace(config.workspace_floats(n), n // config.block_n, "cuda")
+        workspace = GemvWorkspace.of(config, n, m, "cuda")
         want = gemv(x, w, config, workspace)
         outs = [torch.empty_like(want) for _ in range(50)]
         graph = torch.cuda.CUDAGraph()
@@ -93,8 +97,32 @@ def test_engine_with_the_gemv_everywhere_matches_cublas(dtype, tmp_path, monkeyp
         del llm, runner
         gc.collect()
         torch.cuda.empty_cache()
-    if dtype == "float32":
-        assert runs["triton"] == runs["cublas"]
-    else:
-        same = sum(a == b for batch_t, batch_c in zip(runs["triton"], runs["cublas"]) for a, b in zip(batch_t, batch_c))
-        assert same >= 4, runs
+    pairs = [(a, b) for batch_t, batch_c in zip(runs["triton"], runs["cublas"]) for a, b in zip(batch_t, batch_c)]
+    # a wrong GEMV changes the first tokens; sums in another order may flip a near-tie later
+    assert all(a[:8] == b[:8] for a, b in pairs) or dtype == "bfloat16", runs
+    assert sum(a == b for a, b in pairs) >= (5 if dtype == "float32" else 4), runs
+
+
+RESTART = """
+import json, sys
+from lanner import LLM, SamplingParams
+llm = LLM(dtype="bfloat16", gpu_memory_utilization=0.3)
+out = llm.generate(["def fibonacci(n):"], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True), use_tqdm=False)
+print(json.dumps({"report": llm.engine.runner.gemv_report, "tokens": out[0].outputs[0].token_ids}))
+"""
+
+
+def test_a_restart_reads_the_table_and_captures_its_kernels(tmp_path):
+    """A second process finds every choice in the cache file (measures nothing), so it launches no
+    kernel before its decode graphs are captured but the ones load_kernels runs: capture works,
+    and the tokens are the first process's (the same kernels)."""
+    env = {**os.environ, "LANNER_CACHE_DIR": str(tmp_path)}
+    runs = []
+    for _ in range(2):
+        done = subprocess.run([sys.executable, "-c", RESTART], check=False, env=env, capture_output=True, text=True,
+                              timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    assert runs[0]["report"]["measured"] > 0 and runs[1]["report"]["measured"] == 0
+    assert runs[1]["report"]["choices"] == runs[0]["report"]["choices"]
+    assert runs[1]["tokens"] == runs[0]["tokens"]
