@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
 # Issue [12]'s GPU runs (results under $OUT, default ./out):
-#   bash scripts/gpu_perf.sh tests      # tests/gpu engine, piecewise, kernels, structured, speculative, server (wheels first)
+#   bash scripts/gpu_perf.sh tests      # tests/gpu engine, piecewise, kernels, gemv, structured, speculative, server (wheels first)
 #   bash scripts/gpu_perf.sh serve      # serve burst vs offline, Qwen3-8B shape, _base/ and this tree (the
 #                                       # previous commit: mkdir _base && git archive HEAD lanner | tar -x -C _base)
 #   bash scripts/gpu_perf.sh breakdown  # W-8B and W-nano: throughput, then where the time goes
 #   bash scripts/gpu_perf.sh steps      # lanner bench step, Qwen3-0.6B and Qwen3-8B shapes, _base/ and this tree
 #   bash scripts/gpu_perf.sh latency    # lanner bench latency at batch 1, the same models and trees
 #   bash scripts/gpu_perf.sh kv         # W-8B and W-nano with the KV cache in bf16 and in fp8 (--kv-cache-dtype)
+#   bash scripts/gpu_perf.sh gemv       # tests/gpu/test_gemv_gpu.py, then batch 1 and 8 with --gemv-kernels cublas
+#                                       # and auto in one call (a fresh cache folder: auto measures its table)
 source "$(dirname "$0")/gpu_env.sh"
 case "${1:-}" in
   tests)
     bash scripts/gpu_structured.sh wheels
     python3 -m pip install -q --no-index --find-links .wheels fastapi uvicorn prometheus_client httpx 2>&1 | tail -3
-    gpu_tests engine piecewise kernels structured speculative server | tee "$out/gpu-tests-perf.txt" ;;
+    gpu_tests engine piecewise kernels gemv structured speculative server | tee "$out/gpu-tests-perf.txt" ;;
   serve)
     for tree in ${TREES:-_base .}; do
       [ -d "$tree/lanner" ] || continue
@@ -37,6 +39,16 @@ case "${1:-}" in
           --kv-cache-dtype "$dtype" ${BREAKDOWN:+--breakdown} --output-json "$out/$day-$3-kv-$dtype.json" 2>&1 | tail -1
       done
     done ;;
+  gemv)
+    export LANNER_CACHE_DIR=$(mktemp -d)
+    gpu_tests gemv | tee "$out/gpu-tests-gemv.txt"
+    for cfg in ${CFGS:-qwen3-0.6b qwen3-8b}; do
+      for kernels in cublas auto; do
+        python3 -m lanner.cli bench latency --config "benchmarks/configs/$cfg.json" --batch-sizes 1 8 --input-len 128 \
+          --output-len 256 --gpu-memory-utilization 0.5 --gemv-kernels $kernels \
+          --output-json "$out/$day-latency-$cfg-gemv-$kernels.json" 2>&1 | grep -E "^\{'batch|Error"
+      done
+    done ;;
   steps|latency)
     # lanner bench step (prefill and mixed steps) or latency (batch-1 decode) of _base/ and this tree
     root=$(pwd); outdir=$(cd "$out" && pwd)
@@ -51,5 +63,5 @@ case "${1:-}" in
           --gpu-memory-utilization 0.5 --output-json "$outdir/$day-$1-$cfg-$tag.json") 2>&1 | grep -E "^\{|capture|Error|tok/s"
       done
     done ;;
-  *) echo "usage: $0 tests|serve|breakdown|steps|latency|kv" >&2; exit 2 ;;
+  *) echo "usage: $0 tests|serve|breakdown|steps|latency|kv|gemv" >&2; exit 2 ;;
 esac

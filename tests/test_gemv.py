@@ -166,3 +166,35 @@ def test_no_memory_to_measure_means_cublas_for_this_run_only(tmp_path, monkeypat
 
 def test_row_buckets():
     assert [row_bucket(m) for m in range(1, 9)] == [1, 2, 4, 4, 8, 8, 8, 8]
+
+
+def test_assign_points_every_layer_at_its_choice_and_launches_each_kernel_once(tmp_path, monkeypatch):
+    """The runner's path with the GPU's measurements stubbed: each (shape, row bucket) gets its
+    winner, split-K layers share one workspace big enough for all, every chosen kernel is launched
+    once before the layers are used (so none first launches inside a graph capture), and the layers
+    then compute x @ w^T at every row count."""
+    monkeypatch.setattr(gemv_table, "table_key", lambda device: "test-gpu")
+    split, plain = str(candidates(1)[-1]), str(candidates(2)[0])  # (16, 256, 8, ...) and (64, 128, 1, ...)
+    assert "-s8-" in split and "-s1-" in plain
+
+    def measure(n, k, m, dtype, device, configs=None):
+        return {"cublas": 10.0, split if m == 1 else plain: 5.0} if n != 24 else {"cublas": 1.0}
+
+    monkeypatch.setattr(gemv_table, "measure_shape", measure)
+    calls = spy_on_gemv(monkeypatch)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(Linear(96, 40), Linear(40, 96), Linear(96, 24))
+    for layer in model:
+        layer.weight.normal_()
+    report = gemv_table.assign_gemv_kernels(model, torch.float32, "cpu", table=GemvTable("cpu", tmp_path / "t.json"))
+    assert report["measured"] == 3 * 4 and report["choices"]["40x96/m1"] == split
+    assert report["choices"]["40x96/m8"] == plain and report["choices"]["24x96/m4"] == "cublas"
+    assert set(model[0].gemv) == set(range(1, 9)) and not model[2].gemv
+    assert model[0].gemv_workspace is model[1].gemv_workspace is model[2].gemv_workspace
+    assert sorted(calls) == [1, 1, 2, 2]  # one launch per (shape, config, one row or several)
+    for m in range(1, 9):
+        x = torch.randn(m, 96)
+        for layer in (model[0], model[2]):
+            torch.testing.assert_close(layer(x), x @ layer.weight.t(), atol=1e-4, rtol=1e-4)
+        y = torch.randn(m, 40)
+        torch.testing.assert_close(model[1](y), y @ model[1].weight.t(), atol=1e-4, rtol=1e-4)

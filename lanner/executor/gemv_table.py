@@ -223,4 +223,5 @@ def load_kernels(layers: list[torch.nn.Module], dtype: torch.dtype, device) -> N
             if (n, k, config, block_rows(m)) not in done:
                 done.add((n, k, config, block_rows(m)))
                 gemv(torch.zeros(m, k, dtype=dtype, device=device), layer.weight, config, layer.gemv_workspace)
-    torch.cuda.synchronize()
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
