@@ -201,6 +201,37 @@ def test_a_checkpoints_kv_cache_scales_are_applied_to_an_fp8_cache(kv_scaled_mod
     assert full.engine.runner.kv_scales is None and "used only with kv_cache_dtype fp8" in caplog.text
 
 
+@pytest.mark.parametrize("k_name,v_name", [("k_proj.k_scale", "v_proj.v_scale"),
+                                           ("k_proj.output_scale", "v_proj.output_scale"), ("kv_scale", None)])
+def test_kv_cache_scales_under_the_other_names_checkpoints_use(kv_scaled_model, k_name, v_name):
+    """ModelOpt's `self_attn.k_proj.k_scale`, compressed-tensors' `k_proj.output_scale` and the older
+    single `kv_scale` (for K and V both) reach the same scales as `self_attn.k_scale` / `v_scale`."""
+    from safetensors.torch import load_file, save_file
+
+    path, layers = kv_scaled_model
+    weights = load_file(f"{path}/model.safetensors")
+    for i in range(layers):
+        k, v = weights.pop(f"model.layers.{i}.self_attn.k_scale"), weights.pop(f"model.layers.{i}.self_attn.v_scale")
+        weights[f"model.layers.{i}.self_attn.{k_name}"] = k
+        if v_name:
+            weights[f"model.layers.{i}.self_attn.{v_name}"] = v
+    save_file(weights, f"{path}/model.safetensors")
+    llm = LLM(model=path, kv_cache_dtype="fp8", num_kv_blocks=16)
+    assert llm.engine.runner.backend.kv_scales == [(0.5, 4.0 if v_name else 0.5)] * layers
+
+
+def test_a_query_scale_is_refused_not_ignored(kv_scaled_model):
+    """fp8 attention's query scale has no use here: refused by name, as any tensor of no parameter."""
+    from safetensors.torch import load_file, save_file
+
+    path, _ = kv_scaled_model
+    weights = load_file(f"{path}/model.safetensors")
+    weights["model.layers.0.self_attn.q_proj.output_scale"] = torch.tensor(1.0)
+    save_file(weights, f"{path}/model.safetensors")
+    with pytest.raises(ConfigError, match="q_proj.output_scale"):
+        LLM(model=path, kv_cache_dtype="fp8", num_kv_blocks=16)
+
+
 def test_kv_cache_scales_that_are_not_finite_and_positive_are_refused(kv_scaled_model):
     from safetensors.torch import load_file, save_file
 

@@ -141,6 +141,21 @@ def load_safetensors(model: nn.Module, path: str) -> None:
     load_weights(model, iter_checkpoint(path))
 
 
+# the other names calibrated fp8-KV checkpoints give a layer's KV-cache scales (vLLM reads them all):
+# ModelOpt's on the projections, compressed-tensors' output scales, and the older single kv_scale
+KV_SCALE_ALIASES = {".k_proj.k_scale": (".k_scale",), ".v_proj.v_scale": (".v_scale",),
+                    ".k_proj.output_scale": (".k_scale",), ".v_proj.output_scale": (".v_scale",),
+                    ".kv_scale": (".k_scale", ".v_scale")}
+
+
+def our_names(name: str) -> tuple[str, ...]:
+    """The model's names for a checkpoint tensor (two for a kv_scale: K's and V's)."""
+    for suffix, ours in KV_SCALE_ALIASES.items():
+        if name.endswith(suffix):
+            return tuple(name[:-len(suffix)] + o for o in ours)
+    return (name,)
+
+
 def load_weights(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]], optional: tuple[str, ...] = ()) \
         -> set[str]:
     """Copy checkpoint tensors into the model's parameters (and the buffers it lists in
@@ -154,7 +169,7 @@ def load_weights(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]], 
     packed = getattr(model, "packed_modules", {})
     loaded = set()
     with torch.no_grad():
-        for name, tensor in tensors:
+        for name, tensor in ((ours, t) for theirs, t in tensors for ours in our_names(theirs)):
             if "rotary_emb.inv_freq" in name or (name == "lm_head.weight" and "lm_head.weight" not in params):
                 continue  # recomputed / tied to the embedding
             target_name, shard = expert_target(name) or (name, None)
