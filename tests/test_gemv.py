@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import lanner.kernels.gemv as gemv_kernel
-from lanner import LLM
+from lanner import LLM, SamplingParams
 from lanner.errors import ConfigError
 from lanner.executor import gemv_table
 from lanner.executor.gemv_table import GemvTable, candidates, row_bucket
@@ -198,3 +198,29 @@ def test_assign_points_every_layer_at_its_choice_and_launches_each_kernel_once(t
             torch.testing.assert_close(layer(x), x @ layer.weight.t(), atol=1e-4, rtol=1e-4)
         y = torch.randn(m, 40)
         torch.testing.assert_close(model[1](y), y @ model[1].weight.t(), atol=1e-4, rtol=1e-4)
+
+
+def test_the_engine_through_the_gemv_gives_the_torch_path_tokens(tmp_path, monkeypatch):
+    """Every linear and the tied LM head of the embedded model through the GEMV (the interpreter, in
+    float32; a split-K configuration for several rows), decoding one request and two together: the
+    same greedy tokens as torch's matmuls."""
+    monkeypatch.setattr(gemv_table, "table_key", lambda device: "test-gpu")
+    # wide row blocks: the interpreter runs programs one by one
+    monkeypatch.setattr(gemv_table, "ONE_ROW_CANDIDATES", [(512, 512, 1, 4, 3)])
+    monkeypatch.setattr(gemv_table, "ROWS_CANDIDATES", [(512, 128, 2, 4, 4)])
+    monkeypatch.setattr(gemv_table, "measure_shape", lambda n, k, m, dtype, device, configs=None: {
+        "cublas": 10.0, str(candidates(m)[0]): 1.0})
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    batches = [["The capital of France is"], ["def fibonacci(n):", "Once upon a time"]]
+    llm = LLM(num_kv_blocks=64)
+
+    def run():
+        return [[o.outputs[0].token_ids for o in llm.generate(b, params, use_tqdm=False)] for b in batches]
+
+    want = run()
+    report = gemv_table.assign_gemv_kernels(llm.engine.runner.model, torch.float32, "cpu",
+                                            table=GemvTable("cpu", tmp_path / "t.json"))
+    assert "cublas" not in report["choices"].values()
+    calls = spy_on_gemv(monkeypatch)
+    assert run() == want
+    assert {1, 2} <= set(calls)
