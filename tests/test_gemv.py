@@ -8,6 +8,7 @@ import torch
 
 import lanner.kernels.gemv as gemv_kernel
 from lanner import LLM, SamplingParams
+from lanner.default_model import DRAFT_MODEL
 from lanner.errors import ConfigError
 from lanner.executor import gemv_table
 from lanner.executor.gemv_table import GemvTable, candidates, row_bucket
@@ -186,7 +187,7 @@ def test_assign_points_every_layer_at_its_choice_and_launches_each_kernel_once(t
     model = torch.nn.Sequential(Linear(96, 40), Linear(40, 96), Linear(96, 24))
     for layer in model:
         layer.weight.normal_()
-    report = gemv_table.assign_gemv_kernels(model, torch.float32, "cpu", table=GemvTable("cpu", tmp_path / "t.json"))
+    report = gemv_table.assign_gemv_kernels([model], torch.float32, "cpu", table=GemvTable("cpu", tmp_path / "t.json"))
     assert report["measured"] == 3 * 4 and report["choices"]["40x96/m1"] == split
     assert report["choices"]["40x96/m8"] == plain and report["choices"]["24x96/m4"] == "cublas"
     assert set(model[0].gemv) == set(range(1, 9)) and not model[2].gemv
@@ -218,9 +219,38 @@ def test_the_engine_through_the_gemv_gives_the_torch_path_tokens(tmp_path, monke
         return [[o.outputs[0].token_ids for o in llm.generate(b, params, use_tqdm=False)] for b in batches]
 
     want = run()
-    report = gemv_table.assign_gemv_kernels(llm.engine.runner.model, torch.float32, "cpu",
+    report = gemv_table.assign_gemv_kernels(llm.engine.runner.networks(), torch.float32, "cpu",
                                             table=GemvTable("cpu", tmp_path / "t.json"))
     assert "cublas" not in report["choices"].values()
     calls = spy_on_gemv(monkeypatch)
     assert run() == want
     assert {1, 2} <= set(calls)
+
+
+def test_a_draft_models_layers_run_the_gemv_too(tmp_path, monkeypatch):
+    """The runner's networks include a draft model's: with the GEMV in every linear of both (the
+    interpreter, float32), speculative decoding gives the same tokens and accepts the same drafts
+    (the drafts themselves are unchanged) as with torch's matmuls."""
+    monkeypatch.setattr(gemv_table, "table_key", lambda device: "test-gpu")
+    monkeypatch.setattr(gemv_table, "ONE_ROW_CANDIDATES", [(512, 512, 1, 4, 3)])
+    monkeypatch.setattr(gemv_table, "ROWS_CANDIDATES", [(512, 128, 2, 4, 4)])
+    monkeypatch.setattr(gemv_table, "measure_shape", lambda n, k, m, dtype, device, configs=None: {
+        "cublas": 10.0, str(candidates(m)[0]): 1.0})
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    llm = LLM(num_kv_blocks=64, speculative_config={"method": "draft_model", "num_speculative_tokens": 2,
+                                                    "model": DRAFT_MODEL})
+    runner = llm.engine.runner
+    assert runner.networks() == [runner.model, runner.drafter.net]
+
+    def run():
+        before = llm.engine.speculator.stats.as_dict()
+        tokens = llm.generate(["def add(a, b):\n    return"], params, use_tqdm=False)[0].outputs[0].token_ids
+        after = llm.engine.speculator.stats.as_dict()
+        return tokens, after["spec_accepted_tokens"] - before["spec_accepted_tokens"]
+
+    want = run()
+    gemv_table.assign_gemv_kernels(runner.networks(), torch.float32, "cpu", table=GemvTable("cpu", tmp_path / "t.json"))
+    assert all(layer.gemv for layer in runner.drafter.net.modules() if isinstance(layer, Linear))
+    calls = spy_on_gemv(monkeypatch)
+    assert run() == want and want[1] > 0
+    assert calls

@@ -176,16 +176,18 @@ def valid_entry(entry) -> bool:
     return isinstance(entry, dict) and isinstance(entry.get("us"), dict) and entry.get("choice") in entry["us"]
 
 
-def assign_gemv_kernels(model: torch.nn.Module, dtype: torch.dtype, device, force: bool = False,
+def assign_gemv_kernels(models: list[torch.nn.Module], dtype: torch.dtype, device, force: bool = False,
                         table: GemvTable | None = None) -> dict:
-    """Measure (or look up) every small-batch matmul of `model` and point its layers at the winners
-    (`layer.gemv`: {rows: config}; one split-K workspace for the model); `force`: the fastest Triton
-    configuration everywhere. Returns a summary for the record."""
+    """Measure (or look up) every small-batch matmul of `models` (a target and its drafter's network,
+    which may share layers) and point their layers at the winners (`layer.gemv`: {rows: config}; one
+    split-K workspace for all); `force`: the fastest Triton configuration everywhere. Returns a
+    summary for the record."""
     from lanner.kernels.gemv import GemvWorkspace
 
     start = time.perf_counter()
     table = table or GemvTable(device)
-    layers = [mod for mod in model.modules() if hasattr(mod, "gemv") and mod.weight.dtype == dtype]
+    layers = list({id(mod): mod for model in models for mod in model.modules()
+                   if hasattr(mod, "gemv") and mod.weight.dtype == dtype}.values())
     chosen: dict[str, str] = {}
     floats = blocks = 0
     for layer in layers:

@@ -255,7 +255,11 @@ class ModelRunner:
             return None
         if self.device.type != "cuda":
             raise ConfigError("gemv_kernels 'triton' runs on CUDA only (the CPU path multiplies with torch)")
-        return assign_gemv_kernels(self.model, self.dtype, self.device, force=choice == "triton")
+        return assign_gemv_kernels(self.networks(), self.dtype, self.device, force=choice == "triton")
+
+    def networks(self) -> list[torch.nn.Module]:
+        """The networks that run here: the target, and a drafter's own (a draft model, a head)."""
+        return [self.model] + ([self.drafter.net] if self.drafter is not None else [])
 
     def _setup_moe(self, config: EngineConfig) -> None:
         """The MoE layers' executor settings; the routing record when requests may ask for it."""
