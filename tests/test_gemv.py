@@ -201,16 +201,22 @@ def test_assign_points_every_layer_at_its_choice_and_launches_each_kernel_once(t
         torch.testing.assert_close(model[1](y), y @ model[1].weight.t(), atol=1e-4, rtol=1e-4)
 
 
-def test_the_engine_through_the_gemv_gives_the_torch_path_tokens(tmp_path, monkeypatch):
-    """Every linear and the tied LM head of the embedded model through the GEMV (the interpreter, in
-    float32; a split-K configuration for several rows), decoding one request and two together: the
-    same greedy tokens as torch's matmuls."""
+@pytest.fixture
+def gemv_wins(monkeypatch, tmp_path) -> GemvTable:
+    """A table in which the GEMV wins every shape, with wide row blocks (the interpreter runs
+    programs one by one: few of them); a split-K configuration for several rows."""
     monkeypatch.setattr(gemv_table, "table_key", lambda device: "test-gpu")
-    # wide row blocks: the interpreter runs programs one by one
     monkeypatch.setattr(gemv_table, "ONE_ROW_CANDIDATES", [(512, 512, 1, 4, 3)])
     monkeypatch.setattr(gemv_table, "ROWS_CANDIDATES", [(512, 128, 2, 4, 4)])
     monkeypatch.setattr(gemv_table, "measure_shape", lambda n, k, m, dtype, device, configs=None: {
         "cublas": 10.0, str(candidates(m)[0]): 1.0})
+    return GemvTable("cpu", tmp_path / "t.json")
+
+
+def test_the_engine_through_the_gemv_gives_the_torch_path_tokens(gemv_wins, monkeypatch):
+    """Every linear and the tied LM head of the embedded model through the GEMV (the interpreter, in
+    float32; a split-K configuration for several rows), decoding one request and two together: the
+    same greedy tokens as torch's matmuls."""
     params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
     batches = [["The capital of France is"], ["def fibonacci(n):", "Once upon a time"]]
     llm = LLM(num_kv_blocks=64)
@@ -219,23 +225,17 @@ def test_the_engine_through_the_gemv_gives_the_torch_path_tokens(tmp_path, monke
         return [[o.outputs[0].token_ids for o in llm.generate(b, params, use_tqdm=False)] for b in batches]
 
     want = run()
-    report = gemv_table.assign_gemv_kernels(llm.engine.runner.networks(), torch.float32, "cpu",
-                                            table=GemvTable("cpu", tmp_path / "t.json"))
+    report = gemv_table.assign_gemv_kernels(llm.engine.runner.networks(), torch.float32, "cpu", table=gemv_wins)
     assert "cublas" not in report["choices"].values()
     calls = spy_on_gemv(monkeypatch)
     assert run() == want
     assert {1, 2} <= set(calls)
 
 
-def test_a_draft_models_layers_run_the_gemv_too(tmp_path, monkeypatch):
+def test_a_draft_models_layers_run_the_gemv_too(gemv_wins, monkeypatch):
     """The runner's networks include a draft model's: with the GEMV in every linear of both (the
     interpreter, float32), speculative decoding gives the same tokens and accepts the same drafts
     (the drafts themselves are unchanged) as with torch's matmuls."""
-    monkeypatch.setattr(gemv_table, "table_key", lambda device: "test-gpu")
-    monkeypatch.setattr(gemv_table, "ONE_ROW_CANDIDATES", [(512, 512, 1, 4, 3)])
-    monkeypatch.setattr(gemv_table, "ROWS_CANDIDATES", [(512, 128, 2, 4, 4)])
-    monkeypatch.setattr(gemv_table, "measure_shape", lambda n, k, m, dtype, device, configs=None: {
-        "cublas": 10.0, str(candidates(m)[0]): 1.0})
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     llm = LLM(num_kv_blocks=64, speculative_config={"method": "draft_model", "num_speculative_tokens": 2,
                                                     "model": DRAFT_MODEL})
@@ -249,7 +249,7 @@ def test_a_draft_models_layers_run_the_gemv_too(tmp_path, monkeypatch):
         return tokens, after["spec_accepted_tokens"] - before["spec_accepted_tokens"]
 
     want = run()
-    gemv_table.assign_gemv_kernels(runner.networks(), torch.float32, "cpu", table=GemvTable("cpu", tmp_path / "t.json"))
+    gemv_table.assign_gemv_kernels(runner.networks(), torch.float32, "cpu", table=gemv_wins)
     assert all(layer.gemv for layer in runner.drafter.net.modules() if isinstance(layer, Linear))
     calls = spy_on_gemv(monkeypatch)
     assert run() == want and want[1] > 0
