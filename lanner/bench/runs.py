@@ -34,7 +34,7 @@ def _engine_facts(llm) -> dict:
         rep = runner.graphs.report
         facts.update(graph_capture_s=round(rep.seconds, 2), graph_pool_mib=round(rep.pool_bytes / 2**20, 1),
                      graph_pool_growth_mib=round(runner.graphs.pool_growth / 2**20, 1), graph_sizes=rep.sizes)
-    if getattr(runner, "gemv_report", None) is not None:
+    if runner.gemv_report is not None:
         facts["gemv"] = runner.gemv_report
     if llm.engine.speculator is not None:  # totals over the whole run, warm-up included
         facts.update(llm.engine.speculator.stats.as_dict())

@@ -47,12 +47,12 @@ def candidates(m: int):
     return [GemvConfig(*c) for c in (ONE_ROW_CANDIDATES if m == 1 else ROWS_CANDIDATES)]
 
 
-def weight_views(n: int, k: int, dtype: torch.dtype, device) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Distinct [n, k] weights filling about POOL_BYTES (at least one), and the pool that holds them."""
+def weight_views(n: int, k: int, dtype: torch.dtype, device) -> list[torch.Tensor]:
+    """Distinct [n, k] weights filling about POOL_BYTES (at least one), views of one pool."""
     per = n * k
     copies = max(1, min(MAX_COPIES, POOL_BYTES // (per * torch.finfo(dtype).bits // 8)))
     pool = torch.empty(copies * per, dtype=dtype, device=device).uniform_(-0.05, 0.05)
-    return [pool[i * per:(i + 1) * per].view(n, k) for i in range(copies)], pool
+    return [pool[i * per:(i + 1) * per].view(n, k) for i in range(copies)]
 
 
 def graph_us(run, views: list[torch.Tensor], launches: int = 16, repeats: int = 3) -> float:
@@ -81,14 +81,13 @@ def measure_shape(n: int, k: int, m: int, dtype: torch.dtype, device, configs=No
     """{"cublas": us, str(config): us, ...} for an [m, k] x [n, k]^T matmul on this GPU."""
     from lanner.kernels.gemv import GemvWorkspace, gemv
 
-    views, pool = weight_views(n, k, dtype, device)  # may raise torch.cuda.OutOfMemoryError
+    views = weight_views(n, k, dtype, device)  # may raise torch.cuda.OutOfMemoryError
     x = torch.randn(m, k, dtype=dtype, device=device)
     out = torch.empty(m, n, dtype=dtype, device=device)
     times = {"cublas": graph_us(lambda w: torch.mm(x, w.t(), out=out), views)}
     for config in candidates(m) if configs is None else configs:
         workspace = GemvWorkspace.of(config, n, m, device)
         times[str(config)] = graph_us(lambda w, c=config, ws=workspace: gemv(x, w, c, ws, out=out), views)
-    del pool
     return times
 
 
@@ -188,23 +187,22 @@ def assign_gemv_kernels(models: list[torch.nn.Module], dtype: torch.dtype, devic
     table = table or GemvTable(device)
     layers = list({id(mod): mod for model in models for mod in model.modules()
                    if hasattr(mod, "gemv") and mod.weight.dtype == dtype}.values())
+    # one choice per weight shape (a decoder repeats each shape once a layer): {(n, k): {rows: config}}
+    picks = {shape: {} for shape in dict.fromkeys(tuple(layer.weight.shape) for layer in layers)}
     chosen: dict[str, str] = {}
-    floats = blocks = 0
-    for layer in layers:
-        n, k = layer.weight.shape
-        layer.gemv = {}
+    for (n, k), rows in picks.items():
         for m in range(1, GEMV_MAX_ROWS + 1):
             config = table.choice(n, k, m, dtype, force)
             if config is not None:
-                layer.gemv[m] = config
-                floats = max(floats, config.workspace_floats(n, m))
-                blocks = max(blocks, config.blocks(n))
+                rows[m] = config
             chosen[f"{n}x{k}/m{row_bucket(m)}"] = str(config) if config else "cublas"
     table.save()
-    workspace = GemvWorkspace(floats, blocks, device)
+    sized = [(config, n, m) for (n, _), rows in picks.items() for m, config in rows.items()]
+    workspace = GemvWorkspace(max((c.workspace_floats(n, m) for c, n, m in sized), default=0),
+                              max((c.blocks(n) for c, n, _ in sized), default=0), device)
     for layer in layers:
-        layer.gemv_workspace = workspace
-    load_kernels(layers, dtype, device)
+        layer.gemv, layer.gemv_workspace = picks[tuple(layer.weight.shape)], workspace
+    load_kernels({tuple(layer.weight.shape): layer.weight for layer in layers}, picks, workspace)
     torch.cuda.empty_cache()
     seconds = time.perf_counter() - start
     logger.info("GEMV kernels for %d layers in %.1f s (%d shapes measured): %s", len(layers), seconds,
@@ -212,18 +210,19 @@ def assign_gemv_kernels(models: list[torch.nn.Module], dtype: torch.dtype, devic
     return {"seconds": round(seconds, 2), "measured": table.measured, "choices": chosen}
 
 
-def load_kernels(layers: list[torch.nn.Module], dtype: torch.dtype, device) -> None:
+def load_kernels(weights: dict[tuple[int, int], torch.Tensor], picks: dict[tuple[int, int], dict],
+                 workspace) -> None:
     """Launch each chosen kernel once, outside any capture: a kernel that first launches inside a
     CUDA graph capture loads its module there, which the driver refuses (a table read from the
     cache file measured nothing, so nothing was launched yet)."""
     from lanner.kernels.gemv import block_rows, gemv
 
-    done = set()
-    for layer in layers:
-        n, k = layer.weight.shape
-        for m, config in layer.gemv.items():
-            if (n, k, config, block_rows(m)) not in done:
-                done.add((n, k, config, block_rows(m)))
-                gemv(torch.zeros(m, k, dtype=dtype, device=device), layer.weight, config, layer.gemv_workspace)
-    if torch.device(device).type == "cuda":
+    for shape, rows in picks.items():
+        weight = weights[shape]  # a layer's own: a weight of that shape, where the real launches read
+        first_rows: dict = {}  # (config, one row or several): the fewest rows that run it
+        for m, config in rows.items():
+            first_rows.setdefault((config, block_rows(m)), m)
+        for (config, _), m in first_rows.items():
+            gemv(weight.new_zeros(m, shape[1]), weight, config, workspace)
+    if weights and next(iter(weights.values())).is_cuda:
         torch.cuda.synchronize()
