@@ -7,6 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lanner.config import SchedulerConfig
+from lanner.core.batch import kv_slots
+from lanner.core.transfer import PinnedRing, to_device
 from lanner.engine.kv_cache import KVCacheManager
 from lanner.core.request import Request, SamplingParams
 from lanner.engine.scheduler import Scheduler
@@ -114,3 +116,30 @@ def test_waiting_requests_finish_under_pressure():
     ops = [(0, 20, 5)] * 10 + [(2, 0, 0)] * 400
     preemptions, unfinished = run_random_workload(ops, 12, 4, 32, 8)
     assert preemptions > 0 and unfinished == 0
+
+
+@settings(max_examples=300, deadline=None)
+@given(block_size=st.sampled_from([1, 2, 16]), blocks=st.lists(st.integers(0, 999), max_size=8, unique=True),
+       start=st.integers(0, 150), length=st.integers(0, 150))
+def test_kv_slots_are_each_positions_block_and_offset(block_size, blocks, start, length):
+    """The per-block fast path gives, for every position, its block's slot at its offset, and -1
+    past the allocated blocks (a decode row's single position too)."""
+    expected = [blocks[p // block_size] * block_size + p % block_size if p // block_size < len(blocks) else -1
+                for p in range(start, start + length)]
+    assert kv_slots(blocks, start, start + length, block_size) == expected
+
+
+def test_a_pinned_ring_hands_out_its_buffers_in_turn_and_grows():
+    ring = PinnedRing(torch.device("cpu"), depth=2)
+    a = ring.take(4, torch.long)
+    a.copy_(torch.arange(4))
+    b = ring.take(3, torch.int32)
+    assert a.data_ptr() != b.data_ptr() and a.tolist() == [0, 1, 2, 3]
+    big = ring.take(10_000, torch.long)  # the first buffer again, grown to hold it
+    assert big.numel() == 10_000 and big.dtype == torch.long
+    values = [[1, 2], [3, 4], [5, 6]]
+    assert to_device(values, torch.long, torch.device("cpu"), ring).tolist() == values
+    first = to_device([7, 8], torch.long, torch.device("cpu"), ring)
+    to_device([9, 9], torch.long, torch.device("cpu"), ring)
+    to_device([9, 9], torch.long, torch.device("cpu"), ring)
+    assert first.tolist() == [7, 8]  # on the CPU the result is a copy: the ring's buffer is reused

@@ -49,5 +49,12 @@ def as_decode_rows(positions: list[int], query_lens: list[int], block_tables: li
 def kv_slots(block_ids: list[int], start: int, stop: int, block_size: int) -> list[int]:
     """The flat KV-cache slot of each position in [start, stop) of a sequence with these blocks;
     -1 (write nothing) past its allocated blocks."""
-    return [block_ids[p // block_size] * block_size + p % block_size if p // block_size < len(block_ids) else -1
-            for p in range(start, stop)]
+    if stop - start == 1:  # a decode row
+        b = start // block_size
+        return [block_ids[b] * block_size + start % block_size if b < len(block_ids) else -1]
+    slots = []
+    for b in range(start // block_size, min(-(-stop // block_size), len(block_ids))):  # a range per block
+        base = b * block_size
+        first = block_ids[b] * block_size - base
+        slots += range(first + max(start, base), first + min(stop, base + block_size))
+    return slots + [-1] * (stop - start - len(slots))

@@ -60,8 +60,7 @@ class KVCacheManager:
     def find_cached_blocks(self, req: Request) -> list[int]:
         """Blocks that already hold a prefix of `req`'s tokens. At least one
         token is left to compute, since its logits are needed to sample."""
-        if not self.enable_prefix_caching or req.params.prompt_logprobs is not None \
-                or req.params.return_prompt_routed_experts:  # every prompt position is computed (and scored)
+        if not self._may_hit(req):
             return []
         max_blocks = (req.num_tokens - 1) // self.block_size
         self._hash_full_blocks(req, max_blocks)
@@ -72,6 +71,17 @@ class KVCacheManager:
                 break
             hits.append(block_id)
         return hits[:max(len(hits) - self.hit_blocks_recomputed, 0)]
+
+    def hash_prompt(self, req: Request) -> None:
+        """Hash the blocks `find_cached_blocks` will look up, on arrival rather than in the step that
+        admits the request (with overlap scheduling, arrivals are handled while the GPU runs)."""
+        if self._may_hit(req):
+            self._hash_full_blocks(req, (req.num_tokens - 1) // self.block_size)
+
+    def _may_hit(self, req: Request) -> bool:
+        # with prompt logprobs (or routing) every prompt position is computed (and scored)
+        return self.enable_prefix_caching and req.params.prompt_logprobs is None \
+            and not req.params.return_prompt_routed_experts
 
     def allocate(self, req: Request, num_new_tokens: int, cached_blocks: list[int] | None = None,
                  lookahead: int = 0) -> bool:

@@ -30,6 +30,7 @@ class Scheduler:
         self.lookahead = 0  # KV positions a model proposer writes past each step's tokens
 
     def add(self, req: Request) -> None:
+        self.kv_cache.hash_prompt(req)
         self.waiting.append(req)
 
     def has_unfinished(self) -> bool:

@@ -20,7 +20,7 @@ import torch
 
 from lanner.core.request import Request
 from lanner.core.batch import kv_slots
-from lanner.core.transfer import to_device_parts
+from lanner.core.transfer import PinnedRing, to_device_parts
 
 
 class Deferred:
@@ -65,11 +65,11 @@ class Deferred:
 
     def apply(self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
               last_sampled: torch.Tensor, last_accepted: torch.Tensor | None, last_proposed: torch.Tensor | None,
-              num_rows: int) -> None:
+              num_rows: int, ring: PinnedRing | None = None) -> None:
         """Fill in the staged step's inputs (the runner's buffers) from the step before's results."""
         parts = [[x for t in self.firsts for x in t], [x for t in self.draft_rows for x in t],
                  [x for t in self.shifted for x in t], self.slots]
-        views = to_device_parts(parts, torch.long, input_ids.device)
+        views = to_device_parts(parts, torch.long, input_ids.device, ring)
         firsts, draft_rows, shifted, self.candidates = (views[0].view(-1, 4), views[1].view(-1, 3),
                                                         views[2].view(-1, 3), views[3])
         if not self.shifts:  # plain overlap, or drafts after a step that verified none

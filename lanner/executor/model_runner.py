@@ -16,7 +16,7 @@ from lanner.config import WHOLE_FORWARD_MAX_TOKENS, EngineConfig, MoEConfig
 from lanner.core.batch import ForwardBatch, as_decode_rows, kv_slots
 from lanner.core.request import Logprob, Request
 from lanner.core.schedule import SchedulerOutput
-from lanner.core.transfer import to_device
+from lanner.core.transfer import PinnedRing, to_device
 from lanner.distributed import whole_on_every_rank
 from lanner.errors import ConfigError
 from lanner.executor.deferred import Deferred
@@ -164,15 +164,18 @@ class ModelRunner:
         # attends one row per token, so attention plans hold up to this many rows
         self.max_decode_rows = min(self.max_tokens, sched.max_num_seqs * (1 + num_speculative_tokens))
         self.num_speculative_tokens = num_speculative_tokens
-        self.input_ids = torch.zeros(self.max_tokens, dtype=torch.long, device=device)
-        self.positions = torch.zeros(self.max_tokens, dtype=torch.long, device=device)
-        self.slot_mapping = torch.full((self.max_tokens,), -1, dtype=torch.long, device=device)
-        self.logits_indices = torch.zeros(self.max_tokens, dtype=torch.long, device=device)
+        # the staged inputs, a row each: input ids, positions, KV slots, logits rows, and the real
+        # token count; a step's columns arrive in one copy (`_stage`), the graphs read fixed rows
+        self.staged = torch.zeros(5, self.max_tokens, dtype=torch.long, device=device)
+        self.input_ids, self.positions, self.slot_mapping, self.logits_indices = self.staged[:4]
+        self.slot_mapping.fill_(-1)
+        self.num_real_tokens = self.staged[4, :1]
         self.last_sampled = torch.zeros(sched.max_num_seqs, dtype=torch.long, device=device)
         # the last step's drafts accepted and drafts proposed per sampling request (a drafter's)
         self.last_accepted: torch.Tensor | None = None
         self.last_proposed: torch.Tensor | None = None
-        self.num_real_tokens = torch.zeros(1, dtype=torch.long, device=device)
+        self.uploads = PinnedRing(device)  # the staged inputs' host side
+        self.deferred_uploads = PinnedRing(device)
         self.sampler = Sampler()
         self.drafter = self._make_drafter(*draft) if draft is not None else None
         self.moe = getattr(self.model.model, "moe_runtime", None)  # shared by the model's MoE layers
@@ -561,7 +564,7 @@ class ModelRunner:
         batch.verify_rows = len(sched.scheduled) < len(query_lens)
         if deferred:
             deferred.apply(self.input_ids, self.positions, self.slot_mapping, self.last_sampled,
-                           self.last_accepted, self.last_proposed, start)
+                           self.last_accepted, self.last_proposed, start, self.deferred_uploads)
             if deferred.shifts:  # decode rows: a row's context is its position + 1
                 batch.device_seq_lens = self.positions[:start] + 1
         return batch, samplers, offsets, prompt_rows, layout, deferred
@@ -569,17 +572,18 @@ class ModelRunner:
     def _stage(self, input_ids, positions, slots, query_lens, seq_lens, block_tables, logits_indices) -> ForwardBatch:
         T = len(input_ids)
         rows = self._padded_rows(T, query_lens)
-        pad = rows - T
         L = len(logits_indices)
         padded = min(-(-L // LOGITS_ROW_BUCKET) * LOGITS_ROW_BUCKET, self.max_tokens)
-        # a fresh pinned buffer per step: the previous step's copies may still be queued
-        host = to_device(input_ids + [0] * pad + positions + [0] * pad + slots + [-1] * pad + logits_indices
-                         + [0] * (padded - L) + [T], torch.long, self.device)
-        self.input_ids[:rows].copy_(host[:rows])
-        self.positions[:rows].copy_(host[rows:2 * rows])
-        self.slot_mapping[:rows].copy_(host[2 * rows:3 * rows])  # padding rows write no KV
-        self.logits_indices[:padded].copy_(host[3 * rows:3 * rows + padded])
-        self.num_real_tokens.copy_(host[-1:])
+        cols = max(rows, padded)
+        host = self.uploads.take(5 * cols, torch.long).view(5, cols)
+        view = host.numpy()
+        for k, (values, fill) in enumerate(((input_ids, 0), (positions, 0), (slots, -1), (logits_indices, 0))):
+            view[k, :len(values)] = values
+            view[k, len(values):] = fill  # padding rows write no KV
+        view[4] = 0
+        view[4, 0] = T
+        self.staged[:, :cols].copy_(host, non_blocking=True)
+        self.uploads.sent()
         return ForwardBatch(self.input_ids[:rows], self.positions[:rows], self.slot_mapping[:rows], query_lens,
                             seq_lens, block_tables, self.logits_indices[:L], T,
                             num_real_tokens_device=self.num_real_tokens,

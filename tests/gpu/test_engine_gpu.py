@@ -130,7 +130,9 @@ def test_checkpoint_kv_scales_through_the_triton_kernels(kv_scaled_model):
     def run(model=None, **kw):
         llm = LLM(model=model, dtype="float32", kv_cache_dtype="fp8", gpu_memory_utilization=0.3, **kw)
         assert llm.engine.runner.backend.kv_scales == ([(0.5, 4.0)] * layers if model else [(1.0, 1.0)] * layers)
-        out, first = tokens(llm), [c.float().cpu() for c in llm.engine.runner.kv_caches[0]]
+        # the runs size their caches a little differently; the prompts' blocks come first (the free
+        # list hands out the lowest ids), and a whole cache in float32 on the host would be ~10 GB
+        out, first = tokens(llm), [c[:4096].float().cpu() for c in llm.engine.runner.kv_caches[0]]
         del llm
         gc.collect()
         torch.cuda.empty_cache()

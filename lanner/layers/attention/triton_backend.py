@@ -1,7 +1,7 @@
 """The GPU attention backend: Triton kernels over the paged cache.
 
 All per-step metadata lives in device buffers allocated once; `plan()` fills
-them in place (one pinned host staging copy each), so the model forward never
+them in place (through pinned host buffers reused in turn, core/transfer.py), so the model forward never
 syncs with the host and a CUDA graph captured over these buffers replays with
 whatever the latest `plan()` wrote.
 """
@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from lanner.core.batch import ForwardBatch
+from lanner.core.transfer import PinnedRing
 from lanner.kernels.attention.decode import decode_attention, decode_workspace, num_decode_splits
 from lanner.kernels.attention.prefill import (
     prefill_attention,
@@ -41,6 +42,7 @@ class TritonAttentionBackend(AttentionBackend):
         self.seq_lens = torch.zeros(max_rows, dtype=torch.int32, device=device)
         self.query_start = torch.zeros(max_rows + 1, dtype=torch.int32, device=device)
         self.max_rows = max_rows
+        self.uploads = PinnedRing(device)
         self.group = num_heads // self.num_kv_heads
         # the count, then at most a tile a query token
         self.tiles = torch.zeros(1 + max_tokens, 2, dtype=torch.int32, device=device)
@@ -54,34 +56,43 @@ class TritonAttentionBackend(AttentionBackend):
         (padded) tokens, so the kernel's grid is what any such step needs (kernels/attention/prefill.py)."""
         n = batch.num_seqs
         rows = num_padded_seqs or n
-        self._copy_block_tables(batch.block_tables)
-        # a fresh pinned host buffer each step: the previous step's copies may still be queued
-        lens = torch.zeros(2, rows + 1, dtype=torch.int32, pin_memory=self.block_tables.is_cuda)
-        lens_view = lens.numpy()
-        lens_view[0, :n] = batch.seq_lens
-        np.cumsum(batch.query_lens, out=lens_view[1, 1:n + 1])
-        lens_view[1, n + 1:] = lens_view[1, n]
-        self.seq_lens[:rows].copy_(lens[0, :rows], non_blocking=True)
-        self.query_start[:rows + 1].copy_(lens[1], non_blocking=True)
-        if batch.device_seq_lens is not None:
-            self.seq_lens[:n].copy_(batch.device_seq_lens)
         self.rows = rows
         self.slot_mapping = batch.slot_mapping
         self.decode_only = batch.is_decode_only and graph_tokens is None
         self.num_splits = self._splits(rows)
-        if not self.decode_only:
-            self._plan_prefill(batch, graph_tokens)
+        tiles = None if self.decode_only else self._plan_prefill(batch, graph_tokens)
+        # one pinned host buffer for the step's metadata: block tables, lengths, tiles
+        tables, width = self._tables_size(batch.block_tables)
+        host = self.uploads.take(tables + 2 * (rows + 1) + (0 if tiles is None else tiles.size), torch.int32)
+        view = host.numpy()
+        self._copy_block_tables(batch.block_tables, host[:tables], view[:tables], width)
+        lens_view = view[tables:tables + 2 * (rows + 1)].reshape(2, rows + 1)
+        lens_view[0, :n] = batch.seq_lens
+        lens_view[0, n:] = 0
+        lens_view[1, 0] = 0
+        np.cumsum(batch.query_lens, out=lens_view[1, 1:n + 1])
+        lens_view[1, n + 1:] = lens_view[1, n]
+        lens = host[tables:tables + 2 * (rows + 1)].view(2, rows + 1)
+        self.seq_lens[:rows].copy_(lens[0, :rows], non_blocking=True)
+        self.query_start[:rows + 1].copy_(lens[1], non_blocking=True)
+        if tiles is not None:
+            view[tables + 2 * (rows + 1):] = tiles.reshape(-1)
+            self.tiles[:tiles.shape[0]].copy_(host[tables + 2 * (rows + 1):].view(-1, 2), non_blocking=True)
+        self.uploads.sent()
+        if batch.device_seq_lens is not None:
+            self.seq_lens[:n].copy_(batch.device_seq_lens)
 
-    def _plan_prefill(self, batch: ForwardBatch, graph_tokens: int | None) -> None:
-        """The prefill kernel's tile shape, tile table and program count (fixed by a graph's size). The
-        shape follows the staged rows, padding included, so a graph and the pieces of its size agree."""
+    def _plan_prefill(self, batch: ForwardBatch, graph_tokens: int | None) -> np.ndarray:
+        """The prefill kernel's tile shape and program count (fixed by a graph's size); returns the
+        tile table to upload. The shape follows the staged rows, padding included, so a graph and
+        the pieces of its size agree."""
         tokens = batch.input_ids.shape[0] if graph_tokens is None else graph_tokens
         self.prefill_tile = prefill_tile(self.head_dim, self.group, tokens)
         positions = tile_positions(self.prefill_tile, self.group)
-        tiles = torch.from_numpy(prefill_tiles(batch.query_lens, batch.seq_lens, positions))
-        self.tiles[:tiles.shape[0]].copy_(tiles.pin_memory() if self.tiles.is_cuda else tiles, non_blocking=True)
+        tiles = prefill_tiles(batch.query_lens, batch.seq_lens, positions)
         most = tiles.shape[0] - 1 if graph_tokens is None else prefill_tile_bound(tokens, self.max_rows, positions)
         self.num_prefill_programs = prefill_programs(tokens, most, self.num_kv_heads, positions, self.num_sms)
+        return tiles
 
     def kernel_shape(self) -> tuple:
         """What the planned step's attention kernels compile for (a new value: a new compilation)."""
@@ -89,7 +100,10 @@ class TritonAttentionBackend(AttentionBackend):
 
     def plan_decode(self, block_tables):
         n = len(block_tables)
-        self._copy_block_tables(block_tables)
+        size, width = self._tables_size(block_tables)
+        host = self.uploads.take(size, torch.int32)
+        self._copy_block_tables(block_tables, host, host.numpy(), width)
+        self.uploads.sent()
         self.rows = n
         self.decode_only = True
         self.num_splits = self._splits(n)
@@ -101,14 +115,20 @@ class TritonAttentionBackend(AttentionBackend):
         self.seq_lens[:self.rows].copy_(seq_lens)  # device to device: inside a draft graph too
         self.slot_mapping = slot_mapping
 
-    def _copy_block_tables(self, block_tables: list[list[int]]) -> None:
-        n = len(block_tables)
+    @staticmethod
+    def _tables_size(block_tables: list[list[int]]) -> tuple[int, int]:
         width = max((len(b) for b in block_tables), default=1) or 1
-        tables = torch.zeros(n, width, dtype=torch.int32, pin_memory=self.block_tables.is_cuda)
-        view = tables.numpy()
+        return len(block_tables) * width, width
+
+    def _copy_block_tables(self, block_tables: list[list[int]], host: torch.Tensor, view: np.ndarray,
+                           width: int) -> None:
+        """Copy the tables through `host` (pinned, n x width, and `view`, its numpy view)."""
+        n = len(block_tables)
+        view = view.reshape(n, width)
+        view[:] = 0
         for i, blocks in enumerate(block_tables):
             view[i, :len(blocks)] = blocks
-        self.block_tables[:n, :width].copy_(tables, non_blocking=True)
+        self.block_tables[:n, :width].copy_(host.view(n, width), non_blocking=True)
 
     def store(self, layer, k, v):
         k_cache, v_cache = self.kv_caches[layer]

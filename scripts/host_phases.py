@@ -1,0 +1,146 @@
+"""Host time of each phase of an engine step (issue [12]'s "staging under 100 us" and the 512-token
+step's host part): a synchronous N-token prompt step through the whole-forward graph, and batch-1
+decode with overlap scheduling, each phase timed with perf_counter around the engine's own calls;
+for decode also the decode graph's GPU time a replay (CUDA events), to set against the step's.
+Usage: python scripts/host_phases.py [--config benchmarks/configs/qwen3-0.6b.json] [--tokens 512]
+Prints JSON; CPU runs work too (no graphs: the phases are then eager)."""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import functools
+import gc
+import json
+import statistics
+import time
+
+import torch
+
+from lanner import LLM
+from lanner.core.request import SamplingParams
+
+
+class Phases:
+    def __init__(self):
+        self.steps: list[dict[str, float]] = []
+
+    def wrap(self, obj, name: str, label: str) -> None:
+        inner = getattr(obj, name)
+
+        @functools.wraps(inner)
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                if self.steps:
+                    step = self.steps[-1]
+                    step[label] = step.get(label, 0.0) + time.perf_counter() - start
+
+        setattr(obj, name, timed)
+
+    def step(self, engine) -> None:
+        self.steps.append({})
+        start = time.perf_counter()
+        engine.step()
+        self.steps[-1]["step"] = time.perf_counter() - start
+
+    def medians_us(self, skip: int) -> dict[str, float]:
+        steps = self.steps[skip:]
+        labels = dict.fromkeys(k for s in steps for k in s)
+        return {k: round(statistics.median(s.get(k, 0.0) for s in steps) * 1e6, 1) for k in labels}
+
+
+def instrument(engine) -> Phases:
+    phases, runner = Phases(), engine.runner
+    phases.wrap(engine.scheduler, "schedule", "schedule")
+    phases.wrap(runner, "prepare", "prepare")
+    phases.wrap(runner, "_stage", "prepare.stage")
+    phases.wrap(runner.backend, "plan", "plan")
+    phases.wrap(runner, "run_model", "run_model (plan, launch, LM head)")
+    phases.wrap(torch.cuda.CUDAGraph, "replay", "graph launch")  # decode and whole-forward graphs
+    phases.wrap(runner, "sample", "sample")
+    phases.wrap(engine, "_read_back", "read_back (wait, postprocess)")
+    phases.wrap(engine, "_postprocess", "postprocess")
+    return phases
+
+
+def top_functions(profiler: cProfile.Profile, count: int) -> list[str]:
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(count)
+    return [line for line in text.getvalue().splitlines() if line.strip()][-count - 1:]
+
+
+def prompt_steps(llm, tokens: int, steps: int, profiler: cProfile.Profile | None = None) -> dict:
+    engine = llm.engine
+    phases = instrument(engine)
+    for s in range(steps + 3):
+        if profiler is not None and s == 3:
+            profiler.enable()
+        g = torch.Generator().manual_seed(s)
+        engine.add_request(f"p{s}", torch.randint(0, engine.vocab_size, (tokens,), generator=g).tolist(),
+                           SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        phases.step(engine)
+        engine.abort_request(f"p{s}")
+    if profiler is not None:
+        profiler.disable()
+    return phases.medians_us(3)
+
+
+def decode_steps(llm, steps: int, profiler: cProfile.Profile | None = None) -> dict:
+    engine = llm.engine
+    phases = instrument(engine)
+    engine.add_request("d", list(range(1, 129)), SamplingParams(temperature=0, max_tokens=steps, ignore_eos=True))
+    while engine.has_unfinished_requests():
+        if profiler is not None and len(phases.steps) == 8:
+            profiler.enable()
+        phases.step(engine)
+    if profiler is not None:
+        profiler.disable()
+    report = phases.medians_us(8)
+    graphs = engine.runner.graphs
+    if graphs is not None and torch.cuda.is_available():
+        graph, _ = graphs.graphs[graphs.padded_size(1)]
+        for _ in range(5):
+            graph.replay()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(100):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        report["decode graph GPU time a replay"] = round(start.elapsed_time(end) * 10, 1)
+    return report
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", default=None, help="a model config (dummy weights); the embedded model if omitted")
+    ap.add_argument("--tokens", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--profile", type=int, default=0, help="also list this many functions by own time (cProfile)")
+    args = ap.parse_args()
+    kw = dict(model=args.config, load_format="dummy") if args.config else {}
+    if torch.cuda.is_available():
+        kw |= dict(dtype="bfloat16", gpu_memory_utilization=0.4)
+    sync = LLM(overlap_scheduling=False, **kw)
+    profilers = [cProfile.Profile() for _ in range(2)] if args.profile else [None, None]
+    report = {"prompt step, us": prompt_steps(sync, args.tokens, args.steps, profilers[0])}
+    print(json.dumps(report), flush=True)
+    del sync
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    report["batch-1 decode step (overlap), us"] = decode_steps(LLM(**kw), 128, profilers[1])
+    if args.profile:
+        report["prompt step, top functions"] = top_functions(profilers[0], args.profile)
+        report["decode step, top functions"] = top_functions(profilers[1], args.profile)
+    print(json.dumps({"config": args.config, "tokens": args.tokens, **report}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
