@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import io
-import pstats
 import functools
 import gc
+import io
 import json
+import pstats
 import statistics
 import time
 
@@ -124,9 +124,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--profile", type=int, default=0, help="also list this many functions by own time (cProfile)")
     args = ap.parse_args()
-    kw = dict(model=args.config, load_format="dummy") if args.config else {}
+    kw = {"model": args.config, "load_format": "dummy"} if args.config else {}
     if torch.cuda.is_available():
-        kw |= dict(dtype="bfloat16", gpu_memory_utilization=0.4)
+        kw |= {"dtype": "bfloat16", "gpu_memory_utilization": 0.4}
     sync = LLM(overlap_scheduling=False, **kw)
     profilers = [cProfile.Profile() for _ in range(2)] if args.profile else [None, None]
     report = {"prompt step, us": prompt_steps(sync, args.tokens, args.steps, profilers[0])}

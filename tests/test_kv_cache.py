@@ -8,9 +8,9 @@ from hypothesis import strategies as st
 
 from lanner.config import SchedulerConfig
 from lanner.core.batch import kv_slots
+from lanner.core.request import Request, SamplingParams
 from lanner.core.transfer import PinnedRing, to_device
 from lanner.engine.kv_cache import KVCacheManager
-from lanner.core.request import Request, SamplingParams
 from lanner.engine.scheduler import Scheduler
 
 

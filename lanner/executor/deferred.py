@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from lanner.core.request import Request
 from lanner.core.batch import kv_slots
+from lanner.core.request import Request
 from lanner.core.transfer import PinnedRing, to_device_parts
 
 
