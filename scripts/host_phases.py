@@ -14,6 +14,7 @@ import io
 import json
 import pstats
 import statistics
+import sys
 import time
 
 import torch
@@ -139,7 +140,9 @@ def main() -> None:
     if args.profile:
         report["prompt step, top functions"] = top_functions(profilers[0], args.profile)
         report["decode step, top functions"] = top_functions(profilers[1], args.profile)
-    print(json.dumps({"config": args.config, "tokens": args.tokens, **report}, indent=1))
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    print(json.dumps({"command": "python " + " ".join(sys.argv), "gpu": gpu, "torch": torch.__version__,
+                      "config": args.config, "tokens": args.tokens, **report}, indent=1))
 
 
 if __name__ == "__main__":

@@ -43,6 +43,15 @@ class Deferred:
         return bool(self.firsts)
 
     @property
+    def plain(self) -> bool:
+        """Only each request's first token is on the device (plain overlap): `first_rows` say where
+        it goes and where the step before sampled it, and travel with the step's inputs."""
+        return bool(self.firsts) and not self.shifted and not self.draft_rows
+
+    def first_rows(self) -> tuple[list[int], list[int]]:
+        return [row for row, _, _, _ in self.firsts], [sample_row for _, sample_row, _, _ in self.firsts]
+
+    @property
     def shifts(self) -> bool:
         """Some request's positions depend on how many drafts the step before accepted."""
         return bool(self.shifted)
@@ -65,8 +74,14 @@ class Deferred:
 
     def apply(self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
               last_sampled: torch.Tensor, last_accepted: torch.Tensor | None, last_proposed: torch.Tensor | None,
-              num_rows: int, ring: PinnedRing | None = None) -> None:
-        """Fill in the staged step's inputs (the runner's buffers) from the step before's results."""
+              num_rows: int, ring: PinnedRing | None = None,
+              staged_rows: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """Fill in the staged step's inputs (the runner's buffers) from the step before's results.
+        `staged_rows`: `first_rows` already on the device (a plain step's)."""
+        if staged_rows is not None:
+            rows, sample_rows = staged_rows
+            input_ids[rows] = last_sampled[sample_rows]
+            return
         parts = [[x for t in self.firsts for x in t], [x for t in self.draft_rows for x in t],
                  [x for t in self.shifted for x in t], self.slots]
         views = to_device_parts(parts, torch.long, input_ids.device, ring)

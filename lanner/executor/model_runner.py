@@ -164,9 +164,11 @@ class ModelRunner:
         # attends one row per token, so attention plans hold up to this many rows
         self.max_decode_rows = min(self.max_tokens, sched.max_num_seqs * (1 + num_speculative_tokens))
         self.num_speculative_tokens = num_speculative_tokens
-        # the staged inputs, a row each: input ids, positions, KV slots, logits rows, and the real
-        # token count; a step's columns arrive in one copy (`_stage`), the graphs read fixed rows
-        self.staged = torch.zeros(5, self.max_tokens, dtype=torch.long, device=device)
+        # the staged inputs, a row each: input ids, positions, KV slots, logits rows, the real token
+        # count, and with plain overlap where each request's last sampled token goes and where it
+        # was sampled (executor/deferred.py); a step's columns arrive in one copy (`_stage`), the
+        # graphs read fixed rows
+        self.staged = torch.zeros(7, self.max_tokens, dtype=torch.long, device=device)
         self.input_ids, self.positions, self.slot_mapping, self.logits_indices = self.staged[:4]
         self.slot_mapping.fill_(-1)
         self.num_real_tokens = self.staged[4, :1]
@@ -559,30 +561,32 @@ class ModelRunner:
         if deferred.shifts and not every_token_samples:
             raise RuntimeError("a step planned before its predecessor's accepted drafts were read back must "
                                "decode only (the engine reads back first otherwise)")
-        batch = self._stage(input_ids, positions, slots, query_lens, seq_lens, tables, sample_at + score_at)
+        pending = deferred.first_rows() if deferred.plain else None
+        batch = self._stage(input_ids, positions, slots, query_lens, seq_lens, tables, sample_at + score_at, pending)
         batch.sampling_rows_are_tokens = every_token_samples
         batch.verify_rows = len(sched.scheduled) < len(query_lens)
         if deferred:
+            staged_rows = (self.staged[5, :len(pending[0])], self.staged[6, :len(pending[0])]) if pending else None
             deferred.apply(self.input_ids, self.positions, self.slot_mapping, self.last_sampled,
-                           self.last_accepted, self.last_proposed, start, self.deferred_uploads)
+                           self.last_accepted, self.last_proposed, start, self.deferred_uploads, staged_rows)
             if deferred.shifts:  # decode rows: a row's context is its position + 1
                 batch.device_seq_lens = self.positions[:start] + 1
         return batch, samplers, offsets, prompt_rows, layout, deferred
 
-    def _stage(self, input_ids, positions, slots, query_lens, seq_lens, block_tables, logits_indices) -> ForwardBatch:
+    def _stage(self, input_ids, positions, slots, query_lens, seq_lens, block_tables, logits_indices,
+               pending: tuple[list[int], list[int]] | None = None) -> ForwardBatch:
         T = len(input_ids)
         rows = self._padded_rows(T, query_lens)
         L = len(logits_indices)
         padded = min(-(-L // LOGITS_ROW_BUCKET) * LOGITS_ROW_BUCKET, self.max_tokens)
         cols = max(rows, padded)
-        host = self.uploads.take(5 * cols, torch.long).view(5, cols)
-        view = host.numpy()
-        for k, (values, fill) in enumerate(((input_ids, 0), (positions, 0), (slots, -1), (logits_indices, 0))):
-            view[k, :len(values)] = values
-            view[k, len(values):] = fill  # padding rows write no KV
-        view[4] = 0
-        view[4, 0] = T
-        self.staged[:, :cols].copy_(host, non_blocking=True)
+        fields = [(input_ids, 0), (positions, 0), (slots, -1), (logits_indices, 0), ([T], 0)] + \
+            [(indices, 0) for indices in pending or ()]
+        host = self.uploads.take(len(fields) * cols, torch.long).view(len(fields), cols)
+        for row, (values, fill) in zip(host.numpy(), fields):
+            row[:len(values)] = values
+            row[len(values):] = fill  # padding rows write no KV
+        self.staged[:len(fields), :cols].copy_(host, non_blocking=True)
         self.uploads.sent()
         return ForwardBatch(self.input_ids[:rows], self.positions[:rows], self.slot_mapping[:rows], query_lens,
                             seq_lens, block_tables, self.logits_indices[:L], T,

@@ -39,8 +39,9 @@ class TritonAttentionBackend(AttentionBackend):
         _, _, self.num_kv_heads, self.head_dim = kv_caches[0][0].shape
         width = -(-max_model_len // block_size)
         self.block_tables = torch.zeros(max_rows, width, dtype=torch.int32, device=device)
-        self.seq_lens = torch.zeros(max_rows, dtype=torch.int32, device=device)
-        self.query_start = torch.zeros(max_rows + 1, dtype=torch.int32, device=device)
+        # context lengths, then query starts: one buffer, so a plan copies both at once
+        self.lens = torch.zeros(2 * max_rows + 1, dtype=torch.int32, device=device)
+        self.seq_lens, self.query_start = self.lens[:max_rows], self.lens[max_rows:]
         self.max_rows = max_rows
         self.uploads = PinnedRing(device)
         self.group = num_heads // self.num_kv_heads
@@ -63,21 +64,20 @@ class TritonAttentionBackend(AttentionBackend):
         tiles = None if self.decode_only else self._plan_prefill(batch, graph_tokens)
         # one pinned host buffer for the step's metadata: block tables, lengths, tiles
         tables, width = self._tables_size(batch.block_tables)
-        host = self.uploads.take(tables + 2 * (rows + 1) + (0 if tiles is None else tiles.size), torch.int32)
+        lens = self.max_rows + rows + 1  # every context length (zeros past the plan's), the plan's query starts
+        host = self.uploads.take(tables + lens + (0 if tiles is None else tiles.size), torch.int32)
         view = host.numpy()
         self._copy_block_tables(batch.block_tables, host[:tables], view[:tables], width)
-        lens_view = view[tables:tables + 2 * (rows + 1)].reshape(2, rows + 1)
-        lens_view[0, :n] = batch.seq_lens
-        lens_view[0, n:] = 0
-        lens_view[1, 0] = 0
-        np.cumsum(batch.query_lens, out=lens_view[1, 1:n + 1])
-        lens_view[1, n + 1:] = lens_view[1, n]
-        lens = host[tables:tables + 2 * (rows + 1)].view(2, rows + 1)
-        self.seq_lens[:rows].copy_(lens[0, :rows], non_blocking=True)
-        self.query_start[:rows + 1].copy_(lens[1], non_blocking=True)
+        seq_lens, query_start = view[tables:tables + self.max_rows], view[tables + self.max_rows:tables + lens]
+        seq_lens[:n] = batch.seq_lens
+        seq_lens[n:] = 0
+        query_start[0] = 0
+        np.cumsum(batch.query_lens, out=query_start[1:n + 1])
+        query_start[n + 1:] = query_start[n]
+        self.lens[:lens].copy_(host[tables:tables + lens], non_blocking=True)
         if tiles is not None:
-            view[tables + 2 * (rows + 1):] = tiles.reshape(-1)
-            self.tiles[:tiles.shape[0]].copy_(host[tables + 2 * (rows + 1):].view(-1, 2), non_blocking=True)
+            view[tables + lens:] = tiles.reshape(-1)
+            self.tiles[:tiles.shape[0]].copy_(host[tables + lens:].view(-1, 2), non_blocking=True)
         self.uploads.sent()
         if batch.device_seq_lens is not None:
             self.seq_lens[:n].copy_(batch.device_seq_lens)
