@@ -9,7 +9,6 @@ from hypothesis import strategies as st
 from lanner.config import SchedulerConfig
 from lanner.core.batch import kv_slots
 from lanner.core.request import Request, SamplingParams
-from lanner.core.transfer import PinnedRing, to_device
 from lanner.engine.kv_cache import KVCacheManager
 from lanner.engine.scheduler import Scheduler
 
@@ -129,17 +128,16 @@ def test_kv_slots_are_each_positions_block_and_offset(block_size, blocks, start,
     assert kv_slots(blocks, start, start + length, block_size) == expected
 
 
-def test_a_pinned_ring_hands_out_its_buffers_in_turn_and_grows():
-    ring = PinnedRing(torch.device("cpu"), depth=2)
-    a = ring.take(4, torch.long)
-    a.copy_(torch.arange(4))
-    b = ring.take(3, torch.int32)
-    assert a.data_ptr() != b.data_ptr() and a.tolist() == [0, 1, 2, 3]
-    big = ring.take(10_000, torch.long)  # the first buffer again, grown to hold it
-    assert big.numel() == 10_000 and big.dtype == torch.long
-    values = [[1, 2], [3, 4], [5, 6]]
-    assert to_device(values, torch.long, torch.device("cpu"), ring).tolist() == values
-    first = to_device([7, 8], torch.long, torch.device("cpu"), ring)
-    to_device([9, 9], torch.long, torch.device("cpu"), ring)
-    to_device([9, 9], torch.long, torch.device("cpu"), ring)
-    assert first.tolist() == [7, 8]  # on the CPU the result is a copy: the ring's buffer is reused
+
+def test_prompt_blocks_are_hashed_on_arrival_unless_every_position_is_computed():
+    """The scheduler hashes a prompt's full blocks (all but the last token's) when the request
+    arrives, so the step that admits it does not; a request whose every prompt position is
+    computed anyway (prompt logprobs) never looks the cache up, and is not hashed."""
+    sched = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64), KVCacheManager(16, 4))
+    plain = make_request(0, list(range(13)))
+    scored = Request("r1", None, list(range(13)), SamplingParams(max_tokens=4, prompt_logprobs=1), set())
+    sched.add(plain)
+    sched.add(scored)
+    assert len(plain.block_hashes) == 3 and scored.block_hashes == []
+    sched.schedule()
+    assert len(plain.block_hashes) == 3  # nothing hashed twice

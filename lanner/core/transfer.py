@@ -9,10 +9,12 @@ class PinnedRing:
     """Pinned host buffers for one kind of per-step upload, reused in turn. A fresh pinned tensor
     costs tens of microseconds of host time a step (torch's host allocator), and `torch.tensor` over
     a long list more; a step instead fills a numpy view of the next of `depth` buffers and copies
-    out of it. A buffer is written again only once the copies out of it have run (its event, which
-    in practice has long fired: a step's uploads run before its forward)."""
+    out of it. A buffer is written again only once the copies out of it have run (an event behind
+    them). Callers take at most two buffers a step (the drafter's backend plans twice), so with one
+    step in flight the wait is for a step that has finished; taking more would stall the host."""
 
     def __init__(self, device: torch.device, depth: int = 4):
+        self.device = device
         self.cuda = device.type == "cuda"
         self.buffers: list[torch.Tensor | None] = [None] * depth
         self.events: list[torch.cuda.Event | None] = [None] * depth
@@ -31,11 +33,11 @@ class PinnedRing:
         return buffer[:nbytes].view(dtype)
 
     def sent(self) -> None:
-        """The copies out of the last `take` are enqueued (on the current stream)."""
+        """The copies out of the last `take` are enqueued (on the device's current stream)."""
         if self.cuda:
             if self.events[self.turn] is None:
                 self.events[self.turn] = torch.cuda.Event()
-            self.events[self.turn].record()
+            self.events[self.turn].record(torch.cuda.current_stream(self.device))
 
 
 def to_device(rows: list | torch.Tensor | np.ndarray, dtype: torch.dtype, device: torch.device,

@@ -44,11 +44,11 @@ class Deferred:
 
     @property
     def plain(self) -> bool:
-        """Only each request's first token is on the device (plain overlap): `first_rows` say where
-        it goes and where the step before sampled it, and travel with the step's inputs."""
+        """Only each request's first token is on the device (plain overlap): `pending_rows` say
+        where it goes and where the step before sampled it, and travel with the step's inputs."""
         return bool(self.firsts) and not self.shifted and not self.draft_rows
 
-    def first_rows(self) -> tuple[list[int], list[int]]:
+    def pending_rows(self) -> tuple[list[int], list[int]]:
         return [row for row, _, _, _ in self.firsts], [sample_row for _, sample_row, _, _ in self.firsts]
 
     @property
@@ -75,9 +75,9 @@ class Deferred:
     def apply(self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
               last_sampled: torch.Tensor, last_accepted: torch.Tensor | None, last_proposed: torch.Tensor | None,
               num_rows: int, ring: PinnedRing | None = None,
-              staged_rows: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+              staged_rows: torch.Tensor | None = None) -> None:
         """Fill in the staged step's inputs (the runner's buffers) from the step before's results.
-        `staged_rows`: `first_rows` already on the device (a plain step's)."""
+        `staged_rows`: `pending_rows` already on the device (a plain step's)."""
         if staged_rows is not None:
             rows, sample_rows = staged_rows
             input_ids[rows] = last_sampled[sample_rows]

@@ -39,6 +39,7 @@ logger = logging.getLogger(__name__)
 # every graph size costs capture time and a logits buffer row)
 MAX_VERIFY_GRAPH_ROWS = 512
 LOGITS_ROW_BUCKET = 16  # the LM head outside graphs sees row counts in steps of this (ForwardBatch)
+PENDING_ROW = 5  # ModelRunner.staged's rows from here: plain overlap's pending-token rows, then their sample rows
 
 
 @dataclass
@@ -168,7 +169,7 @@ class ModelRunner:
         # count, and with plain overlap where each request's last sampled token goes and where it
         # was sampled (executor/deferred.py); a step's columns arrive in one copy (`_stage`), the
         # graphs read fixed rows
-        self.staged = torch.zeros(7, self.max_tokens, dtype=torch.long, device=device)
+        self.staged = torch.zeros(PENDING_ROW + 2, self.max_tokens, dtype=torch.long, device=device)
         self.input_ids, self.positions, self.slot_mapping, self.logits_indices = self.staged[:4]
         self.slot_mapping.fill_(-1)
         self.num_real_tokens = self.staged[4, :1]
@@ -561,12 +562,12 @@ class ModelRunner:
         if deferred.shifts and not every_token_samples:
             raise RuntimeError("a step planned before its predecessor's accepted drafts were read back must "
                                "decode only (the engine reads back first otherwise)")
-        pending = deferred.first_rows() if deferred.plain else None
+        pending = deferred.pending_rows() if deferred.plain else None
         batch = self._stage(input_ids, positions, slots, query_lens, seq_lens, tables, sample_at + score_at, pending)
         batch.sampling_rows_are_tokens = every_token_samples
         batch.verify_rows = len(sched.scheduled) < len(query_lens)
         if deferred:
-            staged_rows = (self.staged[5, :len(pending[0])], self.staged[6, :len(pending[0])]) if pending else None
+            staged_rows = self.staged[PENDING_ROW:PENDING_ROW + 2, :len(pending[0])] if pending else None
             deferred.apply(self.input_ids, self.positions, self.slot_mapping, self.last_sampled,
                            self.last_accepted, self.last_proposed, start, self.deferred_uploads, staged_rows)
             if deferred.shifts:  # decode rows: a row's context is its position + 1
@@ -580,12 +581,13 @@ class ModelRunner:
         L = len(logits_indices)
         padded = min(-(-L // LOGITS_ROW_BUCKET) * LOGITS_ROW_BUCKET, self.max_tokens)
         cols = max(rows, padded)
+        # the rows of self.staged, in order (PENDING_ROW: the pending rows come after the count)
         fields = [(input_ids, 0), (positions, 0), (slots, -1), (logits_indices, 0), ([T], 0)] + \
-            [(indices, 0) for indices in pending or ()]
+            [(indices, 0) for indices in pending or ()]  # padding rows' slots are -1: they write no KV
         host = self.uploads.take(len(fields) * cols, torch.long).view(len(fields), cols)
         for row, (values, fill) in zip(host.numpy(), fields):
             row[:len(values)] = values
-            row[len(values):] = fill  # padding rows write no KV
+            row[len(values):] = fill
         self.staged[:len(fields), :cols].copy_(host, non_blocking=True)
         self.uploads.sent()
         return ForwardBatch(self.input_ids[:rows], self.positions[:rows], self.slot_mapping[:rows], query_lens,

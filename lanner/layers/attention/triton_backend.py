@@ -39,9 +39,11 @@ class TritonAttentionBackend(AttentionBackend):
         _, _, self.num_kv_heads, self.head_dim = kv_caches[0][0].shape
         width = -(-max_model_len // block_size)
         self.block_tables = torch.zeros(max_rows, width, dtype=torch.int32, device=device)
-        # context lengths, then query starts: one buffer, so a plan copies both at once
-        self.lens = torch.zeros(2 * max_rows + 1, dtype=torch.int32, device=device)
-        self.seq_lens, self.query_start = self.lens[:max_rows], self.lens[max_rows:]
+        # context lengths, then query starts: one buffer, so a plan copies both at once (the starts
+        # 16-byte aligned, as a buffer of their own would be: Triton specializes on alignment)
+        self.query_start_at = -(-max_rows // 4) * 4
+        self.lens = torch.zeros(self.query_start_at + max_rows + 1, dtype=torch.int32, device=device)
+        self.seq_lens, self.query_start = self.lens[:max_rows], self.lens[self.query_start_at:]
         self.max_rows = max_rows
         self.uploads = PinnedRing(device)
         self.group = num_heads // self.num_kv_heads
@@ -64,16 +66,11 @@ class TritonAttentionBackend(AttentionBackend):
         tiles = None if self.decode_only else self._plan_prefill(batch, graph_tokens)
         # one pinned host buffer for the step's metadata: block tables, lengths, tiles
         tables, width = self._tables_size(batch.block_tables)
-        lens = self.max_rows + rows + 1  # every context length (zeros past the plan's), the plan's query starts
+        lens = self.query_start_at + rows + 1  # every context length (zeros past the plan's), the query starts
         host = self.uploads.take(tables + lens + (0 if tiles is None else tiles.size), torch.int32)
         view = host.numpy()
         self._copy_block_tables(batch.block_tables, host[:tables], view[:tables], width)
-        seq_lens, query_start = view[tables:tables + self.max_rows], view[tables + self.max_rows:tables + lens]
-        seq_lens[:n] = batch.seq_lens
-        seq_lens[n:] = 0
-        query_start[0] = 0
-        np.cumsum(batch.query_lens, out=query_start[1:n + 1])
-        query_start[n + 1:] = query_start[n]
+        self._fill_lens(view[tables:tables + lens], batch)
         self.lens[:lens].copy_(host[tables:tables + lens], non_blocking=True)
         if tiles is not None:
             view[tables + lens:] = tiles.reshape(-1)
@@ -81,6 +78,17 @@ class TritonAttentionBackend(AttentionBackend):
         self.uploads.sent()
         if batch.device_seq_lens is not None:
             self.seq_lens[:n].copy_(batch.device_seq_lens)
+
+    def _fill_lens(self, view: np.ndarray, batch: ForwardBatch) -> None:
+        """`view` (host, laid out as self.lens up to the plan's rows): each context length, zeros
+        past them, then the query starts (cumulative query lengths, flat over padding rows)."""
+        n = batch.num_seqs
+        view[:n] = batch.seq_lens
+        view[n:self.query_start_at] = 0
+        query_start = view[self.query_start_at:]
+        query_start[0] = 0
+        np.cumsum(batch.query_lens, out=query_start[1:n + 1])
+        query_start[n + 1:] = query_start[n]
 
     def _plan_prefill(self, batch: ForwardBatch, graph_tokens: int | None) -> np.ndarray:
         """The prefill kernel's tile shape and program count (fixed by a graph's size); returns the

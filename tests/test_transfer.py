@@ -1,0 +1,24 @@
+"""Host-to-device staging (core/transfer.py) on the CPU: the pinned ring's turns and growth, and
+`to_device` through it. The event guard itself needs a GPU: tests/gpu/test_engine_gpu.py runs
+overlapped steps through it."""
+from __future__ import annotations
+
+import torch
+
+from lanner.core.transfer import PinnedRing, to_device
+
+
+def test_a_pinned_ring_hands_out_its_buffers_in_turn_and_grows():
+    ring = PinnedRing(torch.device("cpu"), depth=2)
+    a = ring.take(4, torch.long)
+    a.copy_(torch.arange(4))
+    b = ring.take(3, torch.int32)
+    assert a.data_ptr() != b.data_ptr() and a.tolist() == [0, 1, 2, 3]
+    big = ring.take(10_000, torch.long)  # the first buffer again, grown to hold it
+    assert big.numel() == 10_000 and big.dtype == torch.long
+    values = [[1, 2], [3, 4], [5, 6]]
+    assert to_device(values, torch.long, torch.device("cpu"), ring).tolist() == values
+    first = to_device([7, 8], torch.long, torch.device("cpu"), ring)
+    to_device([9, 9], torch.long, torch.device("cpu"), ring)
+    to_device([9, 9], torch.long, torch.device("cpu"), ring)
+    assert first.tolist() == [7, 8]  # on the CPU the result is a copy: the ring's buffer is reused
