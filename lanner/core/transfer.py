@@ -46,12 +46,12 @@ def to_device(rows: list | torch.Tensor | np.ndarray, dtype: torch.dtype, device
     host cache): a pageable copy would wait for the GPU, and so may a fresh pinned allocation
     (cudaHostAlloc, as `Tensor.pin_memory()` can do). The buffer is free again once the copy is done."""
     if ring is not None and not isinstance(rows, torch.Tensor):
-        values = np.asarray(rows).reshape(-1)
+        values = np.asarray(rows)  # converted once; its shape is the result's
         host = ring.take(values.size, dtype)
-        host.numpy()[:] = values
+        host.numpy()[:] = values.reshape(-1)
         out = host.to(device, non_blocking=True) if ring.cuda else host.clone()
         ring.sent()
-        return out.view(np.shape(rows)) if np.ndim(rows) > 1 else out
+        return out.view(values.shape)
     host = rows.to(dtype) if isinstance(rows, torch.Tensor) else torch.tensor(rows, dtype=dtype)
     if device.type != "cuda":
         return host
