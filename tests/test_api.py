@@ -214,3 +214,31 @@ def assert_close_logprobs(got: list[dict], want: list[dict]) -> None:
     assert len(got) == len(want)
     for a, b in zip(got, want):
         assert a.keys() == b.keys() and all(abs(a[t].logprob - b[t].logprob) < 1e-3 for t in a)
+
+
+def test_two_engines_generate_on_two_threads_at_once(qwen3_path, llama_path):
+    """The attention backend of a running forward is the thread's own: an engine on another thread
+    (a server's engine thread beside an LLM, two models in one process) runs its forwards meanwhile."""
+    import threading
+
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    jobs = [(make_llm(path), random_prompts(4, 5, 30, 500, seed=i)) for i, path in enumerate([qwen3_path, llama_path])]
+    alone = [[o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+             for llm, prompts in jobs]
+    together, errors, start = [None, None], [], threading.Barrier(2)
+
+    def run(i: int) -> None:
+        llm, prompts = jobs[i]
+        try:
+            start.wait()
+            together[i] = [[o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+                           for _ in range(3)]
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors and all(runs == [alone[i]] * 3 for i, runs in enumerate(together))

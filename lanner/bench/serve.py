@@ -18,6 +18,7 @@ import os
 import random
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from queue import Empty
 
@@ -29,6 +30,7 @@ from lanner.errors import ConfigError
 class Result:
     ok: bool = False
     error: str = ""
+    sent: float = 0.0  # time.monotonic() when it was sent
     ttft: float = 0.0
     e2e: float = 0.0
     itl: list[float] = field(default_factory=list)
@@ -66,7 +68,7 @@ def auth_headers(args: argparse.Namespace) -> dict:
 async def one_request(client, url: str, body: dict, headers: dict) -> Result:
     import httpx
 
-    res = Result()
+    res = Result(sent=time.monotonic())
     start = time.perf_counter()
     last = start
     try:
@@ -100,8 +102,12 @@ async def one_request(client, url: str, body: dict, headers: dict) -> Result:
 
 
 async def send_share(url: str, model: str, rate: float, requests: list[tuple[str | list[int], int]], seed: int,
-                     concurrency: int | None, timeout: float, headers: dict) -> list[Result]:
-    """One event loop's requests, arriving as a Poisson process at `rate` (inf: all at once)."""
+                     concurrency: int | None, timeout: float, headers: dict,
+                     ready: Callable[[], None] | None = None) -> list[Result]:
+    """One event loop's requests, arriving as a Poisson process at `rate` (inf: all at once).
+    `ready` (blocking) is called once the client and the bodies are built, before the first send:
+    the measured duration must not include this process's start (importing httpx and building a
+    client took ~130 ms on a 2-core machine, time a burst would count as the server's)."""
     import httpx
 
     rng = random.Random(seed)
@@ -111,15 +117,17 @@ async def send_share(url: str, model: str, rate: float, requests: list[tuple[str
         async with limit:
             return await one_request(client, url, body, headers)
 
+    bodies = [{"model": model, "prompt": prompt, "max_tokens": output_len, "temperature": 0, "stream": True,
+               "ignore_eos": True, "stream_options": {"include_usage": True}} for prompt, output_len in requests]
     async with httpx.AsyncClient(timeout=httpx.Timeout(timeout),
                                  # idle connections are dropped before a server's keep-alive timeout
                                  # (uvicorn: 5 s) can close one under a request being sent on it
                                  limits=httpx.Limits(max_connections=concurrency or 1000,
                                                      keepalive_expiry=2.0)) as client:
+        if ready is not None:
+            await asyncio.to_thread(ready)
         tasks = []
-        for prompt, output_len in requests:
-            body = {"model": model, "prompt": prompt, "max_tokens": output_len, "temperature": 0, "stream": True,
-                    "ignore_eos": True, "stream_options": {"include_usage": True}}
+        for body in bodies:
             tasks.append(asyncio.create_task(limited(client, body)))
             if rate != float("inf"):
                 await asyncio.sleep(rng.expovariate(rate))
@@ -127,9 +135,8 @@ async def send_share(url: str, model: str, rate: float, requests: list[tuple[str
 
 
 def _client_process(barrier, results, share: dict) -> None:
-    """A client process: waits for the others, sends its share, reports (results, when it ended)."""
-    barrier.wait()
-    out = asyncio.run(send_share(**share))
+    """A client process: gets ready, waits for the others, sends its share, reports (results, when it ended)."""
+    out = asyncio.run(send_share(**share, ready=barrier.wait))
     results.put((out, time.monotonic()))
 
 
@@ -145,9 +152,9 @@ def run_rate(args: argparse.Namespace, model: str, rate: float, requests: list[t
                "concurrency": args.max_concurrency and args.max_concurrency // processes
                + (i < args.max_concurrency % processes)} for i in range(processes)]
     if processes == 1:
-        start = time.monotonic()
-        results = asyncio.run(send_share(**shares[0]))
-        return summarize(rate, results, time.monotonic() - start, args.max_concurrency)
+        started = []
+        results = asyncio.run(send_share(**shares[0], ready=lambda: started.append(time.monotonic())))
+        return summarize(rate, results, started[0], time.monotonic(), args.max_concurrency)
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")  # a fork could copy a lock held by another thread of the caller
@@ -166,7 +173,7 @@ def run_rate(args: argparse.Namespace, model: str, rate: float, requests: list[t
                 raise RuntimeError("a client process of lanner bench serve failed") from None
     for w in workers:
         w.join()
-    return summarize(rate, [r for results, _ in outs for r in results], max(end for _, end in outs) - start,
+    return summarize(rate, [r for results, _ in outs for r in results], start, max(end for _, end in outs),
                      args.max_concurrency)
 
 
@@ -181,8 +188,10 @@ def percentiles(values: list[float], scale: float = 1e3) -> dict:
     return {"mean": round(statistics.mean(values) * scale, 2), "p50": at(0.5), "p90": at(0.9), "p99": at(0.99)}
 
 
-def summarize(rate: float, results: list[Result], duration: float, max_concurrency: int | None) -> dict:
+def summarize(rate: float, results: list[Result], start: float, end: float, max_concurrency: int | None) -> dict:
+    """`start`: when every client was ready to send (time.monotonic()); `end`: when the last finished."""
     ok = [r for r in results if r.ok]
+    duration = end - start
     out_tokens = sum(r.output_tokens for r in ok)
     in_tokens = sum(r.prompt_tokens for r in ok)
     return {
@@ -193,6 +202,8 @@ def summarize(rate: float, results: list[Result], duration: float, max_concurren
         "total_tok_per_s": round((out_tokens + in_tokens) / duration, 1), "output_tokens": out_tokens,
         "ttft_ms": percentiles([r.ttft for r in ok]), "tpot_ms": percentiles([r.tpot for r in ok if r.tpot]),
         "itl_ms": percentiles([x for r in ok for x in r.itl]), "e2e_ms": percentiles([r.e2e for r in ok]),
+        # when each request left the client, from the start: a burst's spread is the client's, not the server's
+        "sent_ms": percentiles([r.sent - start for r in results]),
     }
 
 

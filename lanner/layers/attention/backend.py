@@ -10,6 +10,7 @@ extra arguments and a graph runner can swap in its own metadata.
 """
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,7 +20,14 @@ from torch import nn
 
 from lanner.core.batch import ForwardBatch
 
-_active: AttentionBackend | None = None
+
+class _Forward(threading.local):
+    """The backend of the forward running on this thread: engines on other threads (a server's
+    engine thread beside an LLM, two models in one process) run forwards of their own meanwhile."""
+    backend: AttentionBackend | None = None
+
+
+_active = _Forward()
 
 
 class AttentionBackend(ABC):
@@ -73,15 +81,14 @@ class AttentionBackend(ABC):
 
 @contextmanager
 def forward_context(backend: AttentionBackend) -> Iterator[None]:
-    global _active
-    if _active is not None:
+    if _active.backend is not None:
         raise RuntimeError("forward contexts do not nest")
-    _active = backend
+    _active.backend = backend
     backend.projected_kv.clear()  # a record never outlives the forward (say, one that raised) that made it
     try:
         yield
     finally:
-        _active = None
+        _active.backend = None
 
 
 class Attention(nn.Module):
@@ -91,16 +98,19 @@ class Attention(nn.Module):
         self.scale = scale
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor | None = None):
-        if _active is None:
+        backend = _active.backend
+        if backend is None:
             raise RuntimeError("Attention called outside forward_context")
-        return _active.forward(self.layer_idx, q, k, v, self.scale, out)
+        return backend.forward(self.layer_idx, q, k, v, self.scale, out)
 
     def kv_store_target(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple] | None:
         """Where a fused projection may write this layer's K/V (None: outside a forward context, as
         when piece graphs are captured, or a backend that stores in `forward`)."""
-        return None if _active is None else _active.kv_store_target(self.layer_idx)
+        backend = _active.backend
+        return None if backend is None else backend.kv_store_target(self.layer_idx)
 
     def store(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        if _active is None:
+        backend = _active.backend
+        if backend is None:
             raise RuntimeError("Attention called outside forward_context")
-        _active.store(self.layer_idx, k, v)
+        backend.store(self.layer_idx, k, v)
