@@ -416,6 +416,8 @@ def test_bench_serve_over_several_client_processes(server, tmp_path, capsys):
     (row,) = json.loads(out.read_text())["results"]["rates"]
     assert row["completed"] == 9 and row["failed"] == 0 and row["output_tokens"] == 9 * 5
     assert row["duration_s"] * 1e3 >= row["e2e_ms"]["p99"] > 0
+    # the clock starts once every process is ready: each request is sent after it, within the run
+    assert 0 <= row["sent_ms"]["p50"] <= row["sent_ms"]["p99"] < row["duration_s"] * 1e3
     assert main(["bench", "serve", "--base-url", server[0], "--client-processes", "0"]) == 2
     assert "--client-processes must be at least 1" in capsys.readouterr().err
 
