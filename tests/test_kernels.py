@@ -128,6 +128,10 @@ def test_prefill_tile_table_puts_the_heaviest_tiles_first_and_the_bound_holds():
     assert tiles[0].tolist() == [5, 0]
     assert tiles[1:].tolist() == [[1, 0], [0, 2], [0, 1], [2, 0], [0, 0]]
     assert prefill_tiles([3], [3], 2, capacity=3).shape == (4, 2)
+    # one sequence (its own fast path): the same table as the general order, a chunk after cached keys too
+    for q_len, s_len, capacity in ((130, 130, None), (64, 74, 5), (1, 300, None), (0, 7, 2)):
+        one = prefill_tiles([q_len], [s_len], 64, capacity)
+        assert one.tolist() == prefill_tiles([q_len, 0], [s_len, 0], 64, capacity).tolist()
     with pytest.raises(ValueError):
         prefill_tiles([65, 65], [65, 65], 64, capacity=3)
     # the bound holds for every split of a token count into at most max_seqs sequences

@@ -10,6 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
+from lanner.kernels import next_power_of_2
 from lanner.kernels.attention.store_kv import cache_value
 
 
@@ -40,7 +41,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     if T:
         _rms_norm_kernel[(T,)](x, residual if residual is not None else x, weight, out, x.stride(0),
                                residual.stride(0) if residual is not None else 0, out.stride(0), N, eps,
-                               HAS_RES=residual is not None, BLOCK=triton.next_power_of_2(N))
+                               HAS_RES=residual is not None, BLOCK=next_power_of_2(N))
     return out if residual is None else (out, residual)
 
 
@@ -98,7 +99,7 @@ def norm_rope_heads_per_program(num_heads: int) -> int:
     3.2 us now with the store (scripts/norm_rope_probe.py, H200). Fewer heads win by ~0.1 us under 64
     tokens, but a block that changed with the token count would compile a new kernel inside a CUDA
     graph capture at the first small size (captures warm up at the largest)."""
-    return min(triton.next_power_of_2(num_heads), 8)
+    return min(next_power_of_2(num_heads), 8)
 
 
 def norm_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, weight: torch.Tensor | None = None,
@@ -150,6 +151,6 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     N = two_n // 2
     out = torch.empty(T, N, dtype=x.dtype, device=x.device)
     if T:
-        block = min(1024, triton.next_power_of_2(N))
+        block = min(1024, next_power_of_2(N))
         _silu_and_mul_kernel[(T, triton.cdiv(N, block))](x, out, x.stride(0), out.stride(0), N, BLOCK=block)
     return out

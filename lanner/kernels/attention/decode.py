@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from lanner.kernels import next_power_of_2
 from lanner.kernels.attention.prefill import dot_precision, load_kv_tile, query_for_cache
 from lanner.kernels.attention.reference import FP8_KV_DTYPE
 
@@ -146,7 +147,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         q, k_cache, v_cache, block_tables, seq_lens, part_out, part_lse, counters, out, scale * k_scale, v_scale,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1),
         k_cache.stride(2), block_tables.stride(0),
-        NUM_HEADS=H, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=D, PAGE=page,
+        NUM_HEADS=H, GROUP=group, GROUP_PAD=max(16, next_power_of_2(group)), HEAD_DIM=D, PAGE=page,
         NUM_SPLITS=num_splits, BLOCK_N=block_n, PRECISION=dot_precision(q), num_warps=num_warps,
         num_stages=num_stages)
     return out

@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from lanner.kernels import next_power_of_2
+
 
 def dot_precision(q: torch.Tensor) -> str:
     """float32 runs use exact IEEE products (the reference path); half types use tensor cores."""
@@ -65,12 +67,12 @@ def prefill_tile(head_dim: int, group: int, num_tokens: int) -> tuple[int, int, 
         rows, keys, warps = 32, 128, 4
     else:
         rows, keys, warps = 16, 64, 4
-    return max(rows, 16, triton.next_power_of_2(group)), keys, warps, stages
+    return max(rows, 16, next_power_of_2(group)), keys, warps, stages
 
 
 def tile_positions(tile: tuple[int, int, int, int], group: int) -> int:
     """Query positions a tile of `tile`'s rows holds for a GQA group of `group` heads."""
-    return tile[0] // triton.next_power_of_2(group)
+    return tile[0] // next_power_of_2(group)
 
 
 def prefill_tile_bound(num_tokens: int, max_seqs: int, positions: int) -> int:
@@ -90,20 +92,31 @@ def prefill_tiles(query_lens, seq_lens, positions: int, capacity: int | None = N
     """The tile table [1 + capacity, 2] (int32): row 0 is (number of tiles, 0); then (sequence,
     query tile) of every tile of `positions` query positions, by keys to read, most first (the
     programs take them in turns); `capacity` (default: the tiles) leaves rows unused."""
+    if len(query_lens) == 1:  # one prompt (a step's host time counts): its later tiles read more keys
+        total = -(-query_lens[0] // positions)
+        tiles = _tile_table(total, capacity)
+        tiles[1:1 + total, 1] = np.arange(total - 1, -1, -1)
+        return tiles
     q, s = np.asarray(query_lens, dtype=np.int64), np.asarray(seq_lens, dtype=np.int64)
     per_seq = -(-q // positions)
     total = int(per_seq.sum())
-    capacity = total if capacity is None else capacity
-    if total > capacity:
-        raise ValueError(f"{total} prefill tiles do not fit a table of {capacity}")
+    tiles = _tile_table(total, capacity)
     seq = np.repeat(np.arange(len(q)), per_seq)
     block = np.arange(total) - np.repeat(np.cumsum(per_seq) - per_seq, per_seq)
     keys = np.minimum(s[seq], (s - q)[seq] + (block + 1) * positions)
     order = np.argsort(-keys, kind="stable")
-    tiles = np.zeros((1 + capacity, 2), dtype=np.int32)
-    tiles[0, 0] = total
     tiles[1:1 + total, 0] = seq[order]
     tiles[1:1 + total, 1] = block[order]
+    return tiles
+
+
+def _tile_table(total: int, capacity: int | None) -> np.ndarray:
+    """A zeroed tile table of `capacity` rows (default `total`) whose count says `total`."""
+    capacity = total if capacity is None else capacity
+    if total > capacity:
+        raise ValueError(f"{total} prefill tiles do not fit a table of {capacity}")
+    tiles = np.zeros((1 + capacity, 2), dtype=np.int32)
+    tiles[0, 0] = total
     return tiles
 
 
@@ -190,6 +203,6 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
             q, k_cache, v_cache, out, block_tables, seq_lens, query_start, tiles, scale * k_scale, v_scale,
             q.stride(0), q.stride(1),
             out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-            block_tables.stride(0), GROUP=group, GROUP_PAD=triton.next_power_of_2(group), HEAD_DIM=D, PAGE=page,
+            block_tables.stride(0), GROUP=group, GROUP_PAD=next_power_of_2(group), HEAD_DIM=D, PAGE=page,
             BLOCK_M=rows, BLOCK_N=keys, PRECISION=dot_precision(q), num_warps=num_warps, num_stages=num_stages)
     return out

@@ -7,6 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
+from lanner.kernels import next_power_of_2
 from lanner.kernels.attention.reference import FP8_E4M3_MAX
 
 _FP8_MAX = tl.constexpr(FP8_E4M3_MAX)
@@ -44,4 +45,4 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     assert k.stride(1) == dim and k.stride(2) == 1 and v.stride(1) == dim and v.stride(2) == 1
     if T:
         _store_kv_kernel[(T,)](k, v, k_cache, v_cache, slot_mapping, k.stride(0), v.stride(0), 1.0 / k_scale,
-                               1.0 / v_scale, ROW=row, ROW_PAD=triton.next_power_of_2(row))
+                               1.0 / v_scale, ROW=row, ROW_PAD=next_power_of_2(row))

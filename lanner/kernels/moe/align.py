@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from lanner.kernels import next_power_of_2
 from lanner.kernels.moe.reference import max_padded
 
 ENTRY_TILE = 128  # rank within a tile is a [tile, tile] comparison: keep it in registers
@@ -105,7 +106,7 @@ def _build_layout(topk_ids: torch.Tensor, num_experts: int, out: torch.Tensor, m
     ids = topk_ids.reshape(-1)
     num_entries = ids.numel()
     num_tiles = triton.cdiv(num_entries, ENTRY_TILE)
-    e_pad = triton.next_power_of_2(num_experts)
+    e_pad = next_power_of_2(num_experts)
     tile_counts = torch.empty(num_tiles, num_experts, dtype=torch.int32, device=ids.device)
     offsets = torch.empty_like(tile_counts)
     if num_tiles:
@@ -140,8 +141,8 @@ def masked_layout(topk_ids: torch.Tensor, num_experts: int, capacity: int):
     if 0 < topk_ids.numel() <= ENTRY_TILE:  # one tile: one launch
         slots = torch.empty((num_experts, capacity), dtype=torch.int32, device=topk_ids.device)
         _masked_small_kernel[(1,)](topk_ids.reshape(-1), slots, counts, topk_ids.numel(), num_experts, capacity,
-                                   TILE=ENTRY_TILE, E_PAD=triton.next_power_of_2(num_experts),
-                                   CAP_PAD=triton.next_power_of_2(capacity))
+                                   TILE=ENTRY_TILE, E_PAD=next_power_of_2(num_experts),
+                                   CAP_PAD=next_power_of_2(capacity))
         return slots, counts
     slots = torch.full((num_experts, capacity), -1, dtype=torch.int32, device=topk_ids.device)
     _build_layout(topk_ids, num_experts, slots, True, capacity=capacity, counts=counts)

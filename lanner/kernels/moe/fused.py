@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from lanner.kernels import next_power_of_2
 from lanner.kernels.moe.align import align_by_expert, masked_layout
 from lanner.kernels.moe.configs import LAYOUTS, get_config
 
@@ -159,6 +160,6 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids: to
     rows = torch.empty(T * top_k, H, dtype=torch.float32, device=x.device)
     _expert_gemm(x, w13, act, topk_weights, layout_args, T * top_k, top_k, True, config)
     _expert_gemm(act, w2, rows, topk_weights, layout_args, T * top_k, 1, False, config)
-    block_h = min(1024, triton.next_power_of_2(H))
+    block_h = min(1024, next_power_of_2(H))
     _combine_kernel[(T, triton.cdiv(H, block_h))](rows, topk_ids, out, H, TOP_K=top_k, BLOCK_H=block_h)
     return out

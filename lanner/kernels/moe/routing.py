@@ -8,6 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
+from lanner.kernels import next_power_of_2
+
 
 @triton.jit
 def _route_kernel(logits_ptr, bias_ptr, num_real_ptr, ids_ptr, weights_ptr, stride_l, E, scaling,
@@ -76,8 +78,8 @@ def route(logits: torch.Tensor, top_k: int, scoring: str = "softmax", renormaliz
     if T:
         _route_kernel[(T,)](logits, bias if bias is not None else logits, num_real if num_real is not None else ids,
                             ids, weights, logits.stride(0), E, scaling, TOP_K=top_k,
-                            K_POW2=triton.next_power_of_2(top_k), E_POW2=triton.next_power_of_2(E),
+                            K_POW2=next_power_of_2(top_k), E_POW2=next_power_of_2(E),
                             SIGMOID=scoring == "sigmoid", RENORM=renormalize, HAS_BIAS=bias is not None,
                             HAS_REAL=num_real is not None, NUM_GROUPS=num_groups, TOPK_GROUPS=topk_groups,
-                            GROUP_SIZE=E // num_groups, G_POW2=triton.next_power_of_2(num_groups))
+                            GROUP_SIZE=E // num_groups, G_POW2=next_power_of_2(num_groups))
     return ids, weights
