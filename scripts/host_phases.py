@@ -3,7 +3,9 @@ step's host part): a synchronous N-token prompt step through the whole-forward g
 decode with overlap scheduling, each phase timed with perf_counter around the engine's own calls;
 for decode also the decode graph's GPU time a replay (CUDA events), to set against the step's.
 Usage: python scripts/host_phases.py [--config benchmarks/configs/qwen3-0.6b.json] [--tokens 512]
-Prints JSON; CPU runs work too (no graphs: the phases are then eager)."""
+Prints JSON; CPU runs work too (no graphs: the phases are then eager; `--attention-backend triton`
+plans as on a GPU, the kernels in Triton's interpreter: the host phases of the GPU path, measured
+on a machine without one)."""
 from __future__ import annotations
 
 import argparse
@@ -12,12 +14,16 @@ import functools
 import gc
 import io
 import json
+import os
 import pstats
 import statistics
 import sys
 import time
 
 import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before Triton is imported
 
 from lanner import LLM
 from lanner.core.request import SamplingParams
@@ -124,8 +130,10 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--profile", type=int, default=0, help="also list this many functions by own time (cProfile)")
+    ap.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
     args = ap.parse_args()
     kw = {"model": args.config, "load_format": "dummy"} if args.config else {}
+    kw["attention_backend"] = args.attention_backend
     if torch.cuda.is_available():
         kw |= {"dtype": "bfloat16", "gpu_memory_utilization": 0.4}
     sync = LLM(overlap_scheduling=False, **kw)
@@ -142,7 +150,8 @@ def main() -> None:
         report["decode step, top functions"] = top_functions(profilers[1], args.profile)
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     print(json.dumps({"command": "python " + " ".join(sys.argv), "gpu": gpu, "torch": torch.__version__,
-                      "config": args.config, "tokens": args.tokens, **report}, indent=1))
+                      "config": args.config, "tokens": args.tokens,
+                      "attention_backend": args.attention_backend, **report}, indent=1))
 
 
 if __name__ == "__main__":

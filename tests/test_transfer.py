@@ -10,12 +10,15 @@ from lanner.core.transfer import PinnedRing, to_device
 
 def test_a_pinned_ring_hands_out_its_buffers_in_turn_and_grows():
     ring = PinnedRing(torch.device("cpu"), depth=2)
-    a = ring.take(4, torch.long)
-    a.copy_(torch.arange(4))
-    b = ring.take(3, torch.int32)
-    assert a.data_ptr() != b.data_ptr() and a.tolist() == [0, 1, 2, 3]
-    big = ring.take(10_000, torch.long)  # the first buffer again, grown to hold it
-    assert big.numel() == 10_000 and big.dtype == torch.long
+    a, a_view = ring.take(4, torch.long)
+    a_view[:] = range(4)  # the tensor and its numpy view share memory
+    b, _ = ring.take((3, 2), torch.int32)
+    assert a.data_ptr() != b.data_ptr() and a.tolist() == [0, 1, 2, 3] and b.shape == (3, 2)
+    big, big_view = ring.take(10_000, torch.long)  # the first buffer again, grown to hold it
+    assert big.numel() == 10_000 and big.dtype == torch.long and big_view.shape == (10_000,)
+    again, _ = ring.take((3, 2), torch.int32)  # the second buffer's view of that shape, kept
+    assert again is b
+    assert ring.take(10_000, torch.long)[0] is big  # the first buffer's, kept while the buffer is
     values = [[1, 2], [3, 4], [5, 6]]
     assert to_device(values, torch.long, torch.device("cpu"), ring).tolist() == values
     first = to_device([7, 8], torch.long, torch.device("cpu"), ring)

@@ -1,6 +1,8 @@
 """Host -> device copies of per-step metadata."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -18,19 +20,34 @@ class PinnedRing:
         self.cuda = device.type == "cuda"
         self.buffers: list[torch.Tensor | None] = [None] * depth
         self.events: list[torch.cuda.Event | None] = [None] * depth
+        # per buffer, its (tensor, array) views by (shape, dtype): making them is three torch calls,
+        # microseconds each on a step's cold caches, and a steady batch asks for the same shapes
+        self.views: list[dict] = [{} for _ in range(depth)]
         self.turn = 0
 
-    def take(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
-        """A 1-D host tensor of `numel` (uninitialized) to fill, then copy from, then `sent()`."""
+    def take(self, shape: int | tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, np.ndarray]:
+        """A host tensor of `shape` (uninitialized) and its numpy view, to fill, then copy from,
+        then `sent()`."""
         self.turn = (self.turn + 1) % len(self.buffers)
         if self.events[self.turn] is not None:
             self.events[self.turn].synchronize()
-        nbytes = numel * dtype.itemsize
+        views = self.views[self.turn]
+        key = (shape, dtype)
+        taken = views.get(key)
+        if taken is not None:
+            return taken
+        shape = (shape,) if isinstance(shape, int) else shape
+        nbytes = math.prod(shape) * dtype.itemsize
         buffer = self.buffers[self.turn]
         if buffer is None or buffer.numel() < nbytes:
             buffer = torch.empty(max(2 * nbytes, 4096), dtype=torch.uint8, pin_memory=self.cuda)
             self.buffers[self.turn] = buffer
-        return buffer[:nbytes].view(dtype)
+            views.clear()
+        if len(views) >= 64:  # prompt steps of every length: bounded
+            views.clear()
+        host = buffer[:nbytes].view(dtype).view(shape)
+        views[key] = host, host.numpy()
+        return views[key]
 
     def sent(self) -> None:
         """The copies out of the last `take` are enqueued (on the device's current stream)."""
@@ -47,11 +64,11 @@ def to_device(rows: list | torch.Tensor | np.ndarray, dtype: torch.dtype, device
     (cudaHostAlloc, as `Tensor.pin_memory()` can do). The buffer is free again once the copy is done."""
     if ring is not None and not isinstance(rows, torch.Tensor):
         values = np.asarray(rows)  # converted once; its shape is the result's
-        host = ring.take(values.size, dtype)
-        host.numpy()[:] = values.reshape(-1)
+        host, view = ring.take(values.shape, dtype)
+        view[...] = values
         out = host.to(device, non_blocking=True) if ring.cuda else host.clone()
         ring.sent()
-        return out.view(values.shape)
+        return out
     host = rows.to(dtype) if isinstance(rows, torch.Tensor) else torch.tensor(rows, dtype=dtype)
     if device.type != "cuda":
         return host

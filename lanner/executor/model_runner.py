@@ -173,6 +173,7 @@ class ModelRunner:
         self.input_ids, self.positions, self.slot_mapping, self.logits_indices = self.staged[:4]
         self.slot_mapping.fill_(-1)
         self.num_real_tokens = self.staged[4, :1]
+        self._staged_views: dict[tuple[int, int, int | None], torch.Tensor] = {}
         self.last_sampled = torch.zeros(sched.max_num_seqs, dtype=torch.long, device=device)
         # the last step's drafts accepted and drafts proposed per sampling request (a drafter's)
         self.last_accepted: torch.Tensor | None = None
@@ -567,7 +568,7 @@ class ModelRunner:
         batch.sampling_rows_are_tokens = every_token_samples
         batch.verify_rows = len(sched.scheduled) < len(query_lens)
         if deferred:
-            staged_rows = self.staged[PENDING_ROW:PENDING_ROW + 2, :len(pending[0])] if pending else None
+            staged_rows = self.staged_view(PENDING_ROW, len(pending[0]), stop=PENDING_ROW + 2) if pending else None
             deferred.apply(self.input_ids, self.positions, self.slot_mapping, self.last_sampled,
                            self.last_accepted, self.last_proposed, start, self.deferred_uploads, staged_rows)
             if deferred.shifts:  # decode rows: a row's context is its position + 1
@@ -584,16 +585,29 @@ class ModelRunner:
         # the rows of self.staged, in order (PENDING_ROW: the pending rows come after the count)
         fields = [(input_ids, 0), (positions, 0), (slots, -1), (logits_indices, 0), ([T], 0)] + \
             [(indices, 0) for indices in pending or ()]  # padding rows' slots are -1: they write no KV
-        host = self.uploads.take(len(fields) * cols, torch.long).view(len(fields), cols)
-        for row, (values, fill) in zip(host.numpy(), fields):
+        host, view = self.uploads.take((len(fields), cols), torch.long)
+        for row, (values, fill) in zip(view, fields):
             row[:len(values)] = values
             row[len(values):] = fill
-        self.staged[:len(fields), :cols].copy_(host, non_blocking=True)
+        self.staged_view(0, cols, stop=len(fields)).copy_(host, non_blocking=True)
         self.uploads.sent()
-        return ForwardBatch(self.input_ids[:rows], self.positions[:rows], self.slot_mapping[:rows], query_lens,
-                            seq_lens, block_tables, self.logits_indices[:L], T,
+        return ForwardBatch(self.staged_view(0, rows), self.staged_view(1, rows), self.staged_view(2, rows), query_lens,
+                            seq_lens, block_tables, self.staged_view(3, L), T,
                             num_real_tokens_device=self.num_real_tokens,
-                            padded_logits_indices=self.logits_indices[:padded])
+                            padded_logits_indices=self.staged_view(3, padded))
+
+    def staged_view(self, row: int, cols: int, stop: int | None = None) -> torch.Tensor:
+        """self.staged[row, :cols], or the rows up to `stop` (2-D), kept per shape: a slice is a
+        torch call, several microseconds of a step's host time, and a steady batch asks for the
+        same few each step."""
+        key = (row, cols, stop)
+        view = self._staged_views.get(key)
+        if view is None:
+            if len(self._staged_views) >= 4096:  # prompt steps of every length: bounded
+                self._staged_views.clear()
+            view = self.staged[row, :cols] if stop is None else self.staged[row:stop, :cols]
+            self._staged_views[key] = view
+        return view
 
     def _padded_rows(self, num_tokens: int, query_lens: list[int]) -> int:
         """Rows to stage: a decode graph's batch size, a piecewise capture size, or the tokens."""

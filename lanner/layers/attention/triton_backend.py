@@ -7,6 +7,8 @@ whatever the latest `plan()` wrote.
 """
 from __future__ import annotations
 
+from itertools import accumulate
+
 import numpy as np
 import torch
 
@@ -49,8 +51,9 @@ class TritonAttentionBackend(AttentionBackend):
         self.group = num_heads // self.num_kv_heads
         # the count, then at most a tile a query token
         self.tiles = torch.zeros(1 + max_tokens, 2, dtype=torch.int32, device=device)
+        self.splits = [num_decode_splits(r, self.num_kv_heads, max_model_len, self.num_sms) for r in range(max_rows + 1)]
         # split-K partials of the largest (rows x splits) any plan can ask for
-        parts = max(r * self._splits(r) for r in range(1, max_rows + 1))
+        parts = max(r * self.splits[r] for r in range(1, max_rows + 1))
         self.workspace = decode_workspace(parts, num_heads, self.head_dim, max_rows * self.num_kv_heads, device)
 
     def plan(self, batch: ForwardBatch, num_padded_seqs: int | None = None, graph_tokens: int | None = None) -> None:
@@ -62,13 +65,12 @@ class TritonAttentionBackend(AttentionBackend):
         self.rows = rows
         self.slot_mapping = batch.slot_mapping
         self.decode_only = batch.is_decode_only and graph_tokens is None
-        self.num_splits = self._splits(rows)
+        self.num_splits = self.splits[rows]
         tiles = None if self.decode_only else self._plan_prefill(batch, graph_tokens)
         # one pinned host buffer for the step's metadata: block tables, lengths, tiles
         tables, width = self._tables_size(batch.block_tables)
         lens = self.query_start_at + rows + 1  # every context length (zeros past the plan's), the query starts
-        host = self.uploads.take(tables + lens + (0 if tiles is None else tiles.size), torch.int32)
-        view = host.numpy()
+        host, view = self.uploads.take(tables + lens + (0 if tiles is None else tiles.size), torch.int32)
         self._copy_block_tables(batch.block_tables, host[:tables], view[:tables], width)
         self._fill_lens(view[tables:tables + lens], batch)
         self.lens[:lens].copy_(host[tables:tables + lens], non_blocking=True)
@@ -87,7 +89,7 @@ class TritonAttentionBackend(AttentionBackend):
         view[n:self.query_start_at] = 0
         query_start = view[self.query_start_at:]
         query_start[0] = 0
-        np.cumsum(batch.query_lens, out=query_start[1:n + 1])
+        query_start[1:n + 1] = list(accumulate(batch.query_lens))  # np.cumsum over a list costs more
         query_start[n + 1:] = query_start[n]
 
     def _plan_prefill(self, batch: ForwardBatch, graph_tokens: int | None) -> np.ndarray:
@@ -109,15 +111,12 @@ class TritonAttentionBackend(AttentionBackend):
     def plan_decode(self, block_tables):
         n = len(block_tables)
         size, width = self._tables_size(block_tables)
-        host = self.uploads.take(size, torch.int32)
-        self._copy_block_tables(block_tables, host, host.numpy(), width)
+        host, view = self.uploads.take(size, torch.int32)
+        self._copy_block_tables(block_tables, host, view, width)
         self.uploads.sent()
         self.rows = n
         self.decode_only = True
-        self.num_splits = self._splits(n)
-
-    def _splits(self, rows: int) -> int:
-        return num_decode_splits(rows, self.num_kv_heads, self.max_model_len, self.num_sms)
+        self.num_splits = self.splits[n]
 
     def set_decode_lens(self, seq_lens, slot_mapping):
         self.seq_lens[:self.rows].copy_(seq_lens)  # device to device: inside a draft graph too
