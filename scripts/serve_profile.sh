@@ -8,7 +8,8 @@
 # commands run from inside it, as `python -m` puts the working directory before PYTHONPATH);
 # NO_PROFILE=1 skips the py-spy burst.
 # Writes OUT_DIR/offline-NAME.json, serve-NAME-cN.json, serve-profile-NAME.{json,txt} (py-spy's collapsed
-# stacks, one line per stack) and the server's /metrics after the last burst.
+# stacks, one line per stack), serve-steps-NAME.txt (the engine's step totals after each burst) and the
+# server's /metrics after the last burst.
 set -uo pipefail
 out=$(realpath "$1") config=$(realpath "$2") n=$3 input=$4 output=$5
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .wheels/*.whl || exit 1
@@ -26,6 +27,9 @@ burst() {  # burst SEED CLIENT_PROCESSES JSON
   python3 -m lanner.cli bench serve --base-url http://127.0.0.1:8000 --num-prompts "$n" --input-len "$input" \
     --output-len "$output" --request-rate inf --seed "$1" --client-processes "$2" --output-json "$3" 2>&1 \
     | grep -o '"output_tok_per_s": [0-9.]*' | head -1
+  # the engine's step and token totals after each burst (differences: its steps, against offline's "steps")
+  curl -s localhost:8000/metrics | grep -E "^lanner_engine_" | sed "s|^|after $(basename "$3"): |" \
+    >> "$out/serve-steps-$name.txt"
 }
 seed=1
 for c in 1 4 8; do echo "client processes $c:"; burst $seed $c "$out/serve-$name-c$c.json"; seed=$((seed + 1)); done

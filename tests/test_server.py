@@ -43,10 +43,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def make_app(**server_kwargs):
+def make_app(metrics=None, **server_kwargs):
     engine = AsyncEngine(LLMEngine(EngineConfig.from_kwargs(**ENGINE_ARGS)),
-                         server_kwargs.get("max_waiting_requests"))
-    return build_app(engine, ServerConfig(**{"served_model_name": [MODEL], **server_kwargs})), engine
+                         server_kwargs.get("max_waiting_requests"), observer=metrics)
+    return build_app(engine, ServerConfig(**{"served_model_name": [MODEL], **server_kwargs}), metrics), engine
 
 
 def engine_state(engine: AsyncEngine) -> tuple[int, bool]:
@@ -158,6 +158,24 @@ def test_models_health_version_metrics(server, client):
                  "lanner_kv_cache_usage", "lanner_prefix_cache_hit_rate", "lanner_http_requests_total"):
         assert name in text
     assert 'lanner_http_requests_total{endpoint="/v1/completions",status="200"}' in text
+
+
+def test_metrics_count_the_engines_steps_and_tokens():
+    """The engine's own step and token totals (sampled after the step that leaves it idle), so a
+    served burst's mean batch can be set against an offline run's (`lanner bench throughput`)."""
+    from lanner.server.metrics import ServerMetrics
+
+    app, engine = make_app(ServerMetrics())
+    for base in serve_in_thread(app):
+        r = httpx.post(base + "/v1/completions", json={"model": MODEL, "prompt": [5, 6, 7], "max_tokens": 4,
+                                                       "ignore_eos": True}, timeout=30)
+        assert r.status_code == 200
+        wait_idle(engine)
+        steps, computed = engine.call(lambda e: (e.num_steps, e.num_tokens_computed)).result(10)
+        assert steps >= 4 and computed >= 3 + 3  # the prompt, then a token a step
+        text = httpx.get(base + "/metrics").text
+        assert f"lanner_engine_steps_total {float(steps)}" in text
+        assert f"lanner_engine_tokens_computed_total {float(computed)}" in text
 
 
 @pytest.mark.parametrize("body,status,fragment", [

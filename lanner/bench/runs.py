@@ -64,12 +64,16 @@ def latency(llm, input_len: int, output_len: int, batch_sizes: list[int]) -> lis
 def throughput(llm, workload: Workload) -> dict:
     reqs = workload.requests(llm.engine.vocab_size)
     llm.generate([[1] * 16], _greedy(4), use_tqdm=False)  # warm-up
+    steps, computed = llm.engine.num_steps, llm.engine.num_tokens_computed
     outs, secs = timed(lambda: llm.generate([p for p, _ in reqs], [_greedy(m) for _, m in reqs], use_tqdm=False))
     out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     in_tokens = sum(len(p) for p, _ in reqs)
+    # steps and tokens through the model: a server's lanner_engine_steps / _tokens_computed over the
+    # same workload compare with these (the mean batch of its steps)
     return {"wall_s": round(secs, 2), "output_tokens": out_tokens, "input_tokens": in_tokens,
             "output_tok_per_s": round(out_tokens / secs, 1), "total_tok_per_s": round((out_tokens + in_tokens) / secs, 1),
-            "requests_per_s": round(len(reqs) / secs, 2), "preemptions": llm.engine.scheduler.num_preemptions}
+            "requests_per_s": round(len(reqs) / secs, 2), "preemptions": llm.engine.scheduler.num_preemptions,
+            "steps": llm.engine.num_steps - steps, "tokens_computed": llm.engine.num_tokens_computed - computed}
 
 
 def profile_decode(llm, input_len: int, path: str, steps: int = 32) -> None:

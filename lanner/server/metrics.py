@@ -33,8 +33,8 @@ class ServerMetrics:
         self.prefix_hit_rate = Gauge("lanner_prefix_cache_hit_rate", "prompt tokens served from the prefix cache",
                                      registry=r)
         self.preemptions = Gauge("lanner_num_preemptions", "preemptions since start", registry=r)
-        self.speculation = _SpeculationTotals()  # the engine's totals, exported as they are
-        r.register(self.speculation)
+        self.totals = _EngineTotals()  # the engine's totals, exported as they are
+        r.register(self.totals)
 
     def record_stats(self, stats) -> None:
         """An EngineStats sample (the engine loop sends one every 0.25 s or so while it steps)."""
@@ -43,8 +43,9 @@ class ServerMetrics:
         self.kv_usage.set(stats.kv_usage)
         self.prefix_hit_rate.set(stats.prefix_hit_rate)
         self.preemptions.set(stats.preemptions)
+        self.totals.steps, self.totals.tokens_computed = stats.steps, stats.tokens_computed
         if stats.speculation is not None:
-            self.speculation.totals = stats.speculation
+            self.totals.speculation = stats.speculation
 
     def record_dead(self, message: str) -> None:
         """The engine stopped: every request was failed, no blocks are in use."""
@@ -74,15 +75,22 @@ class ServerMetrics:
         return generate_latest(self.registry)
 
 
-class _SpeculationTotals:
-    """Speculative decoding's counters: the engine keeps the totals (SpeculationStats.as_dict()),
-    so they are exported as the latest sample says, with no counting of our own."""
+class _EngineTotals:
+    """Counters the engine keeps itself (steps, tokens through the model, speculative decoding's
+    SpeculationStats.as_dict()): exported as the latest sample says, with no counting of our own."""
 
     def __init__(self) -> None:
-        self.totals: dict | None = None  # none until an engine that speculates reports
+        self.steps = self.tokens_computed = 0
+        self.speculation: dict | None = None  # none until an engine that speculates reports
 
     def collect(self):
-        t = self.totals
+        # tokens computed / steps is the mean batch of a step: a burst served in more, smaller
+        # steps than offline shows here
+        yield CounterMetricFamily("lanner_engine_steps", "engine steps (forward passes of the batch)",
+                                  value=self.steps)
+        yield CounterMetricFamily("lanner_engine_tokens_computed", "tokens through the model: prompt chunks, "
+                                  "decoded tokens and drafts verified", value=self.tokens_computed)
+        t = self.speculation
         if t is None:
             return
         for name, key, doc in (("draft_tokens", "spec_draft_tokens", "draft tokens verified"),

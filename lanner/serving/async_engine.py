@@ -57,13 +57,16 @@ class EngineStats:
     preemptions: int
     busy: bool
     speculation: dict | None = None  # SpeculationStats.as_dict(): totals since start
+    steps: int = 0  # engine steps since start
+    tokens_computed: int = 0  # tokens through the model since start (prompt chunks, decodes, drafts verified)
 
 
 def engine_stats(engine: LLMEngine) -> EngineStats:
     kv = engine.kv_cache.stats()
     speculation = engine.speculator.stats.as_dict() if engine.speculator is not None else None
     return EngineStats(len(engine.scheduler.running), len(engine.scheduler.waiting), kv.used_blocks, kv.usage,
-                       kv.hit_rate, engine.scheduler.num_preemptions, engine.has_unfinished_requests(), speculation)
+                       kv.hit_rate, engine.scheduler.num_preemptions, engine.has_unfinished_requests(), speculation,
+                       engine.num_steps, engine.num_tokens_computed)
 
 
 class Sink(Protocol):
