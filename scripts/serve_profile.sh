@@ -28,7 +28,8 @@ burst() {  # burst SEED CLIENT_PROCESSES JSON
     --output-len "$output" --request-rate inf --seed "$1" --client-processes "$2" --output-json "$3" 2>&1 \
     | grep -o '"output_tok_per_s": [0-9.]*' | head -1
   # the engine's step and token totals after each burst (differences: its steps, against offline's "steps")
-  curl -s localhost:8000/metrics | grep -E "^lanner_engine_" | sed "s|^|after $(basename "$3"): |" \
+  sleep 0.5  # the engine's stats after its last step reach the server
+  curl -s 127.0.0.1:8000/metrics | grep -E "^lanner_engine_" | sed "s|^|after $(basename "$3"): |" \
     >> "$out/serve-steps-$name.txt"
 }
 seed=1

@@ -103,11 +103,12 @@ async def one_request(client, url: str, body: dict, headers: dict) -> Result:
 
 async def send_share(url: str, model: str, rate: float, requests: list[tuple[str | list[int], int]], seed: int,
                      concurrency: int | None, timeout: float, headers: dict,
-                     ready: Callable[[], None] | None = None) -> list[Result]:
-    """One event loop's requests, arriving as a Poisson process at `rate` (inf: all at once).
-    `ready` (blocking) is called once the client and the bodies are built, before the first send:
-    the measured duration must not include this process's start (importing httpx and building a
-    client took ~130 ms on a 2-core machine, time a burst would count as the server's)."""
+                     ready: Callable[[], None] | None = None) -> tuple[list[Result], float]:
+    """One event loop's requests, arriving as a Poisson process at `rate` (inf: all at once), and
+    when it began sending (time.monotonic()). `ready` (blocking) is called once the client and the
+    bodies are built, before the first send: the measured duration must not include this process's
+    start (importing httpx and building a client took ~130 ms on a 2-core machine, time a burst
+    would count as the server's)."""
     import httpx
 
     rng = random.Random(seed)
@@ -126,18 +127,20 @@ async def send_share(url: str, model: str, rate: float, requests: list[tuple[str
                                                      keepalive_expiry=2.0)) as client:
         if ready is not None:
             await asyncio.to_thread(ready)
+        began = time.monotonic()
         tasks = []
         for body in bodies:
             tasks.append(asyncio.create_task(limited(client, body)))
             if rate != float("inf"):
                 await asyncio.sleep(rng.expovariate(rate))
-        return await asyncio.gather(*tasks)
+        return await asyncio.gather(*tasks), began
 
 
 def _client_process(barrier, results, share: dict) -> None:
-    """A client process: gets ready, waits for the others, sends its share, reports (results, when it ended)."""
-    out = asyncio.run(send_share(**share, ready=barrier.wait))
-    results.put((out, time.monotonic()))
+    """A client process: gets ready, waits for the others, sends its share, reports (results, when
+    it began sending, when it ended)."""
+    out, began = asyncio.run(send_share(**share, ready=barrier.wait))
+    results.put((out, began, time.monotonic()))
 
 
 def run_rate(args: argparse.Namespace, model: str, rate: float, requests: list[tuple[str | list[int], int]]) -> dict:
@@ -152,9 +155,8 @@ def run_rate(args: argparse.Namespace, model: str, rate: float, requests: list[t
                "concurrency": args.max_concurrency and args.max_concurrency // processes
                + (i < args.max_concurrency % processes)} for i in range(processes)]
     if processes == 1:
-        started = []
-        results = asyncio.run(send_share(**shares[0], ready=lambda: started.append(time.monotonic())))
-        return summarize(rate, results, started[0], time.monotonic(), args.max_concurrency)
+        results, began = asyncio.run(send_share(**shares[0]))
+        return summarize(rate, results, began, time.monotonic(), args.max_concurrency)
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")  # a fork could copy a lock held by another thread of the caller
@@ -162,19 +164,29 @@ def run_rate(args: argparse.Namespace, model: str, rate: float, requests: list[t
     workers = [ctx.Process(target=_client_process, args=(barrier, queue, share), daemon=True) for share in shares]
     for w in workers:
         w.start()
-    barrier.wait(timeout=300)
-    start = time.monotonic()  # CLOCK_MONOTONIC: one clock for every process of the machine
+    deadline = time.monotonic() + 300
+    while barrier.n_waiting < processes:  # a process that fails while getting ready must not leave us waiting
+        _check_clients(workers)
+        if time.monotonic() > deadline:
+            raise RuntimeError("the client processes of lanner bench serve were not ready within 300 s")
+        time.sleep(0.01)
+    barrier.wait(timeout=60)
     outs = []
     while len(outs) < processes:
         try:
             outs.append(queue.get(timeout=1.0))
         except Empty:
-            if any(w.exitcode not in (None, 0) for w in workers):
-                raise RuntimeError("a client process of lanner bench serve failed") from None
+            _check_clients(workers)
     for w in workers:
         w.join()
-    return summarize(rate, [r for results, _ in outs for r in results], start, max(end for _, end in outs),
-                     args.max_concurrency)
+    # the earliest to begin sets the start (CLOCK_MONOTONIC: one clock for every process of the machine)
+    return summarize(rate, [r for results, _, _ in outs for r in results], min(began for _, began, _ in outs),
+                     max(end for _, _, end in outs), args.max_concurrency)
+
+
+def _check_clients(workers) -> None:
+    if any(w.exitcode not in (None, 0) for w in workers):
+        raise RuntimeError("a client process of lanner bench serve failed")
 
 
 def percentiles(values: list[float], scale: float = 1e3) -> dict:
@@ -202,7 +214,8 @@ def summarize(rate: float, results: list[Result], start: float, end: float, max_
         "total_tok_per_s": round((out_tokens + in_tokens) / duration, 1), "output_tokens": out_tokens,
         "ttft_ms": percentiles([r.ttft for r in ok]), "tpot_ms": percentiles([r.tpot for r in ok if r.tpot]),
         "itl_ms": percentiles([x for r in ok for x in r.itl]), "e2e_ms": percentiles([r.e2e for r in ok]),
-        # when each request left the client, from the start: a burst's spread is the client's, not the server's
+        # when each request (failed ones too) left its client, from the start: a burst's spread is the
+        # clients'; under --max-concurrency a request leaves when a slot frees, so it is the server's pace
         "sent_ms": percentiles([r.sent - start for r in results]),
     }
 

@@ -26,8 +26,8 @@ class PinnedRing:
         self.turn = 0
 
     def take(self, shape: int | tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, np.ndarray]:
-        """A host tensor of `shape` (uninitialized) and its numpy view, to fill, then copy from,
-        then `sent()`."""
+        """A host tensor of `shape` (uninitialized; a dtype numpy has) and its numpy view, to fill,
+        then copy from, then `sent()`."""
         self.turn = (self.turn + 1) % len(self.buffers)
         if self.events[self.turn] is not None:
             self.events[self.turn].synchronize()

@@ -596,16 +596,16 @@ class ModelRunner:
                             num_real_tokens_device=self.num_real_tokens,
                             padded_logits_indices=self.staged_view(3, padded))
 
-    def staged_view(self, row: int, cols: int, stop: int | None = None) -> torch.Tensor:
-        """self.staged[row, :cols], or the rows up to `stop` (2-D), kept per shape: a slice is a
-        torch call, several microseconds of a step's host time, and a steady batch asks for the
-        same few each step."""
-        key = (row, cols, stop)
+    def staged_view(self, first: int, cols: int, stop: int | None = None) -> torch.Tensor:
+        """self.staged[first, :cols] (1-D), or with `stop` its rows first..stop-1 (2-D), kept per
+        shape: a slice is a torch call, several microseconds of a step's host time, and a steady
+        batch asks for the same few each step."""
+        key = (first, cols, stop)
         view = self._staged_views.get(key)
         if view is None:
             if len(self._staged_views) >= 4096:  # prompt steps of every length: bounded
                 self._staged_views.clear()
-            view = self.staged[row, :cols] if stop is None else self.staged[row:stop, :cols]
+            view = self.staged[first, :cols] if stop is None else self.staged[first:stop, :cols]
             self._staged_views[key] = view
         return view
 

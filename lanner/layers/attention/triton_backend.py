@@ -51,7 +51,8 @@ class TritonAttentionBackend(AttentionBackend):
         self.group = num_heads // self.num_kv_heads
         # the count, then at most a tile a query token
         self.tiles = torch.zeros(1 + max_tokens, 2, dtype=torch.int32, device=device)
-        self.splits = [num_decode_splits(r, self.num_kv_heads, max_model_len, self.num_sms) for r in range(max_rows + 1)]
+        self.splits = [num_decode_splits(rows, self.num_kv_heads, max_model_len, self.num_sms)
+                       for rows in range(max_rows + 1)]  # by row count: a plan looks it up
         # split-K partials of the largest (rows x splits) any plan can ask for
         parts = max(r * self.splits[r] for r in range(1, max_rows + 1))
         self.workspace = decode_workspace(parts, num_heads, self.head_dim, max_rows * self.num_kv_heads, device)
