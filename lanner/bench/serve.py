@@ -201,7 +201,7 @@ def percentiles(values: list[float], scale: float = 1e3) -> dict:
 
 
 def summarize(rate: float, results: list[Result], start: float, end: float, max_concurrency: int | None) -> dict:
-    """`start`: when every client was ready to send (time.monotonic()); `end`: when the last finished."""
+    """`start`: when the first client began sending (time.monotonic()); `end`: when the last finished."""
     ok = [r for r in results if r.ok]
     duration = end - start
     out_tokens = sum(r.output_tokens for r in ok)
