@@ -6,6 +6,7 @@
 #   bash scripts/gpu_perf.sh breakdown  # W-8B and W-nano: throughput, then where the time goes
 #   bash scripts/gpu_perf.sh steps      # lanner bench step, Qwen3-0.6B and Qwen3-8B shapes, _base/ and this tree
 #   bash scripts/gpu_perf.sh latency    # lanner bench latency at batch 1, the same models and trees
+#   bash scripts/gpu_perf.sh hostphases # scripts/host_phases.py (this tree's script) over _base/'s lanner and this one
 #   bash scripts/gpu_perf.sh kv         # W-8B and W-nano with the KV cache in bf16 and in fp8 (--kv-cache-dtype)
 #   bash scripts/gpu_perf.sh gemv       # tests/gpu/test_gemv_gpu.py, then batch 1 and 8 with --gemv-kernels cublas
 #                                       # and auto in one call (a fresh cache folder: auto measures its table)
@@ -63,5 +64,18 @@ case "${1:-}" in
           --gpu-memory-utilization 0.5 --output-json "$outdir/$day-$1-$cfg-$tag.json") 2>&1 | grep -E "^\{|capture|Error|tok/s"
       done
     done ;;
-  *) echo "usage: $0 tests|serve|breakdown|steps|latency|kv|gemv" >&2; exit 2 ;;
+  hostphases)
+    # PYTHONPATH=. is relative: from inside a tree the script imports that tree's lanner
+    root=$(pwd); outdir=$(cd "$out" && pwd)
+    for tree in ${TREES:-_base .}; do
+      [ -d "$tree/lanner" ] || continue
+      tag=$([ "$tree" = . ] && echo new || echo base)
+      for cfg in ${CFGS:-qwen3-0.6b}; do
+        echo "== host phases $tag $cfg"
+        (cd "$tree" && python3 "$root/scripts/host_phases.py" --config "$root/benchmarks/configs/$cfg.json") \
+          > "$outdir/$day-host-phases-$cfg-$tag.txt" 2>&1
+        tail -30 "$outdir/$day-host-phases-$cfg-$tag.txt" | grep -E '"(schedule|prepare|prepare.stage|plan|sample|step)"'
+      done
+    done ;;
+  *) echo "usage: $0 tests|serve|breakdown|steps|latency|hostphases|kv|gemv" >&2; exit 2 ;;
 esac
