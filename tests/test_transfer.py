@@ -25,3 +25,17 @@ def test_a_pinned_ring_hands_out_its_buffers_in_turn_and_grows():
     to_device([9, 9], torch.long, torch.device("cpu"), ring)
     to_device([9, 9], torch.long, torch.device("cpu"), ring)
     assert first.tolist() == [7, 8]  # on the CPU the result is a copy: the ring's buffer is reused
+
+
+def test_a_ring_hands_out_parts_of_one_buffer_and_keeps_their_views():
+    ring = PinnedRing(torch.device("cpu"), depth=1)
+    (tables, tables_view), (lens, lens_view) = ring.take_parts(((2, 3), (5,)), torch.int32)
+    assert tables.shape == (2, 3) and lens.shape == (5,) and tables_view.shape == (2, 3)
+    assert lens.data_ptr() == tables.data_ptr() + 6 * 4  # one after the other
+    tables_view[:] = 7
+    lens_view[:] = range(5)
+    assert tables.tolist() == [[7] * 3] * 2 and lens.tolist() == list(range(5))
+    again = ring.take_parts(((2, 3), (5,)), torch.int32)
+    assert again[0][0] is tables and again[1][0] is lens  # the same shapes: the views made before
+    grown, _ = ring.take(100_000, torch.int32)  # a larger take grows the buffer: the old views go
+    assert ring.take_parts(((2, 3), (5,)), torch.int32)[0][0].data_ptr() == grown.data_ptr()

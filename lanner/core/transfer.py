@@ -7,6 +7,24 @@ import numpy as np
 import torch
 
 
+class Views:
+    """Tensor views made once per key and kept: making one (a slice, a view) is a torch call,
+    several microseconds of a step's host time on the cold caches a forward leaves, and a steady
+    batch asks for the same few each step. Bounded: prompt steps come in every length."""
+
+    def __init__(self, limit: int = 4096):
+        self.kept: dict = {}
+        self.limit = limit
+
+    def get(self, key, make):
+        view = self.kept.get(key)
+        if view is None:
+            if len(self.kept) >= self.limit:
+                self.kept.clear()
+            view = self.kept[key] = make()
+        return view
+
+
 class PinnedRing:
     """Pinned host buffers for one kind of per-step upload, reused in turn. A fresh pinned tensor
     costs tens of microseconds of host time a step (torch's host allocator), and `torch.tensor` over
@@ -20,34 +38,27 @@ class PinnedRing:
         self.cuda = device.type == "cuda"
         self.buffers: list[torch.Tensor | None] = [None] * depth
         self.events: list[torch.cuda.Event | None] = [None] * depth
-        # per buffer, its (tensor, array) views by (shape, dtype): making them is three torch calls,
-        # microseconds each on a step's cold caches, and a steady batch asks for the same shapes
-        self.views: list[dict] = [{} for _ in range(depth)]
+        self.views = [Views(limit=64) for _ in range(depth)]  # per buffer, by (shapes, dtype)
         self.turn = 0
 
     def take(self, shape: int | tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, np.ndarray]:
         """A host tensor of `shape` (uninitialized; a dtype numpy has) and its numpy view, to fill,
         then copy from, then `sent()`."""
+        return self.take_parts(((shape,) if isinstance(shape, int) else shape,), dtype)[0]
+
+    def take_parts(self, shapes: tuple[tuple[int, ...], ...], dtype: torch.dtype) -> list[tuple[torch.Tensor, np.ndarray]]:
+        """`take` for several tensors, one after another in one buffer."""
         self.turn = (self.turn + 1) % len(self.buffers)
         if self.events[self.turn] is not None:
             self.events[self.turn].synchronize()
-        views = self.views[self.turn]
-        key = (shape, dtype)
-        taken = views.get(key)
-        if taken is not None:
-            return taken
-        shape = (shape,) if isinstance(shape, int) else shape
-        nbytes = math.prod(shape) * dtype.itemsize
+        sizes = [math.prod(shape) for shape in shapes]
+        nbytes = sum(sizes) * dtype.itemsize
         buffer = self.buffers[self.turn]
         if buffer is None or buffer.numel() < nbytes:
             buffer = torch.empty(max(2 * nbytes, 4096), dtype=torch.uint8, pin_memory=self.cuda)
             self.buffers[self.turn] = buffer
-            views.clear()
-        if len(views) >= 64:  # prompt steps of every length: bounded
-            views.clear()
-        host = buffer[:nbytes].view(dtype).view(shape)
-        views[key] = host, host.numpy()
-        return views[key]
+            self.views[self.turn] = Views(limit=64)
+        return self.views[self.turn].get((shapes, dtype), lambda: _parts(buffer, shapes, sizes, dtype))
 
     def sent(self) -> None:
         """The copies out of the last `take` are enqueued (on the device's current stream)."""
@@ -55,6 +66,16 @@ class PinnedRing:
             if self.events[self.turn] is None:
                 self.events[self.turn] = torch.cuda.Event()
             self.events[self.turn].record(torch.cuda.current_stream(self.device))
+
+
+def _parts(buffer: torch.Tensor, shapes, sizes: list[int], dtype: torch.dtype) -> list[tuple[torch.Tensor, np.ndarray]]:
+    flat = buffer[:sum(sizes) * dtype.itemsize].view(dtype)
+    parts, start = [], 0
+    for shape, size in zip(shapes, sizes):
+        part = flat[start:start + size].view(shape)
+        parts.append((part, part.numpy()))
+        start += size
+    return parts
 
 
 def to_device(rows: list | torch.Tensor | np.ndarray, dtype: torch.dtype, device: torch.device,

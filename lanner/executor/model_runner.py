@@ -16,7 +16,7 @@ from lanner.config import WHOLE_FORWARD_MAX_TOKENS, EngineConfig, MoEConfig
 from lanner.core.batch import ForwardBatch, as_decode_rows, kv_slots
 from lanner.core.request import Logprob, Request
 from lanner.core.schedule import SchedulerOutput
-from lanner.core.transfer import PinnedRing, to_device
+from lanner.core.transfer import PinnedRing, Views, to_device
 from lanner.distributed import whole_on_every_rank
 from lanner.errors import ConfigError
 from lanner.executor.deferred import Deferred
@@ -173,7 +173,7 @@ class ModelRunner:
         self.input_ids, self.positions, self.slot_mapping, self.logits_indices = self.staged[:4]
         self.slot_mapping.fill_(-1)
         self.num_real_tokens = self.staged[4, :1]
-        self._staged_views: dict[tuple[int, int, int | None], torch.Tensor] = {}
+        self._staged_views = Views()
         self.last_sampled = torch.zeros(sched.max_num_seqs, dtype=torch.long, device=device)
         # the last step's drafts accepted and drafts proposed per sampling request (a drafter's)
         self.last_accepted: torch.Tensor | None = None
@@ -597,17 +597,9 @@ class ModelRunner:
                             padded_logits_indices=self.staged_view(3, padded))
 
     def staged_view(self, first: int, cols: int, stop: int | None = None) -> torch.Tensor:
-        """self.staged[first, :cols] (1-D), or with `stop` its rows first..stop-1 (2-D), kept per
-        shape: a slice is a torch call, several microseconds of a step's host time, and a steady
-        batch asks for the same few each step."""
-        key = (first, cols, stop)
-        view = self._staged_views.get(key)
-        if view is None:
-            if len(self._staged_views) >= 4096:  # prompt steps of every length: bounded
-                self._staged_views.clear()
-            view = self.staged[first, :cols] if stop is None else self.staged[first:stop, :cols]
-            self._staged_views[key] = view
-        return view
+        """self.staged[first, :cols] (1-D), or with `stop` its rows first..stop-1 (2-D), kept per shape."""
+        return self._staged_views.get((first, cols, stop), lambda: self.staged[first, :cols] if stop is None
+                                      else self.staged[first:stop, :cols])
 
     def _padded_rows(self, num_tokens: int, query_lens: list[int]) -> int:
         """Rows to stage: a decode graph's batch size, a piecewise capture size, or the tokens."""

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from lanner.core.batch import ForwardBatch
-from lanner.core.transfer import PinnedRing
+from lanner.core.transfer import PinnedRing, Views
 from lanner.kernels.attention.decode import decode_attention, decode_workspace, num_decode_splits
 from lanner.kernels.attention.prefill import (
     prefill_attention,
@@ -48,6 +48,7 @@ class TritonAttentionBackend(AttentionBackend):
         self.seq_lens, self.query_start = self.lens[:max_rows], self.lens[self.query_start_at:]
         self.max_rows = max_rows
         self.uploads = PinnedRing(device)
+        self._views = Views()
         self.group = num_heads // self.num_kv_heads
         # the count, then at most a tile a query token
         self.tiles = torch.zeros(1 + max_tokens, 2, dtype=torch.int32, device=device)
@@ -69,15 +70,17 @@ class TritonAttentionBackend(AttentionBackend):
         self.num_splits = self.splits[rows]
         tiles = None if self.decode_only else self._plan_prefill(batch, graph_tokens)
         # one pinned host buffer for the step's metadata: block tables, lengths, tiles
-        tables, width = self._tables_size(batch.block_tables)
+        width = self._tables_width(batch.block_tables)
         lens = self.query_start_at + rows + 1  # every context length (zeros past the plan's), the query starts
-        host, view = self.uploads.take(tables + lens + (0 if tiles is None else tiles.size), torch.int32)
-        self._copy_block_tables(batch.block_tables, host[:tables], view[:tables], width)
-        self._fill_lens(view[tables:tables + lens], batch)
-        self.lens[:lens].copy_(host[tables:tables + lens], non_blocking=True)
+        shapes = ((len(batch.block_tables), width), (lens,)) + (() if tiles is None else (tiles.shape,))
+        (host_tables, tables_view), (host_lens, lens_view), *host_tiles = self.uploads.take_parts(shapes, torch.int32)
+        self._copy_block_tables(batch.block_tables, host_tables, tables_view)
+        self._fill_lens(lens_view, batch)
+        self.device_view("lens", lens).copy_(host_lens, non_blocking=True)
         if tiles is not None:
-            view[tables + lens:] = tiles.reshape(-1)
-            self.tiles[:tiles.shape[0]].copy_(host[tables + lens:].view(-1, 2), non_blocking=True)
+            (host, view), = host_tiles
+            view[:] = tiles
+            self.device_view("tiles", tiles.shape[0]).copy_(host, non_blocking=True)
         self.uploads.sent()
         if batch.device_seq_lens is not None:
             self.seq_lens[:n].copy_(batch.device_seq_lens)
@@ -111,9 +114,8 @@ class TritonAttentionBackend(AttentionBackend):
 
     def plan_decode(self, block_tables):
         n = len(block_tables)
-        size, width = self._tables_size(block_tables)
-        host, view = self.uploads.take(size, torch.int32)
-        self._copy_block_tables(block_tables, host, view, width)
+        host, view = self.uploads.take((n, self._tables_width(block_tables)), torch.int32)
+        self._copy_block_tables(block_tables, host, view)
         self.uploads.sent()
         self.rows = n
         self.decode_only = True
@@ -124,19 +126,20 @@ class TritonAttentionBackend(AttentionBackend):
         self.slot_mapping = slot_mapping
 
     @staticmethod
-    def _tables_size(block_tables: list[list[int]]) -> tuple[int, int]:
-        width = max((len(b) for b in block_tables), default=1) or 1
-        return len(block_tables) * width, width
+    def _tables_width(block_tables: list[list[int]]) -> int:
+        return max((len(b) for b in block_tables), default=1) or 1
 
-    def _copy_block_tables(self, block_tables: list[list[int]], host: torch.Tensor, view: np.ndarray,
-                           width: int) -> None:
+    def _copy_block_tables(self, block_tables: list[list[int]], host: torch.Tensor, view: np.ndarray) -> None:
         """Copy the tables through `host` (pinned, n x width, and `view`, its numpy view)."""
-        n = len(block_tables)
-        view = view.reshape(n, width)
         view[:] = 0
         for i, blocks in enumerate(block_tables):
             view[i, :len(blocks)] = blocks
-        self.block_tables[:n, :width].copy_(host.view(n, width), non_blocking=True)
+        self.device_view("block_tables", *host.shape).copy_(host, non_blocking=True)
+
+    def device_view(self, name: str, rows: int, cols: int | None = None) -> torch.Tensor:
+        """The first `rows` (x `cols`) of the named metadata buffer, kept per shape (core/transfer.py Views)."""
+        return self._views.get((name, rows, cols), lambda: getattr(self, name)[:rows] if cols is None
+                               else getattr(self, name)[:rows, :cols])
 
     def store(self, layer, k, v):
         k_cache, v_cache = self.kv_caches[layer]
