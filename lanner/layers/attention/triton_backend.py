@@ -157,12 +157,14 @@ class TritonAttentionBackend(AttentionBackend):
         k_cache, v_cache = self.kv_caches[layer]
         k_scale, v_scale = self.kv_scales[layer]
         rows = self.rows
+        # the planned rows' metadata: views kept per row count (every layer asks for the same)
+        tables, seq_lens = self.device_view("block_tables", rows), self.device_view("seq_lens", rows)
         if self.decode_only:
             # one query row per planned sequence; rows past them (piecewise padding) stay untouched
-            return decode_attention(q[:rows], k_cache, v_cache, self.block_tables[:rows], self.seq_lens[:rows],
+            return decode_attention(q[:rows], k_cache, v_cache, tables, seq_lens,
                                     scale, self.num_splits, out=None if out is None else out[:rows],
                                     workspace=self.workspace, k_scale=k_scale, v_scale=v_scale)
-        return prefill_attention(q, k_cache, v_cache, self.block_tables[:rows], self.seq_lens[:rows],
-                                 self.query_start[:rows + 1], self.tiles, scale, out=out,
+        return prefill_attention(q, k_cache, v_cache, tables, seq_lens,
+                                 self.device_view("query_start", rows + 1), self.tiles, scale, out=out,
                                  num_programs=self.num_prefill_programs, tile=self.prefill_tile, k_scale=k_scale,
                                  v_scale=v_scale)
