@@ -46,7 +46,8 @@ class PinnedRing:
         then copy from, then `sent()`."""
         return self.take_parts(((shape,) if isinstance(shape, int) else shape,), dtype)[0]
 
-    def take_parts(self, shapes: tuple[tuple[int, ...], ...], dtype: torch.dtype) -> list[tuple[torch.Tensor, np.ndarray]]:
+    def take_parts(self, shapes: tuple[tuple[int, ...], ...],
+                   dtype: torch.dtype) -> tuple[tuple[torch.Tensor, np.ndarray], ...]:
         """`take` for several tensors, one after another in one buffer."""
         self.turn = (self.turn + 1) % len(self.buffers)
         if self.events[self.turn] is not None:
@@ -68,14 +69,15 @@ class PinnedRing:
             self.events[self.turn].record(torch.cuda.current_stream(self.device))
 
 
-def _parts(buffer: torch.Tensor, shapes, sizes: list[int], dtype: torch.dtype) -> list[tuple[torch.Tensor, np.ndarray]]:
+def _parts(buffer: torch.Tensor, shapes: tuple[tuple[int, ...], ...], sizes: list[int],
+           dtype: torch.dtype) -> tuple[tuple[torch.Tensor, np.ndarray], ...]:
     flat = buffer[:sum(sizes) * dtype.itemsize].view(dtype)
     parts, start = [], 0
     for shape, size in zip(shapes, sizes):
         part = flat[start:start + size].view(shape)
         parts.append((part, part.numpy()))
         start += size
-    return parts
+    return tuple(parts)  # kept and handed out again: not to be changed
 
 
 def to_device(rows: list | torch.Tensor | np.ndarray, dtype: torch.dtype, device: torch.device,

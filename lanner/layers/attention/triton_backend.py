@@ -73,12 +73,12 @@ class TritonAttentionBackend(AttentionBackend):
         width = self._tables_width(batch.block_tables)
         lens = self.query_start_at + rows + 1  # every context length (zeros past the plan's), the query starts
         shapes = ((len(batch.block_tables), width), (lens,)) + (() if tiles is None else (tiles.shape,))
-        (host_tables, tables_view), (host_lens, lens_view), *host_tiles = self.uploads.take_parts(shapes, torch.int32)
+        (host_tables, tables_view), (host_lens, lens_view), *tiles_part = self.uploads.take_parts(shapes, torch.int32)
         self._copy_block_tables(batch.block_tables, host_tables, tables_view)
         self._fill_lens(lens_view, batch)
         self.device_view("lens", lens).copy_(host_lens, non_blocking=True)
         if tiles is not None:
-            (host, view), = host_tiles
+            (host, view), = tiles_part
             view[:] = tiles
             self.device_view("tiles", tiles.shape[0]).copy_(host, non_blocking=True)
         self.uploads.sent()
@@ -122,7 +122,7 @@ class TritonAttentionBackend(AttentionBackend):
         self.num_splits = self.splits[n]
 
     def set_decode_lens(self, seq_lens, slot_mapping):
-        self.seq_lens[:self.rows].copy_(seq_lens)  # device to device: inside a draft graph too
+        self.device_view("seq_lens", self.rows).copy_(seq_lens)  # device to device: inside a draft graph too
         self.slot_mapping = slot_mapping
 
     @staticmethod
