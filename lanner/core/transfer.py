@@ -52,14 +52,26 @@ class PinnedRing:
         self.turn = (self.turn + 1) % len(self.buffers)
         if self.events[self.turn] is not None:
             self.events[self.turn].synchronize()
+        return self.views[self.turn].get((shapes, dtype), lambda: self._parts(shapes, dtype))
+
+    def _parts(self, shapes: tuple[tuple[int, ...], ...],
+               dtype: torch.dtype) -> tuple[tuple[torch.Tensor, np.ndarray], ...]:
+        """New views of this turn's buffer, grown first if they do not fit (its kept views go with
+        it: views that were kept fit, so a hit never needs this)."""
         sizes = [math.prod(shape) for shape in shapes]
         nbytes = sum(sizes) * dtype.itemsize
         buffer = self.buffers[self.turn]
         if buffer is None or buffer.numel() < nbytes:
             buffer = torch.empty(max(2 * nbytes, 4096), dtype=torch.uint8, pin_memory=self.cuda)
             self.buffers[self.turn] = buffer
-            self.views[self.turn] = Views(limit=64)
-        return self.views[self.turn].get((shapes, dtype), lambda: _parts(buffer, shapes, sizes, dtype))
+            self.views[self.turn].kept.clear()
+        flat = buffer[:nbytes].view(dtype)
+        parts, start = [], 0
+        for shape, size in zip(shapes, sizes):
+            part = flat[start:start + size].view(shape)
+            parts.append((part, part.numpy()))
+            start += size
+        return tuple(parts)  # kept and handed out again: not to be changed
 
     def sent(self) -> None:
         """The copies out of the last `take` are enqueued (on the device's current stream)."""
@@ -67,17 +79,6 @@ class PinnedRing:
             if self.events[self.turn] is None:
                 self.events[self.turn] = torch.cuda.Event()
             self.events[self.turn].record(torch.cuda.current_stream(self.device))
-
-
-def _parts(buffer: torch.Tensor, shapes: tuple[tuple[int, ...], ...], sizes: list[int],
-           dtype: torch.dtype) -> tuple[tuple[torch.Tensor, np.ndarray], ...]:
-    flat = buffer[:sum(sizes) * dtype.itemsize].view(dtype)
-    parts, start = [], 0
-    for shape, size in zip(shapes, sizes):
-        part = flat[start:start + size].view(shape)
-        parts.append((part, part.numpy()))
-        start += size
-    return tuple(parts)  # kept and handed out again: not to be changed
 
 
 def to_device(rows: list | torch.Tensor | np.ndarray, dtype: torch.dtype, device: torch.device,

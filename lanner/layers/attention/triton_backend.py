@@ -64,10 +64,8 @@ class TritonAttentionBackend(AttentionBackend):
         (padded) tokens, so the kernel's grid is what any such step needs (kernels/attention/prefill.py)."""
         n = batch.num_seqs
         rows = num_padded_seqs or n
-        self.rows = rows
+        self._plan_rows(rows, decode_only=batch.is_decode_only and graph_tokens is None)
         self.slot_mapping = batch.slot_mapping
-        self.decode_only = batch.is_decode_only and graph_tokens is None
-        self.num_splits = self.splits[rows]
         tiles = None if self.decode_only else self._plan_prefill(batch, graph_tokens)
         # one pinned host buffer for the step's metadata: block tables, lengths, tiles
         width = self._tables_width(batch.block_tables)
@@ -83,7 +81,14 @@ class TritonAttentionBackend(AttentionBackend):
             self.device_view("tiles", tiles.shape[0]).copy_(host, non_blocking=True)
         self.uploads.sent()
         if batch.device_seq_lens is not None:
-            self.seq_lens[:n].copy_(batch.device_seq_lens)
+            self.device_view("seq_lens", n).copy_(batch.device_seq_lens)
+
+    def _plan_rows(self, rows: int, decode_only: bool) -> None:
+        """The planned row count and what follows from it, once a plan rather than once a layer."""
+        self.rows, self.decode_only, self.num_splits = rows, decode_only, self.splits[rows]
+        self.planned_tables = self.device_view("block_tables", rows)
+        self.planned_seq_lens = self.device_view("seq_lens", rows)
+        self.planned_query_start = self.device_view("query_start", rows + 1)
 
     def _fill_lens(self, view: np.ndarray, batch: ForwardBatch) -> None:
         """`view` (host, laid out as self.lens up to the plan's rows): each context length, zeros
@@ -117,12 +122,10 @@ class TritonAttentionBackend(AttentionBackend):
         host, view = self.uploads.take((n, self._tables_width(block_tables)), torch.int32)
         self._copy_block_tables(block_tables, host, view)
         self.uploads.sent()
-        self.rows = n
-        self.decode_only = True
-        self.num_splits = self.splits[n]
+        self._plan_rows(n, decode_only=True)
 
     def set_decode_lens(self, seq_lens, slot_mapping):
-        self.device_view("seq_lens", self.rows).copy_(seq_lens)  # device to device: inside a draft graph too
+        self.planned_seq_lens.copy_(seq_lens)  # device to device: inside a draft graph too
         self.slot_mapping = slot_mapping
 
     @staticmethod
@@ -157,14 +160,12 @@ class TritonAttentionBackend(AttentionBackend):
         k_cache, v_cache = self.kv_caches[layer]
         k_scale, v_scale = self.kv_scales[layer]
         rows = self.rows
-        # the planned rows' metadata: views kept per row count (every layer asks for the same)
-        tables, seq_lens = self.device_view("block_tables", rows), self.device_view("seq_lens", rows)
         if self.decode_only:
             # one query row per planned sequence; rows past them (piecewise padding) stay untouched
-            return decode_attention(q[:rows], k_cache, v_cache, tables, seq_lens,
+            return decode_attention(q[:rows], k_cache, v_cache, self.planned_tables, self.planned_seq_lens,
                                     scale, self.num_splits, out=None if out is None else out[:rows],
                                     workspace=self.workspace, k_scale=k_scale, v_scale=v_scale)
-        return prefill_attention(q, k_cache, v_cache, tables, seq_lens,
-                                 self.device_view("query_start", rows + 1), self.tiles, scale, out=out,
+        return prefill_attention(q, k_cache, v_cache, self.planned_tables, self.planned_seq_lens,
+                                 self.planned_query_start, self.tiles, scale, out=out,
                                  num_programs=self.num_prefill_programs, tile=self.prefill_tile, k_scale=k_scale,
                                  v_scale=v_scale)
