@@ -5,24 +5,52 @@ only the new token is wrong for tokenizers whose pieces depend on their
 neighbours (leading spaces, multi-byte characters split over tokens). So each
 step decodes a short window: the tokens already shown plus the new ones, and
 emits the difference, holding back text that ends in an incomplete character.
+A fast tokenizer does this in Rust (`tokenizers`' DecodeStream, about a
+microsecond a token against several through transformers' decode: the engine
+does it for every token of every request, between its steps).
 """
 from __future__ import annotations
 
 import json
 from typing import Any
 
+from tokenizers.decoders import DecodeStream
+
 from lanner.core.request import Request
 
 _CONTEXT_TOKENS = 6  # prompt tokens decoded along with the first outputs, for spacing
+_CLEANUP_PROBE = "a . b , c ! d ? e 's f n't g 'm h 've i 're"  # what clean_up_tokenization_spaces rewrites
+
+
+def stream_decoder(tokenizer: Any) -> Any | None:
+    """The `tokenizers` Tokenizer behind `tokenizer` if decoding with it gives exactly
+    `tokenizer.decode`'s text, else None: a slow tokenizer, or one whose decode cleans up the
+    spaces before punctuation afterwards (transformers does for some WordPiece tokenizers)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    ids = tokenizer.encode(_CLEANUP_PROBE, add_special_tokens=False)
+    return backend if tokenizer.decode(ids) == backend.decode(ids, skip_special_tokens=False) else None
 
 
 class Detokenizer:
-    def __init__(self, tokenizer: Any, prompt_token_ids: list[int], skip_special_tokens: bool):
+    """One sample's text as its tokens arrive. With `backend` (stream_decoder's) it streams through
+    DecodeStream, primed with the prompt's last tokens; where that cannot give the window's text
+    (the prompt ends inside a character, or the stream rejects a token sequence, as it does for some
+    byte-fallback sequences no model writes) it continues with the window in Python."""
+
+    def __init__(self, tokenizer: Any, prompt_token_ids: list[int], skip_special_tokens: bool,
+                 backend: Any | None = None):
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
         self.tokens = list(prompt_token_ids[-_CONTEXT_TOKENS:])
         self.prefix_offset = 0
         self.read_offset = len(self.tokens)
+        self.backend = backend
+        self.stream = DecodeStream(skip_special_tokens=skip_special_tokens) if backend is not None else None
+        if self.stream is not None and self.tokens and self.stream.step(backend, self.tokens) is None \
+                and backend.decode(self.tokens, skip_special_tokens=skip_special_tokens).endswith("\ufffd"):
+            self.stream = None  # the prompt ends inside a character: its completion is not output text
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
@@ -30,6 +58,17 @@ class Detokenizer:
     def push(self, token_id: int) -> str:
         """Add one token; return the text it completes (may be empty)."""
         self.tokens.append(token_id)
+        if self.stream is not None:
+            try:
+                text = self.stream.step(self.backend, token_id)
+            except Exception:  # tokenizers raises a bare Exception ("Invalid prefix encountered")
+                self.stream = None
+                self.prefix_offset = max(self.read_offset - _CONTEXT_TOKENS, 0)
+            else:
+                if text is None:
+                    return ""
+                self.read_offset = len(self.tokens)
+                return text
         shown = self.decode(self.tokens[self.prefix_offset:self.read_offset])
         full = self.decode(self.tokens[self.prefix_offset:])
         if len(full) <= len(shown) or full.endswith("\ufffd"):

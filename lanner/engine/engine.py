@@ -33,7 +33,7 @@ from lanner.core.request import (
     SamplingParams,
 )
 from lanner.core.schedule import SchedulerOutput
-from lanner.engine.detokenizer import Detokenizer, TokenBytes, find_stop_string, visible_length
+from lanner.engine.detokenizer import Detokenizer, TokenBytes, find_stop_string, stream_decoder, visible_length
 from lanner.engine.grammar import Grammars, parse
 from lanner.engine.kv_cache import KVCacheManager
 from lanner.engine.prompts import Prompts
@@ -104,6 +104,7 @@ class LLMEngine:
         self.tokenizer = loaded.tokenizer
         self.tokenizer_path = tokenizer_path if self.tokenizer is not None else None
         self.token_bytes = TokenBytes(self.tokenizer) if self.tokenizer is not None else None
+        self.stream_decoder = stream_decoder(self.tokenizer) if self.tokenizer is not None else None
         self.prompts = Prompts(self.tokenizer) if self.tokenizer is not None else None
         self.eos_token_ids = loaded.eos_token_ids
         self.sampling_defaults = loaded.sampling_defaults
@@ -167,8 +168,8 @@ class LLMEngine:
         self.groups[request_id] = children
         for req in children:
             if self.tokenizer is not None:
-                self.detokenizers[req] = Detokenizer(self.tokenizer, token_ids,
-                                                                params.skip_special_tokens)
+                self.detokenizers[req] = Detokenizer(self.tokenizer, token_ids, params.skip_special_tokens,
+                                                     self.stream_decoder)
             if grammar is not None:
                 self.grammars.start(req, spec, grammar)
                 if not req.grammar.ready:
@@ -494,9 +495,10 @@ class LLMEngine:
 
     def _decode_logprobs(self, entries: list[dict]) -> list[dict]:
         if self.tokenizer is not None:
+            decode = (self.stream_decoder or self.tokenizer).decode  # the same text, the first without transformers
             for entry in entries:
                 for tid, lp in entry.items():
-                    lp.decoded_token = self.tokenizer.decode([tid])
+                    lp.decoded_token = decode([tid], skip_special_tokens=False)
                     lp.token_bytes = self.token_bytes(tid)
         return entries
 
