@@ -269,6 +269,22 @@ def test_engine_stats_are_logged_unless_disabled(caplog):
         assert ("generated tokens/s" in caplog.text) is expect
 
 
+
+
+def test_a_steps_named_ranges_reach_a_profiler_and_cost_nothing_without_one(monkeypatch):
+    import lanner.core.profiling as profiling
+
+    llm = LLM(num_kv_blocks=16)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        llm.generate([[1, 2, 3]], GREEDY, use_tqdm=False)
+    names = {event.name for event in prof.events()}
+    assert {"schedule", "prepare", "model", "sample", "read back", "postprocess"} <= names
+
+    def no_record_function(name):
+        raise AssertionError(f"record_function({name!r}) with no profiler running")
+
+    monkeypatch.setattr(profiling, "record_function", no_record_function)
+    assert len(llm.generate([[1, 2, 3]], GREEDY, use_tqdm=False)[0].outputs[0].token_ids) == 8
 # ---- lanner serve's flags -----------------------------------------------------------------
 
 

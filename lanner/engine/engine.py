@@ -14,16 +14,16 @@ from __future__ import annotations
 
 import itertools
 import logging
-from concurrent.futures import FIRST_COMPLETED, wait
 import random
 import time
 import weakref
+from concurrent.futures import FIRST_COMPLETED, wait
 from typing import Any
 
 import torch
-from torch.profiler import record_function
 
 from lanner.config import EngineConfig, SpeculativeConfig
+from lanner.core.profiling import step_range
 from lanner.core.request import (
     CompletionOutput,
     Request,
@@ -266,7 +266,7 @@ class LLMEngine:
         if self.speculator is not None:
             proposed = self.in_flight[1].proposed if self.in_flight is not None else None
             self.speculator.propose(self.scheduler.running, 0 if proposed is None else proposed.shape[1])
-        with record_function("schedule"):
+        with step_range("schedule"):
             sched = self.scheduler.schedule()
         if sched.is_empty:
             return outputs + self._read_back()
@@ -349,9 +349,9 @@ class LLMEngine:
 
     def _postprocess(self, sched: SchedulerOutput, handle: StepHandle) -> list[RequestOutput]:
         self._reading = sched  # what fail_step aborts if this raises
-        with record_function("read back"):
+        with step_range("read back"):
             result = handle.result()
-        with record_function("postprocess"):
+        with step_range("postprocess"):
             touched: set[str] = set()
             for req, begin, rows in result.routed_experts:
                 req.record_routing(begin, rows)

@@ -10,10 +10,10 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-from torch.profiler import record_function
 
 from lanner.config import WHOLE_FORWARD_MAX_TOKENS, EngineConfig, MoEConfig
 from lanner.core.batch import ForwardBatch, as_decode_rows, kv_slots
+from lanner.core.profiling import step_range
 from lanner.core.request import Logprob, Request
 from lanner.core.schedule import SchedulerOutput
 from lanner.core.transfer import PinnedRing, Views, to_device
@@ -416,7 +416,7 @@ class ModelRunner:
         are back (overlap scheduling). With sample=False it stops after the forward, and
         `sample` enqueues the rest (structured outputs: their mask needs the tokens of the
         step before, read back while this forward runs)."""
-        with record_function("prepare"):
+        with step_range("prepare"):
             batch, samplers, offsets, prompt_rows, layout, deferred = self.prepare(sched)
             staged = self.drafter.stage(layout, batch.num_real_tokens, len(samplers), batch.is_decode_only,
                                         self._next_draft_len(samplers), deferred) if self.drafter else None
@@ -424,7 +424,7 @@ class ModelRunner:
             if self.step_times is not None and self.device.type == "cuda" else None
         if events:
             events[0].record()
-        with record_function("model"):
+        with step_range("model"):
             logits, hidden = self.run_model(batch)
         handle = StepHandle(samplers, prompt_rows, logits, (self.step_times, events) if events else None,
                             self._routing_rows(sched))
@@ -442,7 +442,7 @@ class ModelRunner:
         (logits, hidden, offsets, deferred, staged, events), handle.unsampled = handle.unsampled, None
         samplers, sampled, proposed = handle.samplers, None, None
         if samplers:  # their rows come first
-            with record_function("sample"):
+            with step_range("sample"):
                 shifts = (deferred.row_shift, deferred.spread) if deferred.shifts and not late else None
                 grammar = None if mask is None else GrammarMask(to_device(mask[0], torch.int32, self.device),
                                                                  to_device(mask[1], torch.long, self.device))
@@ -453,7 +453,7 @@ class ModelRunner:
         if events:
             events[1].record()
         if staged is not None:
-            with record_function("draft"):
+            with step_range("draft"):
                 samples = sampled.tokens if sampled is not None else self.input_ids[:0]
                 proposed = self.drafter.propose(staged, self.input_ids, samples, hidden)
             self.last_accepted, self.last_proposed = self.drafter.accepted, proposed
