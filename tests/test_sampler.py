@@ -8,7 +8,13 @@ import torch
 from conftest import make_llm
 from lanner import SamplingParams
 from lanner.core.request import Request
-from lanner.sampling.sampler import Sampler, apply_penalties
+from lanner.sampling.sampler import (
+    RowLogprobs,
+    Sampler,
+    apply_penalties,
+    prompt_logprob_entries,
+    prompt_logprobs,
+)
 
 LOGITS = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -2.0])
 
@@ -187,3 +193,67 @@ def test_the_race_noise_is_positive_and_finite_at_the_extreme_hashes():
     probs[:, 7] = 1.0  # every other token masked out
     keys = torch.randint(0, 1 << 32, (512, 2))
     assert (race_sample_ref(probs, keys) == 7).all()
+
+
+def reference_entry(logprobs: torch.Tensor, token: int, n: int) -> dict:
+    """One row's entry, stated directly: the chosen token's logprob and rank (1 + the tokens
+    strictly more likely), then the n most likely tokens by rank."""
+    entry = {token: (logprobs[token].item(), int((logprobs > logprobs[token]).sum()) + 1)}
+    order = sorted(range(len(logprobs)), key=lambda t: -logprobs[t].item())
+    for rank, t in enumerate(order[:n], start=1):
+        entry.setdefault(t, (logprobs[t].item(), rank))
+    return entry
+
+
+def test_row_logprobs_match_their_definition_per_row():
+    g = torch.Generator().manual_seed(0)
+    logprobs = torch.log_softmax(torch.randn(6, 50, generator=g), dim=-1)
+    logprobs[2, 7] = logprobs[2, 9] = logprobs[2].max() + 0.1  # a tie at the top: both rank 1 when chosen
+    tokens, counts = [3, 0, 7, 49, 5, 9], [0, 1, 5, 3, 2, 4]
+    rows = RowLogprobs.of(logprobs, torch.tensor(tokens), max(counts)).to_host()
+    entries = rows.entries(tokens, counts)
+    for j, entry in enumerate(entries):
+        got = [(t, round(lp.logprob, 5), lp.rank) for t, lp in entry.items()]
+        want = [(t, round(v, 5), r) for t, (v, r) in reference_entry(logprobs[j], tokens[j], counts[j]).items()]
+        if j == 2:  # the tied pair may come in either order among the top ones (tokens 7 and 9)
+            got, want = [e for e in got if e[0] != 9], [e for e in want if e[0] != 9]
+        assert got == want, j
+    assert entries[2][7].rank == 1 and 9 in entries[2]
+
+
+def test_prompt_logprobs_in_pieces_equal_one_piece():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(12, 40, generator=g)
+    rows = [(Request("a", None, [1], SamplingParams(prompt_logprobs=2), {0}, 0), 2, [5, 6, 7]),
+            (Request("b", None, [1], SamplingParams(prompt_logprobs=0), {0}, 0), 5, [1, 2, 3, 4, 39])]
+    whole = prompt_logprob_entries([p.to_host() for p in prompt_logprobs(logits, rows)], rows)
+    pieces = prompt_logprobs(logits, rows, max_elements=2 * 40)
+    assert len(pieces) == 4
+    assert prompt_logprob_entries([p.to_host() for p in pieces], rows) == whole
+    lp = torch.log_softmax(logits, dim=-1)
+    assert [list(e) for e in whole["b"]] == [[t] for t in (1, 2, 3, 4, 39)]
+    assert whole["a"][1][6].logprob == pytest.approx(lp[3, 6].item())
+    assert len(whole["a"][0]) in (2, 3) and whole["b"][4][39].logprob == pytest.approx(lp[9, 39].item())
+
+
+def test_reading_a_step_back_runs_no_device_work(qwen3_path, monkeypatch):
+    """Logprobs are computed when the step is launched and copied back with its tokens; reading
+    them row by row after the step (.item(), topk) cost device round trips and, under overlap
+    scheduling, waited for the next step each time."""
+    from lanner.executor import model_runner
+
+    llm = make_llm(qwen3_path)
+    result = model_runner.StepHandle.result
+
+    def host_only(handle):
+        with monkeypatch.context() as m:
+            for name in ("topk", "item", "gather", "__getitem__"):
+                m.setattr(torch.Tensor, name, lambda *a, _n=name, **k: pytest.fail(f"Tensor.{_n} in result()"))
+            m.setattr(torch, "log_softmax", lambda *a, **k: pytest.fail("log_softmax in result()"))
+            return result(handle)
+
+    monkeypatch.setattr(model_runner.StepHandle, "result", host_only)
+    params = SamplingParams(temperature=0.8, seed=1, max_tokens=5, ignore_eos=True, logprobs=3, prompt_logprobs=2)
+    out = llm.generate([[5, 6, 7, 8, 9]], params, use_tqdm=False)[0]
+    assert len(out.outputs[0].logprobs) == 5 and len(out.prompt_logprobs) == 5
+    assert all(len(e) in (3, 4) for e in out.outputs[0].logprobs)

@@ -30,7 +30,15 @@ from lanner.kernels.attention.reference import FP8_KV_DTYPE
 from lanner.layers.attention import forward_context
 from lanner.models.llama import DecoderAttention
 from lanner.models.loader import LoadedModel
-from lanner.sampling.sampler import GrammarMask, Sampled, Sampler, sampled_logprobs, top_logprobs
+from lanner.sampling.sampler import (
+    GrammarMask,
+    RowLogprobs,
+    Sampled,
+    Sampler,
+    prompt_logprob_entries,
+    prompt_logprobs,
+    sampled_logprobs,
+)
 from lanner.sampling.speculative import DraftContext, ModelProposer, Proposer
 
 logger = logging.getLogger(__name__)
@@ -63,23 +71,26 @@ class StepTimes:
 class StepHandle:
     """A launched step. `result()` waits for it and reads the tokens back."""
 
-    def __init__(self, samplers: list[Request], prompt_rows: list, logits: torch.Tensor,
-                 timed: tuple[StepTimes, list] | None = None, routing: tuple[list, torch.Tensor] | None = None):
+    def __init__(self, samplers: list[Request], prompt_rows: list, timed: tuple[StepTimes, list] | None = None,
+                 routing: tuple[list, torch.Tensor] | None = None):
         self.samplers = samplers
         # (request, first position, first row, rows) per recording request, and their rows of the
         # record (gathered at launch: the next step rewrites the record before this one is read)
         self.routing = None if routing is None else (routing[0], routing[1].to("cpu", non_blocking=True))
         self.prompt_rows = prompt_rows
-        self.logits = logits if prompt_rows else None
         self.timed = timed
         self.sampled: Sampled | None = None
-        self.tokens = self.proposed = self.done = None
+        self.tokens = self.proposed = self.done = self.logprobs = None
+        self.prompt_logprobs: list[RowLogprobs] = []  # host copies, pieces of the prompt rows in order
         self.unsampled: tuple | None = None  # what `ModelRunner.sample` needs, until it has run
 
-    def launched(self, sampled: Sampled | None, proposed: torch.Tensor | None, device: torch.device) -> None:
+    def launched(self, sampled: Sampled | None, proposed: torch.Tensor | None, device: torch.device,
+                 prompt_logprobs: list[RowLogprobs]) -> None:
         """Its sampling (and drafting) is enqueued: start the copies back."""
         self.sampled = sampled
         self.tokens = sampled.tokens.to("cpu", non_blocking=True) if sampled is not None else None
+        self.logprobs = sampled.logprobs.to_host() if sampled is not None and sampled.logprobs is not None else None
+        self.prompt_logprobs = [piece.to_host() for piece in prompt_logprobs]
         # a copy even on the CPU: the draft graphs' output buffer is rewritten by the next step
         self.proposed = proposed.to("cpu", non_blocking=True, copy=True) if proposed is not None else None
         self.done = torch.cuda.Event() if device.type == "cuda" else None
@@ -95,16 +106,14 @@ class StepHandle:
         out = RunnerOutput()
         if self.sampled is not None:
             tokens = self.tokens.tolist()
-            out.sampled = list(zip(self.samplers, tokens, sampled_logprobs(self.sampled, self.samplers, tokens)))
+            out.sampled = list(zip(self.samplers, tokens, sampled_logprobs(self.logprobs, self.samplers, tokens)))
         if self.proposed is not None:
             out.proposed = dict(zip(dict.fromkeys(self.samplers), self.proposed.tolist()))
         if self.routing is not None:
             spans, rows = self.routing
             out.routed_experts = [(req, begin, rows[row:row + n].tolist()) for req, begin, row, n in spans]
-        for req, first_row, targets in self.prompt_rows:
-            lp = torch.log_softmax(self.logits[first_row:first_row + len(targets)].float(), dim=-1)
-            out.prompt_logprobs[req.request_id] = [
-                top_logprobs(lp[j], t, req.params.prompt_logprobs) for j, t in enumerate(targets)]
+        if self.prompt_rows:
+            out.prompt_logprobs = prompt_logprob_entries(self.prompt_logprobs, self.prompt_rows)
         return out
 
 
@@ -426,7 +435,7 @@ class ModelRunner:
             events[0].record()
         with step_range("model"):
             logits, hidden = self.run_model(batch)
-        handle = StepHandle(samplers, prompt_rows, logits, (self.step_times, events) if events else None,
+        handle = StepHandle(samplers, prompt_rows, (self.step_times, events) if events else None,
                             self._routing_rows(sched))
         handle.unsampled = (logits, hidden, offsets, deferred, staged, events)
         if sample:
@@ -459,7 +468,8 @@ class ModelRunner:
             self.last_accepted, self.last_proposed = self.drafter.accepted, proposed
         if events:
             events[2].record()
-        handle.launched(sampled, proposed, self.device)
+        scored = prompt_logprobs(logits, handle.prompt_rows) if handle.prompt_rows else []
+        handle.launched(sampled, proposed, self.device, scored)
 
     def _routing_rows(self, sched: SchedulerOutput) -> tuple[list, torch.Tensor] | None:
         """(request, first position, first row, rows) of each recording request's positions this

@@ -25,9 +25,51 @@ from lanner.kernels.sampling_reference import race_sample_ref, row_key
 
 
 @dataclass
+class RowLogprobs:
+    """Logprobs of some rows (sampled rows, or prompt positions), computed on the device when the
+    step is launched and read back with its tokens: each row's chosen token's logprob and rank
+    (1 + the tokens strictly more likely), and its `n` most likely tokens. Reading them row by row
+    (`.item()`, `.tolist()`) took four device round trips a row and, under overlap scheduling,
+    waited for the step launched after this one each time."""
+    chosen: torch.Tensor  # [R] float32
+    ranks: torch.Tensor  # [R]
+    top_values: torch.Tensor  # [R, n]
+    top_ids: torch.Tensor  # [R, n]
+
+    @staticmethod
+    def of(logprobs: torch.Tensor, tokens: torch.Tensor, n: int) -> RowLogprobs:
+        """logprobs [R, V] (float32), tokens [R] (long), on one device."""
+        chosen = logprobs.gather(1, tokens[:, None])
+        ranks = (logprobs > chosen).sum(dim=1) + 1
+        top_values, top_ids = logprobs.topk(n, dim=1)
+        return RowLogprobs(chosen[:, 0], ranks, top_values, top_ids)
+
+    def to_host(self) -> RowLogprobs:
+        """Copies on the host, enqueued after the step's work (read once it is done)."""
+        return RowLogprobs(*(t.to("cpu", non_blocking=True) for t in
+                             (self.chosen, self.ranks, self.top_values, self.top_ids)))
+
+    def entries(self, tokens: list[int], counts: list[int]) -> list[dict[int, Logprob]]:
+        """Host side, once read back: per row, {chosen token, then its top counts[j]} -> Logprob."""
+        chosen, ranks, values, ids = (t.tolist() for t in (self.chosen, self.ranks, self.top_values, self.top_ids))
+        out = []
+        for j, (token, n) in enumerate(zip(tokens, counts)):
+            entry = {token: Logprob(chosen[j], ranks[j])}
+            for rank, (value, tid) in enumerate(zip(values[j][:n], ids[j][:n]), start=1):
+                entry.setdefault(tid, Logprob(value, rank))
+            out.append(entry)
+        return out
+
+
+@dataclass
 class Sampled:
     tokens: torch.Tensor  # [B] on the device
-    raw_logprobs: torch.Tensor | None  # [B, V] when some row asked for logprobs
+    logprobs: RowLogprobs | None = None  # of the rows that asked for logprobs (`logprob_rows`), in order
+
+
+def logprob_rows(reqs: list[Request]) -> list[int]:
+    """The sampler rows whose requests asked for logprobs."""
+    return [i for i, r in enumerate(reqs) if r.params.logprobs is not None]
 
 
 @dataclass
@@ -51,12 +93,14 @@ class Sampler:
         shift of that output index, in [-spread, 0]; per row on the host, its spread)."""
         index = [r.num_output_tokens + (offsets[i] if offsets else 0) for i, r in enumerate(reqs)]
         if mask is None and all(_plain_greedy(r, n) for r, n in zip(reqs, index)):  # the fast path: one kernel
-            return Sampled(logits.argmax(dim=-1), None)
+            return Sampled(logits.argmax(dim=-1))
         # a copy even in float32: the rows are edited in place, and the step's logits serve prompt_logprobs
         logits = logits.to(torch.float32, copy=True)
         if mask is not None:
             logits = apply_bitmask(logits, mask.bitmask, mask.rows)
-        raw_logprobs = torch.log_softmax(logits, dim=-1) if any(r.params.logprobs is not None for r in reqs) else None
+        asking = logprob_rows(reqs)
+        raw_logprobs = torch.log_softmax(logits if len(asking) == len(reqs) else
+                                         logits[to_device(asking, torch.long, logits.device)], dim=-1) if asking else None
         logits = apply_min_tokens(logits, reqs, index)
         if any(r.has_logit_constraints for r in reqs):
             logits = apply_constraints(logits, reqs)
@@ -74,7 +118,10 @@ class Sampler:
                 tokens[rows] = race_sample(probs, keys)
             else:
                 tokens[rows] = race_sample_ref(probs, keys)
-        return Sampled(tokens, raw_logprobs)
+        if raw_logprobs is None:
+            return Sampled(tokens)
+        chosen = tokens if len(asking) == len(reqs) else tokens[to_device(asking, torch.long, tokens.device)]
+        return Sampled(tokens, RowLogprobs.of(raw_logprobs, chosen, max(reqs[i].params.logprobs for i in asking)))
 
 
 def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -102,13 +149,42 @@ def random_keys(reqs: list[Request], rows: list[int], index: list[int], device: 
     return table[picked]
 
 
-def sampled_logprobs(sampled: Sampled, reqs: list[Request], tokens: list[int]) -> list[dict | None]:
-    """Host side, after the tokens are read back: the logprobs each request asked for."""
+def sampled_logprobs(logprobs: RowLogprobs | None, reqs: list[Request], tokens: list[int]) -> list[dict | None]:
+    """Host side, once a step's tokens and the host copy of its `Sampled.logprobs` are read
+    back: the logprobs each sampler row's request asked for."""
     out: list[dict | None] = [None] * len(reqs)
-    if sampled.raw_logprobs is not None:
-        for i, r in enumerate(reqs):
-            if r.params.logprobs is not None:
-                out[i] = top_logprobs(sampled.raw_logprobs[i], tokens[i], r.params.logprobs)
+    if logprobs is not None:
+        rows = logprob_rows(reqs)
+        for i, entry in zip(rows, logprobs.entries([tokens[i] for i in rows], [reqs[i].params.logprobs for i in rows])):
+            out[i] = entry
+    return out
+
+
+def prompt_logprobs(logits: torch.Tensor, prompt_rows: list, max_elements: int = 1 << 26) -> list[RowLogprobs]:
+    """The logprobs of the prompt tokens a step's chunk predicts: `prompt_rows` (request, first
+    row, targets) name consecutive rows of `logits`. In pieces of at most `max_elements` float32
+    logprobs (a long prompt chunk's rows times the vocabulary would be gigabytes at once)."""
+    first = prompt_rows[0][1]
+    targets = [t for _, _, ts in prompt_rows for t in ts]
+    n = max(req.params.prompt_logprobs for req, _, _ in prompt_rows)
+    device_targets = to_device(targets, torch.long, logits.device)
+    step = max(1, max_elements // logits.shape[1])
+    return [RowLogprobs.of(torch.log_softmax(logits[first + a:first + min(a + step, len(targets))].float(), dim=-1),
+                           device_targets[a:a + step], n) for a in range(0, len(targets), step)]
+
+
+def prompt_logprob_entries(pieces: list[RowLogprobs], prompt_rows: list) -> dict[str, list[dict[int, Logprob]]]:
+    """Host side: the host copies of `prompt_logprobs`' pieces, read back, as each request's entries."""
+    targets = [t for _, _, ts in prompt_rows for t in ts]
+    counts = [req.params.prompt_logprobs for req, _, ts in prompt_rows for _ in ts]
+    entries: list[dict[int, Logprob]] = []
+    for piece in pieces:
+        at = len(entries)
+        entries += piece.entries(targets[at:at + len(piece.ranks)], counts[at:at + len(piece.ranks)])
+    out, at = {}, 0
+    for req, _, ts in prompt_rows:  # consecutive rows
+        out[req.request_id] = entries[at:at + len(ts)]
+        at += len(ts)
     return out
 
 
@@ -231,14 +307,3 @@ def processed_probs(logits: torch.Tensor, params: list) -> torch.Tensor:
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     out = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
     return out.softmax(dim=-1)
-
-
-def top_logprobs(logprobs: torch.Tensor, token: int, n: int) -> dict[int, Logprob]:
-    """The chosen token's logprob and rank plus the n most likely tokens."""
-    chosen = logprobs[token]
-    out = {token: Logprob(chosen.item(), int((logprobs > chosen).sum().item()) + 1)}
-    if n:
-        values, ids = logprobs.topk(n)
-        for rank, (value, tid) in enumerate(zip(values.tolist(), ids.tolist()), start=1):
-            out.setdefault(tid, Logprob(value, rank))
-    return out
