@@ -67,8 +67,9 @@ def test_tail_blocks_are_evicted_before_prefix():
 
 
 def run_random_workload(ops: list[tuple[int, int, int]], num_blocks: int, block_size: int, budget: int,
-                        max_seqs: int) -> tuple[int, int]:
-    """Returns (preemptions, requests still unfinished at the end)."""
+                        max_seqs: int, trace: list | None = None) -> tuple[int, int]:
+    """Returns (preemptions, requests still unfinished at the end); `trace` gets the block tables
+    and the prefix cache after each operation."""
     kv = KVCacheManager(num_blocks, block_size)
     sched = Scheduler(SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget), kv)
     live: dict[str, Request] = {}
@@ -94,6 +95,8 @@ def run_random_workload(ops: list[tuple[int, int, int]], num_blocks: int, block_
                         sched.finish(req)
             assert out.num_tokens <= budget and len(sched.running) <= max_seqs
         kv.check_invariants(list(sched.running))
+        if trace is not None:
+            trace.append(([(r.request_id, list(r.block_ids)) for r in sched.running], dict(kv.cached)))
     unfinished = len(live)
     for req in list(live.values()):
         sched.finish(req)
@@ -108,6 +111,35 @@ def run_random_workload(ops: list[tuple[int, int, int]], num_blocks: int, block_
        budget=st.integers(1, 64), max_seqs=st.integers(1, 8))
 def test_random_workloads_never_leak(ops, num_blocks, block_size, budget, max_seqs):
     run_random_workload(ops, num_blocks, block_size, budget, max_seqs)
+
+
+@settings(max_examples=40, deadline=None)
+@given(ops=st.lists(st.tuples(st.integers(0, 2), st.integers(1, 30), st.integers(0, 20)), max_size=80),
+       num_blocks=st.integers(6, 40), block_size=st.sampled_from([1, 2, 4, 16]),
+       budget=st.integers(1, 64), max_seqs=st.integers(1, 8))
+def test_the_running_requests_shortcut_allocates_as_the_general_path(ops, num_blocks, block_size, budget, max_seqs):
+    fast, general = [], []
+    run_random_workload(ops, num_blocks, block_size, budget, max_seqs, fast)
+    original = KVCacheManager._nothing_to_do
+    KVCacheManager._nothing_to_do = lambda *args: False
+    try:
+        run_random_workload(ops, num_blocks, block_size, budget, max_seqs, general)
+    finally:
+        KVCacheManager._nothing_to_do = original
+    assert fast == general
+
+
+def test_decode_steps_take_the_shortcut_until_a_block_fills():
+    kv = KVCacheManager(8, 4)
+    req = make_request(0, [1, 2, 3, 4, 5])
+    assert kv.allocate(req, 5, [])
+    req.num_computed_tokens = 5
+    for token in (6, 7, 8):  # positions 5..7 fit the second block; the 8th token fills it
+        req.append_token(token)
+        assert kv._nothing_to_do(req, req.num_computed_tokens + 1, 0) is (token != 8)
+        assert kv.allocate(req, 1)
+        req.num_computed_tokens += 1
+    assert len(kv.cached) == 2 and kv._nothing_to_do(req, 8, 0) and not kv._nothing_to_do(req, 9, 0)
 
 
 def test_waiting_requests_finish_under_pressure():

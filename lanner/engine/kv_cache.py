@@ -90,6 +90,8 @@ class KVCacheManager:
         offered to the prefix cache). On admission, `cached_blocks` (from
         `find_cached_blocks`, possibly empty) are adopted first. False, changing nothing,
         if blocks run short."""
+        if cached_blocks is None and self._nothing_to_do(req, req.num_computed_tokens + num_new_tokens, lookahead):
+            return True
         adopted = cached_blocks or []
         num_computed = req.num_computed_tokens + len(adopted) * self.block_size
         total = self.blocks_needed(num_computed + num_new_tokens + lookahead)
@@ -110,6 +112,13 @@ class KVCacheManager:
             req.block_ids.append(self._take_free_block())
         self._register_full_blocks(req, (num_computed + num_new_tokens) // self.block_size)
         return True
+
+    def _nothing_to_do(self, req: Request, end: int, lookahead: int) -> bool:
+        """A running request's blocks already hold its positions up to `end` + `lookahead`, and no
+        block it fills by `end` is new to the prefix cache: most decode steps (a few microseconds
+        a request of every step's host time otherwise)."""
+        return -(-(end + lookahead) // self.block_size) <= len(req.block_ids) and \
+            (not self.enable_prefix_caching or end // self.block_size <= req.num_registered_blocks)
 
     def free_request(self, req: Request) -> None:
         # Tail blocks are freed first so they are evicted before the shared prefix.
