@@ -40,3 +40,18 @@ def test_prompt_logprobs_carry_token_bytes():
     entries = out.prompt_logprobs[1:]  # the first prompt token has no logprob
     assert b"".join(entry[tid].token_bytes for tid, entry in zip(ids[1:], entries)) == TEXT.encode()[
         len(llm.engine.token_bytes(ids[0])):]
+
+
+def test_a_tokens_text_and_bytes_are_made_once():
+    """Logprobs name the same tokens step after step: each id is decoded once, with the
+    tokenizer's text whether or not the Rust backend decodes it."""
+    from lanner.engine.detokenizer import stream_decoder
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model_path())
+    ids = tokenizer.encode(TEXT, add_special_tokens=False) + [tokenizer.eos_token_id]
+    for backend in (None, stream_decoder(tokenizer)):
+        texts = TokenBytes(tokenizer, backend)
+        made = [texts.text(i) for i in ids]
+        assert made == [(tokenizer.decode([i]), texts(i)) for i in ids]
+        texts.decode = None  # a second call must not decode again
+        assert [texts.text(i) for i in ids] == made

@@ -116,12 +116,23 @@ def _byte_level_alphabet() -> dict[str, int]:
 
 class TokenBytes:
     """The raw bytes of one token (OpenAI logprobs' `bytes`): for a token that is part of a
-    multi-byte character, decoding gives U+FFFD, but its bytes are what a client must join."""
+    multi-byte character, decoding gives U+FFFD, but its bytes are what a client must join.
+    `text(token_id)` is the token decoded alone with its bytes, kept per token id once made (the
+    vocabulary bounds them): logprobs name the same tokens again and again, and making one costs
+    microseconds through transformers, for every top token of every row of every step."""
 
-    def __init__(self, tokenizer: Any):
+    def __init__(self, tokenizer: Any, backend: Any | None = None):
         self.tokenizer = tokenizer
+        self.decode = (backend or tokenizer).decode  # backend: stream_decoder's, the same text
         self.kind = self._decoder_kind(tokenizer)
         self.alphabet = _byte_level_alphabet() if self.kind == "ByteLevel" else {}
+        self.texts: dict[int, tuple[str, bytes]] = {}
+
+    def text(self, token_id: int) -> tuple[str, bytes]:
+        made = self.texts.get(token_id)
+        if made is None:
+            made = self.texts[token_id] = (self.decode([token_id], skip_special_tokens=False), self(token_id))
+        return made
 
     @staticmethod
     def _decoder_kind(tokenizer: Any) -> str | None:

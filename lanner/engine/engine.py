@@ -103,8 +103,8 @@ class LLMEngine:
         self.hf_config = loaded.hf_config
         self.tokenizer = loaded.tokenizer
         self.tokenizer_path = tokenizer_path if self.tokenizer is not None else None
-        self.token_bytes = TokenBytes(self.tokenizer) if self.tokenizer is not None else None
         self.stream_decoder = stream_decoder(self.tokenizer) if self.tokenizer is not None else None
+        self.token_bytes = TokenBytes(self.tokenizer, self.stream_decoder) if self.tokenizer is not None else None
         self.prompts = Prompts(self.tokenizer) if self.tokenizer is not None else None
         self.eos_token_ids = loaded.eos_token_ids
         self.sampling_defaults = loaded.sampling_defaults
@@ -495,11 +495,9 @@ class LLMEngine:
 
     def _decode_logprobs(self, entries: list[dict]) -> list[dict]:
         if self.tokenizer is not None:
-            decode = (self.stream_decoder or self.tokenizer).decode  # the same text, the first without transformers
             for entry in entries:
                 for tid, lp in entry.items():
-                    lp.decoded_token = decode([tid], skip_special_tokens=False)
-                    lp.token_bytes = self.token_bytes(tid)
+                    lp.decoded_token, lp.token_bytes = self.token_bytes.text(tid)
         return entries
 
     def _output(self, parent_id: str) -> RequestOutput | None:
