@@ -75,12 +75,13 @@ class Deferred:
     def apply(self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
               last_sampled: torch.Tensor, last_accepted: torch.Tensor | None, last_proposed: torch.Tensor | None,
               num_rows: int, ring: PinnedRing | None = None,
-              staged_rows: torch.Tensor | None = None) -> None:
+              staged_rows: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         """Fill in the staged step's inputs (the runner's buffers) from the step before's results.
-        `staged_rows`: `pending_rows` already on the device (a plain step's)."""
+        `staged_rows`: `pending_rows` already on the device (a plain step's), as two tensors.
+        index_copy_ and index_select rather than indexing: a step's host time, ~2.5 us against ~6."""
         if staged_rows is not None:
             rows, sample_rows = staged_rows
-            input_ids[rows] = last_sampled[sample_rows]
+            input_ids.index_copy_(0, rows, last_sampled.index_select(0, sample_rows))
             return
         parts = [[x for t in self.firsts for x in t], [x for t in self.draft_rows for x in t],
                  [x for t in self.shifted for x in t], self.slots]
@@ -88,7 +89,7 @@ class Deferred:
         firsts, draft_rows, shifted, self.candidates = (views[0].view(-1, 4), views[1].view(-1, 3),
                                                         views[2].view(-1, 3), views[3])
         if not self.shifts:  # plain overlap, or drafts after a step that verified none
-            input_ids[firsts[:, 0]] = last_sampled[firsts[:, 1]]
+            input_ids.index_copy_(0, firsts[:, 0], last_sampled.index_select(0, firsts[:, 1]))
         else:  # steps that verified drafts always have their accepted counts
             m = firsts[:, 3]
             accepted = torch.where(m > 0, last_accepted[firsts[:, 2].clamp(max=last_accepted.shape[0] - 1)], 0)

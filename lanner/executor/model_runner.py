@@ -578,7 +578,8 @@ class ModelRunner:
         batch.sampling_rows_are_tokens = every_token_samples
         batch.verify_rows = len(sched.scheduled) < len(query_lens)
         if deferred:
-            staged_rows = self.staged_view(PENDING_ROW, len(pending[0]), stop=PENDING_ROW + 2) if pending else None
+            staged_rows = (self.staged_view(PENDING_ROW, len(pending[0])),
+                           self.staged_view(PENDING_ROW + 1, len(pending[0]))) if pending else None
             deferred.apply(self.input_ids, self.positions, self.slot_mapping, self.last_sampled,
                            self.last_accepted, self.last_proposed, start, self.deferred_uploads, staged_rows)
             if deferred.shifts:  # decode rows: a row's context is its position + 1
