@@ -9,6 +9,7 @@ from conftest import make_llm
 from lanner import SamplingParams
 from lanner.core.request import Request
 from lanner.sampling.sampler import (
+    PenaltyCounts,
     RowLogprobs,
     Sampler,
     apply_penalties,
@@ -257,3 +258,48 @@ def test_reading_a_step_back_runs_no_device_work(qwen3_path, monkeypatch):
     out = llm.generate([[5, 6, 7, 8, 9]], params, use_tqdm=False)[0]
     assert len(out.outputs[0].logprobs) == 5 and len(out.prompt_logprobs) == 5
     assert all(len(e) in (3, 4) for e in out.outputs[0].logprobs)
+
+
+def test_penalty_counts_kept_across_steps_equal_counts_made_afresh(monkeypatch):
+    """The sampler keeps each request's counts on the device and adds the tokens read back since
+    its last step; a later step uploads those tokens only, not the request's whole history."""
+    import lanner.sampling.penalties as penalties
+
+    vocab, g = 50, torch.Generator().manual_seed(3)
+    params = [SamplingParams(repetition_penalty=1.7), SamplingParams(presence_penalty=0.4, frequency_penalty=0.3),
+              SamplingParams(repetition_penalty=0.8, frequency_penalty=-0.2), SamplingParams()]
+    reqs = [Request(f"r{i}", None, torch.randint(0, vocab, (300,), generator=g).tolist(), p, set())
+            for i, p in enumerate(params)]
+    kept = PenaltyCounts(vocab, torch.device("cpu"))
+    uploads = []
+    to_device = penalties.to_device
+    monkeypatch.setattr(penalties, "to_device", lambda values, *a: uploads.append(len(values)) or to_device(values, *a))
+    for step in range(6):
+        for r in reqs:  # each step reads back a token; every other step one more is pending
+            r.append_token(int(torch.randint(0, vocab, (), generator=g)))
+            r.num_pending, r.sample_row = step % 2, reqs.index(r)
+        last = torch.randint(0, vocab, (len(reqs),), generator=g)
+        logits = torch.randn(len(reqs), vocab, generator=g)
+        uploads.clear()
+        got = apply_penalties(logits.clone(), reqs, last, counts=kept)
+        if step:
+            assert max(uploads) <= len(reqs)  # the new tokens, not the 300-token prompts
+        torch.testing.assert_close(got, apply_penalties(logits.clone(), reqs, last))
+
+
+def test_a_finished_requests_penalty_row_is_reused():
+    import gc
+
+    counts = PenaltyCounts(20, torch.device("cpu"))
+    reqs = [Request(f"r{i}", None, [1, 2], SamplingParams(repetition_penalty=1.5), set()) for i in range(8)]
+    counts.rows_of(reqs)
+    assert counts.output.shape[0] == 8 and not counts.free
+    del reqs
+    gc.collect()
+    assert sorted(counts.free) == list(range(8))
+    again = Request("again", None, [3], SamplingParams(repetition_penalty=1.5), set())
+    again.append_token(4)
+    row = counts.rows_of([again]).item()
+    assert counts.output.shape[0] == 8  # a reused row, which starts clean
+    assert counts.prompt[row].nonzero().flatten().tolist() == [3]
+    assert counts.output[row].nonzero().flatten().tolist() == [4] and counts.output[row].sum() == 1

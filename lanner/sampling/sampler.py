@@ -22,6 +22,7 @@ import torch
 from lanner.core.request import Logprob, Request
 from lanner.core.transfer import to_device
 from lanner.kernels.sampling_reference import race_sample_ref, row_key
+from lanner.sampling.penalties import PenaltyCounts, apply_penalties
 
 
 @dataclass
@@ -81,6 +82,9 @@ class GrammarMask:
 
 
 class Sampler:
+    def __init__(self):
+        self.penalty_counts: PenaltyCounts | None = None  # made at the first penalized row
+
     def __call__(self, logits: torch.Tensor, reqs: list[Request], last_sampled: torch.Tensor | None = None,
                  offsets: list[int] | None = None, shifts: tuple[torch.Tensor, list[int]] | None = None,
                  mask: GrammarMask | None = None) -> Sampled:
@@ -104,7 +108,10 @@ class Sampler:
         logits = apply_min_tokens(logits, reqs, index)
         if any(r.has_logit_constraints for r in reqs):
             logits = apply_constraints(logits, reqs)
-        logits = apply_penalties(logits, reqs, last_sampled, offsets)
+        counts = self.penalty_counts
+        if counts is None or counts.vocab != logits.shape[1] or counts.device != logits.device:
+            self.penalty_counts = PenaltyCounts(logits.shape[1], logits.device)
+        logits = apply_penalties(logits, reqs, last_sampled, offsets, self.penalty_counts)
         tokens = logits.argmax(dim=-1)
         random_rows = [i for i, r in enumerate(reqs) if not r.params.greedy]
         if random_rows:
@@ -243,50 +250,6 @@ def banned_words(r: Request) -> list[int]:
     out = r.output_token_ids
     return [ids[-1] for ids in r.bad_word_ids
             if len(ids) == 1 or (len(out) >= len(ids) - 1 and out[len(out) - len(ids) + 1:] == ids[:-1])]
-
-
-def apply_penalties(logits: torch.Tensor, reqs: list[Request], last_sampled: torch.Tensor | None = None,
-                    offsets: list[int] | None = None):
-    """Batched: one padded history tensor per kind of penalty (the pad column is dropped). A
-    request's pending token (sampled last step, not read back yet) joins its history on the
-    device, from `last_sampled`, so penalties need no sync under overlap scheduling. A row that
-    verifies a draft (offset j > 0) also counts the j drafts before it: if they are accepted,
-    they are the history that decoding without drafts would have seen."""
-    vocab = logits.shape[1]
-    device = logits.device
-
-    def histories(rows: list[int], tokens_of) -> torch.Tensor:
-        lists = [[t if t < vocab else vocab for t in tokens_of(reqs[i])
-                  + (reqs[i].draft_token_ids[:offsets[i]] if offsets and offsets[i] else [])] for i in rows]
-        pending = [(j, len(ts), reqs[i].sample_row) for j, (i, ts) in enumerate(zip(rows, lists))
-                   if reqs[i].num_pending]
-        width = max(len(ts) + 1 for ts in lists)
-        hist = to_device([ts + [vocab] * (width - len(ts)) for ts in lists], torch.long, device)
-        if pending:
-            row, col, src = to_device(pending, torch.long, device).unbind(1)
-            hist.index_put_((row, col), last_sampled[src].clamp(max=vocab))
-        return hist
-
-    rep = [i for i, r in enumerate(reqs) if r.params.repetition_penalty != 1.0]
-    if rep:
-        seen = torch.zeros(len(rep), vocab + 1, dtype=torch.bool, device=device)
-        seen.scatter_(1, histories(rep, lambda r: r.all_token_ids), True)
-        rows = to_device(rep, torch.long, device)
-        penalty = to_device([reqs[i].params.repetition_penalty for i in rep], torch.float32, device)[:, None]
-        sub = logits[rows]
-        penalized = torch.where(sub > 0, sub / penalty, sub * penalty)
-        logits[rows] = torch.where(seen[:, :vocab], penalized, sub)
-    additive = [i for i, r in enumerate(reqs) if (r.params.presence_penalty or r.params.frequency_penalty)]
-    if additive:
-        counts = torch.zeros(len(additive), vocab + 1, device=device)
-        hist = histories(additive, lambda r: r.output_token_ids)
-        counts.scatter_add_(1, hist, torch.ones_like(hist, dtype=counts.dtype))
-        counts = counts[:, :vocab]
-        rows = to_device(additive, torch.long, device)
-        coef = to_device([[reqs[i].params.frequency_penalty, reqs[i].params.presence_penalty] for i in additive],
-                         torch.float32, device)
-        logits[rows] -= coef[:, :1] * counts + coef[:, 1:] * (counts > 0).float()
-    return logits
 
 
 def processed_probs(logits: torch.Tensor, params: list) -> torch.Tensor:
