@@ -14,6 +14,7 @@ from lanner.sampling.sampler import (
     Sampler,
     apply_penalties,
     prompt_logprob_entries,
+    processed_probs,
     prompt_logprobs,
 )
 
@@ -303,3 +304,22 @@ def test_a_finished_requests_penalty_row_is_reused():
     assert counts.output.shape[0] == 8  # a reused row, which starts clean
     assert counts.prompt[row].nonzero().flatten().tolist() == [3]
     assert counts.output[row].nonzero().flatten().tolist() == [4] and counts.output[row].sum() == 1
+
+
+def test_rows_with_a_small_top_k_filter_topk_candidates_as_a_sort_would(monkeypatch):
+    """Rows with top_k <= TOP_K_FIRST take their candidates with topk; the probabilities equal
+    the sorted path's, and a row's are the same alone and in a batch that mixes both paths."""
+    import lanner.sampling.sampler as sampler
+
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(5, 4000, generator=g) * 3
+    params = [SamplingParams(temperature=0.6, top_k=20, top_p=0.95), SamplingParams(temperature=1.0),
+              SamplingParams(top_k=3000, top_p=0.5), SamplingParams(temperature=0.9, top_k=1, min_p=0.1),
+              SamplingParams(top_k=200, top_p=0.99, min_p=0.01)]
+    batch = processed_probs(logits, params)
+    alone = torch.cat([processed_probs(logits[i:i + 1], [p]) for i, p in enumerate(params)])
+    monkeypatch.setattr(sampler, "TOP_K_FIRST", 0)
+    sorted_path = processed_probs(logits, params)
+    torch.testing.assert_close(batch, alone)
+    torch.testing.assert_close(batch, sorted_path)
+    assert (batch[0] > 0).sum() <= 20 and (batch[3] > 0).sum() == 1 and (batch[1] > 0).sum() > 3900
