@@ -323,3 +323,9 @@ def test_rows_with_a_small_top_k_filter_topk_candidates_as_a_sort_would(monkeypa
     torch.testing.assert_close(batch, alone)
     torch.testing.assert_close(batch, sorted_path)
     assert (batch[0] > 0).sum() <= 20 and (batch[3] > 0).sum() == 1 and (batch[1] > 0).sum() > 3900
+    # neither top-k nor top-p: no order needed, and min-p alone cuts relative to the most likely
+    torch.testing.assert_close(batch[1], torch.softmax(logits[1], dim=-1))
+    probs = torch.softmax(logits[2:3] / 0.8, dim=-1)
+    kept = torch.where(probs >= 0.05 * probs.max(), probs, 0)
+    torch.testing.assert_close(processed_probs(logits[2:3], [SamplingParams(temperature=0.8, min_p=0.05)]),
+                               kept / kept.sum())

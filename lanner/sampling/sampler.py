@@ -256,29 +256,40 @@ TOP_K_FIRST = 1024  # a row keeping at most this many tokens takes them with top
 
 
 def processed_probs(logits: torch.Tensor, params: list) -> torch.Tensor:
-    """Temperature, top-k, top-p and min-p over rows of logits -> probabilities. A row with a
-    small top_k (Qwen3's generation_config asks for 20) filters the top_k candidates that topk
-    finds rather than a sorted vocabulary: a sort of 152k logits a row is most of a sampled step's
-    sampling time (CPU: 550 ms against 7 for 64 rows). A row's path depends on its own top_k only,
-    so its draw does not depend on what shares its batch."""
+    """Temperature, top-k, top-p and min-p over rows of logits -> probabilities. Only rows with a
+    top-p and no small top-k sort the vocabulary: a row without top-k and top-p (temperature
+    alone, min-p) needs no order, and one with a small top_k (Qwen3's generation_config asks for
+    20) filters the candidates topk finds (a sort of 152k logits a row was most of a sampled step's
+    sampling time: CPU, 550 ms against 7 for 64 rows). A row's path follows its own parameters, so
+    its draw does not depend on what shares its batch."""
     vocab = logits.shape[1]
     ks = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
     table = to_device([[p.temperature, k, p.top_p, p.min_p] for p, k in zip(params, ks)], torch.float32, logits.device)
     logits = logits / table[:, :1]
-    few = [i for i, k in enumerate(ks) if k <= TOP_K_FIRST]
-    if len(few) in (0, len(ks)):
-        return _filtered(logits, table, max(ks) if few else vocab).softmax(dim=-1)
+    kinds = ["plain" if k == vocab and p.top_p >= 1.0 else "few" if k <= TOP_K_FIRST else "sort"
+             for p, k in zip(params, ks)]
+    groups: dict[int, list[int]] = {}  # candidates a row (0: none, vocab: a sort) -> rows
+    few = max((k for k, kind in zip(ks, kinds) if kind == "few"), default=0)
+    for i, kind in enumerate(kinds):
+        groups.setdefault({"plain": 0, "few": few, "sort": vocab}[kind], []).append(i)
+    if len(groups) == 1:
+        (width,) = groups
+        return _filtered(logits, table, width).softmax(dim=-1)
     out = torch.empty_like(logits)
-    for rows, width in ((few, max(ks[i] for i in few)), ([i for i, k in enumerate(ks) if k > TOP_K_FIRST], vocab)):
+    for width, rows in groups.items():
         index = to_device(rows, torch.long, logits.device)
         out[index] = _filtered(logits[index], table[index], width)
     return out.softmax(dim=-1)
 
 
 def _filtered(logits: torch.Tensor, table: torch.Tensor, width: int) -> torch.Tensor:
-    """Logits (already over temperature) with -inf outside each row's top-k, top-p and min-p sets;
-    the candidates are each row's `width` largest (the vocabulary: a sort)."""
+    """Logits (already over temperature) with -inf outside each row's top-k, top-p and min-p sets.
+    The candidates are each row's `width` largest: the vocabulary (a sort), fewer (topk), or none
+    (0: rows with neither top-k nor top-p, where only min-p can drop a token)."""
     top_k, top_p, min_p = (table[:, j:j + 1] for j in range(1, 4))
+    if width == 0:
+        probs = logits.softmax(dim=-1)
+        return logits.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), float("-inf"))
     if width < logits.shape[1]:
         sorted_logits, order = logits.topk(width, dim=-1)
     else:
