@@ -360,3 +360,17 @@ def test_root_path_and_request_logs(caplog):
             r = httpx.post(base + "/v1/completions", json={"prompt": "secret words", "max_tokens": 2}, headers=key)
         assert r.status_code == 200
         assert "prompt tokens [" in caplog.text and "secret" not in caplog.text
+
+
+def test_bench_throughput_runs_a_sampled_workload(tmp_path):
+    """`lanner bench throughput` with sampling flags: the workload a served model's
+    generation_config asks for (greedy otherwise), recorded in the JSON."""
+    from lanner.cli import main
+
+    out = tmp_path / "run.json"
+    main(["bench", "throughput", "--num-prompts", "4", "--input-range", "8", "16", "--output-range", "4", "8",
+          "--temperature", "0.7", "--top-k", "20", "--top-p", "0.9", "--repetition-penalty", "1.1",
+          "--output-json", str(out)])
+    run = json.loads(out.read_text())
+    assert run["workload"]["sampling"] == {"temperature": 0.7, "top_k": 20, "top_p": 0.9, "repetition_penalty": 1.1}
+    assert "greedy" not in run["workload"] and 16 <= run["results"]["output_tokens"] <= 32

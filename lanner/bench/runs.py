@@ -17,6 +17,20 @@ def _greedy(n: int) -> SamplingParams:
     return SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
 
 
+SAMPLING_FLAGS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "logprobs")
+
+
+def _sampling(args: argparse.Namespace):
+    """The workload's SamplingParams of a request of m output tokens: greedy unless a sampling
+    flag is given (what a served model's generation_config asks for: Qwen3 temperature 0.6, top_k
+    20, top_p 0.95; Qwen2.5 repetition_penalty 1.05), each request seeded by its index."""
+    given = {k: getattr(args, k) for k in SAMPLING_FLAGS if getattr(args, k, None) is not None}
+    if not given:
+        return _greedy, {"greedy": True}
+    seeds = iter(range(1 << 62))
+    return (lambda m: SamplingParams(max_tokens=m, ignore_eos=True, seed=next(seeds), **given)), {"sampling": given}
+
+
 def _engine_facts(llm) -> dict:
     runner = llm.engine.runner
     facts = {"kv_blocks": runner.num_blocks, "kv_tokens": runner.num_blocks * runner.block_size,
@@ -61,11 +75,12 @@ def latency(llm, input_len: int, output_len: int, batch_sizes: list[int]) -> lis
     return rows
 
 
-def throughput(llm, workload: Workload) -> dict:
+def throughput(llm, workload: Workload, params=_greedy) -> dict:
+    """`params(m)`: a request's SamplingParams for m output tokens."""
     reqs = workload.requests(llm.engine.vocab_size)
-    llm.generate([[1] * 16], _greedy(4), use_tqdm=False)  # warm-up
+    llm.generate([[1] * 16], params(4), use_tqdm=False)  # warm-up
     steps, computed = llm.engine.num_steps, llm.engine.num_tokens_computed
-    outs, secs = timed(lambda: llm.generate([p for p, _ in reqs], [_greedy(m) for _, m in reqs], use_tqdm=False))
+    outs, secs = timed(lambda: llm.generate([p for p, _ in reqs], [params(m) for _, m in reqs], use_tqdm=False))
     out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     in_tokens = sum(len(p) for p, _ in reqs)
     # steps and tokens through the model: a server's lanner_engine_steps / _tokens_computed over the
@@ -159,12 +174,13 @@ def main(args: argparse.Namespace, engine_kwargs: dict) -> None:
             profile_decode(llm, args.input_len, args.profile)
     else:
         w = _workload(args)
-        results = {**throughput(llm, w), **_engine_facts(llm)}
+        params, sampling = _sampling(args)
+        results = {**throughput(llm, w, params), **_engine_facts(llm)}
         if args.breakdown:
             from lanner.bench.breakdown import breakdown
 
-            results["breakdown"] = breakdown(llm, w, _greedy)
-        workload = {**common.workload_dict(w), "greedy": True, "ignore_eos": True}
+            results["breakdown"] = breakdown(llm, w, params)
+        workload = {**common.workload_dict(w), **sampling, "ignore_eos": True}
     engine_config = llm.engine.config.to_dict()
     if baseline:
         key = "tok_per_s" if args.kind == "latency" else "output_tok_per_s"
@@ -200,6 +216,10 @@ def add_parser(sub) -> None:
     thr.add_argument("--output-range", type=int, nargs=2, default=None, metavar=("LO", "HI"))
     thr.add_argument("--breakdown", action="store_true",
                      help="run the workload twice more: GPU time of prompt and decode steps, kernel time by kind")
+    for flag, kind in (("temperature", float), ("top_k", int), ("top_p", float), ("min_p", float),
+                       ("repetition_penalty", float), ("logprobs", int)):
+        thr.add_argument("--" + flag.replace("_", "-"), type=kind, default=None,
+                         help=f"every request's {flag} (greedy when no sampling flag is given; seeded)")
     from lanner.bench import moe, serve, speculative, structured
 
     serve.add_parser(kinds)
