@@ -8,6 +8,8 @@
 #   bash scripts/gpu_perf.sh latency    # lanner bench latency at batch 1, the same models and trees
 #   bash scripts/gpu_perf.sh hostphases # scripts/host_phases.py (this tree's script) over _base/'s lanner and this one
 #   bash scripts/gpu_perf.sh kv         # W-8B and W-nano with the KV cache in bf16 and in fp8 (--kv-cache-dtype)
+#   bash scripts/gpu_perf.sh sampled    # scripts/sampled_throughput.py (W-8B greedy, Qwen3/Llama 3/Qwen2.5 sampling,
+#                                       # logprobs) over _base/'s lanner and this one
 #   bash scripts/gpu_perf.sh gemv       # tests/gpu/test_gemv_gpu.py, then batch 1 and 8 with --gemv-kernels cublas
 #                                       # and auto in one call (a fresh cache folder: auto measures its table)
 source "$(dirname "$0")/gpu_env.sh"
@@ -77,5 +79,16 @@ case "${1:-}" in
         tail -30 "$outdir/$day-host-phases-$cfg-$tag.txt" | grep -E '"(schedule|prepare|prepare.stage|plan|sample|step)"'
       done
     done ;;
-  *) echo "usage: $0 tests|serve|breakdown|steps|latency|hostphases|kv|gemv" >&2; exit 2 ;;
+  sampled)
+    root=$(pwd); outdir=$(cd "$out" && pwd)
+    for tree in ${TREES:-_base .}; do
+      [ -d "$tree/lanner" ] || continue
+      tag=$([ "$tree" = . ] && echo new || echo base)
+      for cfg in ${CFGS:-qwen3-8b}; do
+        echo "== sampled $tag $cfg"
+        (cd "$tree" && python3 "$root/scripts/sampled_throughput.py" --config "$root/benchmarks/configs/$cfg.json") \
+          2>&1 | tee "$outdir/$day-sampled-$cfg-$tag.txt" | grep -E '^\{|Error'
+      done
+    done ;;
+  *) echo "usage: $0 tests|serve|breakdown|steps|latency|hostphases|kv|gemv|sampled" >&2; exit 2 ;;
 esac
