@@ -71,9 +71,13 @@ def test_no_host_sync_when_launching_steps():
              SamplingParams(temperature=0.7, max_tokens=12, ignore_eos=True),
              SamplingParams(temperature=0, repetition_penalty=1.2, presence_penalty=0.3, max_tokens=3),
              SamplingParams(temperature=0, logit_bias={77: 5.0, 12: -3.0}, max_tokens=12),
-             SamplingParams(temperature=0.9, seed=4, allowed_token_ids=[10, 11, 12, 300], max_tokens=12)]
-    outs = llm.generate(PROMPTS[:7], kinds, use_tqdm=False)
+             SamplingParams(temperature=0.9, seed=4, allowed_token_ids=[10, 11, 12, 300], max_tokens=12),
+             SamplingParams(temperature=0, logprobs=5, prompt_logprobs=3, max_tokens=12),
+             SamplingParams(temperature=0.6, top_k=20, top_p=0.95, repetition_penalty=1.05, seed=2, logprobs=2,
+                            max_tokens=12)]
+    outs = llm.generate(PROMPTS[:9], kinds, use_tqdm=False)
     assert len(launched) >= 12 and all(len(o.outputs[0].token_ids) > 0 for o in outs)
+    assert len(outs[7].outputs[0].logprobs) == len(outs[7].outputs[0].token_ids) and outs[7].prompt_logprobs
     assert set(outs[6].outputs[0].token_ids) <= {10, 11, 12, 300}
     assert engine.num_overlapped_steps > 0 and engine.kv_cache.stats().used_blocks == 0
 
@@ -196,3 +200,21 @@ def test_logit_constraints_match_the_cpu_path():
     gpu = LLM(device="cuda", dtype="float32", gpu_memory_utilization=0.3).generate(PROMPTS[:3], kinds,
                                                                                   use_tqdm=False)
     assert [o.outputs[0].token_ids for o in gpu] == [o.outputs[0].token_ids for o in cpu]
+
+
+def test_logprobs_and_penalties_match_the_cpu_path():
+    """Logprobs and prompt logprobs (computed on the device at launch, read back with the tokens)
+    and penalties (counts kept on the device across steps) under overlap scheduling on the GPU
+    give the CPU reference path's tokens and values."""
+    kinds = [SamplingParams(temperature=0, logprobs=4, prompt_logprobs=2, max_tokens=16, ignore_eos=True),
+             SamplingParams(temperature=0, repetition_penalty=1.3, max_tokens=16, ignore_eos=True),
+             SamplingParams(temperature=0, presence_penalty=0.8, frequency_penalty=0.4, max_tokens=16, ignore_eos=True)]
+    cpu = LLM(device="cpu", dtype="float32", num_kv_blocks=512).generate(PROMPTS[:3], kinds, use_tqdm=False)
+    gpu = LLM(device="cuda", dtype="float32", gpu_memory_utilization=0.3).generate(PROMPTS[:3], kinds,
+                                                                                  use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in gpu] == [o.outputs[0].token_ids for o in cpu]
+    for got, want in ((gpu[0].outputs[0].logprobs, cpu[0].outputs[0].logprobs),
+                      (gpu[0].prompt_logprobs[1:], cpu[0].prompt_logprobs[1:])):
+        assert [list(e) for e in got] == [list(e) for e in want]
+        assert all(abs(g[t].logprob - w[t].logprob) < 1e-3 and g[t].rank == w[t].rank
+                   for g, w in zip(got, want) for t in g)
