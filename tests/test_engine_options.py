@@ -374,3 +374,14 @@ def test_bench_throughput_runs_a_sampled_workload(tmp_path):
     run = json.loads(out.read_text())
     assert run["workload"]["sampling"] == {"temperature": 0.7, "top_k": 20, "top_p": 0.9, "repetition_penalty": 1.1}
     assert "greedy" not in run["workload"] and 16 <= run["results"]["output_tokens"] <= 32
+    from lanner.bench.runs import _sampling, add_parser
+
+    sub = argparse.ArgumentParser().add_subparsers(dest="cmd")
+    add_parser(sub)
+
+    def recorded(*flags: str) -> dict:
+        return _sampling(sub.choices["bench"].parse_args(["throughput", *flags]))[1]
+
+    assert recorded() == {"greedy": True}  # the effective parameters, defaults included
+    assert recorded("--logprobs", "5") == {"sampling": {"logprobs": 5, "temperature": 0.0}}
+    assert recorded("--top-p", "0.9") == {"sampling": {"top_p": 0.9, "temperature": 1.0}}

@@ -329,3 +329,23 @@ def test_rows_with_a_small_top_k_filter_topk_candidates_as_a_sort_would(monkeypa
     kept = torch.where(probs >= 0.05 * probs.max(), probs, 0)
     torch.testing.assert_close(processed_probs(logits[2:3], [SamplingParams(temperature=0.8, min_p=0.05)]),
                                kept / kept.sum())
+
+
+def test_a_rows_top_k_candidates_do_not_depend_on_its_batch_when_logits_tie():
+    """bf16 logits tie often; were the candidates the batch's largest top_k, the tokens tied at a
+    row's k-th place would be kept or not depending on the rows beside it."""
+    g = torch.Generator().manual_seed(7)
+    logits = (torch.randn(2, 20000, generator=g) * 2).to(torch.bfloat16).float()
+    logits[:, 100:140] = logits[0].max() + 1  # 40 tokens tied at the top: top_k=20 cuts through them
+    small, large = SamplingParams(temperature=0.8, top_k=20), SamplingParams(temperature=0.8, top_k=700)
+    alone = processed_probs(logits[:1], [small])
+    beside = processed_probs(logits, [small, large])[:1]
+    assert torch.equal(alone, beside) and (alone > 0).sum() == 20
+
+
+def test_top_p_one_keeps_the_whole_tail():
+    """top_p=1 drops nothing, though a float32 cumulative sum reaches 1 before the last tokens."""
+    logits = torch.full((1, 60000), -30.0)
+    logits[0, 0] = 0.0  # its probability rounds to 1: every other token's mass "before" it is 1
+    probs = processed_probs(logits, [SamplingParams(top_k=50000, top_p=1.0)])
+    assert (probs > 0).sum() == 50000

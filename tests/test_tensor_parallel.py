@@ -56,18 +56,24 @@ def test_two_ranks_give_the_greedy_tokens_of_one(name, options, request):
 
 def test_four_ranks_replicate_kv_heads_and_split_a_tied_vocabulary(qwen3_tied_path):
     """Two KV heads over four ranks: each KV head is held by two ranks; the tied embedding and
-    head are split by vocabulary rows; seeded sampling draws the same tokens as one rank."""
+    head are split by vocabulary rows; seeded sampling draws the same tokens as one rank (with
+    penalties, and with logprobs, which only rank 0 computes)."""
     prompts = random_prompts(3, 5, 20, 512, seed=5)
     sampled = SamplingParams(temperature=0.8, top_p=0.9, max_tokens=10, seed=7, ignore_eos=True)
-    one = make_llm(qwen3_tied_path)
-    want = [[o.outputs[0].token_ids for o in one.generate([{"prompt_token_ids": p} for p in prompts], params,
-                                                             use_tqdm=False)] for params in (GREEDY, sampled)]
+    scored = SamplingParams(temperature=0.8, top_k=20, repetition_penalty=1.3, logprobs=2, prompt_logprobs=1,
+                            max_tokens=10, seed=3, ignore_eos=True)
+
+    def run(llm):
+        outs = [llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+                for params in (GREEDY, sampled, scored)]
+        return [[o.outputs[0].token_ids for o in run] for run in outs], \
+            [[sorted(e) for e in o.outputs[0].logprobs] + [sorted(e) for e in o.prompt_logprobs[1:]] for o in outs[2]]
+
+    want = run(make_llm(qwen3_tied_path))
     llm = make_llm(qwen3_tied_path, tensor_parallel_size=4)
     try:
         assert llm.engine.runner.model.spec.num_kv_heads == 1 and llm.engine.runner.model.spec.kv_shards == 2
-        got = [[o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params,
-                                                             use_tqdm=False)] for params in (GREEDY, sampled)]
-        assert got == want
+        assert run(llm) == want
     finally:
         llm.engine.shutdown()
 

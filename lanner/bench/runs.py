@@ -21,12 +21,15 @@ SAMPLING_FLAGS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty"
 
 
 def _sampling(args: argparse.Namespace):
-    """The workload's SamplingParams of a request of m output tokens: greedy unless a sampling
-    flag is given (what a served model's generation_config asks for: Qwen3 temperature 0.6, top_k
-    20, top_p 0.95; Qwen2.5 repetition_penalty 1.05), each request seeded by its index."""
+    """The workload's SamplingParams of a request of m output tokens, and what the JSON records:
+    greedy unless a sampling flag is given (what a served model's generation_config asks for:
+    Qwen3 temperature 0.6, top_k 20, top_p 0.95; Qwen2.5 repetition_penalty 1.05), each request
+    seeded by its index. Without --temperature, top-k/top-p/min-p sample at temperature 1 and
+    penalties or logprobs alone stay greedy."""
     given = {k: getattr(args, k) for k in SAMPLING_FLAGS if getattr(args, k, None) is not None}
     if not given:
         return _greedy, {"greedy": True}
+    given.setdefault("temperature", 1.0 if given.keys() & {"top_k", "top_p", "min_p"} else 0.0)
     seeds = iter(range(1 << 62))
     return (lambda m: SamplingParams(max_tokens=m, ignore_eos=True, seed=next(seeds), **given)), {"sampling": given}
 

@@ -37,7 +37,8 @@ class Detokenizer:
     """One sample's text as its tokens arrive. With `backend` (stream_decoder's) it streams through
     DecodeStream, primed with the prompt's last tokens; where that cannot give the window's text
     (the prompt ends inside a character, or the stream rejects a token sequence, as it does for some
-    byte-fallback sequences no model writes) it continues with the window in Python."""
+    byte-fallback sequences no model writes) it continues with the window in Python, from the last
+    text the stream gave (over invalid UTF-8 the switch can differ from the window alone by a U+FFFD)."""
 
     def __init__(self, tokenizer: Any, prompt_token_ids: list[int], skip_special_tokens: bool,
                  backend: Any | None = None):

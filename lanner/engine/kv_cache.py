@@ -117,7 +117,7 @@ class KVCacheManager:
         """A running request's blocks already hold its positions up to `end` + `lookahead`, and no
         block it fills by `end` is new to the prefix cache: most decode steps (a few microseconds
         a request of every step's host time otherwise)."""
-        return -(-(end + lookahead) // self.block_size) <= len(req.block_ids) and \
+        return self.blocks_needed(end + lookahead) <= len(req.block_ids) and \
             (not self.enable_prefix_caching or end // self.block_size <= req.num_registered_blocks)
 
     def free_request(self, req: Request) -> None:

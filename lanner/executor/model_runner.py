@@ -190,6 +190,7 @@ class ModelRunner:
         self.uploads = PinnedRing(device)  # the staged inputs' host side
         self.deferred_uploads = PinnedRing(device)
         self.sampler = Sampler()
+        self.reads_back = True  # False on tensor-parallel ranks > 0: nothing reads their results (logprobs)
         self.drafter = self._make_drafter(*draft) if draft is not None else None
         self.moe = getattr(self.model.model, "moe_runtime", None)  # shared by the model's MoE layers
         if self.moe is not None:
@@ -388,8 +389,8 @@ class ModelRunner:
     @torch.inference_mode()
     def profile_peak_memory(self) -> int:
         """Peak memory (weights included) of the largest step: a full token budget of
-        prefill, then logits and sampling for max_num_seqs rows. The throwaway KV cache
-        it needs is left out of the figure."""
+        prefill, then logits and sampling for max_num_seqs rows (with their penalty counts).
+        The throwaway KV cache it needs is left out of the figure."""
         sched = self.config.scheduler
         tokens = sched.max_num_batched_tokens
         seqs = min(sched.max_num_seqs, tokens)
@@ -408,10 +409,14 @@ class ModelRunner:
         backend.plan(batch)
         with forward_context(backend):
             hidden = self.model(batch.input_ids, batch.positions)
-        self.model.compute_logits(hidden[:seqs]).float().sort(dim=-1)
+        logits = self.model.compute_logits(hidden[:seqs]).float()
+        # the sampler's penalty counts of max_num_seqs requests stay allocated (sampling/penalties.py)
+        counts = torch.empty(seqs, logits.shape[1], dtype=torch.int32, device=self.device), \
+            torch.empty(seqs, logits.shape[1], dtype=torch.bool, device=self.device)
+        logits.sort(dim=-1)
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated(self.device) - cache_bytes
-        del caches, backend, hidden
+        del caches, backend, hidden, logits, counts
         torch.cuda.empty_cache()
         return peak
 
@@ -468,7 +473,7 @@ class ModelRunner:
             self.last_accepted, self.last_proposed = self.drafter.accepted, proposed
         if events:
             events[2].record()
-        scored = prompt_logprobs(logits, handle.prompt_rows) if handle.prompt_rows else []
+        scored = prompt_logprobs(logits, handle.prompt_rows) if handle.prompt_rows and self.reads_back else []
         handle.launched(sampled, proposed, self.device, scored)
 
     def _routing_rows(self, sched: SchedulerOutput) -> tuple[list, torch.Tensor] | None:

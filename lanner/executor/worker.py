@@ -296,6 +296,7 @@ def run_worker(args: RankArgs, rank: int, local_rank: int) -> None:
         speculative = SpeculativeConfig.of(config.speculative_config)
         runner = build_runner(config, loaded, args.path, device, args.dtype, args.max_model_len,
                               make_proposer(speculative) if speculative is not None else None)
+        runner.reads_back = runner.sampler.logprobs = False  # rank 0 reads the results back
         mirror = Mirror()
         fail_at = int(os.environ.get("LANNER_TEST_RANK_FAILS_AT_STEP", "-1"))  # tests: a rank that raises
         step = 0

@@ -21,6 +21,7 @@ import torch
 
 from lanner.core.request import Logprob, Request
 from lanner.core.transfer import to_device
+from lanner.kernels import next_power_of_2
 from lanner.kernels.sampling_reference import race_sample_ref, row_key
 from lanner.sampling.penalties import PenaltyCounts, apply_penalties
 
@@ -84,6 +85,7 @@ class GrammarMask:
 class Sampler:
     def __init__(self):
         self.penalty_counts: PenaltyCounts | None = None  # made at the first penalized row
+        self.logprobs = True  # False where nothing reads them (tensor-parallel ranks > 0)
 
     def __call__(self, logits: torch.Tensor, reqs: list[Request], last_sampled: torch.Tensor | None = None,
                  offsets: list[int] | None = None, shifts: tuple[torch.Tensor, list[int]] | None = None,
@@ -102,9 +104,9 @@ class Sampler:
         logits = logits.to(torch.float32, copy=True)
         if mask is not None:
             logits = apply_bitmask(logits, mask.bitmask, mask.rows)
-        asking = logprob_rows(reqs)
-        raw_logprobs = torch.log_softmax(logits if len(asking) == len(reqs) else
-                                         logits[to_device(asking, torch.long, logits.device)], dim=-1) if asking else None
+        asking = logprob_rows(reqs) if self.logprobs else []
+        subset = to_device(asking, torch.long, logits.device) if asking and len(asking) < len(reqs) else None
+        raw_logprobs = torch.log_softmax(logits if subset is None else logits[subset], dim=-1) if asking else None
         logits = apply_min_tokens(logits, reqs, index)
         if any(r.has_logit_constraints for r in reqs):
             logits = apply_constraints(logits, reqs)
@@ -127,7 +129,7 @@ class Sampler:
                 tokens[rows] = race_sample_ref(probs, keys)
         if raw_logprobs is None:
             return Sampled(tokens)
-        chosen = tokens if len(asking) == len(reqs) else tokens[to_device(asking, torch.long, tokens.device)]
+        chosen = tokens if subset is None else tokens[subset]
         return Sampled(tokens, RowLogprobs.of(raw_logprobs, chosen, max(reqs[i].params.logprobs for i in asking)))
 
 
@@ -255,23 +257,29 @@ def banned_words(r: Request) -> list[int]:
 TOP_K_FIRST = 1024  # a row keeping at most this many tokens takes them with topk, not a sort of the vocabulary
 
 
+def candidates(params, vocab: int) -> int:
+    """How many of a row's most likely tokens its top-k and top-p are applied over: none (0) for a
+    row with neither (temperature alone, min-p: no order needed), a power of two >= its top_k (64 at
+    least) for a small top_k, else the whole vocabulary (a sort). From the row's own parameters
+    only: were it the batch's largest top_k, tokens tied at a row's k-th place would be kept or not
+    depending on what shares its batch."""
+    k = params.top_k if 0 < params.top_k < vocab else vocab
+    if k == vocab and params.top_p >= 1.0:
+        return 0
+    return min(max(64, next_power_of_2(k)), vocab) if k <= TOP_K_FIRST else vocab
+
+
 def processed_probs(logits: torch.Tensor, params: list) -> torch.Tensor:
     """Temperature, top-k, top-p and min-p over rows of logits -> probabilities. Only rows with a
-    top-p and no small top-k sort the vocabulary: a row without top-k and top-p (temperature
-    alone, min-p) needs no order, and one with a small top_k (Qwen3's generation_config asks for
-    20) filters the candidates topk finds (a sort of 152k logits a row was most of a sampled step's
-    sampling time: CPU, 550 ms against 7 for 64 rows). A row's path follows its own parameters, so
-    its draw does not depend on what shares its batch."""
+    top-p and no small top-k sort the vocabulary (`candidates`): with 152k tokens that sort was most
+    of a sampled step's sampling time (CPU, 64 rows: 550 ms, against 57 filtering topk's candidates)."""
     vocab = logits.shape[1]
-    ks = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
-    table = to_device([[p.temperature, k, p.top_p, p.min_p] for p, k in zip(params, ks)], torch.float32, logits.device)
+    table = to_device([[p.temperature, p.top_k if 0 < p.top_k < vocab else vocab, p.top_p, p.min_p] for p in params],
+                      torch.float32, logits.device)
     logits = logits / table[:, :1]
-    kinds = ["plain" if k == vocab and p.top_p >= 1.0 else "few" if k <= TOP_K_FIRST else "sort"
-             for p, k in zip(params, ks)]
-    groups: dict[int, list[int]] = {}  # candidates a row (0: none, vocab: a sort) -> rows
-    few = max((k for k, kind in zip(ks, kinds) if kind == "few"), default=0)
-    for i, kind in enumerate(kinds):
-        groups.setdefault({"plain": 0, "few": few, "sort": vocab}[kind], []).append(i)
+    groups: dict[int, list[int]] = {}  # candidates -> rows
+    for i, p in enumerate(params):
+        groups.setdefault(candidates(p, vocab), []).append(i)
     if len(groups) == 1:
         (width,) = groups
         return _filtered(logits, table, width).softmax(dim=-1)
@@ -298,7 +306,8 @@ def _filtered(logits: torch.Tensor, table: torch.Tensor, width: int) -> torch.Te
     sorted_logits = sorted_logits.masked_fill(ranks >= top_k, float("-inf"))
     sorted_probs = sorted_logits.softmax(dim=-1)
     before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass of strictly more likely tokens
-    drop = (before >= top_p) & (ranks > 0)
+    # (top_p 1 keeps all: float32 sums reach 1 before the tail, which would otherwise be dropped)
+    drop = (before >= top_p) & (ranks > 0) & (top_p < 1.0)
     drop |= sorted_probs < min_p * sorted_probs[:, :1]
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     return torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
