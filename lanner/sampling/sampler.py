@@ -282,20 +282,23 @@ def processed_probs(logits: torch.Tensor, params: list) -> torch.Tensor:
         groups.setdefault(candidates(p, vocab), []).append(i)
     if len(groups) == 1:
         (width,) = groups
-        return _filtered(logits, table, width).softmax(dim=-1)
+        return _filtered(logits, table, width, any(p.min_p > 0 for p in params)).softmax(dim=-1)
     out = torch.empty_like(logits)
     for width, rows in groups.items():
         index = to_device(rows, torch.long, logits.device)
-        out[index] = _filtered(logits[index], table[index], width)
+        out[index] = _filtered(logits[index], table[index], width, any(params[i].min_p > 0 for i in rows))
     return out.softmax(dim=-1)
 
 
-def _filtered(logits: torch.Tensor, table: torch.Tensor, width: int) -> torch.Tensor:
+def _filtered(logits: torch.Tensor, table: torch.Tensor, width: int, uses_min_p: bool) -> torch.Tensor:
     """Logits (already over temperature) with -inf outside each row's top-k, top-p and min-p sets.
     The candidates are each row's `width` largest: the vocabulary (a sort), fewer (topk), or none
-    (0: rows with neither top-k nor top-p, where only min-p can drop a token)."""
+    (0: rows with neither top-k nor top-p, where only min-p can drop a token: unchanged when no row
+    has one, so temperature alone costs one softmax)."""
     top_k, top_p, min_p = (table[:, j:j + 1] for j in range(1, 4))
     if width == 0:
+        if not uses_min_p:
+            return logits
         probs = logits.softmax(dim=-1)
         return logits.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), float("-inf"))
     if width < logits.shape[1]:
