@@ -224,6 +224,30 @@ def test_race_sample_matches_reference(vocab):
     assert (got == want).float().mean() >= 0.9 and got[3] == 0
 
 
+@pytest.mark.parametrize("vocab", [1000, 4096, 9000])  # one split, exactly one, three (CHUNK 4096)
+def test_top_p_threshold_matches_reference(vocab):
+    """The bisection over bit patterns lands on the sorted cumulative sum's threshold: random rows,
+    bf16 ties, a uniform row (every token tied), a row with one possible token, top_p near 0 and 1."""
+    from lanner.kernels.top_p import top_p_threshold
+    from lanner.kernels.top_p_reference import top_p_threshold_ref
+
+    g = torch.Generator().manual_seed(6)
+    logits = 3 * torch.randn(7, vocab, generator=g)
+    logits[1] = logits[1].to(torch.bfloat16).float()
+    logits[2] = 0.0
+    logits[3] = float("-inf")
+    logits[3, 5] = 0.0
+    probs = logits.softmax(dim=-1)
+    top_p = torch.tensor([0.9, 0.5, 0.3, 0.95, 1e-6, 0.999, 0.62])
+    got = top_p_threshold(probs.to(DEV), top_p.to(DEV)).cpu()
+    assert torch.equal(got, top_p_threshold_ref(probs, top_p))
+    assert got[2] == probs[2, 0] and got[3] == 1.0 and got[4] == probs[4].max()
+    kept = probs >= got[:, None]
+    mass = (probs * kept).sum(dim=-1)
+    above = (probs * (probs > got[:, None])).sum(dim=-1)
+    assert (mass >= top_p - 1e-6).all() and (above < top_p).all()  # it reaches top_p; less would not
+
+
 def test_race_noise_is_exponential_and_keyed():
     from lanner.kernels.sampling_reference import race_noise_ref, row_key
 

@@ -349,3 +349,25 @@ def test_top_p_one_keeps_the_whole_tail():
     logits[0, 0] = 0.0  # its probability rounds to 1: every other token's mass "before" it is 1
     probs = processed_probs(logits, [SamplingParams(top_k=50000, top_p=1.0)])
     assert (probs > 0).sum() == 50000
+
+
+def test_top_p_alone_keeps_every_token_tied_at_its_threshold():
+    """Top-p without top-k filters by a probability threshold (a search on the GPU, not a sort):
+    tokens tied with the nucleus's least likely one are all kept, where the sort kept those its
+    order put first; elsewhere the two keep the same tokens, and a row keeps the same alone."""
+    g = torch.Generator().manual_seed(9)
+    logits = torch.randn(3, 3000, generator=g)
+    logits[0, :10] = 9.0  # ten tied tokens hold ~0.94 of the mass: top_p 0.5 cuts through them
+    params = [SamplingParams(top_p=0.5), SamplingParams(temperature=0.7, top_p=0.8),
+              SamplingParams(temperature=0.9, top_p=0.9, min_p=0.02)]
+    batch = processed_probs(logits, params)
+    alone = torch.cat([processed_probs(logits[i:i + 1], [p]) for i, p in enumerate(params)])
+    assert torch.equal(batch, alone)
+    assert (batch[0] > 0).sum() == 10 and torch.equal(batch[0, :10], torch.full((10,), 0.1))
+    for row, p in enumerate(params[1:], start=1):
+        probs = torch.softmax(logits[row] / p.temperature, dim=-1)
+        ordered, order = probs.sort(descending=True)
+        keep = ordered.cumsum(0) - ordered < p.top_p
+        keep &= ordered >= p.min_p * ordered[0]
+        expected = torch.zeros_like(probs).scatter(0, order, torch.where(keep, ordered, 0.0))
+        torch.testing.assert_close(batch[row], expected / expected.sum())

@@ -74,8 +74,9 @@ def test_no_host_sync_when_launching_steps():
              SamplingParams(temperature=0.9, seed=4, allowed_token_ids=[10, 11, 12, 300], max_tokens=12),
              SamplingParams(temperature=0, logprobs=5, prompt_logprobs=3, max_tokens=12),
              SamplingParams(temperature=0.6, top_k=20, top_p=0.95, repetition_penalty=1.05, seed=2, logprobs=2,
-                            max_tokens=12)]
-    outs = llm.generate(PROMPTS[:9], kinds, use_tqdm=False)
+                            max_tokens=12),
+             SamplingParams(temperature=0.6, top_p=0.9, seed=3, max_tokens=12)]  # top-p alone: the search kernel
+    outs = llm.generate(PROMPTS[:10], kinds, use_tqdm=False)
     assert len(launched) >= 12 and all(len(o.outputs[0].token_ids) > 0 for o in outs)
     assert len(outs[7].outputs[0].logprobs) == len(outs[7].outputs[0].token_ids) and outs[7].prompt_logprobs
     assert set(outs[6].outputs[0].token_ids) <= {10, 11, 12, 300}

@@ -242,3 +242,44 @@ def test_race_sample_distribution_on_gpu():
     keys = torch.tensor([row_key(11, i) for i in range(n)], device="cuda")
     freq = torch.bincount(race_sample(p.repeat(n, 1), keys), minlength=6).float() / n
     assert freq[5] == 0 and (freq - p).abs().max() < 0.01, freq
+
+
+@pytest.mark.parametrize("B,V,scale", [(256, 151936, 1.0), (256, 151936, 6.0), (1, 151936, 3.0), (33, 128256, 0.3),
+                                       (5, 4097, 3.0)])
+def test_top_p_threshold_matches_reference(B, V, scale):
+    """The search's threshold is the sorted cumulative sum's, except where that sum is within float32
+    rounding of top_p (the two add in different orders); bf16 logits make ties."""
+    from lanner.kernels.top_p import top_p_threshold
+    from lanner.kernels.top_p_reference import top_p_threshold_ref
+
+    g = torch.Generator(device="cuda").manual_seed(B)
+    logits = (scale * torch.randn(B, V, device="cuda", generator=g)).to(torch.bfloat16).float()
+    probs = logits.softmax(dim=-1)
+    top_p = torch.rand(B, device="cuda", generator=g).clamp(min=1e-4)
+    top_p[:4] = torch.tensor([0.9, 0.95, 1e-6, 0.999999], device="cuda")[:B]
+    got, want = top_p_threshold(probs, top_p), top_p_threshold_ref(probs, top_p)
+    differ = (got != want).nonzero().flatten().tolist()
+    for row in differ:  # both must sit where the mass of the tokens at or above them is within rounding of top_p
+        for t in (got[row], want[row]):
+            mass = probs[row][probs[row] >= t].double().sum()
+            above = probs[row][probs[row] > t].double().sum()
+            assert above < top_p[row] + 1e-5 and mass > top_p[row] - 1e-5, (row, t, top_p[row])
+    assert len(differ) <= max(1, B // 50), differ
+
+
+def test_top_p_filter_matches_the_sorted_path_on_gpu():
+    """Rows with top-p alone take the search; where no tie straddles a threshold they keep what the
+    sort keeps, and each row keeps the same tokens alone as beside other rows."""
+    from lanner.core.request import SamplingParams
+    from lanner.sampling import sampler
+
+    g = torch.Generator(device="cuda").manual_seed(3)
+    logits = 4 * torch.randn(12, 151936, device="cuda", generator=g)
+    params = [SamplingParams(temperature=0.6, top_p=0.9), SamplingParams(temperature=1.0, top_p=0.5, min_p=0.05),
+              SamplingParams(temperature=0.8, top_k=20)] * 4
+    batch = sampler.processed_probs(logits, params)
+    alone = torch.cat([sampler.processed_probs(logits[i:i + 1], [p]) for i, p in enumerate(params)])
+    assert torch.equal(batch > 0, alone > 0)
+    sorted_path = sampler._filtered(logits / 0.6, torch.tensor([[0.6, 151936, 0.9, 0.0]], device="cuda"),
+                                    151936, False)
+    assert torch.equal(batch[0] > 0, sorted_path[0] > float("-inf"))

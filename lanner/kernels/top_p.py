@@ -1,0 +1,86 @@
+"""Top-p thresholds without a sort: a bisection over float32 bit patterns, 32 pivots a pass
+(top_p_reference.py has the method and the torch reference). A row is split into CHUNK-sized
+pieces, a program each, so a batch of one row still spreads over the GPU; each launch is one pass.
+A pass's programs first narrow their row's interval from the partial sums the pass before wrote
+(each program of a row does the same arithmetic on the same sums, so they agree), then sum their
+piece at the new pivots. Nothing is read back to the host."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from lanner.kernels import next_power_of_2
+
+PIVOTS = 32  # a pass narrows the interval 33 times: six passes cover the 2**30 patterns in [0, 1]
+PASSES = 6
+CHUNK = 4096  # a program's piece of a row: the split count follows the vocabulary, never the batch
+ONE_BITS = 0x3F800000  # float32 1.0
+
+
+@triton.jit
+def _pivots(lo, hi, NP: tl.constexpr):
+    steps = tl.arange(0, NP).to(tl.int64) + 1
+    return (lo + ((hi - lo).to(tl.int64) * steps) // (NP + 1)).to(tl.int32)
+
+
+@triton.jit
+def _narrowed(lo, hi, mass, top_p, NP: tl.constexpr):
+    """The sub-interval of [lo, hi) where S crosses top_p, from S at the pivots of [lo, hi)."""
+    pivots = _pivots(lo, hi, NP)
+    new_lo = tl.maximum(lo, tl.max(tl.where(mass >= top_p, pivots, lo), 0))
+    new_hi = tl.minimum(hi, tl.min(tl.where(mass < top_p, pivots, hi), 0))
+    return new_lo, new_hi
+
+
+@triton.jit
+def _top_p_pass(probs_ptr, stride, top_p_ptr, bounds_ptr, sums_ptr, out_ptr, B, V, num_splits,
+                PASS: tl.constexpr, FINAL: tl.constexpr, NP: tl.constexpr, SPLITS: tl.constexpr,
+                CHUNK_SIZE: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    split = tl.program_id(1)
+    top_p = tl.load(top_p_ptr + row)
+    if PASS == 0:
+        lo = tl.zeros([], tl.int32)
+        hi = tl.full([], 0x3F800001, tl.int32)  # S(hi) = 0: no probability exceeds 1
+    else:
+        before = (PASS - 1) % 2  # bounds and sums alternate between two halves: one pass reads, the next writes
+        lo = tl.load(bounds_ptr + (before * B + row) * 2)
+        hi = tl.load(bounds_ptr + (before * B + row) * 2 + 1)
+        splits = tl.arange(0, SPLITS)
+        pivot = tl.arange(0, NP)
+        sums = tl.load(sums_ptr + ((before * B + row) * num_splits + splits[:, None]) * NP + pivot[None, :],
+                       mask=splits[:, None] < num_splits, other=0.0)
+        lo, hi = _narrowed(lo, hi, tl.sum(sums, 0), top_p, NP)
+    if FINAL:
+        tl.store(out_ptr + row, lo.to(tl.float32, bitcast=True))
+    else:
+        now = PASS % 2
+        if split == 0:
+            tl.store(bounds_ptr + (now * B + row) * 2, lo)
+            tl.store(bounds_ptr + (now * B + row) * 2 + 1, hi)
+        pivots = _pivots(lo, hi, NP).to(tl.float32, bitcast=True)
+        acc = tl.zeros([NP], tl.float32)
+        for start in range(0, CHUNK_SIZE, BLOCK):
+            cols = split * CHUNK_SIZE + start + tl.arange(0, BLOCK)
+            p = tl.load(probs_ptr + row.to(tl.int64) * stride + cols, mask=cols < V, other=0.0)
+            acc += tl.sum(tl.where(p[None, :] >= pivots[:, None], p[None, :], 0.0), 1)
+        tl.store(sums_ptr + ((now * B + row) * num_splits + split) * NP + tl.arange(0, NP), acc)
+
+
+def top_p_threshold(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """probs [B, V] float32 (rows sum to 1, contiguous rows), top_p [B] float32 in (0, 1] -> [B]
+    float32: the smallest probability of each row's nucleus, as top_p_threshold_ref computes it."""
+    B, V = probs.shape
+    out = torch.empty(B, dtype=torch.float32, device=probs.device)
+    if B == 0:
+        return out
+    num_splits = -(-V // CHUNK)
+    bounds = torch.empty(2, B, 2, dtype=torch.int32, device=probs.device)
+    sums = torch.empty(2, B, num_splits, PIVOTS, dtype=torch.float32, device=probs.device)
+    for step in range(PASSES + 1):
+        final = step == PASSES
+        _top_p_pass[(B, 1 if final else num_splits)](
+            probs, probs.stride(0), top_p, bounds, sums, out, B, V, num_splits, PASS=step, FINAL=final,
+            NP=PIVOTS, SPLITS=next_power_of_2(num_splits), CHUNK_SIZE=CHUNK, BLOCK=256)
+    return out
