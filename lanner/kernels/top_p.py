@@ -60,12 +60,12 @@ def _top_p_pass(probs_ptr, stride, top_p_ptr, bounds_ptr, sums_ptr, out_ptr, B, 
             tl.store(bounds_ptr + (now * B + row) * 2, lo)
             tl.store(bounds_ptr + (now * B + row) * 2 + 1, hi)
         pivots = _pivots(lo, hi, NP).to(tl.float32, bitcast=True)
-        acc = tl.zeros([NP], tl.float32)
+        acc = tl.zeros([NP, BLOCK], tl.float32)  # reduced once, after the loop
         for start in range(0, CHUNK_SIZE, BLOCK):
             cols = split * CHUNK_SIZE + start + tl.arange(0, BLOCK)
             p = tl.load(probs_ptr + row.to(tl.int64) * stride + cols, mask=cols < V, other=0.0)
-            acc += tl.sum(tl.where(p[None, :] >= pivots[:, None], p[None, :], 0.0), 1)
-        tl.store(sums_ptr + ((now * B + row) * num_splits + split) * NP + tl.arange(0, NP), acc)
+            acc += tl.where(p[None, :] >= pivots[:, None], p[None, :], 0.0)
+        tl.store(sums_ptr + ((now * B + row) * num_splits + split) * NP + tl.arange(0, NP), tl.sum(acc, 1))
 
 
 def top_p_threshold(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
