@@ -10,6 +10,8 @@
 #   bash scripts/gpu_perf.sh kv         # W-8B and W-nano with the KV cache in bf16 and in fp8 (--kv-cache-dtype)
 #   bash scripts/gpu_perf.sh sampled    # scripts/sampled_throughput.py (W-8B greedy, Qwen3/Llama 3/Qwen2.5 sampling,
 #                                       # logprobs) over _base/'s lanner and this one
+#   bash scripts/gpu_perf.sh topp       # top-p's threshold search: its GPU tests, scripts/top_p_probe.py, and the
+#                                       # sampled presets greedy/llama3/qwen3 over _base/'s lanner and this one
 #   bash scripts/gpu_perf.sh gemv       # tests/gpu/test_gemv_gpu.py, then batch 1 and 8 with --gemv-kernels cublas
 #                                       # and auto in one call (a fresh cache folder: auto measures its table)
 source "$(dirname "$0")/gpu_env.sh"
@@ -79,6 +81,11 @@ case "${1:-}" in
         tail -30 "$outdir/$day-host-phases-$cfg-$tag.txt" | grep -E '"(schedule|prepare|prepare.stage|plan|sample|step)"'
       done
     done ;;
+  topp)
+    python3 -m pytest -o addopts="" -q -p no:cacheprovider -p no:warnings tests/gpu/test_kernels_gpu.py -k top_p \
+      2>&1 | tail -3 | tee "$out/gpu-tests-top-p.txt"
+    python3 scripts/top_p_probe.py 2>&1 | tee "$out/$day-top-p-probe.txt"
+    PRESETS="greedy llama3 qwen3" bash "$0" sampled ;;
   sampled)
     root=$(pwd); outdir=$(cd "$out" && pwd)
     for tree in ${TREES:-_base .}; do
@@ -86,9 +93,10 @@ case "${1:-}" in
       tag=$([ "$tree" = . ] && echo new || echo base)
       for cfg in ${CFGS:-qwen3-8b}; do
         echo "== sampled $tag $cfg"
-        (cd "$tree" && python3 "$root/scripts/sampled_throughput.py" --config "$root/benchmarks/configs/$cfg.json") \
+        (cd "$tree" && python3 "$root/scripts/sampled_throughput.py" --config "$root/benchmarks/configs/$cfg.json" \
+          ${PRESETS:+--presets $PRESETS}) \
           2>&1 | tee "$outdir/$day-sampled-$cfg-$tag.txt" | grep -E '^\{|Error'
       done
     done ;;
-  *) echo "usage: $0 tests|serve|breakdown|steps|latency|hostphases|kv|gemv|sampled" >&2; exit 2 ;;
+  *) echo "usage: $0 tests|serve|breakdown|steps|latency|hostphases|kv|gemv|sampled|topp" >&2; exit 2 ;;
 esac
