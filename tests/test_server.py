@@ -549,6 +549,27 @@ def test_engine_process_serves_the_same_tokens(process_server, offline):
     assert metrics.running._value.get() == 0  # the idle engine's stats reached the gauges
 
 
+def test_latency_metrics_split_a_request_between_server_and_engine(process_server):
+    """TTFT and e2e count from the server receiving a request to its outputs reaching the server,
+    as a client sees them; the handoff to the engine process, the engine's queue and its inference
+    time are their parts (the rest of e2e is the outputs' way back), on one clock across processes."""
+    base, engine, metrics = process_server
+    names = ("e2e", "handoff", "queue", "inference", "ttft")
+    before = {n: (getattr(metrics, n)._sum.get(), metrics.registry.get_sample_value(
+        f"{getattr(metrics, n)._name}_count") or 0.0) for n in names}
+    client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)
+    assert client.completions.create(model=MODEL, prompt="def f(x):", max_tokens=6).choices[0].text
+    assert len(list(client.completions.create(model=MODEL, prompt="def f(x):", max_tokens=6, stream=True))) > 1
+    wait_idle(engine)
+    got = {n: (getattr(metrics, n)._sum.get() - before[n][0], metrics.registry.get_sample_value(
+        f"{getattr(metrics, n)._name}_count") - before[n][1]) for n in names}
+    assert all(count == 2 for _, count in got.values()), got
+    handoff, queue, inference, e2e = (got[n][0] for n in ("handoff", "queue", "inference", "e2e"))
+    assert handoff > 0 and queue >= 0 and inference > 0
+    assert handoff + queue + inference <= e2e < handoff + queue + inference + 5.0
+    assert got["ttft"][0] <= e2e
+
+
 def test_engine_process_aborts_on_disconnect(process_server):
     base, engine, metrics = process_server
     finished = metrics.finished.labels("length")

@@ -18,12 +18,22 @@ class ServerMetrics:
                                      ["endpoint", "status"], registry=r)
         self.finished = Counter("lanner_requests_finished", "generation requests finished, by finish reason",
                                 ["reason"], registry=r)
-        self.ttft = Histogram("lanner_time_to_first_token_seconds", "arrival to first output token",
+        self.ttft = Histogram("lanner_time_to_first_token_seconds",
+                              "the server receiving a request to its first output token reaching the server",
                               buckets=LATENCY_BUCKETS, registry=r)
         self.tpot = Histogram("lanner_time_per_output_token_seconds", "mean time between output tokens of a request",
                               buckets=TOKEN_BUCKETS, registry=r)
-        self.e2e = Histogram("lanner_e2e_request_latency_seconds", "arrival to last token",
+        self.e2e = Histogram("lanner_e2e_request_latency_seconds",
+                             "the server receiving a request to its last output reaching the server",
                              buckets=LATENCY_BUCKETS, registry=r)
+        # e2e = handoff + queue + inference + the way back (engine process -> server)
+        self.handoff = Histogram("lanner_request_handoff_seconds", "the server receiving a request to the engine "
+                                 "queuing it (the pipe to the engine process, a step in progress)",
+                                 buckets=LATENCY_BUCKETS, registry=r)
+        self.queue = Histogram("lanner_request_queue_time_seconds", "the engine queuing a request to first "
+                               "scheduling it", buckets=LATENCY_BUCKETS, registry=r)
+        self.inference = Histogram("lanner_request_inference_time_seconds", "first scheduled to the last token",
+                                   buckets=LATENCY_BUCKETS, registry=r)
         self.prompt_tokens = Counter("lanner_prompt_tokens", "prompt tokens of finished requests", registry=r)
         self.generation_tokens = Counter("lanner_generation_tokens", "output tokens of finished requests",
                                          registry=r)
@@ -53,9 +63,13 @@ class ServerMetrics:
         self.waiting.set(0)
         self.kv_usage.set(0)
 
-    def record_finished(self, out: RequestOutput) -> None:
+    def record_finished(self, out: RequestOutput, received: float | None = None, first_output: float | None = None,
+                        last_output: float | None = None) -> None:
         """A finished output of any output_kind (counts come from its metrics, not its lists,
-        which a DELTA output holds only the end of)."""
+        which a DELTA output holds only the end of). `received`, `first_output`, `last_output`: the
+        server's time.monotonic() of the request's arrival and of its first and last outputs' (the
+        engine's times are the same clock, in its process too); without them TTFT and e2e count
+        from the engine queuing the request to its first and last tokens."""
         m = out.metrics
         for choice in out.outputs:
             self.finished.labels(choice.finish_reason or "unknown").inc()
@@ -66,8 +80,15 @@ class ServerMetrics:
         self.prompt_tokens.inc(m.num_prompt_tokens)
         if m.first_token_time is None or m.finished_time is None:
             return
-        self.ttft.observe(m.first_token_time - m.arrival_time)
-        self.e2e.observe(m.finished_time - m.arrival_time)
+        if received is None or first_output is None or last_output is None:
+            received, first_output, last_output = m.arrival_time, m.first_token_time, m.finished_time
+        else:
+            self.handoff.observe(max(m.arrival_time - received, 0.0))
+        self.ttft.observe(first_output - received)
+        self.e2e.observe(last_output - received)
+        if m.first_scheduled_time is not None:
+            self.queue.observe(m.first_scheduled_time - m.arrival_time)
+            self.inference.observe(m.finished_time - m.first_scheduled_time)
         if max(lengths) > 1:
             self.tpot.observe((m.finished_time - m.first_token_time) / (max(lengths) - 1))
 

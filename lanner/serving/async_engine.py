@@ -296,6 +296,8 @@ class Mailbox:
 class _Stream:
     loop: asyncio.AbstractEventLoop
     mailbox: Mailbox
+    received: float  # time.monotonic() when the caller asked: latencies count from here, as a client sees them
+    first_output: float | None = None  # when its first output reached this process
 
 
 def _put_soon(loop: asyncio.AbstractEventLoop, items: list[tuple[Mailbox, Any]]) -> None:
@@ -316,7 +318,9 @@ class AsyncEngine:
                  max_step_failures: int = 3, observer: Any = None,
                  transport: Callable[[Sink], Transport] | None = None):
         """A loop on a thread over `engine`, or over the transport that `transport(sink)` makes
-        (see `spawn`). observer (optional): record_stats(EngineStats), record_finished(RequestOutput)."""
+        (see `spawn`). observer (optional): record_stats(EngineStats), record_finished(RequestOutput,
+        [received, first output, last output]: this process's time.monotonic() of the request's
+        call to generate and of its first and final outputs' arrival here, when it had a stream)."""
         self.observer = observer
         self._streams: dict[str, _Stream] = {}
         self.dead: str | None = None
@@ -361,7 +365,8 @@ class AsyncEngine:
         away) aborts the request."""
         if request_id in self._streams:
             raise InvalidRequest(f"request id {request_id!r} is already in use")
-        stream = _Stream(asyncio.get_running_loop(), Mailbox(params.output_kind is RequestOutputKind.DELTA))
+        stream = _Stream(asyncio.get_running_loop(), Mailbox(params.output_kind is RequestOutputKind.DELTA),
+                         time.monotonic())
         self._streams[request_id] = stream  # before the add: the first output may come at once
         try:
             await asyncio.wrap_future(self.transport.request("add", request_id, prompt, params))
@@ -420,9 +425,13 @@ class AsyncEngine:
     # ---- the sink: called on the loop's thread (or the engine process's reader) ----------------
 
     def outputs(self, items: list[tuple[str, RequestOutput]], stats: EngineStats | None) -> None:
-        for _, out in items:
+        now = time.monotonic()
+        for request_id, out in items:
+            stream = self._streams.get(request_id)
+            if stream is not None and stream.first_output is None:
+                stream.first_output = now
             if out.finished:
-                self._observe("record_finished", out)
+                self._observe("record_finished", out, *((stream.received, stream.first_output, now) if stream else ()))
         self._deliver(items)
         if stats is not None:
             self._observe("record_stats", stats)
@@ -456,10 +465,10 @@ class AsyncEngine:
         for loop, batch in by_loop.items():
             _put_soon(loop, batch)
 
-    def _observe(self, method: str, arg: Any) -> None:
+    def _observe(self, method: str, *args: Any) -> None:
         if self.observer is not None:
             try:
-                getattr(self.observer, method)(arg)
+                getattr(self.observer, method)(*args)
             except Exception:  # metrics must never stop serving
                 logger.exception("metrics observer failed")
 
