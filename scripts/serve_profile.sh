@@ -8,7 +8,7 @@
 # commands run from inside it, as `python -m` puts the working directory before PYTHONPATH);
 # NO_PROFILE=1 skips the py-spy burst.
 # Writes OUT_DIR/offline-NAME.json, serve-NAME-cN.json, serve-profile-NAME.{json,txt} (py-spy's collapsed
-# stacks, one line per stack), serve-steps-NAME.txt (the engine's step totals after each burst) and the
+# stacks, one line per stack), serve-steps-NAME.txt (the engine's step totals and the latency histograms' sums after each burst) and the
 # server's /metrics after the last burst.
 set -uo pipefail
 out=$(realpath "$1") config=$(realpath "$2") n=$3 input=$4 output=$5
@@ -29,7 +29,9 @@ burst() {  # burst SEED CLIENT_PROCESSES JSON
     | grep -o '"output_tok_per_s": [0-9.]*' | head -1
   # the engine's step and token totals after each burst (differences: its steps, against offline's "steps")
   sleep 0.5  # the engine's stats after its last step reach the server
-  curl -s 127.0.0.1:8000/metrics | grep -E "^lanner_engine_" | sed "s|^|after $(basename "$3"): |" \
+  # and the latency histograms' sums and counts (differences: the burst's mean handoff, queue, inference, e2e)
+  curl -s 127.0.0.1:8000/metrics | grep -E "^lanner_engine_|^lanner_(e2e|time_to_first|request_)[a-z_]*_(sum|count)" \
+    | sed "s|^|after $(basename "$3"): |" \
     >> "$out/serve-steps-$name.txt"
 }
 seed=1
