@@ -2,7 +2,7 @@
 ask for, beside greedy, through the LLM API (so an older tree runs it too: run it from inside that
 tree with PYTHONPATH=.). Issue [12]'s goals are measured greedy with no tokenizer; a served model's
 requests sample, ask for logprobs, and are detokenized. The prefix cache is emptied before each preset, so each one
-prefills its prompts (results of 2026-12-05 and earlier lack this: their later presets skipped prefill).
+prefills its prompts (results of 2026-12-05a and earlier lack this: their later presets skipped prefill).
 Usage: python scripts/sampled_throughput.py [--config benchmarks/configs/qwen3-8b.json] [--workload W-8B]
 Prints a JSON line a preset (output tok/s, wall seconds)."""
 from __future__ import annotations

@@ -242,6 +242,16 @@ def test_top_p_threshold_matches_reference(vocab):
     got = top_p_threshold(probs.to(DEV), top_p.to(DEV)).cpu()
     assert torch.equal(got, top_p_threshold_ref(probs, top_p))
     assert got[2] == probs[2, 0] and got[3] == 1.0 and got[4] == probs[4].max()
+    # the mass reaching top_p exactly keeps the token that reaches it; a row whose float32 sum stays
+    # under top_p keeps all; a top_p of 0 (a tiny one rounded in float32) keeps the most likely token
+    edge = torch.zeros(3, vocab)
+    edge[0, :3] = torch.tensor([0.5, 0.3, 0.2])
+    edge[1] = 0.5 / vocab
+    edge[2] = probs[0]
+    edge_p = torch.tensor([0.8, 0.9, 0.0])
+    kept = edge >= top_p_threshold(edge.to(DEV), edge_p.to(DEV)).cpu()[:, None]
+    assert torch.equal(kept, edge >= top_p_threshold_ref(edge, edge_p)[:, None])
+    assert kept[0].sum() == 2 and kept[1].all() and kept[2].sum() == 1
     kept = probs >= got[:, None]
     mass = (probs * kept).sum(dim=-1)
     above = (probs * (probs > got[:, None])).sum(dim=-1)

@@ -371,3 +371,22 @@ def test_top_p_alone_keeps_every_token_tied_at_its_threshold():
         keep &= ordered >= p.min_p * ordered[0]
         expected = torch.zeros_like(probs).scatter(0, order, torch.where(keep, ordered, 0.0))
         torch.testing.assert_close(batch[row], expected / expected.sum())
+
+
+def test_top_p_search_kernel_in_the_sampler(monkeypatch):
+    """The GPU path's filter, run here in Triton's interpreter in place of the reference, keeps the
+    same tokens; a top_p that is 0 or 1 in float32 keeps the most likely token or every token."""
+    import lanner.sampling.sampler as sampler
+    from lanner.kernels.top_p import top_p_threshold
+
+    g = torch.Generator().manual_seed(11)
+    logits = torch.randn(4, 5000, generator=g) * 3
+    logits[3] = -30.0
+    logits[3, 0] = 0.0  # its probability rounds to 1: a float32 sum reaches 1 before the tail
+    params = [SamplingParams(temperature=0.6, top_p=0.9), SamplingParams(top_p=0.5, min_p=0.05),
+              SamplingParams(top_p=1e-50), SamplingParams(top_p=0.99999999)]
+    want = processed_probs(logits, params)
+    monkeypatch.setattr(sampler, "top_p_threshold_ref", top_p_threshold)
+    got = processed_probs(logits, params)
+    assert torch.equal(got > 0, want > 0) and not got.isnan().any()
+    assert (got[2] > 0).sum() == 1 and (got[3] > 0).sum() == 5000

@@ -69,8 +69,13 @@ def _top_p_pass(probs_ptr, stride, top_p_ptr, bounds_ptr, sums_ptr, out_ptr, B, 
 
 
 def top_p_threshold(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """probs [B, V] float32 (rows sum to 1, contiguous rows), top_p [B] float32 in (0, 1] -> [B]
-    float32: the smallest probability of each row's nucleus, as top_p_threshold_ref computes it."""
+    """probs [B, V] float32 (rows sum to 1), top_p [B] float32 in (0, 1] -> [B] float32: the
+    smallest probability of each row's nucleus, keeping what top_p_threshold_ref's keeps (0 where
+    the row's float32 sum never reaches top_p; the reference gives the row's least probability)."""
+    if probs.dtype != torch.float32 or probs.stride(1) != 1:
+        raise ValueError("top_p_threshold takes float32 probabilities with contiguous rows")
+    # a top_p that rounded to 0 in float32 would keep nothing: the least positive float keeps the top token
+    top_p = top_p.clamp(min=torch.finfo(torch.float32).tiny)
     B, V = probs.shape
     out = torch.empty(B, dtype=torch.float32, device=probs.device)
     if B == 0:

@@ -257,6 +257,7 @@ def banned_words(r: Request) -> list[int]:
 
 TOP_K_FIRST = 1024  # a row keeping at most this many tokens takes them with topk, not a sort of the vocabulary
 TOP_P_SEARCH = -1  # `candidates` of a row with top-p and no top-k: a threshold search (kernels/top_p.py)
+TOP_P_ALL = 1.0 - 2.0 ** -25  # a top_p from here up is 1.0 in float32, the table's type: it keeps every token
 
 
 def candidates(params, vocab: int) -> int:
@@ -267,13 +268,13 @@ def candidates(params, vocab: int) -> int:
     top_k, tokens tied at a row's k-th place would be kept or not depending on what shares its batch."""
     k = params.top_k if 0 < params.top_k < vocab else vocab
     if k == vocab:
-        return 0 if params.top_p >= 1.0 else TOP_P_SEARCH
+        return 0 if params.top_p >= TOP_P_ALL else TOP_P_SEARCH
     return min(max(64, next_power_of_2(k)), vocab) if k <= TOP_K_FIRST else vocab
 
 
 def processed_probs(logits: torch.Tensor, params: list) -> torch.Tensor:
     """Temperature, top-k, top-p and min-p over rows of logits -> probabilities. Only rows with a
-    top-p and no small top-k sort the vocabulary (`candidates`): with 152k tokens that sort was most
+    top_k over TOP_K_FIRST sort the vocabulary (`candidates`): with 152k tokens that sort was most
     of a sampled step's sampling time (CPU, 64 rows: 550 ms, against 57 filtering topk's candidates)."""
     vocab = logits.shape[1]
     table = to_device([[p.temperature, p.top_k if 0 < p.top_k < vocab else vocab, p.top_p, p.min_p] for p in params],
@@ -324,8 +325,8 @@ def _filtered(logits: torch.Tensor, table: torch.Tensor, width: int, uses_min_p:
 
 def nucleus_threshold(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """Per row, the smallest probability its top-p keeps (kernels/top_p_reference.py): a sort on the
-    CPU, a search in a few passes over the row on the GPU (a sort of 256 rows of 152k tokens took
-    ~3.8 ms a step on an H200)."""
+    CPU, a search in a few passes over the row on the GPU (the sort's filter of 256 rows of 152k
+    tokens took 5.1 ms on an H200, the search's 2.0: scripts/top_p_probe.py)."""
     if probs.is_cuda:
         from lanner.kernels.top_p import top_p_threshold  # Triton: the GPU path only
 
