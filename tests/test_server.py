@@ -550,9 +550,10 @@ def test_engine_process_serves_the_same_tokens(process_server, offline):
 
 
 def test_latency_metrics_split_a_request_between_server_and_engine(process_server):
-    """TTFT and e2e count from the server receiving a request to its outputs reaching the server,
-    as a client sees them; the handoff to the engine process, the engine's queue and its inference
-    time are their parts (the rest of e2e is the outputs' way back), on one clock across processes."""
+    """TTFT and e2e count from the server receiving a request (to the engine's first token, and to
+    the last output reaching the server), as a client sees them; the handoff to the engine process,
+    the engine's queue and its inference time are e2e's parts (the rest is the outputs' way back),
+    on one clock across processes."""
     base, engine, metrics = process_server
     names = ("e2e", "handoff", "queue", "inference", "ttft")
     before = {n: (getattr(metrics, n)._sum.get(), metrics.registry.get_sample_value(

@@ -15,7 +15,6 @@ from lanner.kernels import next_power_of_2
 PIVOTS = 32  # a pass narrows the interval 33 times: six passes cover the 2**30 patterns in [0, 1]
 PASSES = 6
 CHUNK = 4096  # a program's piece of a row: the split count follows the vocabulary, never the batch
-ONE_BITS = 0x3F800000  # float32 1.0
 
 
 @triton.jit
@@ -42,7 +41,7 @@ def _top_p_pass(probs_ptr, stride, top_p_ptr, bounds_ptr, sums_ptr, out_ptr, B, 
     top_p = tl.load(top_p_ptr + row)
     if PASS == 0:
         lo = tl.zeros([], tl.int32)
-        hi = tl.full([], 0x3F800001, tl.int32)  # S(hi) = 0: no probability exceeds 1
+        hi = tl.full([], 0x3F800001, tl.int32)  # float32 1.0's bits + 1: S(hi) = 0, no probability exceeds 1
     else:
         before = (PASS - 1) % 2  # bounds and sums alternate between two halves: one pass reads, the next writes
         lo = tl.load(bounds_ptr + (before * B + row) * 2)

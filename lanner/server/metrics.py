@@ -19,7 +19,7 @@ class ServerMetrics:
         self.finished = Counter("lanner_requests_finished", "generation requests finished, by finish reason",
                                 ["reason"], registry=r)
         self.ttft = Histogram("lanner_time_to_first_token_seconds",
-                              "the server receiving a request to its first output token reaching the server",
+                              "the server receiving a request to the engine producing its first token",
                               buckets=LATENCY_BUCKETS, registry=r)
         self.tpot = Histogram("lanner_time_per_output_token_seconds", "mean time between output tokens of a request",
                               buckets=TOKEN_BUCKETS, registry=r)
@@ -63,13 +63,14 @@ class ServerMetrics:
         self.waiting.set(0)
         self.kv_usage.set(0)
 
-    def record_finished(self, out: RequestOutput, received: float | None = None, first_output: float | None = None,
-                        last_output: float | None = None) -> None:
+    def record_finished(self, out: RequestOutput, received: float | None = None,
+                        delivered: float | None = None) -> None:
         """A finished output of any output_kind (counts come from its metrics, not its lists,
-        which a DELTA output holds only the end of). `received`, `first_output`, `last_output`: the
-        server's time.monotonic() of the request's arrival and of its first and last outputs' (the
-        engine's times are the same clock, in its process too); without them TTFT and e2e count
-        from the engine queuing the request to its first and last tokens."""
+        which a DELTA output holds only the end of). `received`, `delivered`: the server's
+        time.monotonic() of the request's arrival and of its last output's (the engine's times are
+        on the same clock, in its process too; a request that streams nothing sends no first output,
+        so TTFT ends at the engine's first token); without them TTFT and e2e count from the engine
+        queuing the request."""
         m = out.metrics
         for choice in out.outputs:
             self.finished.labels(choice.finish_reason or "unknown").inc()
@@ -80,12 +81,12 @@ class ServerMetrics:
         self.prompt_tokens.inc(m.num_prompt_tokens)
         if m.first_token_time is None or m.finished_time is None:
             return
-        if received is None or first_output is None or last_output is None:
-            received, first_output, last_output = m.arrival_time, m.first_token_time, m.finished_time
+        if received is None or delivered is None:
+            received, delivered = m.arrival_time, m.finished_time
         else:
             self.handoff.observe(max(m.arrival_time - received, 0.0))
-        self.ttft.observe(first_output - received)
-        self.e2e.observe(last_output - received)
+        self.ttft.observe(m.first_token_time - received)
+        self.e2e.observe(delivered - received)
         if m.first_scheduled_time is not None:
             self.queue.observe(m.first_scheduled_time - m.arrival_time)
             self.inference.observe(m.finished_time - m.first_scheduled_time)

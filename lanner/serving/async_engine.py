@@ -297,7 +297,6 @@ class _Stream:
     loop: asyncio.AbstractEventLoop
     mailbox: Mailbox
     received: float  # time.monotonic() when the caller asked: latencies count from here, as a client sees them
-    first_output: float | None = None  # when its first output reached this process
 
 
 def _put_soon(loop: asyncio.AbstractEventLoop, items: list[tuple[Mailbox, Any]]) -> None:
@@ -319,8 +318,8 @@ class AsyncEngine:
                  transport: Callable[[Sink], Transport] | None = None):
         """A loop on a thread over `engine`, or over the transport that `transport(sink)` makes
         (see `spawn`). observer (optional): record_stats(EngineStats), record_finished(RequestOutput,
-        [received, first output, last output]: this process's time.monotonic() of the request's
-        call to generate and of its first and final outputs' arrival here, when it had a stream)."""
+        [received, delivered]: this process's time.monotonic() of the request's call to generate and
+        of its final output's arrival here, when it still had a stream)."""
         self.observer = observer
         self._streams: dict[str, _Stream] = {}
         self.dead: str | None = None
@@ -427,11 +426,9 @@ class AsyncEngine:
     def outputs(self, items: list[tuple[str, RequestOutput]], stats: EngineStats | None) -> None:
         now = time.monotonic()
         for request_id, out in items:
-            stream = self._streams.get(request_id)
-            if stream is not None and stream.first_output is None:
-                stream.first_output = now
             if out.finished:
-                self._observe("record_finished", out, *((stream.received, stream.first_output, now) if stream else ()))
+                stream = self._streams.get(request_id)
+                self._observe("record_finished", out, *((stream.received, now) if stream else ()))
         self._deliver(items)
         if stats is not None:
             self._observe("record_stats", stats)
