@@ -104,6 +104,7 @@ def uvicorn_options(config: ServerConfig) -> dict:
     from lanner.server.connections import header_deadline_protocol  # needs the server extra
 
     return {"host": config.host, "port": config.port, "log_level": "info",
+            "access_log": not config.disable_uvicorn_access_log,
             "http": header_deadline_protocol(config.header_timeout_s),
             "timeout_graceful_shutdown": int(config.drain_timeout_s) + 5,  # our drain ends every response first
             "ssl_keyfile": config.ssl_keyfile, "ssl_certfile": config.ssl_certfile, "root_path": config.root_path or ""}

@@ -389,6 +389,7 @@ class ServerConfig:
     ssl_certfile: str | None = None
     enable_log_requests: bool = False
     disable_log_requests: bool = False
+    disable_uvicorn_access_log: bool = False
     max_request_body_mb: float = 32.0
     stream_stall_timeout_s: float = 60.0
     drain_timeout_s: float = 30.0
@@ -419,6 +420,7 @@ class ServerConfig:
         "ssl_certfile": "serve HTTPS with this certificate file (with --ssl-keyfile)",
         "enable_log_requests": "log one line per generation request (id, prompt tokens, sampling options)",
         "disable_log_requests": "do not log requests (the default; vLLM's older flag)",
+        "disable_uvicorn_access_log": "no access log line per HTTP request (uvicorn writes one by default)",
         "max_request_body_mb": "larger request bodies are refused with 413 before they are parsed",
         "stream_stall_timeout_s": "abort a stream whose client reads nothing for this long while output waits",
         "drain_timeout_s": "on SIGTERM, open responses get this long to finish; then each ends with an error "

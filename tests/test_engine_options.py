@@ -317,14 +317,16 @@ def test_serve_flags_reach_the_server(tmp_path, monkeypatch):
         "--chat-template", str(template), "--generation-config", "vllm", "--disable-log-requests",
         "--root-path", "/proxy", "--ssl-keyfile", "k.pem", "--ssl-certfile", "c.pem",
         "--trust-request-chat-template", "--hf-overrides", '{"num_hidden_layers": 1}', "--dtype", "half",
-        "--max-logprobs", "5", "--no-enable-chunked-prefill", "--disable-log-stats", "--trust-remote-code"))
+        "--max-logprobs", "5", "--no-enable-chunked-prefill", "--disable-log-stats", "--trust-remote-code",
+        "--disable-uvicorn-access-log"))
     assert config.chat_template == "{{ messages[0].content }}" and config.api_key == "from-vllm"
     assert config.root_path == "/proxy" and config.trust_request_chat_template and config.disable_log_requests
     assert engine.model.generation_config == "vllm" and engine.model.hf_overrides == {"num_hidden_layers": 1}
     assert engine.dtype == "half" and engine.model.max_logprobs == 5 and engine.disable_log_stats
     assert engine.scheduler.enable_chunked_prefill is False and engine.model.trust_remote_code
     opts = uvicorn_options(config)
-    assert opts["ssl_keyfile"] == "k.pem" and opts["ssl_certfile"] == "c.pem"
+    assert opts["ssl_keyfile"] == "k.pem" and opts["ssl_certfile"] == "c.pem" and opts["access_log"] is False
+    assert uvicorn_options(serve_configs(serve_args())[0])["access_log"] is True
     monkeypatch.setenv("LANNER_API_KEY", "mine")
     assert serve_configs(serve_args())[0].api_key == "mine"  # lanner's name first
     assert serve_configs(serve_args("--api-key", "flag"))[0].api_key == "flag"
