@@ -15,19 +15,27 @@
 #   bash scripts/gpu_perf.sh gemv       # tests/gpu/test_gemv_gpu.py, then batch 1 and 8 with --gemv-kernels cublas
 #                                       # and auto in one call (a fresh cache folder: auto measures its table)
 source "$(dirname "$0")/gpu_env.sh"
+root=$(pwd); outdir=$(cd "$out" && pwd)
+# tree_runs DEFAULT_CFG...: a "TREE TAG CFG" line for _base/ (tag base, when present), then this tree
+# (new), each with every config of $CFGS (default: the arguments); $TREES overrides the trees. The
+# stages read them on descriptor 3, leaving stdin alone.
+tree_runs() {
+  for tree in ${TREES:-_base .}; do
+    [ -d "$tree/lanner" ] || continue
+    for cfg in ${CFGS:-$*}; do echo "$tree $([ "$tree" = . ] && echo new || echo base) $cfg"; done
+  done
+}
 case "${1:-}" in
   tests)
     bash scripts/gpu_structured.sh wheels
     python3 -m pip install -q --no-index --find-links .wheels fastapi uvicorn prometheus_client httpx 2>&1 | tail -3
     gpu_tests engine piecewise kernels gemv structured speculative server | tee "$out/gpu-tests-perf.txt" ;;
   serve)
-    for tree in ${TREES:-_base .}; do
-      [ -d "$tree/lanner" ] || continue
-      tag=$([ "$tree" = . ] && echo new || echo base)
+    while read -r tree tag cfg <&3; do
       echo "== $tag"
       TREE=$tree TAG=$tag NO_PROFILE=$([ "$tag" = base ] && echo 1) \
-        bash scripts/serve_profile.sh "$out" benchmarks/configs/qwen3-8b.json 400 256 128
-    done ;;
+        bash scripts/serve_profile.sh "$out" "benchmarks/configs/$cfg.json" 400 256 128
+    done 3< <(tree_runs qwen3-8b) ;;
   breakdown)
     python3 -m lanner.cli bench throughput --config benchmarks/configs/qwen3-8b.json --breakdown \
       --output-json "$out/$day-w8b-breakdown.json" 2>&1 | tail -1
@@ -56,47 +64,31 @@ case "${1:-}" in
     done ;;
   steps|latency)
     # lanner bench step (prefill and mixed steps) or latency (batch-1 decode) of _base/ and this tree
-    root=$(pwd); outdir=$(cd "$out" && pwd)
     args=(--token-counts ${TOKENS:-64 512 2048} --no-overlap-scheduling)
     [ "$1" = latency ] && args=(--batch-sizes 1 --input-len 128 --output-len 256)
-    for tree in ${TREES:-_base .}; do
-      [ -d "$tree/lanner" ] || continue
-      tag=$([ "$tree" = . ] && echo new || echo base)
-      for cfg in ${CFGS:-qwen3-0.6b qwen3-8b}; do
-        echo "== $1 $tag $cfg"
-        (cd "$tree" && python3 -m lanner.cli bench "${1%s}" --config "$root/benchmarks/configs/$cfg.json" "${args[@]}" \
-          --gpu-memory-utilization 0.5 --output-json "$outdir/$day-$1-$cfg-$tag.json") 2>&1 | grep -E "^\{|capture|Error|tok/s"
-      done
-    done ;;
+    while read -r tree tag cfg <&3; do
+      echo "== $1 $tag $cfg"
+      (cd "$tree" && python3 -m lanner.cli bench "${1%s}" --config "$root/benchmarks/configs/$cfg.json" "${args[@]}" \
+        --gpu-memory-utilization 0.5 --output-json "$outdir/$day-$1-$cfg-$tag.json") 2>&1 | grep -E "^\{|capture|Error|tok/s"
+    done 3< <(tree_runs qwen3-0.6b qwen3-8b) ;;
   hostphases)
     # PYTHONPATH=. is relative: from inside a tree the script imports that tree's lanner
-    root=$(pwd); outdir=$(cd "$out" && pwd)
-    for tree in ${TREES:-_base .}; do
-      [ -d "$tree/lanner" ] || continue
-      tag=$([ "$tree" = . ] && echo new || echo base)
-      for cfg in ${CFGS:-qwen3-0.6b}; do
-        echo "== host phases $tag $cfg"
-        (cd "$tree" && python3 "$root/scripts/host_phases.py" --config "$root/benchmarks/configs/$cfg.json") \
-          > "$outdir/$day-host-phases-$cfg-$tag.txt" 2>&1
-        tail -30 "$outdir/$day-host-phases-$cfg-$tag.txt" | grep -E '"(schedule|prepare|prepare.stage|plan|sample|step)"'
-      done
-    done ;;
+    while read -r tree tag cfg <&3; do
+      echo "== host phases $tag $cfg"
+      (cd "$tree" && python3 "$root/scripts/host_phases.py" --config "$root/benchmarks/configs/$cfg.json") \
+        > "$outdir/$day-host-phases-$cfg-$tag.txt" 2>&1
+      tail -30 "$outdir/$day-host-phases-$cfg-$tag.txt" | grep -E '"(schedule|prepare|prepare.stage|plan|sample|step)"'
+    done 3< <(tree_runs qwen3-0.6b) ;;
   topp)
     python3 -m pytest -o addopts="" -q -p no:cacheprovider -p no:warnings tests/gpu/test_kernels_gpu.py -k top_p \
       2>&1 | tail -3 | tee "$out/gpu-tests-top-p.txt"
     python3 scripts/top_p_probe.py 2>&1 | tee "$out/$day-top-p-probe.txt"
     PRESETS="greedy llama3 qwen3" bash "$0" sampled ;;
   sampled)
-    root=$(pwd); outdir=$(cd "$out" && pwd)
-    for tree in ${TREES:-_base .}; do
-      [ -d "$tree/lanner" ] || continue
-      tag=$([ "$tree" = . ] && echo new || echo base)
-      for cfg in ${CFGS:-qwen3-8b}; do
-        echo "== sampled $tag $cfg"
-        (cd "$tree" && python3 "$root/scripts/sampled_throughput.py" --config "$root/benchmarks/configs/$cfg.json" \
-          ${PRESETS:+--presets $PRESETS}) \
-          2>&1 | tee "$outdir/$day-sampled-$cfg-$tag.txt" | grep -E '^\{|Error'
-      done
-    done ;;
+    while read -r tree tag cfg <&3; do
+      echo "== sampled $tag $cfg"
+      (cd "$tree" && python3 "$root/scripts/sampled_throughput.py" --config "$root/benchmarks/configs/$cfg.json" \
+        ${PRESETS:+--presets $PRESETS}) 2>&1 | tee "$outdir/$day-sampled-$cfg-$tag.txt" | grep -E '^\{|Error'
+    done 3< <(tree_runs qwen3-8b) ;;
   *) echo "usage: $0 tests|serve|breakdown|steps|latency|hostphases|kv|gemv|sampled|topp" >&2; exit 2 ;;
 esac

@@ -30,6 +30,7 @@ from lanner.kernels.attention.reference import FP8_KV_DTYPE
 from lanner.layers.attention import forward_context
 from lanner.models.llama import DecoderAttention
 from lanner.models.loader import LoadedModel
+from lanner.sampling.penalties import PenaltyCounts
 from lanner.sampling.sampler import (
     GrammarMask,
     RowLogprobs,
@@ -410,9 +411,8 @@ class ModelRunner:
         with forward_context(backend):
             hidden = self.model(batch.input_ids, batch.positions)
         logits = self.model.compute_logits(hidden[:seqs]).float()
-        # the sampler's penalty counts of max_num_seqs requests stay allocated (sampling/penalties.py)
-        counts = torch.empty(seqs, logits.shape[1], dtype=torch.int32, device=self.device), \
-            torch.empty(seqs, logits.shape[1], dtype=torch.bool, device=self.device)
+        counts = PenaltyCounts(logits.shape[1], self.device)  # max_num_seqs requests' rows stay allocated
+        counts.reserve(seqs)
         logits.sort(dim=-1)
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated(self.device) - cache_bytes

@@ -74,7 +74,7 @@ def top_p_threshold(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     if probs.dtype != torch.float32 or probs.stride(1) != 1:
         raise ValueError("top_p_threshold takes float32 probabilities with contiguous rows")
     # a top_p that rounded to 0 in float32 would keep nothing: the least positive float keeps the top token
-    top_p = top_p.clamp(min=torch.finfo(torch.float32).tiny)
+    top_p = top_p.clamp(min=torch.finfo(torch.float32).tiny).contiguous()
     B, V = probs.shape
     out = torch.empty(B, dtype=torch.float32, device=probs.device)
     if B == 0:

@@ -56,12 +56,18 @@ class PenaltyCounts:
             self.output.index_put_((row, col), self.output.new_ones(len(adds)), accumulate=True)
         return to_device(index, torch.long, self.device)
 
+    def reserve(self, rows: int) -> None:
+        """At least `rows` rows allocated (the engine's memory profile holds max_num_seqs of them)."""
+        have = self.output.shape[0]
+        if rows > have:
+            self.free.extend(reversed(range(have, rows)))  # the same list: finalizers append to it
+            prompt, output = self.prompt.new_zeros(rows, self.vocab), self.output.new_zeros(rows, self.vocab)
+            prompt[:have], output[:have] = self.prompt, self.output
+            self.prompt, self.output = prompt, output
+
     def _take(self, req: Request) -> int:
-        if not self.free:  # (the same list always: finalizers of earlier rows append to it)
-            grown = max(8, 2 * self.output.shape[0])
-            self.free.extend(reversed(range(self.output.shape[0], grown)))
-            self.prompt = torch.cat([self.prompt, self.prompt.new_zeros(grown - self.prompt.shape[0], self.vocab)])
-            self.output = torch.cat([self.output, self.output.new_zeros(grown - self.output.shape[0], self.vocab)])
+        if not self.free:
+            self.reserve(max(8, 2 * self.output.shape[0]))
         row = self.free.pop()
         weakref.finalize(req, self.free.append, row)
         return row

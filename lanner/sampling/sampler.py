@@ -330,5 +330,5 @@ def nucleus_threshold(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     if probs.is_cuda:
         from lanner.kernels.top_p import top_p_threshold  # Triton: the GPU path only
 
-        return top_p_threshold(probs, top_p.contiguous())
+        return top_p_threshold(probs, top_p)
     return top_p_threshold_ref(probs, top_p)
