@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import torch
 
@@ -26,6 +27,24 @@ def test_generate_outputs_are_complete(qwen3_path):
         assert o.text == tok.decode(o.token_ids)
         m = out.metrics
         assert m.arrival_time <= m.first_scheduled_time <= m.first_token_time <= m.finished_time
+
+
+def test_the_engine_times_its_steps_and_the_gaps_between_them(qwen3_path):
+    """step_seconds: inside step(); between_steps_seconds: from one step's end to the next one's start
+    while requests were unfinished, so an idle engine adds nothing."""
+    engine = make_llm(qwen3_path).engine
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    engine.add_request("a", [5, 6, 7], params)
+    engine.step()
+    time.sleep(0.2)  # busy: counted
+    while engine.has_unfinished_requests():
+        engine.step()
+    busy_gap = engine.between_steps_seconds
+    assert busy_gap >= 0.2 and engine.step_seconds > 0
+    time.sleep(0.2)  # idle: not counted
+    engine.add_request("b", [5, 6, 7], params)
+    engine.step()
+    assert engine.between_steps_seconds == busy_gap
 
 
 def test_chat_uses_the_template(qwen3_path):

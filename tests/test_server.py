@@ -162,8 +162,9 @@ def test_models_health_version_metrics(server, client):
 
 
 def test_metrics_count_the_engines_steps_and_tokens():
-    """The engine's own step and token totals (sampled after the step that leaves it idle), so a
-    served burst's mean batch can be set against an offline run's (`lanner bench throughput`)."""
+    """The engine's own step and token totals and its time inside and between steps (sampled after
+    the step that leaves it idle), so a served burst's mean batch and step time can be set against an
+    offline run's (`lanner bench throughput`)."""
     from lanner.server.metrics import ServerMetrics
 
     app, engine = make_app(ServerMetrics())
@@ -172,11 +173,15 @@ def test_metrics_count_the_engines_steps_and_tokens():
                                                        "ignore_eos": True}, timeout=30)
         assert r.status_code == 200
         wait_idle(engine)
-        steps, computed = engine.call(lambda e: (e.num_steps, e.num_tokens_computed)).result(10)
+        steps, computed, inside, between = engine.call(lambda e: (
+            e.num_steps, e.num_tokens_computed, e.step_seconds, e.between_steps_seconds)).result(10)
         assert steps >= 4 and computed >= 3 + 3  # the prompt, then a token a step
+        assert inside > 0 and between >= 0
         text = httpx.get(base + "/metrics").text
         assert f"lanner_engine_steps_total {float(steps)}" in text
         assert f"lanner_engine_tokens_computed_total {float(computed)}" in text
+        assert f"lanner_engine_step_seconds_total {inside!r}" in text
+        assert f"lanner_engine_between_steps_seconds_total {between!r}" in text
 
 
 @pytest.mark.parametrize("body,status,fragment", [
@@ -487,6 +492,26 @@ def test_a_slow_reader_gets_the_latest_output_not_a_backlog(offline):
     want = offline.generate("def f():", params, use_tqdm=False)[0].outputs[0]
     assert [len(o.outputs[0].token_ids) for o in outputs] == [1, 8] and outputs[-1].finished
     assert outputs[-1].outputs[0].token_ids == want.token_ids and outputs[-1].outputs[0].text == want.text
+
+
+def test_generate_adds_the_request_before_its_outputs_are_read():
+    """The add leaves in generate() itself: a burst's requests reach the engine as the server parses
+    each one, not once it has parsed them all (its handlers read outputs only later). A stream closed
+    unread aborts its request."""
+    params = SamplingParams(temperature=0, max_tokens=500, ignore_eos=True)
+
+    async def add_then_look(engine):
+        stream = engine.generate("early", "def f():", params)
+        # commands run in order on the engine loop: this one sees the add, if it was sent
+        added = await asyncio.wrap_future(engine.call(lambda e: "early" in e.groups))
+        stream.close_unread()
+        while await asyncio.wrap_future(engine.call(lambda e: e.has_unfinished_requests())):
+            await asyncio.sleep(0.01)
+        out = [o async for o in stream]
+        return added, out, dict(engine._streams)
+
+    added, out, streams = run_with_engine(add_then_look)
+    assert added and out == [] and streams == {}
 
 
 def test_a_request_id_in_use_is_refused_without_harming_its_owner(offline):

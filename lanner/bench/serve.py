@@ -18,6 +18,7 @@ import os
 import random
 import statistics
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from queue import Empty
@@ -65,19 +66,19 @@ def auth_headers(args: argparse.Namespace) -> dict:
     return {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
 
 
-async def one_request(client, url: str, body: dict, headers: dict) -> Result:
-    import httpx
+async def one_request(session, url: str, body: dict, headers: dict) -> Result:
+    import aiohttp
 
     res = Result(sent=time.monotonic())
     start = time.perf_counter()
     last = start
     try:
-        async with client.stream("POST", url, json=body, headers=headers) as r:
-            if r.status_code != 200:
-                res.error = f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"
+        async with session.post(url, json=body, headers=headers) as r:
+            if r.status != 200:
+                res.error = f"HTTP {r.status}: {(await r.read())[:200]!r}"
                 return res
-            async for line in r.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
+            async for line in r.content:  # SSE: "data: {...}" lines, blank lines between events
+                if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
                     continue
                 chunk = json.loads(line[6:])
                 if "error" in chunk:
@@ -93,7 +94,7 @@ async def one_request(client, url: str, body: dict, headers: dict) -> Result:
                     else:
                         res.itl.append(now - last)
                     last = now
-    except httpx.HTTPError as e:
+    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as e:  # ValueError: a line over read_bufsize
         res.error = f"{type(e).__name__}: {e}"
         return res
     res.e2e = time.perf_counter() - start
@@ -107,30 +108,32 @@ async def send_share(url: str, model: str, rate: float, requests: list[tuple[str
     """One event loop's requests, arriving as a Poisson process at `rate` (inf: all at once), and
     when it began sending (time.monotonic()). `ready` (blocking) is called once the client and the
     bodies are built, before the first send: the measured duration must not include this process's
-    start (importing httpx and building a client took ~130 ms on a 2-core machine, time a burst
-    would count as the server's)."""
-    import httpx
+    start (importing the HTTP client and building it took ~130 ms on a 2-core machine, time a burst
+    would count as the server's). The client is aiohttp, as in vLLM's and SGLang's serving
+    benchmarks: httpx took ~4x its CPU per streamed chunk (docs/serving.md, "Measuring")."""
+    import aiohttp
 
     rng = random.Random(seed)
     limit = asyncio.Semaphore(concurrency or len(requests))
 
-    async def limited(client, body):
+    async def limited(session, body):
         async with limit:
-            return await one_request(client, url, body, headers)
+            return await one_request(session, url, body, headers)
 
     bodies = [{"model": model, "prompt": prompt, "max_tokens": output_len, "temperature": 0, "stream": True,
                "ignore_eos": True, "stream_options": {"include_usage": True}} for prompt, output_len in requests]
-    async with httpx.AsyncClient(timeout=httpx.Timeout(timeout),
-                                 # idle connections are dropped before a server's keep-alive timeout
-                                 # (uvicorn: 5 s) can close one under a request being sent on it
-                                 limits=httpx.Limits(max_connections=concurrency or 1000,
-                                                     keepalive_expiry=2.0)) as client:
+    # idle connections are dropped before a server's keep-alive timeout (uvicorn: 5 s) can close one
+    # under a request being sent on it; `timeout` bounds the connect and each read, as httpx's did
+    connector = aiohttp.TCPConnector(limit=concurrency or 0, keepalive_timeout=2.0)
+    async with aiohttp.ClientSession(connector=connector, read_bufsize=2 ** 20,
+                                     timeout=aiohttp.ClientTimeout(total=None, connect=timeout,
+                                                                   sock_read=timeout)) as session:
         if ready is not None:
             await asyncio.to_thread(ready)
         began = time.monotonic()
         tasks = []
         for body in bodies:
-            tasks.append(asyncio.create_task(limited(client, body)))
+            tasks.append(asyncio.create_task(limited(session, body)))
             if rate != float("inf"):
                 await asyncio.sleep(rng.expovariate(rate))
         return await asyncio.gather(*tasks), began
@@ -240,15 +243,21 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     fig.savefig(path, dpi=110)
 
 
-def main(args: argparse.Namespace) -> None:
-    import httpx
+def served_model(args: argparse.Namespace) -> str:
+    """The server's first model (GET /v1/models)."""
+    request = urllib.request.Request(args.base_url.rstrip("/") + "/v1/models", headers=auth_headers(args))
+    with urllib.request.urlopen(request, timeout=30) as r:
+        return json.load(r)["data"][0]["id"]
 
+
+def main(args: argparse.Namespace) -> None:
+    try:
+        import aiohttp  # noqa: F401
+    except ImportError as e:
+        raise ConfigError(f"`lanner bench serve` needs the bench extra: pip install 'lanner[bench]' ({e})") from e
     if args.client_processes < 1:
         raise ConfigError(f"--client-processes must be at least 1, not {args.client_processes}")
-    model = args.model
-    if model is None:
-        model = httpx.get(args.base_url.rstrip("/") + "/v1/models", headers=auth_headers(args),
-                          timeout=30).json()["data"][0]["id"]
+    model = args.model if args.model is not None else served_model(args)
     dataset = load_dataset(args)
     rows = []
     for sweep_index, rate in enumerate(args.request_rate):

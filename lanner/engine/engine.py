@@ -135,6 +135,10 @@ class LLMEngine:
         self.num_tokens_generated = 0
         self.num_overlapped_steps = 0  # launched before the previous step was read back
         self.num_overlapped_verify_steps = 0  # of them, steps that verified drafts
+        # wall time inside step(), and between the end of one step and the start of the next while
+        # requests were unfinished (the caller's loop: a server's commands and output dispatch)
+        self.step_seconds = self.between_steps_seconds = 0.0
+        self._last_step_end: float | None = None
         self.in_flight: tuple[SchedulerOutput, StepHandle] | None = None  # launched, not yet read back
         self._stepping: SchedulerOutput | None = None  # the step being launched
         self._reading: SchedulerOutput | None = None  # the step being read back
@@ -259,6 +263,17 @@ class LLMEngine:
     # ---- the step ------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        start = time.monotonic()
+        if self._last_step_end is not None:
+            self.between_steps_seconds += start - self._last_step_end
+        try:
+            return self._step()
+        finally:
+            end = time.monotonic()
+            self.step_seconds += end - start
+            self._last_step_end = end if self.has_unfinished_requests() else None
+
+    def _step(self) -> list[RequestOutput]:
         self._stepping = None
         outputs = self._admit_compiled()
         if self.in_flight is not None and self._must_read_back(self.in_flight[1]):

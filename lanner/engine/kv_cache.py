@@ -51,6 +51,7 @@ class KVCacheManager:
         self.block_hash: list[bytes | None] = [None] * num_blocks
         self.cached: dict[bytes, int] = {}
         self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self.num_cached_free = 0  # free blocks with a hash (stats() are sampled while serving: no walk of the list)
         self.prefix_queries = 0
         self.prefix_hits = 0
 
@@ -105,6 +106,7 @@ class KVCacheManager:
         for block_id in adopted:
             if self.ref_counts[block_id] == 0:
                 del self.free[block_id]
+                self.num_cached_free -= 1
             self.ref_counts[block_id] += 1
         req.block_ids.extend(adopted)
         req.num_computed_tokens = num_computed
@@ -126,6 +128,7 @@ class KVCacheManager:
             self.ref_counts[block_id] -= 1
             if self.ref_counts[block_id] == 0:
                 self.free[block_id] = None
+                self.num_cached_free += self.block_hash[block_id] is not None
         req.block_ids = []
         req.num_registered_blocks = 0
 
@@ -134,8 +137,7 @@ class KVCacheManager:
 
     def stats(self) -> KVCacheStats:
         free = len(self.free)
-        cached = sum(1 for b in self.free if self.block_hash[b] is not None)
-        return KVCacheStats(self.num_blocks, self.num_blocks - free, free, cached,
+        return KVCacheStats(self.num_blocks, self.num_blocks - free, free, self.num_cached_free,
                             self.prefix_queries, self.prefix_hits)
 
     def reset_prefix_cache(self) -> bool:
@@ -146,6 +148,7 @@ class KVCacheManager:
             return False
         self.cached.clear()
         self.block_hash = [None] * self.num_blocks
+        self.num_cached_free = 0
         self.prefix_queries = self.prefix_hits = 0
         return True
 
@@ -157,6 +160,7 @@ class KVCacheManager:
                 refs[block_id] += 1
         assert refs == self.ref_counts, "ref counts differ from the live requests' block tables"
         assert set(self.free) == {b for b in range(self.num_blocks) if refs[b] == 0}, "free list is wrong"
+        assert self.num_cached_free == sum(self.block_hash[b] is not None for b in self.free), "cached count is wrong"
         for block_hash, block_id in self.cached.items():
             assert self.block_hash[block_id] == block_hash, "hash index points at a block with other content"
 
@@ -166,6 +170,7 @@ class KVCacheManager:
         if old_hash is not None:  # evict its cached content
             del self.cached[old_hash]
             self.block_hash[block_id] = None
+            self.num_cached_free -= 1
         self.ref_counts[block_id] = 1
         return block_id
 

@@ -38,7 +38,7 @@ from lanner.server.reasoning import REASONING_PARSERS
 from lanner.server.responses import ChatShaper, CompletionShaper, PromptInfo, Reading
 from lanner.server.tool_parsers import TOOL_PARSERS
 from lanner.server.tools import plan_tools
-from lanner.serving.async_engine import AsyncEngine, Mailbox, StepFailed
+from lanner.serving.async_engine import AsyncEngine, Mailbox, RequestStream, StepFailed
 
 logger = logging.getLogger(__name__)
 
@@ -250,8 +250,8 @@ def build_app(engine: AsyncEngine, config: ServerConfig, metrics: ServerMetrics 
             return error_of(e)
         rid = f"cmpl-{uuid.uuid4().hex}"
         log_request(rid, [len(p.token_ids) for p in inputs], params)
-        streams = [engine.generate(f"{rid}-{i}", p.token_ids, params) for i, p in enumerate(inputs)]
         shaper = CompletionShaper(rid, names[0], body, inputs, token_text)
+        streams = [engine.generate(f"{rid}-{i}", p.token_ids, params) for i, p in enumerate(inputs)]
         return await respond(request, body.stream, streams, shaper, config.stream_stall_timeout_s)
 
     @app.post("/v1/chat/completions")
@@ -325,9 +325,11 @@ class AuthAndCount:
                                           "authentication_error", "invalid_api_key")
                 return await response(scope, receive, send_counting)
             if scope["method"] in ("POST", "PUT", "PATCH"):
-                try:
-                    body = await asyncio.wait_for(self._read_body(receive), self.body_timeout_s)
-                except asyncio.TimeoutError:  # a body sent a byte at a time must not hold its connection forever
+                try:  # asyncio.timeout, not wait_for: on Python 3.11 wait_for runs the read as a task of its own,
+                    # and every request's extra turn of the event loop delays the whole burst's adds
+                    async with asyncio.timeout(self.body_timeout_s):
+                        body = await self._read_body(receive)
+                except TimeoutError:  # a body sent a byte at a time must not hold its connection forever
                     response = error_response(408, f"the request body did not arrive within {self.body_timeout_s:g} s "
                                                    "(--body-timeout-s)", "invalid_request_error")
                     return await response(scope, receive, send_counting)
@@ -375,7 +377,7 @@ class ReaderStalled(LannerError):
     """A streaming client read nothing for too long; its requests are aborted."""
 
 
-async def respond(request: Request, stream: bool, generators: list[AsyncIterator[RequestOutput]], shaper,
+async def respond(request: Request, stream: bool, generators: list[RequestStream], shaper,
                   stall_timeout: float) -> Response:
     """Run the prompts' generators; as SSE if `stream`, else one JSON body. Errors raised
     before the first output become plain error responses. Outputs wait in a Mailbox (one slot
@@ -403,6 +405,8 @@ async def respond(request: Request, stream: bool, generators: list[AsyncIterator
             await gen.aclose()
 
     tasks = [asyncio.create_task(pump(i, g)) for i, g in enumerate(generators)]
+    for task, gen in zip(tasks, generators):  # a pump cancelled before it ran never iterated its request
+        task.add_done_callback(lambda _, gen=gen: gen.close_unread())
     remaining = len(tasks)
 
     async def events() -> AsyncIterator[tuple[int, RequestOutput]]:

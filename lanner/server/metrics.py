@@ -53,7 +53,9 @@ class ServerMetrics:
         self.kv_usage.set(stats.kv_usage)
         self.prefix_hit_rate.set(stats.prefix_hit_rate)
         self.preemptions.set(stats.preemptions)
-        self.totals.steps, self.totals.tokens_computed = stats.steps, stats.tokens_computed
+        t = self.totals
+        t.steps, t.tokens_computed, t.step_seconds, t.between_steps_seconds = \
+            stats.steps, stats.tokens_computed, stats.step_seconds, stats.between_steps_seconds
         if stats.speculation is not None:
             self.totals.speculation = stats.speculation
 
@@ -103,6 +105,7 @@ class _EngineTotals:
 
     def __init__(self) -> None:
         self.steps = self.tokens_computed = 0
+        self.step_seconds = self.between_steps_seconds = 0.0
         self.speculation: dict | None = None  # none until an engine that speculates reports
 
     def collect(self):
@@ -112,6 +115,12 @@ class _EngineTotals:
                                   value=self.steps)
         yield CounterMetricFamily("lanner_engine_tokens_computed", "tokens through the model: prompt chunks, "
                                   "decoded tokens and drafts verified", value=self.tokens_computed)
+        # a burst's step seconds against offline's wall time: are the steps slower when served? Its
+        # between-steps seconds: how long the loop spent on commands and outputs between them
+        yield CounterMetricFamily("lanner_engine_step_seconds", "wall time inside engine steps",
+                                  value=self.step_seconds)
+        yield CounterMetricFamily("lanner_engine_between_steps_seconds", "wall time between engine steps while "
+                                  "requests were unfinished (commands, outputs)", value=self.between_steps_seconds)
         t = self.speculation
         if t is None:
             return

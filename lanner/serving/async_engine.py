@@ -59,6 +59,8 @@ class EngineStats:
     speculation: dict | None = None  # SpeculationStats.as_dict(): totals since start
     steps: int = 0  # engine steps since start
     tokens_computed: int = 0  # tokens through the model since start (prompt chunks, decodes, drafts verified)
+    step_seconds: float = 0.0  # wall time inside the engine's steps since start
+    between_steps_seconds: float = 0.0  # wall time between its steps while requests were unfinished
 
 
 def engine_stats(engine: LLMEngine) -> EngineStats:
@@ -66,7 +68,8 @@ def engine_stats(engine: LLMEngine) -> EngineStats:
     speculation = engine.speculator.stats.as_dict() if engine.speculator is not None else None
     return EngineStats(len(engine.scheduler.running), len(engine.scheduler.waiting), kv.used_blocks, kv.usage,
                        kv.hit_rate, engine.scheduler.num_preemptions, engine.has_unfinished_requests(), speculation,
-                       engine.num_steps, engine.num_tokens_computed)
+                       engine.num_steps, engine.num_tokens_computed, engine.step_seconds,
+                       engine.between_steps_seconds)
 
 
 class Sink(Protocol):
@@ -312,6 +315,40 @@ def _put_soon(loop: asyncio.AbstractEventLoop, items: list[tuple[Mailbox, Any]])
         pass
 
 
+async def _no_outputs() -> AsyncIterator[RequestOutput]:
+    return
+    yield  # an async generator that ends at once
+
+
+class RequestStream:
+    """A request that AsyncEngine.generate added: its outputs, by async iteration. Leaving the
+    iteration before the last output aborts the request; so does `close_unread()` before it began
+    (a caller that may never iterate calls it, or the request would run on unread)."""
+
+    def __init__(self, engine: AsyncEngine, request_id: str, stream: _Stream, added: Future) -> None:
+        self._engine, self._request_id, self._stream = engine, request_id, stream
+        self._outputs = engine._outputs(request_id, stream, added)
+        self._begun = False
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    def __anext__(self):
+        self._begun = True
+        return self._outputs.__anext__()
+
+    def close_unread(self) -> None:
+        if not self._begun:
+            self._begun = True
+            self._outputs = _no_outputs()  # the unstarted one has no cleanup to run: it is dropped
+            self._engine._drop_stream(self._request_id, self._stream)
+            self._engine.abort(self._request_id)
+
+    async def aclose(self) -> None:
+        self.close_unread()
+        await self._outputs.aclose()
+
+
 class AsyncEngine:
     def __init__(self, engine: LLMEngine | None = None, max_waiting_requests: int | None = None,
                  max_step_failures: int = 3, observer: Any = None,
@@ -356,19 +393,27 @@ class AsyncEngine:
 
     # ---- the callers' side ---------------------------------------------------------------
 
-    async def generate(self, request_id: str, prompt: PromptType, params: SamplingParams) -> AsyncIterator[RequestOutput]:
-        """Outputs of one request as it progresses, of `params.output_kind` (cumulative ones the
-        caller was too slow to take are skipped, deltas it was too slow to take are merged), the
-        last with `finished`; raises the request's error (InvalidRequest,
-        ServerOverloaded, EngineDead, StepFailed). Leaving the iteration early (a client that went
-        away) aborts the request."""
+    def generate(self, request_id: str, prompt: PromptType, params: SamplingParams) -> RequestStream:
+        """Add a request and return its outputs, to iterate: of `params.output_kind` (cumulative
+        ones the caller was too slow to take are skipped, deltas it was too slow to take are merged),
+        the last with `finished`. The add leaves for the engine in this call, before the caller next
+        yields to its event loop: a burst's requests reach the engine as the server parses each, not
+        after it has parsed them all (a handler yields several times before its outputs are read).
+        The iteration raises the request's error (InvalidRequest, ServerOverloaded, EngineDead,
+        StepFailed); leaving it early (a client that went away) aborts the request, as
+        `close_unread()` does for one never iterated. A request id still in use raises
+        InvalidRequest here."""
         if request_id in self._streams:
             raise InvalidRequest(f"request id {request_id!r} is already in use")
         stream = _Stream(asyncio.get_running_loop(), Mailbox(params.output_kind is RequestOutputKind.DELTA),
                          time.monotonic())
         self._streams[request_id] = stream  # before the add: the first output may come at once
+        added = self.transport.request("add", request_id, prompt, params)
+        return RequestStream(self, request_id, stream, added)
+
+    async def _outputs(self, request_id: str, stream: _Stream, added: Future) -> AsyncIterator[RequestOutput]:
         try:
-            await asyncio.wrap_future(self.transport.request("add", request_id, prompt, params))
+            await asyncio.wrap_future(added)
         except asyncio.CancelledError:  # the caller left while the add was queued: it may have run anyway
             self._drop_stream(request_id, stream)
             self.abort(request_id)
