@@ -12,6 +12,8 @@
 #                                       # logprobs) over _base/'s lanner and this one
 #   bash scripts/gpu_perf.sh topp       # top-p's threshold search: its GPU tests, scripts/top_p_probe.py, and the
 #                                       # sampled presets greedy/llama3/qwen3 over _base/'s lanner and this one
+#   bash scripts/gpu_perf.sh norms      # scripts/rms_norm_probe.py (the add + RMSNorm kernel's warps), then W-8B over
+#                                       # _base/'s lanner and this one
 #   bash scripts/gpu_perf.sh gemv       # tests/gpu/test_gemv_gpu.py, then batch 1 and 8 with --gemv-kernels cublas
 #                                       # and auto in one call (a fresh cache folder: auto measures its table)
 source "$(dirname "$0")/gpu_env.sh"
@@ -90,5 +92,12 @@ case "${1:-}" in
       (cd "$tree" && python3 "$root/scripts/sampled_throughput.py" --config "$root/benchmarks/configs/$cfg.json" \
         ${PRESETS:+--presets $PRESETS}) 2>&1 | tee "$outdir/$day-sampled-$cfg-$tag.txt" | grep -E '^\{|Error'
     done 3< <(tree_runs qwen3-8b) ;;
-  *) echo "usage: $0 tests|serve|breakdown|steps|latency|hostphases|kv|gemv|sampled|topp" >&2; exit 2 ;;
+  norms)
+    python3 scripts/rms_norm_probe.py 2>&1 | tee "$out/$day-rms-norm-probe.txt"
+    while read -r tree tag cfg <&3; do
+      echo "== W-8B $tag"
+      (cd "$tree" && python3 -m lanner.cli bench throughput --config "$root/benchmarks/configs/$cfg.json" \
+        --output-json "$outdir/$day-w8b-$tag.json") 2>&1 | grep -o '"output_tok_per_s": [0-9.]*' | head -1
+    done 3< <(tree_runs qwen3-8b) ;;
+  *) echo "usage: $0 tests|serve|breakdown|steps|latency|hostphases|kv|gemv|sampled|topp|norms" >&2; exit 2 ;;
 esac

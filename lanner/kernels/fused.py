@@ -33,15 +33,23 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, stride_x, stride_r, stride_
     tl.store(out_ptr + row * stride_o + cols, y.to(dtype), mask=mask)
 
 
+def rms_norm_warps(block: int) -> int:
+    """Warps for a row of `block` elements, as Triton's layer-norm tutorial sizes them (a warp per
+    256 elements, 4 to 8): with 4 warps a 4096-wide row (Qwen3-8B) is 32 elements a thread, and a
+    batch-256 decode step's 256 programs leave the multiprocessors mostly idle, waiting on memory."""
+    return min(max(block // 256, 4), 8)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
     """RMSNorm over the last dim of a 2-D x. With `residual`, computes x + residual first,
     writes that sum into `residual` (in place) and returns (normed, residual)."""
     out = torch.empty_like(x)
     T, N = x.shape
     if T:
+        block = next_power_of_2(N)
         _rms_norm_kernel[(T,)](x, residual if residual is not None else x, weight, out, x.stride(0),
                                residual.stride(0) if residual is not None else 0, out.stride(0), N, eps,
-                               HAS_RES=residual is not None, BLOCK=next_power_of_2(N))
+                               HAS_RES=residual is not None, BLOCK=block, num_warps=rms_norm_warps(block))
     return out if residual is None else (out, residual)
 
 
