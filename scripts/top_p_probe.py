@@ -1,6 +1,6 @@
 """Top-p's filter on the GPU: the threshold search (kernels/top_p.py) against the sort it replaces, at
 several batch sizes over a 152k vocabulary (issue [12]: Llama 3's generation_config samples with top-p
-alone). Usage: python scripts/top_p_probe.py [--vocab 151936]. Prints a JSON line a batch size (ms)."""
+alone), and the threshold alone for several search shapes (pivots x passes, blocks skipped or not). Usage: python scripts/top_p_probe.py [--vocab 151936]. Prints a JSON line a batch size (ms)."""
 from __future__ import annotations
 
 import argparse
@@ -10,8 +10,11 @@ from functools import partial
 import torch
 
 from lanner.bench.common import time_ms
-from lanner.kernels.top_p import top_p_threshold
+from lanner.kernels.top_p import PASSES, PIVOTS, top_p_threshold
 from lanner.sampling.sampler import _filtered
+
+
+SHAPES = ((PIVOTS, PASSES, True), (32, 6, False), (16, 8, True), (8, 10, True))
 
 
 def main() -> None:
@@ -23,11 +26,15 @@ def main() -> None:
         table = torch.tensor([[1.0, args.vocab, 0.9, 0.0]], device="cuda").repeat(B, 1)
         probs = logits.softmax(dim=-1)
         top_p = table[:, 2].contiguous()
-        print(json.dumps({"batch": B, "vocab": args.vocab,
-                          "sort_filter_ms": round(time_ms(partial(_filtered, logits, table, args.vocab, False), 20), 3),
-                          "search_filter_ms": round(time_ms(partial(_filtered, logits, table, -1, False), 20), 3),
-                          "search_threshold_ms": round(time_ms(partial(top_p_threshold, probs, top_p), 20), 3)}),
-              flush=True)
+        row = {"batch": B, "vocab": args.vocab,
+               "sort_filter_ms": round(time_ms(partial(_filtered, logits, table, args.vocab, False), 20), 3),
+               "search_filter_ms": round(time_ms(partial(_filtered, logits, table, -1, False), 20), 3)}
+        for pivots, passes, skip in SHAPES:  # the default first, then the eighth session's (no skip), then others
+            want = top_p_threshold(probs, top_p)
+            assert torch.equal(top_p_threshold(probs, top_p, pivots, passes, skip), want)
+            row[f"threshold_{pivots}x{passes}{'_skip' if skip else ''}_ms"] = round(time_ms(
+                partial(top_p_threshold, probs, top_p, pivots, passes, skip), 20), 3)
+        print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":

@@ -224,12 +224,19 @@ def test_race_sample_matches_reference(vocab):
     assert (got == want).float().mean() >= 0.9 and got[3] == 0
 
 
-@pytest.mark.parametrize("vocab", [1000, 4096, 9000])  # one split, exactly one, three (CHUNK 4096)
-def test_top_p_threshold_matches_reference(vocab):
+# one split, exactly one, three (CHUNK 4096); the default search (32 pivots, 6 passes, blocks
+# skipped), without the skip, and the other shapes scripts/top_p_probe.py times
+@pytest.mark.parametrize("vocab,shape", [(1000, {}), (4096, {}), (9000, {}), (9000, {"skip": False}),
+                                         (9000, {"pivots": 8, "passes": 10}), (9000, {"pivots": 16, "passes": 8})])
+def test_top_p_threshold_matches_reference(vocab, shape):
     """The bisection over bit patterns lands on the sorted cumulative sum's threshold: random rows,
     bf16 ties, a uniform row (every token tied), a row with one possible token, top_p near 0 and 1."""
-    from lanner.kernels.top_p import top_p_threshold
+    from functools import partial
+
+    from lanner.kernels.top_p import top_p_threshold as search
     from lanner.kernels.top_p_reference import top_p_threshold_ref
+
+    top_p_threshold = partial(search, **shape)
 
     g = torch.Generator().manual_seed(6)
     logits = 3 * torch.randn(7, vocab, generator=g)
@@ -256,6 +263,15 @@ def test_top_p_threshold_matches_reference(vocab):
     mass = (probs * kept).sum(dim=-1)
     above = (probs * (probs > got[:, None])).sum(dim=-1)
     assert (mass >= top_p - 1e-6).all() and (above < top_p).all()  # it reaches top_p; less would not
+
+
+def test_top_p_search_shapes_that_cannot_finish_are_refused():
+    from lanner.kernels.top_p import top_p_threshold
+
+    probs, top_p = torch.full((1, 8), 1 / 8), torch.tensor([0.5])
+    for shape in ({"pivots": 8, "passes": 9}, {"pivots": 12, "passes": 10}, {"pivots": 1, "passes": 40}):
+        with pytest.raises(ValueError, match="power of 2"):
+            top_p_threshold(probs, top_p, **shape)
 
 
 def test_race_noise_is_exponential_and_keyed():

@@ -1,0 +1,43 @@
+"""Compile Triton kernels for a Hopper GPU (sm_90) on a machine without one: the CPU tests run the
+kernels in Triton's interpreter, which accepts code the GPU compiler may not (control flow inside
+loops, say), and a GPU session may not come soon. Triton's wheel carries its compiler and ptxas,
+so `triton.compile` for a GPUTarget works anywhere. Covers the kernels changed in the ninth session
+(the top-p search with its block skip, the add + RMSNorm with its warps); add others as they change.
+Written for Triton 3.9's ASTSource(fn, signature, constexprs). Usage: python scripts/compile_check.py"""
+from __future__ import annotations
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from lanner.kernels.fused import _rms_norm_kernel, rms_norm_warps
+from lanner.kernels.top_p import PASSES, PIVOTS, _top_p_pass
+
+HOPPER = GPUTarget("cuda", 90, 32)
+
+
+def check(name: str, fn, signature: dict, constexprs: dict, num_warps: int = 4) -> None:
+    signature = signature | dict.fromkeys(constexprs, "constexpr")
+    kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=HOPPER,
+                            options={"num_warps": num_warps})
+    print(f"{name}: {len(kernel.asm['cubin'])} bytes of sm_90 code, {kernel.metadata.num_warps} warps")
+
+
+def main() -> None:
+    top_p = {"probs_ptr": "*fp32", "stride": "i32", "top_p_ptr": "*fp32", "bounds_ptr": "*i32", "sums_ptr": "*fp32",
+             "out_ptr": "*fp32", "B": "i32", "V": "i32", "num_splits": "i32"}
+    for pivots, passes in ((PIVOTS, PASSES), (16, 8), (8, 10)):
+        for step in (0, 1, passes):
+            for skip in (True, False):
+                check(f"top-p pass {step}/{passes}, {pivots} pivots, skip {skip}", _top_p_pass, top_p,
+                      {"PASS": step, "FINAL": step == passes, "NP": pivots, "SPLITS": 64, "CHUNK_SIZE": 4096,
+                       "BLOCK": 256, "SKIP": skip})
+    norm = {"x_ptr": "*bf16", "res_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", "stride_x": "i32",
+            "stride_r": "i32", "stride_o": "i32", "N": "i32", "eps": "fp32"}
+    for block in (1024, 4096):
+        check(f"add + RMSNorm, {block} wide", _rms_norm_kernel, norm, {"HAS_RES": True, "BLOCK": block},
+              rms_norm_warps(block))
+
+
+if __name__ == "__main__":
+    main()
