@@ -21,7 +21,7 @@ def probe(hidden: int, tokens: int, dtype=torch.bfloat16) -> dict:
     w = torch.randn(hidden, dtype=dtype, device="cuda")
     out = torch.empty_like(x)
     block = next_power_of_2(hidden)
-    moved = (5 * tokens + 1) * hidden * x.element_size()  # x, residual read and written, out written, w
+    moved = (4 * tokens + 1) * hidden * x.element_size()  # x read, residual read and written, out written, w
 
     def launch(warps):
         _rms_norm_kernel[(tokens,)](x, residual, w, out, x.stride(0), residual.stride(0), out.stride(0), hidden,

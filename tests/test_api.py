@@ -45,6 +45,11 @@ def test_the_engine_times_its_steps_and_the_gaps_between_them(qwen3_path):
     engine.add_request("b", [5, 6, 7], params)
     engine.step()
     assert engine.between_steps_seconds == busy_gap
+    engine.abort_request("b")  # idle after an abort too (a client that left)
+    time.sleep(0.2)
+    engine.add_request("c", [5, 6, 7], params)
+    engine.step()
+    assert engine.between_steps_seconds == busy_gap
 
 
 def test_chat_uses_the_template(qwen3_path):
@@ -261,3 +266,22 @@ def test_two_engines_generate_on_two_threads_at_once(qwen3_path, llama_path):
     for t in threads:
         t.join(120)
     assert not errors and all(runs == [alone[i]] * 3 for i, runs in enumerate(together))
+
+
+def test_outputs_pickle_and_copy_by_their_fields():
+    """RequestOutput and what it holds cross the engine process's pipe as (class, fields): the same
+    values come back, nested objects rebuilt, shared ones shared; copies are as before."""
+    import copy
+    import pickle
+
+    from lanner.core.request import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+
+    metrics = RequestMetrics(1.0, 3, 2.0, 3.0, None, [2])
+    logprobs = [{7: Logprob(-0.5, 1, "a", b"a"), 9: Logprob(-1.5, 2)}]
+    out = RequestOutput("r", None, [1, 2, 3], [CompletionOutput(0, "a", [7], -0.5, logprobs, "length")], True,
+                        metrics=metrics, extra={"k": 1})
+    back, twin = pickle.loads(pickle.dumps([out, out]))
+    assert back == out and back is twin and back.metrics is not metrics
+    assert isinstance(back.outputs[0].logprobs[0][7], Logprob) and back.extra == {"k": 1}
+    shallow, deep = copy.copy(out), copy.deepcopy(out)
+    assert shallow == deep == out and shallow.outputs is out.outputs and deep.outputs is not out.outputs

@@ -269,8 +269,9 @@ def test_top_p_search_shapes_that_cannot_finish_are_refused():
     from lanner.kernels.top_p import top_p_threshold
 
     probs, top_p = torch.full((1, 8), 1 / 8), torch.tensor([0.5])
-    for shape in ({"pivots": 8, "passes": 9}, {"pivots": 12, "passes": 10}, {"pivots": 1, "passes": 40}):
-        with pytest.raises(ValueError, match="power of 2"):
+    for shape, why in (({"pivots": 8, "passes": 9}, "do not narrow"), ({"pivots": 12, "passes": 10}, "power of 2"),
+                       ({"pivots": 1, "passes": 40}, "power of 2"), ({"pivots": 128, "passes": 5}, "power of 2")):
+        with pytest.raises(ValueError, match=why):
             top_p_threshold(probs, top_p, **shape)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import os
 import pickle
@@ -505,13 +506,21 @@ def test_generate_adds_the_request_before_its_outputs_are_read():
         # commands run in order on the engine loop: this one sees the add, if it was sent
         added = await asyncio.wrap_future(engine.call(lambda e: "early" in e.groups))
         stream.close_unread()
+        dropped = engine.generate("dropped", "def f():", params)
+        del dropped  # unread and unreferenced: its request must not run on
+        gc.collect()
+        read_too_late = engine.generate("cancelled", "def f():", params)
+        first = asyncio.ensure_future(anext(read_too_late))
+        first.cancel()  # before it ever ran: the stream's read never began
+        await asyncio.sleep(0)
+        await read_too_late.aclose()
         while await asyncio.wrap_future(engine.call(lambda e: e.has_unfinished_requests())):
             await asyncio.sleep(0.01)
         out = [o async for o in stream]
-        return added, out, dict(engine._streams)
+        return added, out, dict(engine._streams), first.cancelled()
 
-    added, out, streams = run_with_engine(add_then_look)
-    assert added and out == [] and streams == {}
+    added, out, streams, cancelled = run_with_engine(add_then_look)
+    assert added and out == [] and streams == {} and cancelled
 
 
 def test_a_request_id_in_use_is_refused_without_harming_its_owner(offline):

@@ -67,8 +67,6 @@ def auth_headers(args: argparse.Namespace) -> dict:
 
 
 async def one_request(session, url: str, body: dict, headers: dict) -> Result:
-    import aiohttp
-
     res = Result(sent=time.monotonic())
     start = time.perf_counter()
     last = start
@@ -94,7 +92,8 @@ async def one_request(session, url: str, body: dict, headers: dict) -> Result:
                     else:
                         res.itl.append(now - last)
                     last = now
-    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as e:  # ValueError: a line over read_bufsize
+    except Exception as e:  # noqa: BLE001 (a failed request is counted, not the end of the run: HTTP and
+        # connection errors, timeouts, a line over read_bufsize, a chunk that is not what it should be)
         res.error = f"{type(e).__name__}: {e}"
         return res
     res.e2e = time.perf_counter() - start
@@ -124,8 +123,8 @@ async def send_share(url: str, model: str, rate: float, requests: list[tuple[str
                "ignore_eos": True, "stream_options": {"include_usage": True}} for prompt, output_len in requests]
     # idle connections are dropped before a server's keep-alive timeout (uvicorn: 5 s) can close one
     # under a request being sent on it; `timeout` bounds the connect and each read, as httpx's did
-    connector = aiohttp.TCPConnector(limit=concurrency or 0, keepalive_timeout=2.0)
-    async with aiohttp.ClientSession(connector=connector, read_bufsize=2 ** 20,
+    connector = aiohttp.TCPConnector(limit=concurrency or 1000, keepalive_timeout=2.0)
+    async with aiohttp.ClientSession(connector=connector, read_bufsize=2 ** 20, trust_env=True,  # proxies, as urllib
                                      timeout=aiohttp.ClientTimeout(total=None, connect=timeout,
                                                                    sock_read=timeout)) as session:
         if ready is not None:

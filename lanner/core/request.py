@@ -192,8 +192,12 @@ def pickled_by_fields(cls: type) -> type:
     """Pickle a dataclass's instances as (class, their fields in order), so loading one is a
     constructor call: pickle's default (state as a dict per object) took twice as long to load, and
     a served step's outputs cross the engine process's pipe, hundreds per step."""
-    fields = operator.attrgetter(*(f.name for f in dataclasses.fields(cls)))
-    cls.__reduce__ = lambda self: (cls, fields(self))
+    names = [f.name for f in dataclasses.fields(cls)]
+    # the constructor must take every field, positionally, and nothing else may live on an instance
+    assert len(names) > 1 and all(f.init and not f.kw_only for f in dataclasses.fields(cls)) \
+        and not hasattr(cls, "__post_init__"), f"{cls.__name__} does not rebuild from its fields in order"
+    fields = operator.attrgetter(*names)
+    cls.__reduce__ = lambda self: (type(self), fields(self))
     return cls
 
 

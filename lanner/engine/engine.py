@@ -227,6 +227,8 @@ class LLMEngine:
             if not req.finished:
                 req.finish("abort")
                 self.scheduler.finish(req)
+        if not self.has_unfinished_requests():  # idle from here: the time until the next step is not between steps
+            self._last_step_end = None
         return self._finalize(request_id)
 
     def render_chat(self, conversation: list[dict], **options: Any) -> list[int]:

@@ -9,6 +9,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from lanner.config import WHOLE_FORWARD_MAX_TOKENS, EngineConfig, MoEConfig
@@ -49,6 +50,8 @@ logger = logging.getLogger(__name__)
 MAX_VERIFY_GRAPH_ROWS = 512
 LOGITS_ROW_BUCKET = 16  # the LM head outside graphs sees row counts in steps of this (ForwardBatch)
 PENDING_ROW = 5  # ModelRunner.staged's rows from here: plain overlap's pending-token rows, then their sample rows
+# what pads each staged row past its values: slots -1 (write no KV), the rest 0
+STAGED_PADDING = np.array([0, 0, -1, 0, 0, 0, 0])[:, None]
 
 
 @dataclass
@@ -599,12 +602,11 @@ class ModelRunner:
         padded = min(-(-L // LOGITS_ROW_BUCKET) * LOGITS_ROW_BUCKET, self.max_tokens)
         cols = max(rows, padded)
         # the rows of self.staged, in order (PENDING_ROW: the pending rows come after the count)
-        fields = [(input_ids, 0), (positions, 0), (slots, -1), (logits_indices, 0), ([T], 0)] + \
-            [(indices, 0) for indices in pending or ()]  # padding rows' slots are -1: they write no KV
+        fields = [input_ids, positions, slots, logits_indices, [T], *(pending or ())]
         host, view = self.uploads.take((len(fields), cols), torch.long)
-        for row, (values, fill) in zip(view, fields):
+        view[...] = STAGED_PADDING[:len(fields)]  # one numpy call, not one a row: ~15 us of a batch-1 step
+        for row, values in zip(view, fields):
             row[:len(values)] = values
-            row[len(values):] = fill
         self.staged_view(0, cols, stop=len(fields)).copy_(host, non_blocking=True)
         self.uploads.sent()
         return ForwardBatch(self.staged_view(0, rows), self.staged_view(1, rows), self.staged_view(2, rows), query_lens,

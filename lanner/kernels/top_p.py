@@ -72,7 +72,7 @@ def _top_p_pass(probs_ptr, stride, top_p_ptr, bounds_ptr, sums_ptr, out_ptr, B, 
         for start in range(0, CHUNK_SIZE, BLOCK):
             cols = split * CHUNK_SIZE + start + tl.arange(0, BLOCK)
             p = tl.load(probs_ptr + row.to(tl.int64) * stride + cols, mask=cols < V, other=0.0)
-            if SKIP:
+            if SKIP and PASS > 0:  # pass 0 searches all of [0, 1]: every element is inside
                 inside = (p >= lo_f) & (p < hi_f)
                 if tl.max(inside.to(tl.int32), 0) > 0:
                     acc += tl.where(p[None, :] >= pivots[:, None], p[None, :], 0.0)
@@ -89,13 +89,15 @@ def top_p_threshold(probs: torch.Tensor, top_p: torch.Tensor, pivots: int = PIVO
     """probs [B, V] float32 (rows sum to 1), top_p [B] float32 in (0, 1] -> [B] float32: the
     smallest probability of each row's nucleus, keeping what top_p_threshold_ref's keeps (0 where
     the row's float32 sum never reaches top_p; the reference gives the row's least probability).
-    `pivots` a pass (a power of 2), `passes` and `skip` are the search's shape (scripts/top_p_probe.py
-    times the choices); the result does not depend on them."""
+    `pivots` a pass (a power of 2, 2 to 64), `passes` and `skip` are the search's shape
+    (scripts/top_p_probe.py times the choices). They change the order of the float32 sums, so a row
+    whose nucleus mass is within rounding of top_p may get a neighbouring threshold under another."""
     if probs.dtype != torch.float32 or probs.stride(1) != 1:
         raise ValueError("top_p_threshold takes float32 probabilities with contiguous rows")
-    if pivots < 2 or pivots & (pivots - 1) or (pivots + 1) ** passes < PATTERNS:
-        raise ValueError(f"{passes} passes of {pivots} pivots do not narrow 2**30 bit patterns to one "
-                         "(pivots: a power of 2, at least 2)")
+    if not 2 <= pivots <= 64 or pivots & (pivots - 1):
+        raise ValueError(f"pivots must be a power of 2 from 2 to 64, not {pivots}")
+    if (pivots + 1) ** passes < PATTERNS:
+        raise ValueError(f"{passes} passes of {pivots} pivots do not narrow 2**30 bit patterns to one")
     # a top_p that rounded to 0 in float32 would keep nothing: the least positive float keeps the top token
     top_p = top_p.clamp(min=torch.finfo(torch.float32).tiny).contiguous()
     B, V = probs.shape

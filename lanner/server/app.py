@@ -386,7 +386,7 @@ async def respond(request: Request, stream: bool, generators: list[RequestStream
     requests aborted."""
     mailbox = Mailbox(deltas=stream)
 
-    async def pump(index: int, gen: AsyncIterator[RequestOutput]) -> None:
+    async def pump(index: int, gen: RequestStream) -> None:
         try:
             async for out in gen:
                 mailbox.put(index, out)

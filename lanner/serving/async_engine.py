@@ -22,6 +22,7 @@ import logging
 import queue
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -80,7 +81,7 @@ class Sink(Protocol):
 
 
 class EngineLoop:
-    STATS_EVERY_S = 0.25  # stats walk the KV free list: sample them, not every step
+    STATS_EVERY_S = 0.25  # stats are a pickle and a pipe message for the server: sampled, not every step
     LOG_EVERY_S = 10.0
 
     def __init__(self, engine: LLMEngine, sink: Sink, max_waiting_requests: int | None = None,
@@ -315,38 +316,64 @@ def _put_soon(loop: asyncio.AbstractEventLoop, items: list[tuple[Mailbox, Any]])
         pass
 
 
-async def _no_outputs() -> AsyncIterator[RequestOutput]:
-    return
-    yield  # an async generator that ends at once
-
-
 class RequestStream:
     """A request that AsyncEngine.generate added: its outputs, by async iteration. Leaving the
-    iteration before the last output aborts the request; so does `close_unread()` before it began
-    (a caller that may never iterate calls it, or the request would run on unread)."""
+    iteration before the last output aborts the request, and so does closing the stream before any
+    read of it began (`close_unread()`, `aclose()`), or dropping it unread: the add left at once, so
+    a stream nobody reads must not leave its request running."""
 
     def __init__(self, engine: AsyncEngine, request_id: str, stream: _Stream, added: Future) -> None:
-        self._engine, self._request_id, self._stream = engine, request_id, stream
-        self._outputs = engine._outputs(request_id, stream, added)
-        self._begun = False
+        self._engine, self._request_id, self._stream, self._added = engine, request_id, stream, added
+        self._reading = self._closed = False
+        self._outputs = self._read()
+        self._unread = weakref.finalize(self, engine._abandon, request_id, stream)  # until a read begins
+        self._unread.atexit = False
 
     def __aiter__(self) -> RequestStream:
         return self
 
     def __anext__(self):
-        self._begun = True
         return self._outputs.__anext__()
 
     def close_unread(self) -> None:
-        if not self._begun:
-            self._begun = True
-            self._outputs = _no_outputs()  # the unstarted one has no cleanup to run: it is dropped
-            self._engine._drop_stream(self._request_id, self._stream)
-            self._engine.abort(self._request_id)
+        """Abort the request if no read of it has begun (a begun read aborts it when it leaves early)."""
+        if not self._reading and not self._closed:
+            self._closed = True
+            self._unread()
 
     async def aclose(self) -> None:
         self.close_unread()
         await self._outputs.aclose()
+
+    async def _read(self) -> AsyncIterator[RequestOutput]:
+        if self._closed:  # an __anext__ made before close_unread, awaited after it
+            return
+        self._reading = True
+        self._unread.detach()
+        engine, request_id, stream = self._engine, self._request_id, self._stream
+        try:
+            await asyncio.wrap_future(self._added)
+        except asyncio.CancelledError:  # the caller left while the add was queued: it may have run anyway
+            engine._abandon(request_id, stream)
+            raise
+        except BaseException:
+            engine._drop_stream(request_id, stream)
+            raise
+        finished = False
+        try:
+            while True:
+                item = (await stream.mailbox.take())[None]
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            engine._drop_stream(request_id, stream)
+            if not finished:
+                engine.abort(request_id)
 
 
 class AsyncEngine:
@@ -411,35 +438,14 @@ class AsyncEngine:
         added = self.transport.request("add", request_id, prompt, params)
         return RequestStream(self, request_id, stream, added)
 
-    async def _outputs(self, request_id: str, stream: _Stream, added: Future) -> AsyncIterator[RequestOutput]:
-        try:
-            await asyncio.wrap_future(added)
-        except asyncio.CancelledError:  # the caller left while the add was queued: it may have run anyway
-            self._drop_stream(request_id, stream)
-            self.abort(request_id)
-            raise
-        except BaseException:
-            self._drop_stream(request_id, stream)
-            raise
-        finished = False
-        try:
-            while True:
-                item = (await stream.mailbox.take())[None]
-                if isinstance(item, BaseException):
-                    finished = True
-                    raise item
-                finished = item.finished
-                yield item
-                if finished:
-                    return
-        finally:
-            self._drop_stream(request_id, stream)
-            if not finished:
-                self.abort(request_id)
-
     def _drop_stream(self, request_id: str, stream: _Stream) -> None:
         if self._streams.get(request_id) is stream:
             del self._streams[request_id]
+
+    def _abandon(self, request_id: str, stream: _Stream) -> None:
+        """A request whose stream is closed unread: nobody waits for it."""
+        self._drop_stream(request_id, stream)
+        self.abort(request_id)
 
     def abort(self, request_id: str) -> None:
         self.transport.request("abort", request_id)
