@@ -185,6 +185,28 @@ def test_metrics_count_the_engines_steps_and_tokens():
         assert f"lanner_engine_between_steps_seconds_total {between!r}" in text
 
 
+def test_bench_serve_reports_what_the_server_did_in_each_rate(tmp_path):
+    """From lanner's /metrics before and after a rate: the engine's steps, tokens and seconds, and
+    the mean latency parts of that rate's requests only."""
+    from lanner.cli import main
+    from lanner.server.metrics import ServerMetrics
+
+    app, engine = make_app(ServerMetrics())
+    out = tmp_path / "serve.json"
+    for base in serve_in_thread(app):
+        args = ["bench", "serve", "--base-url", base, "--num-prompts", "6", "--input-len", "10", "--output-len", "4",
+                "--client-processes", "1", "--output-json", str(out)]
+        assert main(args + ["--seed", "1"]) == 0
+        steps = engine.call(lambda e: e.num_steps).result(10)
+        assert main(args + ["--seed", "2"]) == 0
+        (row,) = json.loads(out.read_text())["results"]["rates"]
+        split = row["server"]
+        assert split["steps"] == engine.call(lambda e: e.num_steps).result(10) - steps  # the second rate's alone
+        assert split["tokens_computed"] >= 6 * (10 + 3) and split["step_s"] > 0 and split["between_steps_s"] >= 0
+        assert all(split[f"mean_{k}_ms"] > 0 for k in ("ttft", "e2e", "handoff", "inference"))
+        assert split["mean_e2e_ms"] <= row["e2e_ms"]["mean"] + 1  # from the server's receipt: within the client's
+
+
 @pytest.mark.parametrize("body,status,fragment", [
     ({"model": MODEL, "prompt": "x", "temperature": -1}, 400, "temperature"),
     ({"model": MODEL, "prompt": "x", "max_tokens": 0}, 400, "max_tokens"),

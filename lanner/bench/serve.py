@@ -242,6 +242,51 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+# lanner's /metrics, read before and after each rate: what the server and its engine did in it (absent
+# for servers without these names). Counters by sample name; latency histograms by their _sum and _count.
+ENGINE_COUNTERS = {"steps": "lanner_engine_steps_total", "tokens_computed": "lanner_engine_tokens_computed_total",
+                   "step_s": "lanner_engine_step_seconds_total",
+                   "between_steps_s": "lanner_engine_between_steps_seconds_total"}
+LATENCIES = {"ttft": "lanner_time_to_first_token_seconds", "e2e": "lanner_e2e_request_latency_seconds",
+             "handoff": "lanner_request_handoff_seconds", "queue": "lanner_request_queue_time_seconds",
+             "inference": "lanner_request_inference_time_seconds"}
+
+
+def server_metrics(args: argparse.Namespace) -> dict[str, float] | None:
+    """lanner's counters and latency sums from GET /metrics, once its engine is idle (its stats reach
+    the server with the last outputs of a burst, or soon after); None from a server without them."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    wanted = set(ENGINE_COUNTERS.values()) | {f"{n}_{end}" for n in LATENCIES.values() for end in ("sum", "count")}
+    request = urllib.request.Request(args.base_url.rstrip("/") + "/metrics", headers=auth_headers(args))
+    for _ in range(20):
+        try:
+            with urllib.request.urlopen(request, timeout=30) as r:
+                text = r.read().decode()
+        except OSError:
+            return None
+        samples = {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples}
+        if samples.get("lanner_num_requests_running", 0) == 0:
+            break
+        time.sleep(0.1)
+    found = {name: value for name, value in samples.items() if name in wanted}
+    return found if len(found) == len(wanted) else None
+
+
+def server_split(before: dict[str, float] | None, after: dict[str, float] | None) -> dict | None:
+    """What the server's /metrics say of one rate: its engine's steps, tokens and seconds inside and
+    between steps (against an offline run's steps and wall time: more steps, or slower ones?), and
+    the mean of each latency part from the server's receipt (docs/serving.md, "Measuring")."""
+    if before is None or after is None:
+        return None
+    delta = {name: after[name] - before[name] for name in after}
+    split = {key: round(delta[name], 3) for key, name in ENGINE_COUNTERS.items()}
+    for key, name in LATENCIES.items():
+        count = delta[f"{name}_count"]
+        split[f"mean_{key}_ms"] = round(delta[f"{name}_sum"] / count * 1e3, 2) if count else None
+    return split
+
+
 def served_model(args: argparse.Namespace) -> str:
     """The server's first model (GET /v1/models)."""
     request = urllib.request.Request(args.base_url.rstrip("/") + "/v1/models", headers=auth_headers(args))
@@ -252,6 +297,7 @@ def served_model(args: argparse.Namespace) -> str:
 def main(args: argparse.Namespace) -> None:
     try:
         import aiohttp  # noqa: F401
+        import prometheus_client  # noqa: F401
     except ImportError as e:
         raise ConfigError(f"`lanner bench serve` needs the bench extra: pip install 'lanner[bench]' ({e})") from e
     if args.client_processes < 1:
@@ -261,7 +307,9 @@ def main(args: argparse.Namespace) -> None:
     rows = []
     for sweep_index, rate in enumerate(args.request_rate):
         requests = make_requests(args, sweep_index, dataset)
+        before = server_metrics(args)
         rows.append(run_rate(args, model, rate, requests))
+        rows[-1]["server"] = server_split(before, server_metrics(args))
         print(json.dumps(rows[-1]), flush=True)
     if args.plot:
         plot(rows, args.plot, f"lanner bench serve: {model} at {args.base_url}")
