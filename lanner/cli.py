@@ -11,6 +11,7 @@ import threading
 from pathlib import Path
 
 from lanner.config import EngineConfig, ServerConfig, add_cli_args, add_dataclass_args, kwargs_from_args
+from lanner.core.heap import freeze_heap
 from lanner.core.request import RequestOutputKind, SamplingParams
 from lanner.errors import ConfigError, LannerError
 
@@ -139,6 +140,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         engine = AsyncEngine(LLMEngine(engine_config), config.max_waiting_requests, observer=metrics)
     app = build_app(engine, config, metrics)
     server = uvicorn.Server(uvicorn.Config(app, **uvicorn_options(config)))
+    freeze_heap()  # this process is the server's (and, with --no-engine-process, the engine's)
 
     def stop(signum, frame) -> None:  # a second signal stops at once
         if not server.should_exit:

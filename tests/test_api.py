@@ -285,3 +285,14 @@ def test_outputs_pickle_and_copy_by_their_fields():
     assert isinstance(back.outputs[0].logprobs[0][7], Logprob) and back.extra == {"k": 1}
     shallow, deep = copy.copy(out), copy.deepcopy(out)
     assert shallow == deep == out and shallow.outputs is out.outputs and deep.outputs is not out.outputs
+
+
+def test_a_frozen_heap_goes_back_to_the_collector_after_the_block():
+    import gc
+
+    from lanner.core.heap import frozen_heap
+
+    before = gc.get_freeze_count()
+    with frozen_heap():
+        assert gc.get_freeze_count() > before
+    assert gc.get_freeze_count() == before

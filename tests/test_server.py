@@ -581,6 +581,16 @@ def process_server():
         yield base, engine, metrics
 
 
+def frozen_objects(engine) -> int:
+    return gc.get_freeze_count()
+
+
+def test_the_engine_process_keeps_the_collector_off_its_heap(process_server):
+    """Its heap at start (libraries, the model, the engine) is frozen: a full collection walked it
+    all, tens of milliseconds that stalled the step loop (core/heap.py)."""
+    assert process_server[1].call(frozen_objects).result(10) > 10_000
+
+
 def test_engine_process_serves_the_same_tokens(process_server, offline):
     base, engine, metrics = process_server
     client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)

@@ -10,6 +10,7 @@ import torch
 from lanner.bench import common, hf_baseline
 from lanner.bench.common import Workload, timed
 from lanner.bench.steps import NUM_DECODES, step_times
+from lanner.core.heap import frozen_heap
 from lanner.core.request import SamplingParams
 
 
@@ -163,6 +164,18 @@ def main(args: argparse.Namespace, engine_kwargs: dict) -> None:
         hf_baseline.release(hf)
     llm = LLM(**engine_kwargs)
     model = common.model_summary(llm.engine.hf_config)
+    with frozen_heap():  # as the serving processes' heaps are (core/heap.py)
+        results, workload = _measure(args, llm, baseline, path)
+    engine_config = llm.engine.config.to_dict()
+    if baseline:
+        key = "tok_per_s" if args.kind == "latency" else "output_tok_per_s"
+        ours = results["sweep"][0]["tok_per_s_per_seq"] if args.kind == "latency" else results["output_tok_per_s"]
+        baseline["lanner_speedup"] = round(ours / baseline[key], 2)
+    common.emit(common.record(args.kind, model, workload, results, engine_config, baseline), args.output_json)
+
+
+def _measure(args: argparse.Namespace, llm, baseline: dict | None, path: str) -> tuple[dict, dict]:
+    """The results and workload of one `lanner bench step|latency|throughput` run."""
     if args.kind == "step":
         results = {"steps": step_times(llm, args.token_counts, args.repeats), **_engine_facts(llm)}
         workload = {"token_counts": args.token_counts, "repeats": args.repeats,
@@ -184,12 +197,7 @@ def main(args: argparse.Namespace, engine_kwargs: dict) -> None:
 
             results["breakdown"] = breakdown(llm, w, params)
         workload = {**common.workload_dict(w), **sampling, "ignore_eos": True}
-    engine_config = llm.engine.config.to_dict()
-    if baseline:
-        key = "tok_per_s" if args.kind == "latency" else "output_tok_per_s"
-        ours = rows[0]["tok_per_s_per_seq"] if args.kind == "latency" else results["output_tok_per_s"]
-        baseline["lanner_speedup"] = round(ours / baseline[key], 2)
-    common.emit(common.record(args.kind, model, workload, results, engine_config, baseline), args.output_json)
+    return results, workload
 
 
 def _workload(args: argparse.Namespace) -> Workload:

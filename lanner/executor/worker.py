@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from lanner.config import EngineConfig, SpeculativeConfig
+from lanner.core.heap import freeze_heap
 from lanner.core.request import Request
 from lanner.core.schedule import SchedulerOutput
 from lanner.distributed import TP, die_with_parent
@@ -297,6 +298,7 @@ def run_worker(args: RankArgs, rank: int, local_rank: int) -> None:
         runner = build_runner(config, loaded, args.path, device, args.dtype, args.max_model_len,
                               make_proposer(speculative) if speculative is not None else None)
         runner.reads_back = runner.sampler.logprobs = False  # rank 0 reads the results back
+        freeze_heap()
         mirror = Mirror()
         fail_at = int(os.environ.get("LANNER_TEST_RANK_FAILS_AT_STEP", "-1"))  # tests: a rank that raises
         step = 0

@@ -32,6 +32,7 @@ import time
 from concurrent.futures import Future
 from typing import Any
 
+from lanner.core.heap import freeze_heap
 from lanner.distributed import die_with_parent
 from lanner.errors import EngineDead, without_frames
 from lanner.serving.async_engine import EngineLoop, Sink
@@ -127,6 +128,7 @@ def _child_main(config: Any, conn: Any, max_waiting_requests: int | None, max_st
     except BaseException as e:
         conn.send(("start_failed", _sendable(e, False)[1]))
         return
+    freeze_heap()
     sender = PipeSender(conn, "lanner-outputs")
     loop = EngineLoop(engine, _PipeSink(sender), max_waiting_requests, max_step_failures)
     conn.send(("ready", loop.info()))
