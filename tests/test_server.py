@@ -358,6 +358,42 @@ def test_hundreds_of_concurrent_streams_match_offline(server, offline):
     wait_idle(engine)
 
 
+def test_a_burst_with_clients_leaving_at_every_point_leaves_nothing_behind(server, offline):
+    """Since the add leaves as the server parses a request, a client may go before its request's
+    outputs are read at all: of 120 concurrent streams a third leave at once, a third after their
+    first chunk; the rest get the offline text, and then no request runs, no block is held and no
+    stream is left in the AsyncEngine."""
+    base, engine = server
+    prompts = [f"def g{i}(x):" for i in range(120)]
+
+    async def one(client: httpx.AsyncClient, i: int) -> str | None:
+        body = {"model": MODEL, "prompt": prompts[i], "stream": True, "temperature": 0, "max_tokens": 40,
+                "ignore_eos": True}
+        async with client.stream("POST", base + "/v1/completions", json=body) as r:
+            if i % 3 == 0:
+                return None  # gone before reading anything
+            text = ""
+            async for line in r.aiter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    text += json.loads(line[6:])["choices"][0]["text"]
+                    if i % 3 == 1:
+                        return None  # gone after the first chunk
+            return text
+
+    async def run_all() -> list[str | None]:
+        async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=200)) as client:
+            return await asyncio.gather(*(one(client, i) for i in range(120)))
+
+    got = asyncio.run(run_all())
+    kept = [i for i in range(120) if i % 3 == 2]
+    want = offline.generate([prompts[i] for i in kept], SamplingParams(temperature=0, max_tokens=40, ignore_eos=True,
+                                                                       repetition_penalty=1.1, top_p=0.95),
+                            use_tqdm=False)
+    assert [got[i] for i in kept] == [o.outputs[0].text for o in want]
+    wait_idle(engine)
+    assert engine_state(engine) == (0, False) and engine._streams == {}
+
+
 @contextlib.contextmanager
 def recorded_aborts(engine: AsyncEngine):
     """Finish reasons of the requests the engine aborts meanwhile ('abort' if cut short)."""
