@@ -26,7 +26,7 @@ curl -sf localhost:8000/health > /dev/null || { echo "server did not start"; tai
 burst() {  # burst SEED CLIENT_PROCESSES JSON
   python3 -m lanner.cli bench serve --base-url http://127.0.0.1:8000 --num-prompts "$n" --input-len "$input" \
     --output-len "$output" --request-rate inf --seed "$1" --client-processes "$2" --output-json "$3" 2>&1 \
-    | grep -o '"output_tok_per_s": [0-9.]*' | head -1
+    | grep -o '"output_tok_per_s": [0-9.]*\|"server": {[^}]*}' | head -2  # the server's split of the burst
   # the engine's step and token totals after each burst (differences: its steps, against offline's "steps")
   sleep 0.5  # the engine's stats after its last step reach the server
   # and the latency histograms' sums and counts (differences: the burst's mean handoff, queue, inference, e2e)
