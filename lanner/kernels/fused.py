@@ -35,8 +35,9 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, stride_x, stride_r, stride_
 
 def rms_norm_warps(block: int) -> int:
     """Warps for a row of `block` elements: a warp per 256 elements as in Triton's layer-norm tutorial
-    (which allows 1 to 8), at least the 4 this kernel always had: with 4 warps a 4096-wide row (Qwen3-8B) is 32 elements a thread, and a
-    batch-256 decode step's 256 programs leave the multiprocessors mostly idle, waiting on memory."""
+    (which allows 1 to 8), at least the 4 this kernel always had. With 4 warps a 4096-wide row
+    (Qwen3-8B) is 32 elements a thread, and a batch-256 decode step's 256 programs leave the
+    multiprocessors mostly idle, waiting on memory."""
     return min(max(block // 256, 4), 8)
 
 

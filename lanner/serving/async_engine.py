@@ -324,9 +324,10 @@ class RequestStream:
 
     def __init__(self, engine: AsyncEngine, request_id: str, stream: _Stream, added: Future) -> None:
         self._engine, self._request_id, self._stream, self._added = engine, request_id, stream, added
-        self._reading = self._closed = False
         self._outputs = self._read()
-        self._unread = weakref.finalize(self, engine._abandon, request_id, stream)  # until a read begins
+        # aborts the request once, if no read began first (a read detaches it): on close_unread, or
+        # when the stream is collected
+        self._unread = weakref.finalize(self, engine._abandon, request_id, stream)
         self._unread.atexit = False
 
     def __aiter__(self) -> RequestStream:
@@ -337,19 +338,15 @@ class RequestStream:
 
     def close_unread(self) -> None:
         """Abort the request if no read of it has begun (a begun read aborts it when it leaves early)."""
-        if not self._reading and not self._closed:
-            self._closed = True
-            self._unread()
+        self._unread()
 
     async def aclose(self) -> None:
         self.close_unread()
         await self._outputs.aclose()
 
     async def _read(self) -> AsyncIterator[RequestOutput]:
-        if self._closed:  # an __anext__ made before close_unread, awaited after it
+        if self._unread.detach() is None:  # closed unread already (an __anext__ made before, awaited after)
             return
-        self._reading = True
-        self._unread.detach()
         engine, request_id, stream = self._engine, self._request_id, self._stream
         try:
             await asyncio.wrap_future(self._added)
