@@ -20,7 +20,7 @@ from lanner.kernels import next_power_of_2
 
 PIVOTS = 32  # a pass narrows the interval 33 times: six passes cover the 2**30 patterns in [0, 1]
 PASSES = 6
-PATTERNS = 0x3F800001  # float32 bit patterns in [0, 1]: passes must narrow them to one
+PATTERNS = 0x3F800001  # float32 bit patterns in [0, 1] (1.0's bits + 1): passes must narrow them to one
 CHUNK = 4096  # a program's piece of a row: the split count follows the vocabulary, never the batch
 
 
@@ -28,6 +28,12 @@ CHUNK = 4096  # a program's piece of a row: the split count follows the vocabula
 def _pivots(lo, hi, NP: tl.constexpr):
     steps = tl.arange(0, NP).to(tl.int64) + 1
     return (lo + ((hi - lo).to(tl.int64) * steps) // (NP + 1)).to(tl.int32)
+
+
+@triton.jit
+def _at_or_above(p, pivots):
+    """[NP, BLOCK]: each element where it is at or above each pivot, else 0."""
+    return tl.where(p[None, :] >= pivots[:, None], p[None, :], 0.0)
 
 
 @triton.jit
@@ -42,13 +48,13 @@ def _narrowed(lo, hi, mass, top_p, NP: tl.constexpr):
 @triton.jit
 def _top_p_pass(probs_ptr, stride, top_p_ptr, bounds_ptr, sums_ptr, out_ptr, B, V, num_splits,
                 PASS: tl.constexpr, FINAL: tl.constexpr, NP: tl.constexpr, SPLITS: tl.constexpr,
-                CHUNK_SIZE: tl.constexpr, BLOCK: tl.constexpr, SKIP: tl.constexpr):
+                CHUNK_SIZE: tl.constexpr, BLOCK: tl.constexpr, SKIP: tl.constexpr, TOP: tl.constexpr):
     row = tl.program_id(0)
     split = tl.program_id(1)
     top_p = tl.load(top_p_ptr + row)
     if PASS == 0:
         lo = tl.zeros([], tl.int32)
-        hi = tl.full([], 0x3F800001, tl.int32)  # float32 1.0's bits + 1: S(hi) = 0, no probability exceeds 1
+        hi = tl.full([], TOP, tl.int32)  # PATTERNS: S(hi) = 0, no probability exceeds 1
     else:
         before = (PASS - 1) % 2  # bounds and sums alternate between two halves: one pass reads, the next writes
         lo = tl.load(bounds_ptr + (before * B + row) * 2)
@@ -75,11 +81,11 @@ def _top_p_pass(probs_ptr, stride, top_p_ptr, bounds_ptr, sums_ptr, out_ptr, B, 
             if SKIP and PASS > 0:  # pass 0 searches all of [0, 1]: every element is inside
                 inside = (p >= lo_f) & (p < hi_f)
                 if tl.max(inside.to(tl.int32), 0) > 0:
-                    acc += tl.where(p[None, :] >= pivots[:, None], p[None, :], 0.0)
+                    acc += _at_or_above(p, pivots)
                 else:
                     above += tl.where(p >= hi_f, p, 0.0)
             else:
-                acc += tl.where(p[None, :] >= pivots[:, None], p[None, :], 0.0)
+                acc += _at_or_above(p, pivots)
         tl.store(sums_ptr + ((now * B + row) * num_splits + split) * NP + tl.arange(0, NP),
                  tl.sum(acc, 1) + tl.sum(above, 0))
 
@@ -111,5 +117,5 @@ def top_p_threshold(probs: torch.Tensor, top_p: torch.Tensor, pivots: int = PIVO
         final = step == passes
         _top_p_pass[(B, 1 if final else num_splits)](
             probs, probs.stride(0), top_p, bounds, sums, out, B, V, num_splits, PASS=step, FINAL=final,
-            NP=pivots, SPLITS=next_power_of_2(num_splits), CHUNK_SIZE=CHUNK, BLOCK=256, SKIP=skip)
+            NP=pivots, SPLITS=next_power_of_2(num_splits), CHUNK_SIZE=CHUNK, BLOCK=256, SKIP=skip, TOP=PATTERNS)
     return out
