@@ -348,16 +348,13 @@ class RequestStream:
         if self._unread.detach() is None:  # closed unread already (an __anext__ made before, awaited after)
             return
         engine, request_id, stream = self._engine, self._request_id, self._stream
+        finished = False  # a caller that leaves before the last output (even while the add is queued) aborts
         try:
-            await asyncio.wrap_future(self._added)
-        except asyncio.CancelledError:  # the caller left while the add was queued: it may have run anyway
-            engine._abandon(request_id, stream)
-            raise
-        except BaseException:
-            engine._drop_stream(request_id, stream)
-            raise
-        finished = False
-        try:
+            try:
+                await asyncio.wrap_future(self._added)
+            except Exception:  # the add failed: no request to abort
+                finished = True
+                raise
             while True:
                 item = (await stream.mailbox.take())[None]
                 if isinstance(item, BaseException):
