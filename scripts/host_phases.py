@@ -1,7 +1,9 @@
 """Host time of each phase of an engine step (issue [12]'s "staging under 100 us" and the 512-token
 step's host part): a synchronous N-token prompt step through the whole-forward graph, and batch-1
 decode with overlap scheduling, each phase timed with perf_counter around the engine's own calls;
-for decode also the decode graph's GPU time a replay (CUDA events), to set against the step's.
+for decode also the decode graph's GPU time a replay (CUDA events), to set against the step's, and
+one step's staging repeated back to back (warm caches: how much of the in-step figure is the
+caches the forward evicted).
 Usage: python scripts/host_phases.py [--config benchmarks/configs/qwen3-0.6b.json] [--tokens 512]
 Prints JSON; CPU runs work too (no graphs: the phases are then eager; `--attention-backend triton`
 plans as on a GPU, the kernels in Triton's interpreter: the host phases of the GPU path, measured
@@ -102,13 +104,20 @@ def decode_steps(llm, steps: int, profiler: cProfile.Profile | None = None) -> d
     engine = llm.engine
     phases = instrument(engine)
     engine.add_request("d", list(range(1, 129)), SamplingParams(temperature=0, max_tokens=steps, ignore_eos=True))
+    launched = []
+    launch = engine.runner.launch
+    engine.runner.launch = lambda sched, *a, **k: launched.append(sched) or launch(sched, *a, **k)
+    warm = None
     while engine.has_unfinished_requests():
         if profiler is not None and len(phases.steps) == 8:
             profiler.enable()
         phases.step(engine)
+        if len(phases.steps) == 20:
+            warm = warm_staging_us(engine.runner, launched[-1])
     if profiler is not None:
         profiler.disable()
     report = phases.medians_us(8)
+    report["prepare + plan repeated on one step, back to back (warm caches)"] = warm
     graphs = engine.runner.graphs
     if graphs is not None and torch.cuda.is_available():
         graph, _ = graphs.graphs[graphs.padded_size(1)]
@@ -122,6 +131,24 @@ def decode_steps(llm, steps: int, profiler: cProfile.Profile | None = None) -> d
         end.synchronize()
         report["decode graph GPU time a replay"] = round(start.elapsed_time(end) * 10, 1)
     return report
+
+
+def warm_staging_us(runner, sched, reps: int = 300) -> float:
+    """Median host time of staging one decode step (prepare, then the plan a decode graph's replay
+    makes) repeated back to back: what staging costs with its code and data in the caches, against
+    the in-step figure, where the forward before it has evicted them. Calls the classes' functions
+    (instrument() wrapped the instances'); the repeats rewrite the static inputs the next real step
+    stages again."""
+    size = runner.graphs.padded_size(len(sched.scheduled)) if runner.graphs is not None else None
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        batch = type(runner).prepare(runner, sched)[0]
+        type(runner.backend).plan(runner.backend, batch, num_padded_seqs=size)
+        times.append(time.perf_counter() - start)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return round(statistics.median(times[reps // 3:]) * 1e6, 1)
 
 
 def main() -> None:
