@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lanner.config import SchedulerConfig
-from lanner.core.batch import kv_slots
+from lanner.core.batch import kv_slot_array, kv_slots
 from lanner.core.request import Request, SamplingParams
 from lanner.engine.kv_cache import KVCacheManager
 from lanner.engine.scheduler import Scheduler
@@ -153,11 +153,12 @@ def test_waiting_requests_finish_under_pressure():
 @given(block_size=st.sampled_from([1, 2, 16]), blocks=st.lists(st.integers(0, 999), max_size=8, unique=True),
        start=st.integers(0, 150), length=st.integers(0, 150))
 def test_kv_slots_are_each_positions_block_and_offset(block_size, blocks, start, length):
-    """The per-block fast path gives, for every position, its block's slot at its offset, and -1
-    past the allocated blocks (a decode row's single position too)."""
+    """The per-block fast path and the numpy one give, for every position, its block's slot at its
+    offset, and -1 past the allocated blocks (a decode row's single position too)."""
     expected = [blocks[p // block_size] * block_size + p % block_size if p // block_size < len(blocks) else -1
                 for p in range(start, start + length)]
     assert kv_slots(blocks, start, start + length, block_size) == expected
+    assert kv_slot_array(blocks, start, start + length, block_size).tolist() == expected  # prompt chunks' form
 
 
 

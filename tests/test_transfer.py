@@ -39,3 +39,40 @@ def test_a_ring_hands_out_parts_of_one_buffer_and_keeps_their_views():
     assert again[0][0] is tables and again[1][0] is lens  # the same shapes: the views made before
     grown, _ = ring.take(100_000, torch.int32)  # a larger take grows the buffer: the old views go
     assert ring.take_parts(((2, 3), (5,)), torch.int32)[0][0].data_ptr() == grown.data_ptr()
+
+
+def test_a_mixed_step_stages_each_token_at_its_position_and_slot(qwen3_path):
+    """A step mixing decode rows, prompt chunks long enough to be staged as arrays (LONG_CHUNK) and a
+    short chunk after them stages each token's position, and its block's slot at its offset, in
+    the order the step lists them."""
+    from conftest import make_llm
+    from lanner.core.batch import kv_slots
+    from lanner.core.request import SamplingParams
+    from lanner.executor.model_runner import LONG_CHUNK
+
+    llm = make_llm(qwen3_path, block_size=4, max_num_batched_tokens=160, overlap_scheduling=False)
+    engine, runner = llm.engine, llm.engine.runner
+    seen, prepare = [], runner.prepare
+
+    def checked(sched):
+        want_positions = [p for req, n in sched.scheduled
+                          for p in range(req.num_computed_tokens, req.num_computed_tokens + n)]
+        want_slots = [s for req, n in sched.scheduled
+                      for s in kv_slots(req.block_ids, req.num_computed_tokens, req.num_computed_tokens + n, 4)]
+        out = prepare(sched)
+        batch = out[0]
+        assert batch.positions[:batch.num_real_tokens].tolist() == want_positions
+        assert batch.slot_mapping[:batch.num_real_tokens].tolist() == want_slots
+        seen.append([n for _, n in sched.scheduled])
+        return out
+
+    runner.prepare = checked
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    for i in range(2):  # distinct prompts throughout: no prefix-cache hits shorten the chunks
+        engine.add_request(f"short{i}", list(range(5 + 10 * i, 15 + 10 * i)), params)
+    engine.step()
+    engine.add_request("long", list(range(3, 153)), params)
+    engine.add_request("next", list(range(200, 300)), params)
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert [1, 1, 150, 8] in seen and [1, 1, 1, 92] in seen and 92 >= LONG_CHUNK

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from lanner.config import WHOLE_FORWARD_MAX_TOKENS, EngineConfig, MoEConfig
-from lanner.core.batch import ForwardBatch, as_decode_rows, kv_slots
+from lanner.core.batch import ForwardBatch, as_decode_rows, kv_slot_array, kv_slots
 from lanner.core.profiling import step_range
 from lanner.core.request import Logprob, Request
 from lanner.core.schedule import SchedulerOutput
@@ -52,6 +52,8 @@ LOGITS_ROW_BUCKET = 16  # the LM head outside graphs sees row counts in steps of
 PENDING_ROW = 5  # ModelRunner.staged's rows from here: plain overlap's pending-token rows, then their sample rows
 # what pads each staged row past its values: slots -1 (write no KV), the rest 0
 STAGED_PADDING = np.array([0, 0, -1, 0, 0, 0, 0])[:, None]
+# a request's positions and slots from this many rows on are staged as numpy arrays, not list items
+LONG_CHUNK = 64
 
 
 @dataclass
@@ -537,6 +539,9 @@ class ModelRunner:
         layout: per request (request, first row, tokens, drafts, first sampling row or None), for a drafter;
         deferred: the inputs filled in on the device from the step before (executor/deferred.py)."""
         input_ids, positions, slots, sample_at, score_at = [], [], [], [], []
+        # positions and slots in pieces: lists of short requests' items (decode rows), between arrays
+        # of long chunks' (prompts)
+        position_pieces, slot_pieces = [], []
         samplers, prompt_rows = [], []
         deferred = Deferred(self.block_size, self.drafter.shift if self.drafter is not None else 0)
         bs = self.block_size
@@ -551,8 +556,13 @@ class ModelRunner:
                 deferred.add(req, start + len(known), n - len(known), len(drafts))
                 known.append(0)
             input_ids += known + drafts  # the last token, then the drafts after it
-            positions += range(begin, begin + n)
-            slots += kv_slots(req.block_ids, begin, begin + n, bs)
+            if n >= LONG_CHUNK and not drafts:
+                position_pieces += (positions, np.arange(begin, begin + n))
+                slot_pieces += (slots, kv_slot_array(req.block_ids, begin, begin + n, bs))
+                positions, slots = [], []
+            else:
+                positions += range(begin, begin + n)
+                slots += kv_slots(req.block_ids, begin, begin + n, bs)
             if req.prompt_logprobs is not None:
                 # positions whose logits predict prompt tokens not scored yet (a preempted
                 # request recomputes its prompt but scores each token once)
@@ -574,15 +584,19 @@ class ModelRunner:
         seq_lens = [req.num_computed_tokens + n for req, n in sched.scheduled]
         tables = [req.block_ids for req, _ in sched.scheduled]
         every_token_samples = not score_at and len(samplers) == start
+        position_pieces.append(positions)
+        slot_pieces.append(slots)
         if every_token_samples and len(query_lens) < start:
             # a verify step: each row attends as a decode row of its own (its position + 1 keys),
-            # so the step replays the decode graphs, padded like a decode batch
+            # so the step replays the decode graphs, padded like a decode batch (no long chunk
+            # samples every row: `positions` holds them all)
             query_lens, seq_lens, tables = as_decode_rows(positions, query_lens, tables)
         if deferred.shifts and not every_token_samples:
             raise RuntimeError("a step planned before its predecessor's accepted drafts were read back must "
                                "decode only (the engine reads back first otherwise)")
         pending = deferred.pending_rows() if deferred.plain else None
-        batch = self._stage(input_ids, positions, slots, query_lens, seq_lens, tables, sample_at + score_at, pending)
+        batch = self._stage(input_ids, position_pieces, slot_pieces, query_lens, seq_lens, tables,
+                            sample_at + score_at, pending)
         batch.sampling_rows_are_tokens = every_token_samples
         batch.verify_rows = len(sched.scheduled) < len(query_lens)
         if deferred:
@@ -594,19 +608,26 @@ class ModelRunner:
                 batch.device_seq_lens = self.positions[:start] + 1
         return batch, samplers, offsets, prompt_rows, layout, deferred
 
-    def _stage(self, input_ids, positions, slots, query_lens, seq_lens, block_tables, logits_indices,
+    def _stage(self, input_ids, position_pieces, slot_pieces, query_lens, seq_lens, block_tables, logits_indices,
                pending: tuple[list[int], list[int]] | None = None) -> ForwardBatch:
+        """Stage a step's inputs in one copy; positions and slots come in pieces (lists, arrays)."""
         T = len(input_ids)
         rows = self._padded_rows(T, query_lens)
         L = len(logits_indices)
         padded = min(-(-L // LOGITS_ROW_BUCKET) * LOGITS_ROW_BUCKET, self.max_tokens)
         cols = max(rows, padded)
         # the rows of self.staged, in order (PENDING_ROW: the pending rows come after the count)
-        fields = [input_ids, positions, slots, logits_indices, [T], *(pending or ())]
+        fields = [input_ids, None, None, logits_indices, [T], *(pending or ())]
         host, view = self.uploads.take((len(fields), cols), torch.long)
         view[...] = STAGED_PADDING[:len(fields)]  # one numpy call, not one a row: ~15 us of a batch-1 step
         for row, values in zip(view, fields):
-            row[:len(values)] = values
+            if values is not None:
+                row[:len(values)] = values
+        for row, pieces in ((view[1], position_pieces), (view[2], slot_pieces)):
+            at = 0
+            for piece in pieces:
+                row[at:at + len(piece)] = piece
+                at += len(piece)
         self.staged_view(0, cols, stop=len(fields)).copy_(host, non_blocking=True)
         self.uploads.sent()
         return ForwardBatch(self.staged_view(0, rows), self.staged_view(1, rows), self.staged_view(2, rows), query_lens,
@@ -631,4 +652,4 @@ class ModelRunner:
 
     def dummy_decode_batch(self, size: int) -> ForwardBatch:
         """A decode batch of `size` empty rows, for graph capture."""
-        return self._stage([0] * size, [0] * size, [-1] * size, [1] * size, [0] * size, [[]] * size, [])
+        return self._stage([0] * size, [[0] * size], [[-1] * size], [1] * size, [0] * size, [[]] * size, [])
