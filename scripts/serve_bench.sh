@@ -7,14 +7,12 @@ set -uo pipefail
 out=$1 config=$2; shift 2
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .wheels/*.whl || exit 1
 export PYTHONPATH=/tmp/site:.${PYTHONPATH:+:$PYTHONPATH}
+source "$(dirname "$0")/serve_lib.sh"
 name=$(basename "$config" .json)${TAG:+-$TAG}
-python3 -m lanner.cli serve --model "$config" --load-format dummy --port 8000 ${SERVE_FLAGS:-} > "$out/serve-$name.log" 2>&1 &
-pid=$!
-for _ in $(seq 300); do curl -sf localhost:8000/health > /dev/null && break; sleep 1; done
-curl -sf localhost:8000/health > /dev/null || { echo "server did not start"; tail -30 "$out/serve-$name.log"; exit 1; }
+start_server . 8000 "$out/serve-$name.log" --model "$config" --load-format dummy ${SERVE_FLAGS:-} || exit 1
 python3 -m lanner.cli bench serve --base-url http://127.0.0.1:8000 "$@" \
   --output-json "$out/serve-$name.json" --plot "$out/serve-$name.png"
 status=$?
 curl -s localhost:8000/metrics | grep -E "^lanner_" > "$out/serve-$name-metrics.txt"
-kill -TERM $pid; wait $pid; echo "server exit code after SIGTERM: $?"
+stop_server; echo "server exit code after SIGTERM: $?"
 exit $status

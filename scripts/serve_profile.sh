@@ -14,15 +14,12 @@ set -uo pipefail
 out=$(realpath "$1") config=$(realpath "$2") n=$3 input=$4 output=$5
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .wheels/*.whl || exit 1
 export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} PATH=/tmp/site/bin:$PATH
+source "$(dirname "$0")/serve_lib.sh"
 name=$(basename "$config" .json)${TAG:+-$TAG}
 measured() { (cd "${TREE:-.}" && exec python3 -m lanner.cli "$@"); }  # the client is always this tree's
 measured bench throughput --config "$config" --num-prompts "$n" --input-range "$input" "$input" \
   --output-range "$output" "$output" --output-json "$out/offline-$name.json" 2>&1 | grep -o '"output_tok_per_s": [0-9.]*'
-(cd "${TREE:-.}" && exec python3 -m lanner.cli serve --model "$config" --load-format dummy --port 8000 ${SERVE_FLAGS:-}) \
-  > "$out/serve-$name.log" 2>&1 &  # a subshell that execs: $! is the server's pid
-pid=$!
-for _ in $(seq 300); do curl -sf localhost:8000/health > /dev/null && break; sleep 1; done
-curl -sf localhost:8000/health > /dev/null || { echo "server did not start"; tail -30 "$out/serve-$name.log"; exit 1; }
+start_server "${TREE:-.}" 8000 "$out/serve-$name.log" --model "$config" --load-format dummy ${SERVE_FLAGS:-} || exit 1
 burst() {  # burst SEED CLIENT_PROCESSES JSON
   python3 -m lanner.cli bench serve --base-url http://127.0.0.1:8000 --num-prompts "$n" --input-len "$input" \
     --output-len "$output" --request-rate inf --seed "$1" --client-processes "$2" --output-json "$3" 2>&1 \
@@ -37,7 +34,7 @@ burst() {  # burst SEED CLIENT_PROCESSES JSON
 seed=1
 for c in 1 4 8; do echo "client processes $c:"; burst $seed $c "$out/serve-$name-c$c.json"; seed=$((seed + 1)); done
 if [ -z "${NO_PROFILE:-}" ]; then
-  py-spy record --pid $pid --subprocesses --rate 250 --format raw --nonblocking --duration 20 \
+  py-spy record --pid $server_pid --subprocesses --rate 250 --format raw --nonblocking --duration 20 \
     -o "$out/serve-profile-$name.txt" > "$out/py-spy-$name.log" 2>&1 &
   spy=$!
   sleep 1
@@ -45,4 +42,4 @@ if [ -z "${NO_PROFILE:-}" ]; then
   wait $spy; tail -1 "$out/py-spy-$name.log"
 fi
 curl -s localhost:8000/metrics | grep -E "^lanner_" > "$out/serve-metrics-$name.txt"
-kill -TERM $pid; wait $pid; echo "server exit code after SIGTERM: $?"
+stop_server; echo "server exit code after SIGTERM: $?"

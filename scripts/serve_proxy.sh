@@ -8,6 +8,7 @@
 #   bash scripts/serve_proxy.sh [TREE...]   # default: this tree; others: folders holding a lanner/
 set -uo pipefail
 cd "$(dirname "$0")/.."
+source scripts/serve_lib.sh
 root=$(pwd) config=$root/benchmarks/configs/proxy-1layer.json
 export OMP_NUM_THREADS=1  # one thread a process: the proxy's steps are small, and the cores are few
 OMP_NUM_THREADS=1 python3 -m lanner.cli bench throughput --config "$config" --device cpu --num-prompts 400 \
@@ -15,13 +16,11 @@ OMP_NUM_THREADS=1 python3 -m lanner.cli bench throughput --config "$config" --de
 echo "(offline)"
 seed=40
 for tree in "${@:-.}"; do
-  (cd "$tree" && PYTHONPATH=$(pwd) exec python3 -m lanner.cli serve --model "$config" --load-format dummy --device cpu \
-    --port 8019 --disable-uvicorn-access-log) > /tmp/serve_proxy.log 2>&1 &
-  pid=$!
-  for _ in $(seq 120); do curl -sf localhost:8019/health > /dev/null && break; sleep 1; done
+  start_server "$tree" 8019 /tmp/serve_proxy.log --model "$config" --load-format dummy --device cpu \
+    --disable-uvicorn-access-log || continue
   seed=$((seed + 1))
   echo "$tree: $(python3 -m lanner.cli bench serve --base-url http://127.0.0.1:8019 --num-prompts 400 --input-len 256 \
     --output-len 128 --request-rate inf --seed $seed --client-processes 1 2>/dev/null | head -1 \
     | grep -o '"duration_s": [0-9.]*\|"server": {[^}]*}' | tr '\n' ' ')"
-  kill -TERM $pid; wait $pid 2>/dev/null
+  stop_server
 done

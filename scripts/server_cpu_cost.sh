@@ -5,11 +5,10 @@
 #   bash scripts/server_cpu_cost.sh [NUM_PROMPTS] [OUTPUT_LEN] [PORT]
 set -euo pipefail
 n=${1:-64} len=${2:-256} port=${3:-8017}
-python3 -m lanner.cli serve --device cpu --port "$port" --max-num-seqs "$n" > /tmp/server_cpu_cost.log 2>&1 &
-pid=$!
-trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null' EXIT
-for _ in $(seq 180); do curl -sf "localhost:$port/health" > /dev/null && break; sleep 1; done
-cpu() { awk '{print $14 + $15}' "/proc/$pid/stat"; }  # clock ticks, this process only (not the engine child)
+source "$(dirname "$0")/serve_lib.sh"
+trap 'kill $server_pid 2>/dev/null; wait $server_pid 2>/dev/null' EXIT
+start_server . "$port" /tmp/server_cpu_cost.log --device cpu --max-num-seqs "$n"
+cpu() { awk '{print $14 + $15}' "/proc/$server_pid/stat"; }  # clock ticks, this process only (not the engine child)
 burst() { python3 -m lanner.cli bench serve --base-url "http://127.0.0.1:$port" --num-prompts "$n" --input-len 32 \
   --output-len "$len" --request-rate inf --seed "$1" --client-processes 1 2>/dev/null | grep -o '"output_tok_per_s": [0-9.]*' | head -1; }
 burst 0 > /dev/null  # warm-up
