@@ -153,16 +153,16 @@ class Drafter:
                 moved += deferred.rows_of(req, row0, begin, n + shift)
             if shift:  # a draft LM re-reads the step's first token at its own position
                 sources.append(start)
-            for i in range(n):
-                j = i - (n - 1 - m)  # which of the request's samples this row carries, if >= 0
-                if first_sample is not None and j >= 0:
-                    sources.append(num_target_tokens + first_sample + j)
-                elif i < n - 1:
-                    sources.append(start + i + 1)
-                else:  # a chunk that does not reach the end: the next prompt token is known
-                    nxt = begin + n
-                    known.append(req.all_token_ids[nxt] if nxt < len(req.all_token_ids) else 0)
-                    sources.append(known_base + len(known) - 1)
+            # row i reads the step's next input token, start + i + 1, up to the request's last
+            # known token; the m + 1 rows from there (its last token, its drafts) read its samples
+            if first_sample is not None:
+                sources += range(start + 1, start + n - m)
+                sources += range(num_target_tokens + first_sample, num_target_tokens + first_sample + m + 1)
+            else:  # a chunk that does not reach the end: its last row reads the next prompt token, known
+                sources += range(start + 1, start + n)
+                nxt = begin + n
+                known.append(req.all_token_ids[nxt] if nxt < len(req.all_token_ids) else 0)
+                sources.append(known_base + len(known) - 1)
             positions += range(begin, begin + n + shift)
             slots += kv_slots(req.block_ids, begin, begin + n + shift, bs)
             query_lens.append(n + shift)
