@@ -34,6 +34,7 @@ from lanner.core.request import SamplingParams
 class Phases:
     def __init__(self):
         self.steps: list[dict[str, float]] = []
+        self.paused = False  # while set, wrapped calls are not added to the step
 
     def wrap(self, obj, name: str, label: str) -> None:
         inner = getattr(obj, name)
@@ -44,7 +45,7 @@ class Phases:
             try:
                 return inner(*args, **kwargs)
             finally:
-                if self.steps:
+                if self.steps and not self.paused:
                     step = self.steps[-1]
                     step[label] = step.get(label, 0.0) + time.perf_counter() - start
 
@@ -112,8 +113,14 @@ def decode_steps(llm, steps: int, profiler: cProfile.Profile | None = None) -> d
         if profiler is not None and len(phases.steps) == 8:
             profiler.enable()
         phases.step(engine)
-        if len(phases.steps) == 20:
+        if len(phases.steps) == 20:  # outside the step's phases and the profile
+            phases.paused = True
+            if profiler is not None:
+                profiler.disable()
             warm = warm_staging_us(engine.runner, launched[-1])
+            if profiler is not None:
+                profiler.enable()
+            phases.paused = False
     if profiler is not None:
         profiler.disable()
     report = phases.medians_us(8)
@@ -136,15 +143,15 @@ def decode_steps(llm, steps: int, profiler: cProfile.Profile | None = None) -> d
 def warm_staging_us(runner, sched, reps: int = 300) -> float:
     """Median host time of staging one decode step (prepare, then the plan a decode graph's replay
     makes) repeated back to back: what staging costs with its code and data in the caches, against
-    the in-step figure, where the forward before it has evicted them. Calls the classes' functions
-    (instrument() wrapped the instances'); the repeats rewrite the static inputs the next real step
-    stages again."""
+    the in-step figure, where the forward before it has evicted them. The schedule is the last
+    step's (the request has moved on one position since: the staging is the same work); the repeats
+    rewrite the static inputs the next real step stages again."""
     size = runner.graphs.padded_size(len(sched.scheduled)) if runner.graphs is not None else None
     times = []
     for _ in range(reps):
         start = time.perf_counter()
-        batch = type(runner).prepare(runner, sched)[0]
-        type(runner.backend).plan(runner.backend, batch, num_padded_seqs=size)
+        batch = runner.prepare(sched)[0]
+        runner.backend.plan(batch, num_padded_seqs=size)
         times.append(time.perf_counter() - start)
     if torch.cuda.is_available():
         torch.cuda.synchronize()

@@ -12,7 +12,9 @@ start_server() {
     kill -0 "$server_pid" 2> /dev/null || break
     sleep 1
   done
-  echo "server did not start"; tail -30 "$log"; return 1
+  echo "server did not start"; tail -30 "$log"
+  kill "$server_pid" 2> /dev/null; wait "$server_pid" 2> /dev/null  # not left holding the port
+  return 1
 }
 # stop_server: SIGTERM, then wait; returns the server's exit code (0: a clean shutdown)
 stop_server() { kill -TERM "$server_pid"; wait "$server_pid"; }

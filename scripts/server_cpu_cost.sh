@@ -6,7 +6,7 @@
 set -euo pipefail
 n=${1:-64} len=${2:-256} port=${3:-8017}
 source "$(dirname "$0")/serve_lib.sh"
-trap 'kill $server_pid 2>/dev/null; wait $server_pid 2>/dev/null' EXIT
+trap 'kill ${server_pid:-} 2>/dev/null; wait ${server_pid:-} 2>/dev/null || true' EXIT
 start_server . "$port" /tmp/server_cpu_cost.log --device cpu --max-num-seqs "$n"
 cpu() { awk '{print $14 + $15}' "/proc/$server_pid/stat"; }  # clock ticks, this process only (not the engine child)
 burst() { python3 -m lanner.cli bench serve --base-url "http://127.0.0.1:$port" --num-prompts "$n" --input-len 32 \

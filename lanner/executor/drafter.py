@@ -154,7 +154,7 @@ class Drafter:
             if shift:  # a draft LM re-reads the step's first token at its own position
                 sources.append(start)
             # row i reads the step's next input token, start + i + 1, up to the request's last
-            # known token; the m + 1 rows from there (its last token, its drafts) read its samples
+            # known token; the m + 1 rows from there (its last token, its drafts: n > m) read its samples
             if first_sample is not None:
                 sources += range(start + 1, start + n - m)
                 sources += range(num_target_tokens + first_sample, num_target_tokens + first_sample + m + 1)

@@ -52,7 +52,7 @@ LOGITS_ROW_BUCKET = 16  # the LM head outside graphs sees row counts in steps of
 PENDING_ROW = 5  # ModelRunner.staged's rows from here: plain overlap's pending-token rows, then their sample rows
 # what pads each staged row past its values: slots -1 (write no KV), the rest 0
 STAGED_PADDING = np.array([0, 0, -1, 0, 0, 0, 0])[:, None]
-# a request's positions and slots from this many rows on are staged as numpy arrays, not list items
+# a chunk of this many tokens or more (without drafts) stages its positions and slots as numpy arrays
 LONG_CHUNK = 64
 
 
@@ -539,8 +539,8 @@ class ModelRunner:
         layout: per request (request, first row, tokens, drafts, first sampling row or None), for a drafter;
         deferred: the inputs filled in on the device from the step before (executor/deferred.py)."""
         input_ids, positions, slots, sample_at, score_at = [], [], [], [], []
-        # positions and slots in pieces: lists of short requests' items (decode rows), between arrays
-        # of long chunks' (prompts)
+        # positions and slots in pieces: lists of the other requests' items, between the arrays of
+        # long chunks
         position_pieces, slot_pieces = [], []
         samplers, prompt_rows = [], []
         deferred = Deferred(self.block_size, self.drafter.shift if self.drafter is not None else 0)
@@ -588,8 +588,9 @@ class ModelRunner:
         slot_pieces.append(slots)
         if every_token_samples and len(query_lens) < start:
             # a verify step: each row attends as a decode row of its own (its position + 1 keys),
-            # so the step replays the decode graphs, padded like a decode batch (no long chunk
-            # samples every row: `positions` holds them all)
+            # so the step replays the decode graphs, padded like a decode batch (a long chunk samples
+            # one of its rows, so none is here: `positions` holds them all)
+            assert len(position_pieces) == 1
             query_lens, seq_lens, tables = as_decode_rows(positions, query_lens, tables)
         if deferred.shifts and not every_token_samples:
             raise RuntimeError("a step planned before its predecessor's accepted drafts were read back must "

@@ -348,25 +348,23 @@ class RequestStream:
         if self._unread.detach() is None:  # closed unread already (an __anext__ made before, awaited after)
             return
         engine, request_id, stream = self._engine, self._request_id, self._stream
-        finished = False  # a caller that leaves before the last output (even while the add is queued) aborts
+        running = True  # a caller that leaves while the request runs (even while its add is queued) aborts it
         try:
             try:
                 await asyncio.wrap_future(self._added)
-            except Exception:  # the add failed: no request to abort
-                finished = True
+            except Exception:  # the add failed: no request
+                running = False
                 raise
-            while True:
+            while running:
                 item = (await stream.mailbox.take())[None]
                 if isinstance(item, BaseException):
-                    finished = True
+                    running = False
                     raise item
-                finished = item.finished
+                running = not item.finished
                 yield item
-                if finished:
-                    return
         finally:
             engine._drop_stream(request_id, stream)
-            if not finished:
+            if running:
                 engine.abort(request_id)
 
 
