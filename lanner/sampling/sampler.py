@@ -170,12 +170,17 @@ def sampled_logprobs(logprobs: RowLogprobs | None, reqs: list[Request], tokens: 
     return out
 
 
+def prompt_targets(prompt_rows: list) -> list[int]:
+    """The prompt tokens that `prompt_rows`' consecutive rows predict, in row order."""
+    return [t for _, _, ts in prompt_rows for t in ts]
+
+
 def prompt_logprobs(logits: torch.Tensor, prompt_rows: list, max_elements: int = 1 << 26) -> list[RowLogprobs]:
     """The logprobs of the prompt tokens a step's chunk predicts: `prompt_rows` (request, first
     row, targets) name consecutive rows of `logits`. In pieces of at most `max_elements` float32
     logprobs (a long prompt chunk's rows times the vocabulary would be gigabytes at once)."""
     first = prompt_rows[0][1]
-    targets = [t for _, _, ts in prompt_rows for t in ts]
+    targets = prompt_targets(prompt_rows)
     n = max(req.params.prompt_logprobs for req, _, _ in prompt_rows)
     device_targets = to_device(targets, torch.long, logits.device)
     step = max(1, max_elements // logits.shape[1])
@@ -185,7 +190,7 @@ def prompt_logprobs(logits: torch.Tensor, prompt_rows: list, max_elements: int =
 
 def prompt_logprob_entries(pieces: list[RowLogprobs], prompt_rows: list) -> dict[str, list[dict[int, Logprob]]]:
     """Host side: the host copies of `prompt_logprobs`' pieces, read back, as each request's entries."""
-    targets = [t for _, _, ts in prompt_rows for t in ts]
+    targets = prompt_targets(prompt_rows)
     counts = [req.params.prompt_logprobs for req, _, ts in prompt_rows for _ in ts]
     entries: list[dict[int, Logprob]] = []
     for piece in pieces:
