@@ -11,7 +11,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from lanner.kernels.fused import _rms_norm_kernel, rms_norm_warps
-from lanner.kernels.top_p import PASSES, PATTERNS, PIVOTS, _top_p_pass
+from lanner.kernels.top_p import PASSES, PIVOTS, _top_p_pass
 
 HOPPER = GPUTarget("cuda", 90, 32)
 
@@ -31,7 +31,7 @@ def main() -> None:
             for skip in (True, False):
                 check(f"top-p pass {step}/{passes}, {pivots} pivots, skip {skip}", _top_p_pass, top_p,
                       {"PASS": step, "FINAL": step == passes, "NP": pivots, "SPLITS": 64, "CHUNK_SIZE": 4096,
-                       "BLOCK": 256, "SKIP": skip, "TOP": PATTERNS})
+                       "BLOCK": 256, "SKIP": skip})
     norm = {"x_ptr": "*bf16", "res_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", "stride_x": "i32",
             "stride_r": "i32", "stride_o": "i32", "N": "i32", "eps": "fp32"}
     for block in (1024, 4096):

@@ -21,6 +21,7 @@ from lanner.kernels import next_power_of_2
 PIVOTS = 32  # a pass narrows the interval 33 times: six passes cover the 2**30 patterns in [0, 1]
 PASSES = 6
 PATTERNS = 0x3F800001  # float32 bit patterns in [0, 1] (1.0's bits + 1): passes must narrow them to one
+_PATTERNS = tl.constexpr(PATTERNS)  # the same, as the kernels read a global
 CHUNK = 4096  # a program's piece of a row: the split count follows the vocabulary, never the batch
 
 
@@ -48,13 +49,13 @@ def _narrowed(lo, hi, mass, top_p, NP: tl.constexpr):
 @triton.jit
 def _top_p_pass(probs_ptr, stride, top_p_ptr, bounds_ptr, sums_ptr, out_ptr, B, V, num_splits,
                 PASS: tl.constexpr, FINAL: tl.constexpr, NP: tl.constexpr, SPLITS: tl.constexpr,
-                CHUNK_SIZE: tl.constexpr, BLOCK: tl.constexpr, SKIP: tl.constexpr, TOP: tl.constexpr):
+                CHUNK_SIZE: tl.constexpr, BLOCK: tl.constexpr, SKIP: tl.constexpr):
     row = tl.program_id(0)
     split = tl.program_id(1)
     top_p = tl.load(top_p_ptr + row)
     if PASS == 0:
         lo = tl.zeros([], tl.int32)
-        hi = tl.full([], TOP, tl.int32)  # PATTERNS: S(hi) = 0, no probability exceeds 1
+        hi = tl.full([], _PATTERNS, tl.int32)  # S(hi) = 0: no probability exceeds 1
     else:
         before = (PASS - 1) % 2  # bounds and sums alternate between two halves: one pass reads, the next writes
         lo = tl.load(bounds_ptr + (before * B + row) * 2)
@@ -117,5 +118,5 @@ def top_p_threshold(probs: torch.Tensor, top_p: torch.Tensor, pivots: int = PIVO
         final = step == passes
         _top_p_pass[(B, 1 if final else num_splits)](
             probs, probs.stride(0), top_p, bounds, sums, out, B, V, num_splits, PASS=step, FINAL=final,
-            NP=pivots, SPLITS=next_power_of_2(num_splits), CHUNK_SIZE=CHUNK, BLOCK=256, SKIP=skip, TOP=PATTERNS)
+            NP=pivots, SPLITS=next_power_of_2(num_splits), CHUNK_SIZE=CHUNK, BLOCK=256, SKIP=skip)
     return out
