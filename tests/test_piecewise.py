@@ -35,7 +35,7 @@ def _staged_batch(runner, num_tokens: int):
     slots = [tables[0][p // bs] * bs + p % bs for p in positions[:5]] + \
             [tables[1][p // bs] * bs + p % bs for p in positions[5:]]
     assert len(ids) == num_tokens
-    return runner._stage(ids, [positions], [slots], [5, 2], [5, 5], tables, [4, 6])
+    return runner._stage([ids], [positions], [slots], [5, 2], [5, 5], tables, [4, 6])
 
 
 def _unpadded(batch):
@@ -51,7 +51,7 @@ def test_split_forward_matches_the_plain_forward_and_ignores_padding(qwen3_path)
     assert model.num_pieces == model.spec.num_layers + 1
     with torch.inference_mode():
         # the cached prefix of sequence 1 (positions 0..2), written by a plain forward
-        prefix = _unpadded(runner._stage([10, 11, 12], [[0, 1, 2]], [[8, 9, 10]], [3], [3], [[2]], [2]))
+        prefix = _unpadded(runner._stage([[10, 11, 12]], [[0, 1, 2]], [[8, 9, 10]], [3], [3], [[2]], [2]))
         backend.plan(prefix)
         with forward_context(backend):
             model(prefix.input_ids, prefix.positions)

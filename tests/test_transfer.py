@@ -41,32 +41,38 @@ def test_a_ring_hands_out_parts_of_one_buffer_and_keeps_their_views():
     assert ring.take_parts(((2, 3), (5,)), torch.int32)[0][0].data_ptr() == grown.data_ptr()
 
 
+def _check_staging(runner, seen: list) -> None:
+    """Wrap runner.prepare: every step's staged input ids, positions and slots must be each scheduled
+    token's, in the order the step lists them; `seen` gets (query lengths, chunks past a prompt)."""
+    from lanner.core.batch import kv_slots
+
+    prepare = runner.prepare
+
+    def checked(sched):
+        spans = [(req, req.num_computed_tokens, req.num_computed_tokens + n) for req, n in sched.scheduled]
+        out = prepare(sched)
+        batch, n = out[0], out[0].num_real_tokens
+        assert batch.input_ids[:n].tolist() == [t for req, a, b in spans for t in req.all_token_ids[a:b]]
+        assert batch.positions[:n].tolist() == [p for _, a, b in spans for p in range(a, b)]
+        assert batch.slot_mapping[:n].tolist() == [s for req, a, b in spans
+                                                   for s in kv_slots(req.block_ids, a, b, runner.block_size)]
+        seen.append(([b - a for _, a, b in spans], [b - a for req, a, b in spans if b > req.num_prompt_tokens + 1]))
+        return out
+
+    runner.prepare = checked
+
+
 def test_a_mixed_step_stages_each_token_at_its_position_and_slot(qwen3_path):
     """A step mixing decode rows, prompt chunks long enough to be staged as arrays (LONG_CHUNK) and a
-    short chunk after them stages each token's position, and its block's slot at its offset, in
+    short chunk after them stages each token's id, position, and its block's slot at its offset, in
     the order the step lists them."""
     from conftest import make_llm
-    from lanner.core.batch import kv_slots
     from lanner.core.request import SamplingParams
     from lanner.executor.model_runner import LONG_CHUNK
 
     llm = make_llm(qwen3_path, block_size=4, max_num_batched_tokens=160, overlap_scheduling=False)
-    engine, runner = llm.engine, llm.engine.runner
-    seen, prepare = [], runner.prepare
-
-    def checked(sched):
-        want_positions = [p for req, n in sched.scheduled
-                          for p in range(req.num_computed_tokens, req.num_computed_tokens + n)]
-        want_slots = [s for req, n in sched.scheduled
-                      for s in kv_slots(req.block_ids, req.num_computed_tokens, req.num_computed_tokens + n, 4)]
-        out = prepare(sched)
-        batch = out[0]
-        assert batch.positions[:batch.num_real_tokens].tolist() == want_positions
-        assert batch.slot_mapping[:batch.num_real_tokens].tolist() == want_slots
-        seen.append([n for _, n in sched.scheduled])
-        return out
-
-    runner.prepare = checked
+    engine, seen = llm.engine, []
+    _check_staging(engine.runner, seen)
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     for i in range(2):  # distinct prompts throughout: no prefix-cache hits shorten the chunks
         engine.add_request(f"short{i}", list(range(5 + 10 * i, 15 + 10 * i)), params)
@@ -75,4 +81,25 @@ def test_a_mixed_step_stages_each_token_at_its_position_and_slot(qwen3_path):
     engine.add_request("next", list(range(200, 300)), params)
     while engine.has_unfinished_requests():
         engine.step()
-    assert [1, 1, 150, 8] in seen and [1, 1, 1, 92] in seen and 92 >= LONG_CHUNK
+    lens = [n for n, _ in seen]
+    assert [1, 1, 150, 8] in lens and [1, 1, 1, 92] in lens and 92 >= LONG_CHUNK
+
+
+def test_a_recomputed_long_chunk_stages_its_outputs_after_its_prompt(qwen3_path):
+    """A preempted request recomputes its prompt and its outputs in one long chunk: the ids past the
+    prompt come from its outputs (the prompt's array holds only the prompt)."""
+    from conftest import make_llm
+    from lanner.core.request import SamplingParams
+    from lanner.executor.model_runner import LONG_CHUNK
+
+    llm = make_llm(qwen3_path, block_size=4, num_kv_blocks=39, max_num_batched_tokens=256,
+                   overlap_scheduling=False, enable_prefix_caching=False)  # the recompute computes it all
+    engine, seen = llm.engine, []
+    _check_staging(engine.runner, seen)
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    for i in range(2):  # 18 blocks each at first, 20 at the end: together more than the cache holds
+        engine.add_request(f"r{i}", list(range(3 + 100 * i, 73 + 100 * i)), params)
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert engine.scheduler.num_preemptions > 0
+    assert any(n >= LONG_CHUNK for _, past in seen for n in past)

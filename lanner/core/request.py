@@ -14,6 +14,8 @@ import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from lanner.core.structured import StructuredOutputsParams
 from lanner.errors import InvalidRequest
 
@@ -250,6 +252,9 @@ class Request:
         self.seed = seed  # with the output index, keys the sampler's random numbers
         self.output_token_ids: list[int] = []
         self.all_token_ids: list[int] = list(prompt_token_ids)  # known on the host
+        # the prompt again, for staging long prompt chunks: a slice of it copies into the step's
+        # inputs at memory speed, where a list converts element by element (8k tokens: ~130 us)
+        self.prompt_array = np.asarray(prompt_token_ids, dtype=np.int64)
         # Sampled on the device, not yet read back (overlap scheduling): they count in num_tokens, and
         # the next step reads the newest one from the device. A step that verifies m drafts adds
         # 1 + m (as if it accepted all; the read-back gives back what it rejected).

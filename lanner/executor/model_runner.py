@@ -539,9 +539,9 @@ class ModelRunner:
         layout: per request (request, first row, tokens, drafts, first sampling row or None), for a drafter;
         deferred: the inputs filled in on the device from the step before (executor/deferred.py)."""
         input_ids, positions, slots, sample_at, score_at = [], [], [], [], []
-        # positions and slots in pieces: lists of the other requests' items, between the arrays of
-        # long chunks
-        position_pieces, slot_pieces = [], []
+        # input ids, positions and slots in pieces: lists of the other requests' items, between the
+        # arrays of long chunks
+        input_pieces, position_pieces, slot_pieces = [], [], []
         samplers, prompt_rows = [], []
         deferred = Deferred(self.block_size, self.drafter.shift if self.drafter is not None else 0)
         bs = self.block_size
@@ -551,16 +551,22 @@ class ModelRunner:
         for req, n in sched.scheduled:
             begin = req.num_computed_tokens
             drafts = req.draft_token_ids
-            known = req.all_token_ids[begin:begin + n - len(drafts)]
-            if len(known) < n - len(drafts):  # the newest token is still on the device (sampled by the last launch)
-                deferred.add(req, start + len(known), n - len(known), len(drafts))
-                known.append(0)
-            input_ids += known + drafts  # the last token, then the drafts after it
-            if n >= LONG_CHUNK and not drafts:
+            long = n >= LONG_CHUNK and not drafts
+            if long and begin + n <= req.num_prompt_tokens:
+                ids = req.prompt_array[begin:begin + n]
+            else:
+                ids = req.all_token_ids[begin:begin + n - len(drafts)]
+                if len(ids) < n - len(drafts):  # the newest token is still on the device (sampled by the last launch)
+                    deferred.add(req, start + len(ids), n - len(ids), len(drafts))
+                    ids.append(0)
+                ids += drafts  # the last token, then the drafts after it
+            if long:
+                input_pieces += (input_ids, ids)
                 position_pieces += (positions, np.arange(begin, begin + n))
                 slot_pieces += (slots, kv_slot_array(req.block_ids, begin, begin + n, bs))
-                positions, slots = [], []
+                input_ids, positions, slots = [], [], []
             else:
+                input_ids += ids
                 positions += range(begin, begin + n)
                 slots += kv_slots(req.block_ids, begin, begin + n, bs)
             if req.prompt_logprobs is not None:
@@ -584,6 +590,7 @@ class ModelRunner:
         seq_lens = [req.num_computed_tokens + n for req, n in sched.scheduled]
         tables = [req.block_ids for req, _ in sched.scheduled]
         every_token_samples = not score_at and len(samplers) == start
+        input_pieces.append(input_ids)
         position_pieces.append(positions)
         slot_pieces.append(slots)
         if every_token_samples and len(query_lens) < start:
@@ -596,7 +603,7 @@ class ModelRunner:
             raise RuntimeError("a step planned before its predecessor's accepted drafts were read back must "
                                "decode only (the engine reads back first otherwise)")
         pending = deferred.pending_rows() if deferred.plain else None
-        batch = self._stage(input_ids, position_pieces, slot_pieces, query_lens, seq_lens, tables,
+        batch = self._stage(input_pieces, position_pieces, slot_pieces, query_lens, seq_lens, tables,
                             sample_at + score_at, pending)
         batch.sampling_rows_are_tokens = every_token_samples
         batch.verify_rows = len(sched.scheduled) < len(query_lens)
@@ -609,17 +616,17 @@ class ModelRunner:
                 batch.device_seq_lens = self.positions[:start] + 1
         return batch, samplers, offsets, prompt_rows, layout, deferred
 
-    def _stage(self, input_ids, position_pieces, slot_pieces, query_lens, seq_lens, block_tables, logits_indices,
+    def _stage(self, input_pieces, position_pieces, slot_pieces, query_lens, seq_lens, block_tables, logits_indices,
                pending: tuple[list[int], list[int]] | None = None) -> ForwardBatch:
-        """Stage a step's inputs in one copy; positions and slots come in pieces (lists, arrays)."""
-        T = len(input_ids)
+        """Stage a step's inputs in one copy; input ids, positions and slots come in pieces (lists, arrays)."""
+        T = sum(len(piece) for piece in input_pieces)
         rows = self._padded_rows(T, query_lens)
         L = len(logits_indices)
         padded = min(-(-L // LOGITS_ROW_BUCKET) * LOGITS_ROW_BUCKET, self.max_tokens)
         cols = max(rows, padded)
         # the rows of self.staged, in order (PENDING_ROW: the pending rows come after the count), each
         # in pieces
-        rows_pieces = [(input_ids,), position_pieces, slot_pieces, (logits_indices,), ([T],),
+        rows_pieces = [input_pieces, position_pieces, slot_pieces, (logits_indices,), ([T],),
                        *((values,) for values in pending or ())]
         host, view = self.uploads.take((len(rows_pieces), cols), torch.long)
         view[...] = STAGED_PADDING[:len(rows_pieces)]  # one numpy call, not one a row: ~15 us of a batch-1 step
@@ -652,4 +659,4 @@ class ModelRunner:
 
     def dummy_decode_batch(self, size: int) -> ForwardBatch:
         """A decode batch of `size` empty rows, for graph capture."""
-        return self._stage([0] * size, [[0] * size], [[-1] * size], [1] * size, [0] * size, [[]] * size, [])
+        return self._stage([[0] * size], [[0] * size], [[-1] * size], [1] * size, [0] * size, [[]] * size, [])
