@@ -61,6 +61,11 @@ def kv_slots(block_ids: list[int], start: int, stop: int, block_size: int) -> li
     return slots + [-1] * (stop - start - len(slots))
 
 
+# a chunk of this many tokens or more (without drafts) stages its positions and slots as numpy
+# arrays (kv_slot_array), between the lists of the other rows
+LONG_CHUNK = 64
+
+
 def kv_slot_array(block_ids: list[int], start: int, stop: int, block_size: int) -> np.ndarray:
     """kv_slots as an int64 array, computed with numpy: for a prompt chunk's long range, where a
     list of Python ints costs ~5x more (512 slots: ~4 us against ~20, and ~8 more to stage them)."""

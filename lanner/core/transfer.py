@@ -73,6 +73,13 @@ class PinnedRing:
             start += size
         return tuple(parts)  # kept and handed out again: not to be changed
 
+    def send(self, host: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """`host` (part of the last `take`) on `device`, then `sent()`; on the CPU a copy, since the
+        buffer is handed out again."""
+        out = host.to(device, non_blocking=True) if self.cuda else host.clone()
+        self.sent()
+        return out
+
     def sent(self) -> None:
         """The copies out of the last `take` are enqueued (on the device's current stream)."""
         if self.cuda:
@@ -90,9 +97,7 @@ def to_device(rows: list | torch.Tensor | np.ndarray, dtype: torch.dtype, device
         values = np.asarray(rows)  # converted once; its shape is the result's
         host, view = ring.take(values.shape, dtype)
         view[...] = values
-        out = host.to(device, non_blocking=True) if ring.cuda else host.clone()
-        ring.sent()
-        return out
+        return ring.send(host, device)
     host = rows.to(dtype) if isinstance(rows, torch.Tensor) else torch.tensor(rows, dtype=dtype)
     if device.type != "cuda":
         return host
@@ -101,12 +106,48 @@ def to_device(rows: list | torch.Tensor | np.ndarray, dtype: torch.dtype, device
     return pinned.to(device, non_blocking=True)
 
 
-def to_device_parts(parts: list[list], dtype: torch.dtype, device: torch.device,
+def write_pieces(row: np.ndarray, pieces, at: int = 0) -> int:
+    """Write `pieces` (lists, ranges, arrays) one after another into `row` from `at`; returns where
+    they end. An array copies at memory speed, a list element by element; consecutive lists are
+    joined first (a numpy call costs more than extending a short list)."""
+    if len(pieces) == 1:  # most of a step's rows: nothing to join
+        row[at:at + len(pieces[0])] = pieces[0]
+        return at + len(pieces[0])
+    run = []
+    for piece in pieces:
+        if isinstance(piece, np.ndarray):
+            if run:
+                row[at:at + len(run)] = run
+                at += len(run)
+                run = []
+            row[at:at + len(piece)] = piece
+            at += len(piece)
+        else:
+            run += piece
+    if run:
+        row[at:at + len(run)] = run
+        at += len(run)
+    return at
+
+
+def to_device_parts(parts: list, dtype: torch.dtype, device: torch.device,
                     ring: PinnedRing | None = None) -> list[torch.Tensor]:
-    """Several host lists in one copy (`to_device`), as views of it, in order."""
-    flat = to_device([x for part in parts for x in part], dtype, device, ring)
+    """Several host sequences in one copy (`to_device`), as views of it, in order. A part is a list,
+    or a tuple of pieces (lists, ranges, arrays) that follow each other in it."""
+    parts = [part if isinstance(part, tuple) else (part,) for part in parts]
+    sizes = [sum(map(len, part)) for part in parts]
+    if ring is not None:
+        host, view = ring.take(sum(sizes), dtype)
+    else:  # pinned from torch's host cache
+        host = torch.empty(sum(sizes), dtype=dtype, pin_memory=device.type == "cuda")
+        view = host.numpy()
+    write_pieces(view, [piece for part in parts for piece in part])
+    if ring is not None:
+        flat = ring.send(host, device)
+    else:
+        flat = host.to(device, non_blocking=True) if device.type == "cuda" else host
     views, start = [], 0
-    for part in parts:
-        views.append(flat[start:start + len(part)])
-        start += len(part)
+    for size in sizes:
+        views.append(flat[start:start + size])
+        start += size
     return views

@@ -29,10 +29,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from lanner.core.batch import ForwardBatch, as_decode_rows, kv_slots
-from lanner.core.transfer import to_device_parts
+from lanner.core.batch import LONG_CHUNK, ForwardBatch, as_decode_rows, kv_slot_array, kv_slots
+from lanner.core.transfer import PinnedRing, to_device_parts
 from lanner.executor.deferred import Deferred
 from lanner.executor.graphs import CaptureReport, SizeLadder
 from lanner.executor.kv_tensors import allocate_kv_caches, kv_block_bytes
@@ -83,6 +84,7 @@ class Drafter:
         self.device = device
         self.dtype = dtype
         self.max_tokens = max_tokens
+        self.uploads = PinnedRing(device)  # each step's staged inputs (one take a step)
         self.backend = None
         self.graphs: DraftGraphs | None = None
         self.first_pass_graphs: FirstPassGraphs | None = None
@@ -142,6 +144,7 @@ class Drafter:
         filled in on the device; the rows of requests whose positions move there move likewise."""
         bs, k, shift = self.block_size, self.k, self.shift
         sources, positions, slots, known = [], [], [], []
+        position_pieces, slot_pieces = [], []  # the lists above, between the arrays of long chunks
         query_lens, seq_lens, tables = [], [], []
         requests, dec_tables = [], []
         moved = []  # rows whose positions move on the device (deferred.rows_of)
@@ -163,8 +166,13 @@ class Drafter:
                 nxt = begin + n
                 known.append(req.all_token_ids[nxt] if nxt < len(req.all_token_ids) else 0)
                 sources.append(known_base + len(known) - 1)
-            positions += range(begin, begin + n + shift)
-            slots += kv_slots(req.block_ids, begin, begin + n + shift, bs)
+            if n >= LONG_CHUNK and not m:
+                position_pieces += (positions, np.arange(begin, begin + n + shift))
+                slot_pieces += (slots, kv_slot_array(req.block_ids, begin, begin + n + shift, bs))
+                positions, slots = [], []
+            else:
+                positions += range(begin, begin + n + shift)
+                slots += kv_slots(req.block_ids, begin, begin + n + shift, bs)
             query_lens.append(n + shift)
             seq_lens.append(begin + n + shift)
             tables.append(req.block_ids)
@@ -173,14 +181,15 @@ class Drafter:
                 requests += [start + 1 + j for j in range(m)] + [-1] * (k - m)
                 requests += [first_sample + min(j, m) for j in range(k)]
                 dec_tables.append(req.block_ids)
-        if decode_rows:
+        if decode_rows:  # no long chunk samples every row: `positions` holds them all
+            assert not position_pieces
             query_lens, seq_lens, tables = as_decode_rows(positions, query_lens, tables)
         width = max((len(t) for t in dec_tables), default=1) or 1
         padded = (self.graphs.padded_size(len(dec_tables)) if self.graphs is not None else None) or len(dec_tables)
         requests += ([0, 0] + [-1] * k + [0] * k) * (padded - len(dec_tables))
-        parts = [sources, known or [0], positions, slots, requests,
+        parts = [sources, known or [0], (*position_pieces, positions), (*slot_pieces, slots), requests,
                  [b for t in dec_tables for b in t + [-1] * (width - len(t))], [x for r in moved for x in r]]
-        views = to_device_parts(parts, torch.long, self.device)  # one copy
+        views = to_device_parts(parts, torch.long, self.device, self.uploads)  # one copy
         staged = StagedDraft(views[0], views[1], views[2], views[3], query_lens, seq_lens, tables, num_target_tokens,
                              views[4].view(-1, 2 + 2 * k), views[5].view(-1, width), dec_tables, decode_rows,
                              draft_len, any(m for _, _, _, m, _ in layout))

@@ -13,11 +13,11 @@ import numpy as np
 import torch
 
 from lanner.config import WHOLE_FORWARD_MAX_TOKENS, EngineConfig, MoEConfig
-from lanner.core.batch import ForwardBatch, as_decode_rows, kv_slot_array, kv_slots
+from lanner.core.batch import LONG_CHUNK, ForwardBatch, as_decode_rows, kv_slot_array, kv_slots
 from lanner.core.profiling import step_range
 from lanner.core.request import Logprob, Request
 from lanner.core.schedule import SchedulerOutput
-from lanner.core.transfer import PinnedRing, Views, to_device
+from lanner.core.transfer import PinnedRing, Views, to_device, write_pieces
 from lanner.distributed import whole_on_every_rank
 from lanner.errors import ConfigError
 from lanner.executor.deferred import Deferred
@@ -52,8 +52,6 @@ LOGITS_ROW_BUCKET = 16  # the LM head outside graphs sees row counts in steps of
 PENDING_ROW = 5  # ModelRunner.staged's rows from here: plain overlap's pending-token rows, then their sample rows
 # what pads each staged row past its values: slots -1 (write no KV), the rest 0
 STAGED_PADDING = np.array([0, 0, -1, 0, 0, 0, 0])[:, None]
-# a chunk of this many tokens or more (without drafts) stages its positions and slots as numpy arrays
-LONG_CHUNK = 64
 
 
 @dataclass
@@ -631,10 +629,7 @@ class ModelRunner:
         host, view = self.uploads.take((len(rows_pieces), cols), torch.long)
         view[...] = STAGED_PADDING[:len(rows_pieces)]  # one numpy call, not one a row: ~15 us of a batch-1 step
         for row, pieces in zip(view, rows_pieces):
-            at = 0
-            for piece in pieces:
-                row[at:at + len(piece)] = piece
-                at += len(piece)
+            write_pieces(row, pieces)
         self.staged_view(0, cols, stop=len(rows_pieces)).copy_(host, non_blocking=True)
         self.uploads.sent()
         return ForwardBatch(self.staged_view(0, rows), self.staged_view(1, rows), self.staged_view(2, rows), query_lens,
