@@ -67,8 +67,9 @@ def test_a_mixed_step_stages_each_token_at_its_position_and_slot(qwen3_path):
     short chunk after them stages each token's id, position, and its block's slot at its offset, in
     the order the step lists them."""
     from conftest import make_llm
+
+    from lanner.core.batch import LONG_CHUNK
     from lanner.core.request import SamplingParams
-    from lanner.executor.model_runner import LONG_CHUNK
 
     llm = make_llm(qwen3_path, block_size=4, max_num_batched_tokens=160, overlap_scheduling=False)
     engine, seen = llm.engine, []
@@ -89,8 +90,9 @@ def test_a_recomputed_long_chunk_stages_its_outputs_after_its_prompt(qwen3_path)
     """A preempted request recomputes its prompt and its outputs in one long chunk: the ids past the
     prompt come from its outputs (the prompt's array holds only the prompt)."""
     from conftest import make_llm
+
+    from lanner.core.batch import LONG_CHUNK
     from lanner.core.request import SamplingParams
-    from lanner.executor.model_runner import LONG_CHUNK
 
     llm = make_llm(qwen3_path, block_size=4, num_kv_blocks=39, max_num_batched_tokens=256,
                    overlap_scheduling=False, enable_prefix_caching=False)  # the recompute computes it all
