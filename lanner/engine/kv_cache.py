@@ -110,8 +110,7 @@ class KVCacheManager:
             self.ref_counts[block_id] += 1
         req.block_ids.extend(adopted)
         req.num_computed_tokens = num_computed
-        for _ in range(max(num_fresh, 0)):
-            req.block_ids.append(self._take_free_block())
+        req.block_ids += self._take_free_blocks(num_fresh)
         self._register_full_blocks(req, (num_computed + num_new_tokens) // self.block_size)
         return True
 
@@ -164,15 +163,18 @@ class KVCacheManager:
         for block_hash, block_id in self.cached.items():
             assert self.block_hash[block_id] == block_hash, "hash index points at a block with other content"
 
-    def _take_free_block(self) -> int:
-        block_id, _ = self.free.popitem(last=False)
-        old_hash = self.block_hash[block_id]
-        if old_hash is not None:  # evict its cached content
-            del self.cached[old_hash]
-            self.block_hash[block_id] = None
-            self.num_cached_free -= 1
-        self.ref_counts[block_id] = 1
-        return block_id
+    def _take_free_blocks(self, n: int) -> list[int]:
+        """`n` free blocks (least recently freed first), each with one reference; a cached one's
+        content is evicted. (Locals, not attributes, in the loops: a long prompt takes hundreds.)"""
+        pop, block_hash, ref_counts = self.free.popitem, self.block_hash, self.ref_counts
+        taken = [pop(last=False)[0] for _ in range(n)]
+        for block_id in taken:
+            ref_counts[block_id] = 1
+            if block_hash[block_id] is not None:  # evict its cached content
+                del self.cached[block_hash[block_id]]
+                block_hash[block_id] = None
+                self.num_cached_free -= 1
+        return taken
 
     def _hash_full_blocks(self, req: Request, num_full: int) -> None:
         bs = self.block_size
@@ -189,10 +191,9 @@ class KVCacheManager:
             return
         num_full = min(num_full, len(req.all_token_ids) // self.block_size)  # a pending token's id is unknown
         self._hash_full_blocks(req, num_full)
-        for i in range(req.num_registered_blocks, num_full):
-            block_id = req.block_ids[i]
-            block_hash = req.block_hashes[i]
-            if self.block_hash[block_id] is None and block_hash not in self.cached:
-                self.block_hash[block_id] = block_hash
-                self.cached[block_hash] = block_id
+        hashes, cached, first = self.block_hash, self.cached, req.num_registered_blocks
+        for block_id, block_hash in zip(req.block_ids[first:num_full], req.block_hashes[first:num_full]):
+            if hashes[block_id] is None and block_hash not in cached:
+                hashes[block_id] = block_hash
+                cached[block_hash] = block_id
         req.num_registered_blocks = max(req.num_registered_blocks, num_full)
