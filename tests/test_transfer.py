@@ -43,7 +43,8 @@ def test_a_ring_hands_out_parts_of_one_buffer_and_keeps_their_views():
 
 def _check_staging(runner, seen: list) -> None:
     """Wrap runner.prepare: every step's staged input ids, positions and slots must be each scheduled
-    token's, in the order the step lists them; `seen` gets (query lengths, chunks past a prompt)."""
+    token's, in the order the step lists them; `seen` gets (query lengths, those of the chunks that
+    end past their prompt)."""
     from lanner.core.batch import kv_slots
 
     prepare = runner.prepare
@@ -56,7 +57,7 @@ def _check_staging(runner, seen: list) -> None:
         assert batch.positions[:n].tolist() == [p for _, a, b in spans for p in range(a, b)]
         assert batch.slot_mapping[:n].tolist() == [s for req, a, b in spans
                                                    for s in kv_slots(req.block_ids, a, b, runner.block_size)]
-        seen.append(([b - a for _, a, b in spans], [b - a for req, a, b in spans if b > req.num_prompt_tokens + 1]))
+        seen.append(([b - a for _, a, b in spans], [b - a for req, a, b in spans if b > req.num_prompt_tokens]))
         return out
 
     runner.prepare = checked
@@ -105,3 +106,33 @@ def test_a_recomputed_long_chunk_stages_its_outputs_after_its_prompt(qwen3_path)
         engine.step()
     assert engine.scheduler.num_preemptions > 0
     assert any(n >= LONG_CHUNK for _, past in seen for n in past)
+
+
+def test_a_drafter_stages_each_row_at_its_position_and_slot():
+    """A draft model's first pass over steps mixing long prompt chunks (staged as arrays) with short
+    chunks and decode rows stages each row's position and KV slot: its chunk's, and `shift` more."""
+    from lanner import LLM
+    from lanner.core.batch import LONG_CHUNK, kv_slots
+    from lanner.core.request import SamplingParams
+    from lanner.default_model import DRAFT_MODEL
+
+    spec = LLM(device="cpu", dtype="float32", max_num_batched_tokens=200, overlap_scheduling=False,
+               speculative_config={"method": "draft_model", "num_speculative_tokens": 3, "model": DRAFT_MODEL})
+    drafter, seen = spec.engine.runner.drafter, []
+    stage = drafter.stage
+
+    def checked(layout, *args, **kwargs):
+        staged = stage(layout, *args, **kwargs)
+        spans = [(req, req.num_computed_tokens, req.num_computed_tokens + n + drafter.shift)
+                 for req, _, n, _, _ in layout]
+        assert staged.positions.tolist() == [p for _, a, b in spans for p in range(a, b)]
+        assert staged.slots.tolist() == [s for req, a, b in spans
+                                         for s in kv_slots(req.block_ids, a, b, drafter.block_size)]
+        seen.append([n for _, _, n, _, _ in layout])
+        return staged
+
+    drafter.stage = checked
+    prompts = [{"prompt_token_ids": [(7 * i + 3 * n) % 8000 + 3 for i in range(n)]} for n in (10, 70, 150, 90)]
+    spec.generate(prompts, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
+    assert drafter.shift == 1
+    assert any(any(n >= LONG_CHUNK for n in lens) and any(n < LONG_CHUNK for n in lens) for lens in seen)

@@ -187,11 +187,11 @@ class ReplayedSamples:
         self.sampler, self.truth, self.row_of = sampler, truth, row_of
 
     def __call__(self, logits, reqs, last_sampled=None, offsets=None, shifts=None, mask=None):
+        if self.truth is not None and any(r.params.logprobs is not None for r in reqs):
+            raise ValueError("replayed samples carry no logprobs (they would be the real tokens'): replay without them")
         sampled = self.sampler(logits, reqs, last_sampled, offsets, shifts, mask)
         if self.truth is None:
             return sampled
-        if sampled.logprobs is not None:  # they would be the real tokens', not the replayed ones'
-            raise ValueError("replayed samples carry no logprobs: replay without them")
         at = to_device([[self.row_of[tuple(r.prompt_token_ids)], r.num_output_tokens + (offsets[i] if offsets else 0)]
                         for i, r in enumerate(reqs)], torch.long, logits.device)
         index = at[:, 1] + (shifts[0][:len(reqs)] if shifts is not None else 0)

@@ -62,7 +62,8 @@ def kv_slots(block_ids: list[int], start: int, stop: int, block_size: int) -> li
 
 
 # a chunk of this many tokens or more (without drafts) stages its positions and slots as numpy
-# arrays (kv_slot_array), between the lists of the other rows
+# arrays (kv_slot_array), between the lists of the other rows (the runner's and the drafter's
+# loops test it inline: a call a request would cost more than the test)
 LONG_CHUNK = 64
 
 

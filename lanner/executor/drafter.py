@@ -187,6 +187,7 @@ class Drafter:
         width = max((len(t) for t in dec_tables), default=1) or 1
         padded = (self.graphs.padded_size(len(dec_tables)) if self.graphs is not None else None) or len(dec_tables)
         requests += ([0, 0] + [-1] * k + [0] * k) * (padded - len(dec_tables))
+        # a tuple is one part in pieces (to_device_parts)
         parts = [sources, known or [0], (*position_pieces, positions), (*slot_pieces, slots), requests,
                  [b for t in dec_tables for b in t + [-1] * (width - len(t))], [x for r in moved for x in r]]
         views = to_device_parts(parts, torch.long, self.device, self.uploads)  # one copy
