@@ -2,8 +2,8 @@
 step's host part): a synchronous N-token prompt step through the whole-forward graph, and batch-1
 decode with overlap scheduling, each phase timed with perf_counter around the engine's own calls;
 for decode also the decode graph's GPU time a replay (CUDA events), to set against the step's, and
-one step's staging repeated back to back (warm caches: how much of the in-step figure is the
-caches the forward evicted).
+one step's staging repeated back to back, and for the prompt step a fresh prompt's (warm caches:
+how much of the in-step figure is the caches the forward evicted).
 Usage: python scripts/host_phases.py [--config benchmarks/configs/qwen3-0.6b.json] [--tokens 512]
 Prints JSON; CPU runs work too (no graphs: the phases are then eager; `--attention-backend triton`
 plans as on a GPU, the kernels in Triton's interpreter: the host phases of the GPU path, measured
@@ -98,7 +98,33 @@ def prompt_steps(llm, tokens: int, steps: int, profiler: cProfile.Profile | None
         engine.abort_request(f"p{s}")
     if profiler is not None:
         profiler.disable()
-    return phases.medians_us(3)
+    report = phases.medians_us(3)
+    phases.paused = True  # outside the steps' phases
+    report["schedule + prepare + plan of a fresh prompt, back to back (warm caches)"] = warm_prompt_us(engine, tokens)
+    return report
+
+
+def warm_prompt_us(engine, tokens: int, reps: int = 100) -> float:
+    """Median host time of scheduling, staging and planning a fresh prompt (as its step plans it:
+    for its whole-forward graph when it has one), repeated back to back with nothing run between:
+    the prompt step's staging with its code and data in the caches. Each request is aborted before
+    it runs, and the prefix cache emptied after (its blocks were offered to it unwritten)."""
+    runner, times = engine.runner, []
+    params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    for i in range(reps):
+        ids = torch.randint(0, engine.vocab_size, (tokens,), generator=torch.Generator().manual_seed(10_000 + i))
+        engine.add_request(f"w{i}", ids.tolist(), params)
+        start = time.perf_counter()
+        batch = runner.prepare(engine.scheduler.schedule())[0]
+        size = batch.input_ids.shape[0]
+        full = runner.piecewise is not None and size in runner.piecewise.full_graphs
+        runner.backend.plan(batch, graph_tokens=size if full else None)
+        times.append(time.perf_counter() - start)
+        engine.abort_request(f"w{i}")
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    assert engine.kv_cache.reset_prefix_cache()
+    return round(statistics.median(times[reps // 3:]) * 1e6, 1)
 
 
 def decode_steps(llm, steps: int, profiler: cProfile.Profile | None = None) -> dict:
