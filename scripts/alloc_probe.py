@@ -1,6 +1,6 @@
 # The serving workload offline (400 x 256 in, 128 out), twice with new prompts: tok/s of each burst and
 # the allocator's counters over the first (issue [12]: where does the engine's host time go?).
-import json, sys, time, random
+import json, time, random
 import torch
 from lanner import LLM, SamplingParams
 llm = LLM(model="benchmarks/configs/qwen3-8b.json", load_format="dummy", dtype="bfloat16")

@@ -269,7 +269,7 @@ def unrolled_head(kind: str, p: dict, cfg: dict, embed: torch.Tensor, tokens: li
     positions = torch.cat([torch.arange(N, device=embed.device) + s for s in range(steps)])
     mask = unrolled_mask(N, steps, embed.device)
     state = hidden @ p["fc.weight"].t() if kind == "eagle3" else hidden
-    outs, states = [], []
+    outs = []
     xs, residuals = [], []
     for s in range(steps):  # the inputs of every step are known up front (teacher forcing) but the
         # states of step s+1 come from step s, so steps run in sequence over a growing attention

@@ -79,7 +79,7 @@ def test_padding_rows_are_zero_and_oversized_steps_fall_back():
 
 def test_no_host_sync_in_a_piecewise_step():
     llm = LLM(dtype="bfloat16", gpu_memory_utilization=0.3, max_num_batched_tokens=512)
-    engine, runner = llm.engine, llm.engine.runner
+    runner = llm.engine.runner
     launch = runner.launch
 
     def strict_launch(sched, **kw):
