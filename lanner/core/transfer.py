@@ -130,22 +130,14 @@ def write_pieces(row: np.ndarray, pieces, at: int = 0) -> int:
     return at
 
 
-def to_device_parts(parts: list, dtype: torch.dtype, device: torch.device,
-                    ring: PinnedRing | None = None) -> list[torch.Tensor]:
-    """Several host sequences in one copy (`to_device`), as views of it, in order. A part is a list,
-    or a tuple of pieces (lists, ranges, arrays) that follow each other in it."""
+def to_device_parts(parts: list, dtype: torch.dtype, ring: PinnedRing) -> list[torch.Tensor]:
+    """Several host sequences in one copy through `ring`, on its device, as views of it, in order.
+    A part is a list, or a tuple of pieces (lists, ranges, arrays) that follow each other in it."""
     parts = [part if isinstance(part, tuple) else (part,) for part in parts]
     sizes = [sum(map(len, part)) for part in parts]
-    if ring is not None:
-        host, view = ring.take(sum(sizes), dtype)
-    else:  # pinned from torch's host cache
-        host = torch.empty(sum(sizes), dtype=dtype, pin_memory=device.type == "cuda")
-        view = host.numpy()
+    host, view = ring.take(sum(sizes), dtype)
     write_pieces(view, [piece for part in parts for piece in part])
-    if ring is not None:
-        flat = ring.send(host, device)
-    else:
-        flat = host.to(device, non_blocking=True) if device.type == "cuda" else host
+    flat = ring.send(host, ring.device)
     views, start = [], 0
     for size in sizes:
         views.append(flat[start:start + size])

@@ -74,7 +74,7 @@ class Deferred:
 
     def apply(self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
               last_sampled: torch.Tensor, last_accepted: torch.Tensor | None, last_proposed: torch.Tensor | None,
-              num_rows: int, ring: PinnedRing | None = None,
+              num_rows: int, ring: PinnedRing,
               staged_rows: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         """Fill in the staged step's inputs (the runner's buffers) from the step before's results.
         `staged_rows`: `pending_rows` already on the device (a plain step's), as two tensors.
@@ -85,7 +85,7 @@ class Deferred:
             return
         parts = [[x for t in self.firsts for x in t], [x for t in self.draft_rows for x in t],
                  [x for t in self.shifted for x in t], self.slots]
-        views = to_device_parts(parts, torch.long, input_ids.device, ring)
+        views = to_device_parts(parts, torch.long, ring)
         firsts, draft_rows, shifted, self.candidates = (views[0].view(-1, 4), views[1].view(-1, 3),
                                                         views[2].view(-1, 3), views[3])
         if not self.shifts:  # plain overlap, or drafts after a step that verified none

@@ -190,7 +190,7 @@ class Drafter:
         # a tuple is one part in pieces (to_device_parts)
         parts = [sources, known or [0], (*position_pieces, positions), (*slot_pieces, slots), requests,
                  [b for t in dec_tables for b in t + [-1] * (width - len(t))], [x for r in moved for x in r]]
-        views = to_device_parts(parts, torch.long, self.device, self.uploads)  # one copy
+        views = to_device_parts(parts, torch.long, self.uploads)  # one copy
         staged = StagedDraft(views[0], views[1], views[2], views[3], query_lens, seq_lens, tables, num_target_tokens,
                              views[4].view(-1, 2 + 2 * k), views[5].view(-1, width), dec_tables, decode_rows,
                              draft_len, any(m for _, _, _, m, _ in layout))
