@@ -15,6 +15,7 @@ from lanner.executor.gemv_table import GemvTable, candidates, row_bucket
 from lanner.kernels.gemv import GemvConfig, GemvWorkspace, gemv, gemv_reference
 from lanner.layers.embedding import LMHead, VocabEmbedding
 from lanner.layers.linear import Linear
+from lanner.layers.mlp import GatedMLP
 
 SMALL_CONFIGS = [GemvConfig(8, 64, 1, 4, 2), GemvConfig(16, 32, 4, 4, 2), GemvConfig(16, 64, 3, 4, 2)]
 
@@ -32,6 +33,26 @@ def test_gemv_matches_reference(config, n, k):
             assert not workspace.counters.any()
 
 
+@pytest.mark.parametrize("config", SMALL_CONFIGS, ids=str)
+def test_a_gated_gemv_equals_the_activation_then_the_gemv(config):
+    """gated: x is [M, 2K] (gate, then up) and the kernel applies silu(gate) * up as it loads it,
+    rounding as `silu_and_mul` does, so the result is the unfused pair's bit for bit (K 100: the
+    masked tail; 256: whole tiles)."""
+    from lanner.kernels.fused import silu_and_mul
+
+    torch.manual_seed(0)
+    for n, k in ((72, 256), (40, 100)):
+        w = torch.randn(n, k)
+        workspace = GemvWorkspace.of(config, n, 16, "cpu")
+        for m in (1, 3):
+            x = torch.randn(m, 2 * k)
+            got = gemv(x, w, config, workspace, gated=True)
+            assert torch.equal(got, gemv(silu_and_mul(x), w, config, workspace))
+            torch.testing.assert_close(got, gemv_reference(x, w, gated=True), atol=1e-4, rtol=1e-4)
+    with pytest.raises(AssertionError):
+        gemv(torch.randn(1, k), w, config, workspace, gated=True)  # not gate and up
+
+
 def test_gemv_writes_into_a_strided_output():
     w, x = torch.randn(24, 64), torch.randn(2, 64)
     buf = torch.zeros(2, 40)
@@ -40,12 +61,16 @@ def test_gemv_writes_into_a_strided_output():
     assert not buf[:, 24:].any()
 
 
-def spy_on_gemv(monkeypatch) -> list[int]:
+def spy_on_gemv(monkeypatch, gated: list | None = None) -> list[int]:
+    """The row count of each GEMV launched from here on (and whether it was gated, into `gated`)."""
     calls = []
 
-    def spy(*args, **kwargs):
-        calls.append(args[0].shape[0])
-        return gemv(*args, **kwargs)
+    def spy(x, weight, config, workspace=None, out=None, gated_input=False, **kwargs):
+        gated_input = kwargs.pop("gated", gated_input)
+        calls.append(x.shape[0])
+        if gated is not None:
+            gated.append(gated_input)
+        return gemv(x, weight, config, workspace, out, gated_input)
 
     monkeypatch.setattr(gemv_kernel, "gemv", spy)
     return calls
@@ -201,6 +226,44 @@ def test_assign_points_every_layer_at_its_choice_and_launches_each_kernel_once(t
         torch.testing.assert_close(model[1](y), y @ model[1].weight.t(), atol=1e-4, rtol=1e-4)
 
 
+def test_a_gated_mlp_hands_gate_and_up_to_its_down_projections_gemv(monkeypatch):
+    """With a GEMV for the row count, the down projection takes gate_up whole and applies the
+    activation itself (no activation kernel between the two, one graph node fewer a layer); other
+    row counts run the activation then cuBLAS. Either way the MLP's output is the torch path's."""
+    torch.manual_seed(0)
+    mlp = GatedMLP(64, 48)
+    for param in mlp.parameters():
+        param.normal_(std=0.2)
+    x = {m: torch.randn(m, 64) for m in (1, 2, 3)}
+    want = {m: mlp(x[m]) for m in x}
+    give_gemv(mlp.down_proj, [1, 2])
+    gated = []
+    calls = spy_on_gemv(monkeypatch, gated)
+    for m, rows in x.items():
+        torch.testing.assert_close(mlp(rows), want[m], atol=1e-4, rtol=1e-4)
+    assert calls == [1, 2] and gated == [True, True]  # 3 rows: the activation, then torch's matmul
+
+
+def test_load_kernels_compiles_the_gated_variant_for_down_projections(tmp_path, monkeypatch):
+    """A gated MLP's down projection launches the GEMV with GATED set, a compilation of its own:
+    load_kernels launches that variant once before any capture, and the plain one only for shapes
+    whose layers take plain inputs."""
+    monkeypatch.setattr(gemv_table, "table_key", lambda device: "test-gpu")
+    monkeypatch.setattr(gemv_table, "measure_shape", lambda n, k, m, dtype, device, configs=None: {
+        "cublas": 10.0, str(candidates(m)[0]): 1.0})
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(GatedMLP(64, 40), Linear(40, 64))  # the Linear: down_proj's shape, plain
+    for param in model.parameters():
+        param.normal_()
+    gated = []
+    calls = spy_on_gemv(monkeypatch, gated)
+    gemv_table.assign_gemv_kernels([model[:1]], torch.float32, "cpu", table=GemvTable("cpu", tmp_path / "a.json"))
+    assert sorted(zip(calls, gated)) == [(1, False), (1, True), (2, False), (2, True)]  # gate_up plain, down gated
+    calls.clear(), gated.clear()
+    gemv_table.assign_gemv_kernels([model], torch.float32, "cpu", table=GemvTable("cpu", tmp_path / "b.json"))
+    assert sorted(zip(calls, gated)) == [(1, False), (1, False), (1, True), (2, False), (2, False), (2, True)]
+
+
 @pytest.fixture
 def gemv_wins(monkeypatch, tmp_path) -> GemvTable:
     """A table in which the GEMV wins every shape, with wide row blocks (the interpreter runs
@@ -215,8 +278,8 @@ def gemv_wins(monkeypatch, tmp_path) -> GemvTable:
 
 def test_the_engine_through_the_gemv_gives_the_torch_path_tokens(gemv_wins, monkeypatch):
     """Every linear and the tied LM head of the embedded model through the GEMV (the interpreter, in
-    float32; a split-K configuration for several rows), decoding one request and two together: the
-    same greedy tokens as torch's matmuls."""
+    float32; a split-K configuration for several rows; the down projections gated), decoding one
+    request and two together: the same greedy tokens as torch's matmuls."""
     params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
     batches = [["The capital of France is"], ["def fibonacci(n):", "Once upon a time"]]
     llm = LLM(num_kv_blocks=64)
@@ -227,9 +290,10 @@ def test_the_engine_through_the_gemv_gives_the_torch_path_tokens(gemv_wins, monk
     want = run()
     report = gemv_table.assign_gemv_kernels(llm.engine.runner.networks(), torch.float32, "cpu", table=gemv_wins)
     assert "cublas" not in report["choices"].values()
-    calls = spy_on_gemv(monkeypatch)
+    gated = []
+    calls = spy_on_gemv(monkeypatch, gated)
     assert run() == want
-    assert {1, 2} <= set(calls)
+    assert {1, 2} <= set(calls) and any(gated)  # the MLPs' down projections took gate and up
 
 
 def test_a_draft_models_layers_run_the_gemv_too(gemv_wins, monkeypatch):

@@ -202,7 +202,10 @@ def assign_gemv_kernels(models: list[torch.nn.Module], dtype: torch.dtype, devic
                               max((c.blocks(n) for c, n, _ in sized), default=0), device)
     for layer in layers:
         layer.gemv, layer.gemv_workspace = picks[tuple(layer.weight.shape)], workspace
-    load_kernels({tuple(layer.weight.shape): layer.weight for layer in layers}, picks, workspace)
+    inputs: dict[tuple[int, int], set[bool]] = {}  # per shape: whether its layers take plain or gated inputs
+    for layer in layers:
+        inputs.setdefault(tuple(layer.weight.shape), set()).add(getattr(layer, "gated_input", False))
+    load_kernels({tuple(layer.weight.shape): layer.weight for layer in layers}, picks, workspace, inputs)
     torch.cuda.empty_cache()
     seconds = time.perf_counter() - start
     logger.info("GEMV kernels for %d layers in %.1f s (%d shapes measured): %s", len(layers), seconds,
@@ -211,10 +214,11 @@ def assign_gemv_kernels(models: list[torch.nn.Module], dtype: torch.dtype, devic
 
 
 def load_kernels(weights: dict[tuple[int, int], torch.Tensor], picks: dict[tuple[int, int], dict],
-                 workspace) -> None:
+                 workspace, inputs: dict[tuple[int, int], set[bool]]) -> None:
     """Launch each chosen kernel once, outside any capture: a kernel that first launches inside a
     CUDA graph capture loads its module there, which the driver refuses (a table read from the
-    cache file measured nothing, so nothing was launched yet)."""
+    cache file measured nothing, so nothing was launched yet). `inputs`: per shape, whether its
+    layers' inputs come plain, gated (a gated MLP's down projection: another compilation) or both."""
     from lanner.kernels.gemv import block_rows, gemv
 
     for shape, rows in picks.items():
@@ -223,6 +227,7 @@ def load_kernels(weights: dict[tuple[int, int], torch.Tensor], picks: dict[tuple
         for m, config in rows.items():
             first_rows.setdefault((config, block_rows(m)), m)
         for (config, _), m in first_rows.items():
-            gemv(weight.new_zeros(m, shape[1]), weight, config, workspace)
+            for gated in inputs[shape]:
+                gemv(weight.new_zeros(m, shape[1] * (1 + gated)), weight, config, workspace, gated=gated)
     if weights and next(iter(weights.values())).is_cuda:
         torch.cuda.synchronize()

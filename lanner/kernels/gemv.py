@@ -10,6 +10,10 @@ fill the GPU, SPLIT_K programs share a row block's columns: each writes a float3
 last to finish (an atomic count per row block) sums them, writes the output and zeroes the count,
 so the GEMV stays one kernel (a graph node) either way.
 
+GATED: x is a gated MLP's [M, 2K] gate and up projections, and the GEMV multiplies silu(gate) * up
+(kernels/fused.py `silu_mul`, the same rounding as `silu_and_mul`) as it loads x: a down projection
+then needs no activation kernel before it, one graph node fewer a layer.
+
 Which configuration (or cuBLAS) runs each (N, K, M) is measured on the GPU at hand:
 lanner/executor/gemv_table.py. The torch reference is `x @ w.t()` (`gemv_reference`)."""
 from __future__ import annotations
@@ -19,6 +23,9 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+
+from lanner.kernels.fused import silu_mul
+from lanner.kernels.fused_reference import silu_and_mul_ref
 
 MAX_ROWS = 16  # rows (M) one launch takes: the dot pads x to 16
 
@@ -49,7 +56,7 @@ class GemvConfig(NamedTuple):
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, out_ptr, part_ptr, counter_ptr, M, N, K, stride_xm, stride_wn, stride_om,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-                 EVEN_K: tl.constexpr, PRECISION: tl.constexpr):
+                 EVEN_K: tl.constexpr, PRECISION: tl.constexpr, GATED: tl.constexpr):
     block = tl.program_id(0)
     split = tl.program_id(1)
     rows = block * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -66,9 +73,13 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, part_ptr, counter_ptr, M, N, K, stride_x
             if EVEN_K:
                 w = tl.load(w_rows + (k + ks)[None, :])
                 x = tl.load(x_ptr + k + ks)
+                if GATED:
+                    x = silu_mul(x, tl.load(x_ptr + K + k + ks))
             else:
                 w = tl.load(w_rows + (k + ks)[None, :], mask=(k + ks)[None, :] < end, other=0.0)
                 x = tl.load(x_ptr + k + ks, mask=k + ks < end, other=0.0)
+                if GATED:
+                    x = silu_mul(x, tl.load(x_ptr + K + k + ks, mask=k + ks < end, other=0.0))
             wide += w.to(tl.float32) * x.to(tl.float32)[None, :]
         acc = tl.sum(wide, 1)[:, None]
     else:
@@ -80,7 +91,10 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, part_ptr, counter_ptr, M, N, K, stride_x
             else:
                 w = tl.load(w_rows + (k + ks)[None, :], mask=(k + ks)[None, :] < end, other=0.0)
                 x_ok = x_ok & ((k + ks)[None, :] < end)
-            x = tl.load(x_ptr + ms[:, None] * stride_xm + (k + ks)[None, :], mask=x_ok, other=0.0)
+            x_at = x_ptr + ms[:, None] * stride_xm + (k + ks)[None, :]
+            x = tl.load(x_at, mask=x_ok, other=0.0)
+            if GATED:
+                x = silu_mul(x, tl.load(x_at + K, mask=x_ok, other=0.0))
             acc = tl.dot(w, tl.trans(x), acc, input_precision=PRECISION)
     out_at = out_ptr + ms[None, :] * stride_om + rows[:, None]
     out_ok = (rows[:, None] < N) & (ms[None, :] < M)
@@ -116,12 +130,13 @@ class GemvWorkspace:
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, config: GemvConfig, workspace: GemvWorkspace | None = None,
-         out: torch.Tensor | None = None) -> torch.Tensor:
-    """x: [M, K] (M <= 16, unit stride along K); weight: [N, K] contiguous; out: [M, N], unit stride
-    along N; `workspace` is needed when config.split_k > 1 (GemvWorkspace.of)."""
-    M, K = x.shape
-    N = weight.shape[0]
-    assert M <= MAX_ROWS and x.stride(1) == 1 and weight.is_contiguous()
+         out: torch.Tensor | None = None, gated: bool = False) -> torch.Tensor:
+    """x: [M, K] (M <= 16, unit stride along K), or with `gated` [M, 2K] (gate, then up: the product
+    is silu(gate) * up @ weight^T); weight: [N, K] contiguous; out: [M, N], unit stride along N;
+    `workspace` is needed when config.split_k > 1 (GemvWorkspace.of)."""
+    M = x.shape[0]
+    N, K = weight.shape
+    assert M <= MAX_ROWS and x.stride(1) == 1 and weight.is_contiguous() and x.shape[1] == K * (1 + gated)
     out = torch.empty(M, N, dtype=x.dtype, device=x.device) if out is None else out
     assert out.shape == (M, N) and out.stride(1) == 1
     blocks = config.blocks(N)
@@ -136,10 +151,12 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, config: GemvConfig, workspace: G
             x, weight, out, part, counters, M, N, K, x.stride(0), weight.stride(0), out.stride(0),
             BLOCK_M=block_rows(M), BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=config.split_k,
             EVEN_K=K % (config.block_k * config.split_k) == 0,
-            PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=config.num_warps,
+            PRECISION="ieee" if x.dtype == torch.float32 else "tf32", GATED=gated, num_warps=config.num_warps,
             num_stages=config.num_stages)
     return out
 
 
-def gemv_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def gemv_reference(x: torch.Tensor, weight: torch.Tensor, gated: bool = False) -> torch.Tensor:
+    if gated:
+        x = silu_and_mul_ref(x)
     return (x.float() @ weight.float().t()).to(x.dtype)

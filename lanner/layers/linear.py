@@ -35,14 +35,15 @@ class Linear(nn.Module):
         # row-parallel without the all-reduce: the caller sums this output with others first
         self.reduce = reduce
         self.gemv, self.gemv_workspace = {}, None  # small-batch kernels, set by the runner (gemv_table.py)
+        self.gated_input = False  # set by GatedMLP: its GEMVs may take gate and up (matmul's `gated`)
 
-    def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, out: torch.Tensor | None = None, gated: bool = False) -> torch.Tensor:
         if self.parallel == "row":
-            y = matmul(x, self.weight, self, out=out)
+            y = matmul(x, self.weight, self, out=out, gated=gated)
             if self.reduce:
                 all_reduce(y)
             return y if self.bias is None else y.add_(self.bias / (1 if self.reduce else self.num_ranks))
-        return matmul(x, self.weight, self, self.bias, out)
+        return matmul(x, self.weight, self, self.bias, out, gated)
 
     def checkpoint_slice(self, param: torch.Tensor, tensor: torch.Tensor, shard=None) -> torch.Tensor:
         """This rank's piece of the whole checkpoint tensor for `param`."""
@@ -54,16 +55,24 @@ class Linear(nn.Module):
         return tensor
 
 
+def gemv_config(layer: nn.Module, x: torch.Tensor):
+    """The Triton GEMV configuration for x's row count, if the runner measured one faster than
+    cuBLAS for this layer (`layer.gemv`: {rows: config}); else None."""
+    return layer.gemv.get(x.shape[0]) if layer.gemv and x.dim() == 2 and x.stride(1) == 1 else None
+
+
 def matmul(x: torch.Tensor, weight: torch.Tensor, layer: nn.Module, bias: torch.Tensor | None = None,
-           out: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ weight^T (+ bias), into `out` (a static buffer of graph pieces) if given. Row counts that
-    the runner measured a Triton GEMV faster for (`layer.gemv`: {rows: config}) run it; the rest
-    cuBLAS."""
-    config = layer.gemv.get(x.shape[0]) if layer.gemv and x.dim() == 2 else None
-    if config is not None and x.stride(1) == 1 and (out is None or out.stride(1) == 1):
+           out: torch.Tensor | None = None, gated: bool = False) -> torch.Tensor:
+    """x @ weight^T (+ bias), into `out` (a static buffer of graph pieces) if given: the Triton GEMV
+    where `gemv_config` has one, else cuBLAS. `gated`: x holds a gated MLP's gate and up halves and
+    the product is silu(gate) * up @ weight^T, in the GEMV (callers check `gemv_config` first)."""
+    config = gemv_config(layer, x)
+    if config is not None and (out is None or out.stride(1) == 1):
         from lanner.kernels.gemv import gemv
 
-        y = gemv(x, weight, config, layer.gemv_workspace, out)
+        y = gemv(x, weight, config, layer.gemv_workspace, out, gated)
+    elif gated:
+        raise ValueError("a gated input needs the GEMV: no configuration for this row count or output")
     elif out is None:
         return F.linear(x, weight, bias)
     else:

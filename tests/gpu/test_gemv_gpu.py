@@ -37,6 +37,22 @@ def test_gemv_matches_reference(n, k, dtype):
             assert not workspace.counters.any()
 
 
+@pytest.mark.parametrize("n,k", [(1024, 3072), (4096, 12288), (1000, 1000)])
+def test_a_gated_gemv_equals_silu_and_mul_then_the_gemv(n, k):
+    """A down projection's GEMV applying silu(gate) * up as it loads gate_up (bf16): bit for bit the
+    activation kernel followed by the plain GEMV, for every candidate and row count."""
+    from lanner.kernels.fused import silu_and_mul
+
+    torch.manual_seed(0)
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5
+    for m in (1, 3, 8):
+        x = torch.randn(m, 2 * k, device="cuda", dtype=torch.bfloat16)
+        for config in CONFIGS:
+            workspace = GemvWorkspace.of(config, n, m, "cuda")
+            want = gemv(silu_and_mul(x), w, config, workspace)
+            assert torch.equal(gemv(x, w, config, workspace, gated=True), want), f"{config} m={m}"
+
+
 def test_split_k_merge_is_race_free_in_a_graph():
     """50 split-K GEMVs in one CUDA graph over one workspace whose partials are NaN before each
     (a merge that read a partial before its write landed would give NaN), replayed 3 times: every
