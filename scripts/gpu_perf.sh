@@ -16,9 +16,9 @@
 #                                       # _base/'s lanner and this one
 #   bash scripts/gpu_perf.sh gemv       # tests/gpu/test_gemv_gpu.py, then batch 1 and 8 with --gemv-kernels cublas
 #                                       # and auto in one call (a fresh cache folder: auto measures its table)
-#   bash scripts/gpu_perf.sh unmeasured # the ninth and tenth sessions' work in one ~8-minute call (carry .wheels):
-#                                       # the top-p and RMSNorm kernel tests and probes, this tree's serving burst
-#                                       # against offline, the 512-token step and the host phases (_base/ if present)
+#   bash scripts/gpu_perf.sh unmeasured # the twelfth session's gated down-projection GEMV in one ~7-minute call:
+#                                       # tests/gpu gemv (the gated kernel bit for bit) and speculative, then batch 1
+#                                       # of both models over _base/ (54edb54: before it) and this tree
 source "$(dirname "$0")/gpu_env.sh"
 root=$(pwd); outdir=$(cd "$out" && pwd)
 # tree_runs DEFAULT_CFG...: a "TREE TAG CFG" line for _base/ (tag base, when present), then this tree
@@ -103,12 +103,8 @@ case "${1:-}" in
         --output-json "$outdir/$day-w8b-$tag.json") 2>&1 | grep -o '"output_tok_per_s": [0-9.]*' | head -1
     done 3< <(tree_runs qwen3-8b) ;;
   unmeasured)
-    timeout 120 python3 -m pytest -o addopts="" -q -p no:cacheprovider -p no:warnings tests/gpu/test_kernels_gpu.py \
-      -k "top_p or rms_norm or race" 2>&1 | tail -3 | tee "$out/gpu-tests-top-p-norms.txt"
-    timeout 60 python3 scripts/top_p_probe.py 2>&1 | tee "$out/$day-top-p-probe.txt"
-    timeout 40 python3 scripts/rms_norm_probe.py 2>&1 | tee "$out/$day-rms-norm-probe.txt"
-    NO_PROFILE=1 TAG=new timeout 200 bash scripts/serve_profile.sh "$out" benchmarks/configs/qwen3-8b.json 400 256 128
-    TOKENS=512 CFGS=qwen3-0.6b timeout 110 bash "$0" steps
-    CFGS=qwen3-0.6b timeout 90 bash "$0" hostphases ;;
+    export LANNER_CACHE_DIR=$(mktemp -d)  # each tree measures its GEMV table (the kernel's source is in the key)
+    gpu_tests gemv speculative | tee "$out/gpu-tests-gemv-speculative.txt"
+    bash "$0" latency ;;
   *) echo "usage: $0 tests|serve|breakdown|steps|latency|hostphases|kv|gemv|sampled|topp|norms|unmeasured" >&2; exit 2 ;;
 esac
