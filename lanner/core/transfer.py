@@ -130,10 +130,14 @@ def write_pieces(row: np.ndarray, pieces, at: int = 0) -> int:
     return at
 
 
+class Pieces(tuple):
+    """One part of `to_device_parts` given as pieces (lists, ranges, arrays) that follow each other."""
+
+
 def to_device_parts(parts: list, dtype: torch.dtype, ring: PinnedRing) -> list[torch.Tensor]:
     """Several host sequences in one copy through `ring`, on its device, as views of it, in order.
-    A part is a list, or a tuple of pieces (lists, ranges, arrays) that follow each other in it."""
-    parts = [part if isinstance(part, tuple) else (part,) for part in parts]
+    A part is a list (or a range, an array), or `Pieces`."""
+    parts = [part if isinstance(part, Pieces) else (part,) for part in parts]
     sizes = [sum(map(len, part)) for part in parts]
     host, view = ring.take(sum(sizes), dtype)
     write_pieces(view, [piece for part in parts for piece in part])

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from lanner.core.batch import LONG_CHUNK, ForwardBatch, as_decode_rows, kv_slot_array, kv_slots
-from lanner.core.transfer import PinnedRing, to_device_parts
+from lanner.core.transfer import Pieces, PinnedRing, to_device_parts
 from lanner.executor.deferred import Deferred
 from lanner.executor.graphs import CaptureReport, SizeLadder
 from lanner.executor.kv_tensors import allocate_kv_caches, kv_block_bytes
@@ -187,8 +187,7 @@ class Drafter:
         width = max((len(t) for t in dec_tables), default=1) or 1
         padded = (self.graphs.padded_size(len(dec_tables)) if self.graphs is not None else None) or len(dec_tables)
         requests += ([0, 0] + [-1] * k + [0] * k) * (padded - len(dec_tables))
-        # a tuple is one part in pieces (to_device_parts)
-        parts = [sources, known or [0], (*position_pieces, positions), (*slot_pieces, slots), requests,
+        parts = [sources, known or [0], Pieces((*position_pieces, positions)), Pieces((*slot_pieces, slots)), requests,
                  [b for t in dec_tables for b in t + [-1] * (width - len(t))], [x for r in moved for x in r]]
         views = to_device_parts(parts, torch.long, self.uploads)  # one copy
         staged = StagedDraft(views[0], views[1], views[2], views[3], query_lens, seq_lens, tables, num_target_tokens,
