@@ -132,7 +132,7 @@ def test_gemv_kernels_option_is_checked():
 
 
 def fake_times(winner: str, cublas: float, best: float):
-    def measure(n, k, m, dtype, device, configs=None):
+    def measure(n, k, m, dtype, device, configs=None, gated=False):
         times = {str(c): best * 2 for c in candidates(m)}
         times["cublas"] = cublas
         times[winner] = best
@@ -209,7 +209,7 @@ def test_assign_points_every_layer_at_its_choice_and_launches_each_kernel_once(t
     split, plain = str(candidates(1)[-1]), str(candidates(2)[0])  # (16, 256, 8, ...) and (64, 128, 1, ...)
     assert "-s8-" in split and "-s1-" in plain
 
-    def measure(n, k, m, dtype, device, configs=None):
+    def measure(n, k, m, dtype, device, configs=None, gated=False):
         return {"cublas": 10.0, split if m == 1 else plain: 5.0} if n != 24 else {"cublas": 1.0}
 
     monkeypatch.setattr(gemv_table, "measure_shape", measure)
@@ -250,24 +250,40 @@ def test_a_gated_mlp_hands_gate_and_up_to_its_down_projections_gemv(monkeypatch)
     assert calls == [1, 2] and gated == [True, True]  # 3 rows: the activation, then torch's matmul
 
 
-def test_load_kernels_compiles_the_gated_variant_for_down_projections(tmp_path, monkeypatch):
-    """A gated MLP's down projection launches the GEMV with GATED set, a compilation of its own:
-    load_kernels launches that variant once before any capture, and the plain one only for shapes
-    whose layers take plain inputs."""
+def test_a_down_projection_is_measured_gated_and_compiled_so(tmp_path, monkeypatch):
+    """A gated MLP's down projection has table entries of its own, measured with gate and up as its
+    input (cuBLAS after the activation against the gated GEMV): here the gated GEMV wins at one row
+    only, while a plain layer of the same shape takes the GEMV at every row count. load_kernels
+    compiles the gated variant for the gated choices and the plain one for the plain choices, each
+    once before any capture."""
     monkeypatch.setattr(gemv_table, "table_key", lambda device: "test-gpu")
-    monkeypatch.setattr(gemv_table, "measure_shape", lambda n, k, m, dtype, device, configs=None: {
-        "cublas": 10.0, str(candidates(m)[0]): 1.0})
+    measured = []
+
+    def measure(n, k, m, dtype, device, configs=None, gated=False):
+        measured.append((n, k, m, gated))
+        return {"cublas": 10.0, str(candidates(m)[0]): 1.0 if m == 1 or not gated else 20.0}
+
+    monkeypatch.setattr(gemv_table, "measure_shape", measure)
     torch.manual_seed(0)
     model = torch.nn.Sequential(GatedMLP(64, 40), Linear(40, 64))  # the Linear: down_proj's shape, plain
     for param in model.parameters():
-        param.normal_()
+        param.normal_(std=0.2)
     gated = []
     calls = spy_on_gemv(monkeypatch, gated)
-    gemv_table.assign_gemv_kernels([model[:1]], torch.float32, "cpu", table=GemvTable("cpu", tmp_path / "a.json"))
-    assert sorted(zip(calls, gated)) == [(1, False), (1, True), (2, False), (2, True)]  # gate_up plain, down gated
+    report = gemv_table.assign_gemv_kernels([model], torch.float32, "cpu", table=GemvTable("cpu", tmp_path / "t.json"))
+    down = model[0].down_proj
+    assert (64, 40, 2, True) in measured and (64, 40, 2, False) in measured and (80, 64, 2, True) not in measured
+    assert report["choices"]["64x40/m1/gated"] == str(candidates(1)[0])
+    assert report["choices"]["64x40/m2/gated"] == "cublas" and report["choices"]["64x40/m2"] == str(candidates(2)[0])
+    assert set(down.gemv) == {1} and set(model[1].gemv) == set(range(1, 9))
+    assert sorted(zip(calls, gated)) == [(1, False), (1, False), (1, True), (2, False), (2, False)]
     calls.clear(), gated.clear()
-    gemv_table.assign_gemv_kernels([model], torch.float32, "cpu", table=GemvTable("cpu", tmp_path / "b.json"))
-    assert sorted(zip(calls, gated)) == [(1, False), (1, False), (1, True), (2, False), (2, False), (2, True)]
+    for m in (1, 2):
+        x = torch.randn(m, 64)
+        gate, up = (x @ model[0].gate_up_proj.weight.t()).chunk(2, dim=-1)
+        want = (torch.nn.functional.silu(gate) * up) @ down.weight.t()
+        torch.testing.assert_close(model[0](x), want, atol=1e-4, rtol=1e-4)
+    assert gated == [False, True, False]  # 1 row: gate_up, then the gated down; 2 rows: gate_up, cuBLAS
 
 
 @pytest.fixture
@@ -277,7 +293,7 @@ def gemv_wins(monkeypatch, tmp_path) -> GemvTable:
     monkeypatch.setattr(gemv_table, "table_key", lambda device: "test-gpu")
     monkeypatch.setattr(gemv_table, "ONE_ROW_CANDIDATES", [(512, 512, 1, 4, 3)])
     monkeypatch.setattr(gemv_table, "ROWS_CANDIDATES", [(512, 128, 2, 4, 4)])
-    monkeypatch.setattr(gemv_table, "measure_shape", lambda n, k, m, dtype, device, configs=None: {
+    monkeypatch.setattr(gemv_table, "measure_shape", lambda n, k, m, dtype, device, configs=None, gated=False: {
         "cublas": 10.0, str(candidates(m)[0]): 1.0})
     return GemvTable("cpu", tmp_path / "t.json")
 

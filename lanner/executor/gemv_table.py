@@ -8,7 +8,9 @@ wins; cuBLAS keeps a shape unless a configuration beats it by MIN_GAIN. The tabl
 per (GPU, dtype, shape) and kept in a JSON file under the cache folder, so a restart picks the same
 kernels (the same numerics) without measuring again; its key names the GPU, the torch and triton
 versions and a hash of the kernel's source and the candidates, so a change to any of them measures
-anew."""
+anew. A gated MLP's down projection is measured as it runs: its input is gate and up, cuBLAS's time
+includes the activation kernel before it, and each configuration's is the gated GEMV's
+(kernels/gemv.py GATED), so the fused kernel runs only where it is measured faster."""
 from __future__ import annotations
 
 import hashlib
@@ -77,17 +79,20 @@ def graph_us(run, views: list[torch.Tensor], launches: int = 16, repeats: int = 
     return best
 
 
-def measure_shape(n: int, k: int, m: int, dtype: torch.dtype, device, configs=None) -> dict:
-    """{"cublas": us, str(config): us, ...} for an [m, k] x [n, k]^T matmul on this GPU."""
+def measure_shape(n: int, k: int, m: int, dtype: torch.dtype, device, configs=None, gated: bool = False) -> dict:
+    """{"cublas": us, str(config): us, ...} for an [m, k] x [n, k]^T matmul on this GPU; `gated`: of
+    silu(gate) * up from [m, 2k] (cuBLAS after the activation kernel, the GEMV with it inside)."""
+    from lanner.kernels.fused import silu_and_mul
     from lanner.kernels.gemv import GemvWorkspace, gemv
 
     views = weight_views(n, k, dtype, device)  # may raise torch.cuda.OutOfMemoryError
-    x = torch.randn(m, k, dtype=dtype, device=device)
+    x = torch.randn(m, k * (1 + gated), dtype=dtype, device=device)
     out = torch.empty(m, n, dtype=dtype, device=device)
-    times = {"cublas": graph_us(lambda w: torch.mm(x, w.t(), out=out), views)}
+    times = {"cublas": graph_us(lambda w: torch.mm(silu_and_mul(x) if gated else x, w.t(), out=out), views)}
     for config in candidates(m) if configs is None else configs:
         workspace = GemvWorkspace.of(config, n, m, device)
-        times[str(config)] = graph_us(lambda w, c=config, ws=workspace: gemv(x, w, c, ws, out=out), views)
+        times[str(config)] = graph_us(lambda w, c=config, ws=workspace: gemv(x, w, c, ws, out=out, gated=gated),
+                                      views)
     return times
 
 
@@ -128,12 +133,13 @@ class GemvTable:
             return {}
         return everything if isinstance(everything, dict) else {}
 
-    def choice(self, n: int, k: int, m: int, dtype: torch.dtype, force: bool = False):
+    def choice(self, n: int, k: int, m: int, dtype: torch.dtype, force: bool = False, gated: bool = False):
         """The GemvConfig to run for this shape, or None for cuBLAS; measured now if not in the table.
-        `force`: the fastest configuration, even where cuBLAS is faster."""
-        name = f"{n}x{k}/m{row_bucket(m)}/{str(dtype).removeprefix('torch.')}"
+        `force`: the fastest configuration, even where cuBLAS is faster; `gated`: for a gated input
+        (measure_shape's), an entry of its own."""
+        name = f"{n}x{k}/m{row_bucket(m)}/{str(dtype).removeprefix('torch.')}" + ("/gated" if gated else "")
         if name not in self.entries:
-            self.entries[name] = self._measure(name, n, k, row_bucket(m), dtype)
+            self.entries[name] = self._measure(name, n, k, row_bucket(m), dtype, gated)
             self.measured += 1
         entry = self.entries[name]
         best = entry["choice"]
@@ -142,9 +148,9 @@ class GemvTable:
             best = min(configs, key=entry["us"].get) if configs else "cublas"
         return next((c for c in candidates(m) if str(c) == best), None)
 
-    def _measure(self, name: str, n: int, k: int, rows: int, dtype: torch.dtype) -> dict:
+    def _measure(self, name: str, n: int, k: int, rows: int, dtype: torch.dtype, gated: bool) -> dict:
         try:
-            times = measure_shape(n, k, rows, dtype, self.device)
+            times = measure_shape(n, k, rows, dtype, self.device, gated=gated)
         except torch.cuda.OutOfMemoryError:  # the weight copies did not fit next to the model
             torch.cuda.empty_cache()
             logger.warning("no memory to measure the GEMV for %s: cuBLAS", name)
@@ -187,25 +193,24 @@ def assign_gemv_kernels(models: list[torch.nn.Module], dtype: torch.dtype, devic
     table = table or GemvTable(device)
     layers = list({id(mod): mod for model in models for mod in model.modules()
                    if hasattr(mod, "gemv") and mod.weight.dtype == dtype}.values())
-    # one choice per weight shape (a decoder repeats each shape once a layer): {(n, k): {rows: config}}
-    picks = {shape: {} for shape in dict.fromkeys(tuple(layer.weight.shape) for layer in layers)}
+    # one choice per weight shape and input kind (a decoder repeats each once a layer; a gated MLP's
+    # down projection takes gate and up): {(n, k, gated): {rows: config}}
+    kind = {id(layer): (*layer.weight.shape, getattr(layer, "gated_input", False)) for layer in layers}
+    picks = {key: {} for key in dict.fromkeys(kind.values())}
     chosen: dict[str, str] = {}
-    for (n, k), rows in picks.items():
+    for (n, k, gated), rows in picks.items():
         for m in range(1, GEMV_MAX_ROWS + 1):
-            config = table.choice(n, k, m, dtype, force)
+            config = table.choice(n, k, m, dtype, force, gated)
             if config is not None:
                 rows[m] = config
-            chosen[f"{n}x{k}/m{row_bucket(m)}"] = str(config) if config else "cublas"
+            chosen[f"{n}x{k}/m{row_bucket(m)}" + ("/gated" if gated else "")] = str(config) if config else "cublas"
     table.save()
-    sized = [(config, n, m) for (n, _), rows in picks.items() for m, config in rows.items()]
+    sized = [(config, n, m) for (n, _, _), rows in picks.items() for m, config in rows.items()]
     workspace = GemvWorkspace(max((c.workspace_floats(n, m) for c, n, m in sized), default=0),
                               max((c.blocks(n) for c, n, _ in sized), default=0), device)
     for layer in layers:
-        layer.gemv, layer.gemv_workspace = picks[tuple(layer.weight.shape)], workspace
-    inputs: dict[tuple[int, int], set[bool]] = {}  # per shape: whether its layers take plain or gated inputs
-    for layer in layers:
-        inputs.setdefault(tuple(layer.weight.shape), set()).add(getattr(layer, "gated_input", False))
-    load_kernels({tuple(layer.weight.shape): layer.weight for layer in layers}, picks, workspace, inputs)
+        layer.gemv, layer.gemv_workspace = picks[kind[id(layer)]], workspace
+    load_kernels({kind[id(layer)]: layer.weight for layer in layers}, picks, workspace)
     torch.cuda.empty_cache()
     seconds = time.perf_counter() - start
     logger.info("GEMV kernels for %d layers in %.1f s (%d shapes measured): %s", len(layers), seconds,
@@ -213,21 +218,20 @@ def assign_gemv_kernels(models: list[torch.nn.Module], dtype: torch.dtype, devic
     return {"seconds": round(seconds, 2), "measured": table.measured, "choices": chosen}
 
 
-def load_kernels(weights: dict[tuple[int, int], torch.Tensor], picks: dict[tuple[int, int], dict],
-                 workspace, inputs: dict[tuple[int, int], set[bool]]) -> None:
+def load_kernels(weights: dict[tuple[int, int, bool], torch.Tensor], picks: dict[tuple[int, int, bool], dict],
+                 workspace) -> None:
     """Launch each chosen kernel once, outside any capture: a kernel that first launches inside a
     CUDA graph capture loads its module there, which the driver refuses (a table read from the
-    cache file measured nothing, so nothing was launched yet). `inputs`: per shape, whether its
-    layers' inputs come plain, gated (a gated MLP's down projection: another compilation) or both."""
+    cache file measured nothing, so nothing was launched yet). Keys: (n, k, gated); a gated input
+    is another compilation."""
     from lanner.kernels.gemv import block_rows, gemv
 
-    for shape, rows in picks.items():
-        weight = weights[shape]  # a layer's own: a weight of that shape, where the real launches read
+    for (n, k, gated), rows in picks.items():
+        weight = weights[n, k, gated]  # a layer's own: a weight of that shape, where the real launches read
         first_rows: dict = {}  # (config, one row or several): the fewest rows that run it
         for m, config in rows.items():
             first_rows.setdefault((config, block_rows(m)), m)
         for (config, _), m in first_rows.items():
-            for gated in inputs[shape]:
-                gemv(weight.new_zeros(m, shape[1] * (1 + gated)), weight, config, workspace, gated=gated)
+            gemv(weight.new_zeros(m, k * (1 + gated)), weight, config, workspace, gated=gated)
     if weights and next(iter(weights.values())).is_cuda:
         torch.cuda.synchronize()

@@ -35,7 +35,7 @@ class Linear(nn.Module):
         # row-parallel without the all-reduce: the caller sums this output with others first
         self.reduce = reduce
         self.gemv, self.gemv_workspace = {}, None  # small-batch kernels, set by the runner (gemv_table.py)
-        self.gated_input = False  # set by GatedMLP: its GEMVs may take gate and up (matmul's `gated`)
+        self.gated_input = False  # set by GatedMLP: its input is gate and up (matmul's `gated`), as its GEMVs are measured
 
     def forward(self, x: torch.Tensor, out: torch.Tensor | None = None, gated: bool = False) -> torch.Tensor:
         if self.parallel == "row":
