@@ -112,8 +112,8 @@ def table_key(device) -> str:
 
 
 class GemvTable:
-    """{(n, k, row bucket, dtype): the winning config's string, or "cublas"} for one GPU, with the
-    measured times kept for the record."""
+    """{(n, k, row bucket, dtype, gated input or not): the winning config's string, or "cublas"} for
+    one GPU, with the measured times kept for the record."""
 
     def __init__(self, device, path: Path | None = None):
         self.device = torch.device(device)
