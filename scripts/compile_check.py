@@ -3,7 +3,7 @@ kernels in Triton's interpreter, which accepts code the GPU compiler may not (co
 loops, say), and a GPU session may not come soon. Triton's wheel carries its compiler and ptxas,
 so `triton.compile` for a GPUTarget works anywhere. Covers the kernels changed in the ninth session
 (the top-p search with its block skip, the add + RMSNorm with its warps) and the twelfth (the GEMV
-with its gated input); add others as they change.
+with its gated and normed inputs); add others as they change.
 Written for Triton 3.9's ASTSource(fn, signature, constexprs). Usage: python scripts/compile_check.py"""
 from __future__ import annotations
 
@@ -40,12 +40,16 @@ def main() -> None:
         check(f"add + RMSNorm, {block} wide", _rms_norm_kernel, norm, {"HAS_RES": True, "BLOCK": block},
               rms_norm_warps(block))
     gemv = {"x_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", "part_ptr": "*fp32", "counter_ptr": "*i32",
-            "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_wn": "i32", "stride_om": "i32"}
+            "res_ptr": "*bf16", "norm_w_ptr": "*bf16", "done_ptr": "*i32", "eps": "fp32", "M": "i32", "N": "i32",
+            "K": "i32", "stride_xm": "i32", "stride_rm": "i32", "stride_wn": "i32", "stride_om": "i32"}
+    inputs = {"plain": (False, False, False), "gated": (True, False, False), "normed": (False, True, True),
+              "normed, no residual": (False, True, False)}
     for block_m, split_k, even_k in ((1, 1, True), (1, 8, True), (16, 1, False), (16, 4, True)):
-        for gated in (False, True):
-            check(f"GEMV {block_m} rows, split {split_k}, even K {even_k}, gated {gated}", _gemv_kernel, gemv,
+        for name, (gated, norm, has_res) in inputs.items():
+            check(f"GEMV {block_m} rows, split {split_k}, even K {even_k}, {name}", _gemv_kernel, gemv,
                   {"BLOCK_M": block_m, "BLOCK_N": 16 if block_m == 1 else 64, "BLOCK_K": 256 if block_m == 1 else 128,
-                   "SPLIT_K": split_k, "EVEN_K": even_k, "PRECISION": "tf32", "GATED": gated})
+                   "SPLIT_K": split_k, "EVEN_K": even_k, "PRECISION": "tf32", "GATED": gated, "NORM": norm,
+                   "HAS_RES": has_res})
 
 
 if __name__ == "__main__":

@@ -16,9 +16,9 @@
 #                                       # _base/'s lanner and this one
 #   bash scripts/gpu_perf.sh gemv       # tests/gpu/test_gemv_gpu.py, then batch 1 and 8 with --gemv-kernels cublas
 #                                       # and auto in one call (a fresh cache folder: auto measures its table)
-#   bash scripts/gpu_perf.sh unmeasured # the twelfth session's gated down-projection GEMV in one ~7-minute call:
-#                                       # tests/gpu gemv (the gated kernel bit for bit) and speculative, then batch 1
-#                                       # of both models over _base/ (54edb54: before it) and this tree
+#   bash scripts/gpu_perf.sh unmeasured # the twelfth session's fused GEMVs (silu * up, add + RMSNorm) in one
+#                                       # ~8-minute call: tests/gpu gemv and speculative, then batch 1 of both
+#                                       # models over _base/ (54edb54: before them) and this tree
 source "$(dirname "$0")/gpu_env.sh"
 root=$(pwd); outdir=$(cd "$out" && pwd)
 # tree_runs DEFAULT_CFG...: a "TREE TAG CFG" line for _base/ (tag base, when present), then this tree

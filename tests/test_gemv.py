@@ -12,6 +12,7 @@ from lanner.default_model import DRAFT_MODEL
 from lanner.errors import ConfigError
 from lanner.executor import gemv_table
 from lanner.executor.gemv_table import GemvTable, candidates, row_bucket
+from lanner.kernels.fused_reference import Norm
 from lanner.kernels.gemv import GemvConfig, GemvWorkspace, gemv, gemv_reference
 from lanner.layers.embedding import LMHead, VocabEmbedding
 from lanner.layers.linear import Linear
@@ -59,6 +60,39 @@ def test_a_gated_gemv_equals_the_activation_then_the_gemv(config, dtype):
         gemv(torch.randn(1, k, dtype=dtype), w, config, workspace, gated=True)  # not gate and up
 
 
+@pytest.mark.parametrize("config", SMALL_CONFIGS, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_a_normed_gemv_equals_the_norm_then_the_gemv(config, dtype):
+    """norm: the kernel adds the residual, takes each row's RMS over all of K and applies the norm's
+    weight as it loads x (the sum of squares in another order than the norm kernel's: close, not bit
+    for bit), and x + residual becomes the residual in place, exactly. Without a residual (the first
+    layer) x alone. x and the residual are views into NaN: a load past their rows or columns would
+    show."""
+    from lanner.kernels.fused import rms_norm
+
+    torch.manual_seed(0)
+    for n, k in ((72, 256), (40, 100)):
+        w = torch.randn(n, k, dtype=dtype)
+        workspace = GemvWorkspace.of(config, n, 16, "cpu")
+        weight = 1 + 0.1 * torch.randn(k, dtype=dtype)
+        for m in (1, 3):
+            x, residual = (torch.full((16, k + 64), float("nan"), dtype=dtype)[:m, :k] for _ in range(2))
+            x.copy_(torch.randn(m, k)), residual.copy_(torch.randn(m, k))
+            for with_residual in (True, False):
+                kernels, reference = residual.clone(), residual.clone()  # the add + RMSNorm kernel's, torch's
+                normed = rms_norm(x, weight, 1e-6, kernels if with_residual else None)
+                got = gemv(x, w, config, workspace, norm=Norm(weight, 1e-6, residual if with_residual else None))
+                assert torch.equal(residual, kernels) and not workspace.counters.any()
+                if dtype == torch.float32 or m == 1:  # the interpreter's bf16 tl.dot is wrong (the GPU test has it)
+                    tol = 1e-4 if dtype == torch.float32 else 3e-2
+                    unfused = gemv(normed[0] if with_residual else normed, w, config, workspace)
+                    torch.testing.assert_close(got, unfused, atol=tol * k ** 0.5, rtol=tol)
+                if dtype == torch.float32:  # (the interpreter rounds to bf16 otherwise than torch)
+                    want = gemv_reference(x, w, norm=Norm(weight, 1e-6, reference if with_residual else None))
+                    torch.testing.assert_close(got, want, atol=1e-4 * k ** 0.5, rtol=1e-4)
+                    assert torch.equal(residual, reference)
+
+
 def test_gemv_writes_into_a_strided_output():
     w, x = torch.randn(24, 64), torch.randn(2, 64)
     buf = torch.zeros(2, 40)
@@ -67,16 +101,17 @@ def test_gemv_writes_into_a_strided_output():
     assert not buf[:, 24:].any()
 
 
-def spy_on_gemv(monkeypatch, gated: list | None = None) -> list[int]:
-    """The row count of each GEMV launched from here on (and whether it was gated, into `gated`)."""
+def spy_on_gemv(monkeypatch, kinds: list | None = None) -> list[int]:
+    """The row count of each GEMV launched from here on, and into `kinds` its input's: "plain",
+    "gated", "normed", or "first" (normed without a residual: the first layer's)."""
     calls = []
 
-    def spy(x, weight, config, workspace=None, out=None, gated_input=False, **kwargs):
-        gated_input = kwargs.pop("gated", gated_input)
+    def spy(x, weight, config, workspace=None, out=None, gated=False, norm=None):
         calls.append(x.shape[0])
-        if gated is not None:
-            gated.append(gated_input)
-        return gemv(x, weight, config, workspace, out, gated_input)
+        if kinds is not None:
+            kinds.append("gated" if gated else "plain" if norm is None else "normed" if norm.residual is not None
+                         else "first")
+        return gemv(x, weight, config, workspace, out, gated, norm)
 
     monkeypatch.setattr(gemv_kernel, "gemv", spy)
     return calls
@@ -132,7 +167,7 @@ def test_gemv_kernels_option_is_checked():
 
 
 def fake_times(winner: str, cublas: float, best: float):
-    def measure(n, k, m, dtype, device, configs=None, gated=False):
+    def measure(n, k, m, dtype, device, configs=None, kind="plain"):
         times = {str(c): best * 2 for c in candidates(m)}
         times["cublas"] = cublas
         times[winner] = best
@@ -209,7 +244,7 @@ def test_assign_points_every_layer_at_its_choice_and_launches_each_kernel_once(t
     split, plain = str(candidates(1)[-1]), str(candidates(2)[0])  # (16, 256, 8, ...) and (64, 128, 1, ...)
     assert "-s8-" in split and "-s1-" in plain
 
-    def measure(n, k, m, dtype, device, configs=None, gated=False):
+    def measure(n, k, m, dtype, device, configs=None, kind="plain"):
         return {"cublas": 10.0, split if m == 1 else plain: 5.0} if n != 24 else {"cublas": 1.0}
 
     monkeypatch.setattr(gemv_table, "measure_shape", measure)
@@ -243,47 +278,50 @@ def test_a_gated_mlp_hands_gate_and_up_to_its_down_projections_gemv(monkeypatch)
     x = {m: torch.randn(m, 64) for m in (1, 2, 3)}
     want = {m: mlp(x[m]) for m in x}
     give_gemv(mlp.down_proj, [1, 2])
-    gated = []
-    calls = spy_on_gemv(monkeypatch, gated)
+    kinds = []
+    calls = spy_on_gemv(monkeypatch, kinds)
     for m, rows in x.items():
         torch.testing.assert_close(mlp(rows), want[m], atol=1e-4, rtol=1e-4)
-    assert calls == [1, 2] and gated == [True, True]  # 3 rows: the activation, then torch's matmul
+    assert calls == [1, 2] and kinds == ["gated", "gated"]  # 3 rows: the activation, then torch's matmul
 
 
-def test_a_down_projection_is_measured_gated_and_compiled_so(tmp_path, monkeypatch):
-    """A gated MLP's down projection has table entries of its own, measured with gate and up as its
-    input (cuBLAS after the activation against the gated GEMV): here the gated GEMV wins at one row
-    only, while a plain layer of the same shape takes the GEMV at every row count. load_kernels
-    compiles the gated variant for the gated choices and the plain one for the plain choices, each
-    once before any capture."""
+def test_layers_are_measured_with_their_inputs_and_compiled_so(tmp_path, monkeypatch):
+    """A gated MLP's down projection, and a projection after an RMSNorm, have table entries of their
+    own, measured with their inputs as they run (cuBLAS after the activation or the norm, against the
+    GEMV doing that work): here the gated GEMV wins at one row only, while a plain layer of the same
+    shape takes the GEMV at every row count. load_kernels compiles each kind's choices once before
+    any capture (a normed input twice: with a residual, and the first layer's without)."""
     monkeypatch.setattr(gemv_table, "table_key", lambda device: "test-gpu")
     measured = []
 
-    def measure(n, k, m, dtype, device, configs=None, gated=False):
-        measured.append((n, k, m, gated))
-        return {"cublas": 10.0, str(candidates(m)[0]): 1.0 if m == 1 or not gated else 20.0}
+    def measure(n, k, m, dtype, device, configs=None, kind="plain"):
+        measured.append((n, k, m, kind))
+        return {"cublas": 10.0, str(candidates(m)[0]): 1.0 if m == 1 or kind != "gated" else 20.0}
 
     monkeypatch.setattr(gemv_table, "measure_shape", measure)
     torch.manual_seed(0)
-    model = torch.nn.Sequential(GatedMLP(64, 40), Linear(40, 64))  # the Linear: down_proj's shape, plain
+    model = torch.nn.Sequential(GatedMLP(64, 40), Linear(40, 64), Linear(64, 24))  # [1]: down_proj's shape, plain
+    model[2].input_kind = "normed"
     for param in model.parameters():
         param.normal_(std=0.2)
-    gated = []
-    calls = spy_on_gemv(monkeypatch, gated)
+    kinds = []
+    calls = spy_on_gemv(monkeypatch, kinds)
     report = gemv_table.assign_gemv_kernels([model], torch.float32, "cpu", table=GemvTable("cpu", tmp_path / "t.json"))
     down = model[0].down_proj
-    assert (64, 40, 2, True) in measured and (64, 40, 2, False) in measured and (80, 64, 2, True) not in measured
-    assert report["choices"]["64x40/m1/gated"] == str(candidates(1)[0])
+    assert {(64, 40, 2, "gated"), (64, 40, 2, "plain"), (80, 64, 2, "plain"), (24, 64, 2, "normed")} <= set(measured)
+    assert report["choices"]["64x40/m1/gated"] == str(candidates(1)[0]) and report["choices"]["24x64/m1/normed"]
     assert report["choices"]["64x40/m2/gated"] == "cublas" and report["choices"]["64x40/m2"] == str(candidates(2)[0])
     assert set(down.gemv) == {1} and set(model[1].gemv) == set(range(1, 9))
-    assert sorted(zip(calls, gated)) == [(1, False), (1, False), (1, True), (2, False), (2, False)]
-    calls.clear(), gated.clear()
+    launched = sorted(zip(calls, kinds))
+    assert launched == sorted([(1, "plain"), (2, "plain")] * 2 + [(1, "gated")] + [(1, "normed"), (1, "first"),
+                                                                                  (2, "normed"), (2, "first")])
+    kinds.clear()
     for m in (1, 2):
         x = torch.randn(m, 64)
         gate, up = (x @ model[0].gate_up_proj.weight.t()).chunk(2, dim=-1)
         want = (torch.nn.functional.silu(gate) * up) @ down.weight.t()
         torch.testing.assert_close(model[0](x), want, atol=1e-4, rtol=1e-4)
-    assert gated == [False, True, False]  # 1 row: gate_up, then the gated down; 2 rows: gate_up, cuBLAS
+    assert kinds == ["plain", "gated", "plain"]  # 1 row: gate_up, then the gated down; 2 rows: gate_up, cuBLAS
 
 
 @pytest.fixture
@@ -293,15 +331,16 @@ def gemv_wins(monkeypatch, tmp_path) -> GemvTable:
     monkeypatch.setattr(gemv_table, "table_key", lambda device: "test-gpu")
     monkeypatch.setattr(gemv_table, "ONE_ROW_CANDIDATES", [(512, 512, 1, 4, 3)])
     monkeypatch.setattr(gemv_table, "ROWS_CANDIDATES", [(512, 128, 2, 4, 4)])
-    monkeypatch.setattr(gemv_table, "measure_shape", lambda n, k, m, dtype, device, configs=None, gated=False: {
+    monkeypatch.setattr(gemv_table, "measure_shape", lambda n, k, m, dtype, device, configs=None, kind="plain": {
         "cublas": 10.0, str(candidates(m)[0]): 1.0})
     return GemvTable("cpu", tmp_path / "t.json")
 
 
 def test_the_engine_through_the_gemv_gives_the_torch_path_tokens(gemv_wins, monkeypatch):
     """Every linear and the tied LM head of the embedded model through the GEMV (the interpreter, in
-    float32; a split-K configuration for several rows; the down projections gated), decoding one
-    request and two together: the same greedy tokens as torch's matmuls."""
+    float32; a split-K configuration for several rows; the down projections gated, the projections
+    after a norm applying it), decoding one request and two together: the same greedy tokens as
+    torch's matmuls."""
     params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
     batches = [["The capital of France is"], ["def fibonacci(n):", "Once upon a time"]]
     llm = LLM(num_kv_blocks=64)
@@ -312,10 +351,10 @@ def test_the_engine_through_the_gemv_gives_the_torch_path_tokens(gemv_wins, monk
     want = run()
     report = gemv_table.assign_gemv_kernels(llm.engine.runner.networks(), torch.float32, "cpu", table=gemv_wins)
     assert "cublas" not in report["choices"].values()
-    gated = []
-    calls = spy_on_gemv(monkeypatch, gated)
+    kinds = []
+    calls = spy_on_gemv(monkeypatch, kinds)
     assert run() == want
-    assert {1, 2} <= set(calls) and any(gated)  # the MLPs' down projections took gate and up
+    assert {1, 2} <= set(calls) and {"gated", "normed", "first", "plain"} <= set(kinds)
 
 
 def test_a_draft_models_layers_run_the_gemv_too(gemv_wins, monkeypatch):

@@ -8,9 +8,11 @@ wins; cuBLAS keeps a shape unless a configuration beats it by MIN_GAIN. The tabl
 per (GPU, dtype, shape) and kept in a JSON file under the cache folder, so a restart picks the same
 kernels (the same numerics) without measuring again; its key names the GPU, the torch and triton
 versions and a hash of the kernel's source and the candidates, so a change to any of them measures
-anew. A gated MLP's down projection is measured as it runs: its input is gate and up, cuBLAS's time
-includes the activation kernel before it, and each configuration's is the gated GEMV's
-(kernels/gemv.py GATED), so the fused kernel runs only where it is measured faster."""
+anew. A layer whose GEMV takes its input before another kernel's work (`Linear.input_kind`: a gated
+MLP's down projection takes gate and up, the projections after an RMSNorm take the norm's input) is
+measured as it runs: cuBLAS's time includes that kernel (silu_and_mul, the add + RMSNorm) before
+it, each configuration's is the GEMV doing that work as it loads x (kernels/gemv.py GATED, NORM),
+so the fused kernel runs only where it is measured faster."""
 from __future__ import annotations
 
 import hashlib
@@ -79,20 +81,39 @@ def graph_us(run, views: list[torch.Tensor], launches: int = 16, repeats: int = 
     return best
 
 
-def measure_shape(n: int, k: int, m: int, dtype: torch.dtype, device, configs=None, gated: bool = False) -> dict:
-    """{"cublas": us, str(config): us, ...} for an [m, k] x [n, k]^T matmul on this GPU; `gated`: of
-    silu(gate) * up from [m, 2k] (cuBLAS after the activation kernel, the GEMV with it inside)."""
-    from lanner.kernels.fused import silu_and_mul
+def example_inputs(kind: str, m: int, k: int, like: torch.Tensor, fill=torch.zeros) -> tuple[torch.Tensor, dict]:
+    """An input of `kind` (Linear.input_kind) for an [n, k] weight like `like`, and gemv's arguments
+    for it, as the layer runs: x, then {"gated": True} or {"norm": Norm(weight, eps, residual)}."""
+    from lanner.kernels.fused_reference import Norm
+
+    x = fill(m, k * (1 + (kind == "gated")), dtype=like.dtype, device=like.device)
+    if kind == "gated":
+        return x, {"gated": True}
+    if kind == "normed":
+        return x, {"norm": Norm(torch.ones(k, dtype=like.dtype, device=like.device), 1e-6, fill(m, k, dtype=like.dtype,
+                                                                                               device=like.device))}
+    return x, {}
+
+
+def measure_shape(n: int, k: int, m: int, dtype: torch.dtype, device, configs=None, kind: str = "plain") -> dict:
+    """{"cublas": us, str(config): us, ...} for an [m, k] x [n, k]^T matmul on this GPU, its input of
+    `kind` (see the module's docstring: cuBLAS after the kernel it needs, the GEMV with it inside)."""
+    from lanner.kernels.fused import rms_norm, silu_and_mul
     from lanner.kernels.gemv import GemvWorkspace, gemv
 
     views = weight_views(n, k, dtype, device)  # may raise torch.cuda.OutOfMemoryError
-    x = torch.randn(m, k * (1 + gated), dtype=dtype, device=device)
+    x, args = example_inputs(kind, m, k, views[0], fill=torch.randn)
     out = torch.empty(m, n, dtype=dtype, device=device)
-    times = {"cublas": graph_us(lambda w: torch.mm(silu_and_mul(x) if gated else x, w.t(), out=out), views)}
+
+    def before(x):  # what cuBLAS multiplies
+        if kind == "gated":
+            return silu_and_mul(x)
+        return rms_norm(x, args["norm"].weight, args["norm"].eps, args["norm"].residual)[0] if kind == "normed" else x
+
+    times = {"cublas": graph_us(lambda w: torch.mm(before(x), w.t(), out=out), views)}
     for config in candidates(m) if configs is None else configs:
         workspace = GemvWorkspace.of(config, n, m, device)
-        times[str(config)] = graph_us(lambda w, c=config, ws=workspace: gemv(x, w, c, ws, out=out, gated=gated),
-                                      views)
+        times[str(config)] = graph_us(lambda w, c=config, ws=workspace: gemv(x, w, c, ws, out, **args), views)
     return times
 
 
@@ -112,8 +133,8 @@ def table_key(device) -> str:
 
 
 class GemvTable:
-    """{(n, k, row bucket, dtype, gated input or not): the winning config's string, or "cublas"} for
-    one GPU, with the measured times kept for the record."""
+    """{(n, k, row bucket, dtype, input kind): the winning config's string, or "cublas"} for one GPU,
+    with the measured times kept for the record."""
 
     def __init__(self, device, path: Path | None = None):
         self.device = torch.device(device)
@@ -133,13 +154,13 @@ class GemvTable:
             return {}
         return everything if isinstance(everything, dict) else {}
 
-    def choice(self, n: int, k: int, m: int, dtype: torch.dtype, force: bool = False, gated: bool = False):
+    def choice(self, n: int, k: int, m: int, dtype: torch.dtype, force: bool = False, kind: str = "plain"):
         """The GemvConfig to run for this shape, or None for cuBLAS; measured now if not in the table.
-        `force`: the fastest configuration, even where cuBLAS is faster; `gated`: for a gated input
-        (measure_shape's), an entry of its own."""
-        name = f"{n}x{k}/m{row_bucket(m)}/{str(dtype).removeprefix('torch.')}" + ("/gated" if gated else "")
+        `force`: the fastest configuration, even where cuBLAS is faster; `kind`: the layer's input
+        (Linear.input_kind), measured as an entry of its own unless plain."""
+        name = f"{n}x{k}/m{row_bucket(m)}/{str(dtype).removeprefix('torch.')}" + ("" if kind == "plain" else f"/{kind}")
         if name not in self.entries:
-            self.entries[name] = self._measure(name, n, k, row_bucket(m), dtype, gated)
+            self.entries[name] = self._measure(name, n, k, row_bucket(m), dtype, kind)
             self.measured += 1
         entry = self.entries[name]
         best = entry["choice"]
@@ -148,9 +169,9 @@ class GemvTable:
             best = min(configs, key=entry["us"].get) if configs else "cublas"
         return next((c for c in candidates(m) if str(c) == best), None)
 
-    def _measure(self, name: str, n: int, k: int, rows: int, dtype: torch.dtype, gated: bool) -> dict:
+    def _measure(self, name: str, n: int, k: int, rows: int, dtype: torch.dtype, kind: str) -> dict:
         try:
-            times = measure_shape(n, k, rows, dtype, self.device, gated=gated)
+            times = measure_shape(n, k, rows, dtype, self.device, kind=kind)
         except torch.cuda.OutOfMemoryError:  # the weight copies did not fit next to the model
             torch.cuda.empty_cache()
             logger.warning("no memory to measure the GEMV for %s: cuBLAS", name)
@@ -193,17 +214,18 @@ def assign_gemv_kernels(models: list[torch.nn.Module], dtype: torch.dtype, devic
     table = table or GemvTable(device)
     layers = list({id(mod): mod for model in models for mod in model.modules()
                    if hasattr(mod, "gemv") and mod.weight.dtype == dtype}.values())
-    # one choice per weight shape and input kind (a decoder repeats each once a layer; a gated MLP's
-    # down projection takes gate and up): {(n, k, gated): {rows: config}}
-    kind = {id(layer): (*layer.weight.shape, getattr(layer, "gated_input", False)) for layer in layers}
+    # one choice per weight shape and input kind (a decoder repeats each once a layer):
+    # {(n, k, kind): {rows: config}}
+    kind = {id(layer): (*layer.weight.shape, getattr(layer, "input_kind", "plain")) for layer in layers}
     picks = {key: {} for key in dict.fromkeys(kind.values())}
     chosen: dict[str, str] = {}
-    for (n, k, gated), rows in picks.items():
+    for (n, k, input_kind), rows in picks.items():
         for m in range(1, GEMV_MAX_ROWS + 1):
-            config = table.choice(n, k, m, dtype, force, gated)
+            config = table.choice(n, k, m, dtype, force, input_kind)
             if config is not None:
                 rows[m] = config
-            chosen[f"{n}x{k}/m{row_bucket(m)}" + ("/gated" if gated else "")] = str(config) if config else "cublas"
+            suffix = "" if input_kind == "plain" else f"/{input_kind}"
+            chosen[f"{n}x{k}/m{row_bucket(m)}{suffix}"] = str(config) if config else "cublas"
     table.save()
     sized = [(config, n, m) for (n, _, _), rows in picks.items() for m, config in rows.items()]
     workspace = GemvWorkspace(max((c.workspace_floats(n, m) for c, n, m in sized), default=0),
@@ -218,20 +240,24 @@ def assign_gemv_kernels(models: list[torch.nn.Module], dtype: torch.dtype, devic
     return {"seconds": round(seconds, 2), "measured": table.measured, "choices": chosen}
 
 
-def load_kernels(weights: dict[tuple[int, int, bool], torch.Tensor], picks: dict[tuple[int, int, bool], dict],
+def load_kernels(weights: dict[tuple[int, int, str], torch.Tensor], picks: dict[tuple[int, int, str], dict],
                  workspace) -> None:
     """Launch each chosen kernel once, outside any capture: a kernel that first launches inside a
     CUDA graph capture loads its module there, which the driver refuses (a table read from the
-    cache file measured nothing, so nothing was launched yet). Keys: (n, k, gated); a gated input
-    is another compilation."""
+    cache file measured nothing, so nothing was launched yet). Keys: (n, k, input kind); each kind
+    is a compilation of its own, and a normed input two (with a residual, and the first layer's
+    without)."""
     from lanner.kernels.gemv import block_rows, gemv
 
-    for (n, k, gated), rows in picks.items():
-        weight = weights[n, k, gated]  # a layer's own: a weight of that shape, where the real launches read
+    for (n, k, kind), rows in picks.items():
+        weight = weights[n, k, kind]  # a layer's own: a weight of that shape, where the real launches read
         first_rows: dict = {}  # (config, one row or several): the fewest rows that run it
         for m, config in rows.items():
             first_rows.setdefault((config, block_rows(m)), m)
         for (config, _), m in first_rows.items():
-            gemv(weight.new_zeros(m, k * (1 + gated)), weight, config, workspace, gated=gated)
+            x, args = example_inputs(kind, m, k, weight)
+            gemv(x, weight, config, workspace, **args)
+            if kind == "normed":
+                gemv(x, weight, config, workspace, norm=args["norm"]._replace(residual=None))
     if weights and next(iter(weights.values())).is_cuda:
         torch.cuda.synchronize()

@@ -15,22 +15,33 @@ from lanner.kernels.attention.store_kv import cache_value
 
 
 @triton.jit
+def add_rounded(x, residual):
+    """x + residual in x's dtype, as the reference adds in the model dtype."""
+    return (x.to(tl.float32) + residual.to(tl.float32)).to(x.dtype)
+
+
+@triton.jit
+def rms_scaled(x, inv, w):
+    """RMSNorm's output from x, 1/RMS `inv` (float32) and the weight w, rounded where the reference
+    rounds: x * inv to x's dtype, then times w (the GEMV of a projection after a norm applies it as
+    it loads its input: kernels/gemv.py)."""
+    return ((x.to(tl.float32) * inv).to(x.dtype).to(tl.float32) * w.to(tl.float32)).to(x.dtype)
+
+
+@triton.jit
 def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, stride_x, stride_r, stride_o, N, eps,
                      HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < N
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
-    dtype = x.dtype
-    if HAS_RES:  # x + residual, rounded as the reference adds in the model dtype; becomes the new residual
-        x = (x.to(tl.float32) + tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32))
-        x = x.to(dtype)
+    if HAS_RES:  # x + residual becomes the new residual
+        x = add_rounded(x, tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0))
         tl.store(res_ptr + row * stride_r + cols, x, mask=mask)
     xf = x.to(tl.float32)
     inv = tl.rsqrt(tl.sum(xf * xf, 0) / N + eps)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
-    y = (xf * inv).to(dtype).to(tl.float32) * w.to(tl.float32)
-    tl.store(out_ptr + row * stride_o + cols, y.to(dtype), mask=mask)
+    tl.store(out_ptr + row * stride_o + cols, rms_scaled(x, inv, tl.load(w_ptr + cols, mask=mask, other=0.0)),
+             mask=mask)
 
 
 def rms_norm_warps(block: int) -> int:

@@ -1,7 +1,18 @@
 """Torch references of the fused elementwise kernels (fused.py); no Triton here."""
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
+
+
+class Norm(NamedTuple):
+    """An RMSNorm applied by the next kernel to its input (the small-batch GEMV: kernels/gemv.py): its
+    weight and eps, and the residual x is added to first (None: x alone), which becomes x + residual
+    in place, as the add + RMSNorm kernel does."""
+    weight: torch.Tensor
+    eps: float
+    residual: torch.Tensor | None
 
 
 def rms_norm_ref(x, weight, eps, residual=None):

@@ -24,8 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from lanner.kernels.fused import silu_mul
-from lanner.kernels.fused_reference import silu_and_mul_ref
+from lanner.kernels.fused import add_rounded, rms_scaled, silu_mul
+from lanner.kernels.fused_reference import Norm, rms_norm_ref, silu_and_mul_ref
 
 MAX_ROWS = 16  # rows (M) one launch takes: the dot pads x to 16
 
@@ -54,9 +54,52 @@ class GemvConfig(NamedTuple):
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, out_ptr, part_ptr, counter_ptr, M, N, K, stride_xm, stride_wn, stride_om,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-                 EVEN_K: tl.constexpr, PRECISION: tl.constexpr, GATED: tl.constexpr):
+def _inv_rms(x_ptr, res_ptr, stride_xm, stride_rm, M, K, eps, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+             HAS_RES: tl.constexpr):
+    """[BLOCK_M] float32: 1 / RMS of each row of x (plus the residual, rounded as the add + RMSNorm
+    kernel rounds) over all K columns, whatever part of K the program multiplies."""
+    ms = tl.arange(0, BLOCK_M)[:, None]
+    ks = tl.arange(0, BLOCK_K)[None, :]
+    squares = tl.zeros([BLOCK_M], tl.float32)
+    for k in range(0, K, BLOCK_K):
+        ok = (ms < M) & (k + ks < K)
+        h = tl.load(x_ptr + ms * stride_xm + k + ks, mask=ok, other=0.0)
+        if HAS_RES:
+            h = add_rounded(h, tl.load(res_ptr + ms * stride_rm + k + ks, mask=ok, other=0.0))
+        hf = h.to(tl.float32)
+        squares += tl.sum(hf * hf, 1)
+    return tl.rsqrt(squares / K + eps)
+
+
+@triton.jit
+def _load(at, ok, WHOLE: tl.constexpr):
+    """tl.load with zeros where `ok` is false; WHOLE: every element (whole tiles, `ok` unused)."""
+    if WHOLE:
+        return tl.load(at)
+    return tl.load(at, mask=ok, other=0.0)
+
+
+@triton.jit
+def _input(x_at, ok, res_at, norm_w_at, w_ok, inv, K, X_WHOLE: tl.constexpr, W_WHOLE: tl.constexpr,
+           GATED: tl.constexpr, NORM: tl.constexpr, HAS_RES: tl.constexpr):
+    """The GEMV's input at x_at: x, silu(gate) * up (GATED: up is K further on), or RMSNorm's output
+    (NORM: of x + the residual at res_at with HAS_RES, 1/RMS `inv`, the norm's weight at norm_w_at).
+    X_WHOLE, W_WHOLE: x's (and the residual's), the norm weight's loads need no mask."""
+    x = _load(x_at, ok, X_WHOLE)
+    if GATED:
+        x = silu_mul(x, _load(x_at + K, ok, X_WHOLE))
+    if NORM:
+        if HAS_RES:
+            x = add_rounded(x, _load(res_at, ok, X_WHOLE))
+        x = rms_scaled(x, inv, _load(norm_w_at, w_ok, W_WHOLE))
+    return x
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, out_ptr, part_ptr, counter_ptr, res_ptr, norm_w_ptr, done_ptr, eps, M, N, K,
+                 stride_xm, stride_rm, stride_wn, stride_om, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
+                 GATED: tl.constexpr, NORM: tl.constexpr, HAS_RES: tl.constexpr):
     block = tl.program_id(0)
     split = tl.program_id(1)
     rows = block * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -67,34 +110,29 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, part_ptr, counter_ptr, M, N, K, stride_x
     span = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K  # whole tiles a split (EVEN_K: exactly K / SPLIT_K)
     start = split * span
     end = tl.minimum(start + span, K)
+    inv = _inv_rms(x_ptr, res_ptr, stride_xm, stride_rm, M, K, eps, BLOCK_M, BLOCK_K, HAS_RES) if NORM \
+        else tl.zeros([BLOCK_M], tl.float32)
     if BLOCK_M == 1:
         wide = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+        inv = tl.sum(inv, 0)  # the one row's
         for k in range(start, end, BLOCK_K):
-            if EVEN_K:
-                w = tl.load(w_rows + (k + ks)[None, :])
-                x = tl.load(x_ptr + k + ks)
-                if GATED:
-                    x = silu_mul(x, tl.load(x_ptr + K + k + ks))
-            else:
-                w = tl.load(w_rows + (k + ks)[None, :], mask=(k + ks)[None, :] < end, other=0.0)
-                x = tl.load(x_ptr + k + ks, mask=k + ks < end, other=0.0)
-                if GATED:
-                    x = silu_mul(x, tl.load(x_ptr + K + k + ks, mask=k + ks < end, other=0.0))
+            ok = k + ks < end
+            w = _load(w_rows + (k + ks)[None, :], ok[None, :], EVEN_K)
+            x = _input(x_ptr + k + ks, ok, res_ptr + k + ks, norm_w_ptr + k + ks, ok, inv, K, EVEN_K, EVEN_K, GATED,
+                       NORM, HAS_RES)
             wide += w.to(tl.float32) * x.to(tl.float32)[None, :]
         acc = tl.sum(wide, 1)[:, None]
     else:
         acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
         for k in range(start, end, BLOCK_K):
+            k_ok = (k + ks)[None, :] < end
+            w = _load(w_rows + (k + ks)[None, :], k_ok, EVEN_K)
             x_ok = ms[:, None] < M
-            if EVEN_K:
-                w = tl.load(w_rows + (k + ks)[None, :])
-            else:
-                w = tl.load(w_rows + (k + ks)[None, :], mask=(k + ks)[None, :] < end, other=0.0)
-                x_ok = x_ok & ((k + ks)[None, :] < end)
-            x_at = x_ptr + ms[:, None] * stride_xm + (k + ks)[None, :]
-            x = tl.load(x_at, mask=x_ok, other=0.0)
-            if GATED:
-                x = silu_mul(x, tl.load(x_at + K, mask=x_ok, other=0.0))
+            if not EVEN_K:
+                x_ok = x_ok & k_ok
+            x = _input(x_ptr + ms[:, None] * stride_xm + (k + ks)[None, :], x_ok,
+                       res_ptr + ms[:, None] * stride_rm + (k + ks)[None, :], norm_w_ptr + (k + ks)[None, :], k_ok,
+                       inv[:, None], K, False, EVEN_K, GATED, NORM, HAS_RES)
             acc = tl.dot(w, tl.trans(x), acc, input_precision=PRECISION)
     out_at = out_ptr + ms[None, :] * stride_om + rows[:, None]
     out_ok = (rows[:, None] < N) & (ms[None, :] < M)
@@ -114,11 +152,24 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, part_ptr, counter_ptr, M, N, K, stride_x
                                  cache_modifier=".cg")
             tl.store(out_at, total.to(out_ptr.dtype.element_ty), mask=out_ok)
             tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
+    if NORM and HAS_RES:
+        # x + residual becomes the residual, in place: written by the last program to count itself, once
+        # every program has read the old one (each counts after its reads: release; the last acquires)
+        tl.debug_barrier()
+        if tl.atomic_add(done_ptr, 1, sem="acq_rel", scope="gpu") == tl.num_programs(0) * tl.num_programs(1) - 1:
+            for k in range(0, K, BLOCK_K):
+                ok = (ms[:, None] < M) & ((k + ks)[None, :] < K)
+                res_at = res_ptr + ms[:, None] * stride_rm + (k + ks)[None, :]
+                h = add_rounded(tl.load(x_ptr + ms[:, None] * stride_xm + (k + ks)[None, :], mask=ok, other=0.0),
+                                tl.load(res_at, mask=ok, other=0.0))
+                tl.store(res_at, h, mask=ok)
+            tl.atomic_xchg(done_ptr, 0, sem="relaxed", scope="gpu")
 
 
 class GemvWorkspace:
-    """Split-K partials and per-row-block counts, shared by every GEMV of a model: launches on one
-    stream run one after another, and each leaves the counts at zero."""
+    """Split-K partials and per-row-block counts, and the count of programs that have read a normed
+    GEMV's residual: shared by every GEMV of a model (launches on one stream run one after another,
+    and each leaves its counts at zero)."""
 
     @classmethod
     def of(cls, config: GemvConfig, n: int, rows: int, device) -> GemvWorkspace:
@@ -126,37 +177,52 @@ class GemvWorkspace:
 
     def __init__(self, floats: int, blocks: int, device):
         self.partials = torch.empty(max(floats, 1), dtype=torch.float32, device=device)
-        self.counters = torch.zeros(max(blocks, 1), dtype=torch.int32, device=device)
+        self.counters = torch.zeros(max(blocks, 1) + 1, dtype=torch.int32, device=device)
+        self.done = self.counters[-1:]
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, config: GemvConfig, workspace: GemvWorkspace | None = None,
-         out: torch.Tensor | None = None, gated: bool = False) -> torch.Tensor:
+         out: torch.Tensor | None = None, gated: bool = False, norm: Norm | None = None) -> torch.Tensor:
     """x: [M, K] (M <= 16, unit stride along K), or with `gated` [M, 2K] (gate, then up: the product
-    is silu(gate) * up @ weight^T); weight: [N, K] contiguous; out: [M, N], unit stride along N;
+    is silu(gate) * up @ weight^T); `norm`: the product is rms_norm(x, ...) @ weight^T (see Norm;
+    with a residual, needs `workspace`); weight: [N, K] contiguous; out: [M, N], unit stride along N;
     `workspace` is needed when config.split_k > 1 (GemvWorkspace.of)."""
     M = x.shape[0]
     N, K = weight.shape
     assert M <= MAX_ROWS and x.stride(1) == 1 and weight.is_contiguous() and x.shape[1] == K * (1 + gated)
+    assert not (gated and norm)
     out = torch.empty(M, N, dtype=x.dtype, device=x.device) if out is None else out
     assert out.shape == (M, N) and out.stride(1) == 1
     blocks = config.blocks(N)
     if config.split_k > 1:
         assert workspace is not None and workspace.partials.numel() >= config.workspace_floats(N, M) \
-            and workspace.counters.numel() >= blocks
+            and workspace.counters.numel() > blocks
         part, counters = workspace.partials, workspace.counters
     else:
         part = counters = out  # unused
+    residual = None if norm is None else norm.residual
+    if residual is not None:
+        assert workspace is not None and residual.shape == x.shape and residual.stride(1) == 1
     if M:
         _gemv_kernel[(blocks, config.split_k)](
-            x, weight, out, part, counters, M, N, K, x.stride(0), weight.stride(0), out.stride(0),
+            x, weight, out, part, counters, x if residual is None else residual,
+            weight if norm is None else norm.weight, counters if residual is None else workspace.done,
+            0.0 if norm is None else norm.eps, M, N, K, x.stride(0), 0 if residual is None else residual.stride(0),
+            weight.stride(0), out.stride(0),
             BLOCK_M=block_rows(M), BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=config.split_k,
             EVEN_K=K % (config.block_k * config.split_k) == 0,
-            PRECISION="ieee" if x.dtype == torch.float32 else "tf32", GATED=gated, num_warps=config.num_warps,
-            num_stages=config.num_stages)
+            PRECISION="ieee" if x.dtype == torch.float32 else "tf32", GATED=gated, NORM=norm is not None,
+            HAS_RES=residual is not None, num_warps=config.num_warps, num_stages=config.num_stages)
     return out
 
 
-def gemv_reference(x: torch.Tensor, weight: torch.Tensor, gated: bool = False) -> torch.Tensor:
+def gemv_reference(x: torch.Tensor, weight: torch.Tensor, gated: bool = False, norm: Norm | None = None) -> torch.Tensor:
+    """With `norm`, its residual becomes x + residual in place, as the kernel's does."""
     if gated:
         x = silu_and_mul_ref(x)
+    if norm is not None:
+        x = rms_norm_ref(x, norm.weight, norm.eps, norm.residual)
+        if norm.residual is not None:
+            x, added = x
+            norm.residual.copy_(added)
     return (x.float() @ weight.float().t()).to(x.dtype)

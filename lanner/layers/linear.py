@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lanner.distributed import TP, all_reduce
+from lanner.kernels.fused_reference import Norm
 
 Parallel = Literal["column", "row"] | None
 
@@ -35,15 +36,18 @@ class Linear(nn.Module):
         # row-parallel without the all-reduce: the caller sums this output with others first
         self.reduce = reduce
         self.gemv, self.gemv_workspace = {}, None  # small-batch kernels, set by the runner (gemv_table.py)
-        self.gated_input = False  # set by GatedMLP: its input is gate and up (matmul's `gated`), as its GEMVs are measured
+        # what the layer's input is when its GEMV runs, as its GEMVs are measured (gemv_table.py): "plain",
+        # "gated" (a gated MLP's gate and up: matmul's `gated`) or "normed" (before an RMSNorm: matmul's `norm`)
+        self.input_kind = "plain"
 
-    def forward(self, x: torch.Tensor, out: torch.Tensor | None = None, gated: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, out: torch.Tensor | None = None, gated: bool = False,
+                norm: Norm | None = None) -> torch.Tensor:
         if self.parallel == "row":
-            y = matmul(x, self.weight, self, out=out, gated=gated)
+            y = matmul(x, self.weight, self, out=out, gated=gated, norm=norm)
             if self.reduce:
                 all_reduce(y)
             return y if self.bias is None else y.add_(self.bias / (1 if self.reduce else self.num_ranks))
-        return matmul(x, self.weight, self, self.bias, out, gated)
+        return matmul(x, self.weight, self, self.bias, out, gated, norm)
 
     def checkpoint_slice(self, param: torch.Tensor, tensor: torch.Tensor, shard=None) -> torch.Tensor:
         """This rank's piece of the whole checkpoint tensor for `param`."""
@@ -62,17 +66,18 @@ def gemv_config(layer: nn.Module, x: torch.Tensor):
 
 
 def matmul(x: torch.Tensor, weight: torch.Tensor, layer: nn.Module, bias: torch.Tensor | None = None,
-           out: torch.Tensor | None = None, gated: bool = False) -> torch.Tensor:
+           out: torch.Tensor | None = None, gated: bool = False, norm: Norm | None = None) -> torch.Tensor:
     """x @ weight^T (+ bias), into `out` (a static buffer of graph pieces) if given: the Triton GEMV
-    where `gemv_config` has one, else cuBLAS. `gated`: x holds a gated MLP's gate and up halves and
-    the product is silu(gate) * up @ weight^T, in the GEMV (callers check `gemv_config` first)."""
+    where `gemv_config` has one, else cuBLAS. In the GEMV only (callers check `gemv_config` first):
+    `gated`, x holds a gated MLP's gate and up halves and the product is silu(gate) * up @ weight^T;
+    `norm`, the product is RMSNorm's output @ weight^T (kernels/gemv.py Norm)."""
     config = gemv_config(layer, x)
     if config is not None and (out is None or out.stride(1) == 1):
         from lanner.kernels.gemv import gemv
 
-        y = gemv(x, weight, config, layer.gemv_workspace, out, gated)
-    elif gated:
-        raise ValueError("a gated input needs the GEMV: no configuration for this row count or output")
+        y = gemv(x, weight, config, layer.gemv_workspace, out, gated, norm)
+    elif gated or norm is not None:
+        raise ValueError("a gated or normed input needs the GEMV: no configuration for this row count or output")
     elif out is None:
         return F.linear(x, weight, bias)
     else:

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lanner.distributed import TP
+from lanner.kernels.fused_reference import Norm
 from lanner.layers.linear import Linear, MergedLinear, gemv_config
 
 
@@ -19,10 +20,11 @@ class GatedMLP(nn.Module):
         self.gate_up_proj = MergedLinear(hidden_size, [intermediate_size] * 2, bias=bias,
                                          shard_indices=[TP.rank] * 2 if TP.size > 1 else None)
         self.down_proj = Linear(intermediate_size, hidden_size, bias=bias, parallel="row", reduce=reduce)
-        self.down_proj.gated_input = True
+        self.down_proj.input_kind = "gated"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)
+    def forward(self, x: torch.Tensor, norm: Norm | None = None) -> torch.Tensor:
+        """`norm`: x is the RMSNorm's input, applied by gate_up's GEMV (DecoderLayer.post_attention)."""
+        gate_up = self.gate_up_proj(x, norm=norm)
         if gemv_config(self.down_proj, gate_up) is not None:  # its GEMV applies silu(gate) * up as it loads them
             return self.down_proj(gate_up, gated=True)
         if x.is_cuda:

@@ -10,10 +10,10 @@ from torch import nn
 
 from lanner.distributed import TP
 from lanner.errors import ConfigError
-from lanner.kernels.fused_reference import apply_rotary
+from lanner.kernels.fused_reference import Norm, apply_rotary
 from lanner.layers.attention import Attention
 from lanner.layers.embedding import LMHead, VocabEmbedding
-from lanner.layers.linear import Linear, MergedLinear
+from lanner.layers.linear import Linear, MergedLinear, gemv_config
 from lanner.layers.mlp import GatedMLP
 from lanner.layers.moe.block import MoEBlock, MoESpec
 from lanner.layers.moe.strategies import MoERuntime
@@ -114,14 +114,15 @@ class DecoderAttention(nn.Module):
         self.register_buffer("k_scale", torch.ones((), dtype=torch.float32), persistent=False)
         self.register_buffer("v_scale", torch.ones((), dtype=torch.float32), persistent=False)
 
-    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                bufs: PieceBuffers | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bufs: PieceBuffers | None = None,
+                norm: Norm | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k (normed for Qwen3, rotated) and v of the tokens in x; with `bufs`, written into
-        its static qkv and qk tensors (the outputs of a graph piece)."""
+        its static qkv and qk tensors (the outputs of a graph piece); `norm`: x is the input of that
+        RMSNorm, which the projection's GEMV applies (DecoderLayer.pre_attention)."""
         T = x.shape[0]
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         heads = self.num_heads + self.num_kv_heads
-        qkv = self.qkv_proj(x, out=None if bufs is None else bufs.qkv)
+        qkv = self.qkv_proj(x, out=None if bufs is None else bufs.qkv, norm=norm)
         v = qkv[:, q_size + kv_size:].view(T, self.num_kv_heads, self.head_dim)
         qk_out = None if bufs is None else bufs.qk.view(T, heads, self.head_dim)
         # q and k heads are adjacent in qkv: one pass normalises (Qwen3) and rotates both, and on the GPU
@@ -182,6 +183,10 @@ class DecoderLayer(nn.Module):
         # a static [tokens, hidden] buffer (set by an EAGLE-3 drafter) that receives the hidden
         # state entering this layer, inside graphs too
         self.aux_out: torch.Tensor | None = None
+        # the projections after the norms: where the GEMV runs, it applies the norm as it loads x
+        self.self_attn.qkv_proj.input_kind = "normed"
+        if isinstance(self.mlp, GatedMLP):
+            self.mlp.gate_up_proj.input_kind = "normed"
 
     def forward(self, x, residual, cos, sin):
         q, k, v, residual = self.pre_attention(x, residual, cos, sin)
@@ -189,14 +194,23 @@ class DecoderLayer(nn.Module):
 
     def pre_attention(self, x, residual, cos, sin, bufs: PieceBuffers | None = None):
         """Norm (adding x into the residual, in place) and q, k, v; the first layer's residual is x."""
-        x, residual = (self.input_layernorm(x), x) if residual is None else self.input_layernorm(x, residual)
+        norm = self.input_layernorm
+        if gemv_config(self.self_attn.qkv_proj, x) is not None:  # the norm inside the projection's GEMV
+            qkv = self.self_attn.project(x, cos, sin, bufs, Norm(norm.weight, norm.eps, residual))
+            residual = x if residual is None else residual
+        else:
+            x, residual = (norm(x), x) if residual is None else norm(x, residual)
+            qkv = self.self_attn.project(x, cos, sin, bufs)
         if self.aux_out is not None:
             self.aux_out[:residual.shape[0]].copy_(residual)
-        return *self.self_attn.project(x, cos, sin, bufs), residual
+        return *qkv, residual
 
     def post_attention(self, attn_out: torch.Tensor, residual: torch.Tensor):
         x = self.self_attn.o_proj(attn_out.reshape(attn_out.shape[0], -1))
-        x, residual = self.post_attention_layernorm(x, residual)
+        norm = self.post_attention_layernorm
+        if isinstance(self.mlp, GatedMLP) and gemv_config(self.mlp.gate_up_proj, x) is not None:
+            return self.mlp(x, Norm(norm.weight, norm.eps, residual)), residual
+        x, residual = norm(x, residual)
         return self.mlp(x), residual
 
 

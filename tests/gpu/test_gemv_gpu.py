@@ -53,6 +53,43 @@ def test_a_gated_gemv_equals_silu_and_mul_then_the_gemv(n, k):
             assert torch.equal(gemv(x, w, config, workspace, gated=True), want), f"{config} m={m}"
 
 
+@pytest.mark.parametrize("n,k", [(4096, 1024), (6144, 4096), (24576, 4096)])
+def test_a_normed_gemv_matches_the_norm_then_the_gemv_in_a_graph(n, k):
+    """The projection after an RMSNorm applying it as it loads x (bf16, every candidate and row
+    count): 10 launches in one CUDA graph, each adding x into the residual in place (the last
+    program writes it once every program has read the old one), against the add + RMSNorm kernel
+    followed by the plain GEMV, 10 times in another: the residuals equal bit for bit, the outputs
+    within bf16's rounding (the sums of squares go in another order)."""
+    from lanner.kernels.fused import rms_norm
+    from lanner.kernels.fused_reference import Norm
+
+    torch.manual_seed(0)
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5
+    weight = 1 + 0.1 * torch.randn(k, device="cuda", dtype=torch.bfloat16)
+    for m in (1, 3, 8):
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        start = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        for config in CONFIGS:
+            workspace = GemvWorkspace.of(config, n, m, "cuda")
+            fused, unfused = start.clone(), start.clone()
+            outs = [torch.empty(m, n, device="cuda", dtype=torch.bfloat16) for _ in range(20)]
+            gemv(x, w, config, workspace, norm=Norm(weight, 1e-6, fused.clone()))  # compiles outside the capture
+            graphs = [torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()]
+            with torch.cuda.graph(graphs[0]):
+                for out in outs[:10]:
+                    gemv(x, w, config, workspace, out=out, norm=Norm(weight, 1e-6, fused))
+            with torch.cuda.graph(graphs[1]):
+                for out in outs[10:]:
+                    gemv(rms_norm(x, weight, 1e-6, unfused)[0], w, config, workspace, out=out)
+            for graph in graphs:
+                graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(fused, unfused), f"{config} m={m}"
+            assert not workspace.counters.any()
+            torch.testing.assert_close(torch.stack(outs[:10]).float(), torch.stack(outs[10:]).float(), atol=3e-2,
+                                       rtol=3e-2, msg=f"{config} m={m}")
+
+
 def test_split_k_merge_is_race_free_in_a_graph():
     """50 split-K GEMVs in one CUDA graph over one workspace whose partials are NaN before each
     (a merge that read a partial before its write landed would give NaN), replayed 3 times: every
