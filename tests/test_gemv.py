@@ -76,7 +76,7 @@ def test_a_normed_gemv_equals_the_norm_then_the_gemv(config, dtype):
         workspace = GemvWorkspace.of(config, n, 16, "cpu")
         weight = 1 + 0.1 * torch.randn(k, dtype=dtype)
         for m in (1, 3):
-            x, residual = (torch.full((16, k + 64), float("nan"), dtype=dtype)[:m, :k] for _ in range(2))
+            x, residual = (torch.full((16, k + pad), float("nan"), dtype=dtype)[:m, :k] for pad in (64, 32))
             x.copy_(torch.randn(m, k)), residual.copy_(torch.randn(m, k))
             for with_residual in (True, False):
                 kernels, reference = residual.clone(), residual.clone()  # the add + RMSNorm kernel's, torch's
@@ -117,9 +117,10 @@ def spy_on_gemv(monkeypatch, kinds: list | None = None) -> list[int]:
     return calls
 
 
-def give_gemv(layer, rows: list[int], config: GemvConfig = SMALL_CONFIGS[1]) -> None:
+def give_gemv(layer, rows: list[int], config: GemvConfig = SMALL_CONFIGS[1], fused: bool = False) -> None:
     layer.gemv = dict.fromkeys(rows, config)
     layer.gemv_workspace = GemvWorkspace.of(config, layer.weight.shape[0], 16, "cpu")
+    layer.fused_rows = frozenset(rows if fused else ())
 
 
 def test_linear_runs_the_gemv_for_the_row_counts_it_was_given(monkeypatch):
@@ -268,35 +269,41 @@ def test_assign_points_every_layer_at_its_choice_and_launches_each_kernel_once(t
 
 
 def test_a_gated_mlp_hands_gate_and_up_to_its_down_projections_gemv(monkeypatch):
-    """With a GEMV for the row count, the down projection takes gate_up whole and applies the
-    activation itself (no activation kernel between the two, one graph node fewer a layer); other
-    row counts run the activation then cuBLAS. Either way the MLP's output is the torch path's."""
+    """Where its GEMV fuses (`fused_rows`), the down projection takes gate_up whole and applies the
+    activation itself (no activation kernel between the two, one graph node fewer a layer); where
+    the plain GEMV was measured faster, the activation runs, then it; elsewhere the activation then
+    cuBLAS. Each way the MLP's output is the torch path's."""
     torch.manual_seed(0)
     mlp = GatedMLP(64, 48, bias=True)  # the bias after the GEMV, as without the gate
     for param in mlp.parameters():
         param.normal_(std=0.2)
-    x = {m: torch.randn(m, 64) for m in (1, 2, 3)}
+    x = {m: torch.randn(m, 64) for m in (1, 2, 3, 4)}
     want = {m: mlp(x[m]) for m in x}
-    give_gemv(mlp.down_proj, [1, 2])
+    give_gemv(mlp.down_proj, [1, 2], fused=True)
+    mlp.down_proj.gemv[3] = SMALL_CONFIGS[1]  # not fused at 3 rows
     kinds = []
     calls = spy_on_gemv(monkeypatch, kinds)
     for m, rows in x.items():
         torch.testing.assert_close(mlp(rows), want[m], atol=1e-4, rtol=1e-4)
-    assert calls == [1, 2] and kinds == ["gated", "gated"]  # 3 rows: the activation, then torch's matmul
+    assert calls == [1, 2, 3] and kinds == ["gated", "gated", "plain"]  # 4 rows: torch's matmul
 
 
 def test_layers_are_measured_with_their_inputs_and_compiled_so(tmp_path, monkeypatch):
     """A gated MLP's down projection, and a projection after an RMSNorm, have table entries of their
-    own, measured with their inputs as they run (cuBLAS after the activation or the norm, against the
-    GEMV doing that work): here the gated GEMV wins at one row only, while a plain layer of the same
-    shape takes the GEMV at every row count. load_kernels compiles each kind's choices once before
-    any capture (a normed input twice: with a residual, and the first layer's without)."""
+    own, measured with their inputs as they run: the kernel before them then cuBLAS, that kernel then
+    each configuration ("unfused ..."), and each configuration doing the work itself. Here the down
+    projection fuses at one row, runs the activation then the plain GEMV at two, and cuBLAS above;
+    a plain layer of its shape takes the GEMV at every row count. load_kernels compiles each choice
+    once before any capture (a normed one twice: with a residual, and the first layer's without)."""
     monkeypatch.setattr(gemv_table, "table_key", lambda device: "test-gpu")
     measured = []
 
     def measure(n, k, m, dtype, device, configs=None, kind="plain"):
         measured.append((n, k, m, kind))
-        return {"cublas": 10.0, str(candidates(m)[0]): 1.0 if m == 1 or kind != "gated" else 20.0}
+        config = str(candidates(m)[0])
+        if kind != "gated":
+            return {"cublas": 10.0, config: 1.0} | ({f"unfused {config}": 2.0} if kind == "normed" else {})
+        return {"cublas": 1.0 if m > 2 else 10.0, config: 1.0 if m == 1 else 20.0, f"unfused {config}": 2.0}
 
     monkeypatch.setattr(gemv_table, "measure_shape", measure)
     torch.manual_seed(0)
@@ -307,21 +314,24 @@ def test_layers_are_measured_with_their_inputs_and_compiled_so(tmp_path, monkeyp
     kinds = []
     calls = spy_on_gemv(monkeypatch, kinds)
     report = gemv_table.assign_gemv_kernels([model], torch.float32, "cpu", table=GemvTable("cpu", tmp_path / "t.json"))
-    down = model[0].down_proj
+    down, one, rows = model[0].down_proj, str(candidates(1)[0]), str(candidates(2)[0])
     assert {(64, 40, 2, "gated"), (64, 40, 2, "plain"), (80, 64, 2, "plain"), (24, 64, 2, "normed")} <= set(measured)
-    assert report["choices"]["64x40/m1/gated"] == str(candidates(1)[0]) and report["choices"]["24x64/m1/normed"]
-    assert report["choices"]["64x40/m2/gated"] == "cublas" and report["choices"]["64x40/m2"] == str(candidates(2)[0])
-    assert set(down.gemv) == {1} and set(model[1].gemv) == set(range(1, 9))
+    assert report["choices"]["64x40/m1/gated"] == one and report["choices"]["64x40/m2/gated"] == f"unfused {rows}"
+    assert report["choices"]["64x40/m4/gated"] == "cublas" and report["choices"]["64x40/m2"] == rows
+    assert report["choices"]["24x64/m8/normed"] == rows
+    assert set(down.gemv) == {1, 2} and down.fused_rows == {1} and set(model[1].gemv) == set(range(1, 9))
+    assert not model[1].fused_rows and model[2].fused_rows == set(range(1, 9))
     launched = sorted(zip(calls, kinds))
-    assert launched == sorted([(1, "plain"), (2, "plain")] * 2 + [(1, "gated")] + [(1, "normed"), (1, "first"),
-                                                                                  (2, "normed"), (2, "first")])
+    assert launched == sorted([(1, "plain"), (2, "plain")] * 2 + [(1, "gated"), (2, "plain")] +
+                              [(1, "normed"), (1, "first"), (2, "normed"), (2, "first")])
     kinds.clear()
-    for m in (1, 2):
+    for m in (1, 2, 4):
         x = torch.randn(m, 64)
         gate, up = (x @ model[0].gate_up_proj.weight.t()).chunk(2, dim=-1)
         want = (torch.nn.functional.silu(gate) * up) @ down.weight.t()
         torch.testing.assert_close(model[0](x), want, atol=1e-4, rtol=1e-4)
-    assert kinds == ["plain", "gated", "plain"]  # 1 row: gate_up, then the gated down; 2 rows: gate_up, cuBLAS
+    # 1 row: gate_up, then the gated down; 2: gate_up, the plain down after the activation; 4: gate_up, cuBLAS
+    assert kinds == ["plain", "gated", "plain", "plain", "plain"]
 
 
 @pytest.fixture

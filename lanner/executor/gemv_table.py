@@ -8,11 +8,11 @@ wins; cuBLAS keeps a shape unless a configuration beats it by MIN_GAIN. The tabl
 per (GPU, dtype, shape) and kept in a JSON file under the cache folder, so a restart picks the same
 kernels (the same numerics) without measuring again; its key names the GPU, the torch and triton
 versions and a hash of the kernel's source and the candidates, so a change to any of them measures
-anew. A layer whose GEMV takes its input before another kernel's work (`Linear.input_kind`: a gated
-MLP's down projection takes gate and up, the projections after an RMSNorm take the norm's input) is
-measured as it runs: cuBLAS's time includes that kernel (silu_and_mul, the add + RMSNorm) before
-it, each configuration's is the GEMV doing that work as it loads x (kernels/gemv.py GATED, NORM),
-so the fused kernel runs only where it is measured faster."""
+anew. A layer whose GEMV can take its input before another kernel's work (`Linear.input_kind`: a
+gated MLP's down projection takes gate and up, the projections after an RMSNorm take the norm's
+input) is measured as it runs, three ways: that kernel (silu_and_mul, the add + RMSNorm) then
+cuBLAS, that kernel then each configuration ("unfused <config>"), and each configuration doing the
+work as it loads x (kernels/gemv.py GATED, NORM); the fastest runs, so fusing never costs time."""
 from __future__ import annotations
 
 import hashlib
@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 GEMV_MAX_ROWS = 8
 ROW_BUCKETS = (1, 2, 4, 8)  # a row count runs the choice measured at the next bucket up
 MIN_GAIN = 0.03  # a Triton configuration must be this much faster than cuBLAS to replace it
+UNFUSED = "unfused "  # a table choice's prefix: the kernel before the GEMV runs on its own
 POOL_BYTES = 512 << 20  # weight copies a measurement cycles through (the H200's L2 is 50 MiB)
 MAX_COPIES = 512  # tiny weights: 512 copies of 1 MiB still overflow a 50 MiB L2 tenfold
 
@@ -114,6 +115,9 @@ def measure_shape(n: int, k: int, m: int, dtype: torch.dtype, device, configs=No
     for config in candidates(m) if configs is None else configs:
         workspace = GemvWorkspace.of(config, n, m, device)
         times[str(config)] = graph_us(lambda w, c=config, ws=workspace: gemv(x, w, c, ws, out, **args), views)
+        if kind != "plain":
+            times[f"{UNFUSED}{config}"] = graph_us(lambda w, c=config, ws=workspace: gemv(before(x), w, c, ws, out),
+                                                    views)
     return times
 
 
@@ -155,9 +159,16 @@ class GemvTable:
         return everything if isinstance(everything, dict) else {}
 
     def choice(self, n: int, k: int, m: int, dtype: torch.dtype, force: bool = False, kind: str = "plain"):
-        """The GemvConfig to run for this shape, or None for cuBLAS; measured now if not in the table.
-        `force`: the fastest configuration, even where cuBLAS is faster; `kind`: the layer's input
-        (Linear.input_kind), measured as an entry of its own unless plain."""
+        """The GemvConfig to run for this shape, or None for cuBLAS (`fused_choice` says whether it
+        also does the input kind's work)."""
+        return self.fused_choice(n, k, m, dtype, force, kind)[0]
+
+    def fused_choice(self, n: int, k: int, m: int, dtype: torch.dtype, force: bool = False,
+                     kind: str = "plain") -> tuple:
+        """(The GemvConfig to run for this shape or None for cuBLAS, whether it does the input kind's
+        work); measured now if not in the table. `force`: the fastest configuration, even where
+        cuBLAS is faster; `kind`: the layer's input (Linear.input_kind), measured as an entry of its
+        own unless plain."""
         name = f"{n}x{k}/m{row_bucket(m)}/{str(dtype).removeprefix('torch.')}" + ("" if kind == "plain" else f"/{kind}")
         if name not in self.entries:
             self.entries[name] = self._measure(name, n, k, row_bucket(m), dtype, kind)
@@ -167,7 +178,8 @@ class GemvTable:
         if force:
             configs = [c for c in entry["us"] if c != "cublas"]
             best = min(configs, key=entry["us"].get) if configs else "cublas"
-        return next((c for c in candidates(m) if str(c) == best), None)
+        config = next((c for c in candidates(m) if str(c) == best.removeprefix(UNFUSED)), None)
+        return config, config is not None and kind != "plain" and not best.startswith(UNFUSED)
 
     def _measure(self, name: str, n: int, k: int, rows: int, dtype: torch.dtype, kind: str) -> dict:
         try:
@@ -215,23 +227,27 @@ def assign_gemv_kernels(models: list[torch.nn.Module], dtype: torch.dtype, devic
     layers = list({id(mod): mod for model in models for mod in model.modules()
                    if hasattr(mod, "gemv") and mod.weight.dtype == dtype}.values())
     # one choice per weight shape and input kind (a decoder repeats each once a layer):
-    # {(n, k, kind): {rows: config}}
+    # {(n, k, kind): ({rows: config}, the rows whose GEMV does the kind's work)}
     kind = {id(layer): (*layer.weight.shape, getattr(layer, "input_kind", "plain")) for layer in layers}
-    picks = {key: {} for key in dict.fromkeys(kind.values())}
+    picks = {key: ({}, set()) for key in dict.fromkeys(kind.values())}
     chosen: dict[str, str] = {}
-    for (n, k, input_kind), rows in picks.items():
+    for (n, k, input_kind), (rows, fused) in picks.items():
         for m in range(1, GEMV_MAX_ROWS + 1):
-            config = table.choice(n, k, m, dtype, force, input_kind)
+            config, fuses = table.fused_choice(n, k, m, dtype, force, input_kind)
             if config is not None:
                 rows[m] = config
+            if fuses:
+                fused.add(m)
             suffix = "" if input_kind == "plain" else f"/{input_kind}"
-            chosen[f"{n}x{k}/m{row_bucket(m)}{suffix}"] = str(config) if config else "cublas"
+            chosen[f"{n}x{k}/m{row_bucket(m)}{suffix}"] = \
+                "cublas" if config is None else f"{'' if fuses or input_kind == 'plain' else UNFUSED}{config}"
     table.save()
-    sized = [(config, n, m) for (n, _, _), rows in picks.items() for m, config in rows.items()]
+    sized = [(config, n, m) for (n, _, _), (rows, _) in picks.items() for m, config in rows.items()]
     workspace = GemvWorkspace(max((c.workspace_floats(n, m) for c, n, m in sized), default=0),
                               max((c.blocks(n) for c, n, _ in sized), default=0), device)
     for layer in layers:
-        layer.gemv, layer.gemv_workspace = picks[kind[id(layer)]], workspace
+        (layer.gemv, fused), layer.gemv_workspace = picks[kind[id(layer)]], workspace
+        layer.fused_rows = frozenset(fused)
     load_kernels({kind[id(layer)]: layer.weight for layer in layers}, picks, workspace)
     torch.cuda.empty_cache()
     seconds = time.perf_counter() - start
@@ -240,24 +256,24 @@ def assign_gemv_kernels(models: list[torch.nn.Module], dtype: torch.dtype, devic
     return {"seconds": round(seconds, 2), "measured": table.measured, "choices": chosen}
 
 
-def load_kernels(weights: dict[tuple[int, int, str], torch.Tensor], picks: dict[tuple[int, int, str], dict],
+def load_kernels(weights: dict[tuple[int, int, str], torch.Tensor], picks: dict[tuple[int, int, str], tuple],
                  workspace) -> None:
     """Launch each chosen kernel once, outside any capture: a kernel that first launches inside a
     CUDA graph capture loads its module there, which the driver refuses (a table read from the
-    cache file measured nothing, so nothing was launched yet). Keys: (n, k, input kind); each kind
-    is a compilation of its own, and a normed input two (with a residual, and the first layer's
-    without)."""
+    cache file measured nothing, so nothing was launched yet). Keys: (n, k, input kind); a fused
+    kind is a compilation of its own, and a normed input two (with a residual, and the first
+    layer's without)."""
     from lanner.kernels.gemv import block_rows, gemv
 
-    for (n, k, kind), rows in picks.items():
+    for (n, k, kind), (rows, fused) in picks.items():
         weight = weights[n, k, kind]  # a layer's own: a weight of that shape, where the real launches read
-        first_rows: dict = {}  # (config, one row or several): the fewest rows that run it
+        first_rows: dict = {}  # (config, one row or several, fused): the fewest rows that run it
         for m, config in rows.items():
-            first_rows.setdefault((config, block_rows(m)), m)
-        for (config, _), m in first_rows.items():
-            x, args = example_inputs(kind, m, k, weight)
+            first_rows.setdefault((config, block_rows(m), m in fused), m)
+        for (config, _, fuses), m in first_rows.items():
+            x, args = example_inputs(kind if fuses else "plain", m, k, weight)
             gemv(x, weight, config, workspace, **args)
-            if kind == "normed":
+            if "norm" in args:
                 gemv(x, weight, config, workspace, norm=args["norm"]._replace(residual=None))
     if weights and next(iter(weights.values())).is_cuda:
         torch.cuda.synchronize()

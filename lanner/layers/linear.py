@@ -36,6 +36,7 @@ class Linear(nn.Module):
         # row-parallel without the all-reduce: the caller sums this output with others first
         self.reduce = reduce
         self.gemv, self.gemv_workspace = {}, None  # small-batch kernels, set by the runner (gemv_table.py)
+        self.fused_rows = frozenset()  # row counts whose GEMV does its input kind's work (`fuses`), likewise
         # what the layer's input is when its GEMV runs, as its GEMVs are measured (gemv_table.py): "plain",
         # "gated" (a gated MLP's gate and up: matmul's `gated`) or "normed" (before an RMSNorm: matmul's `norm`)
         self.input_kind = "plain"
@@ -65,10 +66,17 @@ def gemv_config(layer: nn.Module, x: torch.Tensor):
     return layer.gemv.get(x.shape[0]) if layer.gemv and x.dim() == 2 and x.stride(1) == 1 else None
 
 
+def fuses(layer: nn.Module, x: torch.Tensor) -> bool:
+    """Whether the layer's GEMV, for x's row count, does the work its input kind needs first
+    (`input_kind`: the activation, the norm): the runner measured that faster than the kernel before
+    it followed by the plain GEMV or cuBLAS."""
+    return x.shape[0] in layer.fused_rows and gemv_config(layer, x) is not None
+
+
 def matmul(x: torch.Tensor, weight: torch.Tensor, layer: nn.Module, bias: torch.Tensor | None = None,
            out: torch.Tensor | None = None, gated: bool = False, norm: Norm | None = None) -> torch.Tensor:
     """x @ weight^T (+ bias), into `out` (a static buffer of graph pieces) if given: the Triton GEMV
-    where `gemv_config` has one, else cuBLAS. In the GEMV only (callers check `gemv_config` first):
+    where `gemv_config` has one, else cuBLAS. In the GEMV only (callers check `fuses` first):
     `gated`, x holds a gated MLP's gate and up halves and the product is silu(gate) * up @ weight^T;
     `norm`, the product is RMSNorm's output @ weight^T (kernels/gemv.py Norm)."""
     config = gemv_config(layer, x)

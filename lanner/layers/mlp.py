@@ -7,7 +7,7 @@ from torch import nn
 
 from lanner.distributed import TP
 from lanner.kernels.fused_reference import Norm
-from lanner.layers.linear import Linear, MergedLinear, gemv_config
+from lanner.layers.linear import Linear, MergedLinear, fuses
 
 
 class GatedMLP(nn.Module):
@@ -25,7 +25,7 @@ class GatedMLP(nn.Module):
     def forward(self, x: torch.Tensor, norm: Norm | None = None) -> torch.Tensor:
         """`norm`: x is the RMSNorm's input, applied by gate_up's GEMV (DecoderLayer.post_attention)."""
         gate_up = self.gate_up_proj(x, norm=norm)
-        if gemv_config(self.down_proj, gate_up) is not None:  # its GEMV applies silu(gate) * up as it loads them
+        if fuses(self.down_proj, gate_up):  # its GEMV applies silu(gate) * up as it loads them
             return self.down_proj(gate_up, gated=True)
         if x.is_cuda:
             from lanner.kernels.fused import silu_and_mul

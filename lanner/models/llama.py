@@ -13,7 +13,7 @@ from lanner.errors import ConfigError
 from lanner.kernels.fused_reference import Norm, apply_rotary
 from lanner.layers.attention import Attention
 from lanner.layers.embedding import LMHead, VocabEmbedding
-from lanner.layers.linear import Linear, MergedLinear, gemv_config
+from lanner.layers.linear import Linear, MergedLinear, fuses
 from lanner.layers.mlp import GatedMLP
 from lanner.layers.moe.block import MoEBlock, MoESpec
 from lanner.layers.moe.strategies import MoERuntime
@@ -195,7 +195,7 @@ class DecoderLayer(nn.Module):
     def pre_attention(self, x, residual, cos, sin, bufs: PieceBuffers | None = None):
         """Norm (adding x into the residual, in place) and q, k, v; the first layer's residual is x."""
         norm = self.input_layernorm
-        if gemv_config(self.self_attn.qkv_proj, x) is not None:  # the norm inside the projection's GEMV
+        if fuses(self.self_attn.qkv_proj, x):  # the norm inside the projection's GEMV
             qkv = self.self_attn.project(x, cos, sin, bufs, Norm(norm.weight, norm.eps, residual))
             residual = x if residual is None else residual
         else:
@@ -208,7 +208,7 @@ class DecoderLayer(nn.Module):
     def post_attention(self, attn_out: torch.Tensor, residual: torch.Tensor):
         x = self.self_attn.o_proj(attn_out.reshape(attn_out.shape[0], -1))
         norm = self.post_attention_layernorm
-        if isinstance(self.mlp, GatedMLP) and gemv_config(self.mlp.gate_up_proj, x) is not None:
+        if isinstance(self.mlp, GatedMLP) and fuses(self.mlp.gate_up_proj, x):
             return self.mlp(x, Norm(norm.weight, norm.eps, residual)), residual
         x, residual = norm(x, residual)
         return self.mlp(x), residual
