@@ -12,7 +12,12 @@ so the GEMV stays one kernel (a graph node) either way.
 
 GATED: x is a gated MLP's [M, 2K] gate and up projections, and the GEMV multiplies silu(gate) * up
 (kernels/fused.py `silu_mul`, the same rounding as `silu_and_mul`) as it loads x: a down projection
-then needs no activation kernel before it, one graph node fewer a layer.
+then needs no activation kernel before it, one graph node fewer a layer. NORM: x is an RMSNorm's
+input (and HAS_RES: x + residual is), and the GEMV multiplies the norm's output (`Norm`): every
+program first sums the squares of its rows over all of K, then normalizes as it loads its part;
+x + residual becomes the residual in place, written by the last program to count itself (every
+program has read the old one by then), so the projections after a decoder layer's norms need no
+norm kernel.
 
 Which configuration (or cuBLAS) runs each (N, K, M) is measured on the GPU at hand:
 lanner/executor/gemv_table.py. The torch reference is `x @ w.t()` (`gemv_reference`)."""
