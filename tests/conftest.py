@@ -2,6 +2,7 @@
 tokenizer, that every test compares lanner against."""
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -65,6 +66,25 @@ def qwen3_moe_path(tmp_path_factory, tokenizer):
     return _save(tmp_path_factory, tokenizer, "qwen3moe", Qwen3MoeConfig(
         vocab_size=len(tokenizer), head_dim=16, tie_word_embeddings=False, num_experts=8, num_experts_per_tok=2,
         moe_intermediate_size=32, decoder_sparse_step=1, mlp_only_layers=[0], norm_topk_prob=True, **COMMON))
+
+
+@pytest.fixture(scope="session")
+def heads(tmp_path_factory) -> dict[str, str]:
+    """Each model proposer's folder for lanner-tiny: the trained draft model, and random heads (the
+    trained ones are tested on the GPU and in the model card): EAGLE-3 with a shuffled pruned
+    vocabulary, and an MTP layer."""
+    from lanner.default_model import DEFAULT_MODEL, DRAFT_MODEL
+    from lanner.models import tiny
+
+    root = tmp_path_factory.mktemp("heads")
+    with open(os.path.join(DEFAULT_MODEL, "config.json")) as f:
+        target = json.load(f)
+    cfg = tiny.eagle3_config(target, 2048, 256)
+    counts = torch.randperm(target["vocab_size"], generator=torch.Generator().manual_seed(1))
+    d2t, t2d = tiny.pruned_vocab(counts, 2048)
+    mcfg = tiny.mtp_config(target)
+    return {"eagle3": tiny.random_head(str(root / "eagle3"), cfg, tiny.eagle3_shapes(cfg), 1, {"d2t": d2t, "t2d": t2d}),
+            "mtp": tiny.random_head(str(root / "mtp"), mcfg, tiny.mtp_shapes(mcfg), 2), "draft_model": DRAFT_MODEL}
 
 
 @pytest.fixture(params=["qwen3", "qwen3_tied", "llama", "qwen3_moe"])

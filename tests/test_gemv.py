@@ -8,7 +8,6 @@ import torch
 
 import lanner.kernels.gemv as gemv_kernel
 from lanner import LLM, SamplingParams
-from lanner.default_model import DRAFT_MODEL
 from lanner.errors import ConfigError
 from lanner.executor import gemv_table
 from lanner.executor.gemv_table import GemvTable, candidates, row_bucket
@@ -367,13 +366,16 @@ def test_the_engine_through_the_gemv_gives_the_torch_path_tokens(gemv_wins, monk
     assert {1, 2} <= set(calls) and {"gated", "normed", "first", "plain"} <= set(kinds)
 
 
-def test_a_draft_models_layers_run_the_gemv_too(gemv_wins, monkeypatch):
-    """The runner's networks include a draft model's: with the GEMV in every linear of both (the
-    interpreter, float32), speculative decoding gives the same tokens and accepts the same drafts
-    (the drafts themselves are unchanged) as with torch's matmuls."""
+@pytest.mark.parametrize("method", ["draft_model", "eagle3", "mtp"])
+def test_a_drafters_layers_run_the_gemv_too(gemv_wins, monkeypatch, heads, method):
+    """The runner's networks include a drafter's: with the GEMV in every linear of both (the
+    interpreter, float32; every projection after a norm and every down projection fused), speculative
+    decoding gives the same tokens and accepts the same drafts (the drafts themselves are unchanged)
+    as with torch's matmuls. EAGLE-3 reads the target's residual after the fused add (`aux_out`); the
+    MTP layer normalizes its input without a residual."""
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
-    llm = LLM(num_kv_blocks=64, speculative_config={"method": "draft_model", "num_speculative_tokens": 2,
-                                                    "model": DRAFT_MODEL})
+    llm = LLM(num_kv_blocks=64, speculative_config={"method": method, "num_speculative_tokens": 2,
+                                                    "model": heads[method]})
     runner = llm.engine.runner
     assert runner.networks() == [runner.model, runner.drafter.net]
 
@@ -386,6 +388,7 @@ def test_a_draft_models_layers_run_the_gemv_too(gemv_wins, monkeypatch):
     want = run()
     gemv_table.assign_gemv_kernels(runner.networks(), torch.float32, "cpu", table=gemv_wins)
     assert all(layer.gemv for layer in runner.drafter.net.modules() if isinstance(layer, Linear))
-    calls = spy_on_gemv(monkeypatch)
-    assert run() == want and want[1] > 0
-    assert calls
+    kinds = []
+    spy_on_gemv(monkeypatch, kinds)
+    assert run() == want and (want[1] > 0 or method != "draft_model")  # random heads seldom agree
+    assert {"plain", "gated", "normed", "first"} <= set(kinds)

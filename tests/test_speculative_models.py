@@ -32,21 +32,6 @@ def llm(**kwargs):
     return LLM(device="cpu", dtype="float32", **kwargs)
 
 
-@pytest.fixture(scope="module")
-def heads(tmp_path_factory):
-    """Random heads for lanner-tiny (the trained ones are tested on the GPU and in the model card):
-    EAGLE-3 with a shuffled pruned vocabulary, and an MTP layer."""
-    root = tmp_path_factory.mktemp("heads")
-    with open(os.path.join(DEFAULT_MODEL, "config.json")) as f:
-        target = json.load(f)
-    cfg = tiny.eagle3_config(target, 2048, 256)
-    counts = torch.randperm(target["vocab_size"], generator=torch.Generator().manual_seed(1))
-    d2t, t2d = tiny.pruned_vocab(counts, 2048)
-    mcfg = tiny.mtp_config(target)
-    return {"eagle3": tiny.random_head(str(root / "eagle3"), cfg, tiny.eagle3_shapes(cfg), 1, {"d2t": d2t, "t2d": t2d}),
-            "mtp": tiny.random_head(str(root / "mtp"), mcfg, tiny.mtp_shapes(mcfg), 2), "draft_model": DRAFT_MODEL}
-
-
 def spec_config(method: str, heads: dict, k: int = K) -> dict:
     return {"method": method, "num_speculative_tokens": k, "model": heads[method]}
 
