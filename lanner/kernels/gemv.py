@@ -77,19 +77,6 @@ def _inv_rms(x_ptr, res_ptr, stride_xm, stride_rm, M, K, eps, BLOCK_M: tl.conste
 
 
 @triton.jit
-def _inv_rms_of_row(x_ptr, res_ptr, K, eps, BLOCK_K: tl.constexpr, HAS_RES: tl.constexpr):
-    """`_inv_rms` of one row, a scalar, with 1-D (vector) loads."""
-    ks = tl.arange(0, BLOCK_K)
-    square = tl.zeros([BLOCK_K], tl.float32)
-    for k in range(0, K, BLOCK_K):
-        h = tl.load(x_ptr + k + ks, mask=k + ks < K, other=0.0)
-        if HAS_RES:
-            h = add_rounded(h, tl.load(res_ptr + k + ks, mask=k + ks < K, other=0.0))
-        square += h.to(tl.float32) * h.to(tl.float32)
-    return tl.rsqrt(tl.sum(square, 0) / K + eps)
-
-
-@triton.jit
 def _load(at, ok, WHOLE: tl.constexpr):
     """tl.load with zeros where `ok` is false; WHOLE: every element (whole tiles, `ok` unused)."""
     if WHOLE:
@@ -128,8 +115,10 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, part_ptr, counter_ptr, res_ptr, norm_w_p
     span = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K  # whole tiles a split (EVEN_K: exactly K / SPLIT_K)
     start = split * span
     end = tl.minimum(start + span, K)
+    inv = _inv_rms(x_ptr, res_ptr, stride_xm, stride_rm, M, K, eps, BLOCK_M, BLOCK_K, HAS_RES) if NORM \
+        else tl.zeros([BLOCK_M], tl.float32)
     if BLOCK_M == 1:
-        inv = _inv_rms_of_row(x_ptr, res_ptr, K, eps, BLOCK_K, HAS_RES) if NORM else 0.0
+        inv = tl.sum(inv, 0)  # the one row's
         wide = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
         for k in range(start, end, BLOCK_K):
             ok = k + ks < end
@@ -139,8 +128,6 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, part_ptr, counter_ptr, res_ptr, norm_w_p
             wide += w.to(tl.float32) * x.to(tl.float32)[None, :]
         acc = tl.sum(wide, 1)[:, None]
     else:
-        inv = _inv_rms(x_ptr, res_ptr, stride_xm, stride_rm, M, K, eps, BLOCK_M, BLOCK_K, HAS_RES) if NORM \
-            else tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
         for k in range(start, end, BLOCK_K):
             k_ok = (k + ks)[None, :] < end
@@ -176,15 +163,11 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, part_ptr, counter_ptr, res_ptr, norm_w_p
         tl.debug_barrier()
         if tl.atomic_add(done_ptr, 1, sem="acq_rel", scope="gpu") == tl.num_programs(0) * tl.num_programs(1) - 1:
             for k in range(0, K, BLOCK_K):
-                if BLOCK_M == 1:  # 1-D: vector loads and stores
-                    ok = k + ks < K
-                    x_at, res_at = x_ptr + k + ks, res_ptr + k + ks
-                else:
-                    ok = (ms[:, None] < M) & ((k + ks)[None, :] < K)
-                    x_at = x_ptr + ms[:, None] * stride_xm + (k + ks)[None, :]
-                    res_at = res_ptr + ms[:, None] * stride_rm + (k + ks)[None, :]
-                tl.store(res_at, add_rounded(tl.load(x_at, mask=ok, other=0.0), tl.load(res_at, mask=ok, other=0.0)),
-                         mask=ok)
+                ok = (ms[:, None] < M) & ((k + ks)[None, :] < K)
+                res_at = res_ptr + ms[:, None] * stride_rm + (k + ks)[None, :]
+                h = add_rounded(tl.load(x_ptr + ms[:, None] * stride_xm + (k + ks)[None, :], mask=ok, other=0.0),
+                                tl.load(res_at, mask=ok, other=0.0))
+                tl.store(res_at, h, mask=ok)
             tl.atomic_xchg(done_ptr, 0, sem="relaxed", scope="gpu")
 
 
