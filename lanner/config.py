@@ -147,6 +147,10 @@ class GraphConfig:
         "auto", "weight matmuls of 1-8 rows (decode): 'auto' runs lanner's Triton GEMV for the shapes where a "
                 "measurement on this GPU at startup (kept in ~/.cache/lanner, or $LANNER_CACHE_DIR) finds it "
                 "faster than cuBLAS; 'triton' for every shape; 'cublas' never")
+    dependent_launch: bool | None = _opt(
+        None, "programmatic dependent launch between lanner's Triton kernels: each is scheduled while the one "
+              "before it finishes, and waits inside for its results (default: on with a Hopper or newer GPU; "
+              "needs one)")
     piecewise_graphs: bool | None = _opt(
         None, "piecewise CUDA graphs for prefill and mixed steps (default: on with CUDA unless --enforce-eager; "
               "on the CPU, turning it on runs the split, padded forward eagerly)")

@@ -19,6 +19,10 @@
 #   bash scripts/gpu_perf.sh unmeasured # the twelfth session's fused GEMVs (silu * up, add + RMSNorm) in one
 #                                       # ~8-minute call: tests/gpu gemv and speculative, then batch 1 of both
 #                                       # models over _base/ (54edb54: before them) and this tree
+#   bash scripts/gpu_perf.sh pdl        # the thirteenth session's work in one ~7-minute call: its GPU tests (normed
+#                                       # GEMV, decode splits, dependent launch), then batch 1 of both models over
+#                                       # _base/ (6ddf7d1: before it) and this tree with and without
+#                                       # --dependent-launch, then the 512-token step of Qwen3-0.6B both ways
 source "$(dirname "$0")/gpu_env.sh"
 root=$(pwd); outdir=$(cd "$out" && pwd)
 # tree_runs DEFAULT_CFG...: a "TREE TAG CFG" line for _base/ (tag base, when present), then this tree
@@ -106,5 +110,29 @@ case "${1:-}" in
     export LANNER_CACHE_DIR=$(mktemp -d)  # each tree measures its GEMV table (the kernel's source is in the key)
     gpu_tests gemv speculative | tee "$out/gpu-tests-gemv-speculative.txt"
     bash "$0" latency ;;
-  *) echo "usage: $0 tests|serve|breakdown|steps|latency|hostphases|kv|gemv|sampled|topp|norms|unmeasured" >&2; exit 2 ;;
+  pdl)
+    export LANNER_CACHE_DIR=$(mktemp -d)
+    for t in "gemv normed or dependent" "kernels decode" "engine dependent"; do
+      set -- $t
+      timeout 240 python3 -m pytest -o addopts="" -q -p no:cacheprovider -p no:warnings "tests/gpu/test_${1}_gpu.py" \
+        -k "${*:2}" 2>&1 | tail -4
+    done | tee "$out/gpu-tests-pdl.txt"
+    for cfg in qwen3-0.6b qwen3-8b; do
+      for run in "_base base" ". no-pdl --no-dependent-launch" ". pdl --dependent-launch"; do
+        set -- $run
+        [ -d "$1/lanner" ] || continue
+        echo "== latency $2 $cfg"
+        (cd "$1" && timeout 120 python3 -m lanner.cli bench latency --config "$root/benchmarks/configs/$cfg.json" \
+          --batch-sizes 1 --input-len 128 --output-len 256 --gpu-memory-utilization 0.5 "${@:3}" \
+          --output-json "$outdir/$day-latency-$cfg-$2.json") 2>&1 | grep -E "^\{'batch|Error"
+      done
+    done
+    for flag in --no-dependent-launch --dependent-launch; do
+      echo "== step qwen3-0.6b $flag"
+      timeout 120 python3 -m lanner.cli bench step --config benchmarks/configs/qwen3-0.6b.json --token-counts 512 \
+        --no-overlap-scheduling --gpu-memory-utilization 0.5 $flag --output-json "$out/$day-step-0.6b$flag.json" \
+        2>&1 | grep -E "^\{|Error"
+    done ;;
+  *) echo "usage: $0 tests|serve|breakdown|steps|latency|hostphases|kv|gemv|sampled|topp|norms|unmeasured|pdl" >&2
+     exit 2 ;;
 esac

@@ -25,7 +25,7 @@ def probe(hidden: int, tokens: int, dtype=torch.bfloat16) -> dict:
 
     def launch(warps):
         _rms_norm_kernel[(tokens,)](x, residual, w, out, x.stride(0), residual.stride(0), out.stride(0), hidden,
-                                    1e-6, HAS_RES=True, BLOCK=block, num_warps=warps)
+                                    1e-6, HAS_RES=True, BLOCK=block, PDL=False, num_warps=warps)
 
     row = {"hidden": hidden, "tokens": tokens, "chosen": rms_norm_warps(block)}
     for warps in (2, 4, 8, 16):

@@ -62,11 +62,11 @@ def test_a_gated_gemv_equals_the_activation_then_the_gemv(config, dtype):
 @pytest.mark.parametrize("config", SMALL_CONFIGS, ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_a_normed_gemv_equals_the_norm_then_the_gemv(config, dtype):
-    """norm: the kernel adds the residual, takes each row's RMS over all of K and applies the norm's
-    weight as it loads x (the sum of squares in another order than the norm kernel's: close, not bit
-    for bit), and x + residual becomes the residual in place, exactly. Without a residual (the first
-    layer) x alone. x and the residual are views into NaN: a load past their rows or columns would
-    show."""
+    """norm: the kernel adds the residual, multiplies by the norm's weight as it loads x, and scales
+    by 1/RMS over all of K at the end (the sum of squares and the rounding otherwise than the norm
+    kernel's: close, not bit for bit); x + residual goes to the norm's `added`, exactly, and the
+    residual is left as it was. Without a residual (the first layer) x alone. x, the residual and
+    `added` are views into NaN: a load or a store past their rows or columns would show."""
     from lanner.kernels.fused import rms_norm
 
     torch.manual_seed(0)
@@ -75,21 +75,30 @@ def test_a_normed_gemv_equals_the_norm_then_the_gemv(config, dtype):
         workspace = GemvWorkspace.of(config, n, 16, "cpu")
         weight = 1 + 0.1 * torch.randn(k, dtype=dtype)
         for m in (1, 3):
-            x, residual = (torch.full((16, k + pad), float("nan"), dtype=dtype)[:m, :k] for pad in (64, 32))
+            x, residual, added = (torch.full((16, k + pad), float("nan"), dtype=dtype)[:m, :k] for pad in (64, 32, 48))
+            padded_added = added._base
             x.copy_(torch.randn(m, k)), residual.copy_(torch.randn(m, k))
+            start = residual.clone()
             for with_residual in (True, False):
-                kernels, reference = residual.clone(), residual.clone()  # the add + RMSNorm kernel's, torch's
+                kernels = residual.clone()  # the add + RMSNorm kernel's
                 normed = rms_norm(x, weight, 1e-6, kernels if with_residual else None)
-                got = gemv(x, w, config, workspace, norm=Norm(weight, 1e-6, residual if with_residual else None))
-                assert torch.equal(residual, kernels) and not workspace.counters.any()
+                norm = Norm(weight, 1e-6, residual if with_residual else None, added if with_residual else None)
+                got = gemv(x, w, config, workspace, norm=norm)
+                assert torch.equal(residual, start) and not workspace.counters.any()
+                if with_residual:
+                    assert torch.equal(added, kernels)
+                    assert padded_added[m:].isnan().all() and padded_added[:, k:].isnan().all()  # nothing past them
+                    added.fill_(float("nan"))
                 if dtype == torch.float32 or m == 1:  # the interpreter's bf16 tl.dot is wrong (the GPU test has it)
                     tol = 1e-4 if dtype == torch.float32 else 3e-2
                     unfused = gemv(normed[0] if with_residual else normed, w, config, workspace)
                     torch.testing.assert_close(got, unfused, atol=tol * k ** 0.5, rtol=tol)
                 if dtype == torch.float32:  # (the interpreter rounds to bf16 otherwise than torch)
-                    want = gemv_reference(x, w, norm=Norm(weight, 1e-6, reference if with_residual else None))
+                    reference = Norm.of(weight, 1e-6, x, residual.clone() if with_residual else None)
+                    want = gemv_reference(x, w, norm=reference)
                     torch.testing.assert_close(got, want, atol=1e-4 * k ** 0.5, rtol=1e-4)
-                    assert torch.equal(residual, reference)
+                    if with_residual:
+                        assert torch.equal(reference.added, kernels)
 
 
 def test_gemv_writes_into_a_strided_output():
@@ -392,3 +401,15 @@ def test_a_drafters_layers_run_the_gemv_too(gemv_wins, monkeypatch, heads, metho
     spy_on_gemv(monkeypatch, kinds)
     assert run() == want and (want[1] > 0 or method != "draft_model")  # random heads seldom agree
     assert {"plain", "gated", "normed", "first"} <= set(kinds)
+
+
+def test_dependent_launch_needs_a_hopper_gpu():
+    """--dependent-launch is refused on the CPU (it needs compute capability 9.0), and off by
+    default there: the kernels' launches carry PDL=False and no launch_pdl."""
+    from lanner.kernels.pdl import dependent_launch
+
+    with pytest.raises(ConfigError, match="dependent_launch"):
+        LLM(device="cpu", dependent_launch=True)
+    LLM(device="cpu", dependent_launch=False)
+    LLM(device="cpu")
+    assert dependent_launch() == {"PDL": False}

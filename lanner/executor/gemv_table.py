@@ -84,15 +84,15 @@ def graph_us(run, views: list[torch.Tensor], launches: int = 16, repeats: int = 
 
 def example_inputs(kind: str, m: int, k: int, like: torch.Tensor, fill=torch.zeros) -> tuple[torch.Tensor, dict]:
     """An input of `kind` (Linear.input_kind) for an [n, k] weight like `like`, and gemv's arguments
-    for it, as the layer runs: x, then {"gated": True} or {"norm": Norm(weight, eps, residual)}."""
+    for it, as the layer runs: x, then {"gated": True} or {"norm": Norm.of(weight, eps, x, residual)}."""
     from lanner.kernels.fused_reference import Norm
 
     x = fill(m, k * (1 + (kind == "gated")), dtype=like.dtype, device=like.device)
     if kind == "gated":
         return x, {"gated": True}
     if kind == "normed":
-        return x, {"norm": Norm(torch.ones(k, dtype=like.dtype, device=like.device), 1e-6, fill(m, k, dtype=like.dtype,
-                                                                                               device=like.device))}
+        weight = torch.ones(k, dtype=like.dtype, device=like.device)
+        return x, {"norm": Norm.of(weight, 1e-6, x, fill(m, k, dtype=like.dtype, device=like.device))}
     return x, {}
 
 
@@ -130,10 +130,12 @@ def table_key(device) -> str:
     import triton
 
     import lanner.kernels.gemv as kernel
+    from lanner.kernels.pdl import dependent_launch
 
     code = hashlib.sha1(Path(kernel.__file__).read_bytes() + repr((ONE_ROW_CANDIDATES, ROWS_CANDIDATES)).encode())
     name = torch.cuda.get_device_name(device).replace(" ", "_")
-    return f"{name}/torch-{torch.__version__}/triton-{triton.__version__}/{code.hexdigest()[:12]}"
+    launch = "/pdl" if dependent_launch()["PDL"] else ""  # the chains of launches it times overlap with it
+    return f"{name}/torch-{torch.__version__}/triton-{triton.__version__}/{code.hexdigest()[:12]}{launch}"
 
 
 class GemvTable:

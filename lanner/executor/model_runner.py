@@ -202,6 +202,7 @@ class ModelRunner:
         elif config.moe != MoEConfig():
             raise ConfigError(f"MoE options {config.moe} given, but this model has no MoE layers")
         gc = config.graphs
+        self._set_dependent_launch(gc.dependent_launch)
         self.gemv_report = self._choose_gemv_kernels(gc.gemv_kernels)
         cuda_graphs = device.type == "cuda" and not gc.enforce_eager
         # the KV cache gets what is left after a worst-case step and the graphs: measure the step
@@ -268,6 +269,19 @@ class ModelRunner:
         """The one logits buffer of every decode graph: [their most rows, vocab]."""
         return torch.empty(max(self._decode_graph_rows()[1]), self.model.spec.vocab_size, dtype=self.dtype,
                            device=self.device)
+
+    def _set_dependent_launch(self, choice: bool | None) -> None:
+        """Programmatic dependent launch for the Triton kernels (kernels/pdl.py), before the GEMV
+        table's measurement, which times launches as the model makes them."""
+        if self.device.type != "cuda":
+            if choice:
+                raise ConfigError("dependent_launch needs a CUDA GPU of compute capability 9.0 or newer")
+            return
+        from lanner.kernels.pdl import set_dependent_launch, supported
+
+        if choice and not supported(self.device):
+            raise ConfigError("dependent_launch needs a GPU of compute capability 9.0 or newer and Triton 3.4+")
+        set_dependent_launch(supported(self.device) if choice is None else choice)
 
     def _choose_gemv_kernels(self, choice: str) -> dict | None:
         """Point the model's small-batch matmuls at the Triton GEMV where it wins on this GPU

@@ -12,6 +12,7 @@ import triton.language as tl
 
 from lanner.kernels import next_power_of_2
 from lanner.kernels.attention.store_kv import cache_value
+from lanner.kernels.pdl import dependent_launch, wait_for_prior
 
 
 @triton.jit
@@ -30,7 +31,8 @@ def rms_scaled(x, inv, w):
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, stride_x, stride_r, stride_o, N, eps,
-                     HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+                     HAS_RES: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    wait_for_prior(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < N
@@ -61,7 +63,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
         block = next_power_of_2(N)
         _rms_norm_kernel[(T,)](x, residual if residual is not None else x, weight, out, x.stride(0),
                                residual.stride(0) if residual is not None else 0, out.stride(0), N, eps,
-                               HAS_RES=residual is not None, BLOCK=block, num_warps=rms_norm_warps(block))
+                               HAS_RES=residual is not None, BLOCK=block, num_warps=rms_norm_warps(block),
+                               **dependent_launch())
     return out if residual is None else (out, residual)
 
 
@@ -69,7 +72,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
 def _qk_norm_rope_kernel(src_ptr, out_ptr, w_ptr, cos_ptr, sin_ptr, stride_t, stride_h, num_heads, second_weight_from,
                          eps, v_ptr, stride_vt, k_cache_ptr, v_cache_ptr, slot_ptr, num_kv_heads, k_inv_scale,
                          v_inv_scale, HAS_NORM: tl.constexpr, STORE_KV: tl.constexpr, HALF: tl.constexpr,
-                         HEADS: tl.constexpr):
+                         HEADS: tl.constexpr, PDL: tl.constexpr):
+    wait_for_prior(PDL)
     # one token's block of HEADS heads: rows are heads, the two halves of a head rotate together
     token = tl.program_id(0).to(tl.int64)
     rows = (tl.program_id(1) * HEADS + tl.arange(0, HEADS))[:, None]
@@ -149,7 +153,7 @@ def norm_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, weight: tor
             x, out, weight if weight is not None else x, cos, sin, x.stride(0), x.stride(1), H, split, eps,
             v, v.stride(0), k_cache, v_cache, slot_mapping, H - split, 1.0 / k_scale, 1.0 / v_scale,
             HAS_NORM=weight is not None,
-            STORE_KV=kv_store is not None, HALF=D // 2, HEADS=heads, num_warps=4)
+            STORE_KV=kv_store is not None, HALF=D // 2, HEADS=heads, num_warps=4, **dependent_launch())
     return out
 
 
@@ -163,7 +167,8 @@ def silu_mul(gate, up):
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, N, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, N, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    wait_for_prior(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < N
@@ -179,5 +184,6 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     out = torch.empty(T, N, dtype=x.dtype, device=x.device)
     if T:
         block = min(1024, next_power_of_2(N))
-        _silu_and_mul_kernel[(T, triton.cdiv(N, block))](x, out, x.stride(0), out.stride(0), N, BLOCK=block)
+        _silu_and_mul_kernel[(T, triton.cdiv(N, block))](x, out, x.stride(0), out.stride(0), N, BLOCK=block,
+                                                          **dependent_launch())
     return out

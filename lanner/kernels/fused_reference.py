@@ -7,12 +7,22 @@ import torch
 
 
 class Norm(NamedTuple):
-    """An RMSNorm applied by the next kernel to its input (the small-batch GEMV: kernels/gemv.py): its
-    weight and eps, and the residual x is added to first (None: x alone), which becomes x + residual
-    in place, as the add + RMSNorm kernel does."""
+    """An RMSNorm applied by the next kernel to its input x (the small-batch GEMV: kernels/gemv.py):
+    its weight and eps, the residual x is added to first (None: x alone), and where x + residual
+    goes (`added`: the residual after the norm; the add + RMSNorm kernel writes it in place)."""
     weight: torch.Tensor
     eps: float
     residual: torch.Tensor | None
+    added: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, weight: torch.Tensor, eps: float, x: torch.Tensor, residual: torch.Tensor | None) -> Norm:
+        """The norm of x (+ residual), with a new tensor for x + residual where there is one."""
+        return cls(weight, eps, residual, None if residual is None else torch.empty_like(x))
+
+    def residual_after(self, x: torch.Tensor) -> torch.Tensor:
+        """The residual stream after the norm of x: x + residual, or x itself (the first layer)."""
+        return x if self.residual is None else self.added
 
 
 def rms_norm_ref(x, weight, eps, residual=None):

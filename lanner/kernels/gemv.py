@@ -13,11 +13,15 @@ so the GEMV stays one kernel (a graph node) either way.
 GATED: x is a gated MLP's [M, 2K] gate and up projections, and the GEMV multiplies silu(gate) * up
 (kernels/fused.py `silu_mul`, the same rounding as `silu_and_mul`) as it loads x: a down projection
 then needs no activation kernel before it, one graph node fewer a layer. NORM: x is an RMSNorm's
-input (and HAS_RES: x + residual is), and the GEMV multiplies the norm's output (`Norm`): every
-program first sums the squares of its rows over all of K, then normalizes as it loads its part;
-x + residual becomes the residual in place, written by the last program to count itself (every
-program has read the old one by then), so the projections after a decoder layer's norms need no
-norm kernel.
+input h (HAS_RES: x + residual is, rounded as the add + RMSNorm kernel rounds), and the GEMV
+multiplies the norm's output (`Norm`): as RMSNorm(h) @ w^T = (h * weight) @ w^T / RMS(h), it streams
+the weights against h * weight while it sums h's squares, and scales by 1/RMS at the end (a split-K
+program reads the other splits' columns of h for that once its weights are done). The first row
+block's programs write h to the norm's `added`, a tensor of its own: the next layer's residual.
+Writing it in place would have to wait until every program had read the old one (a count, atomics
+from every program), which cost more than the norm kernel it replaces. So the projections after a
+decoder layer's norms need no norm kernel, and the kernel no extra pass: only the sum of squares
+runs in another order than the norm kernel's (outputs close, not bit for bit; h exact).
 
 Which configuration (or cuBLAS) runs each (N, K, M) is measured on the GPU at hand:
 lanner/executor/gemv_table.py. The torch reference is `x @ w.t()` (`gemv_reference`)."""
@@ -29,8 +33,9 @@ import torch
 import triton
 import triton.language as tl
 
-from lanner.kernels.fused import add_rounded, rms_scaled, silu_mul
+from lanner.kernels.fused import add_rounded, silu_mul
 from lanner.kernels.fused_reference import Norm, rms_norm_ref, silu_and_mul_ref
+from lanner.kernels.pdl import dependent_launch, wait_for_prior
 
 MAX_ROWS = 16  # rows (M) one launch takes: the dot pads x to 16
 
@@ -62,7 +67,7 @@ class GemvConfig(NamedTuple):
 def _inv_rms(x_ptr, res_ptr, stride_xm, stride_rm, M, K, eps, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
              HAS_RES: tl.constexpr):
     """[BLOCK_M] float32: 1 / RMS of each row of x (plus the residual, rounded as the add + RMSNorm
-    kernel rounds) over all K columns, whatever part of K the program multiplies."""
+    kernel rounds) over all K columns: a split-K program's own columns are only part of them."""
     ms = tl.arange(0, BLOCK_M)[:, None]
     ks = tl.arange(0, BLOCK_K)[None, :]
     squares = tl.zeros([BLOCK_M], tl.float32)
@@ -85,26 +90,29 @@ def _load(at, ok, WHOLE: tl.constexpr):
 
 
 @triton.jit
-def _input(x_at, ok, res_at, norm_w_at, w_ok, inv, K, X_WHOLE: tl.constexpr, W_WHOLE: tl.constexpr,
+def _input(x_at, ok, res_at, norm_w_at, w_ok, K, X_WHOLE: tl.constexpr, W_WHOLE: tl.constexpr,
            GATED: tl.constexpr, NORM: tl.constexpr, HAS_RES: tl.constexpr):
-    """The GEMV's input at x_at: x, silu(gate) * up (GATED: up is K further on), or RMSNorm's output
-    (NORM: of x + the residual at res_at with HAS_RES, 1/RMS `inv`, the norm's weight at norm_w_at).
-    X_WHOLE, W_WHOLE: x's (and the residual's), the norm weight's loads need no mask."""
+    """(what the GEMV multiplies, the norm's input) at x_at: x, silu(gate) * up (GATED: up is K
+    further on), or (NORM) the norm's input h, x + the residual at res_at with HAS_RES, times the
+    norm's weight at norm_w_at, which the kernel scales by 1/RMS once summed. X_WHOLE, W_WHOLE: x's
+    (and the residual's), the norm weight's loads need no mask."""
     x = _load(x_at, ok, X_WHOLE)
     if GATED:
         x = silu_mul(x, _load(x_at + K, ok, X_WHOLE))
+    h = x
     if NORM:
         if HAS_RES:
-            x = add_rounded(x, _load(res_at, ok, X_WHOLE))
-        x = rms_scaled(x, inv, _load(norm_w_at, w_ok, W_WHOLE))
-    return x
+            h = add_rounded(x, _load(res_at, ok, X_WHOLE))
+        x = (h.to(tl.float32) * _load(norm_w_at, w_ok, W_WHOLE).to(tl.float32)).to(h.dtype)
+    return x, h
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, out_ptr, part_ptr, counter_ptr, res_ptr, norm_w_ptr, done_ptr, eps, M, N, K,
-                 stride_xm, stride_rm, stride_wn, stride_om, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def _gemv_kernel(x_ptr, w_ptr, out_ptr, part_ptr, counter_ptr, res_ptr, norm_w_ptr, added_ptr, eps, M, N, K,
+                 stride_xm, stride_rm, stride_am, stride_wn, stride_om, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
-                 GATED: tl.constexpr, NORM: tl.constexpr, HAS_RES: tl.constexpr):
+                 GATED: tl.constexpr, NORM: tl.constexpr, HAS_RES: tl.constexpr, PDL: tl.constexpr):
+    wait_for_prior(PDL)
     block = tl.program_id(0)
     split = tl.program_id(1)
     rows = block * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -115,30 +123,49 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, part_ptr, counter_ptr, res_ptr, norm_w_p
     span = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K  # whole tiles a split (EVEN_K: exactly K / SPLIT_K)
     start = split * span
     end = tl.minimum(start + span, K)
-    inv = _inv_rms(x_ptr, res_ptr, stride_xm, stride_rm, M, K, eps, BLOCK_M, BLOCK_K, HAS_RES) if NORM \
-        else tl.zeros([BLOCK_M], tl.float32)
+    writes_added = block == 0  # with HAS_RES the first row block's programs write x + residual (their columns)
     if BLOCK_M == 1:
-        inv = tl.sum(inv, 0)  # the one row's
         wide = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+        squares = tl.zeros([BLOCK_K], tl.float32)
         for k in range(start, end, BLOCK_K):
             ok = k + ks < end
             w = _load(w_rows + (k + ks)[None, :], ok[None, :], EVEN_K)
-            x = _input(x_ptr + k + ks, ok, res_ptr + k + ks, norm_w_ptr + k + ks, ok, inv, K, EVEN_K, EVEN_K, GATED,
-                       NORM, HAS_RES)
+            x, h = _input(x_ptr + k + ks, ok, res_ptr + k + ks, norm_w_ptr + k + ks, ok, K, EVEN_K, EVEN_K, GATED,
+                          NORM, HAS_RES)
             wide += w.to(tl.float32) * x.to(tl.float32)[None, :]
+            if NORM:
+                squares += h.to(tl.float32) * h.to(tl.float32)
+                if HAS_RES and writes_added:
+                    tl.store(added_ptr + k + ks, h, mask=ok)
         acc = tl.sum(wide, 1)[:, None]
+        squares = tl.sum(squares, 0)
     else:
         acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+        squares = tl.zeros([BLOCK_M], tl.float32)
         for k in range(start, end, BLOCK_K):
             k_ok = (k + ks)[None, :] < end
             w = _load(w_rows + (k + ks)[None, :], k_ok, EVEN_K)
             x_ok = ms[:, None] < M
             if not EVEN_K:
                 x_ok = x_ok & k_ok
-            x = _input(x_ptr + ms[:, None] * stride_xm + (k + ks)[None, :], x_ok,
-                       res_ptr + ms[:, None] * stride_rm + (k + ks)[None, :], norm_w_ptr + (k + ks)[None, :], k_ok,
-                       inv[:, None], K, False, EVEN_K, GATED, NORM, HAS_RES)
+            x, h = _input(x_ptr + ms[:, None] * stride_xm + (k + ks)[None, :], x_ok,
+                          res_ptr + ms[:, None] * stride_rm + (k + ks)[None, :], norm_w_ptr + (k + ks)[None, :], k_ok,
+                          K, False, EVEN_K, GATED, NORM, HAS_RES)
             acc = tl.dot(w, tl.trans(x), acc, input_precision=PRECISION)
+            if NORM:
+                squares += tl.sum(h.to(tl.float32) * h.to(tl.float32), 1)
+                if HAS_RES and writes_added:
+                    tl.store(added_ptr + ms[:, None] * stride_am + (k + ks)[None, :], h, mask=x_ok)
+    if NORM:
+        # RMSNorm(h) @ w^T = (h * weight) @ w^T / RMS(h): the weights streamed before the sum was known.
+        # One split has every column's square; a split-K program reads the rows' other columns after.
+        if SPLIT_K == 1:
+            inv = tl.rsqrt(squares / K + eps)
+        else:
+            inv = _inv_rms(x_ptr, res_ptr, stride_xm, stride_rm, M, K, eps, BLOCK_M, BLOCK_K, HAS_RES)
+            if BLOCK_M == 1:
+                inv = tl.sum(inv, 0)
+        acc = acc * (inv if BLOCK_M == 1 else inv[None, :])
     out_at = out_ptr + ms[None, :] * stride_om + rows[:, None]
     out_ok = (rows[:, None] < N) & (ms[None, :] < M)
     if SPLIT_K == 1:
@@ -157,24 +184,11 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, part_ptr, counter_ptr, res_ptr, norm_w_p
                                  cache_modifier=".cg")
             tl.store(out_at, total.to(out_ptr.dtype.element_ty), mask=out_ok)
             tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
-    if NORM and HAS_RES:
-        # x + residual becomes the residual, in place: written by the last program to count itself, once
-        # every program has read the old one (each counts after its reads: release; the last acquires)
-        tl.debug_barrier()
-        if tl.atomic_add(done_ptr, 1, sem="acq_rel", scope="gpu") == tl.num_programs(0) * tl.num_programs(1) - 1:
-            for k in range(0, K, BLOCK_K):
-                ok = (ms[:, None] < M) & ((k + ks)[None, :] < K)
-                res_at = res_ptr + ms[:, None] * stride_rm + (k + ks)[None, :]
-                h = add_rounded(tl.load(x_ptr + ms[:, None] * stride_xm + (k + ks)[None, :], mask=ok, other=0.0),
-                                tl.load(res_at, mask=ok, other=0.0))
-                tl.store(res_at, h, mask=ok)
-            tl.atomic_xchg(done_ptr, 0, sem="relaxed", scope="gpu")
 
 
 class GemvWorkspace:
-    """Split-K partials and per-row-block counts, and the count of programs that have read a normed
-    GEMV's residual: shared by every GEMV of a model (launches on one stream run one after another,
-    and each leaves its counts at zero)."""
+    """Split-K partials and per-row-block counts: shared by every GEMV of a model (launches on one
+    stream run one after another, and each leaves its counts at zero)."""
 
     @classmethod
     def of(cls, config: GemvConfig, n: int, rows: int, device) -> GemvWorkspace:
@@ -182,8 +196,7 @@ class GemvWorkspace:
 
     def __init__(self, floats: int, blocks: int, device):
         self.partials = torch.empty(max(floats, 1), dtype=torch.float32, device=device)
-        self.counters = torch.zeros(max(blocks, 1) + 1, dtype=torch.int32, device=device)
-        self.done = self.counters[-1:]
+        self.counters = torch.zeros(max(blocks, 1), dtype=torch.int32, device=device)
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, config: GemvConfig, workspace: GemvWorkspace | None = None,
@@ -201,33 +214,35 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, config: GemvConfig, workspace: G
     blocks = config.blocks(N)
     if config.split_k > 1:
         assert workspace is not None and workspace.partials.numel() >= config.workspace_floats(N, M) \
-            and workspace.counters.numel() > blocks
+            and workspace.counters.numel() >= blocks
         part, counters = workspace.partials, workspace.counters
     else:
         part = counters = out  # unused
     residual = None if norm is None else norm.residual
     if residual is not None:
-        assert workspace is not None and residual.shape == x.shape and residual.stride(1) == 1
+        added = norm.added
+        assert residual.shape == added.shape == x.shape and residual.stride(1) == added.stride(1) == 1
     if M:
         _gemv_kernel[(blocks, config.split_k)](
             x, weight, out, part, counters, x if residual is None else residual,
-            weight if norm is None else norm.weight, counters if residual is None else workspace.done,
+            weight if norm is None else norm.weight, x if residual is None else added,
             0.0 if norm is None else norm.eps, M, N, K, x.stride(0), 0 if residual is None else residual.stride(0),
-            weight.stride(0), out.stride(0),
+            0 if residual is None else added.stride(0), weight.stride(0), out.stride(0),
             BLOCK_M=block_rows(M), BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=config.split_k,
             EVEN_K=K % (config.block_k * config.split_k) == 0,
             PRECISION="ieee" if x.dtype == torch.float32 else "tf32", GATED=gated, NORM=norm is not None,
-            HAS_RES=residual is not None, num_warps=config.num_warps, num_stages=config.num_stages)
+            HAS_RES=residual is not None, num_warps=config.num_warps, num_stages=config.num_stages,
+            **dependent_launch())
     return out
 
 
 def gemv_reference(x: torch.Tensor, weight: torch.Tensor, gated: bool = False, norm: Norm | None = None) -> torch.Tensor:
-    """With `norm`, its residual becomes x + residual in place, as the kernel's does."""
+    """With `norm` and its residual, x + residual is written to its `added`, as the kernel writes it."""
     if gated:
         x = silu_and_mul_ref(x)
     if norm is not None:
         x = rms_norm_ref(x, norm.weight, norm.eps, norm.residual)
         if norm.residual is not None:
             x, added = x
-            norm.residual.copy_(added)
+            norm.added.copy_(added)
     return (x.float() @ weight.float().t()).to(x.dtype)

@@ -193,11 +193,12 @@ class DecoderLayer(nn.Module):
         return self.post_attention(self.self_attn.attn(q, k, v), residual)
 
     def pre_attention(self, x, residual, cos, sin, bufs: PieceBuffers | None = None):
-        """Norm (adding x into the residual, in place) and q, k, v; the first layer's residual is x."""
+        """Norm (adding x into the residual) and q, k, v; the first layer's residual is x."""
         norm = self.input_layernorm
         if fuses(self.self_attn.qkv_proj, x):  # the norm inside the projection's GEMV
-            qkv = self.self_attn.project(x, cos, sin, bufs, Norm(norm.weight, norm.eps, residual))
-            residual = x if residual is None else residual
+            fused = Norm.of(norm.weight, norm.eps, x, residual)
+            qkv = self.self_attn.project(x, cos, sin, bufs, fused)
+            residual = fused.residual_after(x)
         else:
             x, residual = (norm(x), x) if residual is None else norm(x, residual)
             qkv = self.self_attn.project(x, cos, sin, bufs)
@@ -209,7 +210,8 @@ class DecoderLayer(nn.Module):
         x = self.self_attn.o_proj(attn_out.reshape(attn_out.shape[0], -1))
         norm = self.post_attention_layernorm
         if isinstance(self.mlp, GatedMLP) and fuses(self.mlp.gate_up_proj, x):
-            return self.mlp(x, Norm(norm.weight, norm.eps, residual)), residual
+            fused = Norm.of(norm.weight, norm.eps, x, residual)
+            return self.mlp(x, fused), fused.residual_after(x)
         x, residual = norm(x, residual)
         return self.mlp(x), residual
 

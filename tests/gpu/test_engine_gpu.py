@@ -219,3 +219,26 @@ def test_logprobs_and_penalties_match_the_cpu_path():
         assert [list(e) for e in got] == [list(e) for e in want]
         assert all(abs(g[t].logprob - w[t].logprob) < 1e-3 and g[t].rank == w[t].rank
                    for g, w in zip(got, want) for t in g)
+
+
+def test_dependent_launch_changes_no_output(tmp_path, monkeypatch):
+    """Programmatic dependent launch changes only when kernels are scheduled: with it and without,
+    the Triton GEMV in every linear (forced: split-K, fused norms and activations), the norms, the
+    rotary and decode attention give the same tokens and log-probabilities bit for bit, at batch 1
+    and 5, in CUDA graphs and eagerly."""
+    from lanner.kernels.pdl import dependent_launch
+
+    monkeypatch.setenv("LANNER_CACHE_DIR", str(tmp_path))
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=1)
+    runs = {}
+    for on in (True, False):
+        for eager in (False, True):
+            llm = LLM(dtype="bfloat16", gemv_kernels="triton", dependent_launch=on, enforce_eager=eager,
+                      gpu_memory_utilization=0.3)
+            assert dependent_launch()["PDL"] == on
+            runs[on, eager] = [[(o.outputs[0].token_ids, o.outputs[0].cumulative_logprob)
+                                for o in llm.generate(PROMPTS[:b], params, use_tqdm=False)] for b in (1, 5)]
+            del llm
+            gc.collect()
+            torch.cuda.empty_cache()
+    assert runs[True, False] == runs[False, False] and runs[True, True] == runs[False, True], runs

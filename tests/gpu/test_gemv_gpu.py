@@ -56,10 +56,11 @@ def test_a_gated_gemv_equals_silu_and_mul_then_the_gemv(n, k):
 @pytest.mark.parametrize("n,k", [(4096, 1024), (6144, 4096), (24576, 4096)])
 def test_a_normed_gemv_matches_the_norm_then_the_gemv_in_a_graph(n, k):
     """The projection after an RMSNorm applying it as it loads x (bf16, every candidate and row
-    count): 10 launches in one CUDA graph, each adding x into the residual in place (the last
-    program writes it once every program has read the old one), against the add + RMSNorm kernel
-    followed by the plain GEMV, 10 times in another: the residuals equal bit for bit, the outputs
-    within bf16's rounding (the sums of squares go in another order)."""
+    count): 10 launches in one CUDA graph, each reading the residual the one before wrote (x +
+    residual into a tensor of its own, as the decoder layers chain them), against the add + RMSNorm
+    kernel followed by the plain GEMV, 10 times in another: the last residuals equal bit for bit, the
+    outputs within bf16's rounding (1/RMS applied after the product, the squares summed in another
+    order)."""
     from lanner.kernels.fused import rms_norm
     from lanner.kernels.fused_reference import Norm
 
@@ -71,24 +72,25 @@ def test_a_normed_gemv_matches_the_norm_then_the_gemv_in_a_graph(n, k):
         start = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         for config in CONFIGS:
             workspace = GemvWorkspace.of(config, n, m, "cuda")
-            fused, unfused = start.clone(), start.clone()
+            residuals = [start.clone()] + [torch.full_like(start, float("nan")) for _ in range(10)]
+            unfused = start.clone()
             outs = [torch.empty(m, n, device="cuda", dtype=torch.bfloat16) for _ in range(20)]
             # each kernel's first launch outside the capture (it loads its module there)
-            gemv(x, w, config, workspace, norm=Norm(weight, 1e-6, fused.clone()))
+            gemv(x, w, config, workspace, norm=Norm.of(weight, 1e-6, x, start))
             gemv(rms_norm(x, weight, 1e-6, unfused.clone())[0], w, config, workspace)
             torch.cuda.synchronize()
             graphs = [torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()]
             with torch.cuda.graph(graphs[0]):
-                for out in outs[:10]:
-                    gemv(x, w, config, workspace, out=out, norm=Norm(weight, 1e-6, fused))
+                for i, out in enumerate(outs[:10]):
+                    gemv(x, w, config, workspace, out=out, norm=Norm(weight, 1e-6, residuals[i], residuals[i + 1]))
             with torch.cuda.graph(graphs[1]):
                 for out in outs[10:]:
                     gemv(rms_norm(x, weight, 1e-6, unfused)[0], w, config, workspace, out=out)
             for graph in graphs:
                 graph.replay()
             torch.cuda.synchronize()
-            assert torch.equal(fused, unfused), f"{config} m={m}"
-            assert not workspace.counters.any()
+            assert torch.equal(residuals[-1], unfused), f"{config} m={m}"
+            assert torch.equal(residuals[0], start) and not workspace.counters.any()
             torch.testing.assert_close(torch.stack(outs[:10]).float(), torch.stack(outs[10:]).float(), atol=3e-2,
                                        rtol=3e-2, msg=f"{config} m={m}")
 
@@ -117,6 +119,35 @@ def test_split_k_merge_is_race_free_in_a_graph():
             torch.cuda.synchronize()
             assert all(torch.equal(out, want) for out in outs)
             assert not workspace.counters.any()
+
+
+@pytest.mark.parametrize("config", [GemvConfig(16, 256, 8, 4, 3), GemvConfig(4, 1024, 1, 8, 3)], ids=str)
+def test_a_dependent_launch_chain_gives_the_plain_chains_bits(config):
+    """20 GEMVs in a CUDA graph, each multiplying the one before's output (split-K and one split),
+    launched with programmatic dependent launch (each scheduled while the one before runs, waiting
+    inside for it): the same bits as launched plainly, nothing left unwritten."""
+    from lanner.kernels.pdl import set_dependent_launch
+
+    torch.manual_seed(0)
+    w = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16) / 64
+    start = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
+    chains = {}
+    try:
+        for on in (False, True):
+            set_dependent_launch(on)
+            workspace = GemvWorkspace.of(config, 4096, 1, "cuda")
+            xs = [start] + [torch.full_like(start, float("nan")) for _ in range(20)]
+            gemv(start, w, config, workspace)  # the module loads outside the capture
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                for i in range(20):
+                    gemv(xs[i], w, config, workspace, out=xs[i + 1])
+            graph.replay()
+            torch.cuda.synchronize()
+            chains[on] = torch.cat(xs)
+    finally:
+        set_dependent_launch(False)
+    assert not chains[True].isnan().any() and torch.equal(chains[True], chains[False])
 
 
 def test_table_is_measured_once_and_kept(tmp_path):

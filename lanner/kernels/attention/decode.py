@@ -6,8 +6,10 @@ serve the whole group. Long contexts are cut into `num_splits` pieces that run
 in parallel and write partial results; the last split of a (sequence, kv head) to
 finish (an atomic counter says which) merges them by log-sum-exp and resets the
 counter, so decode attention is one kernel a layer (a merge kernel of its own cost a
-graph node and a launch gap a layer at batch 1). With one split (a batch large enough
-to fill the GPU alone) the program writes the output directly, no partials.
+graph node and a launch gap a layer at batch 1). The launch's split count is the most a
+sequence may use: each uses as many as its length gives MIN_SPLIT_KEYS keys. With one
+split (a batch large enough to fill the GPU alone, or a short sequence) the program
+writes the output directly: no partials, no count, no merge.
 A sequence of length 0 (a padding row of a CUDA graph) gets an all-zero output.
 """
 from __future__ import annotations
@@ -21,6 +23,11 @@ import triton.language as tl
 from lanner.kernels import next_power_of_2
 from lanner.kernels.attention.prefill import dot_precision, load_kv_tile, query_for_cache
 from lanner.kernels.attention.reference import FP8_KV_DTYPE
+from lanner.kernels.pdl import dependent_launch, wait_for_prior
+
+# a split's fewest keys: below them the partials' write, count and merge cost more than the keys
+# they spread (the splits of a batch-1 step of a short sequence collapse to one, with no merge)
+MIN_SPLIT_KEYS = 256
 
 
 @triton.jit
@@ -28,12 +35,17 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_
                          part_lse_ptr, counter_ptr, out_ptr, scale, v_scale, stride_qt, stride_qh, stride_ot,
                          stride_oh, stride_kb, stride_ks, stride_kh, stride_bt, NUM_HEADS: tl.constexpr,
                          GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
-                         NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+                         NUM_SPLITS: tl.constexpr, MIN_SPLIT_KEYS: tl.constexpr, BLOCK_N: tl.constexpr,
+                         PRECISION: tl.constexpr, PDL: tl.constexpr):
+    wait_for_prior(PDL)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq)
-    split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    # the splits this sequence uses at its length (the launch's were sized for the longest it may
+    # have): none shorter than MIN_SPLIT_KEYS keys; the programs past them have no keys and do nothing
+    splits = tl.maximum(tl.minimum(tl.cdiv(seq_len, MIN_SPLIT_KEYS), NUM_SPLITS), 1)
+    split_len = tl.cdiv(tl.cdiv(seq_len, splits), BLOCK_N) * BLOCK_N
     start = split * split_len
     end = tl.minimum(start + split_len, seq_len)
 
@@ -65,10 +77,24 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_
 
     has_keys = start < end
     out = acc / tl.where(has_keys, l, 1.0)[:, None] * v_scale
+    out_at = out_ptr + seq * stride_ot + heads[:, None] * stride_oh + d[None, :]
     if NUM_SPLITS == 1:
-        tl.store(out_ptr + seq * stride_ot + heads[:, None] * stride_oh + d[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=head_ok[:, None])
+        tl.store(out_at, out.to(out_ptr.dtype.element_ty), mask=head_ok[:, None])
         return
+    if splits == 1:  # a short sequence: the first split has every key, nothing to merge
+        if split == 0:
+            tl.store(out_at, out.to(out_ptr.dtype.element_ty), mask=head_ok[:, None])
+    elif split < splits:
+        _store_and_merge(out, m, l, has_keys, out_at, part_out_ptr, part_lse_ptr, counter_ptr, seq, kv_head, heads,
+                         head_ok, d, split, splits, NUM_HEADS, HEAD_DIM, NUM_SPLITS, GROUP_PAD)
+
+
+@triton.jit
+def _store_and_merge(out, m, l, has_keys, out_at, part_out_ptr, part_lse_ptr, counter_ptr, seq, kv_head, heads,
+                     head_ok, d, split, splits, NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                     NUM_SPLITS: tl.constexpr, GROUP_PAD: tl.constexpr):
+    """Write this split's partial output and LSE; the last of the sequence's `splits` to count merges
+    them by log-sum-exp into out_at."""
     lse = tl.where(has_keys, m + tl.log(tl.where(has_keys, l, 1.0)), float("-inf"))
     first = (seq * NUM_HEADS + heads) * NUM_SPLITS  # this group's partials: a row a (head, split)
     tl.store(part_out_ptr + (first + split)[:, None] * HEAD_DIM + d[None, :], out, mask=head_ok[:, None])
@@ -78,24 +104,25 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_
     # next launch
     tl.debug_barrier()
     counter = counter_ptr + seq * tl.num_programs(1) + kv_head
-    if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == NUM_SPLITS - 1:
+    if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == splits - 1:
         top = tl.full([GROUP_PAD], float("-inf"), tl.float32)
         for sp in tl.static_range(NUM_SPLITS):
-            top = tl.maximum(top, tl.load(part_lse_ptr + first + sp, mask=head_ok, other=float("-inf"),
+            used = head_ok & (tl.full([GROUP_PAD], sp, tl.int32) < splits)
+            top = tl.maximum(top, tl.load(part_lse_ptr + first + sp, mask=used, other=float("-inf"),
                                           cache_modifier=".cg"))
-        top = tl.where(top == float("-inf"), 0.0, top)  # no split had keys (a padding row): zeros
+        top = tl.where(top == float("-inf"), 0.0, top)  # no split had keys: zeros
         total = tl.zeros([GROUP_PAD], tl.float32)
         merged = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
         for sp in tl.static_range(NUM_SPLITS):
-            w = tl.exp(tl.load(part_lse_ptr + first + sp, mask=head_ok, other=float("-inf"), cache_modifier=".cg")
+            used = head_ok & (tl.full([GROUP_PAD], sp, tl.int32) < splits)
+            w = tl.exp(tl.load(part_lse_ptr + first + sp, mask=used, other=float("-inf"), cache_modifier=".cg")
                        - top)
-            part = tl.load(part_out_ptr + (first + sp)[:, None] * HEAD_DIM + d[None, :], mask=head_ok[:, None],
+            part = tl.load(part_out_ptr + (first + sp)[:, None] * HEAD_DIM + d[None, :], mask=used[:, None],
                            other=0.0, cache_modifier=".cg")
             total += w
             merged += part * w[:, None]
         out = merged / tl.where(total > 0, total, 1.0)[:, None]
-        tl.store(out_ptr + seq * stride_ot + heads[:, None] * stride_oh + d[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=head_ok[:, None])
+        tl.store(out_at, out.to(out_at.dtype.element_ty), mask=head_ok[:, None])
         tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
 
 
@@ -112,9 +139,9 @@ def decode_tile(head_dim: int, fp8_cache: bool = False, num_splits: int = 1) -> 
 
 def num_decode_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int) -> int:
     """Enough programs to fill the GPU's `num_sms` multiprocessors twice over, but no split shorter
-    than 256 keys."""
+    than MIN_SPLIT_KEYS keys (the kernel uses fewer for a sequence shorter than the longest)."""
     want = math.ceil(2 * num_sms / max(1, num_seqs * num_kv_heads))
-    return max(1, min(want, 16, math.ceil(max_seq_len / 256)))
+    return max(1, min(want, 16, math.ceil(max_seq_len / MIN_SPLIT_KEYS)))
 
 
 def decode_workspace(rows_x_splits: int, num_heads: int, head_dim: int, rows_x_kv_heads: int,
@@ -130,11 +157,12 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      seq_lens: torch.Tensor, scale: float, num_splits: int, out: torch.Tensor | None = None,
                      workspace: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
                      tile: tuple[int, int, int] | None = None, k_scale: float = 1.0,
-                     v_scale: float = 1.0) -> torch.Tensor:
+                     v_scale: float = 1.0, min_split_keys: int = MIN_SPLIT_KEYS) -> torch.Tensor:
     """q: [B, heads, dim]; block_tables: [B, max_blocks] int32; seq_lens: [B] int32 (0: padding row);
     the caches are of q's dtype, or fp8 (e4m3) holding K / k_scale and V / v_scale.
     `workspace` (decode_workspace: partials and split counters) may be pre-allocated so CUDA graphs
-    can capture the call. `tile`: (keys a tile, warps, pipeline stages) instead of decode_tile(head_dim)'s."""
+    can capture the call. `tile`: (keys a tile, warps, pipeline stages) instead of decode_tile(head_dim)'s.
+    A sequence uses at most `num_splits` splits, and none shorter than `min_split_keys` keys."""
     B, H, D = q.shape
     _, page, kv_heads, _ = k_cache.shape
     group = H // kv_heads
@@ -148,6 +176,6 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1),
         k_cache.stride(2), block_tables.stride(0),
         NUM_HEADS=H, GROUP=group, GROUP_PAD=max(16, next_power_of_2(group)), HEAD_DIM=D, PAGE=page,
-        NUM_SPLITS=num_splits, BLOCK_N=block_n, PRECISION=dot_precision(q), num_warps=num_warps,
-        num_stages=num_stages)
+        NUM_SPLITS=num_splits, MIN_SPLIT_KEYS=min_split_keys, BLOCK_N=block_n, PRECISION=dot_precision(q), num_warps=num_warps,
+        num_stages=num_stages, **dependent_launch())
     return out
