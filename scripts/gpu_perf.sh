@@ -19,10 +19,10 @@
 #   bash scripts/gpu_perf.sh unmeasured # the twelfth session's fused GEMVs (silu * up, add + RMSNorm) in one
 #                                       # ~8-minute call: tests/gpu gemv and speculative, then batch 1 of both
 #                                       # models over _base/ (54edb54: before them) and this tree
-#   bash scripts/gpu_perf.sh pdl        # the thirteenth session's work in one ~7-minute call: its GPU tests (normed
-#                                       # GEMV, decode splits, dependent launch), then batch 1 of both models over
-#                                       # _base/ (6ddf7d1: before it) and this tree with and without
-#                                       # --dependent-launch, then the 512-token step of Qwen3-0.6B both ways
+#   bash scripts/gpu_perf.sh pdl        # the thirteenth session's work in one ~7-minute call: batch 1 of both
+#                                       # models with and without --dependent-launch and over _base/ (6ddf7d1:
+#                                       # before it), its GPU tests (the engine with and without dependent launch,
+#                                       # normed GEMV, decode splits), the 512-token step of Qwen3-0.6B both ways
 source "$(dirname "$0")/gpu_env.sh"
 root=$(pwd); outdir=$(cd "$out" && pwd)
 # tree_runs DEFAULT_CFG...: a "TREE TAG CFG" line for _base/ (tag base, when present), then this tree
@@ -111,25 +111,29 @@ case "${1:-}" in
     gpu_tests gemv speculative | tee "$out/gpu-tests-gemv-speculative.txt"
     bash "$0" latency ;;
   pdl)
+    # the engine's outputs with and without dependent launch first (a hang shows here), then the
+    # timings, then the kernels' tests, then the step
     export LANNER_CACHE_DIR=$(mktemp -d)
-    for t in "gemv normed or dependent" "kernels decode" "engine dependent"; do
-      set -- $t
-      timeout 240 python3 -m pytest -o addopts="" -q -p no:cacheprovider -p no:warnings "tests/gpu/test_${1}_gpu.py" \
-        -k "${*:2}" 2>&1 | tail -4
-    done | tee "$out/gpu-tests-pdl.txt"
+    pdl_tests() {  # FILE -k EXPRESSION
+      timeout 150 python3 -m pytest -o addopts="" -q -p no:cacheprovider -p no:warnings "tests/gpu/test_${1}_gpu.py" \
+        -k "$2" 2>&1 | tail -4 | tee -a "$outdir/gpu-tests-pdl.txt"
+    }
+    pdl_tests engine dependent
     for cfg in qwen3-0.6b qwen3-8b; do
-      for run in "_base base" ". no-pdl --no-dependent-launch" ". pdl --dependent-launch"; do
+      for run in ". pdl --dependent-launch" ". no-pdl --no-dependent-launch" "_base base"; do
         set -- $run
         [ -d "$1/lanner" ] || continue
         echo "== latency $2 $cfg"
-        (cd "$1" && timeout 120 python3 -m lanner.cli bench latency --config "$root/benchmarks/configs/$cfg.json" \
+        (cd "$1" && timeout 90 python3 -m lanner.cli bench latency --config "$root/benchmarks/configs/$cfg.json" \
           --batch-sizes 1 --input-len 128 --output-len 256 --gpu-memory-utilization 0.5 "${@:3}" \
           --output-json "$outdir/$day-latency-$cfg-$2.json") 2>&1 | grep -E "^\{'batch|Error"
       done
     done
+    pdl_tests gemv "normed or dependent"
+    pdl_tests kernels decode
     for flag in --no-dependent-launch --dependent-launch; do
       echo "== step qwen3-0.6b $flag"
-      timeout 120 python3 -m lanner.cli bench step --config benchmarks/configs/qwen3-0.6b.json --token-counts 512 \
+      timeout 90 python3 -m lanner.cli bench step --config benchmarks/configs/qwen3-0.6b.json --token-counts 512 \
         --no-overlap-scheduling --gpu-memory-utilization 0.5 $flag --output-json "$out/$day-step-0.6b$flag.json" \
         2>&1 | grep -E "^\{|Error"
     done ;;
