@@ -375,6 +375,26 @@ def test_the_engine_through_the_gemv_gives_the_torch_path_tokens(gemv_wins, monk
     assert {1, 2} <= set(calls) and {"gated", "normed", "first", "plain"} <= set(kinds)
 
 
+def test_graph_pieces_through_the_fused_gemv_give_the_torch_path_tokens(gemv_wins, monkeypatch):
+    """Graph pieces of 4 and 8 tokens (the CPU runs them eagerly, padded, reading and writing only
+    their static buffers) with every projection through the GEMV: a fused norm's x + residual is a
+    tensor of its own, which the piece copies into its static residual for the next piece. The same
+    greedy tokens as torch's matmuls through the same pieces."""
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    llm = LLM(num_kv_blocks=64, piecewise_graphs=True, piecewise_sizes=[4, 8])
+
+    def run():  # a prompt alone (its prefill padded to 8 tokens), then two (decode steps padded to 4)
+        return [[o.outputs[0].token_ids for o in llm.generate(b, params, use_tqdm=False)]
+                for b in (["Once upon a time"], ["def fibonacci(n):", "Once upon a time"])]
+
+    want = run()
+    gemv_table.assign_gemv_kernels(llm.engine.runner.networks(), torch.float32, "cpu", table=gemv_wins)
+    kinds = []
+    calls = spy_on_gemv(monkeypatch, kinds)
+    assert run() == want
+    assert {4, 8} <= set(calls) and {"normed", "first"} <= set(kinds)
+
+
 @pytest.mark.parametrize("method", ["draft_model", "eagle3", "mtp"])
 def test_a_drafters_layers_run_the_gemv_too(gemv_wins, monkeypatch, heads, method):
     """The runner's networks include a drafter's: with the GEMV in every linear of both (the

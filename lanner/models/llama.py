@@ -278,8 +278,10 @@ class DecoderForCausalLM(nn.Module):
         x, residual = layers[j - 1].post_attention(bufs.attn_out, bufs.residual)
         if j == len(layers):
             bufs.hidden.copy_(self.model.norm(x, residual)[0])
-        else:
-            layers[j].pre_attention(x, residual, bufs.cos, bufs.sin, bufs)
+            return
+        *_, residual = layers[j].pre_attention(x, residual, bufs.cos, bufs.sin, bufs)
+        if residual is not bufs.residual:  # a fused norm's x + residual (Norm.added) is a tensor of its own
+            bufs.residual.copy_(residual)
 
     def attend(self, j: int, bufs: PieceBuffers) -> None:
         """Layer j's attention between pieces j and j+1 (inside forward_context), into bufs.attn_out."""
