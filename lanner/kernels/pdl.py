@@ -30,10 +30,11 @@ def dependent_launch() -> dict:
 
 
 def supported(device) -> bool:
-    """Hopper or newer, and a Triton that launches so (3.4+)."""
+    """An NVIDIA GPU of Hopper or newer (ROCm's capability numbers mean other GPUs), and a Triton
+    that launches so (3.4+)."""
     import torch
 
-    return (device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+    return (device.type == "cuda" and torch.version.hip is None and torch.cuda.get_device_capability(device)[0] >= 9
             and hasattr(tl.extra.cuda, "gdc_wait"))
 
 
