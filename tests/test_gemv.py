@@ -101,6 +101,40 @@ def test_a_normed_gemv_equals_the_norm_then_the_gemv(config, dtype):
                         assert torch.equal(reference.added, kernels)
 
 
+def test_a_normed_gemv_of_one_row_holds_float16s_range():
+    """One row multiplies h * weight in float32 before 1/RMS: a float16 residual channel of 2,000
+    times a norm weight of 40 (80,000, past float16's 65,504) still gives the norm-then-GEMV result.
+    Several rows would take h * weight in float16 on the tensor cores, so the GEMV refuses a normed
+    float16 input of several rows (the GEMV table then runs the norm kernel first)."""
+    from lanner.kernels.gemv import takes_norm
+
+    torch.manual_seed(0)
+    k, n = 64, 24
+    x = torch.randn(1, k, dtype=torch.float16)
+    residual = torch.randn(1, k, dtype=torch.float16)
+    residual[0, 3] = 2000.0
+    weight = torch.ones(k, dtype=torch.float16)
+    weight[3] = 40.0
+    w = (torch.randn(n, k) / k ** 0.5).to(torch.float16)
+    config = GemvConfig(8, 64, 1, 4, 2)
+    got = gemv(x, w, config, norm=Norm.of(weight, 1e-6, x, residual.clone()))
+    want = gemv_reference(x, w, norm=Norm.of(weight, 1e-6, x, residual.clone()))
+    assert got.isfinite().all()
+    torch.testing.assert_close(got.float(), want.float(), atol=5e-2, rtol=2e-2)
+    assert takes_norm(torch.float16, 1) and takes_norm(torch.bfloat16, 8) and not takes_norm(torch.float16, 2)
+    with pytest.raises(AssertionError):
+        gemv(x.expand(3, k), w, config, norm=Norm.of(weight, 1e-6, x.expand(3, k), None))
+
+
+def test_a_normed_gemv_writes_x_plus_residual_to_a_tensor_of_its_own():
+    """`added` is written while other programs still read x and the residual: the GEMV refuses it
+    missing, or being either of them."""
+    x, residual, w = torch.randn(1, 64), torch.randn(1, 64), torch.randn(8, 64)
+    for added in (None, residual, x):
+        with pytest.raises(AssertionError):
+            gemv(x, w, GemvConfig(8, 64, 1, 4, 2), norm=Norm(torch.ones(64), 1e-6, residual, added))
+
+
 def test_gemv_writes_into_a_strided_output():
     w, x = torch.randn(24, 64), torch.randn(2, 64)
     buf = torch.zeros(2, 40)
@@ -424,12 +458,14 @@ def test_a_drafters_layers_run_the_gemv_too(gemv_wins, monkeypatch, heads, metho
 
 
 def test_dependent_launch_needs_a_hopper_gpu():
-    """--dependent-launch is refused on the CPU (it needs compute capability 9.0), and off by
-    default there: the kernels' launches carry PDL=False and no launch_pdl."""
-    from lanner.kernels.pdl import dependent_launch
+    """--dependent-launch is refused on the CPU (it needs compute capability 9.0), and an engine on
+    the CPU turns it off for the process (an engine on a GPU may have turned it on): the kernels'
+    launches carry PDL=False and no launch_pdl."""
+    from lanner.kernels import dependent_launch, set_dependent_launch
 
     with pytest.raises(ConfigError, match="dependent_launch"):
         LLM(device="cpu", dependent_launch=True)
-    LLM(device="cpu", dependent_launch=False)
-    LLM(device="cpu")
-    assert dependent_launch() == {"PDL": False}
+    for choice in (False, None):
+        set_dependent_launch(True)  # as a GPU engine before it
+        LLM(device="cpu", dependent_launch=choice)
+        assert dependent_launch() == {"PDL": False}

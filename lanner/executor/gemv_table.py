@@ -100,7 +100,7 @@ def measure_shape(n: int, k: int, m: int, dtype: torch.dtype, device, configs=No
     """{"cublas": us, str(config): us, ...} for an [m, k] x [n, k]^T matmul on this GPU, its input of
     `kind` (see the module's docstring: cuBLAS after the kernel it needs, the GEMV with it inside)."""
     from lanner.kernels.fused import rms_norm, silu_and_mul
-    from lanner.kernels.gemv import GemvWorkspace, gemv
+    from lanner.kernels.gemv import GemvWorkspace, gemv, takes_norm
 
     views = weight_views(n, k, dtype, device)  # may raise torch.cuda.OutOfMemoryError
     x, args = example_inputs(kind, m, k, views[0], fill=torch.randn)
@@ -114,7 +114,8 @@ def measure_shape(n: int, k: int, m: int, dtype: torch.dtype, device, configs=No
     times = {"cublas": graph_us(lambda w: torch.mm(before(x), w.t(), out=out), views)}
     for config in candidates(m) if configs is None else configs:
         workspace = GemvWorkspace.of(config, n, m, device)
-        times[str(config)] = graph_us(lambda w, c=config, ws=workspace: gemv(x, w, c, ws, out, **args), views)
+        if kind != "normed" or takes_norm(dtype, m):
+            times[str(config)] = graph_us(lambda w, c=config, ws=workspace: gemv(x, w, c, ws, out, **args), views)
         if kind != "plain":
             times[f"{UNFUSED}{config}"] = graph_us(lambda w, c=config, ws=workspace: gemv(before(x), w, c, ws, out),
                                                     views)
@@ -130,7 +131,7 @@ def table_key(device) -> str:
     import triton
 
     import lanner.kernels.gemv as kernel
-    from lanner.kernels.pdl import dependent_launch
+    from lanner.kernels import dependent_launch
 
     code = hashlib.sha1(Path(kernel.__file__).read_bytes() + repr((ONE_ROW_CANDIDATES, ROWS_CANDIDATES)).encode())
     name = torch.cuda.get_device_name(device).replace(" ", "_")

@@ -273,11 +273,14 @@ class ModelRunner:
     def _set_dependent_launch(self, choice: bool | None) -> None:
         """Programmatic dependent launch for the Triton kernels (kernels/pdl.py), before the GEMV
         table's measurement, which times launches as the model makes them."""
+        from lanner.kernels import set_dependent_launch
+
         if self.device.type != "cuda":
             if choice:
                 raise ConfigError("dependent_launch needs a CUDA GPU of compute capability 9.0 or newer")
+            set_dependent_launch(False)  # an engine on a GPU may have turned it on in this process
             return
-        from lanner.kernels.pdl import set_dependent_launch, supported
+        from lanner.kernels.pdl import supported
 
         if choice and not supported(self.device):
             raise ConfigError("dependent_launch needs a GPU of compute capability 9.0 or newer and Triton 3.4+")

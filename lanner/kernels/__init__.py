@@ -1,5 +1,20 @@
-"""Triton kernels, each with a torch reference beside it."""
+"""Triton kernels, each with a torch reference beside it. Nothing here imports Triton: the CPU
+path uses this module."""
 import operator
+
+_dependent_launch = False
+
+
+def set_dependent_launch(on: bool) -> None:
+    """Programmatic dependent launch for the Triton kernels launched from now on (kernels/pdl.py):
+    the model runner sets it for the process, on every device."""
+    global _dependent_launch
+    _dependent_launch = on
+
+
+def dependent_launch() -> dict:
+    """Launch arguments of a kernel with a `PDL` constexpr (kernels/pdl.py `wait_for_prior`)."""
+    return {"PDL": True, "launch_pdl": True} if _dependent_launch else {"PDL": False}
 
 
 def next_power_of_2(n: int) -> int:

@@ -10,9 +10,9 @@ import torch
 import triton
 import triton.language as tl
 
-from lanner.kernels import next_power_of_2
+from lanner.kernels import dependent_launch, next_power_of_2
 from lanner.kernels.attention.store_kv import cache_value
-from lanner.kernels.pdl import dependent_launch, wait_for_prior
+from lanner.kernels.pdl import wait_for_prior
 
 
 @triton.jit

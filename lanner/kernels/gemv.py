@@ -33,15 +33,23 @@ import torch
 import triton
 import triton.language as tl
 
+from lanner.kernels import dependent_launch
 from lanner.kernels.fused import add_rounded, silu_mul
 from lanner.kernels.fused_reference import Norm, rms_norm_ref, silu_and_mul_ref
-from lanner.kernels.pdl import dependent_launch, wait_for_prior
+from lanner.kernels.pdl import wait_for_prior
 
 MAX_ROWS = 16  # rows (M) one launch takes: the dot pads x to 16
 
 
 def block_rows(rows: int) -> int:
     return 1 if rows == 1 else MAX_ROWS
+
+
+def takes_norm(dtype: torch.dtype, rows: int) -> bool:
+    """Whether the GEMV may apply an RMSNorm to its input: with several rows the tensor cores take
+    h * weight in the model dtype before 1/RMS scales it, which float16's range may not hold (a
+    residual channel of 2,000 times a norm weight of 40); one row multiplies in float32."""
+    return rows == 1 or dtype != torch.float16
 
 
 class GemvConfig(NamedTuple):
@@ -94,8 +102,9 @@ def _input(x_at, ok, res_at, norm_w_at, w_ok, K, X_WHOLE: tl.constexpr, W_WHOLE:
            GATED: tl.constexpr, NORM: tl.constexpr, HAS_RES: tl.constexpr):
     """(what the GEMV multiplies, the norm's input) at x_at: x, silu(gate) * up (GATED: up is K
     further on), or (NORM) the norm's input h, x + the residual at res_at with HAS_RES, times the
-    norm's weight at norm_w_at, which the kernel scales by 1/RMS once summed. X_WHOLE, W_WHOLE: x's
-    (and the residual's), the norm weight's loads need no mask."""
+    norm's weight at norm_w_at in float32 (before 1/RMS it may not fit float16: `takes_norm`), which
+    the kernel scales by 1/RMS once summed. X_WHOLE, W_WHOLE: x's (and the residual's), the norm
+    weight's loads need no mask."""
     x = _load(x_at, ok, X_WHOLE)
     if GATED:
         x = silu_mul(x, _load(x_at + K, ok, X_WHOLE))
@@ -103,7 +112,7 @@ def _input(x_at, ok, res_at, norm_w_at, w_ok, K, X_WHOLE: tl.constexpr, W_WHOLE:
     if NORM:
         if HAS_RES:
             h = add_rounded(x, _load(res_at, ok, X_WHOLE))
-        x = (h.to(tl.float32) * _load(norm_w_at, w_ok, W_WHOLE).to(tl.float32)).to(h.dtype)
+        x = h.to(tl.float32) * _load(norm_w_at, w_ok, W_WHOLE).to(tl.float32)
     return x, h
 
 
@@ -151,7 +160,7 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, part_ptr, counter_ptr, res_ptr, norm_w_p
             x, h = _input(x_ptr + ms[:, None] * stride_xm + (k + ks)[None, :], x_ok,
                           res_ptr + ms[:, None] * stride_rm + (k + ks)[None, :], norm_w_ptr + (k + ks)[None, :], k_ok,
                           K, False, EVEN_K, GATED, NORM, HAS_RES)
-            acc = tl.dot(w, tl.trans(x), acc, input_precision=PRECISION)
+            acc = tl.dot(w, tl.trans(x.to(w.dtype)), acc, input_precision=PRECISION)
             if NORM:
                 squares += tl.sum(h.to(tl.float32) * h.to(tl.float32), 1)
                 if HAS_RES and writes_added:
@@ -218,9 +227,11 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, config: GemvConfig, workspace: G
         part, counters = workspace.partials, workspace.counters
     else:
         part = counters = out  # unused
+    assert norm is None or takes_norm(x.dtype, M)
     residual = None if norm is None else norm.residual
     if residual is not None:
-        added = norm.added
+        added = norm.added  # written while others read x and the residual: a tensor of its own
+        assert added is not None and added.data_ptr() not in (x.data_ptr(), residual.data_ptr())
         assert residual.shape == added.shape == x.shape and residual.stride(1) == added.stride(1) == 1
     if M:
         _gemv_kernel[(blocks, config.split_k)](

@@ -9,24 +9,13 @@ wait. Every read and write of a kernel launched so comes after its wait, so the 
 kernels' memory effects is the stream's. A kernel launched without it (torch's, cuBLAS's) waits for
 its predecessor to finish as always. CUDA graph capture keeps the launches' programmatic edges.
 
-Enabled for the process by the model runner (GraphConfig.dependent_launch); the interpreter (CPU
-tests) never runs it."""
+Enabled for the process by the model runner (GraphConfig.dependent_launch) through
+`lanner.kernels.set_dependent_launch`, whose `dependent_launch()` gives the launch arguments; the
+interpreter (CPU tests) never runs it."""
 from __future__ import annotations
 
 import triton
 import triton.language as tl
-
-_enabled = False
-
-
-def set_dependent_launch(on: bool) -> None:
-    global _enabled
-    _enabled = on
-
-
-def dependent_launch() -> dict:
-    """Launch arguments of a kernel with a `PDL` constexpr (see `wait_for_prior`)."""
-    return {"PDL": True, "launch_pdl": True} if _enabled else {"PDL": False}
 
 
 def supported(device) -> bool:

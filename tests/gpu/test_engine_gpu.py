@@ -227,7 +227,7 @@ def test_dependent_launch_changes_no_output(tmp_path, monkeypatch):
     rotary and decode attention give the same tokens and log-probabilities bit for bit, at batch 1
     and 5, in CUDA graphs and eagerly."""
     from lanner.executor import gemv_table
-    from lanner.kernels.pdl import dependent_launch
+    from lanner.kernels import dependent_launch
 
     monkeypatch.setenv("LANNER_CACHE_DIR", str(tmp_path))
     # one GEMV table for both (its key has the launch mode): the same configurations, the same sums

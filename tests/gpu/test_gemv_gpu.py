@@ -126,7 +126,7 @@ def test_a_dependent_launch_chain_gives_the_plain_chains_bits(config):
     """20 GEMVs in a CUDA graph, each multiplying the one before's output (split-K and one split),
     launched with programmatic dependent launch (each scheduled while the one before runs, waiting
     inside for it): the same bits as launched plainly, nothing left unwritten."""
-    from lanner.kernels.pdl import set_dependent_launch
+    from lanner.kernels import set_dependent_launch
 
     torch.manual_seed(0)
     w = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16) / 64

@@ -20,10 +20,10 @@ import torch
 import triton
 import triton.language as tl
 
-from lanner.kernels import next_power_of_2
+from lanner.kernels import dependent_launch, next_power_of_2
 from lanner.kernels.attention.prefill import dot_precision, load_kv_tile, query_for_cache
 from lanner.kernels.attention.reference import FP8_KV_DTYPE
-from lanner.kernels.pdl import dependent_launch, wait_for_prior
+from lanner.kernels.pdl import wait_for_prior
 
 # a split's fewest keys: below them the partials' write, count and merge cost more than the keys
 # they spread (the splits of a batch-1 step of a short sequence collapse to one, with no merge)
