@@ -23,8 +23,8 @@ def supported(device) -> bool:
     that launches so (3.4+)."""
     import torch
 
-    return (device.type == "cuda" and torch.version.hip is None and torch.cuda.get_device_capability(device)[0] >= 9
-            and hasattr(tl.extra.cuda, "gdc_wait"))
+    return (device.type == "cuda" and torch.version.hip is None
+            and torch.cuda.get_device_capability(device)[0] >= 9 and hasattr(tl.extra.cuda, "gdc_wait"))
 
 
 @triton.jit

@@ -176,6 +176,6 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1),
         k_cache.stride(2), block_tables.stride(0),
         NUM_HEADS=H, GROUP=group, GROUP_PAD=max(16, next_power_of_2(group)), HEAD_DIM=D, PAGE=page,
-        NUM_SPLITS=num_splits, MIN_SPLIT_KEYS=min_split_keys, BLOCK_N=block_n, PRECISION=dot_precision(q), num_warps=num_warps,
-        num_stages=num_stages, **dependent_launch())
+        NUM_SPLITS=num_splits, MIN_SPLIT_KEYS=min_split_keys, BLOCK_N=block_n, PRECISION=dot_precision(q),
+        num_warps=num_warps, num_stages=num_stages, **dependent_launch())
     return out
