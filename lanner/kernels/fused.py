@@ -22,14 +22,6 @@ def add_rounded(x, residual):
 
 
 @triton.jit
-def rms_scaled(x, inv, w):
-    """RMSNorm's output from x, 1/RMS `inv` (float32) and the weight w, rounded where the reference
-    rounds: x * inv to x's dtype, then times w (the GEMV of a projection after a norm applies it as
-    it loads its input: kernels/gemv.py)."""
-    return ((x.to(tl.float32) * inv).to(x.dtype).to(tl.float32) * w.to(tl.float32)).to(x.dtype)
-
-
-@triton.jit
 def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, stride_x, stride_r, stride_o, N, eps,
                      HAS_RES: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
     wait_for_prior(PDL)
@@ -42,8 +34,9 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, stride_x, stride_r, stride_
         tl.store(res_ptr + row * stride_r + cols, x, mask=mask)
     xf = x.to(tl.float32)
     inv = tl.rsqrt(tl.sum(xf * xf, 0) / N + eps)
-    tl.store(out_ptr + row * stride_o + cols, rms_scaled(x, inv, tl.load(w_ptr + cols, mask=mask, other=0.0)),
-             mask=mask)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+    y = (xf * inv).to(x.dtype).to(tl.float32) * w.to(tl.float32)  # rounded where the reference rounds
+    tl.store(out_ptr + row * stride_o + cols, y.to(x.dtype), mask=mask)
 
 
 def rms_norm_warps(block: int) -> int:

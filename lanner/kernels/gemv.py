@@ -211,8 +211,9 @@ class GemvWorkspace:
 def gemv(x: torch.Tensor, weight: torch.Tensor, config: GemvConfig, workspace: GemvWorkspace | None = None,
          out: torch.Tensor | None = None, gated: bool = False, norm: Norm | None = None) -> torch.Tensor:
     """x: [M, K] (M <= 16, unit stride along K), or with `gated` [M, 2K] (gate, then up: the product
-    is silu(gate) * up @ weight^T); `norm`: the product is rms_norm(x, ...) @ weight^T (see Norm;
-    with a residual, needs `workspace`); weight: [N, K] contiguous; out: [M, N], unit stride along N;
+    is silu(gate) * up @ weight^T); `norm`: the product is rms_norm(x, ...) @ weight^T (see Norm:
+    with a residual, x + residual goes to its `added`); weight: [N, K] contiguous; out: [M, N], unit
+    stride along N;
     `workspace` is needed when config.split_k > 1 (GemvWorkspace.of)."""
     M = x.shape[0]
     N, K = weight.shape
