@@ -34,6 +34,19 @@ tree_runs() {
     for cfg in ${CFGS:-$*}; do echo "$tree $([ "$tree" = . ] && echo new || echo base) $cfg"; done
   done
 }
+# gpu_tests_k FILE EXPRESSION: the tests of tests/gpu/test_FILE_gpu.py that -k EXPRESSION selects
+gpu_tests_k() {
+  timeout 150 python3 -m pytest -o addopts="" -q -p no:cacheprovider -p no:warnings "tests/gpu/test_${1}_gpu.py" \
+    -k "$2" 2>&1 | tail -4 | tee -a "$outdir/gpu-tests-${1}.txt"
+}
+# batch1 CFG TREE TAG [FLAG...]: lanner bench latency at batch 1 (128 -> 256 tokens) of TREE's lanner
+batch1() {
+  [ -d "$2/lanner" ] || return 0
+  echo "== latency $3 $1"
+  (cd "$2" && timeout 90 python3 -m lanner.cli bench latency --config "$root/benchmarks/configs/$1.json" \
+    --batch-sizes 1 --input-len 128 --output-len 256 --gpu-memory-utilization 0.5 "${@:4}" \
+    --output-json "$outdir/$day-latency-$1-$3.json") 2>&1 | grep -E "^\{'batch|Error"
+}
 case "${1:-}" in
   tests)
     bash scripts/gpu_structured.sh wheels
@@ -114,23 +127,14 @@ case "${1:-}" in
     # the engine's outputs with and without dependent launch first (a hang shows here), then the
     # timings, then the kernels' tests, then the step
     export LANNER_CACHE_DIR=$(mktemp -d)
-    pdl_tests() {  # FILE -k EXPRESSION
-      timeout 150 python3 -m pytest -o addopts="" -q -p no:cacheprovider -p no:warnings "tests/gpu/test_${1}_gpu.py" \
-        -k "$2" 2>&1 | tail -4 | tee -a "$outdir/gpu-tests-pdl.txt"
-    }
-    pdl_tests engine dependent
+    gpu_tests_k engine dependent
     for cfg in qwen3-0.6b qwen3-8b; do
       for run in ". pdl --dependent-launch" ". no-pdl --no-dependent-launch" "_base base"; do
-        set -- $run
-        [ -d "$1/lanner" ] || continue
-        echo "== latency $2 $cfg"
-        (cd "$1" && timeout 90 python3 -m lanner.cli bench latency --config "$root/benchmarks/configs/$cfg.json" \
-          --batch-sizes 1 --input-len 128 --output-len 256 --gpu-memory-utilization 0.5 "${@:3}" \
-          --output-json "$outdir/$day-latency-$cfg-$2.json") 2>&1 | grep -E "^\{'batch|Error"
+        batch1 $cfg $run
       done
     done
-    pdl_tests gemv "normed or dependent"
-    pdl_tests kernels decode
+    gpu_tests_k gemv "normed or dependent"
+    gpu_tests_k kernels decode
     for flag in --no-dependent-launch --dependent-launch; do
       echo "== step qwen3-0.6b $flag"
       timeout 90 python3 -m lanner.cli bench step --config benchmarks/configs/qwen3-0.6b.json --token-counts 512 \

@@ -121,21 +121,22 @@ def test_split_k_merge_is_race_free_in_a_graph():
             assert not workspace.counters.any()
 
 
-@pytest.mark.parametrize("config", [GemvConfig(16, 256, 8, 4, 3), GemvConfig(4, 1024, 1, 8, 3)], ids=str)
-def test_a_dependent_launch_chain_gives_the_plain_chains_bits(config):
-    """20 GEMVs in a CUDA graph, each multiplying the one before's output (split-K and one split),
-    launched with programmatic dependent launch (each scheduled while the one before runs, waiting
-    inside for it): the same bits as launched plainly, nothing left unwritten."""
+@pytest.mark.parametrize("config,rows", [(GemvConfig(16, 256, 8, 4, 3), 1), (GemvConfig(4, 1024, 1, 8, 3), 1),
+                                         (GemvConfig(64, 128, 2, 4, 4), 4)], ids=str)
+def test_a_dependent_launch_chain_gives_the_plain_chains_bits(config, rows):
+    """20 GEMVs in a CUDA graph, each multiplying the one before's output (split-K and one split,
+    one row and four), launched with programmatic dependent launch (each scheduled while the one
+    before runs, waiting inside for it): the same bits as launched plainly, nothing left unwritten."""
     from lanner.kernels import set_dependent_launch
 
     torch.manual_seed(0)
     w = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16) / 64
-    start = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
+    start = torch.randn(rows, 4096, device="cuda", dtype=torch.bfloat16)
     chains = {}
     try:
         for on in (False, True):
             set_dependent_launch(on)
-            workspace = GemvWorkspace.of(config, 4096, 1, "cuda")
+            workspace = GemvWorkspace.of(config, 4096, rows, "cuda")
             xs = [start] + [torch.full_like(start, float("nan")) for _ in range(20)]
             gemv(start, w, config, workspace)  # the module loads outside the capture
             graph = torch.cuda.CUDAGraph()
