@@ -218,6 +218,20 @@ def fake_times(winner: str, cublas: float, best: float):
     return measure
 
 
+def test_the_table_key_changes_with_the_helpers_the_kernel_calls(monkeypatch):
+    """A change to kernels/fused.py (silu_mul, add_rounded run inside the GEMV) or kernels/pdl.py
+    must measure anew, as one to kernels/gemv.py does: their source is in the key's hash."""
+    from pathlib import Path
+
+    before = gemv_table.kernel_hash()
+    read = Path.read_bytes
+    for name in ("gemv.py", "fused.py", "pdl.py"):
+        with monkeypatch.context() as m:
+            m.setattr(Path, "read_bytes", lambda self, n=name: read(self) + (b"#" if self.name == n else b""))
+            assert gemv_table.kernel_hash() != before, name
+    assert gemv_table.kernel_hash() == before
+
+
 def test_table_rules_and_persistence(tmp_path, monkeypatch):
     monkeypatch.setattr(gemv_table, "table_key", lambda device: "test-gpu")
     one, rows = str(candidates(1)[2]), str(candidates(4)[1])

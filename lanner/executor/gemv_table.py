@@ -7,8 +7,8 @@ in all, 10x the H200's L2 cache, so it holds none of them, as in a real forward)
 wins; cuBLAS keeps a shape unless a configuration beats it by MIN_GAIN. The table is measured once
 per (GPU, dtype, shape) and kept in a JSON file under the cache folder, so a restart picks the same
 kernels (the same numerics) without measuring again; its key names the GPU, the torch and triton
-versions and a hash of the kernel's source and the candidates, so a change to any of them measures
-anew. A layer whose GEMV can take its input before another kernel's work (`Linear.input_kind`: a
+versions and a hash of the kernel's source (with the jit helpers it calls) and the candidates, so
+a change to any of them measures anew. A layer whose GEMV can take its input before another kernel's work (`Linear.input_kind`: a
 gated MLP's down projection takes gate and up, the projections after an RMSNorm take the norm's
 input) is measured as it runs, three ways: that kernel (silu_and_mul, the add + RMSNorm) then
 cuBLAS, that kernel then each configuration ("unfused <config>"), and each configuration doing the
@@ -127,16 +127,27 @@ def cache_path() -> Path:
     return Path(root) / "gemv_tables.json"
 
 
+def kernel_hash() -> str:
+    """A hash of the candidates and of the GEMV's Triton source: its module and those of the jit
+    helpers it calls (silu_mul and add_rounded in kernels/fused.py, the wait in kernels/pdl.py)."""
+    import lanner.kernels.fused as fused
+    import lanner.kernels.gemv as gemv
+    import lanner.kernels.pdl as pdl
+
+    code = hashlib.sha1(repr((ONE_ROW_CANDIDATES, ROWS_CANDIDATES)).encode())
+    for module in (gemv, fused, pdl):
+        code.update(Path(module.__file__).read_bytes())
+    return code.hexdigest()[:12]
+
+
 def table_key(device) -> str:
     import triton
 
-    import lanner.kernels.gemv as kernel
     from lanner.kernels import dependent_launch
 
-    code = hashlib.sha1(Path(kernel.__file__).read_bytes() + repr((ONE_ROW_CANDIDATES, ROWS_CANDIDATES)).encode())
     name = torch.cuda.get_device_name(device).replace(" ", "_")
     launch = "/pdl" if dependent_launch()["PDL"] else ""  # the chains of launches it times overlap with it
-    return f"{name}/torch-{torch.__version__}/triton-{triton.__version__}/{code.hexdigest()[:12]}{launch}"
+    return f"{name}/torch-{torch.__version__}/triton-{triton.__version__}/{kernel_hash()}{launch}"
 
 
 class GemvTable:
