@@ -23,6 +23,8 @@
 #                                       # models with and without --dependent-launch and over _base/ (6ddf7d1:
 #                                       # before it), its GPU tests (the engine with and without dependent launch,
 #                                       # normed GEMV, decode splits), the 512-token step of Qwen3-0.6B both ways
+#   bash scripts/gpu_perf.sh prefetch   # benchmarks/experiments/l2-prefetch.patch against this tree on one GEMV
+#                                       # table: batch 1 of Qwen3-8B, 10 runs and a test, ~9 minutes
 source "$(dirname "$0")/gpu_env.sh"
 root=$(pwd); outdir=$(cd "$out" && pwd)
 # tree_runs DEFAULT_CFG...: a "TREE TAG CFG" line for _base/ (tag base, when present), then this tree
@@ -141,6 +143,33 @@ case "${1:-}" in
         --no-overlap-scheduling --gpu-memory-utilization 0.5 $flag --output-json "$out/$day-step-0.6b$flag.json" \
         2>&1 | grep -E "^\{|Error"
     done ;;
-  *) echo "usage: $0 tests|serve|breakdown|steps|latency|hostphases|kv|gemv|sampled|topp|norms|unmeasured|pdl" >&2
+  prefetch)
+    # benchmarks/experiments/l2-prefetch.patch (benchmarks/experiments/README.md) over a copy of this
+    # tree in _patched/, both on this tree's GEMV table (copied to the patched tree's key, so the
+    # choices are the same): batch 1 of Qwen3-8B, the patch four ways, alternated with this tree
+    rm -rf _patched && mkdir _patched && cp -r lanner _patched/ && \
+      (cd _patched && patch -p1 -s < "$root/benchmarks/experiments/l2-prefetch.patch") || exit 1
+    mine=$(mktemp -d); theirs=$(mktemp -d)
+    LANNER_CACHE_DIR=$mine batch1 qwen3-8b . main
+    (cd _patched && python3 - "$mine/gemv_tables.json" "$theirs/gemv_tables.json" <<'PY'
+import json, sys
+import torch
+from lanner.executor.gemv_table import table_key
+from lanner.kernels import set_dependent_launch
+set_dependent_launch(True)
+(_, entries), = json.load(open(sys.argv[1])).items()
+json.dump({table_key(torch.device("cuda")): entries}, open(sys.argv[2], "w"))
+PY
+    ) || exit 1
+    patched() {  # GEMV_BYTES KV_ROWS TAG
+      LANNER_CACHE_DIR=$theirs LANNER_EXP_PREFETCH=$1 LANNER_EXP_KV_ROWS=$2 batch1 qwen3-8b _patched "$3"
+    }
+    for pass in 1 2; do
+      [ $pass = 2 ] && LANNER_CACHE_DIR=$mine batch1 qwen3-8b . main-2
+      patched 32768 8 "gemv32k-kv-$pass"; patched 0 0 "off-$pass"; patched 8192 8 "gemv8k-kv-$pass"
+      patched 0 8 "kv-$pass"
+    done
+    gpu_tests_k engine dependent ;;
+  *) echo "usage: $0 tests|serve|breakdown|steps|latency|hostphases|kv|gemv|sampled|topp|norms|unmeasured|pdl|prefetch" >&2
      exit 2 ;;
 esac
