@@ -3,7 +3,12 @@ contexts of W-8B and W-nano (and batch 1 / 16 at 8k), Qwen3's 32/16 query heads 
 128 dims, one layer. Prints, per shape and tile, the kernel time and the KV bandwidth it reached.
   PYTHONPATH=. [KV_DTYPE=fp8] python3 scripts/decode_probe.py [OUT.json]
 KV_DTYPE=fp8: the cache in e4m3 (--kv-cache-dtype fp8), half the bytes to read. TILES="64,1,2 128,2,2":
-these tiles only (keys, warps, stages); SPLITS=N: N times the engine's split count."""
+these tiles only (keys, warps, stages); SPLITS=N: N times the engine's split count.
+SPLIT_KEYS="64 128 256 512": instead, batch 1 at 128-8k keys (16 and 32 query heads) with a split per
+that many keys of the sequence (`min_split_keys`; the engine's is MIN_SPLIT_KEYS), the default tile,
+timed in CUDA graphs of 20 calls with dependent launch where the GPU has it, as a decode graph runs
+(one layer's cache, so up to ~8 MiB of it stays in L2 between calls, which a model's other layers
+would evict: the short contexts read as a lower bound)."""
 import json
 import os
 import random
@@ -31,8 +36,40 @@ if os.environ.get("TILES"):
     TILES = [tuple(int(x) for x in t.split(",")) for t in os.environ["TILES"].split()]
 
 
+def split_keys_rows(sms: int, split_keys: list[int]) -> list[dict]:
+    from lanner.bench.common import time_ms
+    from lanner.kernels import set_dependent_launch
+    from lanner.kernels.pdl import supported
+
+    set_dependent_launch(supported(torch.device("cuda")))
+    rows = []
+    for heads in (16, 32):
+        for keys in (128, 384, 1024, 2048, 4096, 8192):
+            q, kc, vc, bt, sl, _ = paged_problem([keys], [1], heads, 8, 128, 16, torch.bfloat16, "cuda")
+            if FP8:
+                kc, vc = fp8_caches(kc, vc)
+            splits = num_decode_splits(1, 8, 40960, sms)
+            ref = decode_attention(q, kc, vc, bt, sl, 0.08, splits)
+            times = {}
+            for per in split_keys:
+                def run(per=per):
+                    return decode_attention(q, kc, vc, bt, sl, 0.08, splits, min_split_keys=per)
+                torch.testing.assert_close(run(), ref, atol=2e-2, rtol=2e-2)
+                times[per] = round(time_ms(run, 20, graph=True, calls=20) * 1e3, 2)
+            rows.append({"heads": heads, "keys": keys, "launch_splits": splits, "us_by_split_keys": times})
+            print(heads, "heads", keys, "keys:", times, flush=True)
+    return rows
+
+
 def main() -> None:
     sms = torch.cuda.get_device_properties(0).multi_processor_count
+    if os.environ.get("SPLIT_KEYS"):
+        rows = split_keys_rows(sms, [int(x) for x in os.environ["SPLIT_KEYS"].split()])
+        if len(sys.argv) > 1:
+            with open(sys.argv[1], "w") as f:
+                json.dump({"gpu": torch.cuda.get_device_name(), "kv": "fp8" if FP8 else "bf16", "batch": 1,
+                           "rows": rows}, f, indent=1)
+        return
     rows = []
     for name, heads, lens in SHAPES:
         seq_lens = lens(random.Random(0))
