@@ -26,6 +26,7 @@
 #   bash scripts/gpu_perf.sh prefetch   # benchmarks/experiments/l2-prefetch.patch against this tree on one GEMV
 #                                       # table: batch 1 of Qwen3-8B, 10 runs and a test, ~9 minutes
 #   bash scripts/gpu_perf.sh splits     # decode attention at batch 1, a split per 64-512 keys (decode_probe.py)
+#   bash scripts/gpu_perf.sh pdl-throughput  # W-8B and W-nano with and without --dependent-launch
 source "$(dirname "$0")/gpu_env.sh"
 root=$(pwd); outdir=$(cd "$out" && pwd)
 # tree_runs DEFAULT_CFG...: a "TREE TAG CFG" line for _base/ (tag base, when present), then this tree
@@ -171,12 +172,21 @@ PY
       patched 0 8 "kv-$pass"
     done
     gpu_tests_k engine dependent ;;
+  pdl-throughput)
+    # W-8B and W-nano (bf16 cache) with and without dependent launch, alternated, in one call
+    for run in "W-8B qwen3-8b w8b" "W-nano qwen3-0.6b wnano"; do
+      set -- $run
+      for flag in --dependent-launch --no-dependent-launch; do
+        timeout 200 python3 -m lanner.cli bench throughput --workload "$1" --config "benchmarks/configs/$2.json" \
+          $flag --output-json "$outdir/$day-$3$flag.json" 2>&1 | tail -1
+      done
+    done ;;
   splits)
     # decode attention at batch 1: a split per 64-512 keys of the sequence, 128-8k keys, bf16 and fp8
     for kv in bf16 fp8; do
       KV_DTYPE=$kv SPLIT_KEYS="64 128 256 512" timeout 280 python3 scripts/decode_probe.py \
         "$outdir/$day-decode-split-keys-$kv.json" 2>&1 | grep -v Warning
     done ;;
-  *) echo "usage: $0 tests|serve|breakdown|steps|latency|hostphases|kv|gemv|sampled|topp|norms|unmeasured|pdl|prefetch|splits" >&2
+  *) echo "usage: $0 tests|serve|breakdown|steps|latency|hostphases|kv|gemv|sampled|topp|norms|unmeasured|pdl|prefetch|pdl-throughput|splits" >&2
      exit 2 ;;
 esac
