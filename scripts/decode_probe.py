@@ -9,6 +9,7 @@ that many keys of the sequence (`min_split_keys`; the engine's is MIN_SPLIT_KEYS
 timed in CUDA graphs of 20 calls with dependent launch where the GPU has it, as a decode graph runs
 (one layer's cache, so up to ~8 MiB of it stays in L2 between calls, which a model's other layers
 would evict: the short contexts read as a lower bound)."""
+import functools
 import json
 import os
 import random
@@ -52,8 +53,7 @@ def split_keys_rows(sms: int, split_keys: list[int]) -> list[dict]:
             ref = decode_attention(q, kc, vc, bt, sl, 0.08, splits)
             times = {}
             for per in split_keys:
-                def run(per=per):
-                    return decode_attention(q, kc, vc, bt, sl, 0.08, splits, min_split_keys=per)
+                run = functools.partial(decode_attention, q, kc, vc, bt, sl, 0.08, splits, min_split_keys=per)
                 torch.testing.assert_close(run(), ref, atol=2e-2, rtol=2e-2)
                 times[per] = round(time_ms(run, 20, graph=True, calls=20) * 1e3, 2)
             rows.append({"heads": heads, "keys": keys, "launch_splits": splits, "us_by_split_keys": times})

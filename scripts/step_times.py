@@ -10,7 +10,7 @@ import os
 
 from lanner import LLM
 from lanner.core.request import SamplingParams
-from lanner.executor.model_runner import StepTimes
+from lanner.executor.step_handle import StepTimes
 
 
 def main() -> None:

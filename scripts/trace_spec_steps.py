@@ -17,7 +17,7 @@ from torch.profiler import ProfilerActivity, profile
 from lanner import LLM
 from lanner.bench.speculative import release, replay_drafts
 from lanner.core.request import SamplingParams
-from lanner.executor import model_runner
+from lanner.executor import step_handle
 from lanner.executor.graphs import SizeLadder
 
 HOST = defaultdict(float)  # host seconds per part, without the profiler
@@ -81,7 +81,7 @@ def main() -> None:
     params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
     lines, recorded = [], None
     timed(SizeLadder, "replay_graph")
-    timed(model_runner.StepHandle, "result")
+    timed(step_handle.StepHandle, "result")
     for spec in (None, {"method": "eagle3", "num_speculative_tokens": args.k, "model": args.head_config}):
         llm = LLM(model=args.config, load_format="dummy", dtype="bfloat16", gpu_memory_utilization=0.85,
                   max_num_seqs=max(8, args.batch), max_model_len=2048, speculative_config=spec)
@@ -96,7 +96,7 @@ def main() -> None:
         time_host(llm)
         HOST.clear()
         CALLS.clear()
-        llm.engine.runner.step_times = times = model_runner.StepTimes(each=[])
+        llm.engine.runner.step_times = times = step_handle.StepTimes(each=[])
         start = time.perf_counter()
         outs = llm.generate(run, params, use_tqdm=False)
         lines.append(f"{'eagle3' if spec else 'plain'}: {(time.perf_counter() - start) * 1e3:.1f} ms wall, "

@@ -115,7 +115,7 @@ def test_length_limit_is_the_context_with_and_without_overlap(qwen3_path, overla
 
 
 def test_fail_step_releases_requests_of_a_step_whose_read_back_raised(qwen3_path):
-    from lanner.executor.model_runner import StepHandle
+    from lanner.executor.step_handle import StepHandle
 
     engine = make_llm(qwen3_path).engine
     engine.add_request("A", [3, 4, 5], SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))

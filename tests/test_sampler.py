@@ -242,10 +242,10 @@ def test_reading_a_step_back_runs_no_device_work(qwen3_path, monkeypatch):
     """Logprobs are computed when the step is launched and copied back with its tokens; reading
     them row by row after the step (.item(), topk) cost device round trips and, under overlap
     scheduling, waited for the next step each time."""
-    from lanner.executor import model_runner
+    from lanner.executor import step_handle
 
     llm = make_llm(qwen3_path)
-    result = model_runner.StepHandle.result
+    result = step_handle.StepHandle.result
 
     def host_only(handle):
         with monkeypatch.context() as m:
@@ -254,7 +254,7 @@ def test_reading_a_step_back_runs_no_device_work(qwen3_path, monkeypatch):
             m.setattr(torch, "log_softmax", lambda *a, **k: pytest.fail("log_softmax in result()"))
             return result(handle)
 
-    monkeypatch.setattr(model_runner.StepHandle, "result", host_only)
+    monkeypatch.setattr(step_handle.StepHandle, "result", host_only)
     params = SamplingParams(temperature=0.8, seed=1, max_tokens=5, ignore_eos=True, logprobs=3, prompt_logprobs=2)
     out = llm.generate([[5, 6, 7, 8, 9]], params, use_tqdm=False)[0]
     assert len(out.outputs[0].logprobs) == 5 and len(out.prompt_logprobs) == 5

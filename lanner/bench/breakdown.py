@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from lanner.executor.model_runner import StepTimes
+from lanner.executor.step_handle import StepTimes
 
 # the first pattern a kernel's name matches names its kind
 KERNEL_KINDS = [

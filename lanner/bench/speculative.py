@@ -207,7 +207,7 @@ def replay(args: argparse.Namespace, engine_kwargs: dict) -> None:
     from lanner.bench.common import Workload
     from lanner.core.request import SamplingParams
     from lanner.engine.llm import LLM
-    from lanner.executor.model_runner import StepTimes
+    from lanner.executor.step_handle import StepTimes
 
     engine_kwargs = {"model": args.config, "load_format": "dummy", **engine_kwargs}
     params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)

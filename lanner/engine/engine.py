@@ -40,7 +40,8 @@ from lanner.engine.prompts import Prompts
 from lanner.engine.scheduler import Scheduler
 from lanner.engine.speculation import Speculator
 from lanner.errors import CapacityExceeded, ConfigError, EngineDead, InvalidRequest
-from lanner.executor.model_runner import StepHandle, build_runner, first_rows
+from lanner.executor.model_runner import build_runner
+from lanner.executor.step_handle import StepHandle, first_rows
 from lanner.executor.worker import start_ranks
 from lanner.models.loader import load_model
 

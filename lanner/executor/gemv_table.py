@@ -130,9 +130,7 @@ def cache_path() -> Path:
 def kernel_hash() -> str:
     """A hash of the candidates and of the GEMV's Triton source: its module and those of the jit
     helpers it calls (silu_mul and add_rounded in kernels/fused.py, the wait in kernels/pdl.py)."""
-    import lanner.kernels.fused as fused
-    import lanner.kernels.gemv as gemv
-    import lanner.kernels.pdl as pdl
+    from lanner.kernels import fused, gemv, pdl
 
     code = hashlib.sha1(repr((ONE_ROW_CANDIDATES, ROWS_CANDIDATES)).encode())
     for module in (gemv, fused, pdl):
