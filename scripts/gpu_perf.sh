@@ -24,7 +24,8 @@
 #                                       # before it), its GPU tests (the engine with and without dependent launch,
 #                                       # normed GEMV, decode splits), the 512-token step of Qwen3-0.6B both ways
 #   bash scripts/gpu_perf.sh prefetch   # benchmarks/experiments/l2-prefetch.patch against this tree on one GEMV
-#                                       # table: batch 1 of Qwen3-8B, 10 runs and a test, ~9 minutes
+#                                       # table: batch 1 of Qwen3-8B, 11 runs (the last on a second table measured
+#                                       # from scratch; both tables saved), ~9 minutes
 #   bash scripts/gpu_perf.sh splits     # decode attention at batch 1, a split per 64-512 keys (decode_probe.py)
 #   bash scripts/gpu_perf.sh pdl-throughput  # W-8B and W-nano with and without --dependent-launch
 source "$(dirname "$0")/gpu_env.sh"
@@ -171,7 +172,11 @@ PY
       patched 32768 8 "gemv32k-kv-$pass"; patched 0 0 "off-$pass"; patched 8192 8 "gemv8k-kv-$pass"
       patched 0 8 "kv-$pass"
     done
-    gpu_tests_k engine dependent ;;
+    # a second table measured from scratch on the same machine: do its choices match the first?
+    again=$(mktemp -d)
+    LANNER_CACHE_DIR=$again batch1 qwen3-8b . main-fresh-table
+    cp "$mine/gemv_tables.json" "$outdir/$day-gemv-table-main.json"
+    cp "$again/gemv_tables.json" "$outdir/$day-gemv-table-main-again.json" ;;
   pdl-throughput)
     # W-8B and W-nano (bf16 cache) with and without dependent launch, alternated, in one call
     for run in "W-8B qwen3-8b w8b" "W-nano qwen3-0.6b wnano"; do
