@@ -21,7 +21,7 @@ from triton.testing import do_bench
 sys.path.insert(0, "tests")
 from kernel_cases import fp8_caches, paged_problem
 
-from lanner.kernels.attention.decode import decode_attention, decode_tile, num_decode_splits
+from lanner.kernels.attention.decode import decode_attention, decode_tile, decode_workspace, num_decode_splits
 
 FP8 = os.environ.get("KV_DTYPE") == "fp8"
 
@@ -51,9 +51,12 @@ def split_keys_rows(sms: int, split_keys: list[int]) -> list[dict]:
                 kc, vc = fp8_caches(kc, vc)
             splits = num_decode_splits(1, 8, 40960, sms)
             ref = decode_attention(q, kc, vc, bt, sl, 0.08, splits)
+            # as the engine passes them: made once, so a captured call is the kernel alone
+            out, workspace = torch.empty_like(q), decode_workspace(splits, heads, 128, 8, "cuda")
             times = {}
             for per in split_keys:
-                run = functools.partial(decode_attention, q, kc, vc, bt, sl, 0.08, splits, min_split_keys=per)
+                run = functools.partial(decode_attention, q, kc, vc, bt, sl, 0.08, splits, out=out,
+                                        workspace=workspace, min_split_keys=per)
                 torch.testing.assert_close(run(), ref, atol=2e-2, rtol=2e-2)
                 times[per] = round(time_ms(run, 20, graph=True, calls=20) * 1e3, 2)
             rows.append({"heads": heads, "keys": keys, "launch_splits": splits, "us_by_split_keys": times})

@@ -24,8 +24,8 @@
 #                                       # before it), its GPU tests (the engine with and without dependent launch,
 #                                       # normed GEMV, decode splits), the 512-token step of Qwen3-0.6B both ways
 #   bash scripts/gpu_perf.sh prefetch   # benchmarks/experiments/l2-prefetch.patch against this tree on one GEMV
-#                                       # table: batch 1 of Qwen3-8B, 11 runs (the last on a second table measured
-#                                       # from scratch; both tables saved), ~9 minutes
+#                                       # table: its GPU tests, batch 1 of Qwen3-8B 7 times (the last on a second
+#                                       # table measured from scratch; both tables saved), ~8 minutes
 #   bash scripts/gpu_perf.sh splits     # decode attention at batch 1, a split per 64-512 keys (decode_probe.py)
 #   bash scripts/gpu_perf.sh pdl-throughput  # W-8B and W-nano with and without --dependent-launch
 source "$(dirname "$0")/gpu_env.sh"
@@ -147,36 +147,44 @@ case "${1:-}" in
         2>&1 | grep -E "^\{|Error"
     done ;;
   prefetch)
-    # benchmarks/experiments/l2-prefetch.patch (benchmarks/experiments/README.md) over a copy of this
-    # tree in _patched/, both on this tree's GEMV table (copied to the patched tree's key, so the
-    # choices are the same): batch 1 of Qwen3-8B, the patch four ways, alternated with this tree
-    rm -rf _patched && mkdir _patched && cp -r lanner _patched/ && \
-      (cd _patched && patch -p1 -s < "$root/benchmarks/experiments/l2-prefetch.patch") || exit 1
-    mine=$(mktemp -d); theirs=$(mktemp -d)
+    # benchmarks/experiments/l2-prefetch.patch over a copy of this tree (_patched/): its GPU tests,
+    # then batch 1 of Qwen3-8B on this tree's GEMV table (copied to the patched tree's key: the same
+    # choices) four ways, between two runs of this tree; last, this tree on a table measured again
+    # from scratch (both tables saved: is the table's choice noise or the machine?). ~8 minutes
+    rm -rf _patched && mkdir _patched && cp -r lanner tests scripts pyproject.toml _patched/ && \
+      (cd _patched && { patch -p1 -s < "$root/benchmarks/experiments/l2-prefetch.patch" ||
+                        git apply "$root/benchmarks/experiments/l2-prefetch.patch"; }) || exit 1
+    (cd _patched && gpu_tests_k gemv "normed or dependent" && gpu_tests_k engine dependent)
+    mine=$(mktemp -d); theirs=$(mktemp -d); again=$(mktemp -d)
     LANNER_CACHE_DIR=$mine batch1 qwen3-8b . main
     (cd _patched && python3 - "$mine/gemv_tables.json" "$theirs/gemv_tables.json" <<'PY'
 import json, sys
 import torch
 from lanner.executor.gemv_table import table_key
 from lanner.kernels import set_dependent_launch
-set_dependent_launch(True)
-(_, entries), = json.load(open(sys.argv[1])).items()
+from lanner.kernels.pdl import supported
+set_dependent_launch(supported(torch.device("cuda")))  # as the engine's default
+(key, entries), = json.load(open(sys.argv[1])).items()
 json.dump({table_key(torch.device("cuda")): entries}, open(sys.argv[2], "w"))
+print("the table of", key, "copied to", table_key(torch.device("cuda")))
 PY
     ) || exit 1
     patched() {  # GEMV_BYTES KV_ROWS TAG
       LANNER_CACHE_DIR=$theirs LANNER_EXP_PREFETCH=$1 LANNER_EXP_KV_ROWS=$2 batch1 qwen3-8b _patched "$3"
     }
-    for pass in 1 2; do
-      [ $pass = 2 ] && LANNER_CACHE_DIR=$mine batch1 qwen3-8b . main-2
-      patched 32768 8 "gemv32k-kv-$pass"; patched 0 0 "off-$pass"; patched 8192 8 "gemv8k-kv-$pass"
-      patched 0 8 "kv-$pass"
-    done
-    # a second table measured from scratch on the same machine: do its choices match the first?
-    again=$(mktemp -d)
+    patched 32768 8 gemv32k-kv; patched 0 0 off; patched 8192 8 gemv8k-kv; patched 0 8 kv
+    LANNER_CACHE_DIR=$mine batch1 qwen3-8b . main-2
     LANNER_CACHE_DIR=$again batch1 qwen3-8b . main-fresh-table
     cp "$mine/gemv_tables.json" "$outdir/$day-gemv-table-main.json"
-    cp "$again/gemv_tables.json" "$outdir/$day-gemv-table-main-again.json" ;;
+    cp "$again/gemv_tables.json" "$outdir/$day-gemv-table-main-again.json"
+    python3 - "$outdir" <<'PY'
+import glob, json, sys
+for path in sorted(glob.glob(f"{sys.argv[1]}/*-latency-qwen3-8b-*.json")):
+    result = json.load(open(path))["results"]
+    print(path.rsplit("/", 1)[-1], result["sweep"][0]["tok_per_s_per_seq"], "tok/s,",
+          result["gemv"]["measured"], "GEMV shapes measured (0: the copied table)")
+PY
+    ;;
   pdl-throughput)
     # W-8B and W-nano (bf16 cache) with and without dependent launch, alternated, in one call
     for run in "W-8B qwen3-8b w8b" "W-nano qwen3-0.6b wnano"; do

@@ -8,11 +8,12 @@ wins; cuBLAS keeps a shape unless a configuration beats it by MIN_GAIN. The tabl
 per (GPU, dtype, shape) and kept in a JSON file under the cache folder, so a restart picks the same
 kernels (the same numerics) without measuring again; its key names the GPU, the torch and triton
 versions and a hash of the kernel's source (with the jit helpers it calls) and the candidates, so
-a change to any of them measures anew. A layer whose GEMV can take its input before another kernel's work (`Linear.input_kind`: a
-gated MLP's down projection takes gate and up, the projections after an RMSNorm take the norm's
-input) is measured as it runs, three ways: that kernel (silu_and_mul, the add + RMSNorm) then
-cuBLAS, that kernel then each configuration ("unfused <config>"), and each configuration doing the
-work as it loads x (kernels/gemv.py GATED, NORM); the fastest runs, so fusing never costs time."""
+a change to any of them measures anew. A layer whose GEMV can take its input before another
+kernel's work (`Linear.input_kind`: a gated MLP's down projection takes gate and up, the
+projections after an RMSNorm take the norm's input) is measured as it runs, three ways: that
+kernel (silu_and_mul, the add + RMSNorm) then cuBLAS, that kernel then each configuration
+("unfused <config>"), and each configuration doing the work as it loads x (kernels/gemv.py GATED,
+NORM); the fastest runs, so fusing never costs time."""
 from __future__ import annotations
 
 import hashlib
