@@ -27,6 +27,8 @@
 #                                       # table: its GPU tests, batch 1 of Qwen3-8B 7 times (the last on a second
 #                                       # table measured from scratch; both tables saved), ~8 minutes
 #   bash scripts/gpu_perf.sh splits     # decode attention at batch 1, a split per 64-512 keys (decode_probe.py)
+#   bash scripts/gpu_perf.sh prefill-split  # benchmarks/experiments/prefill-split.patch: its GPU test, then the
+#                                           # prefill probe's shapes, default tile against split keys
 #   bash scripts/gpu_perf.sh pdl-throughput  # W-8B and W-nano with and without --dependent-launch
 source "$(dirname "$0")/gpu_env.sh"
 root=$(pwd); outdir=$(cd "$out" && pwd)
@@ -51,6 +53,12 @@ batch1() {
   (cd "$2" && timeout 90 python3 -m lanner.cli bench latency --config "$root/benchmarks/configs/$1.json" \
     --batch-sizes 1 --input-len 128 --output-len 256 --gpu-memory-utilization 0.5 "${@:4}" \
     --output-json "$outdir/$day-latency-$1-$3.json") 2>&1 | grep -E "^\{'batch|Error"
+}
+# patched_copy NAME: _patched/, this tree's lanner, tests and scripts with benchmarks/experiments/NAME.patch
+patched_copy() {
+  rm -rf _patched && mkdir _patched && cp -r lanner tests scripts pyproject.toml _patched/ &&
+    (cd _patched && { patch -p1 -s < "$root/benchmarks/experiments/$1.patch" ||
+                      git apply "$root/benchmarks/experiments/$1.patch"; })
 }
 case "${1:-}" in
   tests)
@@ -151,9 +159,7 @@ case "${1:-}" in
     # then batch 1 of Qwen3-8B on this tree's GEMV table (copied to the patched tree's key: the same
     # choices) four ways, between two runs of this tree; last, this tree on a table measured again
     # from scratch (both tables saved: is the table's choice noise or the machine?). ~8 minutes
-    rm -rf _patched && mkdir _patched && cp -r lanner tests scripts pyproject.toml _patched/ && \
-      (cd _patched && { patch -p1 -s < "$root/benchmarks/experiments/l2-prefetch.patch" ||
-                        git apply "$root/benchmarks/experiments/l2-prefetch.patch"; }) || exit 1
+    patched_copy l2-prefetch || exit 1
     (cd _patched && gpu_tests_k gemv "normed or dependent" && gpu_tests_k engine dependent)
     mine=$(mktemp -d); theirs=$(mktemp -d); again=$(mktemp -d)
     LANNER_CACHE_DIR=$mine batch1 qwen3-8b . main
@@ -185,6 +191,14 @@ for path in sorted(glob.glob(f"{sys.argv[1]}/*-latency-qwen3-8b-*.json")):
           result["gemv"]["measured"], "GEMV shapes measured (0: the copied table)")
 PY
     ;;
+  prefill-split)
+    # benchmarks/experiments/prefill-split.patch: its kernel against the torch reference on the GPU,
+    # then prefill_probe.py's shapes with the default tile and the split-key kernel's tiles
+    patched_copy prefill-split || exit 1
+    (cd _patched && timeout 200 python3 -m pytest -o addopts="" -q -p no:cacheprovider -p no:warnings \
+      tests/test_prefill_split.py 2>&1 | tail -3 | tee "$outdir/gpu-tests-prefill-split.txt" &&
+      DEFAULT_ONLY=1 SPLIT="128 256" timeout 300 python3 scripts/prefill_probe.py \
+        "$outdir/$day-prefill-split-probe.json" 2>&1 | grep -v Warning) ;;
   pdl-throughput)
     # W-8B and W-nano (bf16 cache) with and without dependent launch, alternated, in one call
     for run in "W-8B qwen3-8b w8b" "W-nano qwen3-0.6b wnano"; do
@@ -200,6 +214,6 @@ PY
       KV_DTYPE=$kv SPLIT_KEYS="64 128 256 512" timeout 280 python3 scripts/decode_probe.py \
         "$outdir/$day-decode-split-keys-$kv.json" 2>&1 | grep -v Warning
     done ;;
-  *) echo "usage: $0 tests|serve|breakdown|steps|latency|hostphases|kv|gemv|sampled|topp|norms|unmeasured|pdl|prefetch|pdl-throughput|splits" >&2
+  *) echo "usage: $0 tests|serve|breakdown|steps|latency|hostphases|kv|gemv|sampled|topp|norms|unmeasured|pdl|prefetch|prefill-split|pdl-throughput|splits" >&2
      exit 2 ;;
 esac
