@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 from conftest import _save, hf_greedy, hf_model, make_llm, random_prompts
@@ -296,3 +297,17 @@ def test_a_frozen_heap_goes_back_to_the_collector_after_the_block():
     with frozen_heap():
         assert gc.get_freeze_count() > before
     assert gc.get_freeze_count() == before
+
+
+def test_bench_step_on_the_cpu_times_eager_steps_and_no_device_time(qwen3_path):
+    """On the CPU there are no graphs and no CUDA events: wall times alone."""
+    from lanner.bench.steps import step_times
+
+    llm = make_llm(qwen3_path, overlap_scheduling=False)
+    with pytest.raises(ValueError, match="over 16"):  # a mixed step would have no prompt
+        step_times(llm, [16], repeats=1)
+    rows = step_times(llm, [32], repeats=1)
+    assert [row["kind"] for row in rows] == ["prefill", "mixed"]
+    assert all(row["eager_ms"] > 0 and not any(k.endswith("_gpu_ms") or k.startswith("whole") for k in row)
+               for row in rows), rows
+    assert llm.engine.runner.step_times is None

@@ -1,6 +1,8 @@
 """`lanner bench step`: the time of one prefill or mixed step of N tokens, through the
 whole-forward CUDA graphs (where N has one), the piecewise graphs alone, and eagerly, in
-the same process on the same weights."""
+the same process on the same weights; on a GPU also its device time from the forward's start
+to the sampled tokens (`<mode>_gpu_ms`, CUDA events): the rest of `<mode>_ms` is host work
+before the launch and after the read-back."""
 from __future__ import annotations
 
 import statistics
@@ -10,13 +12,15 @@ import torch
 
 from lanner.bench.common import sync
 from lanner.core.request import SamplingParams
+from lanner.executor.step_handle import StepTimes
 
 NUM_DECODES = 16  # running requests that decode alongside the prefill chunk in a mixed step
 
 
-def _time_step(engine, num_tokens: int, kind: str, seed: int) -> float:
+def _time_step(engine, num_tokens: int, kind: str, seed: int) -> tuple[float, float | None]:
     """Seconds for one synchronous engine step of `num_tokens` tokens: a fresh prompt
-    (`prefill`), or NUM_DECODES decoding requests plus a fresh prompt (`mixed`)."""
+    (`prefill`), or NUM_DECODES decoding requests plus a fresh prompt (`mixed`); and on a GPU the
+    step's device time in milliseconds (StepTimes: the forward's start to sampling), else None."""
     g = torch.Generator().manual_seed(seed)
     vocab = engine.vocab_size
     ids = []
@@ -30,14 +34,20 @@ def _time_step(engine, num_tokens: int, kind: str, seed: int) -> float:
     ids.append(f"p{seed}")
     engine.add_request(ids[-1], torch.randint(0, vocab, (prompt_len,), generator=g).tolist(),
                        SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
+    runner = engine.runner
+    kept, times = runner.step_times, StepTimes(each=[])  # it records only on a GPU
+    runner.step_times = times
     sync()
     start = time.perf_counter()
-    engine.step()
-    sync()
+    try:
+        engine.step()
+        sync()
+    finally:
+        runner.step_times = kept
     seconds = time.perf_counter() - start
     for request_id in ids:
         engine.abort_request(request_id)
-    return seconds
+    return seconds, times.each[-1][0] if times.each else None
 
 
 def step_times(llm, token_counts: list[int], repeats: int) -> list[dict]:
@@ -45,6 +55,9 @@ def step_times(llm, token_counts: list[int], repeats: int) -> list[dict]:
     runner = engine.runner
     if engine.config.scheduler.overlap_scheduling:
         raise ValueError("lanner bench step times synchronous steps: pass --no-overlap-scheduling")
+    if min(token_counts) <= NUM_DECODES:
+        raise ValueError(f"lanner bench step: a mixed step holds {NUM_DECODES} decode rows and a prompt, so every "
+                         f"token count must be over {NUM_DECODES}")
     piecewise = runner.piecewise
     whole = piecewise.full_graphs if piecewise is not None else {}
     modes = ({"whole": (piecewise, whole)} if whole else {}) | \
@@ -62,8 +75,10 @@ def step_times(llm, token_counts: list[int], repeats: int) -> list[dict]:
                         graphs.full_graphs = full
                     # distinct prompts for every step: a prefix-cache hit would skip the work
                     seeds = [(n * 2 + (kind == "mixed")) * 1000 + m * 100 + r for r in range(repeats + 1)]
-                    times = [_time_step(engine, n, kind, seed) for seed in seeds][1:]
-                    row[f"{mode}_ms"] = round(statistics.median(times) * 1e3, 3)
+                    seconds, gpu_ms = zip(*[_time_step(engine, n, kind, seed) for seed in seeds][1:])
+                    row[f"{mode}_ms"] = round(statistics.median(seconds) * 1e3, 3)
+                    if None not in gpu_ms:
+                        row[f"{mode}_gpu_ms"] = round(statistics.median(gpu_ms), 3)
             finally:
                 runner.piecewise = piecewise
                 if piecewise is not None:

@@ -245,3 +245,15 @@ def test_dependent_launch_changes_no_output(tmp_path, monkeypatch):
             gc.collect()
             torch.cuda.empty_cache()
     assert runs[True, False] == runs[False, False] and runs[True, True] == runs[False, True], runs
+
+
+def test_bench_step_splits_the_steps_device_time_from_its_wall_time():
+    """`lanner bench step` reports each mode's device time (CUDA events from the forward's start to
+    sampling) beside its wall time: a positive share of it, so the rest is host work."""
+    from lanner.bench.steps import step_times
+
+    llm = LLM(dtype="bfloat16", overlap_scheduling=False, gpu_memory_utilization=0.3)
+    for row in step_times(llm, [64], repeats=2):
+        for mode in ("whole", "piecewise", "eager"):
+            assert 0 < row[f"{mode}_gpu_ms"] <= row[f"{mode}_ms"], row
+    assert llm.engine.runner.step_times is None
