@@ -180,16 +180,15 @@ class ModelRunner:
         table's measurement, which times launches as the model makes them."""
         from lanner.kernels import set_dependent_launch
 
-        if self.device.type != "cuda":
-            if choice:
-                raise ConfigError("dependent_launch needs a CUDA GPU of compute capability 9.0 or newer")
-            set_dependent_launch(False)  # an engine on a GPU may have turned it on in this process
-            return
-        from lanner.kernels.pdl import supported
+        able = False
+        if self.device.type == "cuda":
+            from lanner.kernels.pdl import supported  # imports Triton: the GPU path only
 
-        if choice and not supported(self.device):
-            raise ConfigError("dependent_launch needs a GPU of compute capability 9.0 or newer and Triton 3.4+")
-        set_dependent_launch(supported(self.device) if choice is None else choice)
+            able = supported(self.device)
+        if choice and not able:
+            raise ConfigError("dependent_launch needs an NVIDIA GPU of compute capability 9.0 or newer and Triton 3.4+")
+        # set on every engine: one on a GPU may have turned it on in this process
+        set_dependent_launch(able if choice is None else choice)
 
     def _choose_gemv_kernels(self, choice: str) -> dict | None:
         """Point the model's small-batch matmuls at the Triton GEMV where it wins on this GPU
