@@ -64,7 +64,8 @@ def main() -> None:
             check(f"decode attention, {cache[1:]} cache, {splits} splits", _decode_split_kernel,
                   decode | {"k_cache_ptr": cache, "v_cache_ptr": cache},
                   {"NUM_HEADS": 16, "GROUP": 2, "GROUP_PAD": 16, "HEAD_DIM": 128, "PAGE": 16, "NUM_SPLITS": splits,
-                   "MIN_SPLIT_KEYS": 256, "BLOCK_N": 64, "PRECISION": "tf32", "PDL": splits == 16})
+                   "MIN_SPLIT_KEYS": 64, "ONE_SPLIT_KEYS": 128,
+                   "BLOCK_N": 64, "PRECISION": "tf32", "PDL": splits == 16})
 
 
 if __name__ == "__main__":

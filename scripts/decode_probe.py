@@ -4,8 +4,9 @@ contexts of W-8B and W-nano (and batch 1 / 16 at 8k), Qwen3's 32/16 query heads 
   PYTHONPATH=. [KV_DTYPE=fp8] python3 scripts/decode_probe.py [OUT.json]
 KV_DTYPE=fp8: the cache in e4m3 (--kv-cache-dtype fp8), half the bytes to read. TILES="64,1,2 128,2,2":
 these tiles only (keys, warps, stages); SPLITS=N: N times the engine's split count.
-SPLIT_KEYS="64 128 256 512": instead, batch 1 at 128-8k keys (16 and 32 query heads) with a split per
-that many keys of the sequence (`min_split_keys`; the engine's is MIN_SPLIT_KEYS), the default tile,
+SPLIT_KEYS="64/128 64 128 256": instead, batch 1 at 128-8k keys (16 and 32 query heads) with a split per
+that many keys of the sequence (`min_split_keys`; the engine's is MIN_SPLIT_KEYS) and, after a slash,
+one split up to that many keys (`one_split_keys`, ONE_SPLIT_KEYS; without one: the split's), the default tile,
 timed in CUDA graphs of 20 calls with dependent launch where the GPU has it, as a decode graph runs
 (one layer's cache, so up to ~8 MiB of it stays in L2 between calls, which a model's other layers
 would evict: the short contexts read as a lower bound)."""
@@ -37,7 +38,7 @@ if os.environ.get("TILES"):
     TILES = [tuple(int(x) for x in t.split(",")) for t in os.environ["TILES"].split()]
 
 
-def split_keys_rows(sms: int, split_keys: list[int]) -> list[dict]:
+def split_keys_rows(sms: int, split_keys: list[str]) -> list[dict]:
     from lanner.bench.common import time_ms
     from lanner.kernels import set_dependent_launch
     from lanner.kernels.pdl import supported
@@ -45,7 +46,7 @@ def split_keys_rows(sms: int, split_keys: list[int]) -> list[dict]:
     set_dependent_launch(supported(torch.device("cuda")))
     rows = []
     for heads in (16, 32):
-        for keys in (128, 384, 1024, 2048, 4096, 8192):
+        for keys in (128, 192, 256, 384, 640, 1024, 2048, 4096, 8192):
             q, kc, vc, bt, sl, _ = paged_problem([keys], [1], heads, 8, 128, 16, torch.bfloat16, "cuda")
             if FP8:
                 kc, vc = fp8_caches(kc, vc)
@@ -55,8 +56,10 @@ def split_keys_rows(sms: int, split_keys: list[int]) -> list[dict]:
             out, workspace = torch.empty_like(q), decode_workspace(splits, heads, 128, 8, "cuda")
             times = {}
             for per in split_keys:
+                least, _, one = per.partition("/")
                 run = functools.partial(decode_attention, q, kc, vc, bt, sl, 0.08, splits, out=out,
-                                        workspace=workspace, min_split_keys=per)
+                                        workspace=workspace, min_split_keys=int(least),
+                                        one_split_keys=int(one or least))
                 torch.testing.assert_close(run(), ref, atol=2e-2, rtol=2e-2)
                 times[per] = round(time_ms(run, 20, graph=True, calls=20) * 1e3, 2)
             rows.append({"heads": heads, "keys": keys, "launch_splits": splits, "us_by_split_keys": times})
@@ -67,7 +70,7 @@ def split_keys_rows(sms: int, split_keys: list[int]) -> list[dict]:
 def main() -> None:
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     if os.environ.get("SPLIT_KEYS"):
-        rows = split_keys_rows(sms, [int(x) for x in os.environ["SPLIT_KEYS"].split()])
+        rows = split_keys_rows(sms, os.environ["SPLIT_KEYS"].split())
         if len(sys.argv) > 1:
             with open(sys.argv[1], "w") as f:
                 json.dump({"gpu": torch.cuda.get_device_name(), "kv": "fp8" if FP8 else "bf16", "batch": 1,

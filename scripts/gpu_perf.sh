@@ -26,7 +26,9 @@
 #   bash scripts/gpu_perf.sh prefetch   # benchmarks/experiments/l2-prefetch.patch against this tree on one GEMV
 #                                       # table: its GPU tests, batch 1 of Qwen3-8B 7 times (the last on a second
 #                                       # table measured from scratch; both tables saved), ~8 minutes
-#   bash scripts/gpu_perf.sh splits     # decode attention at batch 1, a split per 64-512 keys (decode_probe.py)
+#   bash scripts/gpu_perf.sh splits     # decode attention at batch 1, the split rule against a split per 64-256
+#                                       # keys (decode_probe.py); then, with _base/, batch 1 of both models and
+#                                       # the decode kernels' GPU tests
 #   bash scripts/gpu_perf.sh prefill-split  # benchmarks/experiments/prefill-split.patch: its GPU test, then the
 #                                           # prefill probe's shapes, default tile against split keys
 #   bash scripts/gpu_perf.sh pdl-throughput  # W-8B and W-nano with and without --dependent-launch
@@ -209,10 +211,16 @@ PY
       done
     done ;;
   splits)
-    # decode attention at batch 1: a split per 64-512 keys of the sequence, 128-8k keys, bf16 and fp8
+    # decode attention at batch 1: the engine's rule (a split per 64 keys, one up to 128) against a
+    # split per 64-256 keys of the sequence, 128-8k keys, bf16 and fp8
     for kv in bf16 fp8; do
-      KV_DTYPE=$kv SPLIT_KEYS="64 128 256 512" timeout 280 python3 scripts/decode_probe.py \
+      KV_DTYPE=$kv SPLIT_KEYS="64/128 64 128 256" timeout 200 python3 scripts/decode_probe.py \
         "$outdir/$day-decode-split-keys-$kv.json" 2>&1 | grep -v Warning
+    done
+    gpu_tests_k kernels decode
+    export LANNER_CACHE_DIR=$(mktemp -d)  # one GEMV table for both trees (decode.py is not in its key)
+    for cfg in qwen3-8b qwen3-0.6b; do
+      for run in ". new" "_base base" ". new-2" "_base base-2"; do batch1 $cfg $run; done
     done ;;
   *) echo "usage: $0 tests|serve|breakdown|steps|latency|hostphases|kv|gemv|sampled|topp|norms|unmeasured|pdl|prefetch|prefill-split|pdl-throughput|splits" >&2
      exit 2 ;;

@@ -38,13 +38,14 @@ def test_store_kv_skips_padding_slots():
     (2, 2, 64, 16, [0, 40], 2),  # a padding row (length 0) must come out zero
 ])
 def test_decode_matches_reference(heads, kv_heads, dim, page, seq_lens, splits):
-    """min_split_keys 8: the short sequences here use several splits (5 keys: one)."""
+    """A split per 8 keys: the short sequences here use several splits (5 keys: one)."""
     q, kc, vc, bt, sl, _ = paged_problem(seq_lens, [1] * len(seq_lens), heads, kv_heads, dim, page,
                                          torch.float32, DEV)
     workspace = decode_workspace(len(seq_lens) * splits, heads, dim, len(seq_lens) * kv_heads, DEV)
     ref = decode_attention_ref(q, kc, vc, bt, sl, 0.3)
     for _ in range(2):  # the last split of each (sequence, kv head) merges, and zeroes its counter for the next
-        out = decode_attention(q, kc, vc, bt, sl, 0.3, num_splits=splits, workspace=workspace, min_split_keys=8)
+        out = decode_attention(q, kc, vc, bt, sl, 0.3, num_splits=splits, workspace=workspace, min_split_keys=8,
+                               one_split_keys=8)
         torch.testing.assert_close(out, ref, atol=2e-3, rtol=2e-3)
         assert torch.all(out[torch.tensor(seq_lens) == 0] == 0)
         assert not workspace[2].any()
@@ -52,17 +53,18 @@ def test_decode_matches_reference(heads, kv_heads, dim, page, seq_lens, splits):
 
 def test_a_short_sequence_uses_fewer_splits_than_the_launch():
     """The launch's split count is an upper bound: each sequence uses one split per MIN_SPLIT_KEYS
-    (256) keys, so a batch-1 step of a short sequence writes its output directly (no partials, no
-    merge), and a 300-key one merges two partials, not four. The partials start as NaN: those a
-    sequence should not write stay NaN, and the outputs equal the reference's."""
-    seq_lens, splits, heads = [5, 256, 300], 4, 4
+    (64) keys, and one up to ONE_SPLIT_KEYS (128), so a batch-1 step of a short sequence writes its
+    output directly (no partials, no merge), and a 200-key one merges four partials, not eight. The
+    partials start as NaN: those a sequence should not write stay NaN, and the outputs equal the
+    reference's."""
+    seq_lens, splits, heads = [5, 128, 200], 8, 4
     q, kc, vc, bt, sl, _ = paged_problem(seq_lens, [1] * 3, heads, 2, 16, 16, torch.float32, DEV)
     workspace = decode_workspace(3 * splits, heads, 16, 3 * 2, DEV)
     workspace[0].fill_(float("nan")), workspace[1].fill_(float("nan"))
     out = decode_attention(q, kc, vc, bt, sl, 0.3, num_splits=splits, workspace=workspace)
     torch.testing.assert_close(out, decode_attention_ref(q, kc, vc, bt, sl, 0.3), atol=2e-3, rtol=2e-3)
     written = ~workspace[1].view(3, heads, splits).isnan()
-    assert not written[:2].any() and written[2, :, :2].all() and not written[2, :, 2:].any()
+    assert not written[:2].any() and written[2, :, :4].all() and not written[2, :, 4:].any()
     assert not workspace[2].any()
 
 
@@ -115,7 +117,8 @@ def test_decode_and_prefill_read_an_fp8_cache():
 def test_decode_splits_follow_the_gpus_multiprocessor_count():
     assert num_decode_splits(1, 8, 32768, num_sms=132) == 16  # an H100: capped at 16
     assert num_decode_splits(1, 8, 32768, num_sms=16) == 4  # a small GPU fills with fewer
-    assert num_decode_splits(1, 8, 300, num_sms=132) == 2  # no split shorter than 256 keys
+    assert num_decode_splits(1, 8, 200, num_sms=132) == 4  # no split shorter than 64 keys
+    assert num_decode_splits(1, 8, 128, num_sms=132) == 1  # two tiles beat two splits and a merge
     assert num_decode_splits(256, 8, 32768, num_sms=132) == 1  # the batch alone fills the GPU
 
 

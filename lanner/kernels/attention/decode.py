@@ -7,9 +7,9 @@ in parallel and write partial results; the last split of a (sequence, kv head) t
 finish (an atomic counter says which) merges them by log-sum-exp and resets the
 counter, so decode attention is one kernel a layer (a merge kernel of its own cost a
 graph node and a launch gap a layer at batch 1). The launch's split count is the most a
-sequence may use: each uses as many as its length gives MIN_SPLIT_KEYS keys. With one
-split (a batch large enough to fill the GPU alone, or a short sequence) the program
-writes the output directly: no partials, no count, no merge.
+sequence may use: each uses as many as its length gives MIN_SPLIT_KEYS keys, or one when it
+has at most ONE_SPLIT_KEYS. With one split (a batch large enough to fill the GPU alone, or a
+short sequence) the program writes the output directly: no partials, no count, no merge.
 A sequence of length 0 (a padding row of a CUDA graph) gets an all-zero output.
 """
 from __future__ import annotations
@@ -25,9 +25,13 @@ from lanner.kernels.attention.prefill import dot_precision, load_kv_tile, query_
 from lanner.kernels.attention.reference import FP8_KV_DTYPE
 from lanner.kernels.pdl import wait_for_prior
 
-# a split's fewest keys: below them the partials' write, count and merge cost more than the keys
-# they spread (the splits of a batch-1 step of a short sequence collapse to one, with no merge)
-MIN_SPLIT_KEYS = 256
+# A split's fewest keys, and the most keys a sequence walks in one program. On the H100 at batch 1
+# (scripts/decode_probe.py SPLIT_KEYS, docs/benchmarks.md 2026-12-05 22:40) a program's keys are
+# walked one 64-key tile after another, ~1.4 us a tile past the second, while a merge of the
+# partials costs ~0.5 us: so a tile a split, except that two tiles in one program beat two splits.
+# 384 keys of Qwen3-8B's shape: 5.5 us a layer against 7.9 with a split per 256 keys.
+MIN_SPLIT_KEYS = 64
+ONE_SPLIT_KEYS = 128
 
 
 @triton.jit
@@ -35,16 +39,17 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_
                          part_lse_ptr, counter_ptr, out_ptr, scale, v_scale, stride_qt, stride_qh, stride_ot,
                          stride_oh, stride_kb, stride_ks, stride_kh, stride_bt, NUM_HEADS: tl.constexpr,
                          GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
-                         NUM_SPLITS: tl.constexpr, MIN_SPLIT_KEYS: tl.constexpr, BLOCK_N: tl.constexpr,
-                         PRECISION: tl.constexpr, PDL: tl.constexpr):
+                         NUM_SPLITS: tl.constexpr, MIN_SPLIT_KEYS: tl.constexpr, ONE_SPLIT_KEYS: tl.constexpr,
+                         BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr):
     wait_for_prior(PDL)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq)
     # the splits this sequence uses at its length (the launch's were sized for the longest it may
-    # have): none shorter than MIN_SPLIT_KEYS keys; the programs past them have no keys and do nothing
-    splits = tl.maximum(tl.minimum(tl.cdiv(seq_len, MIN_SPLIT_KEYS), NUM_SPLITS), 1)
+    # have): none shorter than MIN_SPLIT_KEYS keys, and one up to ONE_SPLIT_KEYS; the programs past
+    # them have no keys and do nothing
+    splits = tl.where(seq_len <= ONE_SPLIT_KEYS, 1, tl.minimum(tl.cdiv(seq_len, MIN_SPLIT_KEYS), NUM_SPLITS))
     split_len = tl.cdiv(tl.cdiv(seq_len, splits), BLOCK_N) * BLOCK_N
     start = split * split_len
     end = tl.minimum(start + split_len, seq_len)
@@ -140,6 +145,8 @@ def decode_tile(head_dim: int, fp8_cache: bool = False, num_splits: int = 1) -> 
 def num_decode_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int) -> int:
     """Enough programs to fill the GPU's `num_sms` multiprocessors twice over, but no split shorter
     than MIN_SPLIT_KEYS keys (the kernel uses fewer for a sequence shorter than the longest)."""
+    if max_seq_len <= ONE_SPLIT_KEYS:
+        return 1
     want = math.ceil(2 * num_sms / max(1, num_seqs * num_kv_heads))
     return max(1, min(want, 16, math.ceil(max_seq_len / MIN_SPLIT_KEYS)))
 
@@ -157,12 +164,14 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      seq_lens: torch.Tensor, scale: float, num_splits: int, out: torch.Tensor | None = None,
                      workspace: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
                      tile: tuple[int, int, int] | None = None, k_scale: float = 1.0,
-                     v_scale: float = 1.0, min_split_keys: int = MIN_SPLIT_KEYS) -> torch.Tensor:
+                     v_scale: float = 1.0, min_split_keys: int = MIN_SPLIT_KEYS,
+                     one_split_keys: int = ONE_SPLIT_KEYS) -> torch.Tensor:
     """q: [B, heads, dim]; block_tables: [B, max_blocks] int32; seq_lens: [B] int32 (0: padding row);
     the caches are of q's dtype, or fp8 (e4m3) holding K / k_scale and V / v_scale.
     `workspace` (decode_workspace: partials and split counters) may be pre-allocated so CUDA graphs
     can capture the call. `tile`: (keys a tile, warps, pipeline stages) instead of decode_tile(head_dim)'s.
-    A sequence uses at most `num_splits` splits, and none shorter than `min_split_keys` keys."""
+    A sequence uses at most `num_splits` splits, none shorter than `min_split_keys` keys, and one
+    when it has at most `one_split_keys`."""
     B, H, D = q.shape
     _, page, kv_heads, _ = k_cache.shape
     group = H // kv_heads
@@ -176,6 +185,6 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1),
         k_cache.stride(2), block_tables.stride(0),
         NUM_HEADS=H, GROUP=group, GROUP_PAD=max(16, next_power_of_2(group)), HEAD_DIM=D, PAGE=page,
-        NUM_SPLITS=num_splits, MIN_SPLIT_KEYS=min_split_keys, BLOCK_N=block_n, PRECISION=dot_precision(q),
-        num_warps=num_warps, num_stages=num_stages, **dependent_launch())
+        NUM_SPLITS=num_splits, MIN_SPLIT_KEYS=min_split_keys, ONE_SPLIT_KEYS=one_split_keys, BLOCK_N=block_n,
+        PRECISION=dot_precision(q),        num_warps=num_warps, num_stages=num_stages, **dependent_launch())
     return out
