@@ -32,6 +32,9 @@
 #   bash scripts/gpu_perf.sh prefill-split  # benchmarks/experiments/prefill-split.patch: its GPU test, then the
 #                                           # prefill probe's shapes, default tile against split keys
 #   bash scripts/gpu_perf.sh pdl-throughput  # W-8B and W-nano with and without --dependent-launch
+#   bash scripts/gpu_perf.sh advance    # decode steps advanced on the device: their GPU tests, then batch 1 of
+#                                       # both models over _base/, _split/ and this tree on one GEMV table
+#                                       # (~7 minutes); HOSTPHASES=1: scripts/host_phases.py over them instead
 source "$(dirname "$0")/gpu_env.sh"
 root=$(pwd); outdir=$(cd "$out" && pwd)
 # tree_runs DEFAULT_CFG...: a "TREE TAG CFG" line for _base/ (tag base, when present), then this tree
@@ -222,6 +225,23 @@ PY
     for cfg in qwen3-8b qwen3-0.6b; do
       for run in ". new" "_base base" ". new-2" "_base base-2"; do batch1 $cfg $run; done
     done ;;
-  *) echo "usage: $0 tests|serve|breakdown|steps|latency|hostphases|kv|gemv|sampled|topp|norms|unmeasured|pdl|prefetch|prefill-split|pdl-throughput|splits" >&2
+  advance)
+    # trees: _base/ (before the split rule and the advance), _split/ (the split rule), this tree
+    if [ -n "${HOSTPHASES:-}" ]; then
+      for tree in _split .; do
+        echo "== host phases $tree"
+        (cd "$tree" && python3 "$root/scripts/host_phases.py" --config "$root/benchmarks/configs/qwen3-0.6b.json") \
+          > "$outdir/$day-host-phases-qwen3-0.6b-${tree//[^a-z]/}.txt" 2>&1
+        grep -E '"(schedule|prepare|prepare.stage|plan|step|prepare \+ plan[^"]*)"' \
+          "$outdir/$day-host-phases-qwen3-0.6b-${tree//[^a-z]/}.txt"
+      done
+      exit 0
+    fi
+    gpu_tests_k engine "advanced or no_host_sync"
+    export LANNER_CACHE_DIR=$(mktemp -d)  # one GEMV table for every tree (decode.py is not in its key)
+    for cfg in qwen3-8b qwen3-0.6b; do
+      for run in ". new" "_split split" "_base base" ". new-2" "_split split-2"; do batch1 $cfg $run; done
+    done ;;
+  *) echo "usage: $0 tests|serve|breakdown|steps|latency|hostphases|kv|gemv|sampled|topp|norms|unmeasured|pdl|prefetch|prefill-split|pdl-throughput|splits|advance" >&2
      exit 2 ;;
 esac

@@ -171,10 +171,14 @@ def warm_staging_us(runner, sched, reps: int = 300) -> float:
     makes) repeated back to back: what staging costs with its code and data in the caches, against
     the in-step figure, where the forward before it has evicted them. The schedule is the last
     step's (the request has moved on one position since: the staging is the same work); the repeats
-    rewrite the static inputs the next real step stages again."""
+    rewrite the static inputs the next real step stages again. Steps that advance on the device
+    skip staging: the in-step `prepare` is theirs, and `plan` is absent from them."""
     size = runner.graphs.padded_size(len(sched.scheduled)) if runner.graphs is not None else None
     times = []
     for _ in range(reps):
+        # staged from the host every time: a step advanced on the device (executor/advance.py) is
+        # not repeatable, and the next real step must not advance from the repeats' inputs
+        runner.decode_run = None
         start = time.perf_counter()
         batch = runner.prepare(sched)[0]
         runner.backend.plan(batch, num_padded_seqs=size)

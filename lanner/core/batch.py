@@ -28,6 +28,9 @@ class ForwardBatch:
     # logits_indices padded with row 0 to a multiple of LOGITS_ROW_BUCKET, for the LM head outside
     # graphs: cuBLAS spends ~3 ms of host time the first time it sees a row count (H200, measured)
     padded_logits_indices: torch.Tensor | None = None
+    # the attention backend's metadata for this step is in place already (a decode step advanced on
+    # the device, executor/advance.py): the runner does not plan it again
+    planned: bool = False
 
     @property
     def num_seqs(self) -> int:

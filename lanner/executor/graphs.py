@@ -140,5 +140,6 @@ class DecodeGraphs(SizeLadder):
         returns the logits and hidden states of every row, padding included (the graph's output
         buffers: read them before the next replay of any of the target's graphs, decode, pieces or
         whole-forward, which share one memory pool)."""
-        self.runner.backend.plan(batch, num_padded_seqs=size)
+        if not batch.planned:
+            self.runner.backend.plan(batch, num_padded_seqs=size)
         return self.replay_graph(size)

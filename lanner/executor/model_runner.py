@@ -19,6 +19,7 @@ from lanner.core.schedule import SchedulerOutput
 from lanner.core.transfer import PinnedRing, Views, to_device, write_pieces
 from lanner.distributed import whole_on_every_rank
 from lanner.errors import ConfigError
+from lanner.executor.advance import DecodeRun, advance, decode_run
 from lanner.executor.deferred import Deferred
 from lanner.executor.drafter import Drafter
 from lanner.executor.gemv_table import assign_gemv_kernels
@@ -92,6 +93,12 @@ class ModelRunner:
         self.slot_mapping.fill_(-1)
         self.num_real_tokens = self.staged[4, :1]
         self._staged_views = Views()
+        self.num_stages = 0  # stagings so far: one since a DecodeRun was recorded overwrote its inputs
+        # the last decode step, which the next may advance on the device (executor/advance.py); tests
+        # and timings switch `advance_decodes` off to stage every step
+        self.decode_run: DecodeRun | None = None
+        self.advance_decodes = True
+        self.num_advanced_steps = 0
         self.last_sampled = torch.zeros(sched.max_num_seqs, dtype=torch.long, device=device)
         # the last step's drafts accepted and drafts proposed per sampling request (a drafter's)
         self.last_accepted: torch.Tensor | None = None
@@ -441,7 +448,8 @@ class ModelRunner:
         if self.piecewise is not None:
             hidden = self.piecewise.forward(batch, self.backend)
         else:
-            self.backend.plan(batch)
+            if not batch.planned:
+                self.backend.plan(batch)
             with forward_context(self.backend):
                 hidden = self.model(batch.input_ids, batch.positions)
         if batch.padded_logits_indices is None:
@@ -457,6 +465,9 @@ class ModelRunner:
         prompt_rows: (request, first row, prompt tokens those rows predict);
         layout: per request (request, first row, tokens, drafts, first sampling row or None), for a drafter;
         deferred: the inputs filled in on the device from the step before (executor/deferred.py)."""
+        advanced = advance(self, sched) if self.decode_run is not None else None
+        if advanced is not None:
+            return advanced
         input_ids, positions, slots, sample_at, score_at = [], [], [], [], []
         # input ids, positions and slots in pieces: lists of the other requests' items, between the
         # arrays of long chunks
@@ -533,6 +544,7 @@ class ModelRunner:
                            self.last_accepted, self.last_proposed, start, self.deferred_uploads, staged_rows)
             if deferred.shifts:  # decode rows: a row's context is its position + 1
                 batch.device_seq_lens = self.positions[:start] + 1
+        self.decode_run = decode_run(self, sched, batch)
         return batch, samplers, offsets, prompt_rows, layout, deferred
 
     def _stage(self, input_pieces, position_pieces, slot_pieces, query_lens, seq_lens, block_tables, logits_indices,
@@ -547,6 +559,7 @@ class ModelRunner:
         # come after the count)
         fields = [logits_indices, [T], *(pending or ())]
         host, view = self.uploads.take((3 + len(fields), cols), torch.long)
+        self.num_stages += 1
         view[...] = STAGED_PADDING[:3 + len(fields)]  # one numpy call, not one a row: ~15 us of a batch-1 step
         for row, pieces in zip(view, (input_pieces, position_pieces, slot_pieces)):
             write_pieces(row, pieces)

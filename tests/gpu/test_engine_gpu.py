@@ -259,3 +259,32 @@ def test_bench_step_splits_the_steps_device_time_from_its_wall_time():
         for mode in modes:
             assert 0 < row[f"{mode}_gpu_ms"] <= row[f"{mode}_ms"], row
     assert llm.engine.runner.step_times is None
+
+
+def test_advanced_decode_steps_change_no_output():
+    """Decode steps advanced on the device (executor/advance.py) give the tokens and log-probabilities
+    of steps staged from the host, bit for bit, in decode graphs and eagerly, while requests join
+    (a prompt chunked among the decodes) and finish; a lone request advances all its decode steps
+    but the first and those that start a KV block."""
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, logprobs=1) for n in (40, 25, 33, 7, 18)]
+    sampled = SamplingParams(temperature=0.8, top_p=0.9, seed=3, max_tokens=30, ignore_eos=True)
+    runs = {}
+    for eager in (False, True):
+        for advance in (True, False):
+            llm = LLM(dtype="bfloat16", enforce_eager=eager, gpu_memory_utilization=0.3, max_num_batched_tokens=64)
+            runner = llm.engine.runner
+            runner.advance_decodes = advance
+            outs = llm.generate(PROMPTS[:5], params, use_tqdm=False)
+            batch_steps = runner.num_advanced_steps
+            outs += llm.generate(PROMPTS[5:6], params[0], use_tqdm=False)
+            lone = runner.num_advanced_steps - batch_steps
+            outs += llm.generate(PROMPTS[6:9], sampled, use_tqdm=False)
+            runs[eager, advance] = ([(o.outputs[0].token_ids, o.outputs[0].cumulative_logprob) for o in outs],
+                                    batch_steps, lone)
+            del llm
+            gc.collect()
+            torch.cuda.empty_cache()
+    for eager in (False, True):
+        assert runs[eager, True][0] == runs[eager, False][0], eager
+        assert runs[eager, False][1:] == (0, 0)
+        assert runs[eager, True][1] > 0 and 39 - 4 <= runs[eager, True][2] < 39, runs[eager, True][1:]

@@ -46,6 +46,16 @@ class AttentionBackend(ABC):
         adds empty sequences for a CUDA graph's padding rows; `graph_tokens`: the step replays a graph
         of the whole forward captured for that many tokens (executor/piecewise.py)."""
 
+    def can_advance(self, rows: int) -> bool:
+        """Whether `advance_decode` may follow the last plan, which had `rows` rows. This default
+        plans from the batch's host lists, so it always may."""
+        return True
+
+    def advance_decode(self, batch: ForwardBatch, rows: int) -> None:
+        """Plan `batch`: the last plan's decode rows, each one token longer, in the same blocks, with
+        the same `rows` (a graph's padding included; executor/advance.py)."""
+        self.plan(batch, num_padded_seqs=rows)
+
     def kv_store_target(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple] | None:
         """(k_cache, v_cache, slot_mapping, (k_scale, v_scale)) for a projection that writes this layer's
         K/V itself (fused with its norm and rotary); the layer's next `forward` in this forward context

@@ -49,6 +49,7 @@ class TritonAttentionBackend(AttentionBackend):
         self.max_rows = max_rows
         self.uploads = PinnedRing(device)
         self._views = Views()
+        self.advanceable_rows: int | None = None  # the rows of the last plan, when advance_decode may follow it
         self.group = num_heads // self.num_kv_heads
         # the count, then at most a tile a query token
         self.tiles = torch.zeros(1 + max_tokens, 2, dtype=torch.int32, device=device)
@@ -64,6 +65,7 @@ class TritonAttentionBackend(AttentionBackend):
         (padded) tokens, so the kernel's grid is what any such step needs (kernels/attention/prefill.py)."""
         n = batch.num_seqs
         rows = num_padded_seqs or n
+        self.advanceable_rows = None
         self._plan_rows(rows, decode_only=batch.is_decode_only and graph_tokens is None)
         self.slot_mapping = batch.slot_mapping
         tiles = None if self.decode_only else self._plan_prefill(batch, graph_tokens)
@@ -82,6 +84,15 @@ class TritonAttentionBackend(AttentionBackend):
         self.uploads.sent()
         if batch.device_seq_lens is not None:
             self.device_view("seq_lens", n).copy_(batch.device_seq_lens)
+        elif self.decode_only:
+            self.advanceable_rows = rows
+
+    def can_advance(self, rows: int) -> bool:
+        return self.advanceable_rows == rows
+
+    def advance_decode(self, batch: ForwardBatch, rows: int) -> None:
+        # the context lengths one longer; the tables, query starts and split count stay as planned
+        self.device_view("seq_lens", batch.num_seqs).add_(1)
 
     def _plan_rows(self, rows: int, decode_only: bool) -> None:
         """The planned row count and what follows from it, once a plan rather than once a layer."""
@@ -118,6 +129,7 @@ class TritonAttentionBackend(AttentionBackend):
         return ("decode", self.num_splits) if self.decode_only else ("prefill", self.prefill_tile)
 
     def plan_decode(self, block_tables):
+        self.advanceable_rows = None
         n = len(block_tables)
         host, view = self.uploads.take((n, self._tables_width(block_tables)), torch.int32)
         self._copy_block_tables(block_tables, host, view)
@@ -125,6 +137,7 @@ class TritonAttentionBackend(AttentionBackend):
         self._plan_rows(n, decode_only=True)
 
     def set_decode_lens(self, seq_lens, slot_mapping):
+        self.advanceable_rows = None
         self.planned_seq_lens.copy_(seq_lens)  # device to device: inside a draft graph too
         self.slot_mapping = slot_mapping
 
