@@ -33,8 +33,9 @@
 #                                           # prefill probe's shapes, default tile against split keys
 #   bash scripts/gpu_perf.sh pdl-throughput  # W-8B and W-nano with and without --dependent-launch
 #   bash scripts/gpu_perf.sh advance    # decode steps advanced on the device: their GPU tests, then batch 1 of
-#                                       # both models over _base/, _split/ and this tree on one GEMV table
-#                                       # (~7 minutes); HOSTPHASES=1: scripts/host_phases.py over them instead
+#                                       # both models over _base/ (SPLIT=1: and _split/) and this tree on one
+#                                       # GEMV table (REPEAT=1: this tree again)
+#                                       # (~5 minutes); HOSTPHASES=1: scripts/host_phases.py over them instead
 source "$(dirname "$0")/gpu_env.sh"
 root=$(pwd); outdir=$(cd "$out" && pwd)
 # tree_runs DEFAULT_CFG...: a "TREE TAG CFG" line for _base/ (tag base, when present), then this tree
@@ -240,7 +241,7 @@ PY
     gpu_tests_k engine "advanced or no_host_sync"
     export LANNER_CACHE_DIR=$(mktemp -d)  # one GEMV table for every tree (decode.py is not in its key)
     for cfg in qwen3-8b qwen3-0.6b; do
-      for run in ". new" "_split split" "_base base" ". new-2" "_split split-2"; do batch1 $cfg $run; done
+      for run in ". new" ${SPLIT:+"_split split"} "_base base" ${REPEAT:+". new-2"}; do batch1 $cfg $run; done
     done ;;
   *) echo "usage: $0 tests|serve|breakdown|steps|latency|hostphases|kv|gemv|sampled|topp|norms|unmeasured|pdl|prefetch|prefill-split|pdl-throughput|splits|advance" >&2
      exit 2 ;;

@@ -465,7 +465,7 @@ class ModelRunner:
         prompt_rows: (request, first row, prompt tokens those rows predict);
         layout: per request (request, first row, tokens, drafts, first sampling row or None), for a drafter;
         deferred: the inputs filled in on the device from the step before (executor/deferred.py)."""
-        advanced = advance(self, sched) if self.decode_run is not None else None
+        advanced = advance(self, sched) if self.decode_run is not None and self.advance_decodes else None
         if advanced is not None:
             return advanced
         input_ids, positions, slots, sample_at, score_at = [], [], [], [], []
