@@ -281,7 +281,7 @@ def test_advanced_decode_steps_change_no_output():
             outs += llm.generate(PROMPTS[6:9], sampled, use_tqdm=False)
             runs[eager, advance] = ([(o.outputs[0].token_ids, o.outputs[0].cumulative_logprob) for o in outs],
                                     batch_steps, lone)
-            del llm
+            del llm, runner  # the runner holds the model and its KV cache
             gc.collect()
             torch.cuda.empty_cache()
     for eager in (False, True):
