@@ -32,10 +32,10 @@
 #   bash scripts/gpu_perf.sh prefill-split  # benchmarks/experiments/prefill-split.patch: its GPU test, then the
 #                                           # prefill probe's shapes, default tile against split keys
 #   bash scripts/gpu_perf.sh pdl-throughput  # W-8B and W-nano with and without --dependent-launch
-#   bash scripts/gpu_perf.sh advance    # decode steps advanced on the device: their GPU tests, then batch 1 of
-#                                       # both models over _base/ (SPLIT=1: and _split/) and this tree on one
-#                                       # GEMV table (REPEAT=1: this tree again)
-#                                       # (~5 minutes); HOSTPHASES=1: scripts/host_phases.py over them instead
+#   bash scripts/gpu_perf.sh advance    # decode steps advanced on the device (~5 minutes): their GPU tests, then
+#                                       # batch 1 of both models over _base/ (SPLIT=1: and _split/) and this tree
+#                                       # on one GEMV table (REPEAT=1: this tree again); HOSTPHASES=1 instead:
+#                                       # scripts/host_phases.py over _split/ and this tree
 source "$(dirname "$0")/gpu_env.sh"
 root=$(pwd); outdir=$(cd "$out" && pwd)
 # tree_runs DEFAULT_CFG...: a "TREE TAG CFG" line for _base/ (tag base, when present), then this tree

@@ -26,7 +26,7 @@ from lanner.kernels.attention.reference import FP8_KV_DTYPE
 from lanner.kernels.pdl import wait_for_prior
 
 # A split's fewest keys, and the most keys a sequence walks in one program. On the H100 at batch 1
-# (scripts/decode_probe.py SPLIT_KEYS, docs/benchmarks.md 2026-12-05 22:40) a program's keys are
+# (scripts/decode_probe.py SPLIT_KEYS, docs/benchmarks.md 2026-12-05 22:36-22:45) a program's keys are
 # walked one 64-key tile after another, ~1.4 us a tile past the second, while a merge of the
 # partials costs ~0.5 us: so a tile a split, except that two tiles in one program beat two splits.
 # 384 keys of Qwen3-8B's shape: 5.5 us a layer against 7.9 with a split per 256 keys.
@@ -144,7 +144,8 @@ def decode_tile(head_dim: int, fp8_cache: bool = False, num_splits: int = 1) -> 
 
 def num_decode_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int) -> int:
     """Enough programs to fill the GPU's `num_sms` multiprocessors twice over, but no split shorter
-    than MIN_SPLIT_KEYS keys (the kernel uses fewer for a sequence shorter than the longest)."""
+    than MIN_SPLIT_KEYS keys, and one when no sequence has more than ONE_SPLIT_KEYS (the kernel uses
+    fewer for a sequence shorter than the longest)."""
     if max_seq_len <= ONE_SPLIT_KEYS:
         return 1
     want = math.ceil(2 * num_sms / max(1, num_seqs * num_kv_heads))
@@ -186,5 +187,5 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         k_cache.stride(2), block_tables.stride(0),
         NUM_HEADS=H, GROUP=group, GROUP_PAD=max(16, next_power_of_2(group)), HEAD_DIM=D, PAGE=page,
         NUM_SPLITS=num_splits, MIN_SPLIT_KEYS=min_split_keys, ONE_SPLIT_KEYS=one_split_keys, BLOCK_N=block_n,
-        PRECISION=dot_precision(q),        num_warps=num_warps, num_stages=num_stages, **dependent_launch())
+        PRECISION=dot_precision(q), num_warps=num_warps, num_stages=num_stages, **dependent_launch())
     return out
