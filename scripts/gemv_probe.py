@@ -3,6 +3,8 @@ given model configs at decode row counts (lanner/kernels/gemv.py, lanner/executo
 
   python scripts/gemv_probe.py OUT.json benchmarks/configs/qwen3-0.6b.json benchmarks/configs/qwen3-8b.json
   ROWS="1 2 4 8" GRID=wide|runtime (default wide: the search; runtime: the engine's candidates only)
+  PDL=0 (launches without dependent launch; default with it, as the engine runs on Hopper)
+  STAGES="3 4" (the wide grid's pipeline depths at one row; default 3)  LAYERS="qkv o" (default all)
 
 Prints a line per (shape, rows): cuBLAS and the best configuration in us and GB/s of weight read."""
 import itertools
@@ -14,6 +16,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from lanner.executor.gemv_table import candidates, measure_shape
+from lanner.kernels import set_dependent_launch
 from lanner.kernels.gemv import GemvConfig
 
 
@@ -28,8 +31,10 @@ def model_shapes(path: str) -> dict[str, tuple[int, int]]:
 
 def wide_grid(m: int) -> list[GemvConfig]:
     if m == 1:
-        tiles = [(4, 1024), (8, 512), (16, 256), (16, 512), (32, 128)]
-        return [GemvConfig(n, k, s, w, 3) for (n, k), s, w in itertools.product(tiles, (1, 2, 4, 8), (4, 8))]
+        tiles = [(2, 2048), (4, 1024), (4, 2048), (8, 512), (8, 1024), (16, 256), (16, 512), (32, 128)]
+        stages = [int(s) for s in os.environ.get("STAGES", "3").split()]
+        return [GemvConfig(n, k, s, w, st)
+                for (n, k), s, w, st in itertools.product(tiles, (1, 2, 4, 8), (4, 8), stages)]
     tiles = [(16, 128), (16, 256), (32, 128), (32, 256), (64, 128)]
     return [GemvConfig(n, k, s, 4, st) for (n, k), s, st in itertools.product(tiles, (1, 2, 4, 8), (3, 4))]
 
@@ -38,10 +43,13 @@ def main() -> None:
     out_path, configs = sys.argv[1], sys.argv[2:]
     rows = [int(r) for r in os.environ.get("ROWS", "1 2 4 8").split()]
     runtime = os.environ.get("GRID", "wide") == "runtime"
+    set_dependent_launch(os.environ.get("PDL", "1") == "1" and torch.cuda.get_device_capability()[0] >= 9)
     results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "shapes": {}}
     for path in configs:
         name = os.path.basename(path).removesuffix(".json")
         for layer, (n, k) in model_shapes(path).items():
+            if os.environ.get("LAYERS") and layer not in os.environ["LAYERS"].split():
+                continue
             for m in rows:
                 grid = candidates(m) if runtime else wide_grid(m)
                 times = measure_shape(n, k, m, torch.bfloat16, "cuda", grid)
