@@ -5,6 +5,8 @@ given model configs at decode row counts (lanner/kernels/gemv.py, lanner/executo
   ROWS="1 2 4 8" GRID=wide|runtime (default wide: the search; runtime: the engine's candidates only)
   PDL=0 (launches without dependent launch; default with it, as the engine runs on Hopper)
   STAGES="3 4" (the wide grid's pipeline depths at one row; default 3)  LAYERS="qkv o" (default all)
+  KINDS=1: each layer's input as the engine's decoder feeds it (q/k/v and gate/up after an RMSNorm, down
+  after silu * up: the fused GEMV and "unfused <config>" both timed), not a plain x
 
 Prints a line per (shape, rows): cuBLAS and the best configuration in us and GB/s of weight read."""
 import itertools
@@ -27,6 +29,9 @@ def model_shapes(path: str) -> dict[str, tuple[int, int]]:
     q, kv, inter = c["num_attention_heads"] * d, c["num_key_value_heads"] * d, c["intermediate_size"]
     return {"qkv": (q + 2 * kv, h), "o": (h, q), "gate_up": (2 * inter, h), "down": (h, inter),
             "lm_head": (c["vocab_size"], h)}
+
+
+ENGINE_KINDS = {"qkv": "normed", "gate_up": "normed", "down": "gated"}  # models/llama.py's input_kind
 
 
 def wide_grid(m: int) -> list[GemvConfig]:
@@ -52,14 +57,15 @@ def main() -> None:
                 continue
             for m in rows:
                 grid = candidates(m) if runtime else wide_grid(m)
-                times = measure_shape(n, k, m, torch.bfloat16, "cuda", grid)
+                kind = ENGINE_KINDS.get(layer, "plain") if os.environ.get("KINDS") == "1" else "plain"
+                times = measure_shape(n, k, m, torch.bfloat16, "cuda", grid, kind)
                 best = min((c for c in times if c != "cublas"), key=times.get)
                 gbs = lambda us, b=n * k * 2: b / us / 1e3
                 top = sorted((c for c in times if c != "cublas"), key=times.get)[:5]
-                results["shapes"][f"{name}/{layer}/{n}x{k}/m{m}"] = {
+                results["shapes"][f"{name}/{layer}/{n}x{k}/m{m}/{kind}"] = {
                     "cublas_us": round(times["cublas"], 2), "best": best, "best_us": round(times[best], 2),
                     "speedup": round(times["cublas"] / times[best], 3), "top5": {c: round(times[c], 2) for c in top}}
-                print(f"{name:12s} {layer:8s} {n:6d}x{k:<6d} m={m}: cublas {times['cublas']:7.2f} us "
+                print(f"{name:12s} {layer:8s} {kind:6s} {n:6d}x{k:<6d} m={m}: cublas {times['cublas']:7.2f} us "
                       f"({gbs(times['cublas']):5.0f} GB/s)  best {times[best]:7.2f} us ({gbs(times[best]):5.0f} GB/s) "
                       f"{best}  x{times['cublas'] / times[best]:.2f}", flush=True)
                 with open(out_path, "w") as f:  # so far, if the run is cut short
