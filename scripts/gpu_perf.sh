@@ -36,6 +36,9 @@
 #                                       # batch 1 of both models over _base/ (SPLIT=1: and _split/) and this tree
 #                                       # on one GEMV table (REPEAT=1: this tree again); HOSTPHASES=1 instead:
 #                                       # scripts/host_phases.py over _split/ and this tree
+#   bash scripts/gpu_perf.sh gemv-wide  # gemv_probe.py's wider one-row grid (KINDS=1, STAGES "3 4") on Qwen3-8B's
+#                                       # q/k/v and o projections, then its batch 1 with the engine's candidates
+#                                       # and with the probe's winners added (gemv_extra_candidates.py), ~7 minutes
 source "$(dirname "$0")/gpu_env.sh"
 root=$(pwd); outdir=$(cd "$out" && pwd)
 # tree_runs DEFAULT_CFG...: a "TREE TAG CFG" line for _base/ (tag base, when present), then this tree
@@ -243,6 +246,18 @@ PY
     for cfg in qwen3-8b qwen3-0.6b; do
       for run in ". new" ${SPLIT:+"_split split"} "_base base" ${REPEAT:+". new-2"}; do batch1 $cfg $run; done
     done ;;
-  *) echo "usage: $0 tests|serve|breakdown|steps|latency|hostphases|kv|gemv|sampled|topp|norms|unmeasured|pdl|prefetch|prefill-split|pdl-throughput|splits|advance" >&2
+  gemv-wide)
+    KINDS=1 ROWS=1 STAGES="${STAGES:-3 4}" LAYERS="${LAYERS:-qkv o}" timeout 330 python3 scripts/gemv_probe.py \
+      "$out/$day-gemv-probe-wide.json" benchmarks/configs/qwen3-8b.json 2>&1 | grep -v Warning
+    for run in main extra; do
+      export LANNER_CACHE_DIR=$(mktemp -d)  # a table measured afresh for each list
+      echo "== latency qwen3-8b $run"
+      timeout 150 python3 scripts/gemv_extra_candidates.py "$out/$day-gemv-probe-wide.json" $([ $run = main ] && echo 0) \
+        -- bench latency --config benchmarks/configs/qwen3-8b.json --batch-sizes 1 --input-len 128 --output-len 256 \
+        --gpu-memory-utilization 0.5 --output-json "$out/$day-latency-qwen3-8b-gemv-$run.json" 2>&1 |
+        grep -E "^\{'batch|Error|extra"
+      cp "$LANNER_CACHE_DIR/gemv_tables.json" "$out/$day-gemv-table-$run.json"
+    done ;;
+  *) echo "usage: $0 tests|serve|breakdown|steps|latency|hostphases|kv|gemv|sampled|topp|norms|unmeasured|pdl|prefetch|prefill-split|pdl-throughput|splits|advance|gemv-wide" >&2
      exit 2 ;;
 esac
