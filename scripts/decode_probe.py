@@ -3,7 +3,8 @@ contexts of W-8B and W-nano (and batch 1 / 16 at 8k), Qwen3's 32/16 query heads 
 128 dims, one layer. Prints, per shape and tile, the kernel time and the KV bandwidth it reached.
   PYTHONPATH=. [KV_DTYPE=fp8] python3 scripts/decode_probe.py [OUT.json]
 KV_DTYPE=fp8: the cache in e4m3 (--kv-cache-dtype fp8), half the bytes to read. TILES="64,1,2 128,2,2":
-these tiles only (keys, warps, stages); SPLITS=N: N times the engine's split count.
+these tiles only (keys, warps, stages); SPLITS=N: N times the engine's split count; SHAPES="w8b-b256":
+these shapes only (names below).
 SPLIT_KEYS="64/128 64 128 256": instead, batch 1 at 128-8k keys (16 and 32 query heads) with a split per
 that many keys of the sequence (`min_split_keys`; the engine's is MIN_SPLIT_KEYS) and, after a slash,
 one split up to that many keys (`one_split_keys`, ONE_SPLIT_KEYS; without one: the split's), the default tile,
@@ -34,6 +35,8 @@ SHAPES = [  # name, query heads, seq lens
     ("b1-8k", 32, lambda r: [8192]),
 ]
 TILES = [(bn, w, st) for bn in (32, 64, 128) for w in (2, 4, 8) for st in (2, 3, 4)]
+if os.environ.get("SHAPES"):
+    SHAPES = [shape for shape in SHAPES if shape[0] in os.environ["SHAPES"].split()]
 if os.environ.get("TILES"):
     TILES = [tuple(int(x) for x in t.split(",")) for t in os.environ["TILES"].split()]
 

@@ -39,6 +39,8 @@
 #   bash scripts/gpu_perf.sh gemv-wide  # gemv_probe.py's wider one-row grid (KINDS=1, STAGES "3 4") on Qwen3-8B's
 #                                       # q/k/v and o projections, then its batch 1 with the engine's candidates
 #                                       # and with the probe's winners added (gemv_extra_candidates.py), ~7 minutes
+#   bash scripts/gpu_perf.sh ncu-decode # Nsight Compute over one decode-attention launch at W-8B's batch 256, fp8
+#                                       # and bf16 caches (decode_probe.py SHAPES=w8b-b256)
 source "$(dirname "$0")/gpu_env.sh"
 root=$(pwd); outdir=$(cd "$out" && pwd)
 # tree_runs DEFAULT_CFG...: a "TREE TAG CFG" line for _base/ (tag base, when present), then this tree
@@ -258,6 +260,20 @@ PY
         grep -E "^\{'batch|Error|extra"
       cp "$LANNER_CACHE_DIR/gemv_tables.json" "$out/$day-gemv-table-$run.json"
     done ;;
-  *) echo "usage: $0 tests|serve|breakdown|steps|latency|hostphases|kv|gemv|sampled|topp|norms|unmeasured|pdl|prefetch|prefill-split|pdl-throughput|splits|advance|gemv-wide" >&2
+  ncu-decode)
+    # one launch of decode attention at W-8B's batch 256 under Nsight Compute, over an fp8 and a bf16 cache
+    # with the engine's tiles: what holds the fp8 kernel below the KV-read bound (Firecracker machines
+    # read the counters; gVisor ones do not: docs of the device tool, KINDS.md)
+    ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+    for kv in fp8 bf16; do
+      KV_DTYPE=$kv SHAPES=w8b-b256 TILES="64,$([ $kv = fp8 ] && echo 2 || echo 4),3" timeout 240 "$ncu" \
+        --clock-control none --kernel-name regex:_decode_split_kernel --launch-skip 3 --launch-count 1 \
+        --section SpeedOfLight --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
+        --section WarpStateStats --section SchedulerStats --section InstructionStats --section Occupancy \
+        --section LaunchStats python3 scripts/decode_probe.py > "$out/$day-ncu-decode-$kv.txt" 2>&1
+      grep -E "Duration|DRAM Throughput|Memory Throughput|Issue Slots Busy|Achieved Occupancy|Registers Per|Stall" \
+        "$out/$day-ncu-decode-$kv.txt" | head -24
+    done ;;
+  *) echo "usage: $0 tests|serve|breakdown|steps|latency|hostphases|kv|gemv|sampled|topp|norms|unmeasured|pdl|prefetch|prefill-split|pdl-throughput|splits|advance|gemv-wide|ncu-decode" >&2
      exit 2 ;;
 esac
