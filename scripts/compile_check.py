@@ -4,7 +4,8 @@ loops, say), and a GPU session may not come soon. Triton's wheel carries its com
 so `triton.compile` for a GPUTarget works anywhere. Covers the kernels changed in the ninth session
 (the top-p search with its block skip, the add + RMSNorm with its warps), the twelfth (the GEMV
 with its gated and normed inputs) and the thirteenth (the GEMV's normed input again, decode
-attention's split count a sequence, programmatic dependent launch); add others as they change.
+attention's split count a sequence, programmatic dependent launch) and the sixteenth (prefill
+attention's programs, KV heads fastest); add others as they change.
 Written for Triton 3.9's ASTSource(fn, signature, constexprs). Usage: python scripts/compile_check.py"""
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from lanner.kernels.attention.decode import _decode_split_kernel
+from lanner.kernels.attention.prefill import _prefill_kernel
 from lanner.kernels.fused import _rms_norm_kernel, rms_norm_warps
 from lanner.kernels.gemv import _gemv_kernel
 from lanner.kernels.top_p import PASSES, PIVOTS, _top_p_pass
@@ -66,6 +68,17 @@ def main() -> None:
                   {"NUM_HEADS": 16, "GROUP": 2, "GROUP_PAD": 16, "HEAD_DIM": 128, "PAGE": 16, "NUM_SPLITS": splits,
                    "MIN_SPLIT_KEYS": 64, "ONE_SPLIT_KEYS": 128,
                    "BLOCK_N": 64, "PRECISION": "tf32", "PDL": splits == 16})
+
+    prefill = {"q_ptr": "*bf16", "k_cache_ptr": "*bf16", "v_cache_ptr": "*bf16", "out_ptr": "*bf16",
+               "block_tables_ptr": "*i32", "seq_lens_ptr": "*i32", "query_start_ptr": "*i32", "tiles_ptr": "*i32",
+               "scale": "fp32", "v_scale": "fp32", "stride_qt": "i32", "stride_qh": "i32", "stride_ot": "i32",
+               "stride_oh": "i32", "stride_kb": "i32", "stride_ks": "i32", "stride_kh": "i32", "stride_bt": "i32"}
+    for cache in ("*bf16", "*fp8e4nv"):
+        for rows, keys, warps in ((32, 128, 4), (128, 128, 8)):
+            check(f"prefill attention, {cache[1:]} cache, {rows} x {keys} tile", _prefill_kernel,
+                  prefill | {"k_cache_ptr": cache, "v_cache_ptr": cache},
+                  {"GROUP": 2, "GROUP_PAD": 2, "HEAD_DIM": 128, "PAGE": 16, "BLOCK_M": rows, "BLOCK_N": keys,
+                   "KV_HEADS": 8, "PRECISION": "tf32"}, warps)
 
 
 if __name__ == "__main__":

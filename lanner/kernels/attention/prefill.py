@@ -124,13 +124,18 @@ def _tile_table(total: int, capacity: int | None) -> np.ndarray:
 def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr, seq_lens_ptr, query_start_ptr,
                     tiles_ptr, scale, v_scale, stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_ks,
                     stride_kh, stride_bt, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-                    PAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
-    kv_head = tl.program_id(1)
+                    PAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KV_HEADS: tl.constexpr,
+                    PRECISION: tl.constexpr):
+    # the KV heads vary fastest over the programs, which the GPU starts in order: every head's heaviest
+    # tile first, then every head's next (one head's tiles, heaviest first, then the next head's, left
+    # the later heads' heaviest tiles to start once the first heads' light ones were done)
+    kv_head = tl.program_id(0) % KV_HEADS
+    first = tl.program_id(0) // KV_HEADS
     d = tl.arange(0, HEAD_DIM)
     rows = tl.arange(0, BLOCK_M)
     head = kv_head * GROUP + rows % GROUP_PAD  # row r: query position r // GROUP_PAD of head r % GROUP_PAD
     head_ok = rows % GROUP_PAD < GROUP
-    for tile in range(tl.program_id(0), tl.load(tiles_ptr), tl.num_programs(0)):
+    for tile in range(first, tl.load(tiles_ptr), tl.num_programs(0) // KV_HEADS):
         seq = tl.load(tiles_ptr + 2 + 2 * tile)
         _prefill_tile(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr + seq * stride_bt,
                       tl.load(seq_lens_ptr + seq), tl.load(query_start_ptr + seq),
@@ -199,10 +204,11 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     num_programs = tiles.shape[0] - 1 if num_programs is None else num_programs
     rows, keys, num_warps, num_stages = tile or prefill_tile(D, group, T)
     if num_programs:
-        _prefill_kernel[(num_programs, kv_heads)](
+        _prefill_kernel[(num_programs * kv_heads,)](
             q, k_cache, v_cache, out, block_tables, seq_lens, query_start, tiles, scale * k_scale, v_scale,
             q.stride(0), q.stride(1),
             out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             block_tables.stride(0), GROUP=group, GROUP_PAD=next_power_of_2(group), HEAD_DIM=D, PAGE=page,
-            BLOCK_M=rows, BLOCK_N=keys, PRECISION=dot_precision(q), num_warps=num_warps, num_stages=num_stages)
+            BLOCK_M=rows, BLOCK_N=keys, KV_HEADS=kv_heads, PRECISION=dot_precision(q), num_warps=num_warps,
+            num_stages=num_stages)
     return out
