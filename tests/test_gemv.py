@@ -33,6 +33,26 @@ def test_gemv_matches_reference(config, n, k):
             assert not workspace.counters.any()
 
 
+def test_two_weight_rows_a_program_at_one_row():
+    """The one-row candidates of 2 and 4 weight rows a program (the H100's choices for Qwen3-8B's
+    projections; the tensor cores' path needs 16, so they run only at one row), plain, gated and
+    normed, odd N and a masked K tail."""
+    from lanner.kernels.fused import rms_norm, silu_and_mul
+
+    torch.manual_seed(0)
+    for config in (GemvConfig(2, 128, 1, 8, 3), GemvConfig(4, 128, 1, 4, 3)):
+        for n, k in ((7, 300), (40, 256)):
+            w = torch.randn(n, k)
+            x = torch.randn(1, 2 * k)
+            torch.testing.assert_close(gemv(x[:, :k], w, config), gemv_reference(x[:, :k], w), atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(gemv(x, w, config, gated=True), gemv(silu_and_mul(x), w, config))
+            residual, added, weight = torch.randn(1, k), torch.empty(1, k), torch.rand(k) + 0.5
+            got = gemv(x[:, :k], w, config, norm=Norm(weight, 1e-6, residual, added))
+            normed, _ = rms_norm(x[:, :k], weight, 1e-6, residual.clone())
+            torch.testing.assert_close(got, gemv_reference(normed, w), atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(added, x[:, :k] + residual)
+
+
 @pytest.mark.parametrize("config", SMALL_CONFIGS, ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_a_gated_gemv_equals_the_activation_then_the_gemv(config, dtype):

@@ -36,9 +36,12 @@ MAX_COPIES = 512  # tiny weights: 512 copies of 1 MiB still overflow a 50 MiB L2
 
 # (block_n, block_k, split_k, num_warps, num_stages): the winners of scripts/gemv_probe.py's wider
 # grids (80 configurations a row count) on Qwen3-0.6B's and Qwen3-8B's shapes, H200
-# (docs/benchmarks.md, 2026-12-04 15:55-16:15); one split-K configuration each for narrow shards
+# (docs/benchmarks.md, 2026-12-04 15:55-16:15), and at one row the H100's winners for Qwen3-8B's
+# q/k/v and o projections as the decoder feeds them (2026-12-06 03:55-04:00: 2,048-wide tiles,
+# ~4% faster there, and chosen for every 8B shape); one split-K configuration each for narrow shards
 ONE_ROW_CANDIDATES = [(8, 512, 1, 4, 3), (16, 512, 1, 4, 3), (4, 1024, 1, 8, 3), (8, 512, 1, 8, 3),
-                      (16, 512, 1, 8, 3), (4, 1024, 1, 4, 3), (16, 256, 8, 4, 3)]
+                      (16, 512, 1, 8, 3), (4, 1024, 1, 4, 3), (4, 2048, 1, 4, 3), (8, 1024, 1, 4, 3),
+                      (2, 2048, 1, 8, 3), (16, 256, 8, 4, 3)]
 ROWS_CANDIDATES = [(64, 128, 1, 4, 3), (64, 128, 1, 4, 4), (64, 128, 2, 4, 4), (64, 128, 4, 4, 4),
                    (64, 128, 8, 4, 4), (32, 128, 4, 4, 4), (32, 256, 2, 4, 3)]
 
