@@ -4,7 +4,10 @@ contexts of W-8B and W-nano (and batch 1 / 16 at 8k), Qwen3's 32/16 query heads 
   PYTHONPATH=. [KV_DTYPE=fp8] python3 scripts/decode_probe.py [OUT.json]
 KV_DTYPE=fp8: the cache in e4m3 (--kv-cache-dtype fp8), half the bytes to read. TILES="64,1,2 128,2,2":
 these tiles only (keys, warps, stages); SPLITS=N: N times the engine's split count; SHAPES="w8b-b256":
-these shapes only (names below).
+these shapes only (names below); SORTED=1: each shape also with its sequences longest first (the
+programs start in sequence order, so the long ones no longer end the launch alone). Each time is of
+CUDA graph replays (10 calls a graph, the outputs and workspace made once), as a decode graph runs
+the kernel: eager calls time the launch's Python and allocations (~280 us at batch 256, 2026-12-06).
 SPLIT_KEYS="64/128 64 128 256": instead, batch 1 at 128-8k keys (16 and 32 query heads) with a split per
 that many keys of the sequence (`min_split_keys`; the engine's is MIN_SPLIT_KEYS) and, after a slash,
 one split up to that many keys (`one_split_keys`, ONE_SPLIT_KEYS; without one: the split's), the default tile,
@@ -18,11 +21,12 @@ import random
 import sys
 
 import torch
-from triton.testing import do_bench
+from triton.runtime.errors import OutOfResources
 
 sys.path.insert(0, "tests")
 from kernel_cases import fp8_caches, paged_problem
 
+from lanner.bench.common import time_ms
 from lanner.kernels.attention.decode import decode_attention, decode_tile, decode_workspace, num_decode_splits
 
 FP8 = os.environ.get("KV_DTYPE") == "fp8"
@@ -42,7 +46,6 @@ if os.environ.get("TILES"):
 
 
 def split_keys_rows(sms: int, split_keys: list[str]) -> list[dict]:
-    from lanner.bench.common import time_ms
     from lanner.kernels import set_dependent_launch
     from lanner.kernels.pdl import supported
 
@@ -80,21 +83,27 @@ def main() -> None:
                            "rows": rows}, f, indent=1)
         return
     rows = []
-    for name, heads, lens in SHAPES:
+    orders = ("as drawn", "longest first") if os.environ.get("SORTED") else ("as drawn",)
+    for (name, heads, lens), order in ((shape, order) for shape in SHAPES for order in orders):
         seq_lens = lens(random.Random(0))
+        if order == "longest first":
+            name, seq_lens = f"{name}-sorted", sorted(seq_lens, reverse=True)
         q, kc, vc, bt, sl, _ = paged_problem(seq_lens, [1] * len(seq_lens), heads, 8, 128, 16, torch.bfloat16, "cuda")
         if FP8:
             kc, vc = fp8_caches(kc, vc)
         splits = num_decode_splits(len(seq_lens), 8, 40960, sms) * int(os.environ.get("SPLITS", "1"))
         kv_bytes = sum(seq_lens) * 8 * 128 * 2 * kc.element_size()
         ref = decode_attention(q, kc, vc, bt, sl, 0.08, splits)
+        out, workspace = torch.empty_like(q), decode_workspace(len(seq_lens) * splits, heads, 128, len(seq_lens) * 8,
+                                                               "cuda")
         best = None
         for tile in TILES:
             try:
-                out = decode_attention(q, kc, vc, bt, sl, 0.08, splits, tile=tile)
-                torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2)
-                ms = do_bench(lambda: decode_attention(q, kc, vc, bt, sl, 0.08, splits, tile=tile), warmup=10, rep=50)
-            except Exception as e:  # a tile too big for shared memory
+                run = functools.partial(decode_attention, q, kc, vc, bt, sl, 0.08, splits, out=out,
+                                        workspace=workspace, tile=tile)
+                torch.testing.assert_close(run(), ref, atol=2e-2, rtol=2e-2)
+                ms = time_ms(run, 5, graph=True, calls=10)
+            except OutOfResources as e:  # a tile too big for shared memory
                 print(name, tile, "failed:", str(e)[:80])
                 continue
             row = {"shape": name, "tile": tile, "splits": splits, "us": round(ms * 1e3, 1),

@@ -4,12 +4,16 @@ query heads over 8 KV heads of 128 dims (tiles of rows = positions x the GQA gro
 and the best tile's, and the causal attention FLOP rate. Each time is of CUDA graph replays (20 calls a
 graph), as the whole-forward graphs run the kernel: eager calls of small steps time the Python launcher.
   PYTHONPATH=. [KV_DTYPE=fp8] [DEFAULT_ONLY=1] python3 scripts/prefill_probe.py [OUT.json]
-KV_DTYPE=fp8: the cache in e4m3 (--kv-cache-dtype fp8); DEFAULT_ONLY=1: the default tile alone."""
+KV_DTYPE=fp8: the cache in e4m3 (--kv-cache-dtype fp8); DEFAULT_ONLY=1: the default tile alone;
+TILES="32,64,4,1 32,32,4,2": these tiles (rows, keys, warps, stages) and the default; SHAPES="16h-p512":
+these shapes only."""
+import functools
 import json
 import os
 import sys
 
 import torch
+from triton.runtime.errors import OutOfResources
 
 sys.path.insert(0, "tests")
 from kernel_cases import fp8_caches, paged_problem
@@ -23,6 +27,10 @@ SHAPES = [(f"{heads}h-{name}", heads, seq_lens, q_lens) for heads in (16, 32) fo
 TILES = [(rows, keys, w, stages) for rows in (16, 32, 64, 128) for keys in (64, 128) for w in (4, 8)
          for stages in (2, 3)]
 FP8 = os.environ.get("KV_DTYPE") == "fp8"
+if os.environ.get("TILES"):
+    TILES = [tuple(int(x) for x in t.split(",")) for t in os.environ["TILES"].split()]
+if os.environ.get("SHAPES"):
+    SHAPES = [shape for shape in SHAPES if shape[0] in os.environ["SHAPES"].split()]
 
 
 def main() -> None:
@@ -36,18 +44,18 @@ def main() -> None:
         ref = None
         best = None
         default_tile = prefill_tile(128, heads // 8, sum(q_lens))
-        for tile in [default_tile] if os.environ.get("DEFAULT_ONLY") else TILES:
+        for tile in [default_tile] if os.environ.get("DEFAULT_ONLY") else list(dict.fromkeys([default_tile, *TILES])):
             table = torch.from_numpy(prefill_tiles(q_lens, seq_lens, tile_positions(tile, heads // 8))).cuda()
             programs = table.shape[0] - 1  # a program a tile, as an eager step plans it
 
-            def run():
-                return prefill_attention(q, kc, vc, bt, sl, qs, table, 0.08, num_programs=programs, tile=tile)
+            run = functools.partial(prefill_attention, q, kc, vc, bt, sl, qs, table, 0.08, num_programs=programs,
+                                    tile=tile)
             try:
                 out = run()
                 ref = out if ref is None else ref
                 torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2)
                 ms = time_ms(run, 10, graph=True, calls=20)
-            except Exception as e:  # a tile too big for shared memory
+            except OutOfResources as e:  # a tile too big for shared memory
                 print(name, tile, "failed:", str(e)[:80])
                 continue
             row = {"shape": name, "tile": tile, "us": round(ms * 1e3, 1), "tflops": round(flop / ms / 1e9, 1),
