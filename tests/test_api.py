@@ -311,3 +311,21 @@ def test_bench_step_on_the_cpu_times_eager_steps_and_no_device_time(qwen3_path):
     assert all(row["eager_ms"] > 0 and not any(k.endswith("_gpu_ms") or k.startswith("whole") for k in row)
                for row in rows), rows
     assert llm.engine.runner.step_times is None
+
+
+def test_bench_step_with_overlap_times_a_stream_of_prompts_one_a_step(qwen3_path):
+    """With overlap scheduling `lanner bench step` times back-to-back prompt steps: each step takes
+    the one prompt added before it (the ones before only await their read-back), and every request
+    ends with its blocks freed."""
+    from lanner.bench.steps import step_times
+
+    llm = make_llm(qwen3_path)
+    engine = llm.engine
+    steps, tokens = engine.num_steps, engine.num_tokens_computed
+    rows = step_times(llm, [24], repeats=1)
+    assert [(row["tokens"], row["kind"]) for row in rows] == [(24, "prefill, back to back")]
+    assert rows[0]["back_to_back_ms"] > 0
+    assert engine.num_steps - steps == 3 * (4 + 1)  # three runs of four timed steps after one untimed
+    assert engine.num_tokens_computed - tokens == 3 * 5 * 24
+    assert not engine.has_unfinished_requests()
+    assert engine.kv_cache.stats().used_blocks == 0

@@ -217,7 +217,9 @@ def add_parser(sub) -> None:
     lat.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 128])
     lat.add_argument("--plot", default=None, help="write a PNG of the batch sweep here")
     lat.add_argument("--profile", default=None, help="write a torch.profiler table of batch-1 decode here")
-    step = kinds.add_parser("step", help="one prefill or mixed step of N tokens: whole-forward graphs, piecewise graphs, eager")
+    step = kinds.add_parser("step", help="one prefill or mixed step of N tokens: whole-forward graphs, piecewise graphs, "
+                            "eager (with --no-overlap-scheduling); with overlap scheduling, a step of a stream of "
+                            "N-token prompts, one a step")
     step.add_argument("--token-counts", type=int, nargs="+", default=[64, 256, 512, 2048, 8192])
     step.add_argument("--repeats", type=int, default=5)
     thr = kinds.add_parser("throughput", help="offline throughput of a fixed workload")

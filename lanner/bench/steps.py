@@ -2,7 +2,11 @@
 whole-forward CUDA graphs (where N has one), the piecewise graphs alone, and eagerly, in
 the same process on the same weights; on a GPU also its device time from the forward's start
 to the sampled tokens (`<mode>_gpu_ms`, CUDA events): the rest of `<mode>_ms` is host work
-before the launch and after the read-back."""
+before the launch and after the read-back. Those steps are synchronous (--no-overlap-scheduling).
+With overlap scheduling instead, the time a step of a stream of fresh N-token prompts, one
+arriving each step (`back_to_back_ms`): the host schedules, stages and launches each step while
+the device runs the one before, as a server does when prompts queue, so a step costs the longer
+of its host work and its device work rather than their sum."""
 from __future__ import annotations
 
 import statistics
@@ -50,11 +54,37 @@ def _time_step(engine, num_tokens: int, kind: str, seed: int) -> tuple[float, fl
     return seconds, times.each[-1][0] if times.each else None
 
 
+def back_to_back_ms(engine, num_tokens: int, steps: int, seed: int) -> float:
+    """Milliseconds a step over `steps` steps of fresh `num_tokens`-token prompts, each added just
+    before its step (one prompt a step: the ones before await only their read-back), after one
+    untimed step, with the last read back."""
+    g = torch.Generator().manual_seed(seed)
+    params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    prompts = [torch.randint(0, engine.vocab_size, (num_tokens,), generator=g).tolist() for _ in range(steps + 1)]
+    for i, prompt in enumerate(prompts):
+        if i == 1:
+            sync()
+            start = time.perf_counter()
+        engine.add_request(f"b{seed}-{i}", prompt, params)
+        engine.step()
+    while engine.has_unfinished_requests():
+        engine.step()
+    sync()
+    return (time.perf_counter() - start) * 1e3 / steps
+
+
 def step_times(llm, token_counts: list[int], repeats: int) -> list[dict]:
     engine = llm.engine
     runner = engine.runner
     if engine.config.scheduler.overlap_scheduling:
-        raise ValueError("lanner bench step times synchronous steps: pass --no-overlap-scheduling")
+        rows = []
+        for n in token_counts:
+            # distinct prompts for every run: a prefix-cache hit would skip the work
+            runs = [back_to_back_ms(engine, n, 4 * repeats, seed=n * 1000 + r) for r in range(3)]
+            rows.append({"tokens": n, "kind": "prefill, back to back",
+                         "back_to_back_ms": round(statistics.median(runs), 3)})
+            print(rows[-1], flush=True)
+        return rows
     if min(token_counts) <= NUM_DECODES:
         raise ValueError(f"lanner bench step: a mixed step holds {NUM_DECODES} decode rows and a prompt, so every "
                          f"token count must be over {NUM_DECODES}")
