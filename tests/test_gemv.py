@@ -255,6 +255,28 @@ def test_the_table_key_changes_with_the_helpers_the_kernel_calls(monkeypatch):
     assert gemv_table.kernel_hash() == before
 
 
+def test_a_candidate_too_big_for_the_gpu_is_left_out_of_the_measurement(monkeypatch):
+    """A candidate whose launch needs more shared memory than the GPU has (Triton raises as it
+    launches, before the capture) is left out, fused and unfused alike; the others are timed."""
+    from triton.runtime.errors import OutOfResources
+
+    import lanner.kernels.gemv as kernels
+
+    too_big = candidates(1)[-2]
+
+    def gemv(x, w, config, workspace=None, out=None, **kwargs):
+        if config == too_big:
+            raise OutOfResources(294912, 232448, "shared memory")
+        return out
+
+    monkeypatch.setattr(kernels, "gemv", gemv)
+    monkeypatch.setattr(gemv_table, "graph_us", lambda run, views: (run(views[0]), 1.0)[1])
+    for kind, prefixes in (("plain", [""]), ("gated", ["", gemv_table.UNFUSED])):
+        times = gemv_table.measure_shape(64, 128, 1, torch.float32, "cpu", kind=kind)
+        want = {prefix + str(c) for c in candidates(1) if c != too_big for prefix in prefixes}
+        assert set(times) == {"cublas"} | want, kind
+
+
 def test_table_rules_and_persistence(tmp_path, monkeypatch):
     monkeypatch.setattr(gemv_table, "table_key", lambda device: "test-gpu")
     one, rows = str(candidates(1)[2]), str(candidates(4)[1])

@@ -103,6 +103,8 @@ def example_inputs(kind: str, m: int, k: int, like: torch.Tensor, fill=torch.zer
 def measure_shape(n: int, k: int, m: int, dtype: torch.dtype, device, configs=None, kind: str = "plain") -> dict:
     """{"cublas": us, str(config): us, ...} for an [m, k] x [n, k]^T matmul on this GPU, its input of
     `kind` (see the module's docstring: cuBLAS after the kernel it needs, the GEMV with it inside)."""
+    from triton.runtime.errors import OutOfResources
+
     from lanner.kernels.fused import rms_norm, silu_and_mul
     from lanner.kernels.gemv import GemvWorkspace, gemv, takes_norm
 
@@ -118,11 +120,18 @@ def measure_shape(n: int, k: int, m: int, dtype: torch.dtype, device, configs=No
     times = {"cublas": graph_us(lambda w: torch.mm(before(x), w.t(), out=out), views)}
     for config in candidates(m) if configs is None else configs:
         workspace = GemvWorkspace.of(config, n, m, device)
-        if kind != "normed" or takes_norm(dtype, m):
-            times[str(config)] = graph_us(lambda w, c=config, ws=workspace: gemv(x, w, c, ws, out, **args), views)
-        if kind != "plain":
-            times[f"{UNFUSED}{config}"] = graph_us(lambda w, c=config, ws=workspace: gemv(before(x), w, c, ws, out),
-                                                    views)
+        timed = {}
+        try:
+            if kind != "normed" or takes_norm(dtype, m):
+                timed[str(config)] = graph_us(lambda w, c=config, ws=workspace: gemv(x, w, c, ws, out, **args), views)
+            if kind != "plain":
+                timed[f"{UNFUSED}{config}"] = graph_us(
+                    lambda w, c=config, ws=workspace: gemv(before(x), w, c, ws, out), views)
+        except OutOfResources as e:  # raised as it launches, before the capture: a GPU with less
+            # shared memory than the candidate's pipeline needs (fp32 weights, a smaller GPU)
+            logger.info("GEMV candidate %s does not fit this GPU (%s): left out", config, e)
+            continue
+        times |= timed
     return times
 
 
