@@ -22,9 +22,8 @@ def widened(probe: dict, top: int) -> list[tuple[int, ...]]:
     for name, shape in probe["shapes"].items():
         if "/m1/" not in name:
             continue
-        for config in [c for c in shape["top5"] if parse(c) not in gemv_table.ONE_ROW_CANDIDATES][:top]:
-            if parse(config) not in extra:
-                extra.append(parse(config))
+        missing = [c for c in map(parse, shape["top5"]) if c not in gemv_table.ONE_ROW_CANDIDATES]
+        extra += [c for c in missing[:top] if c not in extra]
     return extra
 
 
