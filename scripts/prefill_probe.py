@@ -6,7 +6,7 @@ graph), as the whole-forward graphs run the kernel: eager calls of small steps t
   PYTHONPATH=. [KV_DTYPE=fp8] [DEFAULT_ONLY=1] python3 scripts/prefill_probe.py [OUT.json]
 KV_DTYPE=fp8: the cache in e4m3 (--kv-cache-dtype fp8); DEFAULT_ONLY=1: the default tile alone;
 TILES="32,64,4,1 32,32,4,2": these tiles (rows, keys, warps, stages) and the default; SHAPES="16h-p512":
-these shapes only."""
+these shapes only. The default tile runs first; every other tile's output must match its."""
 import functools
 import json
 import os

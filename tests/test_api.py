@@ -325,7 +325,10 @@ def test_bench_step_with_overlap_times_a_stream_of_prompts_one_a_step(qwen3_path
     rows = step_times(llm, [24], repeats=1)
     assert [(row["tokens"], row["kind"]) for row in rows] == [(24, "prefill, back to back")]
     assert rows[0]["back_to_back_ms"] > 0
-    assert engine.num_steps - steps == 3 * (4 + 1)  # three runs of four timed steps after one untimed
-    assert engine.num_tokens_computed - tokens == 3 * 5 * 24
+    assert engine.num_steps - steps == 3 * (4 + 2)  # three runs of four timed steps between two untimed
+    assert engine.num_tokens_computed - tokens == 3 * 6 * 24
     assert not engine.has_unfinished_requests()
     assert engine.kv_cache.stats().used_blocks == 0
+    budget = engine.config.scheduler.max_num_batched_tokens
+    with pytest.raises(ValueError, match="budget"):  # chunks of one prompt over several steps
+        step_times(llm, [budget + 1], repeats=1)

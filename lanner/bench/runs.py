@@ -9,7 +9,7 @@ import torch
 
 from lanner.bench import common, hf_baseline
 from lanner.bench.common import Workload, timed
-from lanner.bench.steps import NUM_DECODES, step_times
+from lanner.bench.steps import BACK_TO_BACK_RUNS, BACK_TO_BACK_STEPS, NUM_DECODES, step_times
 from lanner.core.heap import frozen_heap
 from lanner.core.request import SamplingParams
 
@@ -178,8 +178,12 @@ def _measure(args: argparse.Namespace, llm, baseline: dict | None, path: str) ->
     """The results and workload of one `lanner bench step|latency|throughput` run."""
     if args.kind == "step":
         results = {"steps": step_times(llm, args.token_counts, args.repeats), **_engine_facts(llm)}
-        workload = {"token_counts": args.token_counts, "repeats": args.repeats,
-                    "mixed": f"{NUM_DECODES} decodes + one fresh prompt", "prefill": "one fresh prompt"}
+        workload = {"token_counts": args.token_counts, "repeats": args.repeats}
+        if llm.engine.config.scheduler.overlap_scheduling:
+            workload["prefill, back to back"] = (f"{BACK_TO_BACK_RUNS} runs of {BACK_TO_BACK_STEPS} x repeats timed steps, "
+                                                 "a fresh prompt added before each")
+        else:
+            workload |= {"mixed": f"{NUM_DECODES} decodes + one fresh prompt", "prefill": "one fresh prompt"}
     elif args.kind == "latency":
         rows = latency(llm, args.input_len, args.output_len, args.batch_sizes)
         results = {"sweep": rows, **_engine_facts(llm)}
@@ -221,7 +225,9 @@ def add_parser(sub) -> None:
                             "eager (with --no-overlap-scheduling); with overlap scheduling, a step of a stream of "
                             "N-token prompts, one a step")
     step.add_argument("--token-counts", type=int, nargs="+", default=[64, 256, 512, 2048, 8192])
-    step.add_argument("--repeats", type=int, default=5)
+    step.add_argument("--repeats", type=int, default=5,
+                      help="synchronous steps timed a mode (their median); with overlap scheduling, "
+                           "4 x this many timed steps a run")
     thr = kinds.add_parser("throughput", help="offline throughput of a fixed workload")
     thr.add_argument("--workload", choices=sorted(common.WORKLOADS), default="W-8B")
     thr.add_argument("--num-prompts", type=int, default=None)

@@ -19,6 +19,8 @@ from lanner.core.request import SamplingParams
 from lanner.executor.step_handle import StepTimes
 
 NUM_DECODES = 16  # running requests that decode alongside the prefill chunk in a mixed step
+BACK_TO_BACK_STEPS = 4  # timed steps of a back-to-back run, per --repeats
+BACK_TO_BACK_RUNS = 3  # runs of fresh prompts; their median is reported
 
 
 def _time_step(engine, num_tokens: int, kind: str, seed: int) -> tuple[float, float | None]:
@@ -31,12 +33,12 @@ def _time_step(engine, num_tokens: int, kind: str, seed: int) -> tuple[float, fl
     if kind == "mixed":
         for i in range(NUM_DECODES):
             ids.append(f"d{seed}-{i}")
-            engine.add_request(ids[-1], torch.randint(0, vocab, (32,), generator=g).tolist(),
+            engine.add_request(ids[-1], _random_prompt(g, vocab, 32),
                                SamplingParams(temperature=0, max_tokens=64, ignore_eos=True))
         engine.step()  # their prefill; afterwards each decodes one token per step
     prompt_len = num_tokens - (NUM_DECODES if kind == "mixed" else 0)
     ids.append(f"p{seed}")
-    engine.add_request(ids[-1], torch.randint(0, vocab, (prompt_len,), generator=g).tolist(),
+    engine.add_request(ids[-1], _random_prompt(g, vocab, prompt_len),
                        SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
     runner = engine.runner
     kept, times = runner.step_times, StepTimes(each=[])  # it records only on a GPU
@@ -55,36 +57,52 @@ def _time_step(engine, num_tokens: int, kind: str, seed: int) -> tuple[float, fl
 
 
 def back_to_back_ms(engine, num_tokens: int, steps: int, seed: int) -> float:
-    """Milliseconds a step over `steps` steps of fresh `num_tokens`-token prompts, each added just
-    before its step (one prompt a step: the ones before await only their read-back), after one
-    untimed step, with the last read back."""
+    """The steady-state milliseconds a step of a stream of fresh `num_tokens`-token prompts, one
+    added before each step (the ones before await only their read-back, so a step takes that one
+    prompt): from the return of the second step, when the device is already running it, to the
+    return of the `steps`-th after, when it runs that one; neither the stream's start (the host
+    staging a step while the device idles) nor its drain counts."""
+    scheduler = engine.config.scheduler
+    if num_tokens > scheduler.max_num_batched_tokens:
+        raise ValueError(f"lanner bench step: a {num_tokens}-token prompt does not fit one step's budget of "
+                         f"{scheduler.max_num_batched_tokens} tokens (--max-num-batched-tokens)")
     g = torch.Generator().manual_seed(seed)
     params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
-    prompts = [torch.randint(0, engine.vocab_size, (num_tokens,), generator=g).tolist() for _ in range(steps + 1)]
-    for i, prompt in enumerate(prompts):
-        if i == 1:
-            sync()
-            start = time.perf_counter()
-        engine.add_request(f"b{seed}-{i}", prompt, params)
+    before = engine.num_steps
+    for i in range(steps + 2):
+        engine.add_request(f"b{seed}-{i}", _random_prompt(g, engine.vocab_size, num_tokens), params)
         engine.step()
+        if i == 1:
+            start = time.perf_counter()
+    seconds = time.perf_counter() - start
     while engine.has_unfinished_requests():
         engine.step()
-    sync()
-    return (time.perf_counter() - start) * 1e3 / steps
+    if engine.num_steps - before != steps + 2:
+        raise ValueError(f"lanner bench step: {steps + 2} prompts took {engine.num_steps - before} steps, not one "
+                         "a step (--max-num-seqs 1 leaves no room for a prompt beside one awaiting its read-back)")
+    return seconds * 1e3 / steps
+
+
+def _back_to_back_rows(engine, token_counts: list[int], repeats: int) -> list[dict]:
+    rows = []
+    for n in token_counts:
+        # fresh prompts in every run (a prefix-cache hit would skip the work); the median of the runs
+        runs = [back_to_back_ms(engine, n, BACK_TO_BACK_STEPS * repeats, seed=n * 1000 + r)
+                for r in range(BACK_TO_BACK_RUNS)]
+        rows.append({"tokens": n, "kind": "prefill, back to back", "back_to_back_ms": round(statistics.median(runs), 3)})
+        print(rows[-1], flush=True)
+    return rows
+
+
+def _random_prompt(g: torch.Generator, vocab: int, length: int) -> list[int]:
+    return torch.randint(0, vocab, (length,), generator=g).tolist()
 
 
 def step_times(llm, token_counts: list[int], repeats: int) -> list[dict]:
     engine = llm.engine
     runner = engine.runner
     if engine.config.scheduler.overlap_scheduling:
-        rows = []
-        for n in token_counts:
-            # distinct prompts for every run: a prefix-cache hit would skip the work
-            runs = [back_to_back_ms(engine, n, 4 * repeats, seed=n * 1000 + r) for r in range(3)]
-            rows.append({"tokens": n, "kind": "prefill, back to back",
-                         "back_to_back_ms": round(statistics.median(runs), 3)})
-            print(rows[-1], flush=True)
-        return rows
+        return _back_to_back_rows(engine, token_counts, repeats)
     if min(token_counts) <= NUM_DECODES:
         raise ValueError(f"lanner bench step: a mixed step holds {NUM_DECODES} decode rows and a prompt, so every "
                          f"token count must be over {NUM_DECODES}")

@@ -117,21 +117,20 @@ def measure_shape(n: int, k: int, m: int, dtype: torch.dtype, device, configs=No
             return silu_and_mul(x)
         return rms_norm(x, args["norm"].weight, args["norm"].eps, args["norm"].residual)[0] if kind == "normed" else x
 
+    def time_if_it_fits(name: str, run) -> None:
+        try:
+            times[name] = graph_us(run, views)
+        except OutOfResources as e:  # raised as it launches, before the capture: the pipeline needs more
+            # shared memory than this GPU has (fp32 weights, a smaller GPU; a fused input needs more)
+            logger.info("GEMV candidate %s does not fit this GPU (%s): left out", name, e)
+
     times = {"cublas": graph_us(lambda w: torch.mm(before(x), w.t(), out=out), views)}
     for config in candidates(m) if configs is None else configs:
         workspace = GemvWorkspace.of(config, n, m, device)
-        timed = {}
-        try:
-            if kind != "normed" or takes_norm(dtype, m):
-                timed[str(config)] = graph_us(lambda w, c=config, ws=workspace: gemv(x, w, c, ws, out, **args), views)
-            if kind != "plain":
-                timed[f"{UNFUSED}{config}"] = graph_us(
-                    lambda w, c=config, ws=workspace: gemv(before(x), w, c, ws, out), views)
-        except OutOfResources as e:  # raised as it launches, before the capture: a GPU with less
-            # shared memory than the candidate's pipeline needs (fp32 weights, a smaller GPU)
-            logger.info("GEMV candidate %s does not fit this GPU (%s): left out", config, e)
-            continue
-        times |= timed
+        if kind != "normed" or takes_norm(dtype, m):
+            time_if_it_fits(str(config), lambda w, c=config, ws=workspace: gemv(x, w, c, ws, out, **args))
+        if kind != "plain":
+            time_if_it_fits(f"{UNFUSED}{config}", lambda w, c=config, ws=workspace: gemv(before(x), w, c, ws, out))
     return times
 
 
