@@ -177,3 +177,37 @@ def test_whole_forward_graphs_capture_up_to_their_limit_and_compile_outside_a_ca
     assert planned == [32, 16] and sorted(pw.full_graphs) == [16, 32]
     assert runs == [(32, False), (32, True), (16, False), (16, True)]
     assert torch.equal(runner.slot_mapping[:32], torch.full((32,), -1))  # the warm-ups wrote no KV
+
+
+def test_steps_that_replay_pieces_run_once_at_start_for_each_new_kernel_shape(qwen3_path, monkeypatch):
+    """The sizes without a whole-forward graph run one step at start for each attention kernel shape
+    they plan, as such a step runs (piece graphs replayed, attention eagerly between them), outside any
+    capture and writing no KV: the first long prompt then compiles nothing while others wait."""
+    runner = make_llm(qwen3_path, piecewise_graphs=True, piecewise_sizes=[16, 32, 48, 64]).engine.runner
+    pw = PiecewiseGraphs(runner.model, [16, 32, 48, 64], torch.float32, torch.device("cpu"), full_max_tokens=16)
+    cuda = _FakeCuda(monkeypatch)
+    replayed = []
+
+    class Piece:
+        def __init__(self, size: int, j: int):
+            self.size, self.j = size, j
+
+        def replay(self):
+            replayed.append((self.size, self.j, cuda.capturing))
+
+    pw.graphs = {size: [Piece(size, j) for j in range(runner.model.num_pieces)] for size in pw.sizes}
+    backend, planned, runs = runner.backend, [], []
+    plan = backend.plan
+    monkeypatch.setattr(backend, "plan", lambda batch, **kw: (planned.append(kw.get("graph_tokens")), plan(batch, **kw)))
+    monkeypatch.setattr(backend, "kernel_shape", lambda: planned[-1] > 32, raising=False)
+    forward_pieces = runner.model.forward_pieces
+    monkeypatch.setattr(runner.model, "forward_pieces",
+                        lambda ids, *a, **kw: (runs.append((ids.shape[0], cuda.capturing)), forward_pieces(ids, *a, **kw))[1])
+    runner.slot_mapping.fill_(7)
+    pw.capture_full(runner.input_ids, runner.positions, runner.slot_mapping, backend)
+    assert sorted(pw.full_graphs) == [16]
+    assert planned == [16, 64, 48, 32]  # 48 plans the shape 64 warmed up
+    assert runs == [(16, False), (16, True), (64, False), (32, False)]
+    num_pieces = runner.model.num_pieces
+    assert replayed == [(size, j, False) for size in (64, 32) for j in range(num_pieces)]
+    assert torch.equal(runner.slot_mapping[:64], torch.full((64,), -1))

@@ -133,16 +133,42 @@ class PiecewiseGraphs(SizeLadder):
     def capture_full(self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
                      backend) -> None:
         """The whole-forward graphs, largest first, into the pieces' pool (call after `capture`, once the
-        backend and its KV cache exist). The runner's static inputs are the graphs' inputs; the warm-up
-        and the captures plan one empty sequence (no keys, no KV writes)."""
-        if not self.full_sizes:
-            return
-        before = torch.cuda.memory_reserved(self.device)
-        slot_mapping[:self.full_sizes[-1]].fill_(-1)
+        backend and its KV cache exist), then a warm-up of the steps that replay pieces. The runner's
+        static inputs are the graphs' inputs; the warm-ups and the captures plan one empty sequence (no
+        keys, no KV writes)."""
 
         def setup(size: int) -> None:
+            slot_mapping[:size].fill_(-1)
             backend.plan(ForwardBatch(input_ids[:size], positions[:size], slot_mapping[:size], [size], [0], [[]],
                                       input_ids[:0], size), graph_tokens=size)
+
+        if self.full_sizes:
+            self._capture_full(input_ids, positions, backend, setup)
+        self._warm_up_piece_steps(input_ids, positions, backend, setup)
+
+    def _warm_up_piece_steps(self, input_ids: torch.Tensor, positions: torch.Tensor, backend, setup) -> None:
+        """One step of each new attention kernel shape among the sizes without a whole-forward graph, run
+        as such a step runs (pieces replayed, attention eagerly between them), so that the kernels only
+        these steps launch (the KV store, a prefill tile) compile now: otherwise the first long prompt
+        compiles them while every other request waits (0.4 s on a fresh machine, W-8B)."""
+        if not self.graphs:  # nothing captured (the CPU)
+            return
+        warmed = set()
+        for size in reversed(self.sizes):
+            if size in self.full_graphs:
+                continue
+            setup(size)  # the grid of a graph's plan: the prefill kernel launches although no tile has work
+            if backend.kernel_shape() in warmed:
+                continue
+            warmed.add(backend.kernel_shape())
+            graphs = self.graphs[size]
+            with forward_context(backend):
+                self.model.forward_pieces(input_ids[:size], positions[:size], self.bufs.rows(size),
+                                          lambda j, graphs=graphs: graphs[j].replay())
+        torch.cuda.synchronize(self.device)
+
+    def _capture_full(self, input_ids: torch.Tensor, positions: torch.Tensor, backend, setup) -> None:
+        before = torch.cuda.memory_reserved(self.device)
 
         def run(size: int) -> torch.Tensor:
             with forward_context(backend):

@@ -1,9 +1,13 @@
 """Piecewise and whole-forward CUDA graphs on the GPU: identical greedy outputs with and
 without them on mixed workloads, padding rows zeroed, the oversized-step fallback, no host
-syncs in a graphed step, capture failures reported with size and piece."""
+syncs in a graphed step, capture failures reported with size and piece, no kernel compiled
+after the start by greedy steps."""
 from __future__ import annotations
 
 import gc
+import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -51,6 +55,39 @@ def test_greedy_outputs_identical_with_and_without_graphs(dtype, whole):
         assert pw.num_graph_steps > 0 and pw.num_full_graph_steps == 0
     assert llm.engine.kv_cache.stats().prefix_hits > 0
     assert got == want
+
+
+# run in a fresh process: kernels an earlier test of this process compiled would hide a missing warm-up
+_COMPILES_AFTER_START = """
+import json, sys, torch
+from triton.runtime.jit import JITFunction
+from lanner import LLM, SamplingParams
+llm = LLM(dtype="bfloat16", gpu_memory_utilization=0.3, max_num_batched_tokens=1024, prefill_graph_max_tokens=256,
+          kv_cache_dtype=sys.argv[1])
+compiled = []
+do_compile = JITFunction._do_compile
+JITFunction._do_compile = lambda self, *a, **kw: (compiled.append(self.fn.__name__), do_compile(self, *a, **kw))[1]
+g = torch.Generator().manual_seed(2)
+prompts = [torch.randint(3, 3000, (int(n),), generator=g).tolist() for n in torch.randint(1, 300, (16,), generator=g)]
+prompts += [torch.randint(3, 3000, (n,), generator=g).tolist() for n in (700, 1000, 1500)]
+llm.generate(prompts, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True), use_tqdm=False)
+pw = llm.engine.runner.piecewise
+print(json.dumps({"compiled": compiled, "piece_steps": pw.num_graph_steps, "whole_steps": pw.num_full_graph_steps}))
+"""
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8"])
+def test_a_started_engine_compiles_no_kernel_for_greedy_steps(kv_cache_dtype):
+    """The engine's start compiles every Triton kernel a greedy step launches, the eager attention
+    between replayed pieces included: otherwise the first prompt longer than the whole-forward graphs
+    compiled the KV store while every running request waited (0.4 s at W-8B's first 8,192-token step
+    on a fresh machine)."""
+    done = subprocess.run([sys.executable, "-c", _COMPILES_AFTER_START, kv_cache_dtype], capture_output=True,
+                          text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert got["piece_steps"] > 0 and got["whole_steps"] > 0
+    assert got["compiled"] == []
 
 
 def test_padding_rows_are_zero_and_oversized_steps_fall_back():
@@ -111,3 +148,4 @@ def test_capture_failure_names_size_and_piece(monkeypatch):
     monkeypatch.setattr(DecoderForCausalLM, "run_piece", failing)
     with pytest.raises(RuntimeError, match=r"32 tokens, piece 2 of"):
         LLM(dtype="bfloat16", gpu_memory_utilization=0.3, max_num_batched_tokens=64)
+
