@@ -153,6 +153,7 @@ class ModelRunner:
         self.num_verify_graph_steps = 0  # verify steps that replayed a decode graph
         if cuda_graphs:
             self.capture_graphs(self.piecewise_token_sizes)
+        self.sampler.warm_up(self.model.spec.vocab_size, device)
 
     def capture_graphs(self, draft_prefill_sizes: list[int]) -> None:
         """The full decode graphs (batch sizes, and B x (k+1) rows of verify steps) and the draft's

@@ -46,7 +46,9 @@ def _narrowed(lo, hi, mass, top_p, NP: tl.constexpr):
     return new_lo, new_hi
 
 
-@triton.jit
+# B (the batch) unspecialized: one compilation serves every batch size, instead of one for 1, one for
+# multiples of 16 and one for the rest, each compiled at a sampled step while every request waits
+@triton.jit(do_not_specialize=["B"])
 def _top_p_pass(probs_ptr, stride, top_p_ptr, bounds_ptr, sums_ptr, out_ptr, B, V, num_splits,
                 PASS: tl.constexpr, FINAL: tl.constexpr, NP: tl.constexpr, SPLITS: tl.constexpr,
                 CHUNK_SIZE: tl.constexpr, BLOCK: tl.constexpr, SKIP: tl.constexpr):

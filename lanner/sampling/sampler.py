@@ -88,6 +88,18 @@ class Sampler:
         self.penalty_counts: PenaltyCounts | None = None  # made at the first penalized row
         self.logprobs = True  # False where nothing reads them (tensor-parallel ranks > 0)
 
+    def warm_up(self, vocab: int, device: torch.device) -> None:
+        """Compile the GPU's sampling kernels (the race draw, top-p's threshold search) at the
+        engine's start: the first sampled request would compile them in its step, stalling every
+        running request (a fresh machine builds each kernel's launcher too)."""
+        if device.type != "cuda":
+            return
+        from lanner.kernels.sampling import race_sample
+
+        probs = torch.full((2, vocab), 1.0 / vocab, device=device)
+        race_sample(probs, torch.zeros(2, 2, dtype=torch.long, device=device))
+        nucleus_threshold(probs, torch.full((2,), 0.5, device=device))
+
     def __call__(self, logits: torch.Tensor, reqs: list[Request], last_sampled: torch.Tensor | None = None,
                  offsets: list[int] | None = None, shifts: tuple[torch.Tensor, list[int]] | None = None,
                  mask: GrammarMask | None = None) -> Sampled:

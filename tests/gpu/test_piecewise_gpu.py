@@ -1,7 +1,7 @@
 """Piecewise and whole-forward CUDA graphs on the GPU: identical greedy outputs with and
 without them on mixed workloads, padding rows zeroed, the oversized-step fallback, no host
 syncs in a graphed step, capture failures reported with size and piece, no kernel compiled
-after the start by greedy steps."""
+after the start by greedy or sampled steps."""
 from __future__ import annotations
 
 import gc
@@ -71,23 +71,34 @@ g = torch.Generator().manual_seed(2)
 prompts = [torch.randint(3, 3000, (int(n),), generator=g).tolist() for n in torch.randint(1, 300, (16,), generator=g)]
 prompts += [torch.randint(3, 3000, (n,), generator=g).tolist() for n in (700, 1000, 1500)]
 llm.generate(prompts, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True), use_tqdm=False)
+greedy = list(compiled)
+# sampled rows in batches of 1, 5 and 16 (top-p's search specialized on them): temperature alone, top-p
+# alone, Qwen3's preset, min-p, penalties and logprobs
+presets = [dict(top_p=0.9), dict(), dict(top_k=20, top_p=0.95), dict(min_p=0.1), dict(top_p=0.8, logprobs=3),
+           dict(top_p=0.9, repetition_penalty=1.1, presence_penalty=0.5)]
+for n in (1, 5, 16):
+    for preset in presets:
+        llm.generate(prompts[:n], [SamplingParams(temperature=0.7, max_tokens=6, ignore_eos=True, seed=i, **preset)
+                                   for i in range(n)], use_tqdm=False)
 pw = llm.engine.runner.piecewise
-print(json.dumps({"compiled": compiled, "piece_steps": pw.num_graph_steps, "whole_steps": pw.num_full_graph_steps}))
+print(json.dumps({"greedy": greedy, "sampled": compiled[len(greedy):], "piece_steps": pw.num_graph_steps,
+                  "whole_steps": pw.num_full_graph_steps}))
 """
 
 
 @pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8"])
-def test_a_started_engine_compiles_no_kernel_for_greedy_steps(kv_cache_dtype):
-    """The engine's start compiles every Triton kernel a greedy step launches, the eager attention
-    between replayed pieces included: otherwise the first prompt longer than the whole-forward graphs
-    compiled the KV store while every running request waited (0.4 s at W-8B's first 8,192-token step
-    on a fresh machine)."""
+def test_a_started_engine_compiles_no_kernel_for_greedy_or_sampled_steps(kv_cache_dtype):
+    """The engine's start compiles every Triton kernel a step launches, the eager attention between
+    replayed pieces and the sampling kernels included: otherwise the first prompt longer than the
+    whole-forward graphs compiled the KV store while every running request waited (0.4 s at W-8B's
+    first 8,192-token step on a fresh machine), and the first sampled requests compiled the race draw
+    and top-p's search, again for each new kind of batch size."""
     done = subprocess.run([sys.executable, "-c", _COMPILES_AFTER_START, kv_cache_dtype], capture_output=True,
                           text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     got = json.loads(done.stdout.strip().splitlines()[-1])
     assert got["piece_steps"] > 0 and got["whole_steps"] > 0
-    assert got["compiled"] == []
+    assert got["greedy"] == [] and got["sampled"] == []
 
 
 def test_padding_rows_are_zero_and_oversized_steps_fall_back():
