@@ -161,18 +161,25 @@ def test_capture_ladder_compiles_each_new_kernel_shape_outside_a_capture(monkeyp
     assert runs == [(8, False), (8, True), (4, True), (2, False), (2, True), (1, True)]
 
 
+def record_plans_and_forwards(runner, cuda, monkeypatch, shape_changes_above: int):
+    """The backend's plans (their graph_tokens) and the model's forwards (tokens, inside a capture or
+    not), recorded; the attention kernels' shape is new above `shape_changes_above` graph tokens."""
+    backend, planned, runs = runner.backend, [], []
+    plan = backend.plan
+    monkeypatch.setattr(backend, "plan", lambda batch, **kw: (planned.append(kw.get("graph_tokens")), plan(batch, **kw)))
+    monkeypatch.setattr(backend, "kernel_shape", lambda: planned[-1] > shape_changes_above, raising=False)
+    forward_pieces = runner.model.forward_pieces
+    monkeypatch.setattr(runner.model, "forward_pieces",
+                        lambda ids, *a, **kw: (runs.append((ids.shape[0], cuda.capturing)), forward_pieces(ids, *a, **kw))[1])
+    return backend, planned, runs
+
+
 def test_whole_forward_graphs_capture_up_to_their_limit_and_compile_outside_a_capture(qwen3_path, monkeypatch):
     runner = make_llm(qwen3_path, piecewise_graphs=True, piecewise_sizes=[16, 32, 48]).engine.runner
     pw = PiecewiseGraphs(runner.model, [16, 32, 48], torch.float32, torch.device("cpu"), full_max_tokens=32)
     assert pw.full_sizes == [16, 32]
     cuda = _FakeCuda(monkeypatch)
-    backend, planned, runs = runner.backend, [], []
-    plan = backend.plan
-    monkeypatch.setattr(backend, "plan", lambda batch, **kw: (planned.append(kw.get("graph_tokens")), plan(batch, **kw)))
-    monkeypatch.setattr(backend, "kernel_shape", lambda: planned[-1] > 16, raising=False)
-    forward_pieces = runner.model.forward_pieces
-    monkeypatch.setattr(runner.model, "forward_pieces",
-                        lambda ids, *a, **kw: (runs.append((ids.shape[0], cuda.capturing)), forward_pieces(ids, *a, **kw))[1])
+    backend, planned, runs = record_plans_and_forwards(runner, cuda, monkeypatch, shape_changes_above=16)
     pw.capture_full(runner.input_ids, runner.positions, runner.slot_mapping, backend)
     assert planned == [32, 16] and sorted(pw.full_graphs) == [16, 32]
     assert runs == [(32, False), (32, True), (16, False), (16, True)]
@@ -196,13 +203,7 @@ def test_steps_that_replay_pieces_run_once_at_start_for_each_new_kernel_shape(qw
             replayed.append((self.size, self.j, cuda.capturing))
 
     pw.graphs = {size: [Piece(size, j) for j in range(runner.model.num_pieces)] for size in pw.sizes}
-    backend, planned, runs = runner.backend, [], []
-    plan = backend.plan
-    monkeypatch.setattr(backend, "plan", lambda batch, **kw: (planned.append(kw.get("graph_tokens")), plan(batch, **kw)))
-    monkeypatch.setattr(backend, "kernel_shape", lambda: planned[-1] > 32, raising=False)
-    forward_pieces = runner.model.forward_pieces
-    monkeypatch.setattr(runner.model, "forward_pieces",
-                        lambda ids, *a, **kw: (runs.append((ids.shape[0], cuda.capturing)), forward_pieces(ids, *a, **kw))[1])
+    backend, planned, runs = record_plans_and_forwards(runner, cuda, monkeypatch, shape_changes_above=32)
     runner.slot_mapping.fill_(7)
     pw.capture_full(runner.input_ids, runner.positions, runner.slot_mapping, backend)
     assert sorted(pw.full_graphs) == [16]
