@@ -11,14 +11,18 @@ import os
 import pstats
 import time
 
-from lanner import LLM
+from lanner import LLM, SamplingParams
 from lanner.bench.common import WORKLOADS
-from lanner.bench.runs import _greedy
 from lanner.executor.step_handle import StepTimes
+
+
+def greedy(n: int) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
+
 
 llm = LLM(model=os.environ.get("CFG", "benchmarks/configs/qwen3-8b.json"), load_format="dummy",
           kv_cache_dtype=os.environ.get("KV", "fp8"))
-llm.generate([[1] * 16], _greedy(4), use_tqdm=False)
+llm.generate([[1] * 16], greedy(4), use_tqdm=False)
 try:
     import traceback
 
@@ -63,7 +67,7 @@ for seed in [int(s) for s in os.environ.get("SEEDS", "0 1 2").split()]:
 
     runner.launch, runner.step_times, engine.step = launch_and_note, StepTimes(each=[]), timed_step
     t = time.perf_counter()
-    outs = llm.generate([p for p, _ in reqs], [_greedy(m) for _, m in reqs], use_tqdm=False)
+    outs = llm.generate([p for p, _ in reqs], [greedy(m) for _, m in reqs], use_tqdm=False)
     wall = time.perf_counter() - t
     gpu = [sum(x) * 1e-3 for x in runner.step_times.each]
     del runner.launch, engine.step

@@ -207,8 +207,21 @@ def test_steps_that_replay_pieces_run_once_at_start_for_each_new_kernel_shape(qw
     runner.slot_mapping.fill_(7)
     pw.capture_full(runner.input_ids, runner.positions, runner.slot_mapping, backend)
     assert sorted(pw.full_graphs) == [16]
-    assert planned == [16, 64, 48, 32]  # 48 plans the shape 64 warmed up
-    assert runs == [(16, False), (16, True), (64, False), (32, False)]
+    assert planned == [16, 32, 48, 64]  # 64 plans the shape 48 warmed up
+    assert runs == [(16, False), (16, True), (32, False), (48, False)]
     num_pieces = runner.model.num_pieces
-    assert replayed == [(size, j, False) for size in (64, 32) for j in range(num_pieces)]
+    assert replayed == [(size, j, False) for size in (32, 48) for j in range(num_pieces)]
     assert torch.equal(runner.slot_mapping[:64], torch.full((64,), -1))
+
+
+def test_piece_steps_warm_up_even_when_every_size_has_a_whole_forward_graph(qwen3_path, monkeypatch):
+    """Decode-only steps over the decode graphs' rows take the pieces whatever the whole-forward
+    graphs cover, so one piece step (the smallest) still runs at start."""
+    runner = make_llm(qwen3_path, piecewise_graphs=True, piecewise_sizes=[16, 32]).engine.runner
+    pw = PiecewiseGraphs(runner.model, [16, 32], torch.float32, torch.device("cpu"), full_max_tokens=32)
+    cuda = _FakeCuda(monkeypatch)
+    pw.graphs = {size: [type("Piece", (), {"replay": lambda self: None})()] * runner.model.num_pieces
+                 for size in pw.sizes}
+    _, planned, runs = record_plans_and_forwards(runner, cuda, monkeypatch, shape_changes_above=16)
+    pw.capture_full(runner.input_ids, runner.positions, runner.slot_mapping, runner.backend)
+    assert planned == [32, 16, 16] and runs[-1] == (16, False) and len(runs) == 5

@@ -147,20 +147,21 @@ class PiecewiseGraphs(SizeLadder):
         self._warm_up_piece_steps(input_ids, positions, backend, setup)
 
     def _warm_up_piece_steps(self, input_ids: torch.Tensor, positions: torch.Tensor, backend, setup) -> None:
-        """One step of each new attention kernel shape among the sizes without a whole-forward graph, run
-        as such a step runs (pieces replayed, attention eagerly between them), so that the kernels only
-        these steps launch (the KV store, a prefill tile) compile now: otherwise the first long prompt
-        compiles them while every other request waits (0.4 s on a fresh machine, W-8B)."""
+        """One step of each new attention kernel shape among the sizes without a whole-forward graph
+        (at least one size: decode-only steps over the decode graphs take the pieces too), run as such
+        a step runs (pieces replayed, attention eagerly between them), so that the kernels only these
+        steps launch (the KV store, a prefill tile) compile now: otherwise the first long prompt
+        compiles them while every other request waits (0.4 s on a fresh machine, W-8B). Smallest size
+        first: the token count changes only the kernels' grids."""
         if not self.graphs:  # nothing captured (the CPU)
             return
         warmed = set()
-        for size in reversed(self.sizes):
-            if size in self.full_graphs:
+        for size in [s for s in self.sizes if s not in self.full_graphs] or self.sizes[:1]:
+            setup(size)  # a graph's plan: the prefill kernel's grid is fixed, its tiles attend to no keys
+            shape = backend.kernel_shape()
+            if shape in warmed or shape == ():  # () : a backend with nothing to compile
                 continue
-            setup(size)  # the grid of a graph's plan: the prefill kernel launches although no tile has work
-            if backend.kernel_shape() in warmed:
-                continue
-            warmed.add(backend.kernel_shape())
+            warmed.add(shape)
             graphs = self.graphs[size]
             with forward_context(backend):
                 self.model.forward_pieces(input_ids[:size], positions[:size], self.bufs.rows(size),

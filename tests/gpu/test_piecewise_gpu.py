@@ -57,12 +57,13 @@ def test_greedy_outputs_identical_with_and_without_graphs(dtype, whole):
     assert got == want
 
 
-# run in a fresh process: kernels an earlier test of this process compiled would hide a missing warm-up
+# run in a fresh process: kernels an earlier test of this process compiled would hide a missing warm-up.
+# Whole-forward graphs to 128 tokens: the prefill tile of 144-1,024 tokens is then launched by piece steps only
 _COMPILES_AFTER_START = """
 import json, sys, torch
 from triton.runtime.jit import JITFunction
 from lanner import LLM, SamplingParams
-llm = LLM(dtype="bfloat16", gpu_memory_utilization=0.3, max_num_batched_tokens=1024, prefill_graph_max_tokens=256,
+llm = LLM(dtype="bfloat16", gpu_memory_utilization=0.3, max_num_batched_tokens=2048, prefill_graph_max_tokens=128,
           kv_cache_dtype=sys.argv[1])
 compiled = []
 do_compile = JITFunction._do_compile
@@ -159,4 +160,3 @@ def test_capture_failure_names_size_and_piece(monkeypatch):
     monkeypatch.setattr(DecoderForCausalLM, "run_piece", failing)
     with pytest.raises(RuntimeError, match=r"32 tokens, piece 2 of"):
         LLM(dtype="bfloat16", gpu_memory_utilization=0.3, max_num_batched_tokens=64)
-
