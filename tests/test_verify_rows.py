@@ -443,3 +443,24 @@ def test_a_prompt_step_with_more_requests_than_the_graph_ladder(qwen3_path, monk
                          use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == hf_greedy(hf, prompts, 4)
     assert sum(runner.drafter.prefill_graphs.replays.values()) > 0
+
+
+def test_draft_prompt_chunks_over_the_prefill_graphs_warm_up_at_start(qwen3_path, monkeypatch):
+    """A draft LM's prompt chunks over its prefill graphs run the first pass eagerly, with prefill
+    tiles no capture compiled: at start one eager pass runs for each new kernel shape (here one:
+    every size over the graphs plans the same tile), writing no KV."""
+    import lanner.executor.drafter as drafter_module
+    from conftest import make_llm
+
+    monkeypatch.setattr(drafter_module, "DRAFT_PREFILL_GRAPH_MAX_TOKENS", 16)
+    spec = make_llm(qwen3_path, attention_backend="triton", max_num_seqs=4, max_num_batched_tokens=64,
+                    speculative_config={"method": "draft_model", "model": qwen3_path, "num_speculative_tokens": 2})
+    drafter = spec.engine.runner.drafter
+    calls = []
+    forward = drafter.net.forward
+    monkeypatch.setattr(drafter.net, "forward", lambda ids, *a, **kw: (calls.append(ids.shape[0]), forward(ids, *a, **kw))[1])
+    kv_before = [t.clone() for pair in drafter.kv_caches for t in pair]
+    with_eager_graphs(spec, monkeypatch)
+    assert drafter.prefill_graphs.max_size == 16
+    assert [n for n in calls if n > 16] == [32]
+    assert all(torch.equal(a, b) for a, b in zip(kv_before, (t for pair in drafter.kv_caches for t in pair)))

@@ -35,8 +35,9 @@ import torch
 from lanner.core.batch import LONG_CHUNK, ForwardBatch, as_decode_rows, kv_slot_array, kv_slots
 from lanner.core.transfer import Pieces, PinnedRing, to_device_parts
 from lanner.executor.deferred import Deferred
-from lanner.executor.graphs import CaptureReport, SizeLadder
+from lanner.executor.graphs import CaptureReport, SizeLadder, warm_up_kernel_shapes
 from lanner.executor.kv_tensors import allocate_kv_caches, kv_block_bytes
+from lanner.executor.piecewise import piecewise_sizes
 from lanner.layers.attention import forward_context
 from lanner.sampling.rejection import accepted_prefix
 from lanner.sampling.speculative import ModelProposer
@@ -129,9 +130,34 @@ class Drafter:
         if tokens:
             self.prefill_graphs = FirstPassGraphs(self, tokens, prefill=True)
             self.prefill_graphs.capture()
+        self._warm_up_eager_prompt_chunks(tokens[-1] if tokens else 0)
         if self.k > 1:
             self.graphs = DraftGraphs(self, seq_sizes, -(-max_model_len // self.block_size), target_ids)
             self.graphs.capture()
+
+    @torch.inference_mode()
+    def _warm_up_eager_prompt_chunks(self, graphed: int) -> None:
+        """Prompt chunks over `graphed` tokens run the first pass eagerly, with prefill tiles that no
+        capture compiled when the draft's heads differ from the target's (a draft LM): one pass of
+        each new kernel shape now, over one sequence with no KV slots (nothing written), so the first
+        long prompt compiles nothing while every request waits."""
+        source = self.proposer.target_hidden
+        sizes = [s for s in piecewise_sizes(self.max_tokens) if s > graphed]
+        if not sizes:
+            return
+        ids = torch.zeros(sizes[-1], dtype=torch.long, device=self.device)
+        slots = torch.full_like(ids, -1)
+        hidden = self.aux_hidden if source == "aux" else None if source is None else \
+            torch.zeros(sizes[-1], self.net.spec.hidden_size, dtype=self.dtype, device=self.device)
+
+        def setup(size: int) -> None:
+            self.backend.plan(ForwardBatch(ids[:size], ids[:size], slots[:size], [size], [size], [[]], ids[:0], size))
+
+        def run(size: int) -> None:
+            with forward_context(self.backend):
+                self.net(ids[:size], ids[:size], None if hidden is None else hidden[:size])
+
+        warm_up_kernel_shapes(self.backend, sizes, setup, run)
 
     # ---- host: what the device work of a step reads ------------------------------------
 

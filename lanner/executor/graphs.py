@@ -104,6 +104,21 @@ class SizeLadder:
         return graphs, report
 
 
+def warm_up_kernel_shapes(backend, sizes: list[int], setup, run) -> None:
+    """`run(size)` eagerly once for each new attention kernel shape the plan of `setup(size)` asks for
+    (`backend.kernel_shape()`; () compiles nothing), in the order of `sizes` (smallest first is
+    cheapest: the token count changes only a kernel's grid). For steps that run kernels eagerly
+    outside any graph: they compile at start, not in the first such step while every request waits."""
+    warmed = set()
+    for size in sizes:
+        setup(size)
+        shape = backend.kernel_shape()
+        if shape in warmed or shape == ():
+            continue
+        warmed.add(shape)
+        run(size)
+
+
 class DecodeGraphs(SizeLadder):
     def __init__(self, runner, sizes: list[int]):
         super().__init__(sizes)

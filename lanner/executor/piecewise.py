@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import torch
 
 from lanner.core.batch import ForwardBatch
-from lanner.executor.graphs import SizeLadder
+from lanner.executor.graphs import SizeLadder, warm_up_kernel_shapes
 from lanner.layers.attention import forward_context
 from lanner.models.llama import PieceBuffers
 
@@ -151,21 +151,19 @@ class PiecewiseGraphs(SizeLadder):
         (at least one size: decode-only steps over the decode graphs take the pieces too), run as such
         a step runs (pieces replayed, attention eagerly between them), so that the kernels only these
         steps launch (the KV store, a prefill tile) compile now: otherwise the first long prompt
-        compiles them while every other request waits (0.4 s on a fresh machine, W-8B). Smallest size
-        first: the token count changes only the kernels' grids."""
+        compiles them while every other request waits (0.4 s on a fresh machine, W-8B)."""
         if not self.graphs:  # nothing captured (the CPU)
             return
-        warmed = set()
-        for size in [s for s in self.sizes if s not in self.full_graphs] or self.sizes[:1]:
-            setup(size)  # a graph's plan: the prefill kernel's grid is fixed, its tiles attend to no keys
-            shape = backend.kernel_shape()
-            if shape in warmed or shape == ():  # () : a backend with nothing to compile
-                continue
-            warmed.add(shape)
+
+        def run(size: int) -> None:
             graphs = self.graphs[size]
             with forward_context(backend):
                 self.model.forward_pieces(input_ids[:size], positions[:size], self.bufs.rows(size),
-                                          lambda j, graphs=graphs: graphs[j].replay())
+                                          lambda j: graphs[j].replay())
+
+        # a graph's plan (setup): the prefill kernel's grid is fixed, its tiles attend to no keys
+        warm_up_kernel_shapes(backend, [s for s in self.sizes if s not in self.full_graphs] or self.sizes[:1],
+                              setup, run)
         torch.cuda.synchronize(self.device)
 
     def _capture_full(self, input_ids: torch.Tensor, positions: torch.Tensor, backend, setup) -> None:

@@ -63,8 +63,9 @@ _COMPILES_AFTER_START = """
 import json, sys, torch
 from triton.runtime.jit import JITFunction
 from lanner import LLM, SamplingParams
+draft = {"method": sys.argv[2], "num_speculative_tokens": 2} if sys.argv[2] != "none" else None
 llm = LLM(dtype="bfloat16", gpu_memory_utilization=0.3, max_num_batched_tokens=2048, prefill_graph_max_tokens=128,
-          kv_cache_dtype=sys.argv[1])
+          kv_cache_dtype=sys.argv[1], speculative_config=draft)
 compiled = []
 do_compile = JITFunction._do_compile
 JITFunction._do_compile = lambda self, *a, **kw: (compiled.append(self.fn.__name__), do_compile(self, *a, **kw))[1]
@@ -87,14 +88,15 @@ print(json.dumps({"greedy": greedy, "sampled": compiled[len(greedy):], "piece_st
 """
 
 
-@pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8"])
-def test_a_started_engine_compiles_no_kernel_for_greedy_or_sampled_steps(kv_cache_dtype):
+@pytest.mark.parametrize("kv_cache_dtype, draft", [("auto", "none"), ("fp8", "none"), ("auto", "draft_model")])
+def test_a_started_engine_compiles_no_kernel_for_greedy_or_sampled_steps(kv_cache_dtype, draft):
     """The engine's start compiles every Triton kernel a step launches, the eager attention between
     replayed pieces and the sampling kernels included: otherwise the first prompt longer than the
     whole-forward graphs compiled the KV store while every running request waited (0.4 s at W-8B's
     first 8,192-token step on a fresh machine), and the first sampled requests compiled the race draw
-    and top-p's search, again for each new kind of batch size."""
-    done = subprocess.run([sys.executable, "-c", _COMPILES_AFTER_START, kv_cache_dtype], capture_output=True,
+    and top-p's search, again for each new kind of batch size. With a draft LM (its heads differ from the
+    target's), its eager prompt chunks over its prefill graphs compiled their prefill tile."""
+    done = subprocess.run([sys.executable, "-c", _COMPILES_AFTER_START, kv_cache_dtype, draft], capture_output=True,
                           text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     got = json.loads(done.stdout.strip().splitlines()[-1])
