@@ -39,6 +39,8 @@
 #   bash scripts/gpu_perf.sh gemv-wide  # gemv_probe.py's wider one-row grid (KINDS=1, STAGES "3 4") on Qwen3-8B's
 #                                       # q/k/v and o projections, then its batch 1 with the engine's candidates
 #                                       # and with the probe's winners added (gemv_extra_candidates.py), ~7 minutes
+#   bash scripts/gpu_perf.sh v-by-key   # benchmarks/experiments/fp8-v-by-key.patch: V laid out by key in
+#                                       # decode attention, its test and decode_probe.py over both layouts
 #   bash scripts/gpu_perf.sh ncu-decode # Nsight Compute over one decode-attention launch at W-8B's batch 256, fp8
 #                                       # and bf16 caches (decode_probe.py SHAPES=w8b-b256)
 source "$(dirname "$0")/gpu_env.sh"
@@ -210,6 +212,20 @@ PY
       tests/test_prefill_split.py 2>&1 | tail -3 | tee "$outdir/gpu-tests-prefill-split.txt" &&
       DEFAULT_ONLY=1 SPLIT="128 256" timeout 300 python3 scripts/prefill_probe.py \
         "$outdir/$day-prefill-split-probe.json" 2>&1 | grep -v Warning) ;;
+  v-by-key)
+    # benchmarks/experiments/fp8-v-by-key.patch: its kernel test on the GPU, then decode attention with V
+    # laid out by key against main's layout, fp8 and bf16 caches, in CUDA graphs, one call
+    patched_copy fp8-v-by-key || exit 1
+    (cd _patched && timeout 120 python3 -m pytest -o addopts="" -q -p no:cacheprovider -p no:warnings \
+      tests/test_kernels.py -k v_laid_out 2>&1 | tail -1 | tee "$outdir/gpu-tests-v-by-key.txt")
+    for kv in fp8 bf16; do
+      for by_key in 0 1; do
+        echo "== $kv V_BY_KEY=$by_key"
+        (cd _patched && KV_DTYPE=$kv V_BY_KEY=$by_key SHAPES="w8b-b256 wnano-b256 b64-2k b16-8k" \
+          TILES="64,2,3 64,4,3 128,4,3" timeout 150 python3 scripts/decode_probe.py \
+          "$outdir/$day-decode-probe-$kv-by-key$by_key.json" 2>&1 | grep -v Warning)
+      done
+    done ;;
   pdl-throughput)
     # W-8B and W-nano (bf16 cache) with and without dependent launch, alternated, in one call
     for run in "W-8B qwen3-8b w8b" "W-nano qwen3-0.6b wnano"; do
@@ -274,6 +290,6 @@ PY
       grep -E "Duration|DRAM Throughput|Memory Throughput|Issue Slots Busy|Achieved Occupancy|Registers Per|Stall" \
         "$out/$day-ncu-decode-$kv.txt" | head -24
     done ;;
-  *) echo "usage: $0 tests|serve|breakdown|steps|latency|hostphases|kv|gemv|sampled|topp|norms|unmeasured|pdl|prefetch|prefill-split|pdl-throughput|splits|advance|gemv-wide|ncu-decode" >&2
+  *) echo "usage: $0 tests|serve|breakdown|steps|latency|hostphases|kv|gemv|sampled|topp|norms|unmeasured|pdl|prefetch|prefill-split|pdl-throughput|splits|advance|gemv-wide|ncu-decode|v-by-key" >&2
      exit 2 ;;
 esac
