@@ -39,8 +39,8 @@
 #   bash scripts/gpu_perf.sh gemv-wide  # gemv_probe.py's wider one-row grid (KINDS=1, STAGES "3 4") on Qwen3-8B's
 #                                       # q/k/v and o projections, then its batch 1 with the engine's candidates
 #                                       # and with the probe's winners added (gemv_extra_candidates.py), ~7 minutes
-#   bash scripts/gpu_perf.sh v-by-key   # benchmarks/experiments/fp8-v-by-key.patch: V laid out by key in
-#                                       # decode attention, its test and decode_probe.py over both layouts
+#   bash scripts/gpu_perf.sh v-by-key   # benchmarks/experiments/fp8-v-by-key.patch (fp8 V laid out by key):
+#                                       # its GPU kernel tests, decode/prefill probes and W-8B over both trees
 #   bash scripts/gpu_perf.sh ncu-decode # Nsight Compute over one decode-attention launch at W-8B's batch 256, fp8
 #                                       # and bf16 caches (decode_probe.py SHAPES=w8b-b256)
 source "$(dirname "$0")/gpu_env.sh"
@@ -213,18 +213,25 @@ PY
       DEFAULT_ONLY=1 SPLIT="128 256" timeout 300 python3 scripts/prefill_probe.py \
         "$outdir/$day-prefill-split-probe.json" 2>&1 | grep -v Warning) ;;
   v-by-key)
-    # benchmarks/experiments/fp8-v-by-key.patch: its kernel test on the GPU, then decode attention with V
-    # laid out by key against main's layout, fp8 and bf16 caches, in CUDA graphs, one call
+    # benchmarks/experiments/fp8-v-by-key.patch (an fp8 V cache laid out with a page's keys contiguous):
+    # its kernel GPU tests, decode and prefill attention over fp8 in both trees, then W-8B with the fp8
+    # cache in both trees (~6 minutes)
     patched_copy fp8-v-by-key || exit 1
-    (cd _patched && timeout 120 python3 -m pytest -o addopts="" -q -p no:cacheprovider -p no:warnings \
-      tests/test_kernels.py -k v_laid_out 2>&1 | tail -1 | tee "$outdir/gpu-tests-v-by-key.txt")
-    for kv in fp8 bf16; do
-      for by_key in 0 1; do
-        echo "== $kv V_BY_KEY=$by_key"
-        (cd _patched && KV_DTYPE=$kv V_BY_KEY=$by_key SHAPES="w8b-b256 wnano-b256 b64-2k b16-8k" \
-          TILES="64,2,3 64,4,3 128,4,3" timeout 150 python3 scripts/decode_probe.py \
-          "$outdir/$day-decode-probe-$kv-by-key$by_key.json" 2>&1 | grep -v Warning)
-      done
+    (cd _patched && timeout 200 python3 -m pytest -o addopts="" -q -p no:cacheprovider -p no:warnings \
+      tests/gpu/test_kernels_gpu.py -k "decode or prefill or fp8 or store or norm_rope" 2>&1 | tail -2 |
+      tee "$outdir/gpu-tests-v-by-key.txt")
+    for tree in . _patched; do
+      echo "== $tree"
+      (cd $tree && KV_DTYPE=fp8 SHAPES="w8b-b256 wnano-b256 b64-2k b16-8k" TILES="64,2,3" timeout 120 \
+        python3 scripts/decode_probe.py "$outdir/$day-decode-probe-fp8-$([ $tree = . ] && echo main || echo by-key).json" \
+        2>&1 | grep -v Warning
+       KV_DTYPE=fp8 DEFAULT_ONLY=1 timeout 120 python3 scripts/prefill_probe.py \
+        "$outdir/$day-prefill-probe-fp8-$([ $tree = . ] && echo main || echo by-key).json" 2>&1 | grep -v Warning | tail -4)
+    done
+    for tree in . _patched; do
+      (cd $tree && timeout 150 python3 -m lanner.cli bench throughput --workload W-8B \
+        --config "$root/benchmarks/configs/qwen3-8b.json" --kv-cache-dtype fp8 \
+        --output-json "$outdir/$day-w8b-kv-fp8-$([ $tree = . ] && echo main || echo by-key).json" 2>&1 | tail -1)
     done ;;
   pdl-throughput)
     # W-8B and W-nano (bf16 cache) with and without dependent launch, alternated, in one call
