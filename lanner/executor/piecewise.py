@@ -137,8 +137,9 @@ class PiecewiseGraphs(SizeLadder):
         static inputs are the graphs' inputs; the warm-ups and the captures plan one empty sequence (no
         keys, no KV writes)."""
 
+        slot_mapping[:self.max_size].fill_(-1)  # once: plans and graphs only read it
+
         def setup(size: int) -> None:
-            slot_mapping[:size].fill_(-1)
             backend.plan(ForwardBatch(input_ids[:size], positions[:size], slot_mapping[:size], [size], [0], [[]],
                                       input_ids[:0], size), graph_tokens=size)
 
