@@ -3,9 +3,10 @@
 overlapped steps through it."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-from lanner.core.transfer import PinnedRing, to_device
+from lanner.core.transfer import Pieces, PinnedRing, to_device, to_device_parts
 
 
 def test_a_pinned_ring_hands_out_its_buffers_in_turn_and_grows():
@@ -39,6 +40,18 @@ def test_a_ring_hands_out_parts_of_one_buffer_and_keeps_their_views():
     assert again[0][0] is tables and again[1][0] is lens  # the same shapes: the views made before
     grown, _ = ring.take(100_000, torch.int32)  # a larger take grows the buffer: the old views go
     assert ring.take_parts(((2, 3), (5,)), torch.int32)[0][0].data_ptr() == grown.data_ptr()
+
+
+def test_parts_sent_in_one_copy_each_start_16_byte_aligned():
+    """Triton specializes a kernel on whether each pointer is 16-byte aligned: a drafter's slots at an
+    odd offset of the copy compiled new variants of the KV store and attention kernels mid-run."""
+    ring = PinnedRing(torch.device("cpu"))
+    parts = [[1, 2, 3], Pieces(([4], np.arange(5, 8), [8])), [], [9], range(10, 15)]
+    views = to_device_parts(parts, torch.long, ring)
+    assert [v.tolist() for v in views] == [[1, 2, 3], [4, 5, 6, 7, 8], [], [9], list(range(10, 15))]
+    assert all(v.data_ptr() % 16 == 0 for v in views)
+    halves = to_device_parts([[1], [2, 3, 4], [5]], torch.int32, ring)
+    assert [v.tolist() for v in halves] == [[1], [2, 3, 4], [5]] and all(v.data_ptr() % 16 == 0 for v in halves)
 
 
 def _check_staging(runner, seen: list) -> None:

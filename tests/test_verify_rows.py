@@ -445,22 +445,35 @@ def test_a_prompt_step_with_more_requests_than_the_graph_ladder(qwen3_path, monk
     assert sum(runner.drafter.prefill_graphs.replays.values()) > 0
 
 
-def test_draft_prompt_chunks_over_the_prefill_graphs_warm_up_at_start(qwen3_path, monkeypatch):
+def test_draft_eager_prompt_chunks_and_decode_steps_warm_up_at_start(qwen3_path, monkeypatch):
     """A draft LM's prompt chunks over its prefill graphs run the first pass eagerly, with prefill
-    tiles no capture compiled: at start one eager pass runs for each new kernel shape (here one:
-    every size over the graphs plans the same tile), writing no KV."""
-    import lanner.executor.drafter as drafter_module
+    tiles no capture compiled, and the k-1 decode steps after it run eagerly too, with a split count
+    that follows the number of sampling requests: at start one eager pass runs for each new kernel
+    shape (here one prefill tile: every size over the graphs plans the same one; and the split count
+    of 5 requests, a size no graph has, with a split per request), writing no KV."""
     from conftest import make_llm
 
+    import lanner.executor.drafter as drafter_module
+    from lanner.layers.attention import triton_backend
+
     monkeypatch.setattr(drafter_module, "DRAFT_PREFILL_GRAPH_MAX_TOKENS", 16)
-    spec = make_llm(qwen3_path, attention_backend="triton", max_num_seqs=4, max_num_batched_tokens=64,
+    monkeypatch.setattr(triton_backend, "num_decode_splits", lambda rows, *_: rows)
+    spec = make_llm(qwen3_path, attention_backend="triton", max_num_seqs=6, max_num_batched_tokens=64,
                     speculative_config={"method": "draft_model", "model": qwen3_path, "num_speculative_tokens": 2})
     drafter = spec.engine.runner.drafter
-    calls = []
+    calls, shapes = [], set()
     forward = drafter.net.forward
-    monkeypatch.setattr(drafter.net, "forward", lambda ids, *a, **kw: (calls.append(ids.shape[0]), forward(ids, *a, **kw))[1])
+
+    def recording(ids, *args, **kwargs):
+        calls.append(ids.shape[0])
+        shapes.add(drafter.backend.kernel_shape())
+        return forward(ids, *args, **kwargs)
+
+    monkeypatch.setattr(drafter.net, "forward", recording)
     kv_before = [t.clone() for pair in drafter.kv_caches for t in pair]
     with_eager_graphs(spec, monkeypatch)
     assert drafter.prefill_graphs.max_size == 16
-    assert [n for n in calls if n > 16] == [32]
+    assert [n for n in calls if n > 16 and n not in drafter.first_pass_graphs.sizes] == [32]
+    assert 5 not in drafter.graphs.sizes + drafter.first_pass_graphs.sizes
+    assert {("decode", n) for n in range(1, 7)} <= shapes
     assert all(torch.equal(a, b) for a, b in zip(kv_before, (t for pair in drafter.kv_caches for t in pair)))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from itertools import accumulate
 
 import numpy as np
 import torch
@@ -139,11 +140,12 @@ def to_device_parts(parts: list, dtype: torch.dtype, ring: PinnedRing) -> list[t
     A part is a list (or a range, an array), or `Pieces`."""
     parts = [part if isinstance(part, Pieces) else (part,) for part in parts]
     sizes = [sum(map(len, part)) for part in parts]
-    host, view = ring.take(sum(sizes), dtype)
-    write_pieces(view, [piece for part in parts for piece in part])
+    # each part 16-byte aligned: Triton specializes a kernel on its pointers' alignment, so a view at
+    # an odd offset would compile another copy of every kernel it reaches, while the step waits
+    align = max(1, 16 // dtype.itemsize)
+    starts = list(accumulate((-(-size // align) * align for size in sizes), initial=0))
+    host, view = ring.take(starts[-1], dtype)
+    for part, start in zip(parts, starts):
+        write_pieces(view, part, start)
     flat = ring.send(host, ring.device)
-    views, start = [], 0
-    for size in sizes:
-        views.append(flat[start:start + size])
-        start += size
-    return views
+    return [flat[start:start + size] for start, size in zip(starts, sizes)]

@@ -106,14 +106,16 @@ class SizeLadder:
 
 def warm_up_kernel_shapes(backend, sizes: list[int], setup, run) -> None:
     """`run(size)` eagerly once for each new attention kernel shape the plan of `setup(size)` asks for
-    (`backend.kernel_shape()`; () compiles nothing), in the order of `sizes` (smallest first is
-    cheapest: the token count changes only a kernel's grid). For steps that run kernels eagerly
+    (`backend.kernel_shape()`; (): a backend that compiles nothing), in the order of `sizes` (smallest
+    first is cheapest: the token count changes only a kernel's grid). For steps that run kernels eagerly
     outside any graph: they compile at start, not in the first such step while every request waits."""
     warmed = set()
     for size in sizes:
         setup(size)
         shape = backend.kernel_shape()
-        if shape in warmed or shape == ():
+        if shape == ():
+            return
+        if shape in warmed:
             continue
         warmed.add(shape)
         run(size)

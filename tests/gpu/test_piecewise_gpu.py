@@ -68,7 +68,10 @@ llm = LLM(dtype="bfloat16", gpu_memory_utilization=0.3, max_num_batched_tokens=2
           kv_cache_dtype=sys.argv[1], speculative_config=draft)
 compiled = []
 do_compile = JITFunction._do_compile
-JITFunction._do_compile = lambda self, *a, **kw: (compiled.append(self.fn.__name__), do_compile(self, *a, **kw))[1]
+def recording(self, key, signature, device, constexprs, options, attrs, warmup):
+    compiled.append(f"{self.fn.__name__} {signature} {attrs}")  # what it specialized on, should one compile
+    return do_compile(self, key, signature, device, constexprs, options, attrs, warmup)
+JITFunction._do_compile = recording
 g = torch.Generator().manual_seed(2)
 prompts = [torch.randint(3, 3000, (int(n),), generator=g).tolist() for n in torch.randint(1, 300, (16,), generator=g)]
 prompts += [torch.randint(3, 3000, (n,), generator=g).tolist() for n in (700, 1000, 1500)]
