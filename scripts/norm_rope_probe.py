@@ -34,7 +34,7 @@ def probe(name: str, hq: int, hk: int, T: int, dim: int = 128, dtype=torch.bfloa
 
     def launch(heads, warps):
         _qk_norm_rope_kernel[(T, triton.cdiv(H, heads))](
-            qk, out, w, cos, sin, qk.stride(0), qk.stride(1), H, hq, 1e-6, v, v.stride(0), kc, vc, slots, hk,
+            qk, out, w, cos, sin, qk.stride(0), qk.stride(1), H, hq, 1e-6, v, v.stride(0), kc, vc, slots, hk, 1.0, 1.0,
             HAS_NORM=True, STORE_KV=True, HALF=dim // 2, HEADS=heads, PDL=False, num_warps=warps)
 
     row = {"model": name, "tokens": T, "chosen_heads": norm_rope_heads_per_program(H),
