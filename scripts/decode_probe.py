@@ -25,6 +25,7 @@ from triton.runtime.errors import OutOfResources
 
 sys.path.insert(0, "tests")
 from kernel_cases import fp8_caches, paged_problem
+from probe_env import env_named, env_tuples
 
 from lanner.bench.common import time_ms
 from lanner.kernels.attention.decode import decode_attention, decode_tile, decode_workspace, num_decode_splits
@@ -39,10 +40,8 @@ SHAPES = [  # name, query heads, seq lens
     ("b1-8k", 32, lambda r: [8192]),
 ]
 TILES = [(bn, w, st) for bn in (32, 64, 128) for w in (2, 4, 8) for st in (2, 3, 4)]
-if os.environ.get("SHAPES"):
-    SHAPES = [shape for shape in SHAPES if shape[0] in os.environ["SHAPES"].split()]
-if os.environ.get("TILES"):
-    TILES = [tuple(int(x) for x in t.split(",")) for t in os.environ["TILES"].split()]
+SHAPES = env_named("SHAPES", SHAPES)
+TILES = env_tuples("TILES", TILES)
 
 
 def split_keys_rows(sms: int, split_keys: list[str]) -> list[dict]:

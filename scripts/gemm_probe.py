@@ -9,14 +9,13 @@ import threading
 import time
 
 import torch
+from probe_env import layer_gemm_shapes
 from transformers import AutoConfig
 
 from lanner.bench.common import time_ms
 
 cfg = AutoConfig.from_pretrained(os.environ.get("CFG", "benchmarks/configs/qwen3-8b.json"))
-h, inter, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
-q, kv = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
-shapes = {"qkv": (q + 2 * kv, h), "o": (h, q), "gate_up": (2 * inter, h), "down": (h, inter)}
+shapes = layer_gemm_shapes(cfg)
 rows = [int(m) for m in os.environ.get("ROWS", "8192 2048 512 256").split()]
 
 

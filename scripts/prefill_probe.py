@@ -17,6 +17,7 @@ from triton.runtime.errors import OutOfResources
 
 sys.path.insert(0, "tests")
 from kernel_cases import fp8_caches, paged_problem
+from probe_env import env_named, env_tuples
 
 from lanner.bench.common import time_ms
 from lanner.kernels.attention.prefill import prefill_attention, prefill_tile, prefill_tiles, tile_positions
@@ -27,10 +28,8 @@ SHAPES = [(f"{heads}h-{name}", heads, seq_lens, q_lens) for heads in (16, 32) fo
 TILES = [(rows, keys, w, stages) for rows in (16, 32, 64, 128) for keys in (64, 128) for w in (4, 8)
          for stages in (2, 3)]
 FP8 = os.environ.get("KV_DTYPE") == "fp8"
-if os.environ.get("TILES"):
-    TILES = [tuple(int(x) for x in t.split(",")) for t in os.environ["TILES"].split()]
-if os.environ.get("SHAPES"):
-    SHAPES = [shape for shape in SHAPES if shape[0] in os.environ["SHAPES"].split()]
+TILES = env_tuples("TILES", TILES)
+SHAPES = env_named("SHAPES", SHAPES)
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from probe_env import env_tuples, layer_gemm_shapes
 from transformers import AutoConfig
 from triton.runtime.errors import OutOfResources
 
@@ -48,12 +49,9 @@ def linear(x, w, tile, split_k):
 
 
 cfg = AutoConfig.from_pretrained(os.environ.get("CFG", "benchmarks/configs/qwen3-8b.json"))
-h, inter, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
-shapes = {"qkv": ((cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * d, h), "o": (h, cfg.num_attention_heads * d),
-          "gate_up": (2 * inter, h), "down": (h, inter)}
-tiles = [tuple(int(v) for v in t.split(",")) for t in os.environ.get(
-    "TILES", "128,64,64,4,4 128,128,64,8,3 64,128,64,4,4 128,64,128,4,3 256,64,64,8,3 64,64,128,4,4 "
-             "128,256,64,8,3 256,128,64,8,3").split()]
+shapes = layer_gemm_shapes(cfg)
+tiles = env_tuples("TILES", [(128, 64, 64, 4, 4), (128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 128, 4, 3),
+                             (256, 64, 64, 8, 3), (64, 64, 128, 4, 4), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3)])
 results = {"gpu": torch.cuda.get_device_name(), "sms": torch.cuda.get_device_properties(0).multi_processor_count}
 for m in [int(r) for r in os.environ.get("ROWS", "256 128").split()]:
     for name, (n, k) in shapes.items():
