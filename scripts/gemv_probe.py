@@ -13,10 +13,13 @@ import itertools
 import json
 import os
 import sys
+import types
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from probe_env import layer_gemm_shapes
+
 from lanner.executor.gemv_table import candidates, measure_shape
 from lanner.kernels import set_dependent_launch
 from lanner.kernels.gemv import GemvConfig
@@ -24,11 +27,8 @@ from lanner.kernels.gemv import GemvConfig
 
 def model_shapes(path: str) -> dict[str, tuple[int, int]]:
     with open(path) as f:
-        c = json.load(f)
-    h, d = c["hidden_size"], c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
-    q, kv, inter = c["num_attention_heads"] * d, c["num_key_value_heads"] * d, c["intermediate_size"]
-    return {"qkv": (q + 2 * kv, h), "o": (h, q), "gate_up": (2 * inter, h), "down": (h, inter),
-            "lm_head": (c["vocab_size"], h)}
+        cfg = types.SimpleNamespace(**json.load(f))
+    return {**layer_gemm_shapes(cfg), "lm_head": (cfg.vocab_size, cfg.hidden_size)}
 
 
 ENGINE_KINDS = {"qkv": "normed", "gate_up": "normed", "down": "gated"}  # models/llama.py's input_kind

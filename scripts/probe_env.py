@@ -15,7 +15,9 @@ def env_named(name: str, items: list[tuple]) -> list[tuple]:
 
 
 def layer_gemm_shapes(cfg) -> dict[str, tuple[int, int]]:
-    """A dense decoder layer's four GEMMs as (out features, in features), from its Hugging Face config."""
-    h, inter, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    """A dense decoder layer's four GEMMs as (out features, in features), from its Hugging Face config
+    (or any object with its fields)."""
+    h, inter = cfg.hidden_size, cfg.intermediate_size
+    d = getattr(cfg, "head_dim", None) or h // cfg.num_attention_heads
     q, kv = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
     return {"qkv": (q + 2 * kv, h), "o": (h, q), "gate_up": (2 * inter, h), "down": (h, inter)}

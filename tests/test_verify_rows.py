@@ -445,19 +445,31 @@ def test_a_prompt_step_with_more_requests_than_the_graph_ladder(qwen3_path, monk
     assert sum(runner.drafter.prefill_graphs.replays.values()) > 0
 
 
-def test_draft_eager_prompt_chunks_and_decode_steps_warm_up_at_start(qwen3_path, monkeypatch):
+def split_count_of_its_own_at_5_rows(monkeypatch):
+    """The decode kernel's split rule patched so 5 rows, a size no graph ladder here has, alone
+    plan 2 splits (every other row count 1): a kernel shape only a warm-up at 5 rows compiles."""
+    from lanner.layers.attention import triton_backend
+
+    monkeypatch.setattr(triton_backend, "num_decode_splits", lambda rows, *_: 1 + (rows == 5))
+
+
+def kv_of(drafter) -> list[torch.Tensor]:
+    return [t.clone() for pair in drafter.kv_caches for t in pair]
+
+
+def test_draft_eager_prompt_chunks_and_decode_rows_warm_up_at_start(qwen3_path, monkeypatch):
     """A draft LM's prompt chunks over its prefill graphs run the first pass eagerly, with prefill
-    tiles no capture compiled, and the k-1 decode steps after it run eagerly too, with a split count
-    that follows the number of sampling requests: at start one eager pass runs for each new kernel
-    shape (here one prefill tile: every size over the graphs plans the same one; and the split count
-    of 5 requests, a size no graph has, with a split per request), writing no KV."""
+    tiles no capture compiled, and decode rows run eagerly too (the k-1 steps after such a pass,
+    over the step's sampling requests; a first pass of more rows than its graphs), with a split
+    count that follows their number: at start one eager pass runs for each new kernel shape (here
+    one prefill tile: every size over the graphs plans the same one; and the split count of 5 rows,
+    a size no graph has), writing no KV."""
     from conftest import make_llm
 
     import lanner.executor.drafter as drafter_module
-    from lanner.layers.attention import triton_backend
 
     monkeypatch.setattr(drafter_module, "DRAFT_PREFILL_GRAPH_MAX_TOKENS", 16)
-    monkeypatch.setattr(triton_backend, "num_decode_splits", lambda rows, *_: rows)
+    split_count_of_its_own_at_5_rows(monkeypatch)
     spec = make_llm(qwen3_path, attention_backend="triton", max_num_seqs=6, max_num_batched_tokens=64,
                     speculative_config={"method": "draft_model", "model": qwen3_path, "num_speculative_tokens": 2})
     drafter = spec.engine.runner.drafter
@@ -470,10 +482,30 @@ def test_draft_eager_prompt_chunks_and_decode_steps_warm_up_at_start(qwen3_path,
         return forward(ids, *args, **kwargs)
 
     monkeypatch.setattr(drafter.net, "forward", recording)
-    kv_before = [t.clone() for pair in drafter.kv_caches for t in pair]
+    kv_before = kv_of(drafter)
     with_eager_graphs(spec, monkeypatch)
     assert drafter.prefill_graphs.max_size == 16
     assert [n for n in calls if n > 16 and n not in drafter.first_pass_graphs.sizes] == [32]
     assert 5 not in drafter.graphs.sizes + drafter.first_pass_graphs.sizes
-    assert {("decode", n) for n in range(1, 7)} <= shapes
-    assert all(torch.equal(a, b) for a, b in zip(kv_before, (t for pair in drafter.kv_caches for t in pair)))
+    assert ("decode", 2) in shapes
+    assert all(torch.equal(a, b) for a, b in zip(kv_before, kv_of(drafter)))
+
+
+@pytest.mark.parametrize("method", ["eagle3", "mtp"])
+def test_a_heads_eager_decode_rows_warm_up_with_its_carried_state(method, monkeypatch):
+    """EAGLE-3 and MTP heads read their own last hidden state in decode steps: the warm-up feeds one
+    of the head's width, one pass at the first row count of each split count, and writes no KV."""
+    split_count_of_its_own_at_5_rows(monkeypatch)
+    spec = llm(speculative_config={"method": method, "num_speculative_tokens": 2}, max_num_seqs=2,
+               attention_backend="triton")
+    drafter = spec.engine.runner.drafter
+    passes = []
+    forward = drafter.net.forward
+    monkeypatch.setattr(drafter.net, "forward", lambda ids, positions, carry: (
+        passes.append((ids.shape[0], tuple(carry.shape), drafter.backend.kernel_shape())),
+        forward(ids, positions, carry))[1])
+    kv_before = kv_of(drafter)
+    drafter._warm_up_eager_decode_rows()
+    hidden = drafter.net.spec.hidden_size
+    assert drafter.max_rows >= 5 and passes == [(1, (1, hidden), ("decode", 1)), (5, (5, hidden), ("decode", 2))]
+    assert all(torch.equal(a, b) for a, b in zip(kv_before, kv_of(drafter)))

@@ -145,7 +145,8 @@ def to_device_parts(parts: list, dtype: torch.dtype, ring: PinnedRing) -> list[t
     align = max(1, 16 // dtype.itemsize)
     starts = list(accumulate((-(-size // align) * align for size in sizes), initial=0))
     host, view = ring.take(starts[-1], dtype)
-    for part, start in zip(parts, starts):
-        write_pieces(view, part, start)
+    # one write_pieces (it joins neighbouring lists into one numpy write), the gaps as lists of zeros
+    gaps = [[0] * (end - start - size) for start, end, size in zip(starts, starts[1:], sizes)]
+    write_pieces(view, [piece for part, gap in zip(parts, gaps) for piece in (*part, gap)])
     flat = ring.send(host, ring.device)
     return [flat[start:start + size] for start, size in zip(starts, sizes)]

@@ -131,10 +131,10 @@ class Drafter:
             self.prefill_graphs = FirstPassGraphs(self, tokens, prefill=True)
             self.prefill_graphs.capture()
         self._warm_up_eager_prompt_chunks(tokens[-1] if tokens else 0)
+        self._warm_up_eager_decode_rows()
         if self.k > 1:
             self.graphs = DraftGraphs(self, seq_sizes, -(-max_model_len // self.block_size), target_ids)
             self.graphs.capture()
-            self._warm_up_eager_decode_steps(min(max_num_seqs, self.max_rows))
 
     @torch.inference_mode()
     def _warm_up_eager_prompt_chunks(self, graphed: int) -> None:
@@ -161,24 +161,27 @@ class Drafter:
         warm_up_kernel_shapes(self.backend, sizes, setup, run)
 
     @torch.inference_mode()
-    def _warm_up_eager_decode_steps(self, most: int) -> None:
-        """After an eager first pass (a prompt chunk over the prefill graphs), the k-1 decode steps run
-        eagerly too, over the step's sampling requests, and the decode kernel's split count follows
-        their number: one step of each split count now, up to `most` requests, each a row of length 1
-        in block 0 with no KV slot (nothing written), so no such step compiles while every request waits."""
-        ids = torch.zeros(most, dtype=torch.long, device=self.device)
+    def _warm_up_eager_decode_rows(self) -> None:
+        """Decode rows run eagerly in two cases: a first pass of more rows than the largest first-pass
+        graph (a draft LM reads one more row per request), and the k-1 decode steps after an eager
+        first pass (a prompt chunk over the prefill graphs), over the step's sampling requests. The
+        decode kernel's split count follows the row count: one step of each split count now, up to
+        the most rows a step has, each row of length 1 in block 0 with no KV slot (nothing written),
+        so no such step compiles while every request waits."""
+        ids = torch.zeros(self.max_rows, dtype=torch.long, device=self.device)
+        lens, slots = torch.ones_like(ids), torch.full_like(ids, -1)
         carry = None if self.proposer.target_hidden is None else \
-            torch.zeros(most, self.net.spec.hidden_size, dtype=self.dtype, device=self.device)
+            torch.zeros(self.max_rows, self.net.spec.hidden_size, dtype=self.dtype, device=self.device)
 
         def setup(size: int) -> None:
             self.backend.plan_decode([[]] * size)
-            self.backend.set_decode_lens(ids[:size] + 1, ids[:size] - 1)
+            self.backend.set_decode_lens(lens[:size], slots[:size])
 
         def run(size: int) -> None:
             with forward_context(self.backend):
                 self.net(ids[:size], ids[:size], None if carry is None else carry[:size])
 
-        warm_up_kernel_shapes(self.backend, list(range(1, most + 1)), setup, run)
+        warm_up_kernel_shapes(self.backend, list(range(1, self.max_rows + 1)), setup, run)
 
     # ---- host: what the device work of a step reads ------------------------------------
 

@@ -60,7 +60,7 @@ def test_greedy_outputs_identical_with_and_without_graphs(dtype, whole):
 # run in a fresh process: kernels an earlier test of this process compiled would hide a missing warm-up.
 # Whole-forward graphs to 128 tokens: the prefill tile of 144-1,024 tokens is then launched by piece steps only
 _COMPILES_AFTER_START = """
-import json, sys, torch
+import inspect, json, sys, torch
 from triton.runtime.jit import JITFunction
 from lanner import LLM, SamplingParams
 draft = {"method": sys.argv[2], "num_speculative_tokens": 2} if sys.argv[2] != "none" else None
@@ -68,9 +68,10 @@ llm = LLM(dtype="bfloat16", gpu_memory_utilization=0.3, max_num_batched_tokens=2
           kv_cache_dtype=sys.argv[1], speculative_config=draft)
 compiled = []
 do_compile = JITFunction._do_compile
-def recording(self, key, signature, device, constexprs, options, attrs, warmup):
-    compiled.append(f"{self.fn.__name__} {signature} {attrs}")  # what it specialized on, should one compile
-    return do_compile(self, key, signature, device, constexprs, options, attrs, warmup)
+def recording(self, *args, **kwargs):  # names what each compilation specialized on, should one happen
+    bound = inspect.signature(do_compile).bind(self, *args, **kwargs).arguments
+    compiled.append(f"{self.fn.__name__} {bound.get('signature')} {bound.get('attrs')}")
+    return do_compile(self, *args, **kwargs)
 JITFunction._do_compile = recording
 g = torch.Generator().manual_seed(2)
 prompts = [torch.randint(3, 3000, (int(n),), generator=g).tolist() for n in torch.randint(1, 300, (16,), generator=g)]
@@ -98,7 +99,9 @@ def test_a_started_engine_compiles_no_kernel_for_greedy_or_sampled_steps(kv_cach
     whole-forward graphs compiled the KV store while every running request waited (0.4 s at W-8B's
     first 8,192-token step on a fresh machine), and the first sampled requests compiled the race draw
     and top-p's search, again for each new kind of batch size. With a draft LM (its heads differ from the
-    target's), its eager prompt chunks over its prefill graphs compiled their prefill tile."""
+    target's), its eager prompt chunks over its prefill graphs compiled their prefill tile, its eager
+    decode steps after them a split count no graph had, and its staged rows, views into one copy at
+    any offset, a variant of each kernel for pointers not 16-byte aligned."""
     done = subprocess.run([sys.executable, "-c", _COMPILES_AFTER_START, kv_cache_dtype, draft], capture_output=True,
                           text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -64,7 +64,8 @@ class AttentionBackend(ABC):
 
     def kernel_shape(self) -> tuple:
         """What the planned step's kernels compile for: graph capture warms up each new value first
-        (compiling inside a capture fails on some drivers). Nothing to compile by default."""
+        (compiling inside a capture fails on some drivers). () means the backend compiles nothing
+        for any plan (the default), and the warm-ups stop at the first one (graphs.warm_up_kernel_shapes)."""
         return ()
 
     @abstractmethod
