@@ -41,6 +41,8 @@
 #                                       # and with the probe's winners added (gemv_extra_candidates.py), ~7 minutes
 #   bash scripts/gpu_perf.sh v-by-key   # benchmarks/experiments/fp8-v-by-key.patch (fp8 V laid out by key):
 #                                       # its GPU kernel tests, decode/prefill probes and W-8B over both trees
+#   bash scripts/gpu_perf.sh ncu-v-by-key # Nsight Compute over one prefill-attention launch (32 heads, 2,048
+#                                         # tokens, fp8) in this tree and with fp8-v-by-key.patch
 #   bash scripts/gpu_perf.sh ncu-decode # Nsight Compute over one decode-attention launch at W-8B's batch 256, fp8
 #                                       # and bf16 caches (decode_probe.py SHAPES=w8b-b256)
 source "$(dirname "$0")/gpu_env.sh"
@@ -297,6 +299,23 @@ PY
       grep -E "Duration|DRAM Throughput|Memory Throughput|Issue Slots Busy|Achieved Occupancy|Registers Per|Stall" \
         "$out/$day-ncu-decode-$kv.txt" | head -24
     done ;;
-  *) echo "usage: $0 tests|serve|breakdown|steps|latency|hostphases|kv|gemv|sampled|topp|norms|unmeasured|pdl|prefetch|prefill-split|pdl-throughput|splits|advance|gemv-wide|ncu-decode|v-by-key" >&2
+  ncu-v-by-key)
+    # why benchmarks/experiments/fp8-v-by-key.patch slows prefill attention over long prompts (156 -> 224 us
+    # at 32 heads x 2,048 tokens, nineteenth session): one launch of the prefill kernel at that shape, fp8,
+    # under Nsight Compute in main and in the patched copy (shared-memory stores and bank conflicts, stalls)
+    patched_copy fp8-v-by-key || exit 1
+    ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+    for tree in . _patched; do
+      tag=$([ $tree = . ] && echo main || echo by-key)
+      (cd $tree && KV_DTYPE=fp8 SHAPES=32h-p2048 DEFAULT_ONLY=1 timeout 240 "$ncu" --clock-control none \
+        --kernel-name regex:_prefill_kernel --launch-skip 3 --launch-count 1 --section SpeedOfLight \
+        --section MemoryWorkloadAnalysis --section MemoryWorkloadAnalysis_Tables --section WarpStateStats \
+        --section InstructionStats --section Occupancy --section LaunchStats \
+        python3 scripts/prefill_probe.py > "$outdir/$day-ncu-prefill-fp8-$tag.txt" 2>&1)
+      echo "== $tag"
+      grep -E "Duration|DRAM Throughput|Issue Slots Busy|Registers Per|Bank Conflicts|Stall (Long|Short|MIO|Barrier)" \
+        "$outdir/$day-ncu-prefill-fp8-$tag.txt" | head -24
+    done ;;
+  *) echo "usage: $0 tests|serve|breakdown|steps|latency|hostphases|kv|gemv|sampled|topp|norms|unmeasured|pdl|prefetch|prefill-split|pdl-throughput|splits|advance|gemv-wide|ncu-decode|v-by-key|ncu-v-by-key" >&2
      exit 2 ;;
 esac
