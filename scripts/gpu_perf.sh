@@ -75,6 +75,8 @@ patched_copy() {
     (cd _patched && { patch -p1 -s < "$root/benchmarks/experiments/$1.patch" ||
                       git apply "$root/benchmarks/experiments/$1.patch"; })
 }
+# by_key_tag TREE: main for this tree, by-key for _patched/ (the fp8-v-by-key stages' result names)
+by_key_tag() { [ "$1" = . ] && echo main || echo by-key; }
 case "${1:-}" in
   tests)
     bash scripts/gpu_structured.sh wheels
@@ -225,15 +227,14 @@ PY
     for tree in . _patched; do
       echo "== $tree"
       (cd $tree && KV_DTYPE=fp8 SHAPES="w8b-b256 wnano-b256 b64-2k b16-8k" TILES="64,2,3" timeout 120 \
-        python3 scripts/decode_probe.py "$outdir/$day-decode-probe-fp8-$([ $tree = . ] && echo main || echo by-key).json" \
-        2>&1 | grep -v Warning
+        python3 scripts/decode_probe.py "$outdir/$day-decode-probe-fp8-$(by_key_tag $tree).json" 2>&1 | grep -v Warning
        KV_DTYPE=fp8 DEFAULT_ONLY=1 timeout 120 python3 scripts/prefill_probe.py \
-        "$outdir/$day-prefill-probe-fp8-$([ $tree = . ] && echo main || echo by-key).json" 2>&1 | grep -v Warning | tail -4)
+        "$outdir/$day-prefill-probe-fp8-$(by_key_tag $tree).json" 2>&1 | grep -v Warning | tail -4)
     done
     for tree in . _patched; do
       (cd $tree && timeout 150 python3 -m lanner.cli bench throughput --workload W-8B \
         --config "$root/benchmarks/configs/qwen3-8b.json" --kv-cache-dtype fp8 \
-        --output-json "$outdir/$day-w8b-kv-fp8-$([ $tree = . ] && echo main || echo by-key).json" 2>&1 | tail -1)
+        --output-json "$outdir/$day-w8b-kv-fp8-$(by_key_tag $tree).json" 2>&1 | tail -1)
     done ;;
   pdl-throughput)
     # W-8B and W-nano (bf16 cache) with and without dependent launch, alternated, in one call
@@ -306,7 +307,7 @@ PY
     patched_copy fp8-v-by-key || exit 1
     ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
     for tree in . _patched; do
-      tag=$([ $tree = . ] && echo main || echo by-key)
+      tag=$(by_key_tag $tree)
       (cd $tree && KV_DTYPE=fp8 SHAPES=32h-p2048 DEFAULT_ONLY=1 timeout 240 "$ncu" --clock-control none \
         --kernel-name regex:_prefill_kernel --launch-skip 3 --launch-count 1 --section SpeedOfLight \
         --section MemoryWorkloadAnalysis --section MemoryWorkloadAnalysis_Tables --section WarpStateStats \

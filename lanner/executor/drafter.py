@@ -166,8 +166,8 @@ class Drafter:
         graph (a draft LM reads one more row per request), and the k-1 decode steps after an eager
         first pass (a prompt chunk over the prefill graphs), over the step's sampling requests. The
         decode kernel's split count follows the row count: one step of each split count now, up to
-        the most rows a step has, each row of length 1 in block 0 with no KV slot (nothing written),
-        so no such step compiles while every request waits."""
+        the most rows a step has (at the first row count of each), each row of length 1 in block 0 with
+        no KV slot (nothing written), so no such step compiles while every request waits."""
         ids = torch.zeros(self.max_rows, dtype=torch.long, device=self.device)
         lens, slots = torch.ones_like(ids), torch.full_like(ids, -1)
         carry = None if self.proposer.target_hidden is None else \
@@ -181,7 +181,10 @@ class Drafter:
             with forward_context(self.backend):
                 self.net(ids[:size], ids[:size], None if carry is None else carry[:size])
 
-        warm_up_kernel_shapes(self.backend, list(range(1, self.max_rows + 1)), setup, run)
+        first_rows = {}  # kernel shape -> the fewest rows that plan it
+        for rows in range(1, self.max_rows + 1):
+            first_rows.setdefault(self.backend.decode_kernel_shape(rows), rows)
+        warm_up_kernel_shapes(self.backend, sorted(first_rows.values()), setup, run)
 
     # ---- host: what the device work of a step reads ------------------------------------
 

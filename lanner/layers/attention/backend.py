@@ -68,6 +68,10 @@ class AttentionBackend(ABC):
         for any plan (the default), and the warm-ups stop at the first one (graphs.warm_up_kernel_shapes)."""
         return ()
 
+    def decode_kernel_shape(self, rows: int) -> tuple:
+        """`kernel_shape()` of a decode plan of `rows` rows, without making one."""
+        return ()
+
     @abstractmethod
     def plan_decode(self, block_tables: list[list[int]]) -> None:
         """Prepare decode steps (one query per sequence) over these block tables whose lengths

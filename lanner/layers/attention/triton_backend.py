@@ -126,7 +126,10 @@ class TritonAttentionBackend(AttentionBackend):
 
     def kernel_shape(self) -> tuple:
         """What the planned step's attention kernels compile for (a new value: a new compilation)."""
-        return ("decode", self.num_splits) if self.decode_only else ("prefill", self.prefill_tile)
+        return self.decode_kernel_shape(self.rows) if self.decode_only else ("prefill", self.prefill_tile)
+
+    def decode_kernel_shape(self, rows: int) -> tuple:
+        return ("decode", self.splits[rows])
 
     def plan_decode(self, block_tables):
         self.advanceable_rows = None
