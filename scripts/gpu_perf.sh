@@ -43,6 +43,10 @@
 #                                       # its GPU kernel tests, decode/prefill probes and W-8B over both trees
 #   bash scripts/gpu_perf.sh ncu-v-by-key # Nsight Compute over one prefill-attention launch (32 heads, 2,048
 #                                         # tokens, fp8) in this tree and with fp8-v-by-key.patch
+#   CFGS=qwen3-8b|qwen3-0.6b bash scripts/gpu_perf.sh closing  # the issue's rows of one model, _base/ (the tree
+#                                       # before the issue: 20e231c) beside this one: batch 1, W-8B or W-nano (this
+#                                       # tree with the fp8 cache too), then the 8B's serving burst (8 client
+#                                       # processes; .wheels carried) or the 0.6B's 512-token step (~8 minutes)
 #   bash scripts/gpu_perf.sh ncu-decode # Nsight Compute over one decode-attention launch at W-8B's batch 256, fp8
 #                                       # and bf16 caches (decode_probe.py SHAPES=w8b-b256)
 source "$(dirname "$0")/gpu_env.sh"
@@ -317,6 +321,25 @@ PY
       grep -E "Duration|DRAM Throughput|Issue Slots Busy|Registers Per|Bank Conflicts|Stall (Long|Short|MIO|Barrier)" \
         "$outdir/$day-ncu-prefill-fp8-$tag.txt" | head -24
     done ;;
-  *) echo "usage: $0 tests|serve|breakdown|steps|latency|hostphases|kv|gemv|sampled|topp|norms|unmeasured|pdl|prefetch|prefill-split|pdl-throughput|splits|advance|gemv-wide|ncu-decode|v-by-key|ncu-v-by-key" >&2
+  closing)
+    cfg=${CFGS:-qwen3-8b}; workload=$([ "$cfg" = qwen3-8b ] && echo W-8B || echo W-nano)
+    export LANNER_CACHE_DIR=$(mktemp -d)
+    for run in "_base base" ". new"; do batch1 $cfg $run; done
+    for run in "_base base auto" ". new auto" ". new fp8"; do
+      set -- $run
+      echo "== $workload $2 kv $3"
+      (cd "$1" && timeout 200 python3 -m lanner.cli bench throughput --workload $workload \
+        --config "$root/benchmarks/configs/$cfg.json" --kv-cache-dtype $3 \
+        --output-json "$outdir/$day-$workload-$2-kv-$3.json") 2>&1 | grep -o '"output_tok_per_s": [0-9.]*' | head -1
+    done
+    if [ "$cfg" = qwen3-8b ]; then
+      CLIENTS=8 NO_PROFILE=1 bash scripts/serve_profile.sh "$out" benchmarks/configs/qwen3-8b.json 400 256 128
+    else
+      TOKENS=512 CFGS=$cfg bash "$0" steps  # one synchronous step, both trees
+      echo "== step new back to back"
+      timeout 120 python3 -m lanner.cli bench step --config "benchmarks/configs/$cfg.json" --token-counts 512 \
+        --gpu-memory-utilization 0.5 --output-json "$outdir/$day-steps-$cfg-new-back-to-back.json" 2>&1 | grep -E "^\{|Error"
+    fi ;;
+  *) echo "usage: $0 tests|serve|breakdown|steps|latency|hostphases|kv|gemv|sampled|topp|norms|unmeasured|pdl|prefetch|prefill-split|pdl-throughput|splits|advance|gemv-wide|ncu-decode|v-by-key|ncu-v-by-key|closing" >&2
      exit 2 ;;
 esac

@@ -6,7 +6,7 @@
 #   [TAG=name] [TREE=dir] [NO_PROFILE=1] [SERVE_FLAGS=...] bash scripts/serve_profile.sh OUT_DIR CONFIG NUM_PROMPTS INPUT_LEN OUTPUT_LEN
 # TREE: the lanner to measure (default: this one; a second tree for the previous commit's numbers: its
 # commands run from inside it, as `python -m` puts the working directory before PYTHONPATH);
-# NO_PROFILE=1 skips the py-spy burst.
+# NO_PROFILE=1 skips the py-spy burst; CLIENTS: the bursts' client process counts (default "1 4 8").
 # Writes OUT_DIR/offline-NAME.json, serve-NAME-cN.json, serve-profile-NAME.{json,txt} (py-spy's collapsed
 # stacks, one line per stack), serve-steps-NAME.txt (the engine's step totals and the latency histograms' sums after each burst) and the
 # server's /metrics after the last burst.
@@ -32,7 +32,7 @@ burst() {  # burst SEED CLIENT_PROCESSES JSON
     >> "$out/serve-steps-$name.txt"
 }
 seed=1
-for c in 1 4 8; do echo "client processes $c:"; burst $seed $c "$out/serve-$name-c$c.json"; seed=$((seed + 1)); done
+for c in ${CLIENTS:-1 4 8}; do echo "client processes $c:"; burst $seed $c "$out/serve-$name-c$c.json"; seed=$((seed + 1)); done
 if [ -z "${NO_PROFILE:-}" ]; then
   py-spy record --pid $server_pid --subprocesses --rate 250 --format raw --nonblocking --duration 20 \
     -o "$out/serve-profile-$name.txt" > "$out/py-spy-$name.log" 2>&1 &

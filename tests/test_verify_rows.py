@@ -509,3 +509,30 @@ def test_a_heads_eager_decode_rows_warm_up_with_its_carried_state(method, monkey
     hidden = drafter.net.spec.hidden_size
     assert drafter.max_rows >= 5 and passes == [(1, (1, hidden), ("decode", 1)), (5, (5, hidden), ("decode", 2))]
     assert all(torch.equal(a, b) for a, b in zip(kv_before, kv_of(drafter)))
+
+
+def test_decode_steps_over_the_largest_decode_graph_warm_up_at_start(qwen3_path, monkeypatch):
+    """Decode-only steps of more rows than the largest decode graph (here cuda_graph_sizes [1, 2] with
+    6 requests) run outside the graphs, with a split count that follows their row count: at start one
+    such step runs for each split count no graph compiled (5 rows alone plan one here), writing no KV,
+    and none for a count the graphs have."""
+    from conftest import make_llm
+
+    split_count_of_its_own_at_5_rows(monkeypatch)
+    spec = make_llm(qwen3_path, attention_backend="triton", max_num_seqs=6, max_num_batched_tokens=24,
+                    cuda_graph_sizes=[1, 2])
+    runner = spec.engine.runner
+    planned = []
+    run_model = runner.run_model
+
+    def recording(batch):
+        out = run_model(batch)
+        planned.append((batch.num_seqs, runner.backend.kernel_shape()))
+        return out
+
+    monkeypatch.setattr(runner, "run_model", recording)
+    kv_before = [t.clone() for pair in runner.kv_caches for t in pair]
+    with_eager_graphs(spec, monkeypatch)
+    assert max(runner.graphs.sizes) == 2 and runner.max_decode_rows == 6
+    assert [rows for rows, _ in planned] == [5] and planned[0][1] == ("decode", 2)
+    assert all(torch.equal(a, b) for a, b in zip(kv_before, (t for pair in runner.kv_caches for t in pair)))

@@ -167,9 +167,27 @@ class ModelRunner:
         self.graphs.capture(self.decode_logits, self.piecewise.pool if self.piecewise is not None else None)
         if self.piecewise is not None:
             self.piecewise.capture_full(self.input_ids, self.positions, self.slot_mapping, self.backend)
+        self._warm_up_decode_steps_over_graphs(rows)
         if self.drafter is not None:
             self.drafter.capture(sizes, rows, draft_prefill_sizes, self.max_model_len, sched.max_num_seqs,
                                  self.input_ids)
+
+    @torch.inference_mode()
+    def _warm_up_decode_steps_over_graphs(self, graph_rows: list[int]) -> None:
+        """Decode-only steps of more rows than the largest decode graph (verify steps of many requests,
+        a short `cuda_graph_sizes`) run outside the graphs, with decode attention's split count following
+        their row count: one such step (empty rows, no KV written) of each split count no graph
+        compiled, at start, so that none compiles in a step while every request waits."""
+        compiled = {self.backend.decode_kernel_shape(rows) for rows in graph_rows}
+        first_rows = {}  # kernel shape -> the fewest rows that plan it
+        for rows in range(max(graph_rows) + 1, self.max_decode_rows + 1):
+            shape = self.backend.decode_kernel_shape(rows)
+            if shape == ():  # a backend that compiles nothing
+                return
+            if shape not in compiled:
+                first_rows.setdefault(shape, rows)
+        for rows in sorted(first_rows.values()):
+            self.run_model(self.dummy_decode_batch(rows))
 
     def _decode_graph_rows(self) -> tuple[list[int], list[int]]:
         """The decode graphs' batch sizes, and their row counts (each size x (1 + k) for verify steps)."""

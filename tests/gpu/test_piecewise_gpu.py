@@ -65,7 +65,7 @@ from triton.runtime.jit import JITFunction
 from lanner import LLM, SamplingParams
 draft = {"method": sys.argv[2], "num_speculative_tokens": 2} if sys.argv[2] != "none" else None
 llm = LLM(dtype="bfloat16", gpu_memory_utilization=0.3, max_num_batched_tokens=2048, prefill_graph_max_tokens=128,
-          kv_cache_dtype=sys.argv[1], speculative_config=draft)
+          kv_cache_dtype=sys.argv[1], speculative_config=draft, **json.loads(sys.argv[3]))
 compiled = []
 do_compile = JITFunction._do_compile
 def recording(self, *args, **kwargs):  # names what each compilation specialized on, should one happen
@@ -92,8 +92,10 @@ print(json.dumps({"greedy": greedy, "sampled": compiled[len(greedy):], "piece_st
 """
 
 
-@pytest.mark.parametrize("kv_cache_dtype, draft", [("auto", "none"), ("fp8", "none"), ("auto", "draft_model")])
-def test_a_started_engine_compiles_no_kernel_for_greedy_or_sampled_steps(kv_cache_dtype, draft):
+@pytest.mark.parametrize("kv_cache_dtype, draft, engine", [("auto", "none", {}), ("fp8", "none", {}),
+                                                            ("auto", "draft_model", {}),
+                                                            ("auto", "none", {"cuda_graph_sizes": [1, 2, 4, 8]})])
+def test_a_started_engine_compiles_no_kernel_for_greedy_or_sampled_steps(kv_cache_dtype, draft, engine):
     """The engine's start compiles every Triton kernel a step launches, the eager attention between
     replayed pieces and the sampling kernels included: otherwise the first prompt longer than the
     whole-forward graphs compiled the KV store while every running request waited (0.4 s at W-8B's
@@ -101,9 +103,11 @@ def test_a_started_engine_compiles_no_kernel_for_greedy_or_sampled_steps(kv_cach
     and top-p's search, again for each new kind of batch size. With a draft LM (its heads differ from the
     target's), its eager prompt chunks over its prefill graphs compiled their prefill tile, its eager
     decode steps after them a split count no graph had, and its staged rows, views into one copy at
-    any offset, a variant of each kernel for pointers not 16-byte aligned."""
-    done = subprocess.run([sys.executable, "-c", _COMPILES_AFTER_START, kv_cache_dtype, draft], capture_output=True,
-                          text=True, timeout=300, check=False)
+    any offset, a variant of each kernel for pointers not 16-byte aligned. Decode steps of more requests
+    than the largest decode graph (a short cuda_graph_sizes) ran decode attention eagerly with split
+    counts no graph had."""
+    done = subprocess.run([sys.executable, "-c", _COMPILES_AFTER_START, kv_cache_dtype, draft, json.dumps(engine)],
+                          capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     got = json.loads(done.stdout.strip().splitlines()[-1])
     assert got["piece_steps"] > 0 and got["whole_steps"] > 0
