@@ -19,6 +19,7 @@ DESC_TRANSA, PREF_MAX_WORKSPACE = 3, 1
 CONFIG_ATTRS = {"id": 0, "tile": 1, "split_k": 2, "reduction": 3, "swizzle": 4, "custom": 5, "stages": 6,
                 "inner": 7, "cluster": 8}
 WORKSPACE = 32 << 20
+BEST_KEYS = ("rank", "tile", "split_k", "stages", "cluster")
 
 
 class Algo(ctypes.Structure):
@@ -61,7 +62,8 @@ class Gemm:
         op = ctypes.c_int32(OP_T)
         check(lt.cublasLtMatmulDescSetAttribute(self.desc, DESC_TRANSA, ctypes.byref(op), 4), "transa")
         layout = lt.cublasLtMatrixLayoutCreate
-        layout.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_int, ctypes.c_uint64, ctypes.c_uint64, ctypes.c_int64]
+        layout.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_int, ctypes.c_uint64, ctypes.c_uint64,
+                           ctypes.c_int64]
         self.a = handle_of("a", layout, R_16BF, k, n, k)
         self.b = handle_of("b", layout, R_16BF, k, m, k)
         self.d = handle_of("d", layout, R_16BF, n, m, n)
@@ -135,7 +137,7 @@ for m in rows:
             layer_best += min(r["best_ms"] or r["torch_ms"], r["torch_ms"])
         print(f"m={m} {name} {n}x{k}: torch {r['torch_ms']} ms ({r['torch_tflops']} TFLOP/s), heuristic's first "
               f"{r['heuristic_first_ms']}, best of {r['candidates']} {r['best_ms']} ({r['best_tflops']} TFLOP/s) "
-              f"{ {key: r['best'][key] for key in ('rank', 'tile', 'split_k', 'stages', 'cluster')} if r['best'] else ''}",
+              f"{ {key: r['best'][key] for key in BEST_KEYS} if r['best'] else ''}",
               flush=True)
     print(f"m={m} layer: torch {layer_torch:.4f} ms, best per GEMM {layer_best:.4f} ms "
           f"({layer_torch / layer_best:.3f}x)", flush=True)

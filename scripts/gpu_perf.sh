@@ -47,6 +47,8 @@
 #                                       # before the issue: 20e231c) beside this one: batch 1, W-8B or W-nano (this
 #                                       # tree with the fp8 cache too), then the 8B's serving burst (8 client
 #                                       # processes; .wheels carried) or the 0.6B's 512-token step (~8 minutes)
+#   bash scripts/gpu_perf.sh draft-pool # benchmarks/experiments/draft-graphs-shared-pool.patch: the speculative GPU
+#                                       # tests and the draft compile case over a patched copy (~3 minutes)
 #   bash scripts/gpu_perf.sh ncu-decode # Nsight Compute over one decode-attention launch at W-8B's batch 256, fp8
 #                                       # and bf16 caches (decode_probe.py SHAPES=w8b-b256)
 source "$(dirname "$0")/gpu_env.sh"
@@ -321,6 +323,13 @@ PY
       grep -E "Duration|DRAM Throughput|Issue Slots Busy|Registers Per|Bank Conflicts|Stall (Long|Short|MIO|Barrier)" \
         "$outdir/$day-ncu-prefill-fp8-$tag.txt" | head -24
     done ;;
+  draft-pool)
+    patched_copy draft-graphs-shared-pool || exit 1
+    (cd _patched && timeout 200 python3 -m pytest -o addopts="" -q -p no:cacheprovider -p no:warnings \
+      tests/gpu/test_speculative_gpu.py 2>&1 | tail -4 | tee "$outdir/gpu-tests-draft-pool-speculative.txt" &&
+      timeout 120 python3 -m pytest -o addopts="" -q -p no:cacheprovider -p no:warnings \
+      tests/gpu/test_piecewise_gpu.py -k "compiles_no_kernel and draft" 2>&1 | tail -4 |
+      tee "$outdir/gpu-tests-draft-pool-compiles.txt") ;;
   closing)
     cfg=${CFGS:-qwen3-8b}; workload=$([ "$cfg" = qwen3-8b ] && echo W-8B || echo W-nano)
     export LANNER_CACHE_DIR=$(mktemp -d)
@@ -340,6 +349,6 @@ PY
       timeout 120 python3 -m lanner.cli bench step --config "benchmarks/configs/$cfg.json" --token-counts 512 \
         --gpu-memory-utilization 0.5 --output-json "$outdir/$day-steps-$cfg-new-back-to-back.json" 2>&1 | grep -E "^\{|Error"
     fi ;;
-  *) echo "usage: $0 tests|serve|breakdown|steps|latency|hostphases|kv|gemv|sampled|topp|norms|unmeasured|pdl|prefetch|prefill-split|pdl-throughput|splits|advance|gemv-wide|ncu-decode|v-by-key|ncu-v-by-key|closing" >&2
+  *) echo "usage: $0 tests|serve|breakdown|steps|latency|hostphases|kv|gemv|sampled|topp|norms|unmeasured|pdl|prefetch|prefill-split|pdl-throughput|splits|advance|gemv-wide|ncu-decode|v-by-key|ncu-v-by-key|closing|draft-pool" >&2
      exit 2 ;;
 esac

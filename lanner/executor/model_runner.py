@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import math
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -164,7 +165,8 @@ class ModelRunner:
         if self.decode_logits is None:  # tests capture on the CPU (eagerly)
             self.decode_logits = self._decode_logits_buffer()
         self.graphs = DecodeGraphs(self, rows)
-        self.graphs.capture(self.decode_logits, self.piecewise.pool if self.piecewise is not None else None)
+        pool = self.piecewise.pool if self.piecewise is not None else None  # counted in the KV sizing
+        self.graphs.capture(self.decode_logits, pool)
         if self.piecewise is not None:
             self.piecewise.capture_full(self.input_ids, self.positions, self.slot_mapping, self.backend)
         self._warm_up_decode_steps_over_graphs(rows)
@@ -179,15 +181,16 @@ class ModelRunner:
         their row count: one such step (empty rows, no KV written) of each split count no graph
         compiled, at start, so that none compiles in a step while every request waits."""
         compiled = {self.backend.decode_kernel_shape(rows) for rows in graph_rows}
-        first_rows = {}  # kernel shape -> the fewest rows that plan it
+        fewest_rows = {}  # kernel shape -> the fewest rows that plan it
         for rows in range(max(graph_rows) + 1, self.max_decode_rows + 1):
             shape = self.backend.decode_kernel_shape(rows)
             if shape == ():  # a backend that compiles nothing
                 return
             if shape not in compiled:
-                first_rows.setdefault(shape, rows)
-        for rows in sorted(first_rows.values()):
-            self.run_model(self.dummy_decode_batch(rows))
+                fewest_rows.setdefault(shape, rows)
+        with self.piecewise.uncounted() if self.piecewise is not None else nullcontext():
+            for rows in sorted(fewest_rows.values()):
+                self.run_model(self.dummy_decode_batch(rows))
 
     def _decode_graph_rows(self) -> tuple[list[int], list[int]]:
         """The decode graphs' batch sizes, and their row counts (each size x (1 + k) for verify steps)."""

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -180,6 +181,16 @@ class PiecewiseGraphs(SizeLadder):
         torch.cuda.empty_cache()  # the warm-ups' activations
         self.full_capture_s = report.seconds
         self.full_pool_growth = torch.cuda.memory_reserved(self.device) - before
+
+    @contextmanager
+    def uncounted(self):
+        """Steps run inside (start-up warm-ups) add to no step count and use up no one-time warning:
+        those are about the requests' steps."""
+        saved = self.num_graph_steps, self.num_eager_steps, self._warned_oversize
+        try:
+            yield
+        finally:
+            self.num_graph_steps, self.num_eager_steps, self._warned_oversize = saved
 
     def forward(self, batch, backend) -> torch.Tensor:
         """Hidden states [T_padded, hidden] of a staged batch whose input rows were padded to
