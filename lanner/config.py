@@ -268,6 +268,9 @@ class EngineConfig:
             _check(choices is None or value in choices,
                    f"{name} {value!r}: one of {', '.join(map(str, choices or ()))}")
         SpeculativeConfig.of(self.speculative_config)  # refused at once, not at the first request
+        sizes = self.graphs.cuda_graph_sizes
+        _check(not sizes or min(sizes) <= self.scheduler.max_num_seqs,
+               f"cuda_graph_sizes {sizes}: at least one must be at most max_num_seqs ({self.scheduler.max_num_seqs})")
         _check(not (self.moe.enable_return_routed_experts and self.speculative_config),
                "enable_return_routed_experts does not work with speculative decoding yet (a verify step routes "
                "drafts that may be rejected)")

@@ -130,6 +130,7 @@ def test_chunked_prefill_off_prefills_each_prompt_in_one_step():
     ("tokenizer_mode", "slow", "no slow tokenizers"),
     ("tensor_parallel_size", 0, "tensor_parallel_size must be >= 1"),
     ("nnodes", 2, "must be a multiple of nnodes"),
+    ("cuda_graph_sizes", [512, 1024], r"at least one must be at most max_num_seqs \(256\)"),  # crashed at start
 ])
 def test_options_lanner_cannot_honour_are_refused_by_name(option, value, fragment):
     with pytest.raises(ConfigError, match=fragment):
