@@ -123,7 +123,7 @@ def probe(m: int, n: int, k: int, count: int) -> dict:
 
 
 cfg = AutoConfig.from_pretrained(os.environ.get("CFG", "benchmarks/configs/qwen3-8b.json"))
-shapes = {**layer_gemm_shapes(cfg), "lm_head": (cfg.vocab_size, cfg.hidden_size)}
+shapes = layer_gemm_shapes(cfg, lm_head=True)
 rows = [int(m) for m in os.environ.get("ROWS", "256 128 512").split()]
 count = int(os.environ.get("ALGOS", "64"))
 results = {"gpu": torch.cuda.get_device_name(), "config": cfg.name_or_path, "shapes": {}}

@@ -28,7 +28,7 @@ from lanner.kernels.gemv import GemvConfig
 def model_shapes(path: str) -> dict[str, tuple[int, int]]:
     with open(path) as f:
         cfg = types.SimpleNamespace(**json.load(f))
-    return {**layer_gemm_shapes(cfg), "lm_head": (cfg.vocab_size, cfg.hidden_size)}
+    return layer_gemm_shapes(cfg, lm_head=True)
 
 
 ENGINE_KINDS = {"qkv": "normed", "gate_up": "normed", "down": "gated"}  # models/llama.py's input_kind

@@ -453,8 +453,9 @@ def split_count_of_its_own_at_5_rows(monkeypatch):
     monkeypatch.setattr(triton_backend, "num_decode_splits", lambda rows, *_: 1 + (rows == 5))
 
 
-def kv_of(drafter) -> list[torch.Tensor]:
-    return [t.clone() for pair in drafter.kv_caches for t in pair]
+def kv_of(owner) -> list[torch.Tensor]:
+    """A copy of the K and V caches of `owner` (a drafter or a runner)."""
+    return [t.clone() for pair in owner.kv_caches for t in pair]
 
 
 def test_draft_eager_prompt_chunks_and_decode_rows_warm_up_at_start(qwen3_path, monkeypatch):
@@ -531,8 +532,8 @@ def test_decode_steps_over_the_largest_decode_graph_warm_up_at_start(qwen3_path,
         return out
 
     monkeypatch.setattr(runner, "run_model", recording)
-    kv_before = [t.clone() for pair in runner.kv_caches for t in pair]
+    kv_before = kv_of(runner)
     with_eager_graphs(spec, monkeypatch)
     assert max(runner.graphs.sizes) == 2 and runner.max_decode_rows == 6
     assert [rows for rows, _ in planned] == [5] and planned[0][1] == ("decode", 2)
-    assert all(torch.equal(a, b) for a, b in zip(kv_before, (t for pair in runner.kv_caches for t in pair)))
+    assert all(torch.equal(a, b) for a, b in zip(kv_before, kv_of(runner)))

@@ -35,7 +35,7 @@ import torch
 from lanner.core.batch import LONG_CHUNK, ForwardBatch, as_decode_rows, kv_slot_array, kv_slots
 from lanner.core.transfer import Pieces, PinnedRing, to_device_parts
 from lanner.executor.deferred import Deferred
-from lanner.executor.graphs import CaptureReport, SizeLadder, warm_up_kernel_shapes
+from lanner.executor.graphs import CaptureReport, SizeLadder, fewest_rows_of_decode_shapes, warm_up_kernel_shapes
 from lanner.executor.kv_tensors import allocate_kv_caches, kv_block_bytes
 from lanner.executor.piecewise import piecewise_sizes
 from lanner.layers.attention import forward_context
@@ -181,10 +181,8 @@ class Drafter:
             with forward_context(self.backend):
                 self.net(ids[:size], ids[:size], None if carry is None else carry[:size])
 
-        first_rows = {}  # kernel shape -> the fewest rows that plan it
-        for rows in range(1, self.max_rows + 1):
-            first_rows.setdefault(self.backend.decode_kernel_shape(rows), rows)
-        warm_up_kernel_shapes(self.backend, sorted(first_rows.values()), setup, run)
+        warm_up_kernel_shapes(self.backend, fewest_rows_of_decode_shapes(self.backend, range(1, self.max_rows + 1)),
+                              setup, run)
 
     # ---- host: what the device work of a step reads ------------------------------------
 

@@ -121,6 +121,20 @@ def warm_up_kernel_shapes(backend, sizes: list[int], setup, run) -> None:
         run(size)
 
 
+def fewest_rows_of_decode_shapes(backend, rows: range, compiled: set = frozenset()) -> list[int]:
+    """The fewest rows among `rows` that plan each decode kernel shape (`backend.decode_kernel_shape`)
+    not in `compiled`, ascending: one eager decode step at each compiles every shape `rows` can ask
+    for; empty for a backend that compiles nothing."""
+    fewest = {}
+    for n in rows:
+        shape = backend.decode_kernel_shape(n)
+        if shape == ():
+            return []
+        if shape not in compiled:
+            fewest.setdefault(shape, n)
+    return sorted(fewest.values())
+
+
 class DecodeGraphs(SizeLadder):
     def __init__(self, runner, sizes: list[int]):
         super().__init__(sizes)

@@ -24,7 +24,7 @@ from lanner.executor.advance import DecodeRun, advance, decode_run
 from lanner.executor.deferred import Deferred
 from lanner.executor.drafter import Drafter
 from lanner.executor.gemv_table import assign_gemv_kernels
-from lanner.executor.graphs import DecodeGraphs, decode_graph_sizes, verify_graph_sizes
+from lanner.executor.graphs import DecodeGraphs, decode_graph_sizes, fewest_rows_of_decode_shapes, verify_graph_sizes
 from lanner.executor.kv_tensors import allocate_kv_caches, kv_block_bytes, kv_cache_element_type
 from lanner.executor.piecewise import PiecewiseGraphs, piecewise_sizes
 from lanner.executor.step_handle import RunnerOutput, StepHandle, StepTimes, first_rows
@@ -181,15 +181,9 @@ class ModelRunner:
         their row count: one such step (empty rows, no KV written) of each split count no graph
         compiled, at start, so that none compiles in a step while every request waits."""
         compiled = {self.backend.decode_kernel_shape(rows) for rows in graph_rows}
-        fewest_rows = {}  # kernel shape -> the fewest rows that plan it
-        for rows in range(max(graph_rows) + 1, self.max_decode_rows + 1):
-            shape = self.backend.decode_kernel_shape(rows)
-            if shape == ():  # a backend that compiles nothing
-                return
-            if shape not in compiled:
-                fewest_rows.setdefault(shape, rows)
+        over = range(max(graph_rows) + 1, self.max_decode_rows + 1)
         with self.piecewise.uncounted() if self.piecewise is not None else nullcontext():
-            for rows in sorted(fewest_rows.values()):
+            for rows in fewest_rows_of_decode_shapes(self.backend, over, compiled):
                 self.run_model(self.dummy_decode_batch(rows))
 
     def _decode_graph_rows(self) -> tuple[list[int], list[int]]:
